@@ -1,0 +1,184 @@
+//! Runners as child processes of the parent, on the same machine.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use tokio::process::Command;
+use tokio::sync::{oneshot, watch};
+
+use super::{Backend, BootSpec, Booted, StopRunner};
+
+/// Boots each runner as a child process: by default the current executable,
+/// with the parent's arguments and environment plus the runner's own
+/// variables.
+///
+/// The parent sees a child exit at once, so calls on a runner that dies fail
+/// immediately. Children are killed when the pool is dropped; if the parent is
+/// killed outright, runners notice their parent is gone and exit after the
+/// pool's `parent_grace`.
+#[derive(Debug, Clone, Default)]
+pub struct LocalBackend {
+    program: Option<PathBuf>,
+    args: Option<Vec<OsString>>,
+    clear_env: bool,
+    extra_env: Vec<(String, String)>,
+}
+
+impl LocalBackend {
+    /// Runs the current executable with the parent's arguments.
+    pub fn new() -> LocalBackend {
+        LocalBackend::default()
+    }
+
+    /// Runs another program (which must be built from the same code and
+    /// register the same functions).
+    pub fn program(mut self, program: impl Into<PathBuf>) -> Self {
+        self.program = Some(program.into());
+        self
+    }
+
+    /// Arguments for the runner instead of the parent's own.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args = Some(args.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Starts runners with an empty environment (except `PATH`) plus the
+    /// pool's forwarded variables, as a remote backend would. Catches
+    /// variables you forgot to forward before you deploy.
+    pub fn clear_env(mut self, clear: bool) -> Self {
+        self.clear_env = clear;
+        self
+    }
+
+    /// Sets an extra variable in every runner.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.extra_env.push((key.into(), value.into()));
+        self
+    }
+
+    fn command(&self) -> std::io::Result<Command> {
+        let program = match &self.program {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()?,
+        };
+        let mut cmd = Command::new(program);
+        match &self.args {
+            Some(args) => cmd.args(args),
+            None => cmd.args(std::env::args_os().skip(1)),
+        };
+        if self.clear_env {
+            cmd.env_clear();
+            if let Some(path) = std::env::var_os("PATH") {
+                cmd.env("PATH", path);
+            }
+        }
+        cmd.envs(self.extra_env.iter().map(|(k, v)| (k, v)));
+        Ok(cmd)
+    }
+}
+
+impl Backend for LocalBackend {
+    fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Booted, String>> {
+        let cmd = self.command();
+        async move {
+            let mut cmd = cmd.map_err(|e| format!("cannot find the executable to run: {e}"))?;
+            cmd.envs(spec.env.iter().map(|(k, v)| (k, v)))
+                .stdin(Stdio::null())
+                .kill_on_drop(true);
+            let mut child = cmd
+                .spawn()
+                .map_err(|e| format!("cannot start runner process: {e}"))?;
+            let pid = child.id().unwrap_or(0);
+            tracing::debug!(pool = %spec.pool, runner = %spec.runner_id, pid, "runner process started");
+
+            let (exit_tx, exit_rx) = oneshot::channel::<String>();
+            let (stop_tx, mut stop_rx) = watch::channel::<Option<Duration>>(None);
+            // One task owns the child: it reports the exit, and carries out a
+            // stop (SIGTERM, then SIGKILL after the grace period).
+            tokio::spawn(async move {
+                let status = tokio::select! {
+                    status = child.wait() => status,
+                    grace = async {
+                        loop {
+                            if let Some(grace) = *stop_rx.borrow_and_update() {
+                                return grace;
+                            }
+                            if stop_rx.changed().await.is_err() {
+                                // The pool dropped its handle: stop the child.
+                                return Duration::ZERO;
+                            }
+                        }
+                    } => {
+                        signal(pid, libc::SIGTERM);
+                        match tokio::time::timeout(grace, child.wait()).await {
+                            Ok(status) => status,
+                            Err(_) => {
+                                let _ = child.start_kill();
+                                child.wait().await
+                            }
+                        }
+                    }
+                };
+                let reason = match status {
+                    Ok(s) => describe_exit(s),
+                    Err(e) => format!("cannot wait for runner process: {e}"),
+                };
+                let _ = exit_tx.send(reason);
+            });
+            let exited = async move {
+                exit_rx
+                    .await
+                    .unwrap_or_else(|_| "runner process monitor stopped".to_string())
+            }
+            .boxed();
+            Ok(Booted {
+                handle: format!("pid {pid}"),
+                exited: Some(exited),
+                stopper: Box::new(LocalStopper { stop_tx }),
+            })
+        }
+        .boxed()
+    }
+}
+
+struct LocalStopper {
+    stop_tx: watch::Sender<Option<Duration>>,
+}
+
+impl StopRunner for LocalStopper {
+    fn stop(&self, grace: Duration) -> BoxFuture<'static, ()> {
+        let _ = self.stop_tx.send(Some(grace));
+        let tx = self.stop_tx.clone();
+        // Resolves when the monitor task drops its receiver, i.e. the child
+        // has exited.
+        async move { tx.closed().await }.boxed()
+    }
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    if pid > 0 {
+        // SAFETY: kill(2) has no memory-safety preconditions; the pid is our
+        // own child, which has not been reaped yet (the monitor owns it).
+        unsafe {
+            libc::kill(pid as libc::pid_t, sig);
+        }
+    }
+}
+
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("runner process exited with code {code}"),
+        (None, Some(sig)) => format!("runner process was killed by signal {sig}"),
+        _ => "runner process exited".to_string(),
+    }
+}

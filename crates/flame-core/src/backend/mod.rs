@@ -1,0 +1,71 @@
+//! Backends start and stop runners: local processes, Fly Machines, and so on.
+//!
+//! A backend only starts the runner and can stop it; the runner connects to
+//! NATS and reports ready on its own.
+
+mod local;
+
+use std::fmt;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+pub use local::LocalBackend;
+
+/// What a backend needs to start one runner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BootSpec {
+    /// The pool.
+    pub pool: String,
+    /// Id the runner will use.
+    pub runner_id: String,
+    /// Environment of the runner: `FLAME_PARENT` plus the pool's forwarded
+    /// variables.
+    pub env: Vec<(String, String)>,
+}
+
+impl BootSpec {
+    /// Describes a runner to start.
+    pub fn new(pool: String, runner_id: String, env: Vec<(String, String)>) -> BootSpec {
+        BootSpec {
+            pool,
+            runner_id,
+            env,
+        }
+    }
+}
+
+/// A runner the backend started.
+pub struct Booted {
+    /// How the backend knows it, for logs (e.g. `pid 4242`, a machine id).
+    pub handle: String,
+    /// Resolves with a reason when the backend sees the runner stop, e.g. a
+    /// local process exiting. `None` if the backend cannot tell; the pool
+    /// then relies on heartbeats.
+    pub exited: Option<BoxFuture<'static, String>>,
+    /// Stops the runner.
+    pub stopper: Box<dyn StopRunner>,
+}
+
+impl fmt::Debug for Booted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Booted")
+            .field("handle", &self.handle)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Stops a runner a backend started.
+pub trait StopRunner: Send + Sync {
+    /// Asks the runner to stop (it drains in-flight work), and forces it
+    /// after `grace`. Resolves once it is stopped or forced.
+    fn stop(&self, grace: Duration) -> BoxFuture<'static, ()>;
+}
+
+/// Starts runners.
+pub trait Backend: Send + Sync + fmt::Debug + 'static {
+    /// Starts one runner. Resolves once the backend has started it; the
+    /// runner reports ready over NATS later.
+    fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Booted, String>>;
+}

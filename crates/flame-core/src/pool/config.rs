@@ -1,0 +1,123 @@
+//! Pool settings.
+
+use std::time::Duration;
+
+use crate::{subject, Error};
+
+/// Settings of one pool. Defaults follow the reference FLAME library where it
+/// has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolConfig {
+    /// Pool name: ASCII letters, digits, `-`, `_`. Appears in subjects and in
+    /// the runners' micro service name (`flame-<name>`).
+    pub name: String,
+    /// Runners kept up. Default 0.
+    pub min: usize,
+    /// Runners booted or booting never exceed this. Default 1.
+    pub max: usize,
+    /// Concurrent calls per runner. Default 100.
+    pub max_concurrency: usize,
+    /// Default timeout of a call, including time spent waiting for a runner.
+    /// Default 30 s.
+    pub timeout: Duration,
+    /// Limit for a runner to boot and report ready. Default 30 s.
+    pub boot_timeout: Duration,
+    /// A runner with no work for this long stops. Default 30 s.
+    pub idle_shutdown_after: Duration,
+    /// The same for the `min` runners; `None` keeps them up. Default `None`.
+    pub min_idle_shutdown_after: Option<Duration>,
+    /// Drain time for in-flight work when a runner stops. Default 30 s.
+    pub shutdown_timeout: Duration,
+    /// A runner that cannot reach NATS and its parent within this time after
+    /// starting exits. Default 20 s.
+    pub failsafe_timeout: Duration,
+    /// A runner keeps serving this long after it last heard from its parent.
+    /// Default 5 s.
+    pub parent_grace: Duration,
+    /// Interval of the runner's liveness pings. Default 1 s.
+    pub heartbeat: Duration,
+    /// Environment variables copied from the parent into each runner.
+    pub forward_env: Vec<String>,
+}
+
+impl PoolConfig {
+    /// Defaults for a pool called `name`.
+    pub fn new(name: impl Into<String>) -> PoolConfig {
+        PoolConfig {
+            name: name.into(),
+            min: 0,
+            max: 1,
+            max_concurrency: 100,
+            timeout: Duration::from_secs(30),
+            boot_timeout: Duration::from_secs(30),
+            idle_shutdown_after: Duration::from_secs(30),
+            min_idle_shutdown_after: None,
+            shutdown_timeout: Duration::from_secs(30),
+            failsafe_timeout: Duration::from_secs(20),
+            parent_grace: Duration::from_secs(5),
+            heartbeat: Duration::from_secs(1),
+            forward_env: Vec::new(),
+        }
+    }
+
+    /// Checks the settings, with a message naming the setting at fault.
+    pub fn validate(&self) -> Result<(), Error> {
+        subject::validate_pool_name(&self.name)?;
+        let bad = |msg: String| Err(Error::Config(format!("pool `{}`: {msg}", self.name)));
+        if self.max == 0 {
+            return bad("max must be at least 1".into());
+        }
+        if self.min > self.max {
+            return bad(format!("min ({}) is larger than max ({})", self.min, self.max));
+        }
+        if self.max_concurrency == 0 {
+            return bad("max_concurrency must be at least 1".into());
+        }
+        for (what, d) in [
+            ("timeout", self.timeout),
+            ("boot_timeout", self.boot_timeout),
+            ("idle_shutdown_after", self.idle_shutdown_after),
+            ("failsafe_timeout", self.failsafe_timeout),
+            ("parent_grace", self.parent_grace),
+            ("heartbeat", self.heartbeat),
+        ] {
+            if d.is_zero() {
+                return bad(format!("{what} must be longer than zero"));
+            }
+        }
+        if self.heartbeat >= self.parent_grace {
+            return bad(format!(
+                "heartbeat ({:?}) must be shorter than parent_grace ({:?})",
+                self.heartbeat, self.parent_grace
+            ));
+        }
+        for var in &self.forward_env {
+            if var.is_empty() || var.contains('=') || var.contains('\0') {
+                return bad(format!("`{var}` is not a valid environment variable name"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_mistakes_are_named() {
+        assert!(PoolConfig::new("p").validate().is_ok());
+        let mut c = PoolConfig::new("p");
+        c.min = 3;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("min (3) is larger than max (1)"), "{err}");
+        let mut c = PoolConfig::new("p");
+        c.max_concurrency = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("max_concurrency"));
+        let mut c = PoolConfig::new("p");
+        c.forward_env = vec!["A=B".into()];
+        assert!(c.validate().is_err());
+        assert!(PoolConfig::new("bad.name").validate().is_err());
+    }
+}

@@ -1,0 +1,338 @@
+//! The placement model of a pool: which runner takes a call, who waits, when
+//! to boot. Pure state with no I/O, so every rule is unit-tested here and the
+//! runtime only carries out its decisions.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Id of a runner (also the last token of its subject).
+pub type RunnerId = Arc<str>;
+
+/// Id of a caller waiting for a slot.
+pub type WaiterId = u64;
+
+/// Where a runner is in its life, as the pool sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunnerState {
+    /// Asked of the backend, not yet ready.
+    Booting,
+    /// Takes calls.
+    Ready,
+    /// Stopping: takes no new calls, still counts against `max`.
+    Draining,
+}
+
+#[derive(Debug, Clone)]
+struct Runner {
+    state: RunnerState,
+    load: usize,
+}
+
+/// Result of asking for a slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checkout {
+    /// A slot on this runner is yours; give it back with
+    /// [`PoolModel::checkin`].
+    Placed(RunnerId),
+    /// No free slot: you are queued (FIFO) and will be handed one by
+    /// [`PoolModel::runner_ready`] or [`PoolModel::checkin`].
+    Queued,
+}
+
+/// Placement state of one pool.
+#[derive(Debug, Clone)]
+pub struct PoolModel {
+    min: usize,
+    max: usize,
+    max_concurrency: usize,
+    runners: BTreeMap<RunnerId, Runner>,
+    waiters: VecDeque<WaiterId>,
+}
+
+impl PoolModel {
+    /// An empty pool with these limits.
+    pub fn new(min: usize, max: usize, max_concurrency: usize) -> PoolModel {
+        PoolModel {
+            min,
+            max,
+            max_concurrency,
+            runners: BTreeMap::new(),
+            waiters: VecDeque::new(),
+        }
+    }
+
+    /// Takes a slot on the least-loaded ready runner, or queues the caller.
+    pub fn checkout(&mut self, waiter: WaiterId) -> Checkout {
+        match self.least_loaded() {
+            Some(id) if self.waiters.is_empty() => {
+                self.runners.get_mut(&id).expect("exists").load += 1;
+                Checkout::Placed(id)
+            }
+            _ => {
+                self.waiters.push_back(waiter);
+                Checkout::Queued
+            }
+        }
+    }
+
+    fn least_loaded(&self) -> Option<RunnerId> {
+        self.runners
+            .iter()
+            .filter(|(_, r)| r.state == RunnerState::Ready && r.load < self.max_concurrency)
+            .min_by_key(|(_, r)| r.load)
+            .map(|(id, _)| id.clone())
+    }
+
+    /// Removes a queued caller (it gave up). False if it was not queued,
+    /// meaning a slot was already handed to it.
+    pub fn cancel(&mut self, waiter: WaiterId) -> bool {
+        match self.waiters.iter().position(|w| *w == waiter) {
+            Some(i) => {
+                self.waiters.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Returns a slot. If a caller is queued and the runner still takes work,
+    /// the slot goes straight to it.
+    pub fn checkin(&mut self, runner: &RunnerId) -> Option<(WaiterId, RunnerId)> {
+        let r = self.runners.get_mut(runner)?;
+        r.load = r.load.saturating_sub(1);
+        if r.state == RunnerState::Ready && r.load < self.max_concurrency {
+            if let Some(w) = self.waiters.pop_front() {
+                r.load += 1;
+                return Some((w, runner.clone()));
+            }
+        }
+        None
+    }
+
+    /// Records a runner being booted.
+    pub fn add_booting(&mut self, runner: RunnerId) {
+        self.runners.insert(
+            runner,
+            Runner {
+                state: RunnerState::Booting,
+                load: 0,
+            },
+        );
+    }
+
+    /// A booting runner reported ready: it takes queued callers, oldest
+    /// first, up to its concurrency. `None` when the runner is unknown (it was
+    /// given up on).
+    pub fn runner_ready(&mut self, runner: &RunnerId) -> Option<Vec<(WaiterId, RunnerId)>> {
+        let r = self.runners.get_mut(runner)?;
+        if r.state != RunnerState::Booting {
+            return Some(Vec::new());
+        }
+        r.state = RunnerState::Ready;
+        let mut handed = Vec::new();
+        while r.load < self.max_concurrency {
+            let Some(w) = self.waiters.pop_front() else {
+                break;
+            };
+            r.load += 1;
+            handed.push((w, runner.clone()));
+        }
+        Some(handed)
+    }
+
+    /// Stops placing work on a runner; it still counts against `max` until
+    /// [`PoolModel::remove`].
+    pub fn drain(&mut self, runner: &RunnerId) {
+        if let Some(r) = self.runners.get_mut(runner) {
+            r.state = RunnerState::Draining;
+        }
+    }
+
+    /// Forgets a runner (exited, failed to boot, or given up on). Returns its
+    /// state if it was known.
+    pub fn remove(&mut self, runner: &RunnerId) -> Option<RunnerState> {
+        self.runners.remove(runner).map(|r| r.state)
+    }
+
+    /// How many runners to boot now: enough to keep `min` up and to cover
+    /// the queued callers that the runners already booting will not serve,
+    /// never past `max`.
+    pub fn boots_needed(&self) -> usize {
+        let booting = self.count(RunnerState::Booting);
+        let ready = self.count(RunnerState::Ready);
+        let total = self.runners.len();
+        let for_min = self.min.saturating_sub(booting + ready);
+        let uncovered = self
+            .waiters
+            .len()
+            .saturating_sub(booting * self.max_concurrency);
+        let for_demand = uncovered.div_ceil(self.max_concurrency);
+        for_min.max(for_demand).min(self.max.saturating_sub(total))
+    }
+
+    /// A runner idle for `idle_for` asks to stop. Granted (and the runner
+    /// marked draining) when the parent has no work on it, no caller is
+    /// waiting, and either more than `min` runners are ready or the runner
+    /// has been idle past `min_idle_shutdown_after`.
+    pub fn may_leave(
+        &mut self,
+        runner: &RunnerId,
+        idle_for: Duration,
+        min_idle_shutdown_after: Option<Duration>,
+    ) -> bool {
+        let ready = self.count(RunnerState::Ready);
+        let waiting = !self.waiters.is_empty();
+        let Some(r) = self.runners.get_mut(runner) else {
+            // Unknown to this parent: nothing of ours runs there.
+            return true;
+        };
+        if r.state == RunnerState::Draining {
+            return true;
+        }
+        if r.load > 0 || waiting || r.state != RunnerState::Ready {
+            return false;
+        }
+        let beyond_min = ready > self.min;
+        let min_idle_over = min_idle_shutdown_after.is_some_and(|d| idle_for >= d);
+        if beyond_min || min_idle_over {
+            r.state = RunnerState::Draining;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Changes `min` and `max` of a live pool.
+    pub fn set_limits(&mut self, min: usize, max: usize) {
+        self.min = min;
+        self.max = max;
+    }
+
+    /// Number of runners in a state.
+    pub fn count(&self, state: RunnerState) -> usize {
+        self.runners.values().filter(|r| r.state == state).count()
+    }
+
+    /// Runners known, in any state.
+    pub fn len(&self) -> usize {
+        self.runners.len()
+    }
+
+    /// True when the pool has no runner at all.
+    pub fn is_empty(&self) -> bool {
+        self.runners.is_empty()
+    }
+
+    /// Callers waiting for a slot.
+    pub fn waiting(&self) -> usize {
+        self.waiters.len()
+    }
+
+    /// State and load of a runner.
+    pub fn runner(&self, runner: &RunnerId) -> Option<(RunnerState, usize)> {
+        self.runners.get(runner).map(|r| (r.state, r.load))
+    }
+
+    /// Ids of all runners known.
+    pub fn runner_ids(&self) -> Vec<RunnerId> {
+        self.runners.keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> RunnerId {
+        Arc::from(s)
+    }
+
+    #[test]
+    fn empty_pool_queues_and_wants_one_boot() {
+        let mut m = PoolModel::new(0, 3, 2);
+        assert_eq!(m.checkout(1), Checkout::Queued);
+        assert_eq!(m.boots_needed(), 1);
+        m.add_booting(id("a"));
+        // A second caller is covered by the capacity already booting.
+        assert_eq!(m.checkout(2), Checkout::Queued);
+        assert_eq!(m.boots_needed(), 0);
+        // A third is not.
+        assert_eq!(m.checkout(3), Checkout::Queued);
+        assert_eq!(m.boots_needed(), 1);
+        let handed = m.runner_ready(&id("a")).unwrap();
+        assert_eq!(handed, vec![(1, id("a")), (2, id("a"))]);
+        assert_eq!(m.waiting(), 1);
+    }
+
+    #[test]
+    fn places_on_least_loaded_and_hands_freed_slots_fifo() {
+        let mut m = PoolModel::new(0, 2, 2);
+        for r in ["a", "b"] {
+            m.add_booting(id(r));
+            m.runner_ready(&id(r)).unwrap();
+        }
+        assert_eq!(m.checkout(1), Checkout::Placed(id("a")));
+        assert_eq!(m.checkout(2), Checkout::Placed(id("b")));
+        assert_eq!(m.checkout(3), Checkout::Placed(id("a")));
+        assert_eq!(m.checkout(4), Checkout::Placed(id("b")));
+        assert_eq!(m.checkout(5), Checkout::Queued);
+        assert_eq!(m.checkout(6), Checkout::Queued);
+        assert_eq!(m.boots_needed(), 0, "at max");
+        assert!(m.cancel(6));
+        assert!(!m.cancel(6));
+        assert_eq!(m.checkin(&id("b")), Some((5, id("b"))));
+        assert_eq!(m.checkin(&id("b")), None);
+        assert_eq!(m.runner(&id("b")), Some((RunnerState::Ready, 1)));
+    }
+
+    #[test]
+    fn never_boots_past_max_and_keeps_min() {
+        let mut m = PoolModel::new(2, 3, 1);
+        assert_eq!(m.boots_needed(), 2);
+        m.add_booting(id("a"));
+        m.add_booting(id("b"));
+        assert_eq!(m.boots_needed(), 0);
+        for w in 0..10 {
+            m.checkout(w);
+        }
+        assert_eq!(m.boots_needed(), 1);
+        m.add_booting(id("c"));
+        assert_eq!(m.boots_needed(), 0);
+        // A runner that dies is replaced to keep min (and demand).
+        m.remove(&id("a"));
+        assert_eq!(m.boots_needed(), 1);
+    }
+
+    #[test]
+    fn draining_counts_against_max_but_takes_no_work() {
+        let mut m = PoolModel::new(0, 1, 1);
+        m.add_booting(id("a"));
+        m.runner_ready(&id("a")).unwrap();
+        assert!(m.may_leave(&id("a"), Duration::from_secs(1), None));
+        assert_eq!(m.checkout(1), Checkout::Queued);
+        assert_eq!(m.boots_needed(), 0);
+        m.remove(&id("a"));
+        assert_eq!(m.boots_needed(), 1);
+    }
+
+    #[test]
+    fn leave_is_refused_for_busy_and_min_runners() {
+        let mut m = PoolModel::new(1, 2, 1);
+        for r in ["a", "b"] {
+            m.add_booting(id(r));
+            m.runner_ready(&id(r)).unwrap();
+        }
+        assert_eq!(m.checkout(1), Checkout::Placed(id("a")));
+        assert!(!m.may_leave(&id("a"), Duration::from_secs(9), None), "busy");
+        assert!(m.may_leave(&id("b"), Duration::from_secs(9), None), "beyond min");
+        m.checkin(&id("a"));
+        assert!(!m.may_leave(&id("a"), Duration::from_secs(9), None), "the min runner");
+        assert!(m.may_leave(
+            &id("a"),
+            Duration::from_secs(9),
+            Some(Duration::from_secs(5))
+        ));
+        assert!(m.may_leave(&id("zzz"), Duration::ZERO, None), "unknown runner");
+    }
+}

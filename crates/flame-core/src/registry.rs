@@ -1,0 +1,203 @@
+//! Remote functions, found by stable names.
+//!
+//! `#[flame::remote]` and the inline `flame::call!` form each register a
+//! [`Registration`] at link time (through the `inventory` crate). Parent and
+//! runner are the same build, so a name means the same code on both sides; no
+//! machine code is ever shipped.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::OnceLock;
+
+use bytes::Bytes;
+use futures::future::LocalBoxFuture;
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::{wire, Error};
+
+/// A function that can be called on a pool by its registered name.
+///
+/// Implemented by the items `#[flame::remote]` and `flame::call!` generate;
+/// there is rarely a reason to implement it by hand.
+pub trait RemoteFn {
+    /// Stable name, unique in the build: module path plus function name, or
+    /// plus `line:column` for inline blocks.
+    const NAME: &'static str;
+    /// The arguments, as a tuple.
+    type Args: Serialize + DeserializeOwned + Send + 'static;
+    /// The return value (often a `Result<T, E>` of the function's own).
+    type Output: Serialize + DeserializeOwned + Send + 'static;
+}
+
+/// Why a registered function could not run or answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InvokeError {
+    /// The arguments did not decode into the parameter types.
+    DecodeArgs(String),
+    /// The return value did not encode.
+    EncodeResult(String),
+}
+
+/// Type-erased entry point: decodes the arguments, runs the function, encodes
+/// the result. The future need not be `Send`: runners drive each call on a
+/// thread of its own.
+pub type Handler = fn(Bytes) -> LocalBoxFuture<'static, Result<Vec<u8>, InvokeError>>;
+
+/// One registered function.
+#[derive(Debug)]
+pub struct Registration {
+    name: &'static str,
+    handler: Handler,
+    file: &'static str,
+    line: u32,
+}
+
+impl Registration {
+    /// Describes a function. Used by the macros.
+    pub const fn new(name: &'static str, handler: Handler, file: &'static str, line: u32) -> Self {
+        Registration {
+            name,
+            handler,
+            file,
+            line,
+        }
+    }
+
+    /// The registered name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Source location, for messages.
+    pub fn location(&self) -> String {
+        format!("{}:{}", self.file, self.line)
+    }
+}
+
+inventory::collect!(Registration);
+
+/// Adapts a typed function to a [`Handler`]. Used by the macros.
+pub fn invoke<A, R, Fut, F>(args: Bytes, f: F) -> LocalBoxFuture<'static, Result<Vec<u8>, InvokeError>>
+where
+    A: DeserializeOwned,
+    R: Serialize,
+    Fut: Future<Output = R> + 'static,
+    F: FnOnce(A) -> Fut,
+{
+    match wire::decode::<A>(&args) {
+        Ok(args) => {
+            let fut = f(args);
+            Box::pin(async move {
+                let out = fut.await;
+                wire::encode(&out).map_err(|e| InvokeError::EncodeResult(e.to_string()))
+            })
+        }
+        Err(e) => {
+            let e = InvokeError::DecodeArgs(e.to_string());
+            Box::pin(async move { Err(e) })
+        }
+    }
+}
+
+/// Every function registered in this build, by name.
+#[derive(Debug)]
+pub struct Registry {
+    by_name: HashMap<&'static str, Handler>,
+}
+
+impl Registry {
+    /// The registry of this build. Fails if a name is registered twice, naming
+    /// both places.
+    pub fn global() -> Result<&'static Registry, Error> {
+        static GLOBAL: OnceLock<Result<Registry, Error>> = OnceLock::new();
+        GLOBAL
+            .get_or_init(|| Registry::from_registrations(inventory::iter::<Registration>()))
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    fn from_registrations<'a>(
+        regs: impl IntoIterator<Item = &'a Registration>,
+    ) -> Result<Registry, Error> {
+        let mut by_name = HashMap::new();
+        let mut seen: HashMap<&'static str, &Registration> = HashMap::new();
+        for reg in regs {
+            if let Some(first) = seen.insert(reg.name, reg) {
+                let (a, b) = {
+                    let (mut a, mut b) = (first.location(), reg.location());
+                    if a > b {
+                        std::mem::swap(&mut a, &mut b);
+                    }
+                    (a, b)
+                };
+                return Err(Error::DuplicateFunction {
+                    name: reg.name.to_string(),
+                    first: a,
+                    second: b,
+                });
+            }
+            by_name.insert(reg.name, reg.handler);
+        }
+        Ok(Registry { by_name })
+    }
+
+    /// Looks a function up by name.
+    pub fn get(&self, name: &str) -> Option<Handler> {
+        self.by_name.get(name).copied()
+    }
+
+    /// Number of registered functions.
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// True when nothing is registered.
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// Registered names, sorted.
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut names: Vec<_> = self.by_name.keys().copied().collect();
+        names.sort_unstable();
+        names
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn double(args: Bytes) -> LocalBoxFuture<'static, Result<Vec<u8>, InvokeError>> {
+        invoke(args, |(x,): (u32,)| async move { x * 2 })
+    }
+
+    #[test]
+    fn duplicates_are_refused_with_both_locations() {
+        let a = Registration::new("m::f", double, "src/a.rs", 3);
+        let b = Registration::new("m::f", double, "src/b.rs", 9);
+        let err = Registry::from_registrations([&a, &b]).unwrap_err();
+        assert_eq!(
+            err,
+            Error::DuplicateFunction {
+                name: "m::f".into(),
+                first: "src/a.rs:3".into(),
+                second: "src/b.rs:9".into()
+            }
+        );
+        assert!(err.to_string().contains("registered twice"));
+    }
+
+    #[test]
+    fn invoke_decodes_runs_and_encodes() {
+        let reg = Registration::new("m::double", double, "x.rs", 1);
+        let registry = Registry::from_registrations([&reg]).unwrap();
+        let handler = registry.get("m::double").unwrap();
+        let out = futures::executor::block_on(handler(wire::encode(&(21u32,)).unwrap().into()));
+        assert_eq!(wire::decode::<u32>(&out.unwrap()).unwrap(), 42);
+
+        let bad = futures::executor::block_on(handler(Bytes::from_static(b"\xc1garbage")));
+        assert!(matches!(bad, Err(InvokeError::DecodeArgs(_))));
+        assert!(registry.get("m::nope").is_none());
+    }
+}
