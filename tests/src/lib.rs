@@ -1,1 +1,12 @@
+//! Shared pieces of flame's integration tests.
+//!
+//! Tests run as the parent; runners are the `flame-testapp` binary, which
+//! links this library and so registers the same remote functions under the
+//! same names. Both sides use the build id [`TEST_BUILD`] (the two
+//! executables differ, so hashes would not match).
 
+pub mod funcs;
+pub mod harness;
+
+/// Build id shared by the test parent and the test runners.
+pub const TEST_BUILD: &str = "flame-test-build";

@@ -141,7 +141,9 @@ pub enum Error {
     Config(String),
 
     /// The same function name is registered twice in this build.
-    #[error("remote function `{name}` is registered twice ({first} and {second}); rename one of them")]
+    #[error(
+        "remote function `{name}` is registered twice ({first} and {second}); rename one of them"
+    )]
     DuplicateFunction {
         /// The name.
         name: String,

@@ -77,7 +77,10 @@ impl Registration {
 inventory::collect!(Registration);
 
 /// Adapts a typed function to a [`Handler`]. Used by the macros.
-pub fn invoke<A, R, Fut, F>(args: Bytes, f: F) -> LocalBoxFuture<'static, Result<Vec<u8>, InvokeError>>
+pub fn invoke<A, R, Fut, F>(
+    args: Bytes,
+    f: F,
+) -> LocalBoxFuture<'static, Result<Vec<u8>, InvokeError>>
 where
     A: DeserializeOwned,
     R: Serialize,

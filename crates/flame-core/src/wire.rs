@@ -246,7 +246,10 @@ mod tests {
             parent_grace_ms: 4000,
             heartbeat_ms: 500,
         };
-        assert_eq!(ParentInfo::from_env_value(&info.to_env_value()).unwrap(), info);
+        assert_eq!(
+            ParentInfo::from_env_value(&info.to_env_value()).unwrap(),
+            info
+        );
         assert!(matches!(
             ParentInfo::from_env_value("{"),
             Err(Error::Config(_))

@@ -1,1 +1,143 @@
-//! placeholder
+//! Procedural macros of flame. Use them through the `flame` crate:
+//! `#[flame::remote]`.
+
+use proc_macro::TokenStream;
+use proc_macro2::Span;
+use quote::{format_ident, quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{parse_macro_input, FnArg, ItemFn, ReturnType, Type};
+
+/// Registers a function so that pools can run it on a runner.
+///
+/// The function keeps working as a normal local function. Beside it, the
+/// attribute declares a handle type of the same name (in the type namespace,
+/// so it does not clash with the function) that implements
+/// `flame::RemoteFn`; call it with `flame::call!(pool, name(args..))` or
+/// `pool.call::<name>((args..,))`.
+///
+/// Arguments and the return value must be owned, serializable types: they
+/// travel with serde and MessagePack. The function may be `async` or not;
+/// generics and `self` are not allowed, since a runner finds the code by name.
+#[proc_macro_attribute]
+pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
+    if !attr.is_empty() {
+        let attr = proc_macro2::TokenStream::from(attr);
+        return syn::Error::new(attr.span(), "#[flame::remote] takes no arguments")
+            .to_compile_error()
+            .into();
+    }
+    let func = parse_macro_input!(item as ItemFn);
+    match expand(func) {
+        Ok(tokens) => tokens.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
+}
+
+fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
+    let sig = &func.sig;
+    let name = &sig.ident;
+    let vis = &func.vis;
+    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+        return Err(syn::Error::new(
+            sig.generics.span(),
+            "#[flame::remote] functions cannot be generic: a runner finds the code by name, so it must be one concrete function",
+        ));
+    }
+    if let Some(v) = &sig.variadic {
+        return Err(syn::Error::new(
+            v.span(),
+            "#[flame::remote] functions cannot be variadic",
+        ));
+    }
+    let mut types = Vec::new();
+    let mut bindings = Vec::new();
+    for (i, arg) in sig.inputs.iter().enumerate() {
+        match arg {
+            FnArg::Receiver(r) => {
+                return Err(syn::Error::new(
+                    r.span(),
+                    "#[flame::remote] cannot be used on methods: take the value as an ordinary argument",
+                ))
+            }
+            FnArg::Typed(pt) => {
+                reject_borrowed(&pt.ty)?;
+                types.push((*pt.ty).clone());
+                bindings.push(format_ident!("__flame_arg{}", i));
+            }
+        }
+    }
+    let output: Type = match &sig.output {
+        ReturnType::Default => syn::parse_quote!(()),
+        ReturnType::Type(_, ty) => {
+            if let Type::ImplTrait(_) = **ty {
+                return Err(syn::Error::new(
+                    ty.span(),
+                    "#[flame::remote] functions must return a concrete, serializable type, not `impl Trait`",
+                ));
+            }
+            reject_borrowed(ty)?;
+            (**ty).clone()
+        }
+    };
+    let call = if sig.asyncness.is_some() {
+        quote!(#name(#(#bindings),*).await)
+    } else {
+        quote!(#name(#(#bindings),*))
+    };
+    let doc = format!(
+        "Remote handle of [`{name}()`]: run it on a pool with `flame::call!(pool, {name}(..))` \
+         or `pool.call::<{name}>((..))`."
+    );
+    // Point type errors (e.g. an argument that is not serializable) at the
+    // argument list rather than at the attribute.
+    let args_span = if sig.inputs.is_empty() {
+        Span::call_site()
+    } else {
+        sig.inputs.span()
+    };
+    let args_ty = quote_spanned!(args_span=> (#(#types,)*));
+    let out_span = match &sig.output {
+        ReturnType::Default => Span::call_site(),
+        ReturnType::Type(_, ty) => ty.span(),
+    };
+    let out_ty = quote_spanned!(out_span=> #output);
+    Ok(quote! {
+        #func
+
+        #[doc = #doc]
+        #[allow(non_camel_case_types)]
+        #vis struct #name {
+            _not_constructible: (),
+        }
+
+        impl ::flame::RemoteFn for #name {
+            const NAME: &'static str = ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#name));
+            type Args = #args_ty;
+            type Output = #out_ty;
+        }
+
+        const _: () = {
+            fn __flame_handler(args: ::flame::__private::Bytes) -> ::flame::__private::HandlerFuture {
+                ::flame::__private::invoke(args, |(#(#bindings,)*): (#(#types,)*)| async move { #call })
+            }
+            ::flame::__private::inventory::submit! {
+                ::flame::__private::Registration::new(
+                    <#name as ::flame::RemoteFn>::NAME,
+                    __flame_handler,
+                    ::core::file!(),
+                    ::core::line!(),
+                )
+            }
+        };
+    })
+}
+
+fn reject_borrowed(ty: &Type) -> syn::Result<()> {
+    if let Type::Reference(r) = ty {
+        return Err(syn::Error::new(
+            r.span(),
+            "#[flame::remote] arguments and results are sent over the network, so they must be owned: use e.g. `String` instead of `&str`, `Vec<T>` instead of `&[T]`",
+        ));
+    }
+    Ok(())
+}

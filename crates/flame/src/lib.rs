@@ -1,1 +1,151 @@
-//! placeholder
+//! # flame
+//!
+//! The FLAME pattern for Rust: wrap a block of your app's code in a call, and
+//! it runs on a short-lived copy of the same app, booted on demand, with the
+//! result coming back to the caller. Pools of runners grow from zero to a
+//! maximum under load and idle back down. No queues, no glue services, no
+//! rewrite.
+//!
+//! ```no_run
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Video { url: String }
+//!
+//! // A named function, callable on any pool.
+//! #[flame::remote]
+//! async fn thumbnail_count(video: Video, interval: u32) -> usize {
+//!     video.url.len() / interval as usize
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), flame::Error> {
+//!     // In a runner this serves calls and exits; in the parent it connects.
+//!     let flame = flame::init().await?;
+//!     let pool = flame.pool("thumbs").max(4).start().await?;
+//!
+//!     let video = Video { url: "https://example.invalid/v.mp4".into() };
+//!     let n = flame::call!(pool, thumbnail_count(video, 5)).await?;
+//!
+//!     // Or an inline block: the listed variables are shipped as arguments;
+//!     // using any other local variable in the block is a compile error.
+//!     let interval = 5u32;
+//!     let frames = flame::call!(pool, |interval: u32| -> Vec<u32> {
+//!         (0..60).step_by(interval as usize).collect()
+//!     })
+//!     .await?;
+//!     println!("{n} thumbnails, frames at {frames:?}");
+//!     Ok(())
+//! }
+//! ```
+//!
+//! The same binary is the runner: a pool boots runners by starting this
+//! executable with `FLAME_PARENT` in its environment, and [`init`] turns such
+//! a process into a runner. Code is found by registered name, and parent and
+//! runner must be the same build, checked on every call.
+
+#![warn(missing_docs)]
+
+pub use flame_core::{
+    backend, build_id, parent, pool::PoolConfig, Backend, BootSpec, Booted, Error, LocalBackend,
+    ParentInfo, RemoteFn, Result, StopRunner, BUILD_ID_ENV, PARENT_ENV,
+};
+pub use flame_macros::remote;
+pub use flame_nats::{
+    embedded, init, CallOptions, Flame, FlameBuilder, NatsServer, Pool, PoolBuilder, PoolStatus,
+    NATS_URL_ENV,
+};
+
+/// Runs a function or an inline block on a pool and waits for the result.
+///
+/// Two forms:
+///
+/// - `flame::call!(pool, name(arg1, arg2))` calls a `#[flame::remote]`
+///   function;
+/// - `flame::call!(pool, |a: A, b: B| -> R { ... })` lifts the block into a
+///   registered function. The listed variables are taken from the enclosing
+///   scope (moved) and shipped as its arguments; the block may use nothing
+///   else from its scope, which the compiler enforces.
+///
+/// Evaluates to a future of `Result<R, flame::Error>`.
+#[macro_export]
+macro_rules! call {
+    ($pool:expr, || -> $ret:ty $body:block) => {
+        $crate::__flame_inline!(call, $pool, () -> $ret $body)
+    };
+    ($pool:expr, || $body:block) => {
+        $crate::__flame_inline!(call, $pool, () -> () $body)
+    };
+    ($pool:expr, |$($arg:ident : $ty:ty),+ $(,)?| -> $ret:ty $body:block) => {
+        $crate::__flame_inline!(call, $pool, ($($arg : $ty),+) -> $ret $body)
+    };
+    ($pool:expr, |$($arg:ident : $ty:ty),+ $(,)?| $body:block) => {
+        $crate::__flame_inline!(call, $pool, ($($arg : $ty),+) -> () $body)
+    };
+    ($pool:expr, $($func:ident)::+ ( $($a:expr),* $(,)? )) => {
+        ($pool).call::<$($func)::+>(($($a,)*))
+    };
+}
+
+/// Runs a function or an inline block on a pool without waiting for it.
+///
+/// Same forms as [`call!`]. Evaluates to `Result<(), flame::Error>` at once;
+/// the work then finds or boots a runner on its own, and its failures are
+/// logged and counted on the runner.
+#[macro_export]
+macro_rules! cast {
+    ($pool:expr, || $body:block) => {
+        $crate::__flame_inline!(cast, $pool, () -> () $body)
+    };
+    ($pool:expr, |$($arg:ident : $ty:ty),+ $(,)?| $body:block) => {
+        $crate::__flame_inline!(cast, $pool, ($($arg : $ty),+) -> () $body)
+    };
+    ($pool:expr, $($func:ident)::+ ( $($a:expr),* $(,)? )) => {
+        ($pool).cast::<$($func)::+>(($($a,)*))
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __flame_inline {
+    ($method:ident, $pool:expr, ($($arg:ident : $ty:ty),*) -> $ret:ty $body:block) => {{
+        // A nested fn item cannot capture local variables (error E0434), so a
+        // variable used in the block but not listed fails to compile.
+        #[allow(non_camel_case_types)]
+        struct __flame_block;
+        impl $crate::RemoteFn for __flame_block {
+            const NAME: &'static str = ::core::concat!(
+                ::core::module_path!(), "::{block@", ::core::line!(), ":", ::core::column!(), "}"
+            );
+            type Args = ($($ty,)*);
+            type Output = $ret;
+        }
+        async fn __flame_block_fn($($arg: $ty),*) -> $ret $body
+        fn __flame_handler(args: $crate::__private::Bytes) -> $crate::__private::HandlerFuture {
+            $crate::__private::invoke(args, |($($arg,)*): ($($ty,)*)| __flame_block_fn($($arg),*))
+        }
+        $crate::__private::inventory::submit! {
+            $crate::__private::Registration::new(
+                <__flame_block as $crate::RemoteFn>::NAME,
+                __flame_handler,
+                ::core::file!(),
+                ::core::line!(),
+            )
+        }
+        ($pool).$method::<__flame_block>(($($arg,)*))
+    }};
+}
+
+/// Used by the macros; not public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use bytes::Bytes;
+    pub use flame_core::inventory;
+    pub use flame_core::registry::{invoke, Registration};
+
+    /// What a registered handler returns.
+    pub type HandlerFuture = futures::future::LocalBoxFuture<
+        'static,
+        ::core::result::Result<::std::vec::Vec<u8>, flame_core::registry::InvokeError>,
+    >;
+}

@@ -69,7 +69,10 @@ impl PoolConfig {
             return bad("max must be at least 1".into());
         }
         if self.min > self.max {
-            return bad(format!("min ({}) is larger than max ({})", self.min, self.max));
+            return bad(format!(
+                "min ({}) is larger than max ({})",
+                self.min, self.max
+            ));
         }
         if self.max_concurrency == 0 {
             return bad("max_concurrency must be at least 1".into());
@@ -114,7 +117,11 @@ mod tests {
         assert!(err.contains("min (3) is larger than max (1)"), "{err}");
         let mut c = PoolConfig::new("p");
         c.max_concurrency = 0;
-        assert!(c.validate().unwrap_err().to_string().contains("max_concurrency"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("max_concurrency"));
         let mut c = PoolConfig::new("p");
         c.forward_env = vec!["A=B".into()];
         assert!(c.validate().is_err());

