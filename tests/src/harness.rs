@@ -23,14 +23,24 @@ pub fn testapp() -> PathBuf {
     app
 }
 
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "flame_nats=debug,flame_core=debug,warn".into())
+}
+
 /// Logs to the test output (shown for failing tests), once per process.
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "flame_nats=debug,flame_core=debug,warn".into()),
-        )
+        .with_env_filter(log_filter())
         .with_test_writer()
+        .try_init();
+}
+
+/// Logs to stderr: for the test app, whose stdout tests may read.
+pub fn init_tracing_stderr() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(log_filter())
+        .with_writer(std::io::stderr)
         .try_init();
 }
 
@@ -67,6 +77,20 @@ impl TestEnv {
             .await
             .expect("connect")
     }
+}
+
+/// The custom data (`in_flight`, `max_in_flight`, ...) that a pool's runner
+/// reports through `$SRV.STATS`; the first runner to answer. `None` while no
+/// runner answers.
+pub async fn runner_stats(env: &TestEnv, pool: &str) -> Option<serde_json::Value> {
+    let reply = env
+        .client()
+        .await
+        .request(format!("$SRV.STATS.flame-{pool}"), "".into())
+        .await
+        .ok()?;
+    let stats: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
+    Some(stats["endpoints"][0]["data"].clone())
 }
 
 /// The local backend running `flame-testapp` with the test build id.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use flame::{CallOptions, Error};
 use flame_tests::funcs::*;
-use flame_tests::harness::{kill9, wait_for, TestEnv};
+use flame_tests::harness::{kill9, runner_stats, wait_for, TestEnv};
 
 #[tokio::test]
 async fn named_call_runs_on_a_runner_process() {
@@ -130,7 +130,7 @@ async fn timeout_cancels_the_work_on_the_runner() {
         .await
         .unwrap();
     assert_eq!(next, 0);
-    let stats = runner_stats(&env, "timeouts").await;
+    let stats = runner_stats(&env, "timeouts").await.unwrap();
     assert_eq!(
         stats["in_flight"], 0,
         "cancelled work still counted: {stats}"
@@ -157,7 +157,7 @@ async fn runner_killed_mid_call_fails_the_call_at_once() {
     wait_for(
         "the call to reach the runner",
         Duration::from_secs(20),
-        || async { (runner_stats(&env, "killed").await["in_flight"] == 1).then_some(()) },
+        || async { (runner_stats(&env, "killed").await?["in_flight"] == 1).then_some(()) },
     )
     .await;
     kill9(at.pid);
@@ -274,15 +274,4 @@ async fn unreachable_nats_is_reported() {
         Error::NatsUnreachable { url: u, .. } => assert_eq!(u, url),
         other => panic!("expected NatsUnreachable, got {other:?}"),
     }
-}
-
-/// The custom data a pool's only runner reports through `$SRV.STATS`.
-pub async fn runner_stats(env: &TestEnv, pool: &str) -> serde_json::Value {
-    let client = env.client().await;
-    let reply = client
-        .request(format!("$SRV.STATS.flame-{pool}"), "".into())
-        .await
-        .expect("stats request");
-    let stats: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
-    stats["endpoints"][0]["data"].clone()
 }

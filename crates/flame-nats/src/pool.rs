@@ -849,6 +849,11 @@ impl PoolInner {
                 if st.model.count(RunnerState::Ready) >= self.config.min {
                     return Ok(());
                 }
+                // Starting fails on the first failed boot rather than
+                // retrying behind the caller's back.
+                if let Some(e) = &st.last_boot_error {
+                    return Err(e.clone());
+                }
                 if Instant::now() >= deadline {
                     return Err(st.last_boot_error.clone().unwrap_or(Error::BootTimeout {
                         pool: self.config.name.clone(),

@@ -6,7 +6,7 @@
 
 #[tokio::main]
 async fn main() {
-    flame_tests::harness::init_tracing();
+    flame_tests::harness::init_tracing_stderr();
     // In a runner this serves calls and exits the process.
     let result = flame::init().await;
     let mode = std::env::args().nth(1).unwrap_or_default();

