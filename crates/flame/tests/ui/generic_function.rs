@@ -1,0 +1,6 @@
+#[flame::remote]
+async fn identity<T>(value: T) -> T {
+    value
+}
+
+fn main() {}
