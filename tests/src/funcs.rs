@@ -52,9 +52,15 @@ pub async fn checked_sqrt(x: f64) -> Result<f64, AppError> {
     }
 }
 
-/// Panics with the given message.
+/// Panics with the given message (on the runtime).
 #[flame::remote]
 pub async fn explode(message: String) -> u32 {
+    panic!("{message}");
+}
+
+/// Panics with the given message (on the blocking pool).
+#[flame::remote]
+pub fn explode_blocking(message: String) -> u32 {
     panic!("{message}");
 }
 
@@ -123,6 +129,15 @@ pub mod inline {
     ) -> Result<(String, u32), Error> {
         flame::call!(pool, |words: Vec<String>, sep: String| -> (String, u32) {
             (words.join(&sep), std::process::id())
+        })
+        .await
+    }
+
+    /// An async inline block that awaits.
+    pub async fn sleep_remotely(pool: &Pool, ms: u64) -> Result<u64, Error> {
+        flame::call!(pool, async |ms: u64| -> u64 {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            ms
         })
         .await
     }

@@ -33,6 +33,7 @@ async fn inline_block_ships_listed_captures() {
     assert_eq!(joined, "fleeting+lambda");
     assert_ne!(pid, std::process::id(), "ran in the test process");
     inline::nothing(&pool).await.unwrap();
+    assert_eq!(inline::sleep_remotely(&pool, 5).await.unwrap(), 5);
     assert_eq!(inline::at_most_two(&pool, 2).await.unwrap(), Ok(2));
     assert_eq!(
         inline::at_most_two(&pool, 3).await.unwrap(),
@@ -97,6 +98,13 @@ async fn panic_is_reported_and_runner_keeps_serving() {
         other => panic!("expected Panicked, got {other:?}"),
     }
     assert!(err.to_string().contains("kaboom"));
+    let err = flame::call!(pool, explode_blocking("on a thread".into()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Panicked { message, .. } if message == "on a thread"),
+        "{err:?}"
+    );
     let after = flame::call!(pool, whereabouts()).await.unwrap();
     assert_eq!(before, after, "the same runner must keep serving");
 }

@@ -3,8 +3,8 @@
 
 use flame::__private::{inventory, Registration};
 
-fn handler(_: bytes::Bytes) -> flame::__private::HandlerFuture {
-    Box::pin(async { Ok(Vec::new()) })
+fn handler(_: bytes::Bytes) -> flame::__private::Invocation {
+    flame::__private::Invocation::Blocking(Box::new(|| Ok(Vec::new())))
 }
 
 inventory::submit! { Registration::new("app::resize", handler, "src/a.rs", 10) }

@@ -10,7 +10,7 @@ use std::future::Future;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
-use futures::future::LocalBoxFuture;
+use futures::future::BoxFuture;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::{wire, Error};
@@ -38,10 +38,32 @@ pub enum InvokeError {
     EncodeResult(String),
 }
 
-/// Type-erased entry point: decodes the arguments, runs the function, encodes
-/// the result. The future need not be `Send`: runners drive each call on a
-/// thread of its own.
-pub type Handler = fn(Bytes) -> LocalBoxFuture<'static, Result<Vec<u8>, InvokeError>>;
+/// What a handler hands the runner to execute.
+pub enum Invocation {
+    /// An `async fn` (or `async` inline block): polled on the runner's
+    /// runtime and dropped at its next await point if the deadline passes.
+    Async(BoxFuture<'static, Result<Vec<u8>, InvokeError>>),
+    /// A plain `fn` (or plain inline block): run on the blocking thread pool,
+    /// so CPU-heavy or blocking code cannot stall the runner. Code that does
+    /// not await cannot be interrupted; the caller still gets its timeout at
+    /// the deadline.
+    Blocking(Box<dyn FnOnce() -> Result<Vec<u8>, InvokeError> + Send>),
+    /// The arguments did not decode; nothing runs.
+    Refused(InvokeError),
+}
+
+impl std::fmt::Debug for Invocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Invocation::Async(_) => "Invocation::Async",
+            Invocation::Blocking(_) => "Invocation::Blocking",
+            Invocation::Refused(_) => "Invocation::Refused",
+        })
+    }
+}
+
+/// Type-erased entry point: decodes the arguments and prepares the call.
+pub type Handler = fn(Bytes) -> Invocation;
 
 /// One registered function.
 #[derive(Debug)]
@@ -76,29 +98,37 @@ impl Registration {
 
 inventory::collect!(Registration);
 
-/// Adapts a typed function to a [`Handler`]. Used by the macros.
-pub fn invoke<A, R, Fut, F>(
-    args: Bytes,
-    f: F,
-) -> LocalBoxFuture<'static, Result<Vec<u8>, InvokeError>>
+fn encode_result<R: Serialize>(out: &R) -> Result<Vec<u8>, InvokeError> {
+    wire::encode(out).map_err(|e| InvokeError::EncodeResult(e.to_string()))
+}
+
+/// Adapts an `async fn` to a [`Handler`]. Used by the macros.
+pub fn invoke_async<A, R, Fut, F>(args: Bytes, f: F) -> Invocation
 where
     A: DeserializeOwned,
     R: Serialize,
-    Fut: Future<Output = R> + 'static,
+    Fut: Future<Output = R> + Send + 'static,
     F: FnOnce(A) -> Fut,
 {
     match wire::decode::<A>(&args) {
         Ok(args) => {
             let fut = f(args);
-            Box::pin(async move {
-                let out = fut.await;
-                wire::encode(&out).map_err(|e| InvokeError::EncodeResult(e.to_string()))
-            })
+            Invocation::Async(Box::pin(async move { encode_result(&fut.await) }))
         }
-        Err(e) => {
-            let e = InvokeError::DecodeArgs(e.to_string());
-            Box::pin(async move { Err(e) })
-        }
+        Err(e) => Invocation::Refused(InvokeError::DecodeArgs(e.to_string())),
+    }
+}
+
+/// Adapts a plain `fn` to a [`Handler`]. Used by the macros.
+pub fn invoke_blocking<A, R, F>(args: Bytes, f: F) -> Invocation
+where
+    A: DeserializeOwned + Send + 'static,
+    R: Serialize,
+    F: FnOnce(A) -> R + Send + 'static,
+{
+    match wire::decode::<A>(&args) {
+        Ok(args) => Invocation::Blocking(Box::new(move || encode_result(&f(args)))),
+        Err(e) => Invocation::Refused(InvokeError::DecodeArgs(e.to_string())),
     }
 }
 
@@ -171,8 +201,12 @@ impl Registry {
 mod tests {
     use super::*;
 
-    fn double(args: Bytes) -> LocalBoxFuture<'static, Result<Vec<u8>, InvokeError>> {
-        invoke(args, |(x,): (u32,)| async move { x * 2 })
+    fn double(args: Bytes) -> Invocation {
+        invoke_async(args, |(x,): (u32,)| async move { x * 2 })
+    }
+
+    fn triple(args: Bytes) -> Invocation {
+        invoke_blocking(args, |(x,): (u32,)| x * 3)
     }
 
     #[test]
@@ -193,14 +227,28 @@ mod tests {
 
     #[test]
     fn invoke_decodes_runs_and_encodes() {
-        let reg = Registration::new("m::double", double, "x.rs", 1);
-        let registry = Registry::from_registrations([&reg]).unwrap();
-        let handler = registry.get("m::double").unwrap();
-        let out = futures::executor::block_on(handler(wire::encode(&(21u32,)).unwrap().into()));
-        assert_eq!(wire::decode::<u32>(&out.unwrap()).unwrap(), 42);
+        let regs = [
+            Registration::new("m::double", double, "x.rs", 1),
+            Registration::new("m::triple", triple, "x.rs", 2),
+        ];
+        let registry = Registry::from_registrations(&regs).unwrap();
+        let args = || Bytes::from(wire::encode(&(21u32,)).unwrap());
+        let out = match registry.get("m::double").unwrap()(args()) {
+            Invocation::Async(fut) => futures::executor::block_on(fut).unwrap(),
+            other => panic!("expected async, got {other:?}"),
+        };
+        assert_eq!(wire::decode::<u32>(&out).unwrap(), 42);
+        let out = match registry.get("m::triple").unwrap()(args()) {
+            Invocation::Blocking(f) => f().unwrap(),
+            other => panic!("expected blocking, got {other:?}"),
+        };
+        assert_eq!(wire::decode::<u32>(&out).unwrap(), 63);
 
-        let bad = futures::executor::block_on(handler(Bytes::from_static(b"\xc1garbage")));
-        assert!(matches!(bad, Err(InvokeError::DecodeArgs(_))));
+        let bad = registry.get("m::double").unwrap()(Bytes::from_static(b"\xc1garbage"));
+        assert!(matches!(
+            bad,
+            Invocation::Refused(InvokeError::DecodeArgs(_))
+        ));
         assert!(registry.get("m::nope").is_none());
     }
 }

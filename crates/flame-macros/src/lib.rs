@@ -9,6 +9,10 @@ use syn::{parse_macro_input, FnArg, ItemFn, ReturnType, Type};
 
 /// Registers a function so that pools can run it on a runner.
 ///
+/// An `async fn` runs on the runner's async runtime (its future must be
+/// `Send`); a plain `fn` runs on the runner's blocking thread pool, which is
+/// the place for CPU-heavy or blocking code.
+///
 /// The function keeps working as a normal local function. Beside it, the
 /// attribute declares a handle type of the same name (in the type namespace,
 /// so it does not clash with the function) that implements
@@ -79,10 +83,20 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
             (**ty).clone()
         }
     };
-    let call = if sig.asyncness.is_some() {
-        quote!(#name(#(#bindings),*).await)
+    // Async functions run on the runner's runtime; plain functions on its
+    // blocking pool, where CPU-heavy code belongs.
+    let invoke = if sig.asyncness.is_some() {
+        quote! {
+            ::flame::__private::invoke_async(args, |(#(#bindings,)*): (#(#types,)*)| async move {
+                #name(#(#bindings),*).await
+            })
+        }
     } else {
-        quote!(#name(#(#bindings),*))
+        quote! {
+            ::flame::__private::invoke_blocking(args, |(#(#bindings,)*): (#(#types,)*)| {
+                #name(#(#bindings),*)
+            })
+        }
     };
     let doc = format!(
         "Remote handle of [`{name}()`]: run it on a pool with `flame::call!(pool, {name}(..))` \
@@ -117,8 +131,8 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
         }
 
         const _: () = {
-            fn __flame_handler(args: ::flame::__private::Bytes) -> ::flame::__private::HandlerFuture {
-                ::flame::__private::invoke(args, |(#(#bindings,)*): (#(#types,)*)| async move { #call })
+            fn __flame_handler(args: ::flame::__private::Bytes) -> ::flame::__private::Invocation {
+                #invoke
             }
             ::flame::__private::inventory::submit! {
                 ::flame::__private::Registration::new(

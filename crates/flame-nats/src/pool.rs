@@ -443,9 +443,8 @@ impl PoolInner {
         cast: bool,
     ) -> Result<Bytes, Error> {
         let deadline = Instant::now() + timeout;
-        let (_, headers_len) =
-            protocol::request_headers(function, &self.shared.build_id, timeout, cast);
-        let size = payload.len() + headers_len;
+        let size = payload.len()
+            + protocol::request_headers_max_len(function, &self.shared.build_id, cast);
         let max = self.shared.client.server_info().max_payload;
         if size > max {
             return Err(Error::PayloadTooLarge {
@@ -464,7 +463,7 @@ impl PoolInner {
                     timeout,
                 });
             }
-            let (headers, _) =
+            let headers =
                 protocol::request_headers(function, &self.shared.build_id, remaining, cast);
             let request = async_nats::Request::new()
                 .payload(payload.clone())

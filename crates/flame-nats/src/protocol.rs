@@ -7,31 +7,33 @@ use bytes::Bytes;
 use flame_core::wire::{self, ErrorKind};
 use flame_core::Error;
 
-/// Headers of a call request, and the bytes they take on the wire (the
-/// server counts headers and body together against max_payload).
+/// Headers of a call request.
 pub(crate) fn request_headers(
     function: &str,
     build: &str,
     remaining: Duration,
     cast: bool,
-) -> (HeaderMap, usize) {
+) -> HeaderMap {
     let mut h = HeaderMap::new();
-    let ms = (remaining.as_millis().max(1) as u64).to_string();
-    let mut fields = vec![
-        (wire::HEADER_FUNCTION, function),
-        (wire::HEADER_BUILD, build),
-        (wire::HEADER_TIMEOUT_MS, ms.as_str()),
-    ];
+    h.insert(wire::HEADER_FUNCTION, function);
+    h.insert(wire::HEADER_BUILD, build);
+    let ms = remaining.as_millis().max(1) as u64;
+    h.insert(wire::HEADER_TIMEOUT_MS, ms.to_string().as_str());
     if cast {
-        fields.push((wire::HEADER_CAST, "1"));
+        h.insert(wire::HEADER_CAST, "1");
     }
-    // "NATS/1.0\r\n", then "name: value\r\n" each, then "\r\n".
-    let mut len = 12;
-    for (name, value) in fields {
-        len += name.len() + 2 + value.len() + 2;
-        h.insert(name, value);
-    }
-    (h, len)
+    h
+}
+
+/// Most bytes [`request_headers`] take on the wire; the server counts
+/// headers and body together against max_payload.
+pub(crate) fn request_headers_max_len(function: &str, build: &str, cast: bool) -> usize {
+    let field = |name: &str, value_len: usize| name.len() + 2 + value_len + 2;
+    // "NATS/1.0\r\n" + fields + "\r\n"; a u64 has at most 20 digits.
+    12 + field(wire::HEADER_FUNCTION, function.len())
+        + field(wire::HEADER_BUILD, build.len())
+        + field(wire::HEADER_TIMEOUT_MS, 20)
+        + if cast { field(wire::HEADER_CAST, 1) } else { 0 }
 }
 
 /// What a reply means.

@@ -14,12 +14,12 @@ use std::time::Duration;
 
 use async_nats::service::{self, ServiceExt};
 use bytes::Bytes;
-use flame_core::registry::{Handler, InvokeError, Registry};
+use flame_core::registry::{Handler, Invocation, InvokeError, Registry};
 use flame_core::subject::{self, ParentEvent};
 use flame_core::wire::{self, ErrorKind, ParentInfo};
 use flame_core::{build_id, Error};
-use futures::StreamExt;
-use tokio::sync::{oneshot, Notify};
+use futures::{FutureExt, StreamExt};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -347,8 +347,9 @@ impl Runner {
         ))
     }
 
-    /// Runs a function on a thread of its own (so CPU-heavy code cannot stall
-    /// the runner's NATS connection), enforcing the deadline.
+    /// Runs a call, enforcing its deadline. Async functions are polled
+    /// right here (no thread hop); plain functions go to the blocking pool so
+    /// CPU-heavy code cannot stall the runner's NATS connection.
     async fn execute(
         &self,
         handler: Handler,
@@ -356,34 +357,43 @@ impl Runner {
         timeout: Duration,
     ) -> Result<Vec<u8>, (ErrorKind, String)> {
         let deadline = Instant::now() + timeout;
-        let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
-        let rt = tokio::runtime::Handle::current();
-        let mut work = tokio::task::spawn_blocking(move || {
-            rt.block_on(async move {
-                tokio::select! {
-                    out = handler(payload) => Some(out),
-                    _ = cancel_rx => None,
+        let timed_out = || {
+            (
+                ErrorKind::Timeout,
+                format!("deadline of {timeout:?} passed; the work was cancelled"),
+            )
+        };
+        let result = match handler(payload) {
+            Invocation::Refused(e) => Err(e),
+            Invocation::Async(fut) => {
+                let guarded = std::panic::AssertUnwindSafe(fut).catch_unwind();
+                match tokio::time::timeout_at(deadline, guarded).await {
+                    Ok(Ok(result)) => result,
+                    Ok(Err(panic)) => return Err((ErrorKind::Panicked, panic_message(panic))),
+                    // Dropping the future cancelled the work.
+                    Err(_) => return Err(timed_out()),
                 }
-            })
-        });
-        match tokio::time::timeout_at(deadline, &mut work).await {
-            Ok(Ok(Some(Ok(bytes)))) => Ok(bytes),
-            Ok(Ok(Some(Err(InvokeError::DecodeArgs(e))))) => Err((ErrorKind::DecodeArgs, e)),
-            Ok(Ok(Some(Err(InvokeError::EncodeResult(e))))) => Err((ErrorKind::EncodeResult, e)),
-            Ok(Ok(None)) => Err((ErrorKind::Timeout, "cancelled".into())),
-            Ok(Err(join)) => Err((ErrorKind::Panicked, panic_message(join))),
-            Err(_) => {
-                // Cancel at the work's next await point. Code that never
-                // awaits cannot be stopped from outside its thread; the slot
-                // stays counted until it returns.
-                let _ = cancel_tx.send(());
-                let _ = work.await;
-                Err((
-                    ErrorKind::Timeout,
-                    format!("deadline of {timeout:?} passed; the work was cancelled"),
-                ))
             }
-        }
+            Invocation::Blocking(f) => {
+                let mut work = tokio::task::spawn_blocking(f);
+                match tokio::time::timeout_at(deadline, &mut work).await {
+                    Ok(Ok(result)) => result,
+                    Ok(Err(join)) => {
+                        return Err((ErrorKind::Panicked, panic_message(join.into_panic())))
+                    }
+                    Err(_) => {
+                        // A thread cannot be stopped from outside; the slot
+                        // stays counted until the function returns.
+                        let _ = work.await;
+                        return Err(timed_out());
+                    }
+                }
+            }
+        };
+        result.map_err(|e| match e {
+            InvokeError::DecodeArgs(m) => (ErrorKind::DecodeArgs, m),
+            InvokeError::EncodeResult(m) => (ErrorKind::EncodeResult, m),
+        })
     }
 
     fn failed(&self, function: &str, cast: bool, message: &str) {
@@ -449,17 +459,12 @@ impl Runner {
     }
 }
 
-fn panic_message(err: tokio::task::JoinError) -> String {
-    match err.try_into_panic() {
-        Ok(payload) => {
-            if let Some(s) = payload.downcast_ref::<&str>() {
-                s.to_string()
-            } else if let Some(s) = payload.downcast_ref::<String>() {
-                s.clone()
-            } else {
-                "panic with a non-string payload".to_string()
-            }
-        }
-        Err(e) => format!("the work was cancelled: {e}"),
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
     }
 }

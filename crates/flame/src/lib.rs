@@ -29,6 +29,8 @@
 //!
 //!     // Or an inline block: the listed variables are shipped as arguments;
 //!     // using any other local variable in the block is a compile error.
+//!     // (Plain blocks run on the runner's blocking pool; write
+//!     // `async |..| { .. }` for a block that awaits.)
 //!     let interval = 5u32;
 //!     let frames = flame::call!(pool, |interval: u32| -> Vec<u32> {
 //!         (0..60).step_by(interval as usize).collect()
@@ -58,29 +60,34 @@ pub use flame_nats::{
 
 /// Runs a function or an inline block on a pool and waits for the result.
 ///
-/// Two forms:
+/// Three forms:
 ///
 /// - `flame::call!(pool, name(arg1, arg2))` calls a `#[flame::remote]`
 ///   function;
-/// - `flame::call!(pool, |a: A, b: B| -> R { ... })` lifts the block into a
-///   registered function. The listed variables are taken from the enclosing
-///   scope (moved) and shipped as its arguments; the block may use nothing
-///   else from its scope, which the compiler enforces.
+/// - `flame::call!(pool, |a: A, b: B| -> R { ... })` lifts a plain block into
+///   a registered function that runs on the runner's blocking thread pool:
+///   the place for CPU-heavy or blocking code;
+/// - `flame::call!(pool, async |a: A| -> R { ... })` does the same for a block
+///   that awaits; it runs on the runner's async runtime.
+///
+/// The listed variables are taken from the enclosing scope (moved) and
+/// shipped as the block's arguments; the block may use nothing else from its
+/// scope, which the compiler enforces. The return type defaults to `()`.
 ///
 /// Evaluates to a future of `Result<R, flame::Error>`.
 #[macro_export]
 macro_rules! call {
-    ($pool:expr, || -> $ret:ty $body:block) => {
-        $crate::__flame_inline!(call, $pool, () -> $ret $body)
+    ($pool:expr, async $(move)? || $(-> $ret:ty)? $body:block) => {
+        $crate::__flame_inline!(call, async, $pool, () -> ($($ret)?) $body)
     };
-    ($pool:expr, || $body:block) => {
-        $crate::__flame_inline!(call, $pool, () -> () $body)
+    ($pool:expr, async $(move)? |$($arg:ident : $ty:ty),+ $(,)?| $(-> $ret:ty)? $body:block) => {
+        $crate::__flame_inline!(call, async, $pool, ($($arg : $ty),+) -> ($($ret)?) $body)
     };
-    ($pool:expr, |$($arg:ident : $ty:ty),+ $(,)?| -> $ret:ty $body:block) => {
-        $crate::__flame_inline!(call, $pool, ($($arg : $ty),+) -> $ret $body)
+    ($pool:expr, $(move)? || $(-> $ret:ty)? $body:block) => {
+        $crate::__flame_inline!(call, blocking, $pool, () -> ($($ret)?) $body)
     };
-    ($pool:expr, |$($arg:ident : $ty:ty),+ $(,)?| $body:block) => {
-        $crate::__flame_inline!(call, $pool, ($($arg : $ty),+) -> () $body)
+    ($pool:expr, $(move)? |$($arg:ident : $ty:ty),+ $(,)?| $(-> $ret:ty)? $body:block) => {
+        $crate::__flame_inline!(call, blocking, $pool, ($($arg : $ty),+) -> ($($ret)?) $body)
     };
     ($pool:expr, $($func:ident)::+ ( $($a:expr),* $(,)? )) => {
         ($pool).call::<$($func)::+>(($($a,)*))
@@ -94,11 +101,17 @@ macro_rules! call {
 /// logged and counted on the runner.
 #[macro_export]
 macro_rules! cast {
-    ($pool:expr, || $body:block) => {
-        $crate::__flame_inline!(cast, $pool, () -> () $body)
+    ($pool:expr, async $(move)? || $body:block) => {
+        $crate::__flame_inline!(cast, async, $pool, () -> () $body)
     };
-    ($pool:expr, |$($arg:ident : $ty:ty),+ $(,)?| $body:block) => {
-        $crate::__flame_inline!(cast, $pool, ($($arg : $ty),+) -> () $body)
+    ($pool:expr, async $(move)? |$($arg:ident : $ty:ty),+ $(,)?| $body:block) => {
+        $crate::__flame_inline!(cast, async, $pool, ($($arg : $ty),+) -> () $body)
+    };
+    ($pool:expr, $(move)? || $body:block) => {
+        $crate::__flame_inline!(cast, blocking, $pool, () -> () $body)
+    };
+    ($pool:expr, $(move)? |$($arg:ident : $ty:ty),+ $(,)?| $body:block) => {
+        $crate::__flame_inline!(cast, blocking, $pool, ($($arg : $ty),+) -> () $body)
     };
     ($pool:expr, $($func:ident)::+ ( $($a:expr),* $(,)? )) => {
         ($pool).cast::<$($func)::+>(($($a,)*))
@@ -108,7 +121,11 @@ macro_rules! cast {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __flame_inline {
-    ($method:ident, $pool:expr, ($($arg:ident : $ty:ty),*) -> $ret:ty $body:block) => {{
+    // An empty return type means `()`.
+    ($method:ident, $kind:ident, $pool:expr, ($($arg:ident : $ty:ty),*) -> () $body:block) => {
+        $crate::__flame_inline!($method, $kind, $pool, ($($arg : $ty),*) -> (()) $body)
+    };
+    ($method:ident, $kind:ident, $pool:expr, ($($arg:ident : $ty:ty),*) -> ($ret:ty) $body:block) => {{
         // A nested fn item cannot capture local variables (error E0434), so a
         // variable used in the block but not listed fails to compile.
         #[allow(non_camel_case_types)]
@@ -120,10 +137,7 @@ macro_rules! __flame_inline {
             type Args = ($($ty,)*);
             type Output = $ret;
         }
-        async fn __flame_block_fn($($arg: $ty),*) -> $ret $body
-        fn __flame_handler(args: $crate::__private::Bytes) -> $crate::__private::HandlerFuture {
-            $crate::__private::invoke(args, |($($arg,)*): ($($ty,)*)| __flame_block_fn($($arg),*))
-        }
+        $crate::__flame_inline!(@fn $kind ($($arg : $ty),*) -> $ret $body);
         $crate::__private::inventory::submit! {
             $crate::__private::Registration::new(
                 <__flame_block as $crate::RemoteFn>::NAME,
@@ -134,6 +148,18 @@ macro_rules! __flame_inline {
         }
         ($pool).$method::<__flame_block>(($($arg,)*))
     }};
+    (@fn async ($($arg:ident : $ty:ty),*) -> $ret:ty $body:block) => {
+        async fn __flame_block_fn($($arg: $ty),*) -> $ret $body
+        fn __flame_handler(args: $crate::__private::Bytes) -> $crate::__private::Invocation {
+            $crate::__private::invoke_async(args, |($($arg,)*): ($($ty,)*)| __flame_block_fn($($arg),*))
+        }
+    };
+    (@fn blocking ($($arg:ident : $ty:ty),*) -> $ret:ty $body:block) => {
+        fn __flame_block_fn($($arg: $ty),*) -> $ret $body
+        fn __flame_handler(args: $crate::__private::Bytes) -> $crate::__private::Invocation {
+            $crate::__private::invoke_blocking(args, |($($arg,)*): ($($ty,)*)| __flame_block_fn($($arg),*))
+        }
+    };
 }
 
 /// Used by the macros; not public API.
@@ -141,11 +167,5 @@ macro_rules! __flame_inline {
 pub mod __private {
     pub use bytes::Bytes;
     pub use flame_core::inventory;
-    pub use flame_core::registry::{invoke, Registration};
-
-    /// What a registered handler returns.
-    pub type HandlerFuture = futures::future::LocalBoxFuture<
-        'static,
-        ::core::result::Result<::std::vec::Vec<u8>, flame_core::registry::InvokeError>,
-    >;
+    pub use flame_core::registry::{invoke_async, invoke_blocking, Invocation, Registration};
 }

@@ -12,7 +12,7 @@ async fn main() {
     let mode = std::env::args().nth(1).unwrap_or_default();
     match mode.as_str() {
         "embedded-check" => match result {
-            Ok(flame) => println!("ok {}", flame.nats_url()),
+            Ok(flame) => println!("ok {} build {}", flame.nats_url(), flame.build_id()),
             Err(e) => {
                 println!("error: {e}");
                 std::process::exit(2);

@@ -1,0 +1,331 @@
+//! flame's benchmark. Prints a table comparing flame calls with raw async-nats
+//! request/reply on the same server in the same run (these machines are
+//! noisy, so ratios mean more than absolute numbers).
+//!
+//! ```text
+//! cargo run --release -p flame-bench            # full run
+//! cargo run --release -p flame-bench -- --quick # smoke run
+//! ```
+//!
+//! The baseline echo responders are separate processes, like runners, so
+//! both sides pay the same process hops.
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_bytes::ByteBuf;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// Echoes its argument. `ByteBuf` makes serde encode the bytes as one blob
+/// (a plain `Vec<u8>` is encoded element by element).
+#[flame::remote]
+async fn echo(data: ByteBuf) -> ByteBuf {
+    data
+}
+
+/// Process id of the runner.
+#[flame::remote]
+async fn pid() -> u32 {
+    std::process::id()
+}
+
+struct Settings {
+    sequential: usize,
+    throughput_for: Duration,
+    cold_runs: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("raw-echo") {
+        return raw_echo(&args[1], &args[2]).await;
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // Runners are this binary too: in a runner, init() serves and exits.
+    let flame = flame::init().await?;
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--profile-flame-throughput`: only the flame throughput phase, for 10 s
+    // (to attach a profiler to).
+    if args.iter().any(|a| a == "--profile-flame-throughput") {
+        let pool = flame
+            .pool("bench")
+            .min(2)
+            .max(2)
+            .max_concurrency(64)
+            .start()
+            .await?;
+        let payload = vec![0xABu8; 100];
+        let rate = throughput(64, Duration::from_secs(10), move |_| {
+            let pool = pool.clone();
+            let p = payload.clone();
+            async move {
+                flame::call!(pool, echo(ByteBuf::from(p))).await?;
+                Ok(())
+            }
+        })
+        .await?;
+        println!("flame throughput {rate:.0}/s");
+        return Ok(());
+    }
+    let s = if quick {
+        Settings {
+            sequential: 300,
+            throughput_for: Duration::from_millis(500),
+            cold_runs: 3,
+        }
+    } else {
+        Settings {
+            sequential: 5000,
+            throughput_for: Duration::from_secs(3),
+            cold_runs: 15,
+        }
+    };
+    let url = flame.nats_url().to_string();
+    eprintln!(
+        "benchmarking on {url} ({})",
+        if quick { "quick" } else { "full" }
+    );
+    let payload = vec![0xABu8; 100];
+    let mut rows: Vec<(String, String, String, String)> = Vec::new();
+
+    // Baseline: raw request/reply to echo processes.
+    let raw = async_nats::connect(&url).await?;
+    let _echoes = [
+        spawn_raw_echo(&url, "bench.raw.echo.0").await?,
+        spawn_raw_echo(&url, "bench.raw.echo.1").await?,
+    ];
+    eprintln!("raw sequential...");
+    let raw_seq = sequential(s.sequential, || {
+        let raw = raw.clone();
+        let p = Bytes::from(payload.clone());
+        async move {
+            raw.request("bench.raw.echo.0", p).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    eprintln!("raw throughput...");
+    let (raw2, payload2) = (raw.clone(), payload.clone());
+    let raw_tput = throughput(64, s.throughput_for, move |i| {
+        let raw = raw2.clone();
+        let p = Bytes::from(payload2.clone());
+        async move {
+            raw.request(format!("bench.raw.echo.{}", i % 2), p).await?;
+            Ok(())
+        }
+    })
+    .await?;
+
+    // flame: a warm pool of 2 runners.
+    let pool = flame
+        .pool("bench")
+        .min(2)
+        .max(2)
+        .max_concurrency(64)
+        .start()
+        .await?;
+    eprintln!("flame sequential...");
+    let fl_seq = sequential(s.sequential, || {
+        let pool = pool.clone();
+        let p = payload.clone();
+        async move {
+            flame::call!(pool, echo(ByteBuf::from(p))).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    eprintln!("flame throughput...");
+    let (pool2, payload2) = (pool.clone(), payload.clone());
+    let fl_tput = throughput(64, s.throughput_for, move |_| {
+        let pool = pool2.clone();
+        let p = payload2.clone();
+        async move {
+            flame::call!(pool, echo(ByteBuf::from(p))).await?;
+            Ok(())
+        }
+    })
+    .await?;
+
+    // Idle runner memory, after the load above and a moment of rest.
+    let runner_pid = flame::call!(pool, pid()).await?;
+    tokio::time::sleep(Duration::from_secs(if quick { 1 } else { 3 })).await;
+    let rss_kib = rss_kib(runner_pid)?;
+    pool.shutdown().await;
+
+    // Cold start: empty pool, first call (process spawn included).
+    eprintln!("cold starts...");
+    let mut cold = Vec::new();
+    for i in 0..s.cold_runs {
+        let pool = flame.pool(format!("cold-{i}")).max(1).start().await?;
+        let t = Instant::now();
+        flame::call!(pool, echo(ByteBuf::from(payload.clone()))).await?;
+        cold.push(t.elapsed());
+        pool.shutdown().await;
+    }
+    cold.sort();
+    let cold_p50 = cold[cold.len() / 2];
+
+    let us = |d: Duration| format!("{:.0} µs", d.as_secs_f64() * 1e6);
+    rows.push((
+        "warm call p50 (100 B, sequential)".into(),
+        us(raw_seq.p50),
+        us(fl_seq.p50),
+        ratio(
+            fl_seq.p50.as_secs_f64(),
+            raw_seq.p50.as_secs_f64(),
+            "≤ 1.3x",
+        ),
+    ));
+    rows.push((
+        "warm call p99 (100 B, sequential)".into(),
+        us(raw_seq.p99),
+        us(fl_seq.p99),
+        ratio(fl_seq.p99.as_secs_f64(), raw_seq.p99.as_secs_f64(), ""),
+    ));
+    rows.push((
+        "throughput, 64 callers over 2 runners".into(),
+        format!("{:.0}/s", raw_tput),
+        format!("{:.0}/s", fl_tput),
+        ratio(fl_tput, raw_tput, "≥ 0.7x"),
+    ));
+    rows.push((
+        format!("cold start p50 (spawn to result, {} runs)", cold.len()),
+        "-".into(),
+        format!("{:.1} ms", cold_p50.as_secs_f64() * 1e3),
+        "target < 150 ms".into(),
+    ));
+    rows.push((
+        "idle runner resident memory".into(),
+        "-".into(),
+        format!("{:.1} MB", rss_kib as f64 / 1024.0),
+        "target < 20 MB".into(),
+    ));
+
+    println!("| measure | raw async-nats | flame | flame vs raw |");
+    println!("|---|---|---|---|");
+    for (a, b, c, d) in rows {
+        println!("| {a} | {b} | {c} | {d} |");
+    }
+    Ok(())
+}
+
+fn ratio(flame: f64, raw: f64, target: &str) -> String {
+    let r = flame / raw;
+    if target.is_empty() {
+        format!("{r:.2}x")
+    } else {
+        format!("{r:.2}x (target {target})")
+    }
+}
+
+struct Latency {
+    p50: Duration,
+    p99: Duration,
+}
+
+async fn sequential<F, Fut>(n: usize, mut op: F) -> anyhow::Result<Latency>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    for _ in 0..n / 5 {
+        op().await?;
+    }
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        op().await?;
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    Ok(Latency {
+        p50: samples[n / 2],
+        p99: samples[n * 99 / 100],
+    })
+}
+
+/// Requests per second with `callers` concurrent loops for `dur` (after a
+/// short warm-up).
+async fn throughput<F, Fut>(callers: usize, dur: Duration, op: F) -> anyhow::Result<f64>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let op = Arc::new(op);
+    let done = Arc::new(AtomicU64::new(0));
+    let counting = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..callers)
+        .map(|i| {
+            let (op, done, counting, stop) =
+                (op.clone(), done.clone(), counting.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    op(i).await?;
+                    if counting.load(Ordering::Relaxed) {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    tokio::time::sleep(dur / 5).await;
+    counting.store(true, Ordering::Relaxed);
+    let t = Instant::now();
+    tokio::time::sleep(dur).await;
+    let n = done.load(Ordering::Relaxed);
+    let elapsed = t.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await??;
+    }
+    Ok(n as f64 / elapsed.as_secs_f64())
+}
+
+/// A raw echo responder in its own process, killed on drop.
+async fn spawn_raw_echo(url: &str, subject: &str) -> anyhow::Result<tokio::process::Child> {
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["raw-echo", url, subject])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    match tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await {
+        Ok(Ok(Some(l))) if l == "ready" => Ok(child),
+        other => bail!("raw echo did not start: {other:?}"),
+    }
+}
+
+async fn raw_echo(url: &str, subject: &str) -> anyhow::Result<()> {
+    let client = async_nats::connect(url).await?;
+    let mut sub = client.subscribe(subject.to_string()).await?;
+    client.flush().await?;
+    println!("ready");
+    while let Some(msg) = sub.next().await {
+        if let Some(reply) = msg.reply {
+            client.publish(reply, msg.payload).await?;
+        }
+    }
+    Ok(())
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")
+}
