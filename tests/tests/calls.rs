@@ -206,7 +206,7 @@ async fn unknown_function_is_named() {
 async fn oversize_arguments_are_refused_before_sending() {
     let env = TestEnv::start().await;
     let pool = env.pool("oversize").max(1).start().await.unwrap();
-    let max = env.flame.client().server_info().max_payload;
+    let max = env.flame.client().max_payload();
     let err = flame::call!(pool, echo(vec![1u8; max + 10]))
         .await
         .unwrap_err();
@@ -228,7 +228,7 @@ async fn oversize_arguments_are_refused_before_sending() {
 async fn oversize_result_is_refused_by_the_runner() {
     let env = TestEnv::start().await;
     let pool = env.pool("bigresult").max(1).start().await.unwrap();
-    let max = env.flame.client().server_info().max_payload;
+    let max = env.flame.client().max_payload();
     let err = flame::call!(pool, bytes_of(max + 100)).await.unwrap_err();
     match err {
         Error::PayloadTooLarge {

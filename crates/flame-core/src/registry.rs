@@ -179,6 +179,12 @@ impl Registry {
         self.by_name.get(name).copied()
     }
 
+    /// Looks a function up by name, returning its registered (static) name
+    /// too.
+    pub fn lookup(&self, name: &str) -> Option<(&'static str, Handler)> {
+        self.by_name.get_key_value(name).map(|(k, h)| (*k, *h))
+    }
+
     /// Number of registered functions.
     pub fn len(&self) -> usize {
         self.by_name.len()

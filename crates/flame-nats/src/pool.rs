@@ -445,7 +445,7 @@ impl PoolInner {
         let deadline = Instant::now() + timeout;
         let size = payload.len()
             + protocol::request_headers_max_len(function, &self.shared.build_id, cast);
-        let max = self.shared.client.server_info().max_payload;
+        let max = self.shared.client.max_payload();
         if size > max {
             return Err(Error::PayloadTooLarge {
                 function: function.to_string(),

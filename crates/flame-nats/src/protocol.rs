@@ -2,10 +2,17 @@
 
 use std::time::Duration;
 
+use async_nats::header::HeaderName;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use flame_core::wire::{self, ErrorKind};
 use flame_core::Error;
+
+// Static names: no validation or allocation per call.
+const FUNCTION: HeaderName = HeaderName::from_static(wire::HEADER_FUNCTION);
+const BUILD: HeaderName = HeaderName::from_static(wire::HEADER_BUILD);
+const TIMEOUT_MS: HeaderName = HeaderName::from_static(wire::HEADER_TIMEOUT_MS);
+const CAST: HeaderName = HeaderName::from_static(wire::HEADER_CAST);
 
 /// Headers of a call request.
 pub(crate) fn request_headers(
@@ -15,12 +22,12 @@ pub(crate) fn request_headers(
     cast: bool,
 ) -> HeaderMap {
     let mut h = HeaderMap::new();
-    h.insert(wire::HEADER_FUNCTION, function);
-    h.insert(wire::HEADER_BUILD, build);
+    h.insert(FUNCTION, function);
+    h.insert(BUILD, build);
     let ms = remaining.as_millis().max(1) as u64;
-    h.insert(wire::HEADER_TIMEOUT_MS, ms.to_string().as_str());
+    h.insert(TIMEOUT_MS, ms.to_string());
     if cast {
-        h.insert(wire::HEADER_CAST, "1");
+        h.insert(CAST, "1");
     }
     h
 }

@@ -8,7 +8,7 @@
 //! up to the shutdown timeout.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,6 +42,14 @@ pub(crate) async fn serve(info: ParentInfo) -> i32 {
     }
 }
 
+/// A first poll longer than this marks a function as doing CPU work before
+/// its first await; its calls are then always spawned.
+const SLOW_FIRST_POLL: Duration = Duration::from_millis(1);
+
+/// Slow first polls in a row after which a function's calls are always
+/// spawned.
+const SLOW_STRIKES: u8 = 3;
+
 /// Counters kept on the runner, shown by `nats micro stats` as endpoint data.
 #[derive(Debug, Default)]
 struct Counters {
@@ -56,9 +64,16 @@ struct Runner {
     registry: &'static Registry,
     build: &'static str,
     counters: Arc<Counters>,
-    /// When the runner last finished (or started) a piece of work.
-    last_active: Mutex<Instant>,
-    /// Woken whenever in-flight work finishes, for the drain.
+    started: Instant,
+    /// When the runner last started or finished work, in milliseconds since
+    /// `started` (an atomic: this is touched twice per call).
+    last_active_ms: AtomicU64,
+    /// Per function, how many of its latest first polls in a row were slow
+    /// (see [`Runner::dispatch`]).
+    slow_polls: HashMap<&'static str, AtomicU8>,
+    /// Set while stopping; only then do finished calls wake the drain.
+    draining: AtomicBool,
+    /// Woken when in-flight work finishes during the drain.
     work_done: Notify,
 }
 
@@ -117,7 +132,14 @@ async fn run(info: ParentInfo) -> Result<String, Error> {
         registry,
         build,
         counters,
-        last_active: Mutex::new(Instant::now()),
+        slow_polls: registry
+            .names()
+            .into_iter()
+            .map(|name| (name, AtomicU8::new(0)))
+            .collect(),
+        started: Instant::now(),
+        last_active_ms: AtomicU64::new(0),
+        draining: AtomicBool::new(false),
         work_done: Notify::new(),
     });
     runner.announce_ready(failsafe_deadline).await?;
@@ -185,7 +207,7 @@ async fn lifecycle(runner: Arc<Runner>, stop: CancellationToken, reason: Arc<Mut
                 if runner.counters.in_flight.load(Ordering::SeqCst) > 0 {
                     continue;
                 }
-                let idle_for = runner.last_active.lock().unwrap().elapsed();
+                let idle_for = runner.idle_for();
                 if idle_for < idle_after {
                     continue;
                 }
@@ -254,10 +276,27 @@ impl Runner {
         }
     }
 
-    /// Checks a request and starts its work. Never blocks the serve loop.
+    /// Checks a request and starts its work.
+    ///
+    /// Most calls finish without ever waiting (an echo, a lookup in memory),
+    /// and handing each to a new task costs a cross-thread wake-up, which on
+    /// small machines is most of a call's cost. So the call is polled once
+    /// right here and only spawned if it has to wait. A function whose first
+    /// poll takes more than [`SLOW_FIRST_POLL`] of CPU time
+    /// [`SLOW_STRIKES`] times in a row (CPU work before its first await) is
+    /// always spawned from then on, so it can hold up the serve loop only a
+    /// few times; a one-off slow poll (first-use costs) does not count.
     fn dispatch(self: Arc<Self>, request: service::Request) {
         let checked = self.check(&request);
-        tokio::spawn(async move {
+        let inline_name = match &checked {
+            Ok((function, ..)) => Some(*function),
+            Err(_) => None,
+        };
+        let runner = self.clone();
+        let inline = inline_name
+            .and_then(|name| runner.slow_polls.get(name))
+            .filter(|strikes| strikes.load(Ordering::Relaxed) < SLOW_STRIKES);
+        let mut work = Box::pin(async move {
             let (function, handler, timeout, cast) = match checked {
                 Ok(ok) => ok,
                 Err((kind, message, extra)) => {
@@ -272,7 +311,7 @@ impl Runner {
                 .await;
             match outcome {
                 Ok(bytes) => {
-                    let max = self.client.server_info().max_payload;
+                    let max = self.client.max_payload();
                     if bytes.len() > max {
                         let message = format!(
                             "the result of `{function}` is {} bytes, more than the NATS server's max_payload of {max} bytes",
@@ -282,7 +321,7 @@ impl Runner {
                             (wire::HEADER_SIZE, bytes.len().to_string()),
                             (wire::HEADER_MAX, max.to_string()),
                         ];
-                        self.failed(&function, cast, &message);
+                        self.failed(function, cast, &message);
                         self.respond_error(&request, ErrorKind::ResultTooLarge, message, &extra)
                             .await;
                     } else if request.message.reply.is_some() {
@@ -292,20 +331,42 @@ impl Runner {
                     }
                 }
                 Err((kind, message)) => {
-                    self.failed(&function, cast, &message);
+                    self.failed(function, cast, &message);
                     self.respond_error(&request, kind, message, &[]).await;
                 }
             }
             self.end();
         });
+        match inline {
+            Some(strikes) => {
+                // CPU time, not wall time: being preempted on a busy machine
+                // must not mark a quick function as slow.
+                let started = thread_cpu_time();
+                let done = (&mut work).now_or_never().is_some();
+                let took = thread_cpu_time().saturating_sub(started);
+                if took <= SLOW_FIRST_POLL {
+                    strikes.store(0, Ordering::Relaxed);
+                } else if strikes.fetch_add(1, Ordering::Relaxed) + 1 == SLOW_STRIKES {
+                    debug!(function = ?inline_name, ?took, "CPU work before the first await; spawning its calls from now on");
+                }
+                if !done {
+                    tokio::spawn(work);
+                }
+            }
+            None => {
+                tokio::spawn(work);
+            }
+        }
     }
 
     #[allow(clippy::type_complexity)]
     fn check(
         &self,
         request: &service::Request,
-    ) -> Result<(String, Handler, Duration, bool), (ErrorKind, String, Vec<(&'static str, String)>)>
-    {
+    ) -> Result<
+        (&'static str, Handler, Duration, bool),
+        (ErrorKind, String, Vec<(&'static str, String)>),
+    > {
         let malformed = |m: &str| (ErrorKind::Malformed, m.to_string(), Vec::new());
         let headers = request
             .message
@@ -331,7 +392,7 @@ impl Runner {
                 vec![(wire::HEADER_RUNNER_BUILD, self.build.to_string())],
             ));
         }
-        let handler = self.registry.get(function).ok_or_else(|| {
+        let (function, handler) = self.registry.lookup(function).ok_or_else(|| {
             (
                 ErrorKind::UnknownFunction,
                 format!("no function named `{function}` is registered"),
@@ -339,12 +400,7 @@ impl Runner {
             )
         })?;
         let cast = get(wire::HEADER_CAST).is_some();
-        Ok((
-            function.to_string(),
-            handler,
-            Duration::from_millis(timeout_ms),
-            cast,
-        ))
+        Ok((function, handler, Duration::from_millis(timeout_ms), cast))
     }
 
     /// Runs a call, enforcing its deadline. Async functions are polled
@@ -427,20 +483,33 @@ impl Runner {
         }
     }
 
+    fn touch(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_active_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+
     fn begin(&self) {
         let now = self.counters.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.counters.max_in_flight.fetch_max(now, Ordering::SeqCst);
-        *self.last_active.lock().unwrap() = Instant::now();
+        self.touch();
     }
 
     fn end(&self) {
-        *self.last_active.lock().unwrap() = Instant::now();
+        self.touch();
         self.counters.in_flight.fetch_sub(1, Ordering::SeqCst);
-        self.work_done.notify_waiters();
+        if self.draining.load(Ordering::SeqCst) {
+            self.work_done.notify_waiters();
+        }
     }
 
     /// Waits for in-flight work, up to the shutdown timeout.
     async fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
         let deadline = Instant::now() + Duration::from_millis(self.info.shutdown_timeout_ms);
         loop {
             let done = self.work_done.notified();
@@ -457,6 +526,19 @@ impl Runner {
             }
         }
     }
+}
+
+/// CPU time consumed by the calling thread.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
