@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! flame.<pool>.runner.<runner_id>          calls and casts (a micro endpoint)
+//! flame.<pool>.runner.<runner_id>.cancel   caller stopped waiting: cancel call <id>
 //! flame.<pool>.parent.<parent_id>.ready    runner -> parent: subscribed, ready for work
 //! flame.<pool>.parent.<parent_id>.leave    runner -> parent: idle, may I stop?
 //! flame.<pool>.parent.<parent_id>.ping     runner -> parent: are you still there?
@@ -36,6 +37,11 @@ pub fn validate_pool_name(name: &str) -> Result<(), Error> {
 /// Subject a runner serves calls on.
 pub fn runner(pool: &str, runner_id: &str) -> String {
     format!("{ROOT}.{pool}.runner.{runner_id}")
+}
+
+/// Subject a runner takes cancellations on; the body is the call id.
+pub fn runner_cancel(pool: &str, runner_id: &str) -> String {
+    format!("{ROOT}.{pool}.runner.{runner_id}.cancel")
 }
 
 /// Wildcard covering every event a parent receives from its runners.

@@ -23,6 +23,9 @@ pub const HEADER_TIMEOUT_MS: &str = "Flame-Timeout-Ms";
 /// Header: present (value `1`) when the work is a cast, whose failures are
 /// logged and counted on the runner.
 pub const HEADER_CAST: &str = "Flame-Cast";
+/// Header: id of a call whose caller waits for it (linked). The caller
+/// sends this id to the runner's cancel subject if it stops waiting.
+pub const HEADER_CALL_ID: &str = "Flame-Call";
 /// Header on error replies: the kind of error, see [`ErrorKind`].
 pub const HEADER_ERROR: &str = "Flame-Error";
 /// Header on build-mismatch replies: the runner's own build id.
@@ -138,6 +141,12 @@ pub struct ParentInfo {
     pub parent_grace_ms: u64,
     /// Interval of the runner's liveness pings to its parent, in milliseconds.
     pub heartbeat_ms: u64,
+    /// The runner stops after its first call or cast.
+    #[serde(default)]
+    pub single_use: bool,
+    /// Registered name of the function an idle runner asks before stopping.
+    #[serde(default)]
+    pub idle_shutdown_check: Option<String>,
 }
 
 impl ParentInfo {
@@ -245,6 +254,8 @@ mod tests {
             failsafe_timeout_ms: 3000,
             parent_grace_ms: 4000,
             heartbeat_ms: 500,
+            single_use: true,
+            idle_shutdown_check: Some("app::may_stop".into()),
         };
         assert_eq!(
             ParentInfo::from_env_value(&info.to_env_value()).unwrap(),

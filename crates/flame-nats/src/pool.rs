@@ -7,13 +7,16 @@
 //! itself back in, which takes the lock).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_nats::RequestErrorKind;
 use bytes::Bytes;
 use flame_core::backend::{Backend, BootSpec, StopRunner};
-use flame_core::pool::{Checkout, PoolModel, RunnerId, RunnerState, WaiterId};
+use flame_core::pool::{
+    validate_limits, Checkout, Hooks, PoolEvent, PoolModel, RunnerId, RunnerState, WaiterId,
+};
 use flame_core::subject::{self, ParentEvent};
 use flame_core::wire::{self, ParentInfo};
 use flame_core::{Error, LocalBackend, PoolConfig, RemoteFn};
@@ -30,15 +33,28 @@ use crate::protocol::{self, ParentAnswer, Reply, RunnerEvent};
 const BOOT_RETRY_DEBOUNCE: Duration = Duration::from_secs(1);
 
 /// Options of one call.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct CallOptions {
     /// Overrides the pool's timeout for this call.
     pub timeout: Option<Duration>,
+    /// When true (the default), a caller that stops waiting (its future is
+    /// dropped, its task aborted) cancels the remote work. When false, the
+    /// work runs on to its end and its result is discarded.
+    pub link: bool,
+}
+
+impl Default for CallOptions {
+    fn default() -> Self {
+        CallOptions {
+            timeout: None,
+            link: true,
+        }
+    }
 }
 
 impl CallOptions {
-    /// Default options: the pool's timeout.
+    /// Default options: the pool's timeout, linked.
     pub fn new() -> CallOptions {
         CallOptions::default()
     }
@@ -46,6 +62,12 @@ impl CallOptions {
     /// Sets the whole time the call may take, waiting for a runner included.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// Whether dropping the call cancels the remote work (default true).
+    pub fn link(mut self, link: bool) -> Self {
+        self.link = link;
         self
     }
 }
@@ -57,6 +79,7 @@ pub struct PoolBuilder {
     shared: Arc<Shared>,
     config: PoolConfig,
     backend: Option<Arc<dyn Backend>>,
+    hooks: Hooks,
 }
 
 macro_rules! setters {
@@ -75,6 +98,7 @@ impl PoolBuilder {
             shared,
             config: PoolConfig::new(name),
             backend: None,
+            hooks: Hooks::default(),
         }
     }
 
@@ -99,8 +123,41 @@ impl PoolBuilder {
         /// A runner keeps serving this long after it last heard from its
         /// parent (default 5 s).
         parent_grace: Duration,
-        /// Interval of runner liveness pings (default 1 s).
+        /// Interval of runner liveness pings; a runner silent for two
+        /// intervals counts as down (default 1.5 s).
         heartbeat: Duration,
+        /// Each runner takes one call or cast, then stops (default false).
+        single_use: bool,
+    }
+
+    /// Runs `F` on an idle runner before it stops; it stops only if `F`
+    /// returns true, and asks again later otherwise. `F` is a registered
+    /// function without arguments, e.g. `#[flame::remote] async fn
+    /// may_stop() -> bool`.
+    pub fn idle_shutdown_when<F>(mut self) -> Self
+    where
+        F: RemoteFn<Args = (), Output = bool>,
+    {
+        self.config.idle_shutdown_check = Some(F::NAME);
+        self
+    }
+
+    /// Runs `hook` each time the pool starts booting a runner.
+    pub fn on_grow_start(mut self, hook: impl Fn(&PoolEvent) + Send + Sync + 'static) -> Self {
+        self.hooks.on_grow_start = Some(Arc::new(hook));
+        self
+    }
+
+    /// Runs `hook` each time a boot ends, with its outcome.
+    pub fn on_grow_end(mut self, hook: impl Fn(&PoolEvent) + Send + Sync + 'static) -> Self {
+        self.hooks.on_grow_end = Some(Arc::new(hook));
+        self
+    }
+
+    /// Runs `hook` each time a ready runner leaves the pool.
+    pub fn on_shrink(mut self, hook: impl Fn(&PoolEvent) + Send + Sync + 'static) -> Self {
+        self.hooks.on_shrink = Some(Arc::new(hook));
+        self
     }
 
     /// Lets the `min` runners stop too after this much idle time (default:
@@ -152,9 +209,13 @@ impl PoolBuilder {
             .flush()
             .await
             .map_err(|e| Error::Nats(e.to_string()))?;
+        let mut model = PoolModel::new(config.min, config.max, config.max_concurrency);
+        if config.single_use {
+            model = model.single_use();
+        }
         let inner = Arc::new(PoolInner {
             model: Mutex::new(State {
-                model: PoolModel::new(config.min, config.max, config.max_concurrency),
+                model,
                 runners: HashMap::new(),
                 waiters: HashMap::new(),
                 next_waiter: 0,
@@ -166,12 +227,15 @@ impl PoolBuilder {
                 .backend
                 .unwrap_or_else(|| Arc::new(LocalBackend::new())),
             forwarded,
+            hooks: self.hooks,
+            next_call: AtomicU64::new(0),
             closed: CancellationToken::new(),
             changed: Notify::new(),
             shared: self.shared,
             config,
         });
         tokio::spawn(inner.clone().listen(events));
+        tokio::spawn(inner.clone().watch_heartbeats());
         let pool = Pool {
             inner: inner.clone(),
             _owner: Arc::new(Owner(inner.clone())),
@@ -210,6 +274,9 @@ struct PoolInner {
     shared: Arc<Shared>,
     backend: Arc<dyn Backend>,
     forwarded: Vec<(String, String)>,
+    hooks: Hooks,
+    /// Numbers linked calls, so that a caller can cancel its own.
+    next_call: AtomicU64,
     model: Mutex<State>,
     closed: CancellationToken,
     /// Woken when a runner becomes ready or fails to boot.
@@ -231,6 +298,8 @@ struct RunnerEntry {
     link: Arc<RunnerLink>,
     ready: Option<oneshot::Sender<()>>,
     stopper: Option<Box<dyn StopRunner>>,
+    /// When the runner last pinged (or reported ready).
+    last_heard: Instant,
 }
 
 impl std::fmt::Debug for RunnerEntry {
@@ -246,6 +315,7 @@ impl std::fmt::Debug for RunnerEntry {
 struct RunnerLink {
     id: RunnerId,
     subject: String,
+    cancel_subject: String,
     /// Cancelled when the runner goes down; in-flight calls fail at once.
     down: CancellationToken,
     down_reason: OnceLock<String>,
@@ -332,7 +402,7 @@ impl Pool {
         let bytes = self
             .inner
             .clone()
-            .run(F::NAME, payload, timeout, false)
+            .run(F::NAME, payload, timeout, Kind::Call { link: options.link })
             .await?;
         wire::decode(&bytes).map_err(|e| Error::Decode {
             function: F::NAME.to_string(),
@@ -359,7 +429,11 @@ impl Pool {
         let payload = encode_args::<F>(&args)?;
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            if let Err(e) = inner.clone().run(F::NAME, payload, timeout, true).await {
+            if let Err(e) = inner
+                .clone()
+                .run(F::NAME, payload, timeout, Kind::Cast)
+                .await
+            {
                 warn!(pool = %inner.config.name, function = F::NAME, "cast failed: {e}");
             }
         });
@@ -369,6 +443,20 @@ impl Pool {
     /// The pool's settings.
     pub fn config(&self) -> &PoolConfig {
         &self.inner.config
+    }
+
+    /// Changes `min` and `max` of the live pool. Raising `min` boots runners
+    /// now; lowering `max` below the runners up retires the surplus, idle
+    /// ones first (each finishes its in-flight work first).
+    pub fn set_limits(&self, min: usize, max: usize) -> Result<(), Error> {
+        validate_limits(&self.inner.config.name, min, max)?;
+        self.inner.clone().set_limits(min, max);
+        Ok(())
+    }
+
+    /// The current `min` and `max`.
+    pub fn limits(&self) -> (usize, usize) {
+        self.inner.model.lock().unwrap().model.limits()
     }
 
     /// A snapshot of the pool as this parent sees it.
@@ -402,6 +490,46 @@ pub struct PoolStatus {
     pub draining: usize,
     /// Callers waiting for a slot.
     pub waiting: usize,
+}
+
+/// A call (someone waits for the result) or a cast (nobody does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Call { link: bool },
+    Cast,
+}
+
+/// Sends a cancellation to the runner if the caller stops waiting while its
+/// call is on the runner (the future holding this is dropped).
+struct CancelOnDrop<'a> {
+    client: &'a async_nats::Client,
+    runner: &'a RunnerLink,
+    call_id: Option<String>,
+}
+
+impl CancelOnDrop<'_> {
+    fn disarm(&mut self) {
+        self.call_id = None;
+    }
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        let Some(call_id) = self.call_id.take() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        debug!(runner = %self.runner.id, call = %call_id, "caller stopped waiting; cancelling");
+        let client = self.client.clone();
+        let subject = self.runner.cancel_subject.clone();
+        rt.spawn(async move {
+            if let Err(e) = client.publish(subject, call_id.into()).await {
+                debug!("cannot send cancellation: {e}");
+            }
+        });
+    }
 }
 
 fn encode_args<F: RemoteFn>(args: &F::Args) -> Result<Bytes, Error> {
@@ -440,11 +568,18 @@ impl PoolInner {
         function: &'static str,
         payload: Bytes,
         timeout: Duration,
-        cast: bool,
+        kind: Kind,
     ) -> Result<Bytes, Error> {
         let deadline = Instant::now() + timeout;
+        let cast = kind == Kind::Cast;
+        let linked = kind == Kind::Call { link: true };
         let size = payload.len()
-            + protocol::request_headers_max_len(function, &self.shared.build_id, cast);
+            + protocol::request_headers_max_len(
+                function,
+                &self.shared.build_id,
+                cast,
+                linked.then_some(self.shared.parent_id.len()),
+            );
         let max = self.shared.client.max_payload();
         if size > max {
             return Err(Error::PayloadTooLarge {
@@ -463,16 +598,28 @@ impl PoolInner {
                     timeout,
                 });
             }
-            let headers =
+            let mut headers =
                 protocol::request_headers(function, &self.shared.build_id, remaining, cast);
+            let call_id = linked.then(|| {
+                let n = self.next_call.fetch_add(1, Ordering::Relaxed);
+                let id = format!("{}.{n}", self.shared.parent_id);
+                protocol::set_call_id(&mut headers, &id);
+                id
+            });
             let request = async_nats::Request::new()
                 .payload(payload.clone())
                 .headers(headers)
                 .timeout(Some(remaining));
             let runner = lease.runner.clone();
+            let mut cancel = CancelOnDrop {
+                client: &self.shared.client,
+                runner: &runner,
+                call_id,
+            };
             let sent = tokio::select! {
                 reply = self.shared.client.send_request(runner.subject.clone(), request) => reply,
                 _ = runner.down.cancelled() => {
+                    cancel.disarm();
                     return Err(Error::RunnerDown {
                         function: function.to_string(),
                         runner: runner.id.to_string(),
@@ -480,6 +627,8 @@ impl PoolInner {
                     });
                 }
             };
+            cancel.disarm();
+            drop(cancel);
             match sent {
                 Ok(msg) => {
                     match protocol::read_reply(
@@ -613,19 +762,26 @@ impl PoolInner {
                     link: Arc::new(RunnerLink {
                         id: id.clone(),
                         subject: subject::runner(&self.config.name, &id),
+                        cancel_subject: subject::runner_cancel(&self.config.name, &id),
                         down: CancellationToken::new(),
                         down_reason: OnceLock::new(),
                     }),
                     ready: Some(ready_tx),
                     stopper: None,
+                    last_heard: Instant::now(),
                 },
             );
-            tokio::spawn(self.clone().boot(id, ready_rx));
+            let runners = st.model.len();
+            tokio::spawn(self.clone().boot(id, ready_rx, runners));
         }
     }
 
-    async fn boot(self: Arc<Self>, id: RunnerId, ready: oneshot::Receiver<()>) {
+    async fn boot(self: Arc<Self>, id: RunnerId, ready: oneshot::Receiver<()>, runners: usize) {
         let started = Instant::now();
+        self.hooks.fire(PoolEvent::GrowStart {
+            pool: self.config.name.clone(),
+            runners,
+        });
         let info = ParentInfo {
             parent_id: self.shared.parent_id.clone(),
             pool: self.config.name.clone(),
@@ -637,6 +793,8 @@ impl PoolInner {
             failsafe_timeout_ms: self.config.failsafe_timeout.as_millis() as u64,
             parent_grace_ms: self.config.parent_grace.as_millis() as u64,
             heartbeat_ms: self.config.heartbeat.as_millis() as u64,
+            single_use: self.config.single_use,
+            idle_shutdown_check: self.config.idle_shutdown_check.map(str::to_string),
         };
         let mut env = vec![(wire::PARENT_ENV.to_string(), info.to_env_value())];
         env.extend(self.forwarded.iter().cloned());
@@ -702,21 +860,33 @@ impl PoolInner {
         match outcome {
             Ok(()) => {
                 info!(%pool, runner = %id, elapsed = ?started.elapsed(), "runner ready");
+                let runners = self.model.lock().unwrap().model.len();
+                self.hooks.fire(PoolEvent::GrowEnd {
+                    pool,
+                    runners,
+                    result: Ok(()),
+                });
             }
             Err(Error::PoolClosed(_)) => {}
             Err(e) => {
                 warn!(%pool, runner = %id, "boot failed: {e}");
-                let stopper = {
+                let (stopper, runners) = {
                     let mut st = self.model.lock().unwrap();
                     st.last_boot_error = Some(e.clone());
                     st.boot_retry_at = Some(Instant::now() + BOOT_RETRY_DEBOUNCE);
                     st.model.remove(&id);
-                    st.runners.remove(&id).and_then(|entry| {
+                    let stopper = st.runners.remove(&id).and_then(|entry| {
                         entry.link.fail(e.to_string());
                         entry.stopper
-                    })
+                    });
+                    (stopper, st.model.len())
                 };
                 self.changed.notify_waiters();
+                self.hooks.fire(PoolEvent::GrowEnd {
+                    pool,
+                    runners,
+                    result: Err(e),
+                });
                 if let Some(stopper) = stopper {
                     stopper.stop(Duration::ZERO).await;
                 }
@@ -733,7 +903,7 @@ impl PoolInner {
     /// A runner is gone (its process exited): calls on it fail now, and the
     /// model may boot a replacement.
     fn runner_gone(self: &Arc<Self>, id: &RunnerId, reason: String) {
-        let entry = {
+        let (entry, state, runners) = {
             let mut st = self.model.lock().unwrap();
             let state = st.model.remove(id);
             let entry = st.runners.remove(id);
@@ -741,11 +911,89 @@ impl PoolInner {
                 info!(pool = %self.config.name, runner = %id, "runner gone: {reason}");
             }
             self.boot_locked(&mut st);
-            entry
+            (entry, state, st.model.len())
         };
         if let Some(entry) = entry {
-            entry.link.fail(reason);
+            entry.link.fail(reason.clone());
         }
+        if matches!(state, Some(RunnerState::Ready | RunnerState::Draining)) {
+            self.hooks.fire(PoolEvent::Shrink {
+                pool: self.config.name.clone(),
+                runners,
+                reason,
+            });
+        }
+    }
+
+    /// Counts a runner as down when it has not pinged for two heartbeat
+    /// intervals: the fallback for backends that cannot see a runner exit
+    /// (a remote machine). Such a runner is also stopped, in case it is only
+    /// cut off.
+    async fn watch_heartbeats(self: Arc<Self>) {
+        let heartbeat = self.config.heartbeat;
+        let limit = heartbeat * 2;
+        let mut tick = tokio::time::interval(heartbeat / 4);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.closed.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let silent: Vec<(RunnerId, Duration, Option<Box<dyn StopRunner>>)> = {
+                let mut st = self.model.lock().unwrap();
+                let ids: Vec<_> = st
+                    .runners
+                    .iter()
+                    .filter(|(id, e)| {
+                        e.ready.is_none()
+                            && e.last_heard.elapsed() > limit
+                            && st
+                                .model
+                                .runner(id)
+                                .is_some_and(|(s, _)| s != RunnerState::Booting)
+                    })
+                    .map(|(id, e)| (id.clone(), e.last_heard.elapsed()))
+                    .collect();
+                ids.into_iter()
+                    .map(|(id, silent_for)| {
+                        let stopper = st.runners.get_mut(&id).and_then(|e| e.stopper.take());
+                        (id, silent_for, stopper)
+                    })
+                    .collect()
+            };
+            for (id, silent_for, stopper) in silent {
+                warn!(pool = %self.config.name, runner = %id, "no heartbeat for {silent_for:?}; counting the runner as down");
+                self.runner_gone(&id, format!("no heartbeat for {silent_for:?}"));
+                if let Some(stopper) = stopper {
+                    tokio::spawn(stopper.stop(Duration::ZERO));
+                }
+            }
+        }
+    }
+
+    /// See [`Pool::set_limits`].
+    fn set_limits(self: Arc<Self>, min: usize, max: usize) {
+        let retired: Vec<(RunnerId, Option<Box<dyn StopRunner>>)> = {
+            let mut st = self.model.lock().unwrap();
+            let retire = st.model.set_limits(min, max);
+            self.boot_locked(&mut st);
+            retire
+                .into_iter()
+                .map(|id| {
+                    let stopper = st.runners.get_mut(&id).and_then(|e| e.stopper.take());
+                    (id, stopper)
+                })
+                .collect()
+        };
+        info!(pool = %self.config.name, min, max, retired = retired.len(), "limits changed");
+        let grace = self.config.shutdown_timeout;
+        for (id, stopper) in retired {
+            debug!(pool = %self.config.name, runner = %id, "retiring runner");
+            if let Some(stopper) = stopper {
+                tokio::spawn(stopper.stop(grace));
+            }
+        }
+        self.changed.notify_waiters();
     }
 
     /// Answers runner events until the pool closes.
@@ -805,8 +1053,11 @@ impl PoolInner {
                 let Some(handed) = st.model.runner_ready(&id) else {
                     return refuse("unknown runner");
                 };
-                if let Some(tx) = st.runners.get_mut(&id).and_then(|e| e.ready.take()) {
-                    let _ = tx.send(());
+                if let Some(entry) = st.runners.get_mut(&id) {
+                    entry.last_heard = Instant::now();
+                    if let Some(tx) = entry.ready.take() {
+                        let _ = tx.send(());
+                    }
                 }
                 st.last_boot_error = None;
                 let handoffs: Vec<Handoff> = handed
@@ -832,10 +1083,14 @@ impl PoolInner {
                 }
                 ParentAnswer { ok, reason: None }
             }
-            ParentEvent::Ping => ParentAnswer {
-                ok: st.runners.contains_key(&id),
-                reason: None,
-            },
+            ParentEvent::Ping => {
+                let entry = st.runners.get_mut(&id);
+                let ok = entry.is_some();
+                if let Some(entry) = entry {
+                    entry.last_heard = Instant::now();
+                }
+                ParentAnswer { ok, reason: None }
+            }
         }
     }
 

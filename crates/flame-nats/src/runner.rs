@@ -2,12 +2,15 @@
 //!
 //! Life of a runner: connect to NATS, start a micro service with one
 //! endpoint on its own subject, flush, tell the parent it is ready, serve.
-//! It stops when it has been idle long enough and the parent agrees, when it
-//! has not heard from its parent for the grace period, or on SIGTERM. Stopping
-//! unsubscribes first (new calls go elsewhere) and then drains in-flight work
-//! up to the shutdown timeout.
+//! It stops when it has been idle long enough and the parent agrees (and the
+//! pool's idle check, if any, agrees too), after its one call if the pool is
+//! single-use, or on SIGTERM; stopping unsubscribes first (new calls go
+//! elsewhere) and then drains in-flight work up to the shutdown timeout. When
+//! it has not heard from its parent (or NATS) for the grace period it exits
+//! at once: nobody is left to receive the results.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicI64;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,12 +23,23 @@ use flame_core::wire::{self, ErrorKind, ParentInfo};
 use flame_core::{build_id, Error};
 use futures::{FutureExt, StreamExt};
 use tokio::sync::Notify;
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::connect::connect;
 use crate::protocol::{error_headers, ParentAnswer, RunnerEvent};
+
+/// Why a runner stops; decides whether in-flight work may finish.
+#[derive(Debug)]
+enum Stop {
+    /// Asked to (idle, single-use done, SIGTERM): finish in-flight work up to
+    /// the shutdown timeout.
+    Drain(String),
+    /// The parent (or NATS) is gone: nobody can receive results, exit now.
+    Abandoned(String),
+}
 
 /// Serves as a runner until it is time to stop. Returns the process exit code.
 pub(crate) async fn serve(info: ParentInfo) -> i32 {
@@ -75,6 +89,59 @@ struct Runner {
     draining: AtomicBool,
     /// Woken when in-flight work finishes during the drain.
     work_done: Notify,
+    /// Milliseconds since `started` when the parent last answered a ping;
+    /// negative once it said it no longer knows this runner.
+    parent_heard_ms: AtomicI64,
+}
+
+/// Counts a call as in flight while alive; the count also drops when the
+/// call's task is aborted (cancelled by its caller).
+struct InFlight(Arc<Runner>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+/// Linked calls running in their own tasks, by call id, so that a caller
+/// that stops waiting can cancel its call. Only the serve loop touches it.
+#[derive(Default)]
+struct Cancellable {
+    tasks: HashMap<String, AbortHandle>,
+    /// Finished tasks are swept out when the map reaches this size.
+    sweep_at: usize,
+}
+
+impl Cancellable {
+    fn insert(&mut self, call_id: String, task: AbortHandle) {
+        if self.tasks.len() >= self.sweep_at {
+            self.tasks.retain(|_, t| !t.is_finished());
+            self.sweep_at = (self.tasks.len() * 2).max(64);
+        }
+        self.tasks.insert(call_id, task);
+    }
+
+    fn cancel(&mut self, call_id: &[u8]) -> bool {
+        let Ok(call_id) = std::str::from_utf8(call_id) else {
+            return false;
+        };
+        match self.tasks.remove(call_id) {
+            Some(task) if !task.is_finished() => {
+                task.abort();
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What became of one request.
+struct Dispatched {
+    /// It was valid work (not refused).
+    accepted: bool,
+    /// A linked call still running in its own task.
+    cancellable: Option<(String, AbortHandle)>,
 }
 
 async fn run(info: ParentInfo) -> Result<String, Error> {
@@ -120,6 +187,10 @@ async fn run(info: ParentInfo) -> Result<String, Error> {
         .add(subject::runner(&info.pool, &info.runner_id))
         .await
         .map_err(|e| Error::Nats(format!("cannot subscribe: {e}")))?;
+    let mut cancels = client
+        .subscribe(subject::runner_cancel(&info.pool, &info.runner_id))
+        .await
+        .map_err(|e| Error::Nats(format!("cannot subscribe: {e}")))?;
     // Subscribed and flushed before announcing: no call can miss us.
     client
         .flush()
@@ -141,41 +212,79 @@ async fn run(info: ParentInfo) -> Result<String, Error> {
         last_active_ms: AtomicU64::new(0),
         draining: AtomicBool::new(false),
         work_done: Notify::new(),
+        parent_heard_ms: AtomicI64::new(0),
     });
     runner.announce_ready(failsafe_deadline).await?;
     debug!(runner = %runner.info.runner_id, "runner ready");
 
-    let stop = CancellationToken::new();
-    let stop_reason = Arc::new(Mutex::new(String::new()));
-    let lifecycle = tokio::spawn(lifecycle(runner.clone(), stop.clone(), stop_reason.clone()));
+    let stop_token = CancellationToken::new();
+    let stop_reason = Arc::new(Mutex::new(None));
+    let lifecycle = tokio::spawn(lifecycle(
+        runner.clone(),
+        stop_token.clone(),
+        stop_reason.clone(),
+    ));
 
+    let mut cancellable = Cancellable::default();
     loop {
         tokio::select! {
             biased;
-            _ = stop.cancelled() => break,
+            _ = stop_token.cancelled() => break,
+            Some(msg) = cancels.next() => {
+                if cancellable.cancel(&msg.payload) {
+                    debug!(runner = %runner.info.runner_id, "call cancelled by its caller");
+                }
+            }
             request = endpoint.next() => match request {
-                Some(request) => runner.clone().dispatch(request),
+                Some(request) => {
+                    let done = runner.clone().dispatch(request);
+                    if let Some((call_id, task)) = done.cancellable {
+                        cancellable.insert(call_id, task);
+                    }
+                    if done.accepted && runner.info.single_use {
+                        *stop_reason.lock().unwrap() =
+                            Some(Stop::Drain("single-use runner took its call".into()));
+                        break;
+                    }
+                }
                 None => {
-                    *stop_reason.lock().unwrap() = "subscription closed".into();
+                    *stop_reason.lock().unwrap() =
+                        Some(Stop::Abandoned("subscription closed".into()));
                     break;
                 }
             },
         }
     }
     lifecycle.abort();
+    let stop = stop_reason
+        .lock()
+        .unwrap()
+        .take()
+        .unwrap_or(Stop::Drain("stopped".into()));
 
     // Unsubscribe first so new calls find no responder and go elsewhere,
-    // then let in-flight work finish.
+    // then let in-flight work finish (callers may still cancel theirs).
     let _ = endpoint.stop().await;
     let _ = service.stop().await;
-    runner.drain().await;
-    let _ = runner.client.flush().await;
-    let reason = stop_reason.lock().unwrap().clone();
+    let reason = match stop {
+        Stop::Drain(reason) => {
+            runner.drain(&mut cancels, &mut cancellable).await;
+            reason
+        }
+        Stop::Abandoned(reason) => {
+            let left = runner.counters.in_flight.load(Ordering::SeqCst);
+            if left > 0 {
+                warn!(runner = %runner.info.runner_id, "abandoning {left} calls: {reason}");
+            }
+            reason
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), runner.client.flush()).await;
     Ok(reason)
 }
 
 /// Watches idleness, the parent and signals; cancels `stop` with a reason.
-async fn lifecycle(runner: Arc<Runner>, stop: CancellationToken, reason: Arc<Mutex<String>>) {
+async fn lifecycle(runner: Arc<Runner>, stop: CancellationToken, reason: Arc<Mutex<Option<Stop>>>) {
     let info = &runner.info;
     let heartbeat = Duration::from_millis(info.heartbeat_ms);
     let grace = Duration::from_millis(info.parent_grace_ms);
@@ -186,21 +295,32 @@ async fn lifecycle(runner: Arc<Runner>, stop: CancellationToken, reason: Arc<Mut
     let mut ping = tokio::time::interval(heartbeat);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut idle = tokio::time::interval(idle_check);
-    let mut last_heard = Instant::now();
+    runner.heard_parent();
 
     let why = loop {
         tokio::select! {
             _ = async { sigterm.as_mut().unwrap().recv().await }, if sigterm.is_some() => {
-                break "SIGTERM".to_string();
+                break Stop::Drain("SIGTERM".to_string());
             }
             _ = ping.tick() => {
-                match runner.ask_parent(ParentEvent::Ping, 0, heartbeat).await {
-                    Some(true) => last_heard = Instant::now(),
-                    Some(false) => break "the parent no longer knows this runner".to_string(),
-                    None if last_heard.elapsed() >= grace => {
-                        break format!("no word from the parent for {:?}", last_heard.elapsed());
+                // Pings go out on their own task so that a slow answer never
+                // delays the next one: the parent counts silent runners as
+                // down after two intervals.
+                let r = runner.clone();
+                tokio::spawn(async move {
+                    match r.ask_parent(ParentEvent::Ping, 0, heartbeat).await {
+                        Some(true) => r.heard_parent(),
+                        Some(false) => r.parent_heard_ms.store(-1, Ordering::SeqCst),
+                        None => {}
                     }
-                    None => {}
+                });
+                let heard = runner.parent_heard_ms.load(Ordering::SeqCst);
+                if heard < 0 {
+                    break Stop::Abandoned("the parent no longer knows this runner".to_string());
+                }
+                let silent = runner.started.elapsed().saturating_sub(Duration::from_millis(heard as u64));
+                if silent >= grace {
+                    break Stop::Abandoned(format!("no word from the parent for {silent:?}"));
                 }
             }
             _ = idle.tick() => {
@@ -211,18 +331,63 @@ async fn lifecycle(runner: Arc<Runner>, stop: CancellationToken, reason: Arc<Mut
                 if idle_for < idle_after {
                     continue;
                 }
+                if !runner.idle_check_allows().await {
+                    continue;
+                }
                 let idle_ms = idle_for.as_millis() as u64;
                 if runner.ask_parent(ParentEvent::Leave, idle_ms, heartbeat).await == Some(true) {
-                    break format!("idle for {idle_for:?}");
+                    break Stop::Drain(format!("idle for {idle_for:?}"));
                 }
             }
         }
     };
-    *reason.lock().unwrap() = why;
+    *reason.lock().unwrap() = Some(why);
     stop.cancel();
 }
 
 impl Runner {
+    fn heard_parent(&self) {
+        let ms = self.started.elapsed().as_millis() as i64;
+        // Never overwrite a refusal (-1).
+        let _ = self
+            .parent_heard_ms
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+                (v >= 0).then_some(ms.max(v))
+            });
+    }
+
+    /// Runs the pool's idle check, if any. A check that fails to run counts
+    /// as yes (logged): a runner with no work must not stay up forever.
+    async fn idle_check_allows(&self) -> bool {
+        let Some(name) = self.info.idle_shutdown_check.as_deref() else {
+            return true;
+        };
+        let Some((name, handler)) = self.registry.lookup(name) else {
+            warn!(runner = %self.info.runner_id, "idle check `{name}` is not registered in this build; stopping anyway");
+            return true;
+        };
+        let args = Bytes::from(wire::encode(&()).expect("() encodes"));
+        let timeout = Duration::from_millis(self.info.heartbeat_ms.max(1_000));
+        match self.execute(handler, args, timeout).await {
+            Ok(bytes) => match wire::decode::<bool>(&bytes) {
+                Ok(allowed) => {
+                    if !allowed {
+                        debug!(runner = %self.info.runner_id, "idle check `{name}` says stay up");
+                    }
+                    allowed
+                }
+                Err(e) => {
+                    warn!(runner = %self.info.runner_id, "idle check `{name}` returned no bool ({e}); stopping anyway");
+                    true
+                }
+            },
+            Err((_, message)) => {
+                warn!(runner = %self.info.runner_id, "idle check `{name}` failed ({message}); stopping anyway");
+                true
+            }
+        }
+    }
+
     /// Tells the parent we are ready; retried until the failsafe deadline.
     async fn announce_ready(&self, deadline: Instant) -> Result<(), Error> {
         loop {
@@ -286,18 +451,25 @@ impl Runner {
     /// [`SLOW_STRIKES`] times in a row (CPU work before its first await) is
     /// always spawned from then on, so it can hold up the serve loop only a
     /// few times; a one-off slow poll (first-use costs) does not count.
-    fn dispatch(self: Arc<Self>, request: service::Request) {
+    fn dispatch(self: Arc<Self>, request: service::Request) -> Dispatched {
         let checked = self.check(&request);
-        let inline_name = match &checked {
-            Ok((function, ..)) => Some(*function),
-            Err(_) => None,
+        let (inline_name, call_id) = match &checked {
+            Ok(call) => (Some(call.function), call.call_id.clone()),
+            Err(_) => (None, None),
         };
+        let accepted = checked.is_ok();
         let runner = self.clone();
         let inline = inline_name
             .and_then(|name| runner.slow_polls.get(name))
             .filter(|strikes| strikes.load(Ordering::Relaxed) < SLOW_STRIKES);
         let mut work = Box::pin(async move {
-            let (function, handler, timeout, cast) = match checked {
+            let Checked {
+                function,
+                handler,
+                timeout,
+                cast,
+                ..
+            } = match checked {
                 Ok(ok) => ok,
                 Err((kind, message, extra)) => {
                     warn!(runner = %self.info.runner_id, "refused request: {message}");
@@ -305,9 +477,16 @@ impl Runner {
                     return;
                 }
             };
-            self.begin();
+            // Held until the reply is out, so a draining runner does not exit
+            // before answering.
+            let in_flight = Arc::new(self.begin());
             let outcome = self
-                .execute(handler, request.message.payload.clone(), timeout)
+                .execute_holding(
+                    handler,
+                    request.message.payload.clone(),
+                    timeout,
+                    Some(in_flight.clone()),
+                )
                 .await;
             match outcome {
                 Ok(bytes) => {
@@ -335,7 +514,6 @@ impl Runner {
                     self.respond_error(&request, kind, message, &[]).await;
                 }
             }
-            self.end();
         });
         match inline {
             Some(strikes) => {
@@ -349,24 +527,23 @@ impl Runner {
                 } else if strikes.fetch_add(1, Ordering::Relaxed) + 1 == SLOW_STRIKES {
                     debug!(function = ?inline_name, ?took, "CPU work before the first await; spawning its calls from now on");
                 }
-                if !done {
-                    tokio::spawn(work);
+                if done {
+                    return Dispatched {
+                        accepted,
+                        cancellable: None,
+                    };
                 }
             }
-            None => {
-                tokio::spawn(work);
-            }
+            None => {}
+        }
+        let task = tokio::spawn(work).abort_handle();
+        Dispatched {
+            accepted,
+            cancellable: call_id.map(|id| (id, task)),
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    fn check(
-        &self,
-        request: &service::Request,
-    ) -> Result<
-        (&'static str, Handler, Duration, bool),
-        (ErrorKind, String, Vec<(&'static str, String)>),
-    > {
+    fn check(&self, request: &service::Request) -> Result<Checked, Refusal> {
         let malformed = |m: &str| (ErrorKind::Malformed, m.to_string(), Vec::new());
         let headers = request
             .message
@@ -399,8 +576,13 @@ impl Runner {
                 Vec::new(),
             )
         })?;
-        let cast = get(wire::HEADER_CAST).is_some();
-        Ok((function, handler, Duration::from_millis(timeout_ms), cast))
+        Ok(Checked {
+            function,
+            handler,
+            timeout: Duration::from_millis(timeout_ms),
+            cast: get(wire::HEADER_CAST).is_some(),
+            call_id: get(wire::HEADER_CALL_ID).map(str::to_string),
+        })
     }
 
     /// Runs a call, enforcing its deadline. Async functions are polled
@@ -411,6 +593,19 @@ impl Runner {
         handler: Handler,
         payload: Bytes,
         timeout: Duration,
+    ) -> Result<Vec<u8>, (ErrorKind, String)> {
+        self.execute_holding(handler, payload, timeout, None).await
+    }
+
+    /// [`Runner::execute`], keeping `hold` alive as long as the work runs: a
+    /// plain function keeps its thread (and its in-flight count) even when
+    /// the caller is gone, since a thread cannot be stopped from outside.
+    async fn execute_holding(
+        &self,
+        handler: Handler,
+        payload: Bytes,
+        timeout: Duration,
+        hold: Option<Arc<InFlight>>,
     ) -> Result<Vec<u8>, (ErrorKind, String)> {
         let deadline = Instant::now() + timeout;
         let timed_out = || {
@@ -431,7 +626,10 @@ impl Runner {
                 }
             }
             Invocation::Blocking(f) => {
-                let mut work = tokio::task::spawn_blocking(f);
+                let mut work = tokio::task::spawn_blocking(move || {
+                    let _hold = hold;
+                    f()
+                });
                 match tokio::time::timeout_at(deadline, &mut work).await {
                     Ok(Ok(result)) => result,
                     Ok(Err(join)) => {
@@ -493,10 +691,11 @@ impl Runner {
         self.started.elapsed().saturating_sub(last)
     }
 
-    fn begin(&self) {
+    fn begin(self: &Arc<Self>) -> InFlight {
         let now = self.counters.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.counters.max_in_flight.fetch_max(now, Ordering::SeqCst);
         self.touch();
+        InFlight(self.clone())
     }
 
     fn end(&self) {
@@ -507,8 +706,9 @@ impl Runner {
         }
     }
 
-    /// Waits for in-flight work, up to the shutdown timeout.
-    async fn drain(&self) {
+    /// Waits for in-flight work, up to the shutdown timeout, still taking
+    /// cancellations from callers that stop waiting.
+    async fn drain(&self, cancels: &mut async_nats::Subscriber, cancellable: &mut Cancellable) {
         self.draining.store(true, Ordering::SeqCst);
         let deadline = Instant::now() + Duration::from_millis(self.info.shutdown_timeout_ms);
         loop {
@@ -517,16 +717,34 @@ impl Runner {
             if left == 0 {
                 return;
             }
-            if tokio::time::timeout_at(deadline, done).await.is_err() {
-                warn!(
-                    runner = %self.info.runner_id,
-                    "shutdown timeout passed with {left} calls still running"
-                );
-                return;
+            tokio::select! {
+                _ = done => {}
+                Some(msg) = cancels.next() => {
+                    cancellable.cancel(&msg.payload);
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    warn!(
+                        runner = %self.info.runner_id,
+                        "shutdown timeout passed with {left} calls still running"
+                    );
+                    return;
+                }
             }
         }
     }
 }
+
+/// A request that passed the checks.
+struct Checked {
+    function: &'static str,
+    handler: Handler,
+    timeout: Duration,
+    cast: bool,
+    call_id: Option<String>,
+}
+
+/// Why a request was refused: kind, message, extra reply headers.
+type Refusal = (ErrorKind, String, Vec<(&'static str, String)>);
 
 /// CPU time consumed by the calling thread.
 fn thread_cpu_time() -> Duration {

@@ -49,8 +49,8 @@
 #![warn(missing_docs)]
 
 pub use flame_core::{
-    backend, build_id, parent, pool::PoolConfig, Backend, BootSpec, Booted, Error, LocalBackend,
-    ParentInfo, RemoteFn, Result, StopRunner, BUILD_ID_ENV, PARENT_ENV,
+    backend, build_id, parent, pool::PoolConfig, pool::PoolEvent, Backend, BootSpec, Booted, Error,
+    LocalBackend, ParentInfo, RemoteFn, Result, StopRunner, BUILD_ID_ENV, PARENT_ENV,
 };
 pub use flame_macros::remote;
 pub use flame_nats::{

@@ -35,10 +35,17 @@ pub struct PoolConfig {
     /// A runner keeps serving this long after it last heard from its parent.
     /// Default 5 s.
     pub parent_grace: Duration,
-    /// Interval of the runner's liveness pings. Default 1 s.
+    /// Interval of the runner's liveness pings. The parent counts a runner as
+    /// down after two intervals without one. Default 1.5 s.
     pub heartbeat: Duration,
     /// Environment variables copied from the parent into each runner.
     pub forward_env: Vec<String>,
+    /// Each runner takes one call or cast and then stops. Default false.
+    pub single_use: bool,
+    /// Registered name of a function (no arguments, returns `bool`) that an
+    /// idle runner runs before it stops; it stops only if that returns true.
+    /// Set with `PoolBuilder::idle_shutdown_when`. Default `None`.
+    pub idle_shutdown_check: Option<&'static str>,
 }
 
 impl PoolConfig {
@@ -56,8 +63,10 @@ impl PoolConfig {
             shutdown_timeout: Duration::from_secs(30),
             failsafe_timeout: Duration::from_secs(20),
             parent_grace: Duration::from_secs(5),
-            heartbeat: Duration::from_secs(1),
+            heartbeat: Duration::from_millis(1500),
             forward_env: Vec::new(),
+            single_use: false,
+            idle_shutdown_check: None,
         }
     }
 
@@ -65,15 +74,7 @@ impl PoolConfig {
     pub fn validate(&self) -> Result<(), Error> {
         subject::validate_pool_name(&self.name)?;
         let bad = |msg: String| Err(Error::Config(format!("pool `{}`: {msg}", self.name)));
-        if self.max == 0 {
-            return bad("max must be at least 1".into());
-        }
-        if self.min > self.max {
-            return bad(format!(
-                "min ({}) is larger than max ({})",
-                self.min, self.max
-            ));
-        }
+        validate_limits(&self.name, self.min, self.max)?;
         if self.max_concurrency == 0 {
             return bad("max_concurrency must be at least 1".into());
         }
@@ -102,6 +103,21 @@ impl PoolConfig {
         }
         Ok(())
     }
+}
+
+/// Checks a `min` and `max` pair for the pool named `pool`.
+pub fn validate_limits(pool: &str, min: usize, max: usize) -> Result<(), Error> {
+    if max == 0 {
+        return Err(Error::Config(format!(
+            "pool `{pool}`: max must be at least 1"
+        )));
+    }
+    if min > max {
+        return Err(Error::Config(format!(
+            "pool `{pool}`: min ({min}) is larger than max ({max})"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -27,6 +27,8 @@ pub enum RunnerState {
 struct Runner {
     state: RunnerState,
     load: usize,
+    /// Took a call already (matters for single-use pools).
+    used: bool,
 }
 
 /// Result of asking for a slot.
@@ -46,6 +48,7 @@ pub struct PoolModel {
     min: usize,
     max: usize,
     max_concurrency: usize,
+    single_use: bool,
     runners: BTreeMap<RunnerId, Runner>,
     waiters: VecDeque<WaiterId>,
 }
@@ -57,16 +60,26 @@ impl PoolModel {
             min,
             max,
             max_concurrency,
+            single_use: false,
             runners: BTreeMap::new(),
             waiters: VecDeque::new(),
         }
+    }
+
+    /// Makes every runner take exactly one call, then drain.
+    pub fn single_use(mut self) -> PoolModel {
+        self.single_use = true;
+        self.max_concurrency = 1;
+        self
     }
 
     /// Takes a slot on the least-loaded ready runner, or queues the caller.
     pub fn checkout(&mut self, waiter: WaiterId) -> Checkout {
         match self.least_loaded() {
             Some(id) if self.waiters.is_empty() => {
-                self.runners.get_mut(&id).expect("exists").load += 1;
+                let r = self.runners.get_mut(&id).expect("exists");
+                r.load += 1;
+                r.used = true;
                 Checkout::Placed(id)
             }
             _ => {
@@ -79,9 +92,15 @@ impl PoolModel {
     fn least_loaded(&self) -> Option<RunnerId> {
         self.runners
             .iter()
-            .filter(|(_, r)| r.state == RunnerState::Ready && r.load < self.max_concurrency)
+            .filter(|(_, r)| self.takes_work(r))
             .min_by_key(|(_, r)| r.load)
             .map(|(id, _)| id.clone())
+    }
+
+    fn takes_work(&self, r: &Runner) -> bool {
+        r.state == RunnerState::Ready
+            && r.load < self.max_concurrency
+            && !(self.single_use && r.used)
     }
 
     /// Removes a queued caller (it gave up). False if it was not queued,
@@ -99,8 +118,14 @@ impl PoolModel {
     /// Returns a slot. If a caller is queued and the runner still takes work,
     /// the slot goes straight to it.
     pub fn checkin(&mut self, runner: &RunnerId) -> Option<(WaiterId, RunnerId)> {
+        let single_use = self.single_use;
         let r = self.runners.get_mut(runner)?;
         r.load = r.load.saturating_sub(1);
+        if single_use {
+            // Its one call is done; the runner stops on its own.
+            r.state = RunnerState::Draining;
+            return None;
+        }
         if r.state == RunnerState::Ready && r.load < self.max_concurrency {
             if let Some(w) = self.waiters.pop_front() {
                 r.load += 1;
@@ -117,6 +142,7 @@ impl PoolModel {
             Runner {
                 state: RunnerState::Booting,
                 load: 0,
+                used: false,
             },
         );
     }
@@ -131,11 +157,12 @@ impl PoolModel {
         }
         r.state = RunnerState::Ready;
         let mut handed = Vec::new();
-        while r.load < self.max_concurrency {
+        while r.load < self.max_concurrency && !(self.single_use && r.used) {
             let Some(w) = self.waiters.pop_front() else {
                 break;
             };
             r.load += 1;
+            r.used = true;
             handed.push((w, runner.clone()));
         }
         Some(handed)
@@ -191,6 +218,8 @@ impl PoolModel {
             return true;
         }
         if r.load > 0 || waiting || r.state != RunnerState::Ready {
+            // (A waiting caller means every runner is full or booting; a
+            // runner that could serve it would have been handed it.)
             return false;
         }
         let beyond_min = ready > self.min;
@@ -203,10 +232,40 @@ impl PoolModel {
         }
     }
 
-    /// Changes `min` and `max` of a live pool.
-    pub fn set_limits(&mut self, min: usize, max: usize) {
+    /// Changes `min` and `max` of a live pool. Returns the ready runners to
+    /// retire so that no more than `max` remain, idle ones first; they are
+    /// marked draining (they finish their work and take no more). Runners
+    /// still booting are not retired: they count until they are ready and
+    /// then serve as usual.
+    pub fn set_limits(&mut self, min: usize, max: usize) -> Vec<RunnerId> {
         self.min = min;
         self.max = max;
+        let live = self
+            .runners
+            .values()
+            .filter(|r| r.state != RunnerState::Draining)
+            .count();
+        let mut ready: Vec<_> = self
+            .runners
+            .iter()
+            .filter(|(_, r)| r.state == RunnerState::Ready)
+            .map(|(id, r)| (r.load, id.clone()))
+            .collect();
+        ready.sort();
+        let retire: Vec<RunnerId> = ready
+            .into_iter()
+            .take(live.saturating_sub(max))
+            .map(|(_, id)| id)
+            .collect();
+        for id in &retire {
+            self.drain(id);
+        }
+        retire
+    }
+
+    /// The current `min` and `max`.
+    pub fn limits(&self) -> (usize, usize) {
+        (self.min, self.max)
     }
 
     /// Number of runners in a state.
@@ -314,6 +373,38 @@ mod tests {
         assert_eq!(m.boots_needed(), 0);
         m.remove(&id("a"));
         assert_eq!(m.boots_needed(), 1);
+    }
+
+    #[test]
+    fn single_use_runner_takes_one_call_then_drains() {
+        let mut m = PoolModel::new(0, 2, 5).single_use();
+        assert_eq!(m.checkout(1), Checkout::Queued);
+        assert_eq!(m.checkout(2), Checkout::Queued);
+        assert_eq!(m.boots_needed(), 2, "one runner per call");
+        m.add_booting(id("a"));
+        assert_eq!(m.runner_ready(&id("a")).unwrap(), vec![(1, id("a"))]);
+        assert_eq!(m.checkin(&id("a")), None, "not handed on");
+        assert_eq!(m.runner(&id("a")), Some((RunnerState::Draining, 0)));
+        assert_eq!(m.checkout(3), Checkout::Queued);
+    }
+
+    #[test]
+    fn lowering_max_retires_idle_runners_first() {
+        let mut m = PoolModel::new(0, 3, 1);
+        for r in ["a", "b", "c"] {
+            m.add_booting(id(r));
+            m.runner_ready(&id(r)).unwrap();
+        }
+        assert_eq!(m.checkout(1), Checkout::Placed(id("a")));
+        assert_eq!(m.set_limits(0, 1), vec![id("b"), id("c")]);
+        assert_eq!(m.count(RunnerState::Draining), 2);
+        assert_eq!(m.set_limits(0, 1), Vec::<RunnerId>::new(), "idempotent");
+        // Raising min boots again, up to the new max.
+        m.remove(&id("b"));
+        m.remove(&id("c"));
+        m.set_limits(3, 4);
+        assert_eq!(m.boots_needed(), 2);
+        assert_eq!(m.limits(), (3, 4));
     }
 
     #[test]

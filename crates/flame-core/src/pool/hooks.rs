@@ -1,0 +1,98 @@
+//! Callbacks a pool runs when it grows or shrinks, e.g. to log or to count
+//! boots in metrics.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::Error;
+
+/// What a pool hook is told.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum PoolEvent {
+    /// The pool asked its backend for a new runner.
+    GrowStart {
+        /// The pool.
+        pool: String,
+        /// Runners booted or booting, the new one included.
+        runners: usize,
+    },
+    /// A boot finished: the runner is ready, or it failed (the pool retries
+    /// after a short pause while callers still wait).
+    GrowEnd {
+        /// The pool.
+        pool: String,
+        /// Runners booted or booting afterwards.
+        runners: usize,
+        /// `Ok` when the runner is ready, else why the boot failed.
+        result: Result<(), Error>,
+    },
+    /// A ready runner left the pool: it idled down, was retired, or died.
+    Shrink {
+        /// The pool.
+        pool: String,
+        /// Runners booted or booting afterwards.
+        runners: usize,
+        /// Why it left, in words.
+        reason: String,
+    },
+}
+
+impl PoolEvent {
+    /// The pool the event is about.
+    pub fn pool(&self) -> &str {
+        match self {
+            PoolEvent::GrowStart { pool, .. }
+            | PoolEvent::GrowEnd { pool, .. }
+            | PoolEvent::Shrink { pool, .. } => pool,
+        }
+    }
+
+    /// Runners booted or booting after the event.
+    pub fn runners(&self) -> usize {
+        match self {
+            PoolEvent::GrowStart { runners, .. }
+            | PoolEvent::GrowEnd { runners, .. }
+            | PoolEvent::Shrink { runners, .. } => *runners,
+        }
+    }
+}
+
+/// A hook. It runs on the pool's own tasks, so it should return quickly
+/// (spawn a task for slow work).
+pub type Hook = Arc<dyn Fn(&PoolEvent) + Send + Sync>;
+
+/// The hooks of one pool.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Runs on [`PoolEvent::GrowStart`].
+    pub on_grow_start: Option<Hook>,
+    /// Runs on [`PoolEvent::GrowEnd`].
+    pub on_grow_end: Option<Hook>,
+    /// Runs on [`PoolEvent::Shrink`].
+    pub on_shrink: Option<Hook>,
+}
+
+impl Hooks {
+    /// Runs the hook for this event, if one is set.
+    pub fn fire(&self, event: PoolEvent) {
+        let hook = match &event {
+            PoolEvent::GrowStart { .. } => &self.on_grow_start,
+            PoolEvent::GrowEnd { .. } => &self.on_grow_end,
+            PoolEvent::Shrink { .. } => &self.on_shrink,
+        };
+        if let Some(hook) = hook {
+            hook(&event);
+        }
+    }
+}
+
+impl fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hooks")
+            .field("on_grow_start", &self.on_grow_start.is_some())
+            .field("on_grow_end", &self.on_grow_end.is_some())
+            .field("on_shrink", &self.on_shrink.is_some())
+            .finish()
+    }
+}
