@@ -115,6 +115,92 @@ pub fn count_primes(n: u64) -> u64 {
         .count() as u64
 }
 
+/// Calls running at once in this process right now, and the most ever.
+static RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static PEAK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Sleeps `ms` and returns how many `counted_sleep` calls this runner
+/// process ever ran at once: a count kept on the runner side.
+#[flame::remote]
+pub async fn counted_sleep(ms: u64) -> Peak {
+    use std::sync::atomic::Ordering;
+    let now = RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
+    PEAK.fetch_max(now, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    RUNNING.fetch_sub(1, Ordering::SeqCst);
+    Peak {
+        pid: std::process::id(),
+        peak: PEAK.load(Ordering::SeqCst),
+    }
+}
+
+/// What [`counted_sleep`] reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peak {
+    /// Process id of the runner.
+    pub pid: u32,
+    /// Most `counted_sleep` calls the runner ever ran at once.
+    pub peak: usize,
+}
+
+/// A per-runner sequence number: the order in which calls reached it.
+#[flame::remote]
+pub async fn next_seq() -> u64 {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Writes `path` as soon as it starts, then sleeps `ms`: tests wait for the
+/// file to know the work is running.
+#[flame::remote]
+pub async fn mark_then_sleep(path: String, ms: u64) -> u32 {
+    std::fs::write(&path, std::process::id().to_string()).expect("write marker");
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    std::process::id()
+}
+
+/// Environment variable naming a file whose existence keeps idle runners up
+/// (see [`may_idle_down`]).
+pub const KEEP_FILE_ENV: &str = "FLAME_TEST_KEEP_FILE";
+
+/// Idle check for tests: stay up while the file named by [`KEEP_FILE_ENV`]
+/// exists. Each time it is asked it appends a line to that name plus
+/// `.asked`, so tests can see it was consulted.
+#[flame::remote]
+pub async fn may_idle_down() -> bool {
+    use std::io::Write;
+    let Ok(path) = std::env::var(KEEP_FILE_ENV) else {
+        return true;
+    };
+    let mut asked = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(format!("{path}.asked"))
+        .expect("open .asked");
+    writeln!(asked, "asked").expect("append");
+    !std::path::Path::new(&path).exists()
+}
+
+/// Waits until `path` exists (checking every 10 ms), for at most `limit_ms`;
+/// returns whether it appeared. Lets a test hold a slot as long as it likes.
+#[flame::remote]
+pub async fn wait_for_file(path: String, limit_ms: u64) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(limit_ms);
+    while tokio::time::Instant::now() < deadline {
+        if std::path::Path::new(&path).exists() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// The value of an environment variable on the runner.
+#[flame::remote]
+pub async fn env_var(name: String) -> Option<String> {
+    std::env::var(name).ok()
+}
+
 /// Inline-block call sites. They live in this shared library because an
 /// inline block is registered where it is written, and the runner app must
 /// have it too (in a real app, parent and runner are one binary).

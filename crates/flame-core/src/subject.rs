@@ -6,6 +6,7 @@
 //! flame.<pool>.parent.<parent_id>.ready    runner -> parent: subscribed, ready for work
 //! flame.<pool>.parent.<parent_id>.leave    runner -> parent: idle, may I stop?
 //! flame.<pool>.parent.<parent_id>.ping     runner -> parent: are you still there?
+//! flame.<pool>.parent.<parent_id>.stopping runner -> parent: stopping, send nothing new
 //! ```
 //!
 //! `nats sub 'flame.>'` shows all of it; `nats sub 'flame.<pool>.>'` one pool.
@@ -63,6 +64,9 @@ pub enum ParentEvent {
     Leave,
     /// Liveness check.
     Ping,
+    /// The runner is stopping (SIGTERM, single-use, idle): place nothing new
+    /// on it.
+    Stopping,
 }
 
 impl ParentEvent {
@@ -72,6 +76,7 @@ impl ParentEvent {
             ParentEvent::Ready => "ready",
             ParentEvent::Leave => "leave",
             ParentEvent::Ping => "ping",
+            ParentEvent::Stopping => "stopping",
         }
     }
 
@@ -81,6 +86,7 @@ impl ParentEvent {
             "ready" => Some(ParentEvent::Ready),
             "leave" => Some(ParentEvent::Leave),
             "ping" => Some(ParentEvent::Ping),
+            "stopping" => Some(ParentEvent::Stopping),
             _ => None,
         }
     }

@@ -910,8 +910,9 @@ impl PoolInner {
             if state == Some(RunnerState::Ready) {
                 info!(pool = %self.config.name, runner = %id, "runner gone: {reason}");
             }
+            let runners = st.model.len();
             self.boot_locked(&mut st);
-            (entry, state, st.model.len())
+            (entry, state, runners)
         };
         if let Some(entry) = entry {
             entry.link.fail(reason.clone());
@@ -1082,6 +1083,14 @@ impl PoolInner {
                     debug!(pool = %self.config.name, runner = %id, "runner may leave");
                 }
                 ParentAnswer { ok, reason: None }
+            }
+            ParentEvent::Stopping => {
+                st.model.drain(&id);
+                debug!(pool = %self.config.name, runner = %id, "runner is stopping");
+                ParentAnswer {
+                    ok: true,
+                    reason: None,
+                }
             }
             ParentEvent::Ping => {
                 let entry = st.runners.get_mut(&id);

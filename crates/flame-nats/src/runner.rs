@@ -268,6 +268,11 @@ async fn run(info: ParentInfo) -> Result<String, Error> {
     let _ = service.stop().await;
     let reason = match stop {
         Stop::Drain(reason) => {
+            // Tell the parent first, so it places nothing new here.
+            let heartbeat = Duration::from_millis(runner.info.heartbeat_ms);
+            runner
+                .ask_parent(ParentEvent::Stopping, 0, heartbeat)
+                .await;
             runner.drain(&mut cancels, &mut cancellable).await;
             reason
         }

@@ -49,6 +49,9 @@ pub struct PoolModel {
     max: usize,
     max_concurrency: usize,
     single_use: bool,
+    /// Set when a `min` runner idled down past `min_idle_shutdown_after`:
+    /// the pool then stays below `min` until the next call.
+    min_suspended: bool,
     runners: BTreeMap<RunnerId, Runner>,
     waiters: VecDeque<WaiterId>,
 }
@@ -61,6 +64,7 @@ impl PoolModel {
             max,
             max_concurrency,
             single_use: false,
+            min_suspended: false,
             runners: BTreeMap::new(),
             waiters: VecDeque::new(),
         }
@@ -75,6 +79,7 @@ impl PoolModel {
 
     /// Takes a slot on the least-loaded ready runner, or queues the caller.
     pub fn checkout(&mut self, waiter: WaiterId) -> Checkout {
+        self.min_suspended = false;
         match self.least_loaded() {
             Some(id) if self.waiters.is_empty() => {
                 let r = self.runners.get_mut(&id).expect("exists");
@@ -189,7 +194,8 @@ impl PoolModel {
         let booting = self.count(RunnerState::Booting);
         let ready = self.count(RunnerState::Ready);
         let total = self.runners.len();
-        let for_min = self.min.saturating_sub(booting + ready);
+        let min = if self.min_suspended { 0 } else { self.min };
+        let for_min = min.saturating_sub(booting + ready);
         let uncovered = self
             .waiters
             .len()
@@ -226,6 +232,10 @@ impl PoolModel {
         let min_idle_over = min_idle_shutdown_after.is_some_and(|d| idle_for >= d);
         if beyond_min || min_idle_over {
             r.state = RunnerState::Draining;
+            if !beyond_min {
+                // Not replaced until there is work again.
+                self.min_suspended = true;
+            }
             true
         } else {
             false
@@ -240,6 +250,7 @@ impl PoolModel {
     pub fn set_limits(&mut self, min: usize, max: usize) -> Vec<RunnerId> {
         self.min = min;
         self.max = max;
+        self.min_suspended = false;
         let live = self
             .runners
             .values()
@@ -434,5 +445,12 @@ mod tests {
             m.may_leave(&id("zzz"), Duration::ZERO, None),
             "unknown runner"
         );
+        // The min runner left after min_idle_shutdown_after: not replaced
+        // until the next call.
+        m.remove(&id("a"));
+        m.remove(&id("b"));
+        assert_eq!(m.boots_needed(), 0);
+        assert_eq!(m.checkout(2), Checkout::Queued);
+        assert_eq!(m.boots_needed(), 1);
     }
 }

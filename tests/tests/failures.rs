@@ -1,0 +1,402 @@
+//! Failures: dead runners, callers that stop waiting, lost parents and lost
+//! NATS, and no orphans left behind.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use flame::{CallOptions, Error, ParentInfo};
+use flame_tests::funcs::*;
+use flame_tests::harness::{
+    children_of, kill9, process_alive, runner_backend, runner_stats, testapp, wait_for,
+    NoExitNotice, TestEnv,
+};
+use flame_tests::TEST_BUILD;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn path_in(dir: &tempfile::TempDir, name: &str) -> String {
+    dir.path().join(name).to_string_lossy().into_owned()
+}
+
+async fn file_exists(path: &str) -> Option<()> {
+    Path::new(path).exists().then_some(())
+}
+
+#[tokio::test]
+async fn every_caller_on_a_killed_runner_fails_at_once() {
+    let env = TestEnv::start().await;
+    let pool = env
+        .pool("killall")
+        .max(1)
+        .max_concurrency(5)
+        .start()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let marks: Vec<String> = (0..3).map(|i| path_in(&dir, &format!("m{i}"))).collect();
+    let calls: Vec<_> = marks
+        .iter()
+        .map(|m| {
+            let pool = pool.clone();
+            let m = m.clone();
+            tokio::spawn(async move {
+                pool.call_with::<mark_then_sleep>((m, 120_000), CallOptions::new().timeout(LONG))
+                    .await
+            })
+        })
+        .collect();
+    for m in &marks {
+        wait_for("the calls to start", LONG, || file_exists(m)).await;
+    }
+    let pid: u32 = std::fs::read_to_string(&marks[0]).unwrap().parse().unwrap();
+    kill9(pid);
+    for call in calls {
+        let err = tokio::time::timeout(Duration::from_secs(20), call)
+            .await
+            .expect("every call must fail long before its 60 s timeout")
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(err, Error::RunnerDown { .. }), "{err:?}");
+    }
+}
+
+#[tokio::test]
+async fn runner_down_is_noticed_by_heartbeat_when_the_backend_cannot_see_exits() {
+    let env = TestEnv::start().await;
+    let pool = env
+        .flame
+        .pool("heartbeat")
+        .max(1)
+        .heartbeat(Duration::from_millis(300))
+        .backend(NoExitNotice(runner_backend()))
+        .start()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let started = path_in(&dir, "started");
+    let call = tokio::spawn({
+        let pool = pool.clone();
+        let started = started.clone();
+        async move {
+            pool.call_with::<mark_then_sleep>((started, 120_000), CallOptions::new().timeout(LONG))
+                .await
+        }
+    });
+    wait_for("the call to start", LONG, || file_exists(&started)).await;
+    let pid: u32 = std::fs::read_to_string(&started).unwrap().parse().unwrap();
+    kill9(pid);
+    let err = tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .expect("the call must fail long before its 60 s timeout")
+        .unwrap()
+        .unwrap_err();
+    match err {
+        Error::RunnerDown { reason, .. } => {
+            assert!(reason.contains("no heartbeat"), "{reason}")
+        }
+        other => panic!("expected RunnerDown, got {other:?}"),
+    }
+    // The pool boots a new runner for the next call.
+    let next = flame::call!(pool, whereabouts()).await.unwrap();
+    assert_ne!(next.pid, pid);
+}
+
+#[tokio::test]
+async fn dropping_a_linked_call_cancels_the_remote_work() {
+    let env = TestEnv::start().await;
+    let pool = env.pool("cancel").max(1).start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = path_in(&dir, "finished");
+    let call = tokio::spawn({
+        let pool = pool.clone();
+        let marker = marker.clone();
+        async move {
+            pool.call_with::<sleep_then_mark>((60_000, marker), CallOptions::new().timeout(LONG))
+                .await
+        }
+    });
+    wait_for("the call to reach the runner", LONG, || async {
+        (runner_stats(&env, "cancel").await?["in_flight"] == 1).then_some(())
+    })
+    .await;
+    call.abort();
+    // The runner drops the work long before its 60 s sleep ends.
+    wait_for(
+        "the runner to cancel the work",
+        Duration::from_secs(20),
+        || async { (runner_stats(&env, "cancel").await?["in_flight"] == 0).then_some(()) },
+    )
+    .await;
+    assert!(!Path::new(&marker).exists());
+    // The runner keeps serving.
+    assert_eq!(flame::call!(pool, add(2, 2)).await.unwrap(), 4);
+}
+
+#[tokio::test]
+async fn unlinked_call_runs_on_after_its_caller_is_gone() {
+    let env = TestEnv::start().await;
+    let pool = env.pool("unlinked").max(1).start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = path_in(&dir, "finished");
+    let call = tokio::spawn({
+        let pool = pool.clone();
+        let marker = marker.clone();
+        async move {
+            pool.call_with::<sleep_then_mark>(
+                (300, marker),
+                CallOptions::new().timeout(LONG).link(false),
+            )
+            .await
+        }
+    });
+    wait_for("the call to reach the runner", LONG, || async {
+        (runner_stats(&env, "unlinked").await?["in_flight"] == 1).then_some(())
+    })
+    .await;
+    call.abort();
+    wait_for("the work to finish anyway", LONG, || file_exists(&marker)).await;
+}
+
+#[tokio::test]
+async fn unlinked_call_still_gets_remote_errors_and_the_runner_idles_down() {
+    let env = TestEnv::start().await;
+    let pool = env
+        .pool("unlinkederr")
+        .max(1)
+        .idle_shutdown_after(Duration::from_millis(200))
+        .start()
+        .await
+        .unwrap();
+    let at = flame::call!(pool, whereabouts()).await.unwrap();
+    let err = pool
+        .call_with::<explode>(("unlinked".into(),), CallOptions::new().link(false))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Panicked { message, .. } if message == "unlinked"),
+        "{err:?}"
+    );
+    wait_for("the runner to idle down", LONG, || async {
+        (!process_alive(at.pid)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn cast_failure_does_not_affect_the_caller() {
+    let env = TestEnv::start().await;
+    let pool = env.pool("castfail").max(1).start().await.unwrap();
+    let at = flame::call!(pool, whereabouts()).await.unwrap();
+    pool.cast::<explode>(("in a cast".into(),))
+        .expect("a cast returns at once");
+    wait_for("the failure to be counted", LONG, || async {
+        (runner_stats(&env, "castfail").await?["casts_failed"] == 1).then_some(())
+    })
+    .await;
+    assert_eq!(flame::call!(pool, whereabouts()).await.unwrap(), at);
+}
+
+#[tokio::test]
+async fn cancelled_call_stops_a_single_use_runner() {
+    let env = TestEnv::start().await;
+    let pool = env
+        .pool("oncecancel")
+        .max(1)
+        .single_use(true)
+        .start()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let started = path_in(&dir, "started");
+    let call = tokio::spawn({
+        let pool = pool.clone();
+        let started = started.clone();
+        async move {
+            pool.call_with::<mark_then_sleep>((started, 120_000), CallOptions::new().timeout(LONG))
+                .await
+        }
+    });
+    wait_for("the call to start", LONG, || file_exists(&started)).await;
+    let pid: u32 = std::fs::read_to_string(&started).unwrap().parse().unwrap();
+    call.abort();
+    wait_for(
+        "the single-use runner to stop",
+        Duration::from_secs(20),
+        || async { (!process_alive(pid)).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn pool_timeout_kills_the_work_and_a_call_timeout_overrides_it() {
+    let env = TestEnv::start().await;
+    let pool = env
+        .pool("pooltimeout")
+        .max(1)
+        .timeout(Duration::from_millis(500))
+        .start()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = path_in(&dir, "finished");
+    // Boot first, so the pool's 500 ms are not spent booting.
+    flame::call!(pool, whereabouts()).await.unwrap();
+    let err = flame::call!(pool, sleep_then_mark(30_000, marker.clone()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Timeout { timeout, .. } if timeout == Duration::from_millis(500)),
+        "{err:?}"
+    );
+    wait_for("the runner to drop the work", LONG, || async {
+        (runner_stats(&env, "pooltimeout").await?["in_flight"] == 0).then_some(())
+    })
+    .await;
+    assert!(!Path::new(&marker).exists());
+    let ok = pool
+        .call_with::<sleep_then_mark>(
+            (800, String::new()),
+            CallOptions::new().timeout(Duration::from_secs(30)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ok, 800);
+}
+
+/// Starts the test app as a runner by hand, with `info` in its environment.
+fn spawn_runner(info: &ParentInfo) -> tokio::process::Child {
+    tokio::process::Command::new(testapp())
+        .env(flame::PARENT_ENV, info.to_env_value())
+        .env(flame::BUILD_ID_ENV, TEST_BUILD)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn test app")
+}
+
+fn runner_info(nats_url: String, failsafe_ms: u64) -> ParentInfo {
+    serde_json::from_value(serde_json::json!({
+        "parent_id": "nobody",
+        "pool": "failsafe",
+        "runner_id": "r1",
+        "nats_url": nats_url,
+        "max_concurrency": 1,
+        "idle_shutdown_after_ms": 60_000,
+        "shutdown_timeout_ms": 1_000,
+        "failsafe_timeout_ms": failsafe_ms,
+        "parent_grace_ms": 2_000,
+        "heartbeat_ms": 500,
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn runner_exits_when_it_cannot_reach_nats_at_boot() {
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = spawn_runner(&runner_info(format!("nats://127.0.0.1:{port}"), 1_000));
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the runner must give up after its failsafe timeout")
+        .unwrap();
+    assert!(!status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn runner_exits_when_no_parent_acknowledges_it() {
+    let env = TestEnv::start().await;
+    let mut child = spawn_runner(&runner_info(env.server.url(), 1_000));
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the runner must give up after its failsafe timeout")
+        .unwrap();
+    assert!(!status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn runner_exits_after_losing_nats_for_the_grace_period() {
+    let mut env = TestEnv::start().await;
+    let pool = env
+        .pool("lostnats")
+        .max(1)
+        .parent_grace(Duration::from_secs(1))
+        .heartbeat(Duration::from_millis(300))
+        .start()
+        .await
+        .unwrap();
+    let at = flame::call!(pool, whereabouts()).await.unwrap();
+    env.server.stop();
+    wait_for(
+        "the cut-off runner to exit",
+        Duration::from_secs(30),
+        || async { (!process_alive(at.pid)).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn no_orphans_when_the_parent_is_killed() {
+    let env = TestEnv::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut parent = tokio::process::Command::new(testapp())
+        .arg("parent")
+        .arg(dir.path())
+        .env(flame::NATS_URL_ENV, env.server.url())
+        .env(flame::BUILD_ID_ENV, TEST_BUILD)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn parent");
+    let parent_pid = parent.id().unwrap();
+    for i in 0..2 {
+        let busy = path_in(&dir, &format!("busy-{i}"));
+        wait_for("two busy runners", LONG, || file_exists(&busy)).await;
+    }
+    let runners = children_of(parent_pid);
+    assert_eq!(runners.len(), 3, "two busy and one idle: {runners:?}");
+    kill9(parent_pid);
+    parent.wait().await.unwrap();
+    // The pool's parent_grace is 2 s: every runner is gone 2 s after that.
+    let grace = Duration::from_secs(2);
+    wait_for(
+        "every runner to exit",
+        grace + Duration::from_secs(2),
+        || async { runners.iter().all(|p| !process_alive(*p)).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn runner_env_holds_parent_info_and_forwarded_vars_only() {
+    let env = TestEnv::start().await;
+    // SAFETY (edition 2021: safe fn): set once, before any runner starts.
+    std::env::set_var("FLAME_TEST_FORWARDED", "forwarded value");
+    let pool = env
+        .flame
+        .pool("envvars")
+        .max(1)
+        .forward_env("FLAME_TEST_FORWARDED")
+        .backend(runner_backend().clear_env(true))
+        .start()
+        .await
+        .unwrap();
+    let get = |name: &str| {
+        let pool = pool.clone();
+        let name = name.to_string();
+        async move { flame::call!(pool, env_var(name)).await.unwrap() }
+    };
+    let info = ParentInfo::from_env_value(&get(flame::PARENT_ENV).await.unwrap()).unwrap();
+    assert_eq!(info.pool, "envvars");
+    assert_eq!(info.nats_url, env.server.url());
+    assert_eq!(
+        get("FLAME_TEST_FORWARDED").await.as_deref(),
+        Some("forwarded value")
+    );
+    assert_eq!(get("CARGO_MANIFEST_DIR").await, None, "not forwarded");
+}
