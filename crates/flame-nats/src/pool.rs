@@ -335,6 +335,8 @@ impl RunnerLink {
     }
 }
 
+type Stopper = Box<dyn StopRunner>;
+
 /// A slot on a runner. Dropping it gives the slot back.
 #[derive(Debug)]
 struct Lease {
@@ -940,7 +942,7 @@ impl PoolInner {
                 _ = self.closed.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let silent: Vec<(RunnerId, Duration, Option<Box<dyn StopRunner>>)> = {
+            let silent: Vec<(RunnerId, Duration, Option<Stopper>)> = {
                 let mut st = self.model.lock().unwrap();
                 let ids: Vec<_> = st
                     .runners
@@ -974,7 +976,7 @@ impl PoolInner {
 
     /// See [`Pool::set_limits`].
     fn set_limits(self: Arc<Self>, min: usize, max: usize) {
-        let retired: Vec<(RunnerId, Option<Box<dyn StopRunner>>)> = {
+        let retired: Vec<(RunnerId, Option<Stopper>)> = {
             let mut st = self.model.lock().unwrap();
             let retire = st.model.set_limits(min, max);
             self.boot_locked(&mut st);

@@ -270,9 +270,7 @@ async fn run(info: ParentInfo) -> Result<String, Error> {
         Stop::Drain(reason) => {
             // Tell the parent first, so it places nothing new here.
             let heartbeat = Duration::from_millis(runner.info.heartbeat_ms);
-            runner
-                .ask_parent(ParentEvent::Stopping, 0, heartbeat)
-                .await;
+            runner.ask_parent(ParentEvent::Stopping, 0, heartbeat).await;
             runner.drain(&mut cancels, &mut cancellable).await;
             reason
         }
@@ -520,26 +518,23 @@ impl Runner {
                 }
             }
         });
-        match inline {
-            Some(strikes) => {
-                // CPU time, not wall time: being preempted on a busy machine
-                // must not mark a quick function as slow.
-                let started = thread_cpu_time();
-                let done = (&mut work).now_or_never().is_some();
-                let took = thread_cpu_time().saturating_sub(started);
-                if took <= SLOW_FIRST_POLL {
-                    strikes.store(0, Ordering::Relaxed);
-                } else if strikes.fetch_add(1, Ordering::Relaxed) + 1 == SLOW_STRIKES {
-                    debug!(function = ?inline_name, ?took, "CPU work before the first await; spawning its calls from now on");
-                }
-                if done {
-                    return Dispatched {
-                        accepted,
-                        cancellable: None,
-                    };
-                }
+        if let Some(strikes) = inline {
+            // CPU time, not wall time: being preempted on a busy machine
+            // must not mark a quick function as slow.
+            let started = thread_cpu_time();
+            let done = (&mut work).now_or_never().is_some();
+            let took = thread_cpu_time().saturating_sub(started);
+            if took <= SLOW_FIRST_POLL {
+                strikes.store(0, Ordering::Relaxed);
+            } else if strikes.fetch_add(1, Ordering::Relaxed) + 1 == SLOW_STRIKES {
+                debug!(function = ?inline_name, ?took, "CPU work before the first await; spawning its calls from now on");
             }
-            None => {}
+            if done {
+                return Dispatched {
+                    accepted,
+                    cancellable: None,
+                };
+            }
         }
         let task = tokio::spawn(work).abort_handle();
         Dispatched {
