@@ -28,6 +28,12 @@ async fn echo(data: ByteBuf) -> ByteBuf {
     data
 }
 
+/// Sleeps, standing in for a piece of work.
+#[flame::remote]
+async fn work(ms: u64) {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
 /// Process id of the runner.
 #[flame::remote]
 async fn pid() -> u32 {
@@ -176,6 +182,14 @@ async fn main() -> anyhow::Result<()> {
     cold.sort();
     let cold_p50 = cold[cold.len() / 2];
 
+    eprintln!("scale up and down...");
+    let mut elastic_runs = Vec::new();
+    for i in 0..if quick { 1 } else { 3 } {
+        elastic_runs.push(scale_up_and_down(&flame, i).await?);
+    }
+    elastic_runs.sort_by_key(|e| e.coordination);
+    let el = &elastic_runs[elastic_runs.len() / 2];
+
     let us = |d: Duration| format!("{:.0} µs", d.as_secs_f64() * 1e6);
     rows.push((
         "warm call p50 (100 B, sequential)".into(),
@@ -212,12 +226,120 @@ async fn main() -> anyhow::Result<()> {
         "target < 20 MB".into(),
     ));
 
+    let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1e3);
+    rows.push((
+        format!(
+            "scale-up: burst of {} calls ({} ms each), 0 to {} runners",
+            ELASTIC_CALLS, ELASTIC_WORK_MS, ELASTIC_MAX
+        ),
+        "-".into(),
+        format!(
+            "{} (boots {}, work {ELASTIC_WORK_MS} ms)",
+            ms(el.all_served),
+            ms(el.slowest_boot)
+        ),
+        format!("coordination {} (target < 100 ms)", ms(el.coordination)),
+    ));
+    rows.push((
+        format!(
+            "scale-down: last call to pool at min (idle_shutdown_after {} ms)",
+            ELASTIC_IDLE.as_millis()
+        ),
+        "-".into(),
+        ms(el.back_at_min),
+        format!("target ≤ {}", ms(ELASTIC_IDLE + Duration::from_secs(1))),
+    ));
+
     println!("| measure | raw async-nats | flame | flame vs raw |");
     println!("|---|---|---|---|");
     for (a, b, c, d) in rows {
         println!("| {a} | {b} | {c} | {d} |");
     }
     Ok(())
+}
+
+const ELASTIC_MAX: usize = 4;
+const ELASTIC_CONCURRENCY: usize = 4;
+const ELASTIC_CALLS: usize = ELASTIC_MAX * ELASTIC_CONCURRENCY;
+const ELASTIC_WORK_MS: u64 = 200;
+const ELASTIC_IDLE: Duration = Duration::from_millis(1000);
+
+struct Elastic {
+    /// Burst start to the last result.
+    all_served: Duration,
+    /// The boot phase: first boot asked for to last runner ready.
+    slowest_boot: Duration,
+    /// What the pool added beyond booting and the work itself.
+    coordination: Duration,
+    /// Last result to every runner gone.
+    back_at_min: Duration,
+}
+
+/// Drives an empty pool to max with a burst that needs every slot, then
+/// waits for it to idle back to zero.
+async fn scale_up_and_down(flame: &flame::Flame, run: usize) -> anyhow::Result<Elastic> {
+    use std::sync::Mutex;
+    let boots: Arc<Mutex<(Vec<Instant>, Vec<Instant>)>> = Arc::default();
+    let (b1, b2) = (boots.clone(), boots.clone());
+    let pool = flame
+        .pool(format!("elastic-{run}"))
+        .max(ELASTIC_MAX)
+        .max_concurrency(ELASTIC_CONCURRENCY)
+        .idle_shutdown_after(ELASTIC_IDLE)
+        .on_grow_start(move |_| b1.lock().unwrap().0.push(Instant::now()))
+        .on_grow_end(move |_| b2.lock().unwrap().1.push(Instant::now()))
+        .start()
+        .await?;
+    let t = Instant::now();
+    let calls: Vec<_> = (0..ELASTIC_CALLS)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { flame::call!(pool, work(ELASTIC_WORK_MS)).await })
+        })
+        .collect();
+    for c in calls {
+        c.await??;
+    }
+    let all_served = t.elapsed();
+    let done = Instant::now();
+    let (starts, ends) = boots.lock().unwrap().clone();
+    if starts.len() != ELASTIC_MAX || ends.len() != ELASTIC_MAX {
+        bail!(
+            "expected {ELASTIC_MAX} boots, saw {} started and {} ended",
+            starts.len(),
+            ends.len()
+        );
+    }
+    // Boots overlap: count the boot phase from the first boot asked for to
+    // the last runner ready. Coordination is everything else beyond the
+    // work itself: before the first boot, and from the last runner ready to
+    // the last result.
+    let first_start = starts.iter().min().copied().unwrap_or(t);
+    let last_end = ends.iter().max().copied().unwrap_or(t);
+    let slowest_boot = last_end.saturating_duration_since(first_start);
+    let coordination = first_start.saturating_duration_since(t)
+        + done
+            .saturating_duration_since(last_end)
+            .saturating_sub(Duration::from_millis(ELASTIC_WORK_MS));
+    let limit = ELASTIC_IDLE * 10;
+    loop {
+        let s = pool.status();
+        if s.ready + s.booting + s.draining == 0 {
+            break;
+        }
+        if done.elapsed() > limit {
+            bail!("the pool did not idle down within {limit:?}: {s:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let back_at_min = done.elapsed();
+    pool.shutdown().await;
+    Ok(Elastic {
+        all_served,
+        slowest_boot,
+        coordination,
+        back_at_min,
+    })
 }
 
 fn ratio(flame: f64, raw: f64, target: &str) -> String {

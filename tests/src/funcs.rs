@@ -154,7 +154,10 @@ pub async fn next_seq() -> u64 {
 /// file to know the work is running.
 #[flame::remote]
 pub async fn mark_then_sleep(path: String, ms: u64) -> u32 {
-    std::fs::write(&path, std::process::id().to_string()).expect("write marker");
+    // Written whole, then renamed: a test never reads a half-written file.
+    let tmp = format!("{path}.tmp");
+    std::fs::write(&tmp, std::process::id().to_string()).expect("write marker");
+    std::fs::rename(&tmp, &path).expect("rename marker");
     tokio::time::sleep(Duration::from_millis(ms)).await;
     std::process::id()
 }

@@ -29,6 +29,10 @@ use tracing::{debug, info, warn};
 use crate::flame::Shared;
 use crate::protocol::{self, ParentAnswer, Reply, RunnerEvent};
 
+/// How long a call on a runner that stopped on purpose still waits for its
+/// reply after the runner's exit is seen.
+const TRAILING_REPLY_GRACE: Duration = Duration::from_millis(500);
+
 /// Pause before booting again after a failed boot, while demand remains.
 const BOOT_RETRY_DEBOUNCE: Duration = Duration::from_secs(1);
 
@@ -318,6 +322,8 @@ struct RunnerLink {
     cancel_subject: String,
     /// Cancelled when the runner goes down; in-flight calls fail at once.
     down: CancellationToken,
+    /// Set when the runner said it is stopping (drains, then exits).
+    stopping: std::sync::atomic::AtomicBool,
     down_reason: OnceLock<String>,
 }
 
@@ -618,15 +624,35 @@ impl PoolInner {
                 runner: &runner,
                 call_id,
             };
+            let reply = self
+                .shared
+                .client
+                .send_request(runner.subject.clone(), request);
+            tokio::pin!(reply);
             let sent = tokio::select! {
-                reply = self.shared.client.send_request(runner.subject.clone(), request) => reply,
+                biased;
+                reply = &mut reply => reply,
                 _ = runner.down.cancelled() => {
                     cancel.disarm();
-                    return Err(Error::RunnerDown {
-                        function: function.to_string(),
-                        runner: runner.id.to_string(),
-                        reason: runner.reason(),
-                    });
+                    // A runner that said it was stopping drained its work and
+                    // sent the last replies before it exited; the exit may
+                    // be seen before they are read. An unexpected death fails
+                    // the call at once.
+                    let trailing = if runner.stopping.load(Ordering::SeqCst) {
+                        tokio::time::timeout(TRAILING_REPLY_GRACE, &mut reply).await.ok()
+                    } else {
+                        None
+                    };
+                    match trailing {
+                        Some(reply) => reply,
+                        None => {
+                            return Err(Error::RunnerDown {
+                                function: function.to_string(),
+                                runner: runner.id.to_string(),
+                                reason: runner.reason(),
+                            })
+                        }
+                    }
                 }
             };
             cancel.disarm();
@@ -766,6 +792,7 @@ impl PoolInner {
                         subject: subject::runner(&self.config.name, &id),
                         cancel_subject: subject::runner_cancel(&self.config.name, &id),
                         down: CancellationToken::new(),
+                        stopping: Default::default(),
                         down_reason: OnceLock::new(),
                     }),
                     ready: Some(ready_tx),
@@ -1088,6 +1115,9 @@ impl PoolInner {
             }
             ParentEvent::Stopping => {
                 st.model.drain(&id);
+                if let Some(entry) = st.runners.get(&id) {
+                    entry.link.stopping.store(true, Ordering::SeqCst);
+                }
                 debug!(pool = %self.config.name, runner = %id, "runner is stopping");
                 ParentAnswer {
                     ok: true,
