@@ -9,7 +9,20 @@
 //! flame.<pool>.parent.<parent_id>.stopping runner -> parent: stopping, send nothing new
 //! ```
 //!
-//! `nats sub 'flame.>'` shows all of it; `nats sub 'flame.<pool>.>'` one pool.
+//! Shared pools (several parents, one pool) add:
+//!
+//! ```text
+//! flame.<pool>.runner.<runner_id>.control  scaler -> runner: `retire` (drain and exit)
+//! flame.<pool>.alive                       runner -> any parent (queue group): still there?
+//! KV bucket flame-<pool>:
+//!   runners.<runner_id>   runner lease: state, build, capacity, load, handle
+//!   parents.<parent_id>   parent lease: callers waiting for a slot
+//!   scaler                the parent that boots and retires runners
+//!   slots                 runner ids counted against max (compare-and-set)
+//! ```
+//!
+//! `nats sub 'flame.>'` shows all of it; `nats sub 'flame.<pool>.>'` one pool;
+//! `nats kv watch flame-<pool>` the shared state.
 
 use crate::Error;
 
@@ -44,6 +57,43 @@ pub fn runner(pool: &str, runner_id: &str) -> String {
 pub fn runner_cancel(pool: &str, runner_id: &str) -> String {
     format!("{ROOT}.{pool}.runner.{runner_id}.cancel")
 }
+
+/// Subject a shared pool's scaler sends control messages to a runner on.
+pub fn runner_control(pool: &str, runner_id: &str) -> String {
+    format!("{ROOT}.{pool}.runner.{runner_id}.control")
+}
+
+/// Subject runners of a shared pool ask "is any parent alive?" on.
+pub fn alive(pool: &str) -> String {
+    format!("{ROOT}.{pool}.alive")
+}
+
+/// Queue group of the parents answering [`alive`].
+pub const ALIVE_QUEUE: &str = "parents";
+
+/// JetStream KV bucket of a shared pool.
+pub fn bucket(pool: &str) -> String {
+    format!("{ROOT}-{pool}")
+}
+
+/// KV key of a runner's lease.
+pub fn runner_key(runner_id: &str) -> String {
+    format!("runners.{runner_id}")
+}
+
+/// KV key of a parent's lease.
+pub fn parent_key(parent_id: &str) -> String {
+    format!("parents.{parent_id}")
+}
+
+/// KV key naming the scaler.
+pub const SCALER_KEY: &str = "scaler";
+
+/// KV key with the runner ids counted against `max`.
+pub const SLOTS_KEY: &str = "slots";
+
+/// Control message telling a runner to drain and exit.
+pub const CONTROL_RETIRE: &str = "retire";
 
 /// Wildcard covering every event a parent receives from its runners.
 pub fn parent_events(pool: &str, parent_id: &str) -> String {

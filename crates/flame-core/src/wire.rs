@@ -147,6 +147,10 @@ pub struct ParentInfo {
     /// Registered name of the function an idle runner asks before stopping.
     #[serde(default)]
     pub idle_shutdown_check: Option<String>,
+    /// The runner belongs to a shared pool: it keeps a lease in the pool's KV
+    /// bucket, serves any parent of the pool, and is retired by the scaler.
+    #[serde(default)]
+    pub shared: bool,
 }
 
 impl ParentInfo {
@@ -256,6 +260,7 @@ mod tests {
             heartbeat_ms: 500,
             single_use: true,
             idle_shutdown_check: Some("app::may_stop".into()),
+            shared: false,
         };
         assert_eq!(
             ParentInfo::from_env_value(&info.to_env_value()).unwrap(),

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use flame_core::{build_id, wire, Error, ParentInfo, Registry};
 
-use crate::connect::{connect, NATS_URL_ENV};
+use crate::connect::{connect_watched, ConnectionEvents, NATS_URL_ENV};
 use crate::embedded::NatsServer;
 use crate::pool::PoolBuilder;
 
@@ -16,6 +16,7 @@ pub(crate) struct Shared {
     pub(crate) nats_url: String,
     pub(crate) parent_id: String,
     pub(crate) build_id: Arc<str>,
+    pub(crate) events: ConnectionEvents,
     /// Kept alive as long as any pool uses it.
     _embedded: Option<NatsServer>,
 }
@@ -105,13 +106,15 @@ impl FlameBuilder {
                 .map_err(|e| Error::Config(e.to_string()))?
                 .into(),
         };
-        let client = connect(&nats_url, format!("flame parent {parent_id}"), timeout).await?;
+        let (client, events) =
+            connect_watched(&nats_url, format!("flame parent {parent_id}"), timeout).await?;
         Ok(Flame {
             shared: Arc::new(Shared {
                 client,
                 nats_url,
                 parent_id,
                 build_id,
+                events,
                 _embedded: embedded,
             }),
         })

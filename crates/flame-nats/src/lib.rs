@@ -7,6 +7,8 @@
 mod connect;
 pub mod embedded;
 mod flame;
+mod fleet;
+mod kv;
 mod pool;
 mod protocol;
 mod runner;

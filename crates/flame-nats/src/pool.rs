@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::flame::Shared;
+use crate::fleet::Fleet;
 use crate::protocol::{self, ParentAnswer, Reply, RunnerEvent};
 
 /// How long a call on a runner that stopped on purpose still waits for its
@@ -132,6 +133,10 @@ impl PoolBuilder {
         heartbeat: Duration,
         /// Each runner takes one call or cast, then stops (default false).
         single_use: bool,
+        /// Share the pool with every parent on the NATS server that uses
+        /// this name, coordinated through the KV bucket `flame-<name>`
+        /// (default false).
+        shared: bool,
     }
 
     /// Runs `F` on an idle runner before it stops; it stops only if `F`
@@ -213,6 +218,13 @@ impl PoolBuilder {
             .flush()
             .await
             .map_err(|e| Error::Nats(e.to_string()))?;
+        let fleet = if config.shared {
+            Some(Arc::new(
+                Fleet::open(&self.shared.client, &config.name).await?,
+            ))
+        } else {
+            None
+        };
         let mut model = PoolModel::new(config.min, config.max, config.max_concurrency);
         if config.single_use {
             model = model.single_use();
@@ -232,6 +244,7 @@ impl PoolBuilder {
                 .unwrap_or_else(|| Arc::new(LocalBackend::new())),
             forwarded,
             hooks: self.hooks,
+            fleet: fleet.clone(),
             next_call: AtomicU64::new(0),
             closed: CancellationToken::new(),
             changed: Notify::new(),
@@ -239,7 +252,12 @@ impl PoolBuilder {
             config,
         });
         tokio::spawn(inner.clone().listen(events));
-        tokio::spawn(inner.clone().watch_heartbeats());
+        match &fleet {
+            Some(fleet) => fleet.start(inner.clone()).await?,
+            None => {
+                tokio::spawn(inner.clone().watch_heartbeats());
+            }
+        }
         let pool = Pool {
             inner: inner.clone(),
             _owner: Arc::new(Owner(inner.clone())),
@@ -273,16 +291,18 @@ impl Drop for Owner {
 }
 
 #[derive(Debug)]
-struct PoolInner {
-    config: PoolConfig,
-    shared: Arc<Shared>,
-    backend: Arc<dyn Backend>,
+pub(crate) struct PoolInner {
+    pub(crate) config: PoolConfig,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) backend: Arc<dyn Backend>,
     forwarded: Vec<(String, String)>,
-    hooks: Hooks,
+    pub(crate) hooks: Hooks,
+    /// Set for shared pools: the KV-coordinated part.
+    fleet: Option<Arc<Fleet>>,
     /// Numbers linked calls, so that a caller can cancel its own.
     next_call: AtomicU64,
     model: Mutex<State>,
-    closed: CancellationToken,
+    pub(crate) closed: CancellationToken,
     /// Woken when a runner becomes ready or fails to boot.
     changed: Notify,
 }
@@ -629,9 +649,21 @@ impl PoolInner {
                 .client
                 .send_request(runner.subject.clone(), request);
             tokio::pin!(reply);
+            let mut disconnects = self.shared.events.disconnects.clone();
+            disconnects.mark_unchanged();
             let sent = tokio::select! {
                 biased;
                 reply = &mut reply => reply,
+                _ = disconnects.changed() => {
+                    cancel.disarm();
+                    return Err(Error::NatsUnreachable {
+                        url: self.shared.nats_url.clone(),
+                        reason: format!(
+                            "the connection was lost while `{function}` ran on runner {}; its result is lost",
+                            runner.id
+                        ),
+                    });
+                }
                 _ = runner.down.cancelled() => {
                     cancel.disarm();
                     // A runner that said it was stopping drained its work and
@@ -770,6 +802,11 @@ impl PoolInner {
         if st.closed {
             return;
         }
+        if let Some(fleet) = &self.fleet {
+            // The scaler boots for everyone; tell it about our callers.
+            fleet.demand_changed.notify_one();
+            return;
+        }
         let n = st.model.boots_needed();
         if n == 0 {
             return;
@@ -805,12 +842,9 @@ impl PoolInner {
         }
     }
 
-    async fn boot(self: Arc<Self>, id: RunnerId, ready: oneshot::Receiver<()>, runners: usize) {
-        let started = Instant::now();
-        self.hooks.fire(PoolEvent::GrowStart {
-            pool: self.config.name.clone(),
-            runners,
-        });
+    /// The environment of a new runner: `FLAME_PARENT` and the forwarded
+    /// variables.
+    pub(crate) fn runner_env(&self, id: &str) -> Vec<(String, String)> {
         let info = ParentInfo {
             parent_id: self.shared.parent_id.clone(),
             pool: self.config.name.clone(),
@@ -824,10 +858,24 @@ impl PoolInner {
             heartbeat_ms: self.config.heartbeat.as_millis() as u64,
             single_use: self.config.single_use,
             idle_shutdown_check: self.config.idle_shutdown_check.map(str::to_string),
+            shared: self.config.shared,
         };
         let mut env = vec![(wire::PARENT_ENV.to_string(), info.to_env_value())];
         env.extend(self.forwarded.iter().cloned());
-        let spec = BootSpec::new(self.config.name.clone(), id.to_string(), env);
+        env
+    }
+
+    async fn boot(self: Arc<Self>, id: RunnerId, ready: oneshot::Receiver<()>, runners: usize) {
+        let started = Instant::now();
+        self.hooks.fire(PoolEvent::GrowStart {
+            pool: self.config.name.clone(),
+            runners,
+        });
+        let spec = BootSpec::new(
+            self.config.name.clone(),
+            id.to_string(),
+            self.runner_env(&id),
+        );
         let pool = self.config.name.clone();
         debug!(%pool, runner = %id, "booting runner");
 
@@ -953,6 +1001,90 @@ impl PoolInner {
                 reason,
             });
         }
+    }
+
+    /// Shared pools: a runner lease appeared or changed.
+    pub(crate) fn lease_seen(self: &Arc<Self>, lease: &flame_core::pool::lease::RunnerLease) {
+        use flame_core::pool::lease::LeaseState;
+        let id: RunnerId = Arc::from(lease.runner.as_str());
+        let handoffs: Vec<Handoff> = {
+            let mut st = self.model.lock().unwrap();
+            if st.closed {
+                return;
+            }
+            if !st.runners.contains_key(&id) {
+                if lease.state == LeaseState::Draining {
+                    return;
+                }
+                st.model.add_booting(id.clone());
+                st.runners.insert(
+                    id.clone(),
+                    RunnerEntry {
+                        link: Arc::new(RunnerLink {
+                            id: id.clone(),
+                            subject: subject::runner(&self.config.name, &id),
+                            cancel_subject: subject::runner_cancel(&self.config.name, &id),
+                            down: CancellationToken::new(),
+                            stopping: Default::default(),
+                            down_reason: OnceLock::new(),
+                        }),
+                        ready: None,
+                        stopper: None,
+                        last_heard: Instant::now(),
+                    },
+                );
+            }
+            match lease.state {
+                LeaseState::Booting => Vec::new(),
+                LeaseState::Ready if lease.build != *self.shared.build_id => {
+                    // Another build: never place calls there.
+                    debug!(pool = %self.config.name, runner = %id, build = %lease.build, "runner of another build in the shared pool; not using it");
+                    st.model.drain(&id);
+                    Vec::new()
+                }
+                LeaseState::Ready => {
+                    let handed = st.model.runner_ready(&id).unwrap_or_default();
+                    handed
+                        .into_iter()
+                        .filter_map(|(w, r)| st.lease_for(self, w, &r))
+                        .collect()
+                }
+                LeaseState::Draining => {
+                    st.model.drain(&id);
+                    if let Some(entry) = st.runners.get(&id) {
+                        entry.link.stopping.store(true, Ordering::SeqCst);
+                    }
+                    Vec::new()
+                }
+            }
+        };
+        if !handoffs.is_empty() {
+            deliver(handoffs);
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Shared pools: a runner's lease was removed.
+    pub(crate) fn lease_gone(self: &Arc<Self>, id: &str) {
+        self.lease_gone_because(id, "its lease was removed");
+    }
+
+    /// Shared pools: a runner is gone, for this reason.
+    pub(crate) fn lease_gone_because(self: &Arc<Self>, id: &str, why: &str) {
+        let id: RunnerId = Arc::from(id);
+        if self.model.lock().unwrap().runners.contains_key(&id) {
+            self.runner_gone(&id, format!("runner stopped: {why}"));
+        }
+    }
+
+    /// Callers of this parent waiting for a slot.
+    pub(crate) fn waiting(&self) -> usize {
+        self.model.lock().unwrap().model.waiting()
+    }
+
+    /// Current `min` and `max`.
+    pub(crate) fn limits(&self) -> (usize, usize) {
+        self.model.lock().unwrap().model.limits()
     }
 
     /// Counts a runner as down when it has not pinged for two heartbeat

@@ -17,18 +17,20 @@ use std::time::Duration;
 
 use async_nats::service::{self, ServiceExt};
 use bytes::Bytes;
+use flame_core::pool::lease::{LeaseState, RunnerLease};
 use flame_core::registry::{Handler, Invocation, InvokeError, Registry};
 use flame_core::subject::{self, ParentEvent};
 use flame_core::wire::{self, ErrorKind, ParentInfo};
 use flame_core::{build_id, Error};
 use futures::{FutureExt, StreamExt};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::connect::connect;
+use crate::kv;
 use crate::protocol::{error_headers, ParentAnswer, RunnerEvent};
 
 /// Why a runner stops; decides whether in-flight work may finish.
@@ -92,15 +94,110 @@ struct Runner {
     /// Milliseconds since `started` when the parent last answered a ping;
     /// negative once it said it no longer knows this runner.
     parent_heard_ms: AtomicI64,
+    /// One permit per concurrent call: the runner itself never runs more
+    /// than `max_concurrency` calls, whatever its parents believe (in a
+    /// shared pool, parents place calls without seeing each other's).
+    permits: Arc<Semaphore>,
+    /// Calls waiting for a permit.
+    queued: AtomicUsize,
+    /// Woken when calls start queueing, so the lease shows it soon.
+    lease_dirty: Notify,
+    /// The runner's lease, in a shared pool.
+    lease: tokio::sync::Mutex<Option<LeaseKeeper>>,
 }
 
-/// Counts a call as in flight while alive; the count also drops when the
-/// call's task is aborted (cancelled by its caller).
-struct InFlight(Arc<Runner>);
+/// Counts a call as in flight while alive, holding its permit; both are
+/// given back when the call's task is aborted (cancelled by its caller).
+struct InFlight {
+    runner: Arc<Runner>,
+    _permit: OwnedSemaphorePermit,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.end();
+        self.runner.end();
+    }
+}
+
+/// Counts a call waiting for a permit.
+struct Queued<'a>(&'a Runner);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A shared pool runner's lease in the KV bucket, renewed with
+/// compare-and-set so that a lease the scaler removed is never brought back.
+struct LeaseKeeper {
+    store: async_nats::jetstream::kv::Store,
+    key: String,
+    revision: u64,
+    lease: RunnerLease,
+}
+
+impl LeaseKeeper {
+    /// Finds the lease the scaler wrote before booting this runner.
+    async fn open(client: &async_nats::Client, info: &ParentInfo) -> Result<LeaseKeeper, Error> {
+        let store = kv::open_bucket(client, &info.pool).await?;
+        let key = subject::runner_key(&info.runner_id);
+        let (lease, revision) = kv::read::<RunnerLease>(&store, &key)
+            .await?
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "no lease {key} in the pool's bucket: the scaler gave up on this runner"
+                ))
+            })?;
+        Ok(LeaseKeeper {
+            store,
+            key,
+            revision,
+            lease,
+        })
+    }
+
+    /// Writes a change. `Ok(false)` when the lease is gone (the scaler
+    /// removed it): the runner must stop.
+    async fn write(&mut self, change: impl Fn(&mut RunnerLease)) -> Result<bool, Error> {
+        use async_nats::jetstream::kv::UpdateErrorKind;
+        for _ in 0..5 {
+            change(&mut self.lease);
+            self.lease.beat += 1;
+            match self
+                .store
+                .update(&self.key, kv::to_json(&self.lease), self.revision)
+                .await
+            {
+                Ok(revision) => {
+                    self.revision = revision;
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
+                    // The scaler wrote the handle meanwhile, or removed the lease.
+                    match kv::read::<RunnerLease>(&self.store, &self.key).await? {
+                        Some((stored, revision)) => {
+                            self.lease.handle = stored.handle;
+                            self.lease.booted_by = stored.booted_by;
+                            self.revision = revision;
+                        }
+                        None => return Ok(false),
+                    }
+                }
+                Err(e) => return Err(Error::Nats(format!("cannot renew lease: {e}"))),
+            }
+        }
+        Err(Error::Nats("cannot renew lease: too many conflicts".into()))
+    }
+
+    /// Removes the lease and frees the runner's slot.
+    async fn remove(&self) {
+        if let Err(e) = self.store.delete(&self.key).await {
+            debug!("cannot delete lease: {e}");
+        }
+        if let Err(e) = kv::free_slot(&self.store, &self.lease.runner).await {
+            debug!("cannot free slot: {e}");
+        }
     }
 }
 
@@ -191,6 +288,18 @@ async fn run(info: ParentInfo) -> Result<String, Error> {
         .subscribe(subject::runner_cancel(&info.pool, &info.runner_id))
         .await
         .map_err(|e| Error::Nats(format!("cannot subscribe: {e}")))?;
+    let mut control = client
+        .subscribe(subject::runner_control(&info.pool, &info.runner_id))
+        .await
+        .map_err(|e| Error::Nats(format!("cannot subscribe: {e}")))?;
+    let lease = if info.shared {
+        let keeper = tokio::time::timeout_at(failsafe_deadline, LeaseKeeper::open(&client, &info))
+            .await
+            .map_err(|_| Error::Config("failsafe: cannot read this runner's lease".into()))??;
+        Some(keeper)
+    } else {
+        None
+    };
     // Subscribed and flushed before announcing: no call can miss us.
     client
         .flush()
@@ -213,8 +322,16 @@ async fn run(info: ParentInfo) -> Result<String, Error> {
         draining: AtomicBool::new(false),
         work_done: Notify::new(),
         parent_heard_ms: AtomicI64::new(0),
+        permits: Arc::new(Semaphore::new(max_concurrency.max(1))),
+        queued: AtomicUsize::new(0),
+        lease_dirty: Notify::new(),
+        lease: tokio::sync::Mutex::new(lease),
     });
-    runner.announce_ready(failsafe_deadline).await?;
+    if runner.info.shared {
+        runner.announce_ready_in_lease().await?;
+    } else {
+        runner.announce_ready(failsafe_deadline).await?;
+    }
     debug!(runner = %runner.info.runner_id, "runner ready");
 
     let stop_token = CancellationToken::new();
@@ -233,6 +350,13 @@ async fn run(info: ParentInfo) -> Result<String, Error> {
             Some(msg) = cancels.next() => {
                 if cancellable.cancel(&msg.payload) {
                     debug!(runner = %runner.info.runner_id, "call cancelled by its caller");
+                }
+            }
+            Some(msg) = control.next() => {
+                if &msg.payload[..] == subject::CONTROL_RETIRE.as_bytes() {
+                    *stop_reason.lock().unwrap() =
+                        Some(Stop::Drain("retired by the scaler".into()));
+                    break;
                 }
             }
             request = endpoint.next() => match request {
@@ -268,9 +392,20 @@ async fn run(info: ParentInfo) -> Result<String, Error> {
     let _ = service.stop().await;
     let reason = match stop {
         Stop::Drain(reason) => {
-            // Tell the parent first, so it places nothing new here.
+            // Tell the parents first, so they place nothing new here.
             let heartbeat = Duration::from_millis(runner.info.heartbeat_ms);
-            runner.ask_parent(ParentEvent::Stopping, 0, heartbeat).await;
+            if runner.info.shared {
+                let mut lease = runner.lease.lock().await;
+                if let Some(keeper) = lease.as_mut() {
+                    let _ = tokio::time::timeout(
+                        heartbeat,
+                        keeper.write(|l| l.state = LeaseState::Draining),
+                    )
+                    .await;
+                }
+            } else {
+                runner.ask_parent(ParentEvent::Stopping, 0, heartbeat).await;
+            }
             runner.drain(&mut cancels, &mut cancellable).await;
             reason
         }
@@ -282,6 +417,9 @@ async fn run(info: ParentInfo) -> Result<String, Error> {
             reason
         }
     };
+    if let Some(keeper) = runner.lease.lock().await.as_ref() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), keeper.remove()).await;
+    }
     let _ = tokio::time::timeout(Duration::from_secs(1), runner.client.flush()).await;
     Ok(reason)
 }
@@ -311,13 +449,25 @@ async fn lifecycle(runner: Arc<Runner>, stop: CancellationToken, reason: Arc<Mut
                 // down after two intervals.
                 let r = runner.clone();
                 tokio::spawn(async move {
-                    match r.ask_parent(ParentEvent::Ping, 0, heartbeat).await {
+                    let answer = if r.info.shared {
+                        // Any parent of the pool will do.
+                        r.ask_any_parent(heartbeat).await
+                    } else {
+                        r.ask_parent(ParentEvent::Ping, 0, heartbeat).await
+                    };
+                    match answer {
                         Some(true) => r.heard_parent(),
                         Some(false) => r.parent_heard_ms.store(-1, Ordering::SeqCst),
                         None => {}
                     }
+                    if r.info.shared && !r.renew_lease().await {
+                        r.parent_heard_ms.store(-2, Ordering::SeqCst);
+                    }
                 });
                 let heard = runner.parent_heard_ms.load(Ordering::SeqCst);
+                if heard == -2 {
+                    break Stop::Abandoned("the scaler removed this runner's lease".to_string());
+                }
                 if heard < 0 {
                     break Stop::Abandoned("the parent no longer knows this runner".to_string());
                 }
@@ -326,7 +476,14 @@ async fn lifecycle(runner: Arc<Runner>, stop: CancellationToken, reason: Arc<Mut
                     break Stop::Abandoned(format!("no word from the parent for {silent:?}"));
                 }
             }
-            _ = idle.tick() => {
+            _ = runner.lease_dirty.notified(), if runner.info.shared => {
+                // Callers started queueing here: show the scaler now (at
+                // most every 20 ms).
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let r = runner.clone();
+                tokio::spawn(async move { r.renew_lease().await });
+            }
+            _ = idle.tick(), if !runner.info.shared => {
                 if runner.counters.in_flight.load(Ordering::SeqCst) > 0 {
                     continue;
                 }
@@ -349,6 +506,82 @@ async fn lifecycle(runner: Arc<Runner>, stop: CancellationToken, reason: Arc<Mut
 }
 
 impl Runner {
+    /// Shared pools: marks the lease ready, which every parent's KV watch
+    /// sees.
+    async fn announce_ready_in_lease(&self) -> Result<(), Error> {
+        let build = self.build.to_string();
+        let mut lease = self.lease.lock().await;
+        let keeper = lease.as_mut().expect("shared runners have a lease");
+        let ok = keeper
+            .write(|l| {
+                l.state = LeaseState::Ready;
+                l.build = build.clone();
+            })
+            .await?;
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::Config(
+                "the scaler removed this runner's lease before it was ready".into(),
+            ))
+        }
+    }
+
+    /// Shared pools: writes load, queue and idle time into the lease. False
+    /// once the lease is gone.
+    async fn renew_lease(&self) -> bool {
+        let idle_for = if self.counters.in_flight.load(Ordering::SeqCst) == 0
+            && self.queued.load(Ordering::SeqCst) == 0
+        {
+            let idle_for = self.idle_for();
+            if idle_for >= self.info.idle_shutdown_after() && !self.idle_check_allows().await {
+                Duration::ZERO
+            } else {
+                idle_for
+            }
+        } else {
+            Duration::ZERO
+        };
+        let load = self.counters.in_flight.load(Ordering::SeqCst);
+        let queued = self.queued.load(Ordering::SeqCst);
+        let mut lease = self.lease.lock().await;
+        let Some(keeper) = lease.as_mut() else {
+            return true;
+        };
+        match keeper
+            .write(|l| {
+                l.load = load;
+                l.queued = queued;
+                l.idle_ms = idle_for.as_millis() as u64;
+            })
+            .await
+        {
+            Ok(alive) => alive,
+            Err(e) => {
+                debug!(runner = %self.info.runner_id, "lease not renewed: {e}");
+                true
+            }
+        }
+    }
+
+    /// Shared pools: asks whether any parent of the pool is alive.
+    async fn ask_any_parent(&self, timeout: Duration) -> Option<bool> {
+        let request = async_nats::Request::new()
+            .payload(Bytes::from(self.info.runner_id.clone()))
+            .timeout(Some(timeout));
+        match self
+            .client
+            .send_request(subject::alive(&self.info.pool), request)
+            .await
+        {
+            Ok(_) => Some(true),
+            Err(e) => {
+                debug!("no parent answered: {e}");
+                None
+            }
+        }
+    }
+
     fn heard_parent(&self) {
         let ms = self.started.elapsed().as_millis() as i64;
         // Never overwrite a refusal (-1).
@@ -480,14 +713,40 @@ impl Runner {
                     return;
                 }
             };
+            let deadline = Instant::now() + timeout;
+            let permit = match self.permits.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    // Full (other parents' calls): wait for a slot, within
+                    // the call's deadline.
+                    self.queued.fetch_add(1, Ordering::SeqCst);
+                    let _queued = Queued(&self);
+                    self.lease_dirty.notify_one();
+                    let permit =
+                        tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned())
+                            .await;
+                    match permit {
+                        Ok(Ok(permit)) => permit,
+                        _ => {
+                            let message = format!(
+                                "deadline of {timeout:?} passed while waiting for a free slot on the runner"
+                            );
+                            self.failed(function, cast, &message);
+                            self.respond_error(&request, ErrorKind::Timeout, message, &[])
+                                .await;
+                            return;
+                        }
+                    }
+                }
+            };
             // Held until the reply is out, so a draining runner does not exit
             // before answering.
-            let in_flight = Arc::new(self.begin());
+            let in_flight = Arc::new(self.begin(permit));
             let outcome = self
                 .execute_holding(
                     handler,
                     request.message.payload.clone(),
-                    timeout,
+                    deadline.saturating_duration_since(Instant::now()),
                     Some(in_flight.clone()),
                 )
                 .await;
@@ -691,11 +950,14 @@ impl Runner {
         self.started.elapsed().saturating_sub(last)
     }
 
-    fn begin(self: &Arc<Self>) -> InFlight {
+    fn begin(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> InFlight {
         let now = self.counters.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.counters.max_in_flight.fetch_max(now, Ordering::SeqCst);
         self.touch();
-        InFlight(self.clone())
+        InFlight {
+            runner: self.clone(),
+            _permit: permit,
+        }
     }
 
     fn end(&self) {

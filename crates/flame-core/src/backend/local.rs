@@ -148,6 +148,39 @@ impl Backend for LocalBackend {
         }
         .boxed()
     }
+
+    /// Kills `pid <n>` with SIGKILL, but only if that process is still the
+    /// runner (its environment names the runner id), never a process that
+    /// reused the pid.
+    fn terminate(&self, handle: &str, runner_id: &str) -> BoxFuture<'static, Result<(), String>> {
+        let handle = handle.to_string();
+        let runner_id = runner_id.to_string();
+        async move {
+            let pid: u32 = handle
+                .strip_prefix("pid ")
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(|| format!("`{handle}` is not a local runner handle"))?;
+            let environ = match std::fs::read(format!("/proc/{pid}/environ")) {
+                Ok(e) => e,
+                // Already gone.
+                Err(_) => return Ok(()),
+            };
+            let needle = format!("\"runner_id\":\"{runner_id}\"");
+            let is_runner = environ
+                .split(|b| *b == 0)
+                .any(|var| var.starts_with(b"FLAME_PARENT=") && contains(var, needle.as_bytes()));
+            if is_runner {
+                tracing::debug!(pid, runner = %runner_id, "terminating runner process");
+                signal(pid, libc::SIGKILL);
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 struct LocalStopper {

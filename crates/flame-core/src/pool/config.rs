@@ -46,6 +46,11 @@ pub struct PoolConfig {
     /// idle runner runs before it stops; it stops only if that returns true.
     /// Set with `PoolBuilder::idle_shutdown_when`. Default `None`.
     pub idle_shutdown_check: Option<&'static str>,
+    /// One pool for every parent on the NATS server that uses this name:
+    /// runners are leased in a JetStream KV bucket, any parent's calls run on
+    /// any runner, and one elected scaler boots and retires them for all.
+    /// Default false (this parent's own runners).
+    pub shared: bool,
 }
 
 impl PoolConfig {
@@ -67,6 +72,7 @@ impl PoolConfig {
             forward_env: Vec::new(),
             single_use: false,
             idle_shutdown_check: None,
+            shared: false,
         }
     }
 

@@ -1,0 +1,112 @@
+//! The JetStream KV bucket of a shared pool: opening it and reading or
+//! changing JSON values with compare-and-set.
+
+use std::time::Duration;
+
+use async_nats::jetstream::kv::{self, Operation, Store};
+use bytes::Bytes;
+use flame_core::pool::lease::Slots;
+use flame_core::{subject, Error};
+use serde::{de::DeserializeOwned, Serialize};
+
+/// Opens the pool's bucket, creating it if needed (the first parent does).
+pub(crate) async fn open_bucket(client: &async_nats::Client, pool: &str) -> Result<Store, Error> {
+    let js = async_nats::jetstream::new(client.clone());
+    let name = subject::bucket(pool);
+    if let Ok(store) = js.get_key_value(&name).await {
+        return Ok(store);
+    }
+    let created = js
+        .create_key_value(kv::Config {
+            bucket: name.clone(),
+            description: format!("flame shared pool {pool}: runner leases, parents, scaler"),
+            history: 1,
+            ..Default::default()
+        })
+        .await;
+    if let Ok(store) = created {
+        return Ok(store);
+    }
+    // Another parent created it meanwhile: open theirs.
+    js.get_key_value(&name)
+        .await
+        .map_err(|e| Error::Nats(format!("cannot open KV bucket {name}: {e}")))
+}
+
+/// Reads a JSON value and its revision. `None` when absent or deleted.
+pub(crate) async fn read<T: DeserializeOwned>(
+    store: &Store,
+    key: &str,
+) -> Result<Option<(T, u64)>, Error> {
+    let entry = store
+        .entry(key)
+        .await
+        .map_err(|e| Error::Nats(format!("cannot read {key}: {e}")))?;
+    Ok(entry.and_then(|e| {
+        if e.operation != Operation::Put {
+            return None;
+        }
+        serde_json::from_slice(&e.value)
+            .ok()
+            .map(|v| (v, e.revision))
+    }))
+}
+
+pub(crate) fn to_json<T: Serialize>(value: &T) -> Bytes {
+    Bytes::from(serde_json::to_vec(value).expect("lease types serialize"))
+}
+
+/// Read-modify-write of a JSON value with compare-and-set, retried on
+/// conflicts. `change` returns false to leave the value as it is. A missing
+/// value starts from `T::default()`. Returns whether a change was written.
+pub(crate) async fn update<T, F>(store: &Store, key: &str, mut change: F) -> Result<bool, Error>
+where
+    T: Serialize + DeserializeOwned + Default,
+    F: FnMut(&mut T) -> bool,
+{
+    for attempt in 0..50 {
+        let current = read::<T>(store, key).await?;
+        let (mut value, revision) = match current {
+            Some((v, r)) => (v, Some(r)),
+            None => (T::default(), None),
+        };
+        if !change(&mut value) {
+            return Ok(false);
+        }
+        let written = match revision {
+            Some(r) => store.update(key, to_json(&value), r).await.is_ok(),
+            None => store.create(key, to_json(&value)).await.is_ok(),
+        };
+        if written {
+            return Ok(true);
+        }
+        // Lost a race: read again, with a little jitter so racers spread.
+        tokio::time::sleep(Duration::from_millis(1 + (attempt % 5))).await;
+    }
+    Err(Error::Nats(format!(
+        "could not update {key}: too many concurrent changes"
+    )))
+}
+
+/// Adds a runner to `slots` if fewer than `max` are counted. False when full.
+pub(crate) async fn take_slot(store: &Store, runner: &str, max: usize) -> Result<bool, Error> {
+    update::<Slots, _>(store, subject::SLOTS_KEY, |slots| {
+        if slots.runners.len() >= max || slots.runners.iter().any(|r| r == runner) {
+            return false;
+        }
+        slots.runners.push(runner.to_string());
+        true
+    })
+    .await
+}
+
+/// Removes a runner from `slots`.
+pub(crate) async fn free_slot(store: &Store, runner: &str) -> Result<(), Error> {
+    update::<Slots, _>(store, subject::SLOTS_KEY, |slots| {
+        let before = slots.runners.len();
+        slots.runners.retain(|r| r != runner);
+        slots.runners.len() != before
+    })
+    .await
+    .map(|_| ())
+}
