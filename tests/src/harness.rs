@@ -312,3 +312,194 @@ impl<B: Backend> Backend for FailingFirst<B> {
         self.inner.boot(spec)
     }
 }
+
+/// Pids of the live runner processes of a pool, found by the pool name in
+/// their `FLAME_PARENT` variable.
+pub fn runner_pids(pool: &str) -> Vec<u32> {
+    let needle = format!("\"pool\":\"{pool}\"");
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+                return false;
+            };
+            environ.split(|b| *b == 0).any(|var| {
+                var.starts_with(b"FLAME_PARENT=")
+                    && var.windows(needle.len()).any(|w| w == needle.as_bytes())
+            })
+        })
+        .filter(|pid| process_alive(*pid))
+        .collect()
+}
+
+/// Watches a pool's runner processes from a thread and keeps the most seen
+/// alive at once.
+pub struct RunnerSampler {
+    peak: Arc<AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunnerSampler {
+    /// Starts sampling the runners of `pool`.
+    pub fn start(pool: &str) -> RunnerSampler {
+        let peak = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (p, s, pool) = (peak.clone(), stop.clone(), pool.to_string());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                p.fetch_max(runner_pids(&pool).len(), Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        RunnerSampler {
+            peak,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Most runners seen alive at once so far.
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for RunnerSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What a `shared-parent` test app printed when its calls were done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentReport {
+    /// Calls that succeeded.
+    pub ok: usize,
+    /// Calls that failed.
+    pub failed: usize,
+    /// Highest runner-side concurrency any call reported.
+    pub peak: usize,
+    /// Runner pids that served its calls.
+    pub pids: Vec<u32>,
+}
+
+/// A parent process of a shared pool (`flame-testapp shared-parent`),
+/// killed on drop.
+pub struct SharedParent {
+    /// The process.
+    pub child: tokio::process::Child,
+    /// Its parent id.
+    pub parent_id: String,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// Calls done so far, from its progress lines.
+    pub progress: usize,
+}
+
+impl SharedParent {
+    /// Starts a parent of `pool` on the server at `url` and waits until it is
+    /// ready. `calls` 0 runs until killed.
+    pub async fn start(
+        url: &str,
+        pool: &str,
+        (max, max_concurrency): (usize, usize),
+        (callers, calls, ms): (usize, usize, u64),
+        extra_env: &[(&str, &str)],
+    ) -> SharedParent {
+        use tokio::io::AsyncBufReadExt;
+        let mut cmd = tokio::process::Command::new(testapp());
+        cmd.arg("shared-parent")
+            .arg(pool)
+            .args([max, max_concurrency, callers, calls].map(|n| n.to_string()))
+            .arg(ms.to_string())
+            .env(flame::NATS_URL_ENV, url)
+            .env(flame::BUILD_ID_ENV, crate::TEST_BUILD)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn shared parent");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut reader = tokio::io::BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let first = tokio::time::timeout(Duration::from_secs(60), lines.recv())
+            .await
+            .expect("parent ready in time")
+            .expect("parent printed nothing");
+        let parent_id = first
+            .strip_prefix("ready ")
+            .unwrap_or_else(|| panic!("unexpected first line: {first}"))
+            .to_string();
+        SharedParent {
+            child,
+            parent_id,
+            lines,
+            progress: 0,
+        }
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// Reads output until the calls are done (or `limit` passes).
+    pub async fn done(&mut self, limit: Duration) -> ParentReport {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let line = tokio::time::timeout_at(deadline, self.lines.recv())
+                .await
+                .expect("parent finished in time")
+                .expect("parent exited before it was done");
+            if let Some(rest) = line.strip_prefix("done ") {
+                let f: Vec<&str> = rest.split(' ').collect();
+                return ParentReport {
+                    ok: f[0].parse().unwrap(),
+                    failed: f[1].parse().unwrap(),
+                    peak: f[2].parse().unwrap(),
+                    pids: f
+                        .get(3)
+                        .map(|p| p.split(',').filter_map(|x| x.parse().ok()).collect())
+                        .unwrap_or_default(),
+                };
+            }
+            self.note(&line);
+        }
+    }
+
+    /// Waits until the parent has completed `n` calls in all.
+    pub async fn progressed_to(&mut self, n: usize, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.progress < n {
+            let line = tokio::time::timeout_at(deadline, self.lines.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("parent stuck at {} calls, waiting for {n}", self.progress)
+                })
+                .expect("parent exited");
+            self.note(&line);
+        }
+    }
+
+    fn note(&mut self, line: &str) {
+        if let Some(rest) = line.strip_prefix("progress ") {
+            if let Some(ok) = rest.split(' ').next().and_then(|n| n.parse().ok()) {
+                self.progress = self.progress.max(ok);
+            }
+        }
+    }
+}

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use flame::{CallOptions, Flame};
 use flame_tests::funcs::*;
-use flame_tests::harness::{runner_backend, wait_for, TestEnv};
+use flame_tests::harness::{
+    kill9, process_alive, runner_backend, runner_pids, wait_for, RunnerSampler, SharedParent,
+    TestEnv,
+};
 use flame_tests::TEST_BUILD;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -58,6 +61,311 @@ async fn two_parents_share_one_pool() {
     wait_for("both parents to see the same runners", LONG, || async {
         let (sa, sb) = (a.status(), b.status());
         (sa.ready >= 1 && sa.ready == sb.ready).then_some(())
+    })
+    .await;
+}
+
+async fn bucket(env: &TestEnv, pool: &str) -> async_nats::jetstream::kv::Store {
+    async_nats::jetstream::new(env.client().await)
+        .get_key_value(format!("flame-{pool}"))
+        .await
+        .expect("the pool's bucket")
+}
+
+/// The parent id the `scaler` key names, if any.
+async fn scaler_of(store: &async_nats::jetstream::kv::Store) -> Option<String> {
+    let entry = store.entry("scaler").await.ok()??;
+    if entry.operation != async_nats::jetstream::kv::Operation::Put {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&entry.value).ok()?;
+    v["parent"].as_str().map(str::to_string)
+}
+
+/// Runner leases in the bucket.
+async fn lease_count(store: &async_nats::jetstream::kv::Store) -> usize {
+    use futures::StreamExt;
+    let Ok(keys) = store.keys().await else {
+        return 0;
+    };
+    keys.filter_map(|k| async move { k.ok() })
+        .filter(|k| futures::future::ready(k.starts_with("runners.")))
+        .count()
+        .await
+}
+
+#[tokio::test]
+async fn four_parent_processes_never_exceed_max_runners_or_max_concurrency() {
+    let env = TestEnv::start().await;
+    let sampler = RunnerSampler::start("caps");
+    let (max, mc) = (3, 4);
+    let mut parents = Vec::new();
+    for _ in 0..4 {
+        parents.push(
+            SharedParent::start(&env.server.url(), "caps", (max, mc), (24, 240, 5), &[]).await,
+        );
+    }
+    let mut served = 0;
+    for p in &mut parents {
+        let report = p.done(Duration::from_secs(120)).await;
+        assert_eq!(report.failed, 0, "{report:?}");
+        // Counted on the runners: never more than max_concurrency at once.
+        assert!(
+            report.peak <= mc,
+            "a runner ran {} calls at once",
+            report.peak
+        );
+        assert!(report.pids.len() <= max, "{report:?}");
+        served += report.ok;
+    }
+    assert_eq!(served, 4 * 240);
+    // Counted as processes: never more than max alive at once.
+    assert!(
+        sampler.peak() <= max,
+        "{} runner processes at once",
+        sampler.peak()
+    );
+    assert!(sampler.peak() >= 1);
+}
+
+#[tokio::test]
+async fn scaler_failover_after_sigkill_keeps_calls_served() {
+    let env = TestEnv::start().await;
+    let url = env.server.url();
+    let mut parents = Vec::new();
+    for _ in 0..3 {
+        parents.push(SharedParent::start(&url, "failover", (2, 4), (4, 0, 20), &[]).await);
+    }
+    let store = bucket(&env, "failover").await;
+    let old = wait_for("a scaler", LONG, || scaler_of(&store)).await;
+    for p in &mut parents {
+        p.progressed_to(50, LONG).await;
+    }
+    let at = parents
+        .iter()
+        .position(|p| p.parent_id == old)
+        .expect("the scaler is one of the parents");
+    let mut victim = parents.remove(at);
+    let killed = tokio::time::Instant::now();
+    kill9(victim.pid());
+    victim.child.wait().await.unwrap();
+    // Another parent takes over within one lease period (3 heartbeats of
+    // 300 ms), with slack for a loaded machine.
+    let new = wait_for("a new scaler", Duration::from_secs(20), || async {
+        scaler_of(&store).await.filter(|s| *s != old)
+    })
+    .await;
+    eprintln!("failover took {:?}", killed.elapsed());
+    assert!(parents.iter().any(|p| p.parent_id == new));
+    // The survivors keep being served.
+    for p in &mut parents {
+        let target = p.progress + 100;
+        p.progressed_to(target, LONG).await;
+    }
+    // And the pool is within its limits.
+    assert!(runner_pids("failover").len() <= 2);
+}
+
+#[tokio::test]
+async fn runner_outlives_its_booting_parent_while_another_parent_lives() {
+    let env = TestEnv::start().await;
+    let url = env.server.url();
+    // The process parent starts first: it becomes the scaler and boots the
+    // runner.
+    let mut first = SharedParent::start(
+        &url,
+        "outlive",
+        (1, 4),
+        (1, 50, 1),
+        &[("FLAME_TEST_MIN", "1")],
+    )
+    .await;
+    let report = first.done(LONG).await;
+    assert_eq!(report.pids.len(), 1, "{report:?}");
+    let runner = report.pids[0];
+    let heartbeat = Duration::from_millis(300);
+    let pool = env
+        .flame
+        .pool("outlive")
+        .shared(true)
+        .min(1)
+        .max(1)
+        .max_concurrency(4)
+        .heartbeat(heartbeat)
+        .parent_grace(heartbeat * 6)
+        .backend(runner_backend())
+        .start()
+        .await
+        .unwrap();
+    kill9(first.pid());
+    first.child.wait().await.unwrap();
+    // Well past the runner's grace period, it still serves this parent.
+    for _ in 0..10 {
+        let at = pool
+            .call_with::<counted_sleep>((100,), CallOptions::new().timeout(LONG))
+            .await
+            .unwrap();
+        assert_eq!(at.pid, runner, "served by the first runner");
+    }
+    assert!(process_alive(runner));
+    // Once no parent is left, it exits after its grace period.
+    drop(pool);
+    drop(env);
+    wait_for("the runner to exit", Duration::from_secs(20), || async {
+        (!process_alive(runner)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn dead_runner_fails_calls_in_every_parent_and_its_lease_is_reaped() {
+    let env = TestEnv::start().await;
+    let second = another_parent(&env).await;
+    let build = |flame: &Flame| {
+        flame
+            .pool("reap")
+            .shared(true)
+            .min(1)
+            .max(1)
+            .heartbeat(Duration::from_millis(300))
+            .backend(runner_backend())
+    };
+    let a = build(&env.flame).start().await.unwrap();
+    let b = build(&second).start().await.unwrap();
+    let store = bucket(&env, "reap").await;
+    let dir = tempfile::tempdir().unwrap();
+    let marks: Vec<String> = (0..2)
+        .map(|i| {
+            dir.path()
+                .join(format!("m{i}"))
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    let calls: Vec<_> = [&a, &b]
+        .into_iter()
+        .zip(&marks)
+        .map(|(pool, m)| {
+            let (pool, m) = (pool.clone(), m.clone());
+            tokio::spawn(async move {
+                pool.call_with::<mark_then_sleep>((m, 120_000), CallOptions::new().timeout(LONG))
+                    .await
+            })
+        })
+        .collect();
+    for m in &marks {
+        wait_for("both calls to run", LONG, || async {
+            std::path::Path::new(m).exists().then_some(())
+        })
+        .await;
+    }
+    let pid: u32 = std::fs::read_to_string(&marks[0]).unwrap().parse().unwrap();
+    kill9(pid);
+    for call in calls {
+        let err = tokio::time::timeout(Duration::from_secs(20), call)
+            .await
+            .expect("calls in both parents fail long before their timeout")
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(err, flame::Error::RunnerDown { .. }), "{err:?}");
+    }
+    // The lease is gone and min is restored by a new runner.
+    let next = flame::call!(a, whereabouts()).await.unwrap();
+    assert_ne!(next.pid, pid);
+    wait_for("one lease", LONG, || async {
+        (lease_count(&store).await == 1).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn idle_runners_beyond_min_are_retired_and_their_leases_removed() {
+    let env = TestEnv::start().await;
+    let pool = env
+        .flame
+        .pool("retire")
+        .shared(true)
+        .min(1)
+        .max(3)
+        .max_concurrency(1)
+        .idle_shutdown_after(Duration::from_millis(300))
+        .heartbeat(Duration::from_millis(300))
+        .backend(runner_backend())
+        .start()
+        .await
+        .unwrap();
+    let store = bucket(&env, "retire").await;
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                pool.call_with::<counted_sleep>((500,), CallOptions::new().timeout(LONG))
+                    .await
+            })
+        })
+        .collect();
+    let mut pids = HashSet::new();
+    for c in calls {
+        pids.insert(c.await.unwrap().unwrap().pid);
+    }
+    assert_eq!(pids.len(), 3, "grew to three runners");
+    wait_for("the pool back at min", LONG, || async {
+        let alive = pids.iter().filter(|p| process_alive(**p)).count();
+        (alive == 1 && lease_count(&store).await == 1 && pool.status().ready == 1).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn nats_restart_fails_in_flight_calls_and_the_pool_recovers() {
+    let mut env = TestEnv::start().await;
+    let pool = env
+        .flame
+        .pool("restart")
+        .shared(true)
+        .min(1)
+        .max(2)
+        .heartbeat(Duration::from_millis(300))
+        .parent_grace(Duration::from_secs(5))
+        .backend(runner_backend())
+        .start()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mark = dir.path().join("m").to_string_lossy().into_owned();
+    let call = tokio::spawn({
+        let pool = pool.clone();
+        let mark = mark.clone();
+        async move {
+            pool.call_with::<mark_then_sleep>((mark, 120_000), CallOptions::new().timeout(LONG))
+                .await
+        }
+    });
+    wait_for("the call to run", LONG, || async {
+        std::path::Path::new(&mark).exists().then_some(())
+    })
+    .await;
+    env.server.restart().expect("restart nats-server");
+    let err = tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .expect("the in-flight call fails instead of hanging")
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(err, flame::Error::NatsUnreachable { .. }),
+        "{err:?}"
+    );
+    // New calls succeed once the server is back.
+    wait_for("calls to succeed again", LONG, || async {
+        pool.call_with::<add>((1, 2), CallOptions::new().timeout(Duration::from_secs(2)))
+            .await
+            .ok()
+    })
+    .await;
+    // The KV watch resumed: a second runner booted now is seen and used.
+    pool.set_limits(2, 2).unwrap();
+    wait_for("a second runner, seen through the watch", LONG, || async {
+        (pool.status().ready == 2).then_some(())
     })
     .await;
 }

@@ -707,6 +707,14 @@ impl PoolInner {
                     // Nobody got the call: the runner left. Try another.
                     RequestErrorKind::NoResponders => {
                         debug!(runner = %runner.id, "no responders; placing the call elsewhere");
+                        if self.fleet.is_some() {
+                            // Its lease says what it is; it may just be
+                            // resubscribing after a reconnect. Try again
+                            // shortly.
+                            drop(lease);
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
                         self.set_draining(&runner.id);
                     }
                     RequestErrorKind::TimedOut => {
@@ -1044,6 +1052,12 @@ impl PoolInner {
                 }
                 LeaseState::Ready => {
                     let handed = st.model.runner_ready(&id).unwrap_or_default();
+                    let handed = if handed.is_empty() && !self.config.single_use {
+                        // Marked draining here but ready by its lease: ready.
+                        st.model.revive(&id)
+                    } else {
+                        handed
+                    };
                     handed
                         .into_iter()
                         .filter_map(|(w, r)| st.lease_for(self, w, &r))

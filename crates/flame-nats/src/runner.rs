@@ -395,14 +395,13 @@ async fn run(info: ParentInfo) -> Result<String, Error> {
             // Tell the parents first, so they place nothing new here.
             let heartbeat = Duration::from_millis(runner.info.heartbeat_ms);
             if runner.info.shared {
-                let mut lease = runner.lease.lock().await;
-                if let Some(keeper) = lease.as_mut() {
-                    let _ = tokio::time::timeout(
-                        heartbeat,
-                        keeper.write(|l| l.state = LeaseState::Draining),
-                    )
-                    .await;
-                }
+                let _ = tokio::time::timeout(heartbeat, async {
+                    let mut lease = runner.lease.lock().await;
+                    if let Some(keeper) = lease.as_mut() {
+                        let _ = keeper.write(|l| l.state = LeaseState::Draining).await;
+                    }
+                })
+                .await;
             } else {
                 runner.ask_parent(ParentEvent::Stopping, 0, heartbeat).await;
             }
@@ -417,8 +416,13 @@ async fn run(info: ParentInfo) -> Result<String, Error> {
             reason
         }
     };
-    if let Some(keeper) = runner.lease.lock().await.as_ref() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), keeper.remove()).await;
+    if runner.info.shared {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            if let Some(keeper) = runner.lease.lock().await.as_ref() {
+                keeper.remove().await;
+            }
+        })
+        .await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), runner.client.flush()).await;
     Ok(reason)
@@ -544,21 +548,28 @@ impl Runner {
         };
         let load = self.counters.in_flight.load(Ordering::SeqCst);
         let queued = self.queued.load(Ordering::SeqCst);
-        let mut lease = self.lease.lock().await;
+        // One renewal at a time; a renewal still under way (NATS slow or
+        // away) makes this one moot.
+        let Ok(mut lease) = self.lease.try_lock() else {
+            return true;
+        };
         let Some(keeper) = lease.as_mut() else {
             return true;
         };
-        match keeper
-            .write(|l| {
-                l.load = load;
-                l.queued = queued;
-                l.idle_ms = idle_for.as_millis() as u64;
-            })
-            .await
-        {
-            Ok(alive) => alive,
-            Err(e) => {
+        let heartbeat = Duration::from_millis(self.info.heartbeat_ms);
+        let write = keeper.write(|l| {
+            l.load = load;
+            l.queued = queued;
+            l.idle_ms = idle_for.as_millis() as u64;
+        });
+        match tokio::time::timeout(heartbeat * 2, write).await {
+            Ok(Ok(alive)) => alive,
+            Ok(Err(e)) => {
                 debug!(runner = %self.info.runner_id, "lease not renewed: {e}");
+                true
+            }
+            Err(_) => {
+                debug!(runner = %self.info.runner_id, "lease not renewed in time");
                 true
             }
         }

@@ -173,6 +173,16 @@ impl PoolModel {
         Some(handed)
     }
 
+    /// Takes a draining runner back into service (a shared pool's lease says
+    /// it is ready after all) and hands it queued callers.
+    pub fn revive(&mut self, runner: &RunnerId) -> Vec<(WaiterId, RunnerId)> {
+        match self.runners.get_mut(runner) {
+            Some(r) if r.state == RunnerState::Draining => r.state = RunnerState::Booting,
+            _ => return Vec::new(),
+        }
+        self.runner_ready(runner).unwrap_or_default()
+    }
+
     /// Stops placing work on a runner; it still counts against `max` until
     /// [`PoolModel::remove`].
     pub fn drain(&mut self, runner: &RunnerId) {
