@@ -50,6 +50,8 @@ pub(crate) struct Fleet {
     state: Mutex<FleetState>,
     /// Woken when this parent's number of waiting callers changes.
     pub(crate) demand_changed: Notify,
+    /// Set once this parent has left the pool.
+    left: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -108,6 +110,7 @@ impl Fleet {
             store: kv::open_bucket(client, pool).await?,
             state: Mutex::new(FleetState::default()),
             demand_changed: Notify::new(),
+            left: Default::default(),
         })
     }
 
@@ -458,7 +461,15 @@ impl Fleet {
                 .runners
                 .values()
                 .filter(|s| !reap.iter().any(|(id, ..)| *id == s.value.runner))
-                .map(|s| s.value.clone())
+                .map(|s| {
+                    let mut lease = s.value.clone();
+                    // Told to retire already: as good as draining, so the
+                    // plan does not pick yet another runner to retire.
+                    if st.retiring.contains_key(&lease.runner) {
+                        lease.state = LeaseState::Draining;
+                    }
+                    lease
+                })
                 .collect();
             for id in &st.pending {
                 if !st.runners.contains_key(id) {
@@ -631,7 +642,10 @@ impl Fleet {
     /// Leaves the pool: removes this parent's lease and hands the scaler role
     /// on. Runners this parent booted are stopped (draining) when no other
     /// parent is left to use them.
-    async fn leave(&self, pool: &Arc<PoolInner>) {
+    pub(crate) async fn leave(&self, pool: &Arc<PoolInner>) {
+        if self.left.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let me = pool.shared.parent_id.clone();
         let _ = self.store.delete(subject::parent_key(&me)).await;
         let (leading, others, owned) = {
@@ -650,22 +664,30 @@ impl Fleet {
                 .delete_expect_revision(subject::SCALER_KEY, Some(term))
                 .await;
         }
-        if !others {
-            for (id, _) in &owned {
-                let _ = pool
-                    .shared
-                    .client
-                    .publish(
-                        subject::runner_control(&pool.config.name, id),
-                        subject::CONTROL_RETIRE.into(),
-                    )
-                    .await;
+        if others {
+            // The other parents go on using these runners; their scaler
+            // stops them when they are no longer wanted.
+            for (_, stopper) in &owned {
+                stopper.detach();
             }
+            return;
         }
+        // The last parent out: retire every runner of the pool.
+        let ids: Vec<String> = self.state.lock().unwrap().runners.keys().cloned().collect();
+        for id in &ids {
+            let _ = pool
+                .shared
+                .client
+                .publish(
+                    subject::runner_control(&pool.config.name, id),
+                    subject::CONTROL_RETIRE.into(),
+                )
+                .await;
+        }
+        let _ = pool.shared.client.flush().await;
         let grace = pool.config.shutdown_timeout;
-        for (_, stopper) in owned {
-            tokio::spawn(stopper.stop(grace));
-        }
+        let stops: Vec<_> = owned.iter().map(|(_, s)| s.stop(grace)).collect();
+        futures::future::join_all(stops).await;
     }
 }
 

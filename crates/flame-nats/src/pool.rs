@@ -500,8 +500,14 @@ impl Pool {
 
     /// Stops every runner (each drains up to the shutdown timeout) and fails
     /// queued callers. Later calls fail with [`Error::PoolClosed`].
+    ///
+    /// In a shared pool this parent leaves it: the runners it booted go on
+    /// serving the other parents, or are retired if it was the last.
     pub async fn shutdown(&self) {
         let stopping = self.inner.close(self.inner.config.shutdown_timeout);
+        if let Some(fleet) = &self.inner.fleet {
+            fleet.leave(&self.inner).await;
+        }
         futures::future::join_all(stopping).await;
     }
 }

@@ -3,6 +3,8 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -91,9 +93,9 @@ impl Backend for LocalBackend {
         let cmd = self.command();
         async move {
             let mut cmd = cmd.map_err(|e| format!("cannot find the executable to run: {e}"))?;
+            // Killed on drop by our own guard below, which can be detached.
             cmd.envs(spec.env.iter().map(|(k, v)| (k, v)))
-                .stdin(Stdio::null())
-                .kill_on_drop(true);
+                .stdin(Stdio::null());
             let mut child = cmd
                 .spawn()
                 .map_err(|e| format!("cannot start runner process: {e}"))?;
@@ -102,9 +104,18 @@ impl Backend for LocalBackend {
 
             let (exit_tx, exit_rx) = oneshot::channel::<String>();
             let (stop_tx, mut stop_rx) = watch::channel::<Option<Duration>>(None);
+            let attached = Arc::new(AtomicBool::new(true));
+            let guard = KillOnDrop {
+                pid,
+                attached: attached.clone(),
+            };
             // One task owns the child: it reports the exit, and carries out a
-            // stop (SIGTERM, then SIGKILL after the grace period).
+            // stop (SIGTERM, then SIGKILL after the grace period). If the task
+            // is dropped (the runtime shuts down), the guard kills the child
+            // unless it was detached.
+            let attached_flag = attached.clone();
             tokio::spawn(async move {
+                let guard = guard;
                 let status = tokio::select! {
                     status = child.wait() => status,
                     grace = async {
@@ -112,7 +123,11 @@ impl Backend for LocalBackend {
                             if let Some(grace) = *stop_rx.borrow_and_update() {
                                 return grace;
                             }
-                            if stop_rx.changed().await.is_err() {
+                                if stop_rx.changed().await.is_err() {
+                                if !attached_flag.load(Ordering::SeqCst) {
+                                    // Detached: let it run; keep reaping it.
+                                    std::future::pending::<()>().await;
+                                }
                                 // The pool dropped its handle: stop the child.
                                 return Duration::ZERO;
                             }
@@ -128,6 +143,8 @@ impl Backend for LocalBackend {
                         }
                     }
                 };
+                // Reaped: its pid may be reused, so never signal it again.
+                guard.attached.store(false, Ordering::SeqCst);
                 let reason = match status {
                     Ok(s) => describe_exit(s),
                     Err(e) => format!("cannot wait for runner process: {e}"),
@@ -143,7 +160,7 @@ impl Backend for LocalBackend {
             Ok(Booted {
                 handle: format!("pid {pid}"),
                 exited: Some(exited),
-                stopper: Box::new(LocalStopper { stop_tx }),
+                stopper: Box::new(LocalStopper { stop_tx, attached }),
             })
         }
         .boxed()
@@ -185,6 +202,21 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 struct LocalStopper {
     stop_tx: watch::Sender<Option<Duration>>,
+    attached: Arc<AtomicBool>,
+}
+
+/// Kills the child when dropped, unless detached or already reaped.
+struct KillOnDrop {
+    pid: u32,
+    attached: Arc<AtomicBool>,
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.attached.load(Ordering::SeqCst) {
+            signal(self.pid, libc::SIGKILL);
+        }
+    }
 }
 
 impl StopRunner for LocalStopper {
@@ -194,6 +226,10 @@ impl StopRunner for LocalStopper {
         // Resolves when the monitor task drops its receiver, i.e. the child
         // has exited.
         async move { tx.closed().await }.boxed()
+    }
+
+    fn detach(&self) {
+        self.attached.store(false, Ordering::SeqCst);
     }
 }
 

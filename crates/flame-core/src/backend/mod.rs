@@ -61,6 +61,13 @@ pub trait StopRunner: Send + Sync {
     /// Asks the runner to stop (it drains in-flight work), and forces it
     /// after `grace`. Resolves once it is stopped or forced.
     fn stop(&self, grace: Duration) -> BoxFuture<'static, ()>;
+
+    /// Lets the runner outlive this handle: dropping it afterwards does not
+    /// stop the runner. A parent leaving a shared pool detaches the runners
+    /// it booted, so they go on serving the other parents (who stop them
+    /// through the pool when they are no longer wanted). The default does
+    /// nothing, for backends whose runners do not depend on the handle.
+    fn detach(&self) {}
 }
 
 /// Starts runners.
