@@ -60,6 +60,9 @@ async fn main() -> anyhow::Result<()> {
         .init();
     // Runners are this binary too: in a runner, init() serves and exits.
     let flame = flame::init().await?;
+    if args.first().map(String::as_str) == Some("shared-parent") {
+        return shared_parent(&flame, &args[1], args[2].parse()?, args[3].parse()?).await;
+    }
     let quick = args.iter().any(|a| a == "--quick");
     // `--profile-flame-throughput`: only the flame throughput phase, for 10 s
     // (to attach a profiler to).
@@ -190,6 +193,13 @@ async fn main() -> anyhow::Result<()> {
     elastic_runs.sort_by_key(|e| e.coordination);
     let el = &elastic_runs[elastic_runs.len() / 2];
 
+    eprintln!("shared pool: 1 parent, then 4 parents...");
+    let shared_secs = if quick { 1 } else { 3 };
+    let one = shared_throughput(&url, "bench-shared-1", 1, shared_secs).await?;
+    let four = shared_throughput(&url, "bench-shared-4", 4, shared_secs).await?;
+    eprintln!("scaler failover...");
+    let failover = scaler_failover(&flame, &url).await?;
+
     let us = |d: Duration| format!("{:.0} µs", d.as_secs_f64() * 1e6);
     rows.push((
         "warm call p50 (100 B, sequential)".into(),
@@ -250,12 +260,179 @@ async fn main() -> anyhow::Result<()> {
         format!("target ≤ {}", ms(ELASTIC_IDLE + Duration::from_secs(1))),
     ));
 
+    rows.push((
+        "shared pool throughput, 64 callers per parent, 2 runners".into(),
+        format!("1 parent: {one:.0}/s"),
+        format!("4 parents: {four:.0}/s"),
+        format!("{:.2}x of 1 parent", four / one),
+    ));
+    rows.push((
+        "scaler failover: leader killed to first boot by the new one".into(),
+        "-".into(),
+        ms(failover),
+        format!(
+            "heartbeat {} ms, lease period 3 heartbeats",
+            SHARED_HEARTBEAT.as_millis()
+        ),
+    ));
+
     println!("| measure | raw async-nats | flame | flame vs raw |");
     println!("|---|---|---|---|");
     for (a, b, c, d) in rows {
         println!("| {a} | {b} | {c} | {d} |");
     }
     Ok(())
+}
+
+const SHARED_HEARTBEAT: Duration = Duration::from_millis(1500);
+
+/// A parent process of a shared pool (this binary, `shared-parent`): prints
+/// `ready`, and with `secs` > 0 measures 64 callers for that long and prints
+/// `rate <calls per second>`; then stays a parent until stdin closes.
+async fn shared_parent(
+    flame: &flame::Flame,
+    pool: &str,
+    min: usize,
+    secs: u64,
+) -> anyhow::Result<()> {
+    let pool = flame
+        .pool(pool)
+        .shared(true)
+        .min(min)
+        .max(2)
+        .max_concurrency(64)
+        .heartbeat(SHARED_HEARTBEAT)
+        .start()
+        .await?;
+    println!("ready");
+    if secs > 0 {
+        let payload = vec![0xABu8; 100];
+        let rate = throughput(64, Duration::from_secs(secs), move |_| {
+            let pool = pool.clone();
+            let p = payload.clone();
+            async move {
+                flame::call!(pool, echo(ByteBuf::from(p))).await?;
+                Ok(())
+            }
+        })
+        .await?;
+        println!("rate {rate:.0}");
+    }
+    let mut line = String::new();
+    let _ = tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut line)).await;
+    Ok(())
+}
+
+/// Starts a `shared-parent` process of this binary; returns it and its
+/// output lines.
+async fn spawn_shared_parent(
+    url: &str,
+    pool: &str,
+    min: usize,
+    secs: u64,
+) -> anyhow::Result<(
+    tokio::process::Child,
+    tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+)> {
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["shared-parent", pool, &min.to_string(), &secs.to_string()])
+        .env(flame::NATS_URL_ENV, url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    match tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await {
+        Ok(Ok(Some(l))) if l == "ready" => Ok((child, lines)),
+        other => bail!("shared parent did not start: {other:?}"),
+    }
+}
+
+/// Sum of the rates of `parents` parent processes on one shared pool.
+async fn shared_throughput(
+    url: &str,
+    pool: &str,
+    parents: usize,
+    secs: u64,
+) -> anyhow::Result<f64> {
+    let mut procs = Vec::new();
+    for _ in 0..parents {
+        procs.push(spawn_shared_parent(url, pool, 2, secs).await?);
+    }
+    let mut total = 0.0;
+    for (_, lines) in &mut procs {
+        let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
+            .await??
+            .context("parent exited")?;
+        total += line
+            .strip_prefix("rate ")
+            .and_then(|r| r.parse::<f64>().ok())
+            .with_context(|| format!("unexpected line {line}"))?;
+    }
+    // Closing stdin ends them.
+    for (mut child, _) in procs {
+        drop(child.stdin.take());
+        child.wait().await?;
+    }
+    Ok(total)
+}
+
+/// Kills the scaler (a parent process, with its runners) and times how long
+/// until this process, the other parent, boots a runner as the new scaler.
+async fn scaler_failover(flame: &flame::Flame, url: &str) -> anyhow::Result<Duration> {
+    let (mut leader, _lines) = spawn_shared_parent(url, "bench-failover", 1, 0).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let pool = flame
+        .pool("bench-failover")
+        .shared(true)
+        .min(1)
+        .max(2)
+        .max_concurrency(64)
+        .heartbeat(SHARED_HEARTBEAT)
+        .on_grow_start(move |_| {
+            let _ = tx.send(Instant::now());
+        })
+        .start()
+        .await?;
+    // The leader and its runner, killed together (as when a machine dies).
+    let leader_pid = leader.id().context("leader pid")?;
+    let runners = children_of(leader_pid);
+    let killed = Instant::now();
+    for pid in std::iter::once(leader_pid).chain(runners) {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGKILL);
+        }
+    }
+    leader.wait().await?;
+    let booted = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+        .await
+        .context("no new scaler booted a runner within 60 s")?
+        .context("hook dropped")?;
+    pool.shutdown().await;
+    Ok(booted.duration_since(killed))
+}
+
+/// Pids of the live children of a process.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    stat.rsplit(')')
+                        .next()?
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse()
+                        .ok()
+                })
+                == Some(pid)
+        })
+        .collect()
 }
 
 const ELASTIC_MAX: usize = 4;
