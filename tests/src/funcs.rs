@@ -134,7 +134,7 @@ pub async fn counted_sleep(ms: u64) -> Peak {
     }
 }
 
-/// What [`counted_sleep`] reports.
+/// What [`counted_sleep()`] reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Peak {
     /// Process id of the runner.
@@ -163,7 +163,7 @@ pub async fn mark_then_sleep(path: String, ms: u64) -> u32 {
 }
 
 /// Environment variable naming a file whose existence keeps idle runners up
-/// (see [`may_idle_down`]).
+/// (see [`may_idle_down()`]).
 pub const KEEP_FILE_ENV: &str = "FLAME_TEST_KEEP_FILE";
 
 /// Idle check for tests: stay up while the file named by [`KEEP_FILE_ENV`]
