@@ -6,8 +6,8 @@ use std::time::Duration;
 use flame::{CallOptions, Flame};
 use flame_tests::funcs::*;
 use flame_tests::harness::{
-    kill9, process_alive, runner_backend, runner_pids, wait_for, RunnerSampler, SharedParent,
-    TestEnv,
+    kill9, process_alive, runner_backend, runner_pids, wait_for, NoExitNotice, RunnerSampler,
+    SharedParent, TestEnv,
 };
 use flame_tests::TEST_BUILD;
 
@@ -366,6 +366,87 @@ async fn nats_restart_fails_in_flight_calls_and_the_pool_recovers() {
     pool.set_limits(2, 2).unwrap();
     wait_for("a second runner, seen through the watch", LONG, || async {
         (pool.status().ready == 2).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn runner_without_exit_notice_loses_its_lease_within_a_few_heartbeats() {
+    let env = TestEnv::start().await;
+    let pool = env
+        .flame
+        .pool("silent")
+        .shared(true)
+        .max(1)
+        .heartbeat(Duration::from_millis(300))
+        .backend(NoExitNotice(runner_backend()))
+        .start()
+        .await
+        .unwrap();
+    let store = bucket(&env, "silent").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mark = dir.path().join("m").to_string_lossy().into_owned();
+    let call = tokio::spawn({
+        let pool = pool.clone();
+        let mark = mark.clone();
+        async move {
+            pool.call_with::<mark_then_sleep>((mark, 120_000), CallOptions::new().timeout(LONG))
+                .await
+        }
+    });
+    wait_for("the call to run", LONG, || async {
+        std::path::Path::new(&mark).exists().then_some(())
+    })
+    .await;
+    let pid: u32 = std::fs::read_to_string(&mark).unwrap().parse().unwrap();
+    kill9(pid);
+    let err = tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .expect("the call fails once the lease is reaped")
+        .unwrap()
+        .unwrap_err();
+    match err {
+        flame::Error::RunnerDown { reason, .. } => {
+            assert!(reason.contains("lease"), "{reason}")
+        }
+        other => panic!("expected RunnerDown, got {other:?}"),
+    }
+    wait_for("the lease to be gone", LONG, || async {
+        (lease_count(&store).await == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn frozen_runner_is_reaped_and_terminated() {
+    let env = TestEnv::start().await;
+    let pool = env
+        .flame
+        .pool("frozen")
+        .shared(true)
+        .min(1)
+        .max(1)
+        .heartbeat(Duration::from_millis(300))
+        .backend(runner_backend())
+        .start()
+        .await
+        .unwrap();
+    let store = bucket(&env, "frozen").await;
+    let at = flame::call!(pool, whereabouts()).await.unwrap();
+    // Stopped, not dead: its process exists but its lease stops changing.
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(at.pid as libc::pid_t, libc::SIGSTOP);
+    }
+    wait_for("the frozen runner to be terminated", LONG, || async {
+        (!process_alive(at.pid)).then_some(())
+    })
+    .await;
+    // A replacement keeps min, under a new lease.
+    let next = flame::call!(pool, whereabouts()).await.unwrap();
+    assert_ne!(next.pid, at.pid);
+    wait_for("one lease", LONG, || async {
+        (lease_count(&store).await == 1).then_some(())
     })
     .await;
 }
