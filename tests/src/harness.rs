@@ -503,3 +503,53 @@ impl SharedParent {
         }
     }
 }
+
+/// A path in `dir`, as a string for remote functions.
+pub fn path_in(dir: &tempfile::TempDir, name: &str) -> String {
+    dir.path().join(name).to_string_lossy().into_owned()
+}
+
+/// `Some(())` once `path` exists.
+pub async fn file_exists(path: &str) -> Option<()> {
+    std::path::Path::new(path).exists().then_some(())
+}
+
+/// A long call holding a slot on a runner (`mark_then_sleep`).
+pub struct MarkedCall {
+    /// The call; its result is the runner's pid.
+    pub call: tokio::task::JoinHandle<Result<u32, flame::Error>>,
+    /// Pid of the runner it runs on.
+    pub pid: u32,
+}
+
+/// Starts `mark_then_sleep(<dir>/<name>, ms)` on `pool` with `options`
+/// (60 s timeout unless set) and waits until it runs on a runner.
+pub async fn start_marked_call(
+    pool: &flame::Pool,
+    dir: &tempfile::TempDir,
+    name: &str,
+    ms: u64,
+    options: flame::CallOptions,
+) -> MarkedCall {
+    let marker = path_in(dir, name);
+    let options = match options.timeout {
+        Some(_) => options,
+        None => options.timeout(Duration::from_secs(60)),
+    };
+    let call = tokio::spawn({
+        let (pool, marker) = (pool.clone(), marker.clone());
+        async move {
+            pool.call_with::<crate::funcs::mark_then_sleep>((marker, ms), options)
+                .await
+        }
+    });
+    wait_for("the call to start", Duration::from_secs(60), || {
+        file_exists(&marker)
+    })
+    .await;
+    let pid = std::fs::read_to_string(&marker)
+        .expect("marker")
+        .parse()
+        .expect("pid in marker");
+    MarkedCall { call, pid }
+}

@@ -2,25 +2,16 @@
 //! §2) and the places where flame deliberately does better.
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::time::Duration;
 
 use flame::{CallOptions, Error, PoolEvent};
 use flame_tests::funcs::*;
 use flame_tests::harness::{
-    kill9, process_alive, runner_backend, runner_stats, sigterm, wait_for, CountingBackend,
-    FailingFirst, HookLog, TestEnv,
+    file_exists, kill9, path_in, process_alive, runner_backend, runner_stats, sigterm,
+    start_marked_call, wait_for, CountingBackend, FailingFirst, HookLog, MarkedCall, TestEnv,
 };
 
 const LONG: Duration = Duration::from_secs(60);
-
-fn path_in(dir: &tempfile::TempDir, name: &str) -> String {
-    dir.path().join(name).to_string_lossy().into_owned()
-}
-
-async fn file_exists(path: &str) -> Option<()> {
-    Path::new(path).exists().then_some(())
-}
 
 #[tokio::test]
 async fn min_runners_are_booted_at_start_and_replaced_when_they_die() {
@@ -434,17 +425,8 @@ async fn sigterm_drains_in_flight_work_and_takes_no_new_calls() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let started = path_in(&dir, "started");
-    let call = tokio::spawn({
-        let pool = pool.clone();
-        let started = started.clone();
-        async move {
-            pool.call_with::<mark_then_sleep>((started, 1_000), CallOptions::new().timeout(LONG))
-                .await
-        }
-    });
-    wait_for("the call to start", LONG, || file_exists(&started)).await;
-    let pid: u32 = std::fs::read_to_string(&started).unwrap().parse().unwrap();
+    let MarkedCall { call, pid } =
+        start_marked_call(&pool, &dir, "started", 1_000, CallOptions::new()).await;
     sigterm(pid);
     // In-flight work finishes and its result arrives ...
     assert_eq!(call.await.unwrap().unwrap(), pid);
@@ -468,17 +450,8 @@ async fn shutdown_timeout_cuts_off_work_that_runs_too_long() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let started = path_in(&dir, "started");
-    let call = tokio::spawn({
-        let pool = pool.clone();
-        let started = started.clone();
-        async move {
-            pool.call_with::<mark_then_sleep>((started, 60_000), CallOptions::new().timeout(LONG))
-                .await
-        }
-    });
-    wait_for("the call to start", LONG, || file_exists(&started)).await;
-    let pid: u32 = std::fs::read_to_string(&started).unwrap().parse().unwrap();
+    let MarkedCall { call, pid } =
+        start_marked_call(&pool, &dir, "started", 60_000, CallOptions::new()).await;
     sigterm(pid);
     let err = tokio::time::timeout(Duration::from_secs(30), call)
         .await

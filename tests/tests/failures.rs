@@ -8,20 +8,12 @@ use std::time::Duration;
 use flame::{CallOptions, Error, ParentInfo};
 use flame_tests::funcs::*;
 use flame_tests::harness::{
-    children_of, kill9, process_alive, runner_backend, runner_stats, testapp, wait_for,
-    NoExitNotice, TestEnv,
+    children_of, file_exists, kill9, path_in, process_alive, runner_backend, runner_stats,
+    start_marked_call, testapp, wait_for, MarkedCall, NoExitNotice, TestEnv,
 };
 use flame_tests::TEST_BUILD;
 
 const LONG: Duration = Duration::from_secs(60);
-
-fn path_in(dir: &tempfile::TempDir, name: &str) -> String {
-    dir.path().join(name).to_string_lossy().into_owned()
-}
-
-async fn file_exists(path: &str) -> Option<()> {
-    Path::new(path).exists().then_some(())
-}
 
 #[tokio::test]
 async fn every_caller_on_a_killed_runner_fails_at_once() {
@@ -74,17 +66,8 @@ async fn runner_down_is_noticed_by_heartbeat_when_the_backend_cannot_see_exits()
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let started = path_in(&dir, "started");
-    let call = tokio::spawn({
-        let pool = pool.clone();
-        let started = started.clone();
-        async move {
-            pool.call_with::<mark_then_sleep>((started, 120_000), CallOptions::new().timeout(LONG))
-                .await
-        }
-    });
-    wait_for("the call to start", LONG, || file_exists(&started)).await;
-    let pid: u32 = std::fs::read_to_string(&started).unwrap().parse().unwrap();
+    let MarkedCall { call, pid } =
+        start_marked_call(&pool, &dir, "started", 120_000, CallOptions::new()).await;
     kill9(pid);
     let err = tokio::time::timeout(Duration::from_secs(20), call)
         .await
@@ -208,17 +191,8 @@ async fn cancelled_call_stops_a_single_use_runner() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let started = path_in(&dir, "started");
-    let call = tokio::spawn({
-        let pool = pool.clone();
-        let started = started.clone();
-        async move {
-            pool.call_with::<mark_then_sleep>((started, 120_000), CallOptions::new().timeout(LONG))
-                .await
-        }
-    });
-    wait_for("the call to start", LONG, || file_exists(&started)).await;
-    let pid: u32 = std::fs::read_to_string(&started).unwrap().parse().unwrap();
+    let MarkedCall { call, pid } =
+        start_marked_call(&pool, &dir, "started", 120_000, CallOptions::new()).await;
     call.abort();
     wait_for(
         "the single-use runner to stop",

@@ -6,8 +6,8 @@ use std::time::Duration;
 use flame::{CallOptions, Flame};
 use flame_tests::funcs::*;
 use flame_tests::harness::{
-    kill9, process_alive, runner_backend, runner_pids, wait_for, NoExitNotice, RunnerSampler,
-    SharedParent, TestEnv,
+    kill9, process_alive, runner_backend, runner_pids, start_marked_call, wait_for, MarkedCall,
+    NoExitNotice, RunnerSampler, SharedParent, TestEnv,
 };
 use flame_tests::TEST_BUILD;
 
@@ -332,19 +332,8 @@ async fn nats_restart_fails_in_flight_calls_and_the_pool_recovers() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mark = dir.path().join("m").to_string_lossy().into_owned();
-    let call = tokio::spawn({
-        let pool = pool.clone();
-        let mark = mark.clone();
-        async move {
-            pool.call_with::<mark_then_sleep>((mark, 120_000), CallOptions::new().timeout(LONG))
-                .await
-        }
-    });
-    wait_for("the call to run", LONG, || async {
-        std::path::Path::new(&mark).exists().then_some(())
-    })
-    .await;
+    let MarkedCall { call, .. } =
+        start_marked_call(&pool, &dir, "m", 120_000, CallOptions::new()).await;
     env.server.restart().expect("restart nats-server");
     let err = tokio::time::timeout(Duration::from_secs(20), call)
         .await
@@ -385,20 +374,8 @@ async fn runner_without_exit_notice_loses_its_lease_within_a_few_heartbeats() {
         .unwrap();
     let store = bucket(&env, "silent").await;
     let dir = tempfile::tempdir().unwrap();
-    let mark = dir.path().join("m").to_string_lossy().into_owned();
-    let call = tokio::spawn({
-        let pool = pool.clone();
-        let mark = mark.clone();
-        async move {
-            pool.call_with::<mark_then_sleep>((mark, 120_000), CallOptions::new().timeout(LONG))
-                .await
-        }
-    });
-    wait_for("the call to run", LONG, || async {
-        std::path::Path::new(&mark).exists().then_some(())
-    })
-    .await;
-    let pid: u32 = std::fs::read_to_string(&mark).unwrap().parse().unwrap();
+    let MarkedCall { call, pid } =
+        start_marked_call(&pool, &dir, "m", 120_000, CallOptions::new()).await;
     kill9(pid);
     let err = tokio::time::timeout(Duration::from_secs(20), call)
         .await

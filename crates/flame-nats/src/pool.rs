@@ -326,6 +326,25 @@ struct RunnerEntry {
     last_heard: Instant,
 }
 
+impl RunnerEntry {
+    /// A runner being booted; `ready` is told when it reports ready.
+    fn new(pool: &str, id: &RunnerId, ready: Option<oneshot::Sender<()>>) -> RunnerEntry {
+        RunnerEntry {
+            link: Arc::new(RunnerLink {
+                id: id.clone(),
+                subject: subject::runner(pool, id),
+                cancel_subject: subject::runner_cancel(pool, id),
+                down: CancellationToken::new(),
+                stopping: Default::default(),
+                down_reason: OnceLock::new(),
+            }),
+            ready,
+            stopper: None,
+            last_heard: Instant::now(),
+        }
+    }
+}
+
 impl std::fmt::Debug for RunnerEntry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunnerEntry")
@@ -837,19 +856,7 @@ impl PoolInner {
             st.model.add_booting(id.clone());
             st.runners.insert(
                 id.clone(),
-                RunnerEntry {
-                    link: Arc::new(RunnerLink {
-                        id: id.clone(),
-                        subject: subject::runner(&self.config.name, &id),
-                        cancel_subject: subject::runner_cancel(&self.config.name, &id),
-                        down: CancellationToken::new(),
-                        stopping: Default::default(),
-                        down_reason: OnceLock::new(),
-                    }),
-                    ready: Some(ready_tx),
-                    stopper: None,
-                    last_heard: Instant::now(),
-                },
+                RunnerEntry::new(&self.config.name, &id, Some(ready_tx)),
             );
             let runners = st.model.len();
             tokio::spawn(self.clone().boot(id, ready_rx, runners));
@@ -1031,22 +1038,8 @@ impl PoolInner {
                     return;
                 }
                 st.model.add_booting(id.clone());
-                st.runners.insert(
-                    id.clone(),
-                    RunnerEntry {
-                        link: Arc::new(RunnerLink {
-                            id: id.clone(),
-                            subject: subject::runner(&self.config.name, &id),
-                            cancel_subject: subject::runner_cancel(&self.config.name, &id),
-                            down: CancellationToken::new(),
-                            stopping: Default::default(),
-                            down_reason: OnceLock::new(),
-                        }),
-                        ready: None,
-                        stopper: None,
-                        last_heard: Instant::now(),
-                    },
-                );
+                st.runners
+                    .insert(id.clone(), RunnerEntry::new(&self.config.name, &id, None));
             }
             match lease.state {
                 LeaseState::Booting => Vec::new(),
