@@ -481,7 +481,7 @@ impl Fleet {
         };
         for (id, handle, why) in reap {
             warn!(pool = %pool.config.name, runner = %id, "reaping runner: {why}");
-            self.reap(pool, &id, &handle, &why).await;
+            self.reap(pool, &id, &handle, &why, false).await;
         }
         for id in dead_parents {
             debug!(pool = %pool.config.name, parent = %id, "removing the lease of a silent parent");
@@ -576,7 +576,7 @@ impl Fleet {
                     let (pool, id) = (pool.clone(), id.clone());
                     tokio::spawn(async move {
                         let reason = exited.await;
-                        me.reap(&pool, &id, "", &reason).await;
+                        me.reap(&pool, &id, "", &reason, true).await;
                     });
                 }
                 // Record the handle so any later scaler can terminate it.
@@ -613,7 +613,8 @@ impl Fleet {
 
     /// Removes a runner for good: its lease (which fails calls on it in
     /// every parent), its slot, and what is left of it.
-    async fn reap(&self, pool: &Arc<PoolInner>, id: &str, handle: &str, why: &str) {
+    /// `exited`: the backend saw the runner's process end.
+    async fn reap(&self, pool: &Arc<PoolInner>, id: &str, handle: &str, why: &str, exited: bool) {
         let (owned, handle) = {
             let mut st = self.state.lock().unwrap();
             st.retiring.remove(id);
@@ -626,16 +627,27 @@ impl Fleet {
             (st.owned.remove(id), handle)
         };
         let _ = self.store.delete(subject::runner_key(id)).await;
-        let _ = kv::free_slot(&self.store, id).await;
         pool.lease_gone_because(id, why);
-        match owned {
-            Some(stopper) => stopper.stop(Duration::ZERO).await,
-            None if !handle.is_empty() => {
-                if let Err(e) = pool.backend.terminate(&handle, id).await {
-                    warn!(pool = %pool.config.name, runner = %id, "cannot terminate runner: {e}");
-                }
+        // The slot is freed only once the runner is known to be gone, so a
+        // replacement never runs beside it.
+        let gone = match owned {
+            Some(stopper) => {
+                stopper.stop(Duration::ZERO).await;
+                true
             }
-            None => {}
+            None if !handle.is_empty() => match pool.backend.terminate(&handle, id).await {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(pool = %pool.config.name, runner = %id, "cannot terminate runner: {e}");
+                    false
+                }
+            },
+            // Nothing to stop it with: its slot is freed once it has been
+            // without a lease for a while (see `scale`).
+            None => exited,
+        };
+        if gone {
+            let _ = kv::free_slot(&self.store, id).await;
         }
     }
 

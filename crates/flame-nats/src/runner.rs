@@ -190,13 +190,11 @@ impl LeaseKeeper {
         Err(Error::Nats("cannot renew lease: too many conflicts".into()))
     }
 
-    /// Removes the lease and frees the runner's slot.
+    /// Removes the lease. The runner's slot stays taken until the scaler
+    /// sees the process gone: a runner about to exit still counts.
     async fn remove(&self) {
         if let Err(e) = self.store.delete(&self.key).await {
             debug!("cannot delete lease: {e}");
-        }
-        if let Err(e) = kv::free_slot(&self.store, &self.lease.runner).await {
-            debug!("cannot free slot: {e}");
         }
     }
 }
@@ -464,10 +462,17 @@ async fn lifecycle(runner: Arc<Runner>, stop: CancellationToken, reason: Arc<Mut
                         Some(false) => r.parent_heard_ms.store(-1, Ordering::SeqCst),
                         None => {}
                     }
-                    if r.info.shared && !r.renew_lease().await {
-                        r.parent_heard_ms.store(-2, Ordering::SeqCst);
-                    }
                 });
+                if runner.info.shared {
+                    // Renewed on its own task too: a slow ping must not make
+                    // the lease look dead.
+                    let r = runner.clone();
+                    tokio::spawn(async move {
+                        if !r.renew_lease().await {
+                            r.parent_heard_ms.store(-2, Ordering::SeqCst);
+                        }
+                    });
+                }
                 let heard = runner.parent_heard_ms.load(Ordering::SeqCst);
                 if heard == -2 {
                     break Stop::Abandoned("the scaler removed this runner's lease".to_string());

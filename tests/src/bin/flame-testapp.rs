@@ -13,7 +13,7 @@
 //!   <failed>` every 50 calls and, at the end, `done <ok> <failed> <peak>
 //!   <pids>` (the highest runner-side concurrency seen, and the runner pids
 //!   used, comma-separated). `FLAME_TEST_HEARTBEAT_MS` sets the pool's
-//!   heartbeat (default 300), `FLAME_TEST_MIN` its min (default 0).
+//!   heartbeat (default 500), `FLAME_TEST_MIN` its min (default 0).
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -87,7 +87,7 @@ async fn shared_parent(flame: flame::Flame) {
     let pool_name: String = arg(2);
     let (max, mc, callers, calls, ms): (usize, usize, usize, usize, u64) =
         (arg(3), arg(4), arg(5), arg(6), arg(7));
-    let heartbeat = Duration::from_millis(env_or("FLAME_TEST_HEARTBEAT_MS", 300));
+    let heartbeat = Duration::from_millis(env_or("FLAME_TEST_HEARTBEAT_MS", 500));
     let pool = flame
         .pool(pool_name)
         .shared(true)

@@ -189,6 +189,22 @@ impl Backend for LocalBackend {
             if is_runner {
                 tracing::debug!(pid, runner = %runner_id, "terminating runner process");
                 signal(pid, libc::SIGKILL);
+                // Resolve once it is gone (or a zombie), so the caller can
+                // count it out.
+                for _ in 0..500 {
+                    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                        Ok(stat)
+                            if !stat
+                                .rsplit(')')
+                                .next()
+                                .is_some_and(|s| s.trim_start().starts_with('Z')) =>
+                        {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        _ => return Ok(()),
+                    }
+                }
+                return Err(format!("runner process {pid} did not die after SIGKILL"));
             }
             Ok(())
         }

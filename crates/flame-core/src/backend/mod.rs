@@ -77,9 +77,9 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Booted, String>>;
 
     /// Forcibly stops a runner known only by its [`Booted::handle`], e.g. one
-    /// booted by another parent that has since died. Used by a shared pool's
-    /// scaler to clean up after runners that stopped answering. The default
-    /// cannot do it and says so.
+    /// booted by another parent that has since died, and resolves once it is
+    /// gone. Used by a shared pool's scaler to clean up after runners that
+    /// stopped answering. The default cannot do it and says so.
     fn terminate(&self, handle: &str, runner_id: &str) -> BoxFuture<'static, Result<(), String>> {
         let _ = runner_id;
         let msg = format!("this backend cannot terminate runner `{handle}` by its handle");
