@@ -252,6 +252,7 @@ impl PoolBuilder {
             config,
         });
         tokio::spawn(inner.clone().listen(events));
+        tokio::spawn(inner.clone().watch_connection());
         match &fleet {
             Some(fleet) => fleet.start(inner.clone()).await?,
             None => {
@@ -330,14 +331,7 @@ impl RunnerEntry {
     /// A runner being booted; `ready` is told when it reports ready.
     fn new(pool: &str, id: &RunnerId, ready: Option<oneshot::Sender<()>>) -> RunnerEntry {
         RunnerEntry {
-            link: Arc::new(RunnerLink {
-                id: id.clone(),
-                subject: subject::runner(pool, id),
-                cancel_subject: subject::runner_cancel(pool, id),
-                down: CancellationToken::new(),
-                stopping: Default::default(),
-                down_reason: OnceLock::new(),
-            }),
+            link: Arc::new(RunnerLink::new(pool, id)),
             ready,
             stopper: None,
             last_heard: Instant::now(),
@@ -363,10 +357,25 @@ struct RunnerLink {
     down: CancellationToken,
     /// Set when the runner said it is stopping (drains, then exits).
     stopping: std::sync::atomic::AtomicBool,
+    /// Set (with `down`) when the parent lost its NATS connection: calls in
+    /// flight lost their replies, though the runner may be fine.
+    connection_lost: std::sync::atomic::AtomicBool,
     down_reason: OnceLock<String>,
 }
 
 impl RunnerLink {
+    fn new(pool: &str, id: &RunnerId) -> RunnerLink {
+        RunnerLink {
+            id: id.clone(),
+            subject: subject::runner(pool, id),
+            cancel_subject: subject::runner_cancel(pool, id),
+            down: CancellationToken::new(),
+            stopping: Default::default(),
+            connection_lost: Default::default(),
+            down_reason: OnceLock::new(),
+        }
+    }
+
     fn fail(&self, reason: String) {
         let _ = self.down_reason.set(reason);
         self.down.cancel();
@@ -674,23 +683,20 @@ impl PoolInner {
                 .client
                 .send_request(runner.subject.clone(), request);
             tokio::pin!(reply);
-            let mut disconnects = self.shared.events.disconnects.clone();
-            disconnects.mark_unchanged();
             let sent = tokio::select! {
                 biased;
                 reply = &mut reply => reply,
-                _ = disconnects.changed() => {
-                    cancel.disarm();
-                    return Err(Error::NatsUnreachable {
-                        url: self.shared.nats_url.clone(),
-                        reason: format!(
-                            "the connection was lost while `{function}` ran on runner {}; its result is lost",
-                            runner.id
-                        ),
-                    });
-                }
                 _ = runner.down.cancelled() => {
                     cancel.disarm();
+                    if runner.connection_lost.load(Ordering::SeqCst) {
+                        return Err(Error::NatsUnreachable {
+                            url: self.shared.nats_url.clone(),
+                            reason: format!(
+                                "the connection was lost while `{function}` ran on runner {}; its result is lost",
+                                runner.id
+                            ),
+                        });
+                    }
                     // A runner that said it was stopping drained its work and
                     // sent the last replies before it exited; the exit may
                     // be seen before they are read. An unexpected death fails
@@ -1021,6 +1027,34 @@ impl PoolInner {
                 runners,
                 reason,
             });
+        }
+    }
+
+    /// When the NATS connection drops, replies to calls in flight are lost:
+    /// fail those calls now (rather than at their deadline) by failing the
+    /// runners' links, and give the runners fresh links for new calls.
+    /// Kept off the call path: a call only watches its runner's link.
+    async fn watch_connection(self: Arc<Self>) {
+        let mut disconnects = self.shared.events.disconnects.clone();
+        loop {
+            tokio::select! {
+                _ = self.closed.cancelled() => return,
+                changed = disconnects.changed() => if changed.is_err() { return },
+            }
+            let old: Vec<Arc<RunnerLink>> = {
+                let mut st = self.model.lock().unwrap();
+                st.runners
+                    .iter_mut()
+                    .map(|(id, entry)| {
+                        let fresh = Arc::new(RunnerLink::new(&self.config.name, id));
+                        std::mem::replace(&mut entry.link, fresh)
+                    })
+                    .collect()
+            };
+            for link in old {
+                link.connection_lost.store(true, Ordering::SeqCst);
+                link.fail("the connection to NATS was lost".into());
+            }
         }
     }
 
