@@ -434,3 +434,71 @@ async fn frozen_runner_is_reaped_and_terminated() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn demand_of_a_parent_that_is_not_the_scaler_boots_runners() {
+    let env = TestEnv::start().await;
+    // A parent process with no calls of its own: it becomes the scaler.
+    let mut scaler = SharedParent::start(&env.server.url(), "demand", (2, 1), (0, 0, 0), &[]).await;
+    scaler.done(LONG).await;
+    let store = bucket(&env, "demand").await;
+    wait_for("the scaler", LONG, || async {
+        scaler_of(&store).await.filter(|s| *s == scaler.parent_id)
+    })
+    .await;
+    // This parent only has callers; their demand reaches the scaler through
+    // its parent lease, and the scaler boots two runners for them.
+    let pool = env
+        .flame
+        .pool("demand")
+        .shared(true)
+        .max(2)
+        .max_concurrency(1)
+        .heartbeat(Duration::from_millis(500))
+        .backend(runner_backend())
+        .start()
+        .await
+        .unwrap();
+    let calls: Vec<_> = (0..2)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                pool.call_with::<counted_sleep>((300,), CallOptions::new().timeout(LONG))
+                    .await
+            })
+        })
+        .collect();
+    let mut pids = HashSet::new();
+    for c in calls {
+        pids.insert(c.await.unwrap().unwrap().pid);
+    }
+    assert_eq!(pids.len(), 2, "two runners booted for two waiting callers");
+    assert_eq!(scaler_of(&store).await, Some(scaler.parent_id.clone()));
+}
+
+#[tokio::test]
+async fn nats_restart_under_load_with_parent_processes() {
+    let mut env = TestEnv::start().await;
+    let url = env.server.url();
+    let mut parents = Vec::new();
+    for _ in 0..2 {
+        parents.push(SharedParent::start(&url, "restartload", (2, 4), (8, 0, 20), &[]).await);
+    }
+    for p in &mut parents {
+        p.progressed_to(100, LONG).await;
+    }
+    env.server.restart().expect("restart nats-server");
+    // Calls succeed again once it is back ...
+    for p in &mut parents {
+        let target = p.progress + 200;
+        p.progressed_to(target, LONG).await;
+    }
+    // ... and the KV watches resumed: a runner that dies now is replaced and
+    // both parents go on.
+    let victim = *runner_pids("restartload").first().expect("a runner");
+    kill9(victim);
+    for p in &mut parents {
+        let target = p.progress + 200;
+        p.progressed_to(target, LONG).await;
+    }
+}
