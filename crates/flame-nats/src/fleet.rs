@@ -85,6 +85,22 @@ struct FleetState {
     my_waiting_sent: Option<usize>,
 }
 
+impl FleetState {
+    /// Counts every lease and the scaler as just seen.
+    fn forget_silence(&mut self) {
+        let now = Instant::now();
+        for s in self.runners.values_mut() {
+            s.changed = now;
+        }
+        for s in self.parents.values_mut() {
+            s.changed = now;
+        }
+        if let Some(s) = &mut self.scaler {
+            s.changed = now;
+        }
+    }
+}
+
 /// A value from the bucket and when this parent last saw it change.
 #[derive(Debug, Clone)]
 struct Seen<T> {
@@ -184,6 +200,9 @@ impl Fleet {
                     },
                 }
             }
+            // Nothing could change while we were away; restart the clocks so
+            // that no lease or scaler looks dead just for that.
+            self.state.lock().unwrap().forget_silence();
             // Recreate from where we were.
             loop {
                 if pool.closed.is_cancelled() {
@@ -285,6 +304,11 @@ impl Fleet {
                 _ = tick.tick() => false,
                 _ = self.demand_changed.notified() => true,
             };
+            if pool.shared.client.connection_state() != async_nats::connection::State::Connected {
+                // Leases cannot be read or written; judging them now would
+                // reap live runners.
+                continue;
+            }
             let waiting = pool.waiting();
             let renew_due = last_renewal.elapsed() >= heartbeat;
             let changed = self.state.lock().unwrap().my_waiting_sent != Some(waiting);
@@ -563,7 +587,15 @@ impl Fleet {
             runners,
         });
         let spec = BootSpec::new(name.clone(), id.clone(), pool.runner_env(&id));
-        match pool.backend.boot(spec).await {
+        let booted = tokio::time::timeout(pool.config.boot_timeout, pool.backend.boot(spec))
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "the backend did not start the runner within {:?}",
+                    pool.config.boot_timeout
+                ))
+            });
+        match booted {
             Ok(booted) => {
                 let handle = booted.handle.clone();
                 self.state
