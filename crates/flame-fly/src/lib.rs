@@ -1,0 +1,423 @@
+//! Runners as Fly Machines.
+//!
+//! [`FlyBackend`] boots each runner as a new Machine of your app, running the
+//! same image as the parent (`FLY_IMAGE_REF`), with the runner's environment
+//! (`FLAME_PARENT` plus the pool's forwarded variables). Machines are created
+//! with `auto_destroy: true` and restart policy `no`, so a runner that exits
+//! is destroyed by the platform; a runner that stops answering is destroyed
+//! through the API.
+//!
+//! ```no_run
+//! # async fn app(flame: flame_nats::Flame) -> Result<(), flame_core::Error> {
+//! // Inside a Machine, app, image, region and token come from the environment.
+//! let backend = flame_fly::FlyBackend::builder().memory_mb(2048).build()?;
+//! let pool = flame.pool("thumbs").max(8).backend(backend).start().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! The parent's NATS URL must be reachable from the runners (for instance
+//! over Fly's private network).
+
+#![warn(missing_docs)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use flame_core::backend::{Backend, BootSpec, Booted, StopRunner};
+use flame_core::Error;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use reqwest::StatusCode;
+use serde::Serialize;
+use tracing::{debug, warn};
+
+/// Default Machines API endpoint.
+pub const DEFAULT_API_URL: &str = "https://api.machines.dev";
+
+/// Environment variable with the API token.
+pub const TOKEN_ENV: &str = "FLY_API_TOKEN";
+/// Environment variable with the app name (set inside every Machine).
+pub const APP_ENV: &str = "FLY_APP_NAME";
+/// Environment variable with the running image (set inside every Machine).
+pub const IMAGE_ENV: &str = "FLY_IMAGE_REF";
+/// Environment variable with the region (set inside every Machine).
+pub const REGION_ENV: &str = "FLY_REGION";
+
+/// Statuses the Machines API uses for "try again shortly": rate limit (429),
+/// no capacity (412), conflicting state (409) and unprocessable (422).
+const RETRIED: [StatusCode; 4] = [
+    StatusCode::TOO_MANY_REQUESTS,
+    StatusCode::PRECONDITION_FAILED,
+    StatusCode::CONFLICT,
+    StatusCode::UNPROCESSABLE_ENTITY,
+];
+const RETRIES: usize = 10;
+
+/// Size of a runner Machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Guest {
+    /// `shared` or `performance`.
+    pub cpu_kind: String,
+    /// Number of CPUs.
+    pub cpus: u32,
+    /// Memory in MB, a multiple of 256.
+    pub memory_mb: u32,
+    /// GPU model, e.g. `a100-pcie-40gb`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_kind: Option<String>,
+    /// Number of GPUs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<u32>,
+}
+
+/// Builds a [`FlyBackend`]. Unset settings come from the environment a
+/// Machine runs in.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct FlyBackendBuilder {
+    api_url: String,
+    token: Option<String>,
+    app: Option<String>,
+    image: Option<String>,
+    region: Option<String>,
+    guest: Guest,
+    env: BTreeMap<String, String>,
+}
+
+impl FlyBackendBuilder {
+    /// Machines API base URL (default [`DEFAULT_API_URL`]; inside Fly's
+    /// private network also `http://_api.internal:4280`).
+    pub fn api_url(mut self, url: impl Into<String>) -> Self {
+        self.api_url = url.into();
+        self
+    }
+
+    /// API token (default: `FLY_API_TOKEN`).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// App to create the Machines in (default: `FLY_APP_NAME`).
+    pub fn app(mut self, app: impl Into<String>) -> Self {
+        self.app = Some(app.into());
+        self
+    }
+
+    /// Image of the runners (default: `FLY_IMAGE_REF`, the parent's own).
+    pub fn image(mut self, image: impl Into<String>) -> Self {
+        self.image = Some(image.into());
+        self
+    }
+
+    /// Region (default: `FLY_REGION`, the parent's, else Fly's choice).
+    pub fn region(mut self, region: impl Into<String>) -> Self {
+        self.region = Some(region.into());
+        self
+    }
+
+    /// `shared` or `performance` CPUs (default `performance`).
+    pub fn cpu_kind(mut self, kind: impl Into<String>) -> Self {
+        self.guest.cpu_kind = kind.into();
+        self
+    }
+
+    /// CPUs per runner (default: as many as this machine has).
+    pub fn cpus(mut self, cpus: u32) -> Self {
+        self.guest.cpus = cpus;
+        self
+    }
+
+    /// Memory per runner in MB, a multiple of 256 (default 4096).
+    pub fn memory_mb(mut self, mb: u32) -> Self {
+        self.guest.memory_mb = mb;
+        self
+    }
+
+    /// GPUs per runner, e.g. `("a100-pcie-40gb", 1)`.
+    pub fn gpus(mut self, kind: impl Into<String>, count: u32) -> Self {
+        self.guest.gpu_kind = Some(kind.into());
+        self.guest.gpus = Some(count);
+        self
+    }
+
+    /// Sets an extra variable in every runner.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.insert(key.into(), value.into());
+        self
+    }
+
+    /// Checks the settings. Missing token, app or image is an
+    /// [`Error::Config`] naming the setting and its variable.
+    pub fn build(self) -> Result<FlyBackend, Error> {
+        let from_env = |v: Option<String>, var: &str| {
+            v.or_else(|| std::env::var(var).ok())
+                .filter(|s| !s.trim().is_empty())
+        };
+        let missing = |what: &str, var: &str, setter: &str| {
+            Error::Config(format!(
+                "Fly backend: no {what}; set {var} or call FlyBackendBuilder::{setter}"
+            ))
+        };
+        let token = from_env(self.token, TOKEN_ENV)
+            .ok_or_else(|| missing("API token", TOKEN_ENV, "token"))?;
+        let app = from_env(self.app, APP_ENV).ok_or_else(|| missing("app", APP_ENV, "app"))?;
+        let image =
+            from_env(self.image, IMAGE_ENV).ok_or_else(|| missing("image", IMAGE_ENV, "image"))?;
+        if self.guest.memory_mb == 0 || !self.guest.memory_mb.is_multiple_of(256) {
+            return Err(Error::Config(format!(
+                "Fly backend: memory_mb must be a multiple of 256, not {}",
+                self.guest.memory_mb
+            )));
+        }
+        if self.guest.cpus == 0 {
+            return Err(Error::Config("Fly backend: cpus must be at least 1".into()));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(90))
+            .build()
+            .map_err(|e| Error::Config(format!("Fly backend: cannot make an HTTP client: {e}")))?;
+        Ok(FlyBackend {
+            api: Api {
+                http,
+                base: format!(
+                    "{}/v1/apps/{app}/machines",
+                    self.api_url.trim_end_matches('/')
+                ),
+                token,
+            },
+            image,
+            region: from_env(self.region, REGION_ENV),
+            guest: self.guest,
+            env: self.env,
+        })
+    }
+}
+
+/// Boots runners as Fly Machines. Make one with [`FlyBackend::builder`].
+#[derive(Debug, Clone)]
+pub struct FlyBackend {
+    api: Api,
+    image: String,
+    region: Option<String>,
+    guest: Guest,
+    env: BTreeMap<String, String>,
+}
+
+impl FlyBackend {
+    /// Starts building; see [`FlyBackendBuilder`].
+    pub fn builder() -> FlyBackendBuilder {
+        FlyBackendBuilder {
+            api_url: DEFAULT_API_URL.to_string(),
+            token: None,
+            app: None,
+            image: None,
+            region: None,
+            guest: Guest {
+                cpu_kind: "performance".into(),
+                cpus: std::thread::available_parallelism()
+                    .map(|n| n.get() as u32)
+                    .unwrap_or(1),
+                memory_mb: 4096,
+                gpu_kind: None,
+                gpus: None,
+            },
+            env: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct CreateMachine<'a> {
+    name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    region: Option<&'a str>,
+    config: MachineConfig<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct MachineConfig<'a> {
+    image: &'a str,
+    env: BTreeMap<String, String>,
+    guest: &'a Guest,
+    auto_destroy: bool,
+    restart: Restart,
+    metadata: BTreeMap<&'static str, String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Restart {
+    policy: &'static str,
+}
+
+impl Backend for FlyBackend {
+    fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Booted, String>> {
+        let mut env = self.env.clone();
+        env.extend(spec.env.iter().cloned());
+        let body = CreateMachine {
+            name: format!("flame-{}-{}", spec.pool, spec.runner_id),
+            region: self.region.as_deref(),
+            config: MachineConfig {
+                image: &self.image,
+                env,
+                guest: &self.guest,
+                // A runner that exits is destroyed by the platform.
+                auto_destroy: true,
+                restart: Restart { policy: "no" },
+                metadata: BTreeMap::from([
+                    ("flame_pool", spec.pool.clone()),
+                    ("flame_runner", spec.runner_id.clone()),
+                ]),
+            },
+        };
+        let body = serde_json::to_value(&body).expect("machine config serializes");
+        let api = self.api.clone();
+        async move {
+            let created = api
+                .send(|http, base| http.post(base).json(&body))
+                .await
+                .map_err(|e| format!("cannot create a Fly Machine: {e}"))?;
+            let machine: serde_json::Value = created
+                .json()
+                .await
+                .map_err(|e| format!("unreadable answer from the Machines API: {e}"))?;
+            let id = machine["id"]
+                .as_str()
+                .ok_or_else(|| format!("the Machines API returned no machine id: {machine}"))?
+                .to_string();
+            debug!(pool = %spec.pool, runner = %spec.runner_id, machine = %id, "Fly Machine created");
+            Ok(Booted {
+                handle: id.clone(),
+                // The pool notices a dead runner by its heartbeats.
+                exited: None,
+                stopper: Box::new(FlyStopper { api, id }),
+            })
+        }
+        .boxed()
+    }
+
+    fn terminate(&self, handle: &str, _runner_id: &str) -> BoxFuture<'static, Result<(), String>> {
+        let api = self.api.clone();
+        let id = handle.to_string();
+        async move { api.destroy(&id).await }.boxed()
+    }
+}
+
+struct FlyStopper {
+    api: Api,
+    id: String,
+}
+
+impl StopRunner for FlyStopper {
+    /// Sends SIGTERM through the API (the runner drains and exits, and the
+    /// platform destroys the Machine), then destroys it by force after
+    /// `grace`.
+    fn stop(&self, grace: Duration) -> BoxFuture<'static, ()> {
+        let (api, id) = (self.api.clone(), self.id.clone());
+        async move {
+            if !grace.is_zero() {
+                let body = serde_json::json!({
+                    "signal": "SIGTERM",
+                    // A duration string: a bare number is read as nanoseconds.
+                    "timeout": format!("{}s", grace.as_secs().max(1)),
+                });
+                let stopped = api
+                    .send(|http, base| http.post(format!("{base}/{id}/stop")).json(&body))
+                    .await;
+                if stopped.is_ok() {
+                    let secs = grace.as_secs().clamp(1, 60);
+                    let _ = api
+                        .send(|http, base| {
+                            http.get(format!("{base}/{id}/wait?state=destroyed&timeout={secs}"))
+                        })
+                        .await;
+                }
+            }
+            if let Err(e) = api.destroy(&id).await {
+                warn!(machine = %id, "cannot destroy Fly Machine: {e}");
+            }
+        }
+        .boxed()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Api {
+    http: reqwest::Client,
+    /// `<api>/v1/apps/<app>/machines`
+    base: String,
+    token: String,
+}
+
+impl Api {
+    /// Sends a request, retrying the statuses Fly uses for "try again".
+    async fn send<F>(&self, make: F) -> Result<reqwest::Response, String>
+    where
+        F: Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+    {
+        for attempt in 1..=RETRIES {
+            let response = make(&self.http, &self.base)
+                .bearer_auth(&self.token)
+                .send()
+                .await
+                .map_err(|e| format!("Machines API unreachable: {e}"))?;
+            let status = response.status();
+            if status.is_success() {
+                return Ok(response);
+            }
+            let text = response.text().await.unwrap_or_default();
+            if RETRIED.contains(&status) && attempt < RETRIES {
+                debug!(%status, attempt, "Machines API asks to retry: {text}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            return Err(format!("Machines API answered {status}: {text}"));
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    /// Destroys a Machine, running or not. Gone already counts as done.
+    async fn destroy(&self, id: &str) -> Result<(), String> {
+        let response = self
+            .http
+            .delete(format!("{}/{id}?force=true", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| format!("Machines API unreachable: {e}"))?;
+        match response.status() {
+            s if s.is_success() || s == StatusCode::NOT_FOUND => Ok(()),
+            s => Err(format!(
+                "Machines API answered {s}: {}",
+                response.text().await.unwrap_or_default()
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_settings_are_named() {
+        // An empty setting given in code counts as missing and is not
+        // replaced from the environment, so this test does not depend on
+        // FLY_* variables of the machine it runs on.
+        let err = FlyBackend::builder()
+            .token("")
+            .app("a")
+            .image("i")
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no API token") && err.contains(TOKEN_ENV),
+            "{err}"
+        );
+        let ok = FlyBackend::builder().token("t").app("a").image("i");
+        let err = ok.clone().memory_mb(1000).build().unwrap_err().to_string();
+        assert!(err.contains("multiple of 256"), "{err}");
+        assert!(ok.build().is_ok());
+    }
+}

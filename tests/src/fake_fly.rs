@@ -1,0 +1,242 @@
+//! A local server that speaks enough of the Fly Machines API for flame's Fly
+//! backend, and really starts a runner process (the test app) for each
+//! Machine it is asked to create. Machines exit like real ones: a process
+//! that ends is a destroyed Machine (`auto_destroy`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use crate::harness::{process_alive, testapp};
+
+/// One request the server received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// `POST`, `GET`, `DELETE`.
+    pub method: &'static str,
+    /// Path after `/v1/apps/<app>/machines`.
+    pub path: String,
+    /// The `Authorization` header.
+    pub authorization: String,
+    /// JSON body, if any.
+    pub body: Value,
+}
+
+#[derive(Default)]
+struct Inner {
+    requests: Vec<Recorded>,
+    /// Machine id to runner pid.
+    machines: HashMap<String, u32>,
+}
+
+/// The fake API; stops its server and kills its machines on drop.
+pub struct FakeFly {
+    /// Base URL to give `FlyBackendBuilder::api_url`.
+    pub url: String,
+    inner: Arc<Mutex<Inner>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl FakeFly {
+    /// Starts the server on a free port, for app `app`.
+    pub async fn start(app: &str) -> FakeFly {
+        let inner = Arc::new(Mutex::new(Inner::default()));
+        let base = format!("/v1/apps/{app}/machines");
+        let router = Router::new()
+            .route(&base, post(create))
+            .route(&format!("{base}/{{id}}"), get(show).delete(destroy))
+            .route(&format!("{base}/{{id}}/stop"), post(stop))
+            .route(&format!("{base}/{{id}}/wait"), get(wait))
+            .with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        FakeFly { url, inner, server }
+    }
+
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.inner.lock().unwrap().requests.clone()
+    }
+
+    /// Pids of the Machines' processes still alive.
+    pub fn live_pids(&self) -> Vec<u32> {
+        let inner = self.inner.lock().unwrap();
+        inner
+            .machines
+            .values()
+            .copied()
+            .filter(|p| process_alive(*p))
+            .collect()
+    }
+}
+
+impl Drop for FakeFly {
+    fn drop(&mut self) {
+        self.server.abort();
+        for pid in self.inner.lock().unwrap().machines.values() {
+            crate::harness::kill9(*pid);
+        }
+    }
+}
+
+type Shared = State<Arc<Mutex<Inner>>>;
+
+fn record(s: &Shared, method: &'static str, path: String, headers: &HeaderMap, body: Value) {
+    let authorization = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    s.lock().unwrap().requests.push(Recorded {
+        method,
+        path,
+        authorization,
+        body,
+    });
+}
+
+async fn create(
+    s: Shared,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> (StatusCode, Json<Value>) {
+    record(&s, "POST", String::new(), &headers, body.clone());
+    let id = uuid::Uuid::new_v4().simple().to_string()[..14].to_string();
+    let mut cmd = std::process::Command::new(testapp());
+    // A Machine starts from its image with only the env it was given.
+    cmd.env_clear();
+    if let Some(path) = std::env::var_os("PATH") {
+        cmd.env("PATH", path);
+    }
+    if let Some(env) = body["config"]["env"].as_object() {
+        for (k, v) in env {
+            cmd.env(k, v.as_str().unwrap_or_default());
+        }
+    }
+    cmd.env("FLY_MACHINE_ID", &id)
+        .stdin(std::process::Stdio::null());
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({ "error": e.to_string() })),
+            )
+        }
+    };
+    let pid = child.id();
+    // Reap it when it exits (auto_destroy).
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = child.wait();
+    });
+    s.lock().unwrap().machines.insert(id.clone(), pid);
+    (
+        StatusCode::OK,
+        Json(json!({
+            "id": id,
+            "instance_id": format!("inst-{id}"),
+            "state": "started",
+            "region": body["region"].as_str().unwrap_or("local"),
+            "config": body["config"],
+        })),
+    )
+}
+
+fn pid_of(s: &Shared, id: &str) -> Option<u32> {
+    s.lock().unwrap().machines.get(id).copied()
+}
+
+async fn show(s: Shared, headers: HeaderMap, Path(id): Path<String>) -> (StatusCode, Json<Value>) {
+    record(&s, "GET", format!("/{id}"), &headers, Value::Null);
+    match pid_of(&s, &id) {
+        Some(pid) if process_alive(pid) => {
+            (StatusCode::OK, Json(json!({"id": id, "state": "started"})))
+        }
+        Some(_) => (
+            StatusCode::OK,
+            Json(json!({"id": id, "state": "destroyed"})),
+        ),
+        None => (StatusCode::NOT_FOUND, Json(json!({"error": "not found"}))),
+    }
+}
+
+async fn stop(
+    s: Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Option<Json<Value>>,
+) -> (StatusCode, Json<Value>) {
+    record(
+        &s,
+        "POST",
+        format!("/{id}/stop"),
+        &headers,
+        body.map(|b| b.0).unwrap_or(Value::Null),
+    );
+    match pid_of(&s, &id) {
+        Some(pid) if process_alive(pid) => {
+            crate::harness::sigterm(pid);
+            (StatusCode::OK, Json(json!({"ok": true})))
+        }
+        Some(_) => (StatusCode::CONFLICT, Json(json!({"error": "not started"}))),
+        None => (StatusCode::NOT_FOUND, Json(json!({"error": "not found"}))),
+    }
+}
+
+async fn wait(
+    s: Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> (StatusCode, Json<Value>) {
+    record(&s, "GET", format!("/{id}/wait"), &headers, json!(q));
+    let secs: u64 = q.get("timeout").and_then(|t| t.parse().ok()).unwrap_or(60);
+    let Some(pid) = pid_of(&s, &id) else {
+        return (StatusCode::NOT_FOUND, Json(json!({"error": "not found"})));
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while process_alive(pid) {
+        if tokio::time::Instant::now() > deadline {
+            return (
+                StatusCode::REQUEST_TIMEOUT,
+                Json(json!({"error": "timeout"})),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (StatusCode::OK, Json(json!({"ok": true})))
+}
+
+async fn destroy(
+    s: Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> (StatusCode, Json<Value>) {
+    record(&s, "DELETE", format!("/{id}"), &headers, json!(q));
+    match pid_of(&s, &id) {
+        Some(pid) => {
+            if process_alive(pid) {
+                if q.get("force").map(String::as_str) != Some("true") {
+                    return (
+                        StatusCode::PRECONDITION_FAILED,
+                        Json(json!({"error": "machine still running"})),
+                    );
+                }
+                crate::harness::kill9(pid);
+            }
+            (StatusCode::OK, Json(json!({"ok": true})))
+        }
+        None => (StatusCode::NOT_FOUND, Json(json!({"error": "not found"}))),
+    }
+}

@@ -1,0 +1,150 @@
+//! The Fly Machines backend, against a local server that speaks the Machines
+//! API and starts a real runner process for each Machine.
+
+use std::time::Duration;
+
+use flame::{CallOptions, Error};
+use flame_fly::FlyBackend;
+use flame_tests::fake_fly::FakeFly;
+use flame_tests::funcs::*;
+use flame_tests::harness::{kill9, process_alive, wait_for, TestEnv};
+use flame_tests::TEST_BUILD;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn backend(fly: &FakeFly) -> FlyBackend {
+    FlyBackend::builder()
+        .api_url(&fly.url)
+        .token("test-token")
+        .app("flame-test")
+        .image("registry.example/flame-test:1")
+        .region("local")
+        .cpus(1)
+        .memory_mb(512)
+        .env(flame::BUILD_ID_ENV, TEST_BUILD)
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn fly_backend_refuses_missing_token_app_and_image() {
+    let full = || FlyBackend::builder().token("t").app("a").image("i");
+    for (builder, what, var) in [
+        (full().token(""), "API token", "FLY_API_TOKEN"),
+        (full().app(""), "app", "FLY_APP_NAME"),
+        (full().image(""), "image", "FLY_IMAGE_REF"),
+    ] {
+        let err = builder.build().unwrap_err();
+        assert!(matches!(err, Error::Config(_)), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("no {what}")) && msg.contains(var),
+            "{msg}"
+        );
+    }
+    assert!(full().build().is_ok());
+}
+
+#[tokio::test]
+async fn runners_boot_as_machines_with_the_runner_env_and_are_destroyed() {
+    let env = TestEnv::start().await;
+    let fly = FakeFly::start("flame-test").await;
+    std::env::set_var("FLAME_TEST_FLY_FORWARDED", "across");
+    let pool = env
+        .flame
+        .pool("onfly")
+        .max(1)
+        .forward_env("FLAME_TEST_FLY_FORWARDED")
+        .shutdown_timeout(Duration::from_secs(5))
+        .backend(backend(&fly))
+        .start()
+        .await
+        .unwrap();
+    let at = flame::call!(pool, whereabouts()).await.unwrap();
+    assert_eq!(fly.live_pids(), vec![at.pid], "the call ran on the Machine");
+    assert_eq!(
+        flame::call!(pool, env_var("FLAME_TEST_FLY_FORWARDED".into()))
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("across")
+    );
+
+    let create = fly
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "POST" && r.path.is_empty())
+        .expect("a create request");
+    assert_eq!(create.authorization, "Bearer test-token");
+    let config = &create.body["config"];
+    assert_eq!(config["image"], "registry.example/flame-test:1");
+    assert_eq!(config["auto_destroy"], true);
+    assert_eq!(config["restart"]["policy"], "no");
+    assert_eq!(config["guest"]["memory_mb"], 512);
+    assert_eq!(config["metadata"]["flame_pool"], "onfly");
+    assert_eq!(create.body["region"], "local");
+    let parent: flame::ParentInfo =
+        flame::ParentInfo::from_env_value(config["env"]["FLAME_PARENT"].as_str().unwrap()).unwrap();
+    assert_eq!(parent.pool, "onfly");
+
+    pool.shutdown().await;
+    assert!(!process_alive(at.pid), "the Machine still runs");
+    let paths: Vec<String> = fly
+        .requests()
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert!(
+        paths
+            .iter()
+            .any(|p| p.starts_with("POST /") && p.ends_with("/stop")),
+        "{paths:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_dead_machine_fails_its_calls_by_heartbeat() {
+    let env = TestEnv::start().await;
+    let fly = FakeFly::start("flame-test").await;
+    let pool = env
+        .flame
+        .pool("flydead")
+        .max(1)
+        .heartbeat(Duration::from_millis(300))
+        .backend(backend(&fly))
+        .start()
+        .await
+        .unwrap();
+    let at = flame::call!(pool, whereabouts()).await.unwrap();
+    let call = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            pool.call_with::<sleep_then_mark>(
+                (120_000, String::new()),
+                CallOptions::new().timeout(LONG),
+            )
+            .await
+        }
+    });
+    wait_for("the call to reach the Machine", LONG, || async {
+        flame_tests::harness::runner_stats(&env, "flydead")
+            .await
+            .filter(|s| s["in_flight"] == 1)
+    })
+    .await;
+    kill9(at.pid);
+    let err = tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .expect("fails long before its timeout")
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, Error::RunnerDown { .. }), "{err:?}");
+    // The pool destroyed what was left of it through the API.
+    wait_for("a destroy request", LONG, || async {
+        fly.requests()
+            .iter()
+            .any(|r| r.method == "DELETE")
+            .then_some(())
+    })
+    .await;
+}
