@@ -399,6 +399,18 @@ pub struct SharedParent {
     lines: tokio::sync::mpsc::UnboundedReceiver<String>,
     /// Calls done so far, from its progress lines.
     pub progress: usize,
+    pool: String,
+}
+
+impl Drop for SharedParent {
+    /// Kills the parent and the pool's runners, rather than leave them to
+    /// exit on their own after their grace period.
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        for pid in runner_pids(&self.pool) {
+            kill9(pid);
+        }
+    }
 }
 
 impl SharedParent {
@@ -449,6 +461,7 @@ impl SharedParent {
             parent_id,
             lines,
             progress: 0,
+            pool: pool.to_string(),
         }
     }
 
