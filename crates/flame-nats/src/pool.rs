@@ -1075,6 +1075,7 @@ impl PoolInner {
                 st.runners
                     .insert(id.clone(), RunnerEntry::new(&self.config.name, &id, None));
             }
+            st.model.set_reported_load(&id, lease.load + lease.queued);
             match lease.state {
                 LeaseState::Booting => Vec::new(),
                 LeaseState::Ready if lease.build != *self.shared.build_id => {

@@ -29,6 +29,10 @@ struct Runner {
     load: usize,
     /// Took a call already (matters for single-use pools).
     used: bool,
+    /// Calls other parents run there, as last reported (shared pools). Only
+    /// breaks ties between runners; it never holds a caller back, since it
+    /// is always somewhat out of date.
+    others: usize,
 }
 
 /// Result of asking for a slot.
@@ -98,7 +102,7 @@ impl PoolModel {
         self.runners
             .iter()
             .filter(|(_, r)| self.takes_work(r))
-            .min_by_key(|(_, r)| r.load)
+            .min_by_key(|(_, r)| r.load + r.others)
             .map(|(id, _)| id.clone())
     }
 
@@ -148,6 +152,7 @@ impl PoolModel {
                 state: RunnerState::Booting,
                 load: 0,
                 used: false,
+                others: 0,
             },
         );
     }
@@ -171,6 +176,14 @@ impl PoolModel {
             handed.push((w, runner.clone()));
         }
         Some(handed)
+    }
+
+    /// Records how many calls a shared pool's runner runs or queues in all,
+    /// as its lease says; the part that is not ours is other parents' work.
+    pub fn set_reported_load(&mut self, runner: &RunnerId, total: usize) {
+        if let Some(r) = self.runners.get_mut(runner) {
+            r.others = total.saturating_sub(r.load);
+        }
     }
 
     /// Takes a draining runner back into service (a shared pool's lease says
@@ -394,6 +407,25 @@ mod tests {
         assert_eq!(m.boots_needed(), 0);
         m.remove(&id("a"));
         assert_eq!(m.boots_needed(), 1);
+    }
+
+    #[test]
+    fn reported_load_of_other_parents_steers_placement() {
+        let mut m = PoolModel::new(0, 2, 4);
+        for r in ["a", "b"] {
+            m.add_booting(id(r));
+            m.runner_ready(&id(r)).unwrap();
+        }
+        // "a" is busy with other parents' calls: prefer "b".
+        m.set_reported_load(&id("a"), 3);
+        assert_eq!(m.checkout(1), Checkout::Placed(id("b")));
+        // Reports never hold a caller back: "a" still takes work when "b"
+        // is full.
+        m.set_reported_load(&id("a"), 4);
+        for w in 2..5 {
+            assert_eq!(m.checkout(w), Checkout::Placed(id("b")));
+        }
+        assert_eq!(m.checkout(5), Checkout::Placed(id("a")));
     }
 
     #[test]
