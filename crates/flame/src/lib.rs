@@ -45,6 +45,13 @@
 //! executable with `FLAME_PARENT` in its environment, and [`init`] turns such
 //! a process into a runner. Code is found by registered name, and parent and
 //! runner must be the same build, checked on every call.
+//!
+//! Pools are this parent's own by default. With [`PoolBuilder::shared`], every
+//! parent on the NATS server that uses the pool's name shares one set of
+//! runners, with limits that hold for the whole fleet (coordinated through a
+//! JetStream KV bucket; see the README). Runners are local processes by
+//! default ([`LocalBackend`]); the `flame-fly` crate boots them as Fly
+//! Machines.
 
 #![warn(missing_docs)]
 
