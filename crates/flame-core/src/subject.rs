@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! flame.<pool>.runner.<runner_id>          calls and casts (a micro endpoint)
-//! flame.<pool>.runner.<runner_id>.cancel   caller stopped waiting: cancel call <id>
+//! flame.<pool>.runner.<runner_id>.cancel   caller stopped waiting: cancel the call (body: its reply subject)
 //! flame.<pool>.parent.<parent_id>.ready    runner -> parent: subscribed, ready for work
 //! flame.<pool>.parent.<parent_id>.leave    runner -> parent: idle, may I stop?
 //! flame.<pool>.parent.<parent_id>.ping     runner -> parent: are you still there?
@@ -53,7 +53,8 @@ pub fn runner(pool: &str, runner_id: &str) -> String {
     format!("{ROOT}.{pool}.runner.{runner_id}")
 }
 
-/// Subject a runner takes cancellations on; the body is the call id.
+/// Subject a runner takes cancellations on; the body is the reply subject
+/// of the call to cancel.
 pub fn runner_cancel(pool: &str, runner_id: &str) -> String {
     format!("{ROOT}.{pool}.runner.{runner_id}.cancel")
 }

@@ -23,9 +23,6 @@ pub const HEADER_TIMEOUT_MS: &str = "Flame-Timeout-Ms";
 /// Header: present (value `1`) when the work is a cast, whose failures are
 /// logged and counted on the runner.
 pub const HEADER_CAST: &str = "Flame-Cast";
-/// Header: id of a call whose caller waits for it (linked). The caller
-/// sends this id to the runner's cancel subject if it stops waiting.
-pub const HEADER_CALL_ID: &str = "Flame-Call";
 /// Header on error replies: the kind of error, see [`ErrorKind`].
 pub const HEADER_ERROR: &str = "Flame-Error";
 /// Header on build-mismatch replies: the runner's own build id.

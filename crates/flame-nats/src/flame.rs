@@ -17,6 +17,8 @@ pub(crate) struct Shared {
     pub(crate) parent_id: String,
     pub(crate) build_id: Arc<str>,
     pub(crate) events: ConnectionEvents,
+    /// Where replies to this parent's calls arrive.
+    pub(crate) replies: Arc<crate::replies::Replies>,
     /// Kept alive as long as any pool uses it.
     _embedded: Option<NatsServer>,
 }
@@ -108,6 +110,9 @@ impl FlameBuilder {
         };
         let (client, events) =
             connect_watched(&nats_url, format!("flame parent {parent_id}"), timeout).await?;
+        let replies =
+            crate::replies::Replies::start(&client, nats_url.clone(), events.disconnects.clone())
+                .await?;
         Ok(Flame {
             shared: Arc::new(Shared {
                 client,
@@ -115,6 +120,7 @@ impl FlameBuilder {
                 parent_id,
                 build_id,
                 events,
+                replies,
                 _embedded: embedded,
             }),
         })

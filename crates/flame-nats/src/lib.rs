@@ -11,6 +11,7 @@ mod fleet;
 mod kv;
 mod pool;
 mod protocol;
+mod replies;
 mod runner;
 
 pub use connect::NATS_URL_ENV;

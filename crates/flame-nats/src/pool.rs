@@ -7,11 +7,10 @@
 //! itself back in, which takes the lock).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use async_nats::RequestErrorKind;
 use bytes::Bytes;
 use flame_core::backend::{Backend, BootSpec, StopRunner};
 use flame_core::pool::{
@@ -29,6 +28,7 @@ use tracing::{debug, info, warn};
 use crate::flame::Shared;
 use crate::fleet::Fleet;
 use crate::protocol::{self, ParentAnswer, Reply, RunnerEvent};
+use crate::replies::{Replies, Target};
 
 /// How long a call on a runner that stopped on purpose still waits for its
 /// reply after the runner's exit is seen.
@@ -245,14 +245,12 @@ impl PoolBuilder {
             forwarded,
             hooks: self.hooks,
             fleet: fleet.clone(),
-            next_call: AtomicU64::new(0),
             closed: CancellationToken::new(),
             changed: Notify::new(),
             shared: self.shared,
             config,
         });
         tokio::spawn(inner.clone().listen(events));
-        tokio::spawn(inner.clone().watch_connection());
         match &fleet {
             Some(fleet) => fleet.start(inner.clone()).await?,
             None => {
@@ -300,8 +298,6 @@ pub(crate) struct PoolInner {
     pub(crate) hooks: Hooks,
     /// Set for shared pools: the KV-coordinated part.
     fleet: Option<Arc<Fleet>>,
-    /// Numbers linked calls, so that a caller can cancel its own.
-    next_call: AtomicU64,
     model: Mutex<State>,
     pub(crate) closed: CancellationToken,
     /// Woken when a runner becomes ready or fails to boot.
@@ -353,14 +349,16 @@ struct RunnerLink {
     id: RunnerId,
     subject: String,
     cancel_subject: String,
-    /// Cancelled when the runner goes down; in-flight calls fail at once.
-    down: CancellationToken,
     /// Set when the runner said it is stopping (drains, then exits).
     stopping: std::sync::atomic::AtomicBool,
-    /// Set (with `down`) when the parent lost its NATS connection: calls in
-    /// flight lost their replies, though the runner may be fine.
-    connection_lost: std::sync::atomic::AtomicBool,
+    /// Why it went down, once it did.
     down_reason: OnceLock<String>,
+}
+
+impl Target for RunnerLink {
+    fn runner(&self) -> &str {
+        &self.id
+    }
 }
 
 impl RunnerLink {
@@ -369,16 +367,23 @@ impl RunnerLink {
             id: id.clone(),
             subject: subject::runner(pool, id),
             cancel_subject: subject::runner_cancel(pool, id),
-            down: CancellationToken::new(),
             stopping: Default::default(),
-            connection_lost: Default::default(),
             down_reason: OnceLock::new(),
         }
     }
 
-    fn fail(&self, reason: String) {
-        let _ = self.down_reason.set(reason);
-        self.down.cancel();
+    /// Records why the runner is gone and fails the calls waiting on it:
+    /// at once, or, if it said it was stopping (it drained and sent its last
+    /// replies before exiting, which may be read after its exit is seen),
+    /// after a short grace.
+    fn fail(&self, replies: &Arc<Replies>, reason: String) {
+        let _ = self.down_reason.set(reason.clone());
+        let grace = if self.stopping.load(Ordering::SeqCst) {
+            TRAILING_REPLY_GRACE
+        } else {
+            Duration::ZERO
+        };
+        replies.fail_runner(&self.id, reason, grace);
     }
 
     fn reason(&self) -> String {
@@ -561,33 +566,34 @@ enum Kind {
     Cast,
 }
 
-/// Sends a cancellation to the runner if the caller stops waiting while its
-/// call is on the runner (the future holding this is dropped).
-struct CancelOnDrop<'a> {
+/// A call on its way: forgets it when dropped, and if the caller stopped
+/// waiting while the runner had it (and the call is linked), tells the
+/// runner to cancel it, naming it by its reply subject.
+struct InFlightCall<'a> {
     client: &'a async_nats::Client,
+    replies: &'a Replies,
     runner: &'a RunnerLink,
-    call_id: Option<String>,
+    token: u64,
+    reply: String,
+    /// Cancel on drop: linked, sent, and not yet answered.
+    cancel: bool,
 }
 
-impl CancelOnDrop<'_> {
-    fn disarm(&mut self) {
-        self.call_id = None;
-    }
-}
-
-impl Drop for CancelOnDrop<'_> {
+impl Drop for InFlightCall<'_> {
     fn drop(&mut self) {
-        let Some(call_id) = self.call_id.take() else {
+        let waiting = self.replies.forget(self.token);
+        if !(waiting && self.cancel) {
             return;
-        };
+        }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        debug!(runner = %self.runner.id, call = %call_id, "caller stopped waiting; cancelling");
+        debug!(runner = %self.runner.id, "caller stopped waiting; cancelling");
         let client = self.client.clone();
         let subject = self.runner.cancel_subject.clone();
+        let reply = std::mem::take(&mut self.reply);
         rt.spawn(async move {
-            if let Err(e) = client.publish(subject, call_id.into()).await {
+            if let Err(e) = client.publish(subject, reply.into()).await {
                 debug!("cannot send cancellation: {e}");
             }
         });
@@ -636,12 +642,7 @@ impl PoolInner {
         let cast = kind == Kind::Cast;
         let linked = kind == Kind::Call { link: true };
         let size = payload.len()
-            + protocol::request_headers_max_len(
-                function,
-                &self.shared.build_id,
-                cast,
-                linked.then_some(self.shared.parent_id.len()),
-            );
+            + protocol::request_headers_max_len(function, &self.shared.build_id, cast);
         let max = self.shared.client.max_payload();
         if size > max {
             return Err(Error::PayloadTooLarge {
@@ -660,66 +661,53 @@ impl PoolInner {
                     timeout,
                 });
             }
-            let mut headers =
+            let headers =
                 protocol::request_headers(function, &self.shared.build_id, remaining, cast);
-            let call_id = linked.then(|| {
-                let n = self.next_call.fetch_add(1, Ordering::Relaxed);
-                let id = format!("{}.{n}", self.shared.parent_id);
-                protocol::set_call_id(&mut headers, &id);
-                id
-            });
-            let request = async_nats::Request::new()
-                .payload(payload.clone())
-                .headers(headers)
-                .timeout(Some(remaining));
             let runner = lease.runner.clone();
-            let mut cancel = CancelOnDrop {
+            let replies = &self.shared.replies;
+            let (token, reply, answer) = replies.register(function, runner.clone());
+            let mut call = InFlightCall {
                 client: &self.shared.client,
+                replies,
                 runner: &runner,
-                call_id,
+                token,
+                reply,
+                cancel: false,
             };
-            let reply = self
-                .shared
+            self.shared
                 .client
-                .send_request(runner.subject.clone(), request);
-            tokio::pin!(reply);
-            let sent = tokio::select! {
-                biased;
-                reply = &mut reply => reply,
-                _ = runner.down.cancelled() => {
-                    cancel.disarm();
-                    if runner.connection_lost.load(Ordering::SeqCst) {
-                        return Err(Error::NatsUnreachable {
-                            url: self.shared.nats_url.clone(),
-                            reason: format!(
-                                "the connection was lost while `{function}` ran on runner {}; its result is lost",
-                                runner.id
-                            ),
-                        });
-                    }
-                    // A runner that said it was stopping drained its work and
-                    // sent the last replies before it exited; the exit may
-                    // be seen before they are read. An unexpected death fails
-                    // the call at once.
-                    let trailing = if runner.stopping.load(Ordering::SeqCst) {
-                        tokio::time::timeout(TRAILING_REPLY_GRACE, &mut reply).await.ok()
-                    } else {
-                        None
-                    };
-                    match trailing {
-                        Some(reply) => reply,
-                        None => {
-                            return Err(Error::RunnerDown {
-                                function: function.to_string(),
-                                runner: runner.id.to_string(),
-                                reason: runner.reason(),
-                            })
-                        }
-                    }
+                .publish_with_reply_and_headers(
+                    runner.subject.clone(),
+                    call.reply.clone(),
+                    headers,
+                    payload.clone(),
+                )
+                .await
+                .map_err(|e| {
+                    Error::Nats(format!("cannot send the call to runner {}: {e}", runner.id))
+                })?;
+            call.cancel = linked;
+            let outcome = tokio::time::timeout_at(deadline, answer).await;
+            call.cancel = false;
+            drop(call);
+            let sent = match outcome {
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        function: function.to_string(),
+                        timeout,
+                    })
                 }
+                Ok(Err(_)) => {
+                    return Err(Error::Nats("the reply multiplexer stopped".into()));
+                }
+                Ok(Ok(Err(e))) => return Err(e),
+                Ok(Ok(Ok(msg))) => msg,
             };
-            cancel.disarm();
-            drop(cancel);
+            let sent = if sent.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                Err(())
+            } else {
+                Ok(sent)
+            };
             match sent {
                 Ok(msg) => {
                     match protocol::read_reply(
@@ -734,33 +722,19 @@ impl PoolInner {
                         Reply::Draining => self.set_draining(&runner.id),
                     }
                 }
-                Err(e) => match e.kind() {
-                    // Nobody got the call: the runner left. Try another.
-                    RequestErrorKind::NoResponders => {
-                        debug!(runner = %runner.id, "no responders; placing the call elsewhere");
-                        if self.fleet.is_some() {
-                            // Its lease says what it is; it may just be
-                            // resubscribing after a reconnect. Try again
-                            // shortly.
-                            drop(lease);
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                            continue;
-                        }
-                        self.set_draining(&runner.id);
+                // Nobody got the call: the runner left. Try another.
+                Err(()) => {
+                    debug!(runner = %runner.id, "no responders; placing the call elsewhere");
+                    if self.fleet.is_some() {
+                        // Its lease says what it is; it may just be
+                        // resubscribing after a reconnect. Try again
+                        // shortly.
+                        drop(lease);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
                     }
-                    RequestErrorKind::TimedOut => {
-                        return Err(Error::Timeout {
-                            function: function.to_string(),
-                            timeout,
-                        })
-                    }
-                    _ => {
-                        return Err(Error::Nats(format!(
-                            "request to runner {} failed: {e}",
-                            runner.id
-                        )))
-                    }
-                },
+                    self.set_draining(&runner.id);
+                }
             }
             drop(lease);
         }
@@ -980,7 +954,7 @@ impl PoolInner {
                     st.boot_retry_at = Some(Instant::now() + BOOT_RETRY_DEBOUNCE);
                     st.model.remove(&id);
                     let stopper = st.runners.remove(&id).and_then(|entry| {
-                        entry.link.fail(e.to_string());
+                        entry.link.fail(&self.shared.replies, e.to_string());
                         entry.stopper
                     });
                     (stopper, st.model.len())
@@ -1019,7 +993,7 @@ impl PoolInner {
             (entry, state, runners)
         };
         if let Some(entry) = entry {
-            entry.link.fail(reason.clone());
+            entry.link.fail(&self.shared.replies, reason.clone());
         }
         if matches!(state, Some(RunnerState::Ready | RunnerState::Draining)) {
             self.hooks.fire(PoolEvent::Shrink {
@@ -1027,34 +1001,6 @@ impl PoolInner {
                 runners,
                 reason,
             });
-        }
-    }
-
-    /// When the NATS connection drops, replies to calls in flight are lost:
-    /// fail those calls now (rather than at their deadline) by failing the
-    /// runners' links, and give the runners fresh links for new calls.
-    /// Kept off the call path: a call only watches its runner's link.
-    async fn watch_connection(self: Arc<Self>) {
-        let mut disconnects = self.shared.events.disconnects.clone();
-        loop {
-            tokio::select! {
-                _ = self.closed.cancelled() => return,
-                changed = disconnects.changed() => if changed.is_err() { return },
-            }
-            let old: Vec<Arc<RunnerLink>> = {
-                let mut st = self.model.lock().unwrap();
-                st.runners
-                    .iter_mut()
-                    .map(|(id, entry)| {
-                        let fresh = Arc::new(RunnerLink::new(&self.config.name, id));
-                        std::mem::replace(&mut entry.link, fresh)
-                    })
-                    .collect()
-            };
-            for link in old {
-                link.connection_lost.store(true, Ordering::SeqCst);
-                link.fail("the connection to NATS was lost".into());
-            }
         }
     }
 
@@ -1255,7 +1201,7 @@ impl PoolInner {
                         runner: ev.runner.clone(),
                     };
                     if let Some(entry) = st.runners.get_mut(&id) {
-                        entry.link.fail(e.to_string());
+                        entry.link.fail(&self.shared.replies, e.to_string());
                         entry.ready.take();
                     }
                     return refuse(&e.to_string());
@@ -1357,7 +1303,9 @@ impl PoolInner {
         entries
             .into_iter()
             .filter_map(|(_, entry)| {
-                entry.link.fail("the pool was shut down".into());
+                entry
+                    .link
+                    .fail(&self.shared.replies, "the pool was shut down".into());
                 entry.stopper.map(|s| s.stop(grace))
             })
             .collect()

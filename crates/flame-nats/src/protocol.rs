@@ -13,7 +13,6 @@ const FUNCTION: HeaderName = HeaderName::from_static(wire::HEADER_FUNCTION);
 const BUILD: HeaderName = HeaderName::from_static(wire::HEADER_BUILD);
 const TIMEOUT_MS: HeaderName = HeaderName::from_static(wire::HEADER_TIMEOUT_MS);
 const CAST: HeaderName = HeaderName::from_static(wire::HEADER_CAST);
-const CALL_ID: HeaderName = HeaderName::from_static(wire::HEADER_CALL_ID);
 
 /// Headers of a call request.
 pub(crate) fn request_headers(
@@ -33,27 +32,15 @@ pub(crate) fn request_headers(
     h
 }
 
-/// Marks a call as linked: the runner can be told to cancel it by this id.
-pub(crate) fn set_call_id(headers: &mut HeaderMap, id: &str) {
-    headers.insert(CALL_ID, id);
-}
-
-/// Most bytes [`request_headers`] (plus a call id whose parent part is
-/// `call_id_prefix` long, if any) take on the wire; the server counts
+/// Most bytes [`request_headers`] take on the wire; the server counts
 /// headers and body together against max_payload.
-pub(crate) fn request_headers_max_len(
-    function: &str,
-    build: &str,
-    cast: bool,
-    call_id_prefix: Option<usize>,
-) -> usize {
+pub(crate) fn request_headers_max_len(function: &str, build: &str, cast: bool) -> usize {
     let field = |name: &str, value_len: usize| name.len() + 2 + value_len + 2;
     // "NATS/1.0\r\n" + fields + "\r\n"; a u64 has at most 20 digits.
     12 + field(wire::HEADER_FUNCTION, function.len())
         + field(wire::HEADER_BUILD, build.len())
         + field(wire::HEADER_TIMEOUT_MS, 20)
         + if cast { field(wire::HEADER_CAST, 1) } else { 0 }
-        + call_id_prefix.map_or(0, |p| field(wire::HEADER_CALL_ID, p + 1 + 20))
 }
 
 /// What a reply means.

@@ -199,7 +199,7 @@ impl LeaseKeeper {
     }
 }
 
-/// Linked calls running in their own tasks, by call id, so that a caller
+/// Calls running in their own tasks, by reply subject, so that a caller
 /// that stops waiting can cancel its call. Only the serve loop touches it.
 #[derive(Default)]
 struct Cancellable {
@@ -209,19 +209,19 @@ struct Cancellable {
 }
 
 impl Cancellable {
-    fn insert(&mut self, call_id: String, task: AbortHandle) {
+    fn insert(&mut self, reply: String, task: AbortHandle) {
         if self.tasks.len() >= self.sweep_at {
             self.tasks.retain(|_, t| !t.is_finished());
             self.sweep_at = (self.tasks.len() * 2).max(64);
         }
-        self.tasks.insert(call_id, task);
+        self.tasks.insert(reply, task);
     }
 
-    fn cancel(&mut self, call_id: &[u8]) -> bool {
-        let Ok(call_id) = std::str::from_utf8(call_id) else {
+    fn cancel(&mut self, reply: &[u8]) -> bool {
+        let Ok(reply) = std::str::from_utf8(reply) else {
             return false;
         };
-        match self.tasks.remove(call_id) {
+        match self.tasks.remove(reply) {
             Some(task) if !task.is_finished() => {
                 task.abort();
                 true
@@ -235,7 +235,7 @@ impl Cancellable {
 struct Dispatched {
     /// It was valid work (not refused).
     accepted: bool,
-    /// A linked call still running in its own task.
+    /// A call still running in its own task, by its reply subject.
     cancellable: Option<(String, AbortHandle)>,
 }
 
@@ -360,8 +360,8 @@ async fn run(info: ParentInfo) -> Result<String, Error> {
             request = endpoint.next() => match request {
                 Some(request) => {
                     let done = runner.clone().dispatch(request);
-                    if let Some((call_id, task)) = done.cancellable {
-                        cancellable.insert(call_id, task);
+                    if let Some((reply, task)) = done.cancellable {
+                        cancellable.insert(reply, task);
                     }
                     if done.accepted && runner.info.single_use {
                         *stop_reason.lock().unwrap() =
@@ -705,10 +705,9 @@ impl Runner {
     /// few times; a one-off slow poll (first-use costs) does not count.
     fn dispatch(self: Arc<Self>, request: service::Request) -> Dispatched {
         let checked = self.check(&request);
-        let (inline_name, call_id) = match &checked {
-            Ok(call) => (Some(call.function), call.call_id.clone()),
-            Err(_) => (None, None),
-        };
+        let inline_name = checked.as_ref().ok().map(|call| call.function);
+        // A caller that stops waiting names its call by the reply subject.
+        let reply = request.message.reply.clone();
         let accepted = checked.is_ok();
         let runner = self.clone();
         let inline = inline_name
@@ -814,7 +813,7 @@ impl Runner {
         let task = tokio::spawn(work).abort_handle();
         Dispatched {
             accepted,
-            cancellable: call_id.map(|id| (id, task)),
+            cancellable: reply.map(|r| (r.to_string(), task)),
         }
     }
 
@@ -856,7 +855,6 @@ impl Runner {
             handler,
             timeout: Duration::from_millis(timeout_ms),
             cast: get(wire::HEADER_CAST).is_some(),
-            call_id: get(wire::HEADER_CALL_ID).map(str::to_string),
         })
     }
 
@@ -1018,7 +1016,6 @@ struct Checked {
     handler: Handler,
     timeout: Duration,
     cast: bool,
-    call_id: Option<String>,
 }
 
 /// Why a request was refused: kind, message, extra reply headers.

@@ -1,0 +1,192 @@
+//! Replies to a parent's calls: one subscription (`<inbox>.*`) for all of
+//! them, each call waiting on its own token.
+//!
+//! async-nats multiplexes requests the same way internally, but keeps the
+//! reply subject to itself. Owning it gives flame two things for free: a
+//! caller that stops waiting can name its call to the runner by its reply
+//! subject (no extra header), and a runner that dies or a lost connection
+//! fails exactly the calls waiting on it by sending them the error, so a
+//! call waits on one channel only.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::Message;
+use flame_core::Error;
+use futures::StreamExt;
+use tokio::sync::oneshot;
+use tracing::debug;
+
+/// What a waiting call receives: the runner's reply, or why none will come.
+pub(crate) type Outcome = Result<Message, Error>;
+
+/// Who a call waits on, so that failures reach the right calls.
+pub(crate) trait Target: Send + Sync {
+    /// The runner's id.
+    fn runner(&self) -> &str;
+}
+
+struct Waiting {
+    tx: oneshot::Sender<Outcome>,
+    function: &'static str,
+    target: Arc<dyn Target>,
+}
+
+/// The reply multiplexer of one parent connection.
+pub(crate) struct Replies {
+    /// `<inbox>.`; a call's reply subject is this plus its token.
+    prefix: String,
+    waiting: Mutex<HashMap<u64, Waiting>>,
+    next: AtomicU64,
+}
+
+impl std::fmt::Debug for Replies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replies")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Replies {
+    /// Subscribes to the parent's reply inbox and starts delivering.
+    pub(crate) async fn start(
+        client: &async_nats::Client,
+        url: String,
+        mut disconnects: tokio::sync::watch::Receiver<u64>,
+    ) -> Result<Arc<Replies>, Error> {
+        let inbox = client.new_inbox();
+        let mut sub = client
+            .subscribe(format!("{inbox}.*"))
+            .await
+            .map_err(|e| Error::Nats(format!("cannot subscribe to replies: {e}")))?;
+        let replies = Arc::new(Replies {
+            prefix: format!("{inbox}."),
+            waiting: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+        });
+        let weak = Arc::downgrade(&replies);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    msg = sub.next() => {
+                        let Some(replies) = weak.upgrade() else { return };
+                        match msg {
+                            Some(msg) => replies.deliver(msg),
+                            None => {
+                                replies.fail_all(|| Error::NatsUnreachable {
+                                    url: url.clone(),
+                                    reason: "the connection to NATS was closed".into(),
+                                });
+                                return;
+                            }
+                        }
+                    }
+                    changed = disconnects.changed() => {
+                        let Some(replies) = weak.upgrade() else { return };
+                        if changed.is_err() {
+                            return;
+                        }
+                        // Replies to calls in flight are lost with the
+                        // connection: fail those calls now, not at their
+                        // deadline.
+                        replies.fail_all(|| Error::NatsUnreachable {
+                            url: url.clone(),
+                            reason: "the connection was lost while the call ran; its result is lost".into(),
+                        });
+                    }
+                }
+            }
+        });
+        Ok(replies)
+    }
+
+    /// Registers a call; returns its reply subject and where the outcome
+    /// arrives.
+    pub(crate) fn register(
+        &self,
+        function: &'static str,
+        target: Arc<dyn Target>,
+    ) -> (u64, String, oneshot::Receiver<Outcome>) {
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.waiting.lock().unwrap().insert(
+            token,
+            Waiting {
+                tx,
+                function,
+                target,
+            },
+        );
+        (token, format!("{}{token}", self.prefix), rx)
+    }
+
+    /// Forgets a call (answered, timed out or dropped). True if it was
+    /// still waiting.
+    pub(crate) fn forget(&self, token: u64) -> bool {
+        self.waiting.lock().unwrap().remove(&token).is_some()
+    }
+
+    fn deliver(&self, msg: Message) {
+        let token = msg
+            .subject
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|t| t.parse::<u64>().ok());
+        let Some(waiting) = token.and_then(|t| self.waiting.lock().unwrap().remove(&t)) else {
+            debug!(subject = %msg.subject, "reply for a call nobody waits for");
+            return;
+        };
+        let _ = waiting.tx.send(Ok(msg));
+    }
+
+    /// Fails the calls waiting on `runner`, now or, with `grace`, after
+    /// giving replies already on their way that long to arrive.
+    pub(crate) fn fail_runner(self: &Arc<Self>, runner: &str, reason: String, grace: Duration) {
+        if grace.is_zero() {
+            self.fail_runner_now(runner, &reason);
+            return;
+        }
+        let (me, runner) = (self.clone(), runner.to_string());
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            me.fail_runner_now(&runner, &reason);
+        });
+    }
+
+    fn fail_runner_now(&self, runner: &str, reason: &str) {
+        let failed: Vec<Waiting> = {
+            let mut waiting = self.waiting.lock().unwrap();
+            let tokens: Vec<u64> = waiting
+                .iter()
+                .filter(|(_, w)| w.target.runner() == runner)
+                .map(|(t, _)| *t)
+                .collect();
+            tokens
+                .into_iter()
+                .filter_map(|t| waiting.remove(&t))
+                .collect()
+        };
+        for w in failed {
+            let _ = w.tx.send(Err(Error::RunnerDown {
+                function: w.function.to_string(),
+                runner: runner.to_string(),
+                reason: reason.to_string(),
+            }));
+        }
+    }
+
+    fn fail_all(&self, error: impl Fn() -> Error) {
+        let all: Vec<Waiting> = self
+            .waiting
+            .lock()
+            .unwrap()
+            .drain()
+            .map(|(_, w)| w)
+            .collect();
+        for w in all {
+            let _ = w.tx.send(Err(error()));
+        }
+    }
+}
