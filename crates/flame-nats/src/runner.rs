@@ -341,10 +341,14 @@ async fn run(info: ParentInfo) -> Result<String, Error> {
     ));
 
     let mut cancellable = Cancellable::default();
+    // Created once: a cancellation future registers itself when first
+    // polled, which is not free on every request.
+    let stopped = stop_token.cancelled();
+    tokio::pin!(stopped);
     loop {
         tokio::select! {
             biased;
-            _ = stop_token.cancelled() => break,
+            _ = &mut stopped => break,
             Some(msg) = cancels.next() => {
                 if cancellable.cancel(&msg.payload) {
                     debug!(runner = %runner.info.runner_id, "call cancelled by its caller");
