@@ -67,37 +67,36 @@ impl Replies {
             waiting: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
         });
+        // Deliver replies; the loop awaits only the subscription, so each
+        // reply costs one channel receive and nothing else.
+        let weak = Arc::downgrade(&replies);
+        let closed_url = url.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let Some(replies) = weak.upgrade() else {
+                    return;
+                };
+                replies.deliver(msg);
+            }
+            if let Some(replies) = weak.upgrade() {
+                replies.fail_all(|| Error::NatsUnreachable {
+                    url: closed_url.clone(),
+                    reason: "the connection to NATS was closed".into(),
+                });
+            }
+        });
+        // Replies to calls in flight are lost with the connection: fail
+        // those calls now, not at their deadline.
         let weak = Arc::downgrade(&replies);
         tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    msg = sub.next() => {
-                        let Some(replies) = weak.upgrade() else { return };
-                        match msg {
-                            Some(msg) => replies.deliver(msg),
-                            None => {
-                                replies.fail_all(|| Error::NatsUnreachable {
-                                    url: url.clone(),
-                                    reason: "the connection to NATS was closed".into(),
-                                });
-                                return;
-                            }
-                        }
-                    }
-                    changed = disconnects.changed() => {
-                        let Some(replies) = weak.upgrade() else { return };
-                        if changed.is_err() {
-                            return;
-                        }
-                        // Replies to calls in flight are lost with the
-                        // connection: fail those calls now, not at their
-                        // deadline.
-                        replies.fail_all(|| Error::NatsUnreachable {
-                            url: url.clone(),
-                            reason: "the connection was lost while the call ran; its result is lost".into(),
-                        });
-                    }
-                }
+            while disconnects.changed().await.is_ok() {
+                let Some(replies) = weak.upgrade() else {
+                    return;
+                };
+                replies.fail_all(|| Error::NatsUnreachable {
+                    url: url.clone(),
+                    reason: "the connection was lost while the call ran; its result is lost".into(),
+                });
             }
         });
         Ok(replies)
