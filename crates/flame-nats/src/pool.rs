@@ -347,7 +347,8 @@ impl std::fmt::Debug for RunnerEntry {
 #[derive(Debug)]
 struct RunnerLink {
     id: RunnerId,
-    subject: String,
+    /// Built once: cloning a `Subject` is a reference count, not a copy.
+    subject: async_nats::Subject,
     cancel_subject: String,
     /// Set when the runner said it is stopping (drains, then exits).
     stopping: std::sync::atomic::AtomicBool,
@@ -365,7 +366,7 @@ impl RunnerLink {
     fn new(pool: &str, id: &RunnerId) -> RunnerLink {
         RunnerLink {
             id: id.clone(),
-            subject: subject::runner(pool, id),
+            subject: subject::runner(pool, id).into(),
             cancel_subject: subject::runner_cancel(pool, id),
             stopping: Default::default(),
             down_reason: OnceLock::new(),
@@ -574,7 +575,7 @@ struct InFlightCall<'a> {
     replies: &'a Replies,
     runner: &'a RunnerLink,
     token: u64,
-    reply: String,
+    reply: async_nats::Subject,
     /// Cancel on drop: linked, sent, and not yet answered.
     cancel: bool,
 }
@@ -591,9 +592,9 @@ impl Drop for InFlightCall<'_> {
         debug!(runner = %self.runner.id, "caller stopped waiting; cancelling");
         let client = self.client.clone();
         let subject = self.runner.cancel_subject.clone();
-        let reply = std::mem::take(&mut self.reply);
+        let reply = bytes::Bytes::copy_from_slice(self.reply.as_bytes());
         rt.spawn(async move {
-            if let Err(e) = client.publish(subject, reply.into()).await {
+            if let Err(e) = client.publish(subject, reply).await {
                 debug!("cannot send cancellation: {e}");
             }
         });

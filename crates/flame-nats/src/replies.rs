@@ -108,7 +108,7 @@ impl Replies {
         &self,
         function: &'static str,
         target: Arc<dyn Target>,
-    ) -> (u64, String, oneshot::Receiver<Outcome>) {
+    ) -> (u64, async_nats::Subject, oneshot::Receiver<Outcome>) {
         let token = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.waiting.lock().unwrap().insert(
@@ -119,7 +119,7 @@ impl Replies {
                 target,
             },
         );
-        (token, format!("{}{token}", self.prefix), rx)
+        (token, format!("{}{token}", self.prefix).into(), rx)
     }
 
     /// Forgets a call (answered, timed out or dropped). True if it was
