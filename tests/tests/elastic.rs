@@ -13,6 +13,30 @@ use flame_tests::harness::{
 
 const LONG: Duration = Duration::from_secs(60);
 
+/// Takes the only slot of a pool (max 1, max_concurrency 1) with a call
+/// that runs until the returned file is written.
+async fn hold_the_only_slot(
+    env: &TestEnv,
+    pool: &flame::Pool,
+    dir: &tempfile::TempDir,
+) -> (tokio::task::JoinHandle<Result<bool, Error>>, String) {
+    let release = path_in(dir, "release");
+    let holder = tokio::spawn({
+        let pool = pool.clone();
+        let release = release.clone();
+        async move {
+            pool.call_with::<wait_for_file>((release, 60_000), CallOptions::new().timeout(LONG))
+                .await
+        }
+    });
+    let name = pool.config().name.clone();
+    wait_for("the holder to run", LONG, || async {
+        (runner_stats(env, &name).await?["in_flight"] == 1).then_some(())
+    })
+    .await;
+    (holder, release)
+}
+
 #[tokio::test]
 async fn min_runners_are_booted_at_start_and_replaced_when_they_die() {
     let env = TestEnv::start().await;
@@ -98,19 +122,7 @@ async fn queued_callers_are_served_in_fifo_order() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let release = path_in(&dir, "release");
-    let holder = tokio::spawn({
-        let pool = pool.clone();
-        let release = release.clone();
-        async move {
-            pool.call_with::<wait_for_file>((release, 60_000), CallOptions::new().timeout(LONG))
-                .await
-        }
-    });
-    wait_for("the holder to run", LONG, || async {
-        (runner_stats(&env, "fifo").await?["in_flight"] == 1).then_some(())
-    })
-    .await;
+    let (holder, release) = hold_the_only_slot(&env, &pool, &dir).await;
     // Queue five callers, one after the other.
     let mut queued = Vec::new();
     for i in 0..5 {
@@ -147,19 +159,7 @@ async fn a_call_never_takes_longer_than_its_timeout_in_total() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let release = path_in(&dir, "release");
-    let holder = tokio::spawn({
-        let pool = pool.clone();
-        let release = release.clone();
-        async move {
-            pool.call_with::<wait_for_file>((release, 60_000), CallOptions::new().timeout(LONG))
-                .await
-        }
-    });
-    wait_for("the holder to run", LONG, || async {
-        (runner_stats(&env, "budget").await?["in_flight"] == 1).then_some(())
-    })
-    .await;
+    let (holder, release) = hold_the_only_slot(&env, &pool, &dir).await;
     // This call may take 2 s in all. It waits for the slot about 1.2 s and
     // then needs 1.5 s of work: 2.7 s. The reference would let it run to the
     // end (its timeout only starts once a runner is found); flame stops it
