@@ -67,7 +67,7 @@ struct FleetState {
     runners: HashMap<String, Seen<RunnerLease>>,
     parents: HashMap<String, Seen<ParentLease>>,
     scaler: Option<Seen<ScalerLease>>,
-    slots: Option<(Slots, u64)>,
+    slots: Option<Slots>,
     /// Last revision applied, to resume the watch after a reconnect.
     last_revision: u64,
     /// This parent's scaler term: the revision of the `scaler` key it wrote.
@@ -86,6 +86,18 @@ struct FleetState {
 }
 
 impl FleetState {
+    /// Leases of the other parents that are still renewed.
+    fn other_live_parents<'a>(
+        &'a self,
+        me: &'a str,
+        stale_after: Duration,
+    ) -> impl Iterator<Item = &'a ParentLease> + 'a {
+        self.parents
+            .iter()
+            .filter(move |(id, s)| *id != me && s.changed.elapsed() <= stale_after)
+            .map(|(_, s)| &s.value)
+    }
+
     /// Counts every lease and the scaler as just seen.
     fn forget_silence(&mut self) {
         let now = Instant::now();
@@ -235,7 +247,7 @@ impl Fleet {
                 st.retiring.remove(id);
                 let owned = st.owned.remove(id);
                 drop(st);
-                pool.lease_gone(id);
+                pool.lease_gone(id, "its lease was removed");
                 drop(owned);
                 return;
             }
@@ -280,9 +292,7 @@ impl Fleet {
             st.slots = if deleted {
                 None
             } else {
-                serde_json::from_slice::<Slots>(&entry.value)
-                    .ok()
-                    .map(|s| (s, entry.revision))
+                serde_json::from_slice::<Slots>(&entry.value).ok()
             };
         }
     }
@@ -453,16 +463,14 @@ impl Fleet {
                 }
             }
             let waiting: usize = st
-                .parents
-                .iter()
-                .filter(|(id, s)| *id != me && s.changed.elapsed() <= stale_after)
-                .map(|(_, s)| s.value.waiting)
+                .other_live_parents(me, stale_after)
+                .map(|p| p.waiting)
                 .sum::<usize>()
                 + pool.waiting();
             let slots = st
                 .slots
                 .as_ref()
-                .map(|(s, _)| s.runners.clone())
+                .map(|s| s.runners.clone())
                 .unwrap_or_default();
             let now = Instant::now();
             let live_ids: HashSet<String> = st
@@ -535,14 +543,7 @@ impl Fleet {
                 .is_none();
             if first {
                 debug!(pool = %pool.config.name, runner = %id, "retiring idle runner");
-                let _ = pool
-                    .shared
-                    .client
-                    .publish(
-                        subject::runner_control(&pool.config.name, &id),
-                        subject::CONTROL_RETIRE.into(),
-                    )
-                    .await;
+                send_retire(pool, &id).await;
             }
         }
     }
@@ -613,15 +614,17 @@ impl Fleet {
                 }
                 // Record the handle so any later scaler can terminate it.
                 let key = subject::runner_key(&id);
-                for _ in 0..20 {
-                    let Ok(Some((mut l, rev))) = kv::read::<RunnerLease>(&self.store, &key).await
-                    else {
-                        break;
-                    };
-                    l.handle = handle.clone();
-                    if self.store.update(&key, kv::to_json(&l), rev).await.is_ok() {
-                        break;
-                    }
+                let recorded = kv::update(
+                    &self.store,
+                    &key,
+                    || None,
+                    |l: &mut RunnerLease| {
+                        l.handle = handle.clone();
+                        true
+                    },
+                );
+                if let Err(e) = recorded.await {
+                    warn!(pool = %name, runner = %id, "cannot record the runner's handle: {e}");
                 }
             }
             Err(reason) => {
@@ -659,7 +662,7 @@ impl Fleet {
             (st.owned.remove(id), handle)
         };
         let _ = self.store.delete(subject::runner_key(id)).await;
-        pool.lease_gone_because(id, why);
+        pool.lease_gone(id, why);
         // The slot is freed only once the runner is known to be gone, so a
         // replacement never runs beside it.
         let gone = match owned {
@@ -695,10 +698,7 @@ impl Fleet {
         let (leading, others, owned) = {
             let mut st = self.state.lock().unwrap();
             let stale_after = pool.config.heartbeat * STALE_BEATS;
-            let others = st
-                .parents
-                .iter()
-                .any(|(id, s)| *id != me && s.changed.elapsed() <= stale_after);
+            let others = st.other_live_parents(&me, stale_after).next().is_some();
             let owned: Vec<(String, Box<dyn StopRunner>)> = st.owned.drain().collect();
             (st.leading.take(), others, owned)
         };
@@ -719,14 +719,7 @@ impl Fleet {
         // The last parent out: retire every runner of the pool.
         let ids: Vec<String> = self.state.lock().unwrap().runners.keys().cloned().collect();
         for id in &ids {
-            let _ = pool
-                .shared
-                .client
-                .publish(
-                    subject::runner_control(&pool.config.name, id),
-                    subject::CONTROL_RETIRE.into(),
-                )
-                .await;
+            send_retire(pool, id).await;
         }
         let _ = pool.shared.client.flush().await;
         let grace = pool.config.shutdown_timeout;
@@ -748,6 +741,19 @@ fn booting_lease(pool: &PoolInner, id: &str) -> RunnerLease {
         handle: String::new(),
         booted_by: pool.shared.parent_id.clone(),
         beat: 0,
+    }
+}
+
+/// Tells a runner to drain and exit.
+async fn send_retire(pool: &PoolInner, runner: &str) {
+    let to = subject::runner_control(&pool.config.name, runner);
+    if let Err(e) = pool
+        .shared
+        .client
+        .publish(to, subject::CONTROL_RETIRE.into())
+        .await
+    {
+        debug!(runner, "cannot send retire: {e}");
     }
 }
 

@@ -58,17 +58,25 @@ pub(crate) fn to_json<T: Serialize>(value: &T) -> Bytes {
 
 /// Read-modify-write of a JSON value with compare-and-set, retried on
 /// conflicts. `change` returns false to leave the value as it is. A missing
-/// value starts from `T::default()`. Returns whether a change was written.
-pub(crate) async fn update<T, F>(store: &Store, key: &str, mut change: F) -> Result<bool, Error>
+/// value starts from `missing()`, or is left missing when that is `None`.
+/// Returns whether a change was written.
+pub(crate) async fn update<T, F>(
+    store: &Store,
+    key: &str,
+    missing: impl Fn() -> Option<T>,
+    mut change: F,
+) -> Result<bool, Error>
 where
-    T: Serialize + DeserializeOwned + Default,
+    T: Serialize + DeserializeOwned,
     F: FnMut(&mut T) -> bool,
 {
     for attempt in 0..50 {
-        let current = read::<T>(store, key).await?;
-        let (mut value, revision) = match current {
+        let (mut value, revision) = match read::<T>(store, key).await? {
             Some((v, r)) => (v, Some(r)),
-            None => (T::default(), None),
+            None => match missing() {
+                Some(v) => (v, None),
+                None => return Ok(false),
+            },
         };
         if !change(&mut value) {
             return Ok(false);
@@ -90,23 +98,33 @@ where
 
 /// Adds a runner to `slots` if fewer than `max` are counted. False when full.
 pub(crate) async fn take_slot(store: &Store, runner: &str, max: usize) -> Result<bool, Error> {
-    update::<Slots, _>(store, subject::SLOTS_KEY, |slots| {
-        if slots.runners.len() >= max || slots.runners.iter().any(|r| r == runner) {
-            return false;
-        }
-        slots.runners.push(runner.to_string());
-        true
-    })
+    update(
+        store,
+        subject::SLOTS_KEY,
+        || Some(Slots::default()),
+        |slots: &mut Slots| {
+            if slots.runners.len() >= max || slots.runners.iter().any(|r| r == runner) {
+                return false;
+            }
+            slots.runners.push(runner.to_string());
+            true
+        },
+    )
     .await
 }
 
 /// Removes a runner from `slots`.
 pub(crate) async fn free_slot(store: &Store, runner: &str) -> Result<(), Error> {
-    update::<Slots, _>(store, subject::SLOTS_KEY, |slots| {
-        let before = slots.runners.len();
-        slots.runners.retain(|r| r != runner);
-        slots.runners.len() != before
-    })
+    update(
+        store,
+        subject::SLOTS_KEY,
+        || Some(Slots::default()),
+        |slots: &mut Slots| {
+            let before = slots.runners.len();
+            slots.runners.retain(|r| r != runner);
+            slots.runners.len() != before
+        },
+    )
     .await
     .map(|_| ())
 }

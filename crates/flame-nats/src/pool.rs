@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 use crate::flame::Shared;
 use crate::fleet::Fleet;
 use crate::protocol::{self, ParentAnswer, Reply, RunnerEvent};
-use crate::replies::{Replies, Target};
+use crate::replies::Replies;
 
 /// How long a call on a runner that stopped on purpose still waits for its
 /// reply after the runner's exit is seen.
@@ -356,12 +356,6 @@ struct RunnerLink {
     down_reason: OnceLock<String>,
 }
 
-impl Target for RunnerLink {
-    fn runner(&self) -> &str {
-        &self.id
-    }
-}
-
 impl RunnerLink {
     fn new(pool: &str, id: &RunnerId) -> RunnerLink {
         RunnerLink {
@@ -427,6 +421,15 @@ fn deliver(handoffs: impl IntoIterator<Item = Handoff>) {
 }
 
 impl State {
+    /// The runner said it is stopping: place nothing new on it, and give
+    /// its last replies a moment when its exit is seen.
+    fn stopping(&mut self, id: &RunnerId) {
+        self.model.drain(id);
+        if let Some(entry) = self.runners.get(id) {
+            entry.link.stopping.store(true, Ordering::SeqCst);
+        }
+    }
+
     fn lease_for(
         &mut self,
         pool: &Arc<PoolInner>,
@@ -509,7 +512,8 @@ impl Pool {
 
     /// Changes `min` and `max` of the live pool. Raising `min` boots runners
     /// now; lowering `max` below the runners up retires the surplus, idle
-    /// ones first (each finishes its in-flight work first).
+    /// ones first (each finishes its in-flight work first). In a shared pool
+    /// the scaler's limits count, and it retires idle runners only.
     pub fn set_limits(&self, min: usize, max: usize) -> Result<(), Error> {
         validate_limits(&self.inner.config.name, min, max)?;
         self.inner.clone().set_limits(min, max);
@@ -518,7 +522,7 @@ impl Pool {
 
     /// The current `min` and `max`.
     pub fn limits(&self) -> (usize, usize) {
-        self.inner.model.lock().unwrap().model.limits()
+        self.inner.limits()
     }
 
     /// A snapshot of the pool as this parent sees it.
@@ -666,7 +670,7 @@ impl PoolInner {
                 protocol::request_headers(function, &self.shared.build_id, remaining, cast);
             let runner = lease.runner.clone();
             let replies = &self.shared.replies;
-            let (token, reply, answer) = replies.register(function, runner.clone());
+            let (token, reply, answer) = replies.register(function, runner.id.clone());
             let mut call = InFlightCall {
                 client: &self.shared.client,
                 replies,
@@ -691,7 +695,7 @@ impl PoolInner {
             let outcome = tokio::time::timeout_at(deadline, answer).await;
             call.cancel = false;
             drop(call);
-            let sent = match outcome {
+            let msg = match outcome {
                 Err(_) => {
                     return Err(Error::Timeout {
                         function: function.to_string(),
@@ -704,37 +708,24 @@ impl PoolInner {
                 Ok(Ok(Err(e))) => return Err(e),
                 Ok(Ok(Ok(msg))) => msg,
             };
-            let sent = if sent.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
-                Err(())
-            } else {
-                Ok(sent)
-            };
-            match sent {
-                Ok(msg) => {
-                    match protocol::read_reply(
-                        msg,
-                        function,
-                        &runner.id,
-                        &self.shared.build_id,
-                        timeout,
-                    ) {
-                        Reply::Value(bytes) => return Ok(bytes),
-                        Reply::Failed(e) => return Err(e),
-                        Reply::Draining => self.set_draining(&runner.id),
-                    }
-                }
+            if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
                 // Nobody got the call: the runner left. Try another.
-                Err(()) => {
-                    debug!(runner = %runner.id, "no responders; placing the call elsewhere");
-                    if self.fleet.is_some() {
-                        // Its lease says what it is; it may just be
-                        // resubscribing after a reconnect. Try again
-                        // shortly.
-                        drop(lease);
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                    self.set_draining(&runner.id);
+                debug!(runner = %runner.id, "no responders; placing the call elsewhere");
+                if self.fleet.is_some() {
+                    // Its lease says what it is; it may just be
+                    // resubscribing after a reconnect. Try again shortly.
+                    drop(lease);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                self.set_draining(&runner.id);
+            } else {
+                let reply =
+                    protocol::read_reply(msg, function, &runner.id, &self.shared.build_id, timeout);
+                match reply {
+                    Reply::Value(bytes) => return Ok(bytes),
+                    Reply::Failed(e) => return Err(e),
+                    Reply::Draining => self.set_draining(&runner.id),
                 }
             }
             drop(lease);
@@ -1031,24 +1022,15 @@ impl PoolInner {
                     st.model.drain(&id);
                     Vec::new()
                 }
-                LeaseState::Ready => {
-                    let handed = st.model.runner_ready(&id).unwrap_or_default();
-                    let handed = if handed.is_empty() && !self.config.single_use {
-                        // Marked draining here but ready by its lease: ready.
-                        st.model.revive(&id)
-                    } else {
-                        handed
-                    };
-                    handed
-                        .into_iter()
-                        .filter_map(|(w, r)| st.lease_for(self, w, &r))
-                        .collect()
-                }
+                LeaseState::Ready => st
+                    .model
+                    .runner_ready(&id)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|(w, r)| st.lease_for(self, w, &r))
+                    .collect(),
                 LeaseState::Draining => {
-                    st.model.drain(&id);
-                    if let Some(entry) = st.runners.get(&id) {
-                        entry.link.stopping.store(true, Ordering::SeqCst);
-                    }
+                    st.stopping(&id);
                     Vec::new()
                 }
             }
@@ -1059,13 +1041,8 @@ impl PoolInner {
         self.changed.notify_waiters();
     }
 
-    /// Shared pools: a runner's lease was removed.
-    pub(crate) fn lease_gone(self: &Arc<Self>, id: &str) {
-        self.lease_gone_because(id, "its lease was removed");
-    }
-
-    /// Shared pools: a runner is gone, for this reason.
-    pub(crate) fn lease_gone_because(self: &Arc<Self>, id: &str, why: &str) {
+    /// Shared pools: a runner is gone (its lease removed), for this reason.
+    pub(crate) fn lease_gone(self: &Arc<Self>, id: &str, why: &str) {
         let id: RunnerId = Arc::from(id);
         if self.model.lock().unwrap().runners.contains_key(&id) {
             self.runner_gone(&id, format!("runner stopped: {why}"));
@@ -1132,7 +1109,13 @@ impl PoolInner {
     fn set_limits(self: Arc<Self>, min: usize, max: usize) {
         let retired: Vec<(RunnerId, Option<Stopper>)> = {
             let mut st = self.model.lock().unwrap();
-            let retire = st.model.set_limits(min, max);
+            st.model.set_limits(min, max);
+            // A shared pool's scaler retires runners for the whole fleet.
+            let retire = if self.fleet.is_some() {
+                Vec::new()
+            } else {
+                st.model.retire_surplus()
+            };
             self.boot_locked(&mut st);
             retire
                 .into_iter()
@@ -1241,10 +1224,7 @@ impl PoolInner {
                 ParentAnswer { ok, reason: None }
             }
             ParentEvent::Stopping => {
-                st.model.drain(&id);
-                if let Some(entry) = st.runners.get(&id) {
-                    entry.link.stopping.store(true, Ordering::SeqCst);
-                }
+                st.stopping(&id);
                 debug!(pool = %self.config.name, runner = %id, "runner is stopping");
                 ParentAnswer {
                     ok: true,

@@ -22,16 +22,11 @@ use tracing::debug;
 /// What a waiting call receives: the runner's reply, or why none will come.
 pub(crate) type Outcome = Result<Message, Error>;
 
-/// Who a call waits on, so that failures reach the right calls.
-pub(crate) trait Target: Send + Sync {
-    /// The runner's id.
-    fn runner(&self) -> &str;
-}
-
 struct Waiting {
     tx: oneshot::Sender<Outcome>,
     function: &'static str,
-    target: Arc<dyn Target>,
+    /// The runner the call went to, so that its failure reaches the call.
+    runner: Arc<str>,
 }
 
 /// The reply multiplexer of one parent connection.
@@ -107,7 +102,7 @@ impl Replies {
     pub(crate) fn register(
         &self,
         function: &'static str,
-        target: Arc<dyn Target>,
+        runner: Arc<str>,
     ) -> (u64, async_nats::Subject, oneshot::Receiver<Outcome>) {
         let token = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -116,7 +111,7 @@ impl Replies {
             Waiting {
                 tx,
                 function,
-                target,
+                runner,
             },
         );
         (token, format!("{}{token}", self.prefix).into(), rx)
@@ -159,7 +154,7 @@ impl Replies {
             let mut waiting = self.waiting.lock().unwrap();
             let tokens: Vec<u64> = waiting
                 .iter()
-                .filter(|(_, w)| w.target.runner() == runner)
+                .filter(|(_, w)| &*w.runner == runner)
                 .map(|(t, _)| *t)
                 .collect();
             tokens

@@ -10,7 +10,6 @@
 //! at once: nobody is left to receive the results.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicI64;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -91,9 +90,12 @@ struct Runner {
     draining: AtomicBool,
     /// Woken when in-flight work finishes during the drain.
     work_done: Notify,
-    /// Milliseconds since `started` when the parent last answered a ping;
-    /// negative once it said it no longer knows this runner.
-    parent_heard_ms: AtomicI64,
+    /// Milliseconds since `started` when a parent last answered a ping.
+    parent_heard_ms: AtomicU64,
+    /// The parent answered that it no longer knows this runner.
+    parent_refused: AtomicBool,
+    /// The scaler removed this runner's lease (shared pools).
+    lease_lost: AtomicBool,
     /// One permit per concurrent call: the runner itself never runs more
     /// than `max_concurrency` calls, whatever its parents believe (in a
     /// shared pool, parents place calls without seeing each other's).
@@ -319,7 +321,9 @@ async fn run(info: ParentInfo) -> Result<String, Error> {
         last_active_ms: AtomicU64::new(0),
         draining: AtomicBool::new(false),
         work_done: Notify::new(),
-        parent_heard_ms: AtomicI64::new(0),
+        parent_heard_ms: AtomicU64::new(0),
+        parent_refused: AtomicBool::new(false),
+        lease_lost: AtomicBool::new(false),
         permits: Arc::new(Semaphore::new(max_concurrency.max(1))),
         queued: AtomicUsize::new(0),
         lease_dirty: Notify::new(),
@@ -463,7 +467,7 @@ async fn lifecycle(runner: Arc<Runner>, stop: CancellationToken, reason: Arc<Mut
                     };
                     match answer {
                         Some(true) => r.heard_parent(),
-                        Some(false) => r.parent_heard_ms.store(-1, Ordering::SeqCst),
+                        Some(false) => r.parent_refused.store(true, Ordering::SeqCst),
                         None => {}
                     }
                 });
@@ -473,25 +477,25 @@ async fn lifecycle(runner: Arc<Runner>, stop: CancellationToken, reason: Arc<Mut
                     let r = runner.clone();
                     tokio::spawn(async move {
                         if !r.renew_lease().await {
-                            r.parent_heard_ms.store(-2, Ordering::SeqCst);
+                            r.lease_lost.store(true, Ordering::SeqCst);
                         }
                     });
                 }
-                let heard = runner.parent_heard_ms.load(Ordering::SeqCst);
-                if heard == -2 {
+                if runner.lease_lost.load(Ordering::SeqCst) {
                     break Stop::Abandoned("the scaler removed this runner's lease".to_string());
                 }
-                if heard < 0 {
+                if runner.parent_refused.load(Ordering::SeqCst) {
                     break Stop::Abandoned("the parent no longer knows this runner".to_string());
                 }
-                let silent = runner.started.elapsed().saturating_sub(Duration::from_millis(heard as u64));
+                let heard = runner.parent_heard_ms.load(Ordering::SeqCst);
+                let silent = runner.started.elapsed().saturating_sub(Duration::from_millis(heard));
                 if silent >= grace {
                     break Stop::Abandoned(format!("no word from the parent for {silent:?}"));
                 }
             }
             _ = runner.lease_dirty.notified(), if runner.info.shared => {
-                // Callers started queueing here: show the scaler now (at
-                // most every 20 ms).
+                // Callers started queueing here: show the scaler soon. The
+                // short wait here gathers a burst of them into one write.
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 let r = runner.clone();
                 tokio::spawn(async move { r.renew_lease().await });
@@ -603,13 +607,8 @@ impl Runner {
     }
 
     fn heard_parent(&self) {
-        let ms = self.started.elapsed().as_millis() as i64;
-        // Never overwrite a refusal (-1).
-        let _ = self
-            .parent_heard_ms
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
-                (v >= 0).then_some(ms.max(v))
-            });
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.parent_heard_ms.fetch_max(ms, Ordering::SeqCst);
     }
 
     /// Runs the pool's idle check, if any. A check that fails to run counts

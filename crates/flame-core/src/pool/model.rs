@@ -186,16 +186,6 @@ impl PoolModel {
         }
     }
 
-    /// Takes a draining runner back into service (a shared pool's lease says
-    /// it is ready after all) and hands it queued callers.
-    pub fn revive(&mut self, runner: &RunnerId) -> Vec<(WaiterId, RunnerId)> {
-        match self.runners.get_mut(runner) {
-            Some(r) if r.state == RunnerState::Draining => r.state = RunnerState::Booting,
-            _ => return Vec::new(),
-        }
-        self.runner_ready(runner).unwrap_or_default()
-    }
-
     /// Stops placing work on a runner; it still counts against `max` until
     /// [`PoolModel::remove`].
     pub fn drain(&mut self, runner: &RunnerId) {
@@ -265,15 +255,18 @@ impl PoolModel {
         }
     }
 
-    /// Changes `min` and `max` of a live pool. Returns the ready runners to
-    /// retire so that no more than `max` remain, idle ones first; they are
-    /// marked draining (they finish their work and take no more). Runners
-    /// still booting are not retired: they count until they are ready and
-    /// then serve as usual.
-    pub fn set_limits(&mut self, min: usize, max: usize) -> Vec<RunnerId> {
+    /// Changes `min` and `max` of a live pool.
+    pub fn set_limits(&mut self, min: usize, max: usize) {
         self.min = min;
         self.max = max;
         self.min_suspended = false;
+    }
+
+    /// Picks the ready runners to retire so that no more than `max` remain,
+    /// idle ones first, and marks them draining (they finish their work and
+    /// take no more). Runners still booting are not retired: they count
+    /// until they are ready and then serve as usual.
+    pub fn retire_surplus(&mut self) -> Vec<RunnerId> {
         let live = self
             .runners
             .values()
@@ -288,7 +281,7 @@ impl PoolModel {
         ready.sort();
         let retire: Vec<RunnerId> = ready
             .into_iter()
-            .take(live.saturating_sub(max))
+            .take(live.saturating_sub(self.max))
             .map(|(_, id)| id)
             .collect();
         for id in &retire {
@@ -449,9 +442,10 @@ mod tests {
             m.runner_ready(&id(r)).unwrap();
         }
         assert_eq!(m.checkout(1), Checkout::Placed(id("a")));
-        assert_eq!(m.set_limits(0, 1), vec![id("b"), id("c")]);
+        m.set_limits(0, 1);
+        assert_eq!(m.retire_surplus(), vec![id("b"), id("c")]);
         assert_eq!(m.count(RunnerState::Draining), 2);
-        assert_eq!(m.set_limits(0, 1), Vec::<RunnerId>::new(), "idempotent");
+        assert_eq!(m.retire_surplus(), Vec::<RunnerId>::new(), "idempotent");
         // Raising min boots again, up to the new max.
         m.remove(&id("b"));
         m.remove(&id("c"));
