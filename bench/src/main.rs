@@ -34,6 +34,12 @@ async fn work(ms: u64) {
     tokio::time::sleep(Duration::from_millis(ms)).await;
 }
 
+/// One flame call of `echo`: the operation every flame measure repeats.
+async fn echo_once(pool: flame::Pool, payload: Vec<u8>) -> anyhow::Result<()> {
+    flame::call!(pool, echo(ByteBuf::from(payload))).await?;
+    Ok(())
+}
+
 /// Process id of the runner.
 #[flame::remote]
 async fn pid() -> u32 {
@@ -76,12 +82,7 @@ async fn main() -> anyhow::Result<()> {
             .await?;
         let payload = vec![0xABu8; 100];
         let rate = throughput(64, Duration::from_secs(10), move |_| {
-            let pool = pool.clone();
-            let p = payload.clone();
-            async move {
-                flame::call!(pool, echo(ByteBuf::from(p))).await?;
-                Ok(())
-            }
+            echo_once(pool.clone(), payload.clone())
         })
         .await?;
         println!("flame throughput {rate:.0}/s");
@@ -145,24 +146,11 @@ async fn main() -> anyhow::Result<()> {
         .start()
         .await?;
     eprintln!("flame sequential...");
-    let fl_seq = sequential(s.sequential, || {
-        let pool = pool.clone();
-        let p = payload.clone();
-        async move {
-            flame::call!(pool, echo(ByteBuf::from(p))).await?;
-            Ok(())
-        }
-    })
-    .await?;
+    let fl_seq = sequential(s.sequential, || echo_once(pool.clone(), payload.clone())).await?;
     eprintln!("flame throughput...");
     let (pool2, payload2) = (pool.clone(), payload.clone());
     let fl_tput = throughput(64, s.throughput_for, move |_| {
-        let pool = pool2.clone();
-        let p = payload2.clone();
-        async move {
-            flame::call!(pool, echo(ByteBuf::from(p))).await?;
-            Ok(())
-        }
+        echo_once(pool2.clone(), payload2.clone())
     })
     .await?;
 
@@ -308,12 +296,7 @@ async fn shared_parent(
     if secs > 0 {
         let payload = vec![0xABu8; 100];
         let rate = throughput(64, Duration::from_secs(secs), move |_| {
-            let pool = pool.clone();
-            let p = payload.clone();
-            async move {
-                flame::call!(pool, echo(ByteBuf::from(p))).await?;
-                Ok(())
-            }
+            echo_once(pool.clone(), payload.clone())
         })
         .await?;
         println!("rate {rate:.0}");

@@ -566,3 +566,25 @@ pub async fn start_marked_call(
         .expect("pid in marker");
     MarkedCall { call, pid }
 }
+
+/// Waits (at most `limit`) until the runner of `pool` reports `n` calls in
+/// flight, counted on the runner.
+pub async fn wait_in_flight(env: &TestEnv, pool: &str, n: u64, limit: Duration) {
+    let what = format!("{n} calls in flight on a runner of pool `{pool}`");
+    wait_for(&what, limit, || async {
+        (runner_stats(env, pool).await?["in_flight"] == n).then_some(())
+    })
+    .await;
+}
+
+/// The error a spawned call ends with, which must come within `limit`.
+pub async fn error_within<T: std::fmt::Debug>(
+    call: tokio::task::JoinHandle<Result<T, flame::Error>>,
+    limit: Duration,
+) -> flame::Error {
+    tokio::time::timeout(limit, call)
+        .await
+        .unwrap_or_else(|_| panic!("the call did not end within {limit:?}"))
+        .expect("the call's task panicked")
+        .expect_err("the call succeeded")
+}

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use flame::{CallOptions, Error};
 use flame_tests::funcs::*;
-use flame_tests::harness::{kill9, runner_stats, wait_for, TestEnv};
+use flame_tests::harness::{error_within, kill9, runner_stats, wait_for, wait_in_flight, TestEnv};
 
 #[tokio::test]
 async fn named_call_runs_on_a_runner_process() {
@@ -162,18 +162,9 @@ async fn runner_killed_mid_call_fails_the_call_at_once() {
         }
     });
     // Wait until the runner holds the call, then kill it.
-    wait_for(
-        "the call to reach the runner",
-        Duration::from_secs(20),
-        || async { (runner_stats(&env, "killed").await?["in_flight"] == 1).then_some(()) },
-    )
-    .await;
+    wait_in_flight(&env, "killed", 1, Duration::from_secs(20)).await;
     kill9(at.pid);
-    let err = tokio::time::timeout(Duration::from_secs(20), call)
-        .await
-        .expect("the call must fail long before its 60 s timeout")
-        .unwrap()
-        .unwrap_err();
+    let err = error_within(call, Duration::from_secs(20)).await;
     match err {
         Error::RunnerDown { runner, reason, .. } => {
             assert_eq!(runner, at.runner);

@@ -7,8 +7,8 @@ use std::time::Duration;
 use flame::{CallOptions, Error, PoolEvent};
 use flame_tests::funcs::*;
 use flame_tests::harness::{
-    file_exists, kill9, path_in, process_alive, runner_backend, runner_stats, sigterm,
-    start_marked_call, wait_for, CountingBackend, FailingFirst, HookLog, MarkedCall, TestEnv,
+    file_exists, kill9, path_in, process_alive, runner_backend, sigterm, start_marked_call,
+    wait_for, wait_in_flight, CountingBackend, FailingFirst, HookLog, MarkedCall, TestEnv,
 };
 
 const LONG: Duration = Duration::from_secs(60);
@@ -30,10 +30,7 @@ async fn hold_the_only_slot(
         }
     });
     let name = pool.config().name.clone();
-    wait_for("the holder to run", LONG, || async {
-        (runner_stats(env, &name).await?["in_flight"] == 1).then_some(())
-    })
-    .await;
+    wait_in_flight(env, &name, 1, LONG).await;
     (holder, release)
 }
 
@@ -93,10 +90,7 @@ async fn pool_grows_only_when_every_runner_is_at_max_concurrency() {
     // Two calls fit on one runner (max_concurrency 2): one boot.
     let a = hold(pool.clone(), release.clone());
     let b = hold(pool.clone(), release.clone());
-    wait_for("two calls running", LONG, || async {
-        (runner_stats(&env, "growfull").await?["in_flight"] == 2).then_some(())
-    })
-    .await;
+    wait_in_flight(&env, "growfull", 2, LONG).await;
     assert_eq!(hooks.grow_starts(), 1, "{:?}", hooks.events());
     // The third finds the runner full: a second boot.
     let c = hold(pool.clone(), release.clone());

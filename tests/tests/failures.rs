@@ -8,8 +8,9 @@ use std::time::Duration;
 use flame::{CallOptions, Error, ParentInfo};
 use flame_tests::funcs::*;
 use flame_tests::harness::{
-    children_of, file_exists, kill9, path_in, process_alive, runner_backend, runner_stats,
-    start_marked_call, testapp, wait_for, MarkedCall, NoExitNotice, TestEnv,
+    children_of, error_within, file_exists, kill9, path_in, process_alive, runner_backend,
+    runner_stats, start_marked_call, testapp, wait_for, wait_in_flight, MarkedCall, NoExitNotice,
+    TestEnv,
 };
 use flame_tests::TEST_BUILD;
 
@@ -44,11 +45,7 @@ async fn every_caller_on_a_killed_runner_fails_at_once() {
     let pid: u32 = std::fs::read_to_string(&marks[0]).unwrap().parse().unwrap();
     kill9(pid);
     for call in calls {
-        let err = tokio::time::timeout(Duration::from_secs(20), call)
-            .await
-            .expect("every call must fail long before its 60 s timeout")
-            .unwrap()
-            .unwrap_err();
+        let err = error_within(call, Duration::from_secs(20)).await;
         assert!(matches!(err, Error::RunnerDown { .. }), "{err:?}");
     }
 }
@@ -69,11 +66,7 @@ async fn runner_down_is_noticed_by_heartbeat_when_the_backend_cannot_see_exits()
     let MarkedCall { call, pid } =
         start_marked_call(&pool, &dir, "started", 120_000, CallOptions::new()).await;
     kill9(pid);
-    let err = tokio::time::timeout(Duration::from_secs(20), call)
-        .await
-        .expect("the call must fail long before its 60 s timeout")
-        .unwrap()
-        .unwrap_err();
+    let err = error_within(call, Duration::from_secs(20)).await;
     match err {
         Error::RunnerDown { reason, .. } => {
             assert!(reason.contains("no heartbeat"), "{reason}")
@@ -99,18 +92,10 @@ async fn dropping_a_linked_call_cancels_the_remote_work() {
                 .await
         }
     });
-    wait_for("the call to reach the runner", LONG, || async {
-        (runner_stats(&env, "cancel").await?["in_flight"] == 1).then_some(())
-    })
-    .await;
+    wait_in_flight(&env, "cancel", 1, LONG).await;
     call.abort();
     // The runner drops the work long before its 60 s sleep ends.
-    wait_for(
-        "the runner to cancel the work",
-        Duration::from_secs(20),
-        || async { (runner_stats(&env, "cancel").await?["in_flight"] == 0).then_some(()) },
-    )
-    .await;
+    wait_in_flight(&env, "cancel", 0, Duration::from_secs(20)).await;
     assert!(!Path::new(&marker).exists());
     // The runner keeps serving.
     assert_eq!(flame::call!(pool, add(2, 2)).await.unwrap(), 4);
@@ -133,10 +118,7 @@ async fn unlinked_call_runs_on_after_its_caller_is_gone() {
             .await
         }
     });
-    wait_for("the call to reach the runner", LONG, || async {
-        (runner_stats(&env, "unlinked").await?["in_flight"] == 1).then_some(())
-    })
-    .await;
+    wait_in_flight(&env, "unlinked", 1, LONG).await;
     call.abort();
     wait_for("the work to finish anyway", LONG, || file_exists(&marker)).await;
 }
@@ -223,10 +205,7 @@ async fn pool_timeout_kills_the_work_and_a_call_timeout_overrides_it() {
         matches!(err, Error::Timeout { timeout, .. } if timeout == Duration::from_millis(500)),
         "{err:?}"
     );
-    wait_for("the runner to drop the work", LONG, || async {
-        (runner_stats(&env, "pooltimeout").await?["in_flight"] == 0).then_some(())
-    })
-    .await;
+    wait_in_flight(&env, "pooltimeout", 0, LONG).await;
     assert!(!Path::new(&marker).exists());
     let ok = pool
         .call_with::<sleep_then_mark>(

@@ -7,7 +7,7 @@ use flame::{CallOptions, Error};
 use flame_fly::FlyBackend;
 use flame_tests::fake_fly::FakeFly;
 use flame_tests::funcs::*;
-use flame_tests::harness::{kill9, process_alive, wait_for, TestEnv};
+use flame_tests::harness::{error_within, kill9, process_alive, wait_for, wait_in_flight, TestEnv};
 use flame_tests::TEST_BUILD;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -126,18 +126,9 @@ async fn a_dead_machine_fails_its_calls_by_heartbeat() {
             .await
         }
     });
-    wait_for("the call to reach the Machine", LONG, || async {
-        flame_tests::harness::runner_stats(&env, "flydead")
-            .await
-            .filter(|s| s["in_flight"] == 1)
-    })
-    .await;
+    wait_in_flight(&env, "flydead", 1, LONG).await;
     kill9(at.pid);
-    let err = tokio::time::timeout(Duration::from_secs(20), call)
-        .await
-        .expect("fails long before its timeout")
-        .unwrap()
-        .unwrap_err();
+    let err = error_within(call, Duration::from_secs(20)).await;
     assert!(matches!(err, Error::RunnerDown { .. }), "{err:?}");
     // The pool destroyed what was left of it through the API.
     wait_for("a destroy request", LONG, || async {

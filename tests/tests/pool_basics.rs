@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use flame::{CallOptions, Error};
 use flame_tests::funcs::*;
-use flame_tests::harness::{process_alive, runner_stats, wait_for, TestEnv};
+use flame_tests::harness::{process_alive, wait_for, wait_in_flight, TestEnv};
 
 #[tokio::test]
 async fn grows_on_demand_up_to_max_and_no_further() {
@@ -77,12 +77,7 @@ async fn at_max_a_caller_waits_until_its_deadline() {
         let pool = pool.clone();
         async move { pool.call::<sleep_then_mark>((3_000, String::new())).await }
     });
-    wait_for(
-        "the only slot to be taken",
-        Duration::from_secs(20),
-        || async { (runner_stats(&env, "full").await?["in_flight"] == 1).then_some(()) },
-    )
-    .await;
+    wait_in_flight(&env, "full", 1, Duration::from_secs(20)).await;
     let err = pool
         .call_with::<add>(
             (1, 1),
@@ -126,12 +121,7 @@ async fn idle_runner_beyond_min_stops_and_min_runner_stays() {
         let pool = pool.clone();
         async move { pool.call::<sleep_then_mark>((1_000, String::new())).await }
     });
-    wait_for(
-        "the min runner to be busy",
-        Duration::from_secs(20),
-        || async { (runner_stats(&env, "idle").await?["in_flight"] == 1).then_some(()) },
-    )
-    .await;
+    wait_in_flight(&env, "idle", 1, Duration::from_secs(20)).await;
     let extra = flame::call!(pool, whereabouts()).await.unwrap();
     assert_ne!(extra.pid, min_runner.pid, "a second runner was booted");
     hold.await.unwrap().unwrap();

@@ -6,8 +6,8 @@ use std::time::Duration;
 use flame::{CallOptions, Flame};
 use flame_tests::funcs::*;
 use flame_tests::harness::{
-    kill9, process_alive, runner_backend, runner_pids, start_marked_call, wait_for, MarkedCall,
-    NoExitNotice, RunnerSampler, SharedParent, TestEnv,
+    error_within, kill9, process_alive, runner_backend, runner_pids, start_marked_call, wait_for,
+    MarkedCall, NoExitNotice, RunnerSampler, SharedParent, TestEnv,
 };
 use flame_tests::TEST_BUILD;
 
@@ -269,11 +269,7 @@ async fn dead_runner_fails_calls_in_every_parent_and_its_lease_is_reaped() {
     let pid: u32 = std::fs::read_to_string(&marks[0]).unwrap().parse().unwrap();
     kill9(pid);
     for call in calls {
-        let err = tokio::time::timeout(Duration::from_secs(20), call)
-            .await
-            .expect("calls in both parents fail long before their timeout")
-            .unwrap()
-            .unwrap_err();
+        let err = error_within(call, Duration::from_secs(20)).await;
         assert!(matches!(err, flame::Error::RunnerDown { .. }), "{err:?}");
     }
     // The lease is gone and min is restored by a new runner.
@@ -342,11 +338,7 @@ async fn nats_restart_fails_in_flight_calls_and_the_pool_recovers() {
     let MarkedCall { call, .. } =
         start_marked_call(&pool, &dir, "m", 120_000, CallOptions::new()).await;
     env.server.restart().expect("restart nats-server");
-    let err = tokio::time::timeout(Duration::from_secs(20), call)
-        .await
-        .expect("the in-flight call fails instead of hanging")
-        .unwrap()
-        .unwrap_err();
+    let err = error_within(call, Duration::from_secs(20)).await;
     assert!(
         matches!(err, flame::Error::NatsUnreachable { .. }),
         "{err:?}"
@@ -384,11 +376,7 @@ async fn runner_without_exit_notice_loses_its_lease_within_a_few_heartbeats() {
     let MarkedCall { call, pid } =
         start_marked_call(&pool, &dir, "m", 120_000, CallOptions::new()).await;
     kill9(pid);
-    let err = tokio::time::timeout(Duration::from_secs(20), call)
-        .await
-        .expect("the call fails once the lease is reaped")
-        .unwrap()
-        .unwrap_err();
+    let err = error_within(call, Duration::from_secs(20)).await;
     match err {
         flame::Error::RunnerDown { reason, .. } => {
             assert!(reason.contains("lease"), "{reason}")
