@@ -13,6 +13,15 @@ use flame_tests::TEST_BUILD;
 
 const LONG: Duration = Duration::from_secs(60);
 
+/// A shared pool of test runners, with 500 ms heartbeats.
+fn shared_pool(flame: &Flame, name: &str) -> flame::PoolBuilder {
+    flame
+        .pool(name)
+        .shared(true)
+        .heartbeat(Duration::from_millis(500))
+        .backend(runner_backend())
+}
+
 async fn another_parent(env: &TestEnv) -> Flame {
     flame::FlameBuilder::new()
         .nats_url(env.server.url())
@@ -26,24 +35,15 @@ async fn another_parent(env: &TestEnv) -> Flame {
 async fn two_parents_share_one_pool() {
     let env = TestEnv::start().await;
     let second = another_parent(&env).await;
-    let a = env
-        .flame
-        .pool("together")
-        .shared(true)
+    let a = shared_pool(&env.flame, "together")
         .max(2)
         .max_concurrency(2)
-        .heartbeat(Duration::from_millis(500))
-        .backend(runner_backend())
         .start()
         .await
         .unwrap();
-    let b = second
-        .pool("together")
-        .shared(true)
+    let b = shared_pool(&second, "together")
         .max(2)
         .max_concurrency(2)
-        .heartbeat(Duration::from_millis(500))
-        .backend(runner_backend())
         .start()
         .await
         .unwrap();
@@ -191,16 +191,12 @@ async fn runner_outlives_its_booting_parent_while_another_parent_lives() {
     assert_eq!(report.pids.len(), 1, "{report:?}");
     let runner = report.pids[0];
     let heartbeat = Duration::from_millis(500);
-    let pool = env
-        .flame
-        .pool("outlive")
-        .shared(true)
+    let pool = shared_pool(&env.flame, "outlive")
         .min(1)
         .max(1)
         .max_concurrency(4)
         .heartbeat(heartbeat)
         .parent_grace(heartbeat * 6)
-        .backend(runner_backend())
         .start()
         .await
         .unwrap();
@@ -228,15 +224,7 @@ async fn runner_outlives_its_booting_parent_while_another_parent_lives() {
 async fn dead_runner_fails_calls_in_every_parent_and_its_lease_is_reaped() {
     let env = TestEnv::start().await;
     let second = another_parent(&env).await;
-    let build = |flame: &Flame| {
-        flame
-            .pool("reap")
-            .shared(true)
-            .min(1)
-            .max(1)
-            .heartbeat(Duration::from_millis(500))
-            .backend(runner_backend())
-    };
+    let build = |flame: &Flame| shared_pool(flame, "reap").min(1).max(1);
     let a = build(&env.flame).start().await.unwrap();
     let b = build(&second).start().await.unwrap();
     let store = bucket(&env, "reap").await;
@@ -284,16 +272,11 @@ async fn dead_runner_fails_calls_in_every_parent_and_its_lease_is_reaped() {
 #[tokio::test]
 async fn idle_runners_beyond_min_are_retired_and_their_leases_removed() {
     let env = TestEnv::start().await;
-    let pool = env
-        .flame
-        .pool("retire")
-        .shared(true)
+    let pool = shared_pool(&env.flame, "retire")
         .min(1)
         .max(3)
         .max_concurrency(1)
         .idle_shutdown_after(Duration::from_millis(500))
-        .heartbeat(Duration::from_millis(500))
-        .backend(runner_backend())
         .start()
         .await
         .unwrap();
@@ -322,15 +305,10 @@ async fn idle_runners_beyond_min_are_retired_and_their_leases_removed() {
 #[tokio::test]
 async fn nats_restart_fails_in_flight_calls_and_the_pool_recovers() {
     let mut env = TestEnv::start().await;
-    let pool = env
-        .flame
-        .pool("restart")
-        .shared(true)
+    let pool = shared_pool(&env.flame, "restart")
         .min(1)
         .max(2)
-        .heartbeat(Duration::from_millis(500))
         .parent_grace(Duration::from_secs(5))
-        .backend(runner_backend())
         .start()
         .await
         .unwrap();
@@ -361,12 +339,8 @@ async fn nats_restart_fails_in_flight_calls_and_the_pool_recovers() {
 #[tokio::test]
 async fn runner_without_exit_notice_loses_its_lease_within_a_few_heartbeats() {
     let env = TestEnv::start().await;
-    let pool = env
-        .flame
-        .pool("silent")
-        .shared(true)
+    let pool = shared_pool(&env.flame, "silent")
         .max(1)
-        .heartbeat(Duration::from_millis(500))
         .backend(NoExitNotice(runner_backend()))
         .start()
         .await
@@ -392,14 +366,9 @@ async fn runner_without_exit_notice_loses_its_lease_within_a_few_heartbeats() {
 #[tokio::test]
 async fn frozen_runner_is_reaped_and_terminated() {
     let env = TestEnv::start().await;
-    let pool = env
-        .flame
-        .pool("frozen")
-        .shared(true)
+    let pool = shared_pool(&env.flame, "frozen")
         .min(1)
         .max(1)
-        .heartbeat(Duration::from_millis(500))
-        .backend(runner_backend())
         .start()
         .await
         .unwrap();
@@ -436,14 +405,9 @@ async fn demand_of_a_parent_that_is_not_the_scaler_boots_runners() {
     .await;
     // This parent only has callers; their demand reaches the scaler through
     // its parent lease, and the scaler boots two runners for them.
-    let pool = env
-        .flame
-        .pool("demand")
-        .shared(true)
+    let pool = shared_pool(&env.flame, "demand")
         .max(2)
         .max_concurrency(1)
-        .heartbeat(Duration::from_millis(500))
-        .backend(runner_backend())
         .start()
         .await
         .unwrap();
