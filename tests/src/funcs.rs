@@ -255,3 +255,54 @@ pub mod inline {
         })
     }
 }
+
+/// A value whose decoding panics on the string `"boom"`: crafted argument
+/// bytes that make a `Deserialize` impl panic on the runner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Touchy(pub String);
+
+impl<'de> Deserialize<'de> for Touchy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "boom" {
+            panic!("Touchy cannot bear `boom`");
+        }
+        Ok(Touchy(s))
+    }
+}
+
+/// Takes a [`Touchy`] (on the runtime).
+#[flame::remote]
+pub async fn touchy(t: Touchy) -> String {
+    t.0
+}
+
+/// Takes a [`Touchy`] (on the blocking pool).
+#[flame::remote]
+pub fn touchy_blocking(t: Touchy) -> String {
+    t.0
+}
+
+/// Environment variable naming the file [`slow_idle_check()`] appends to.
+pub const SLOW_CHECK_FILE_ENV: &str = "FLAME_TEST_SLOW_CHECK_FILE";
+
+/// A slow idle check that always says stay up: appends `start` to the file
+/// named by [`SLOW_CHECK_FILE_ENV`], sleeps 900 ms, appends `end`.
+#[flame::remote]
+pub async fn slow_idle_check() -> bool {
+    use std::io::Write;
+    let append = |line: &str| {
+        if let Ok(path) = std::env::var(SLOW_CHECK_FILE_ENV) {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .expect("open slow check file");
+            writeln!(f, "{line}").expect("append");
+        }
+    };
+    append("start");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    append("end");
+    false
+}

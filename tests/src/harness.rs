@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flame::{Backend, BootSpec, Booted, Flame, LocalBackend, NatsServer, PoolBuilder, PoolEvent};
+use flame::{
+    Backend, BootSpec, Booted, BoxError, Flame, LocalBackend, NatsServer, PoolBuilder, PoolEvent,
+};
 use futures::future::BoxFuture;
 
 use crate::TEST_BUILD;
@@ -238,7 +240,7 @@ impl CountingBackend {
 }
 
 impl Backend for CountingBackend {
-    fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Booted, String>> {
+    fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Booted, BoxError>> {
         let now = self.live.fetch_add(1, Ordering::SeqCst) + 1;
         self.peak.fetch_max(now, Ordering::SeqCst);
         self.boots.fetch_add(1, Ordering::SeqCst);
@@ -270,7 +272,7 @@ impl Backend for CountingBackend {
 pub struct NoExitNotice<B>(pub B);
 
 impl<B: Backend> Backend for NoExitNotice<B> {
-    fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Booted, String>> {
+    fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Booted, BoxError>> {
         let boot = self.0.boot(spec);
         Box::pin(async move {
             let mut booted = boot.await?;
@@ -301,13 +303,13 @@ impl<B> FailingFirst<B> {
 }
 
 impl<B: Backend> Backend for FailingFirst<B> {
-    fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Booted, String>> {
+    fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Booted, BoxError>> {
         let fail = self
             .left
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
         if fail {
-            return Box::pin(async { Err("injected boot failure".to_string()) });
+            return Box::pin(async { Err("injected boot failure".into()) });
         }
         self.inner.boot(spec)
     }
@@ -587,4 +589,50 @@ pub async fn error_within<T: std::fmt::Debug>(
         .unwrap_or_else(|_| panic!("the call did not end within {limit:?}"))
         .expect("the call's task panicked")
         .expect_err("the call succeeded")
+}
+
+impl SharedParent {
+    /// Closes the parent's stdin: once its calls are done it shuts its pool
+    /// down, prints `shut down` and exits.
+    pub fn close_stdin(&mut self) {
+        drop(self.child.stdin.take());
+    }
+
+    /// Waits (at most `limit`) for a line starting with `prefix`, reading
+    /// past other lines; panics if the parent exits first.
+    pub async fn line_starting(&mut self, prefix: &str, limit: Duration) -> String {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let line = tokio::time::timeout_at(deadline, self.lines.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no `{prefix}` line within {limit:?}"))
+                .unwrap_or_else(|| panic!("parent exited before printing `{prefix}`"));
+            if line.starts_with(prefix) {
+                return line;
+            }
+            self.note(&line);
+        }
+    }
+}
+
+/// Runs the test app with `args`, without `NATS_URL` (so a parent starts
+/// its own nats-server) and with the test build id; returns its output
+/// once it exits, which must be within `limit`.
+pub async fn run_testapp(args: &[&str], limit: Duration) -> std::process::Output {
+    let child = tokio::process::Command::new(testapp())
+        .args(args)
+        .env_remove(flame::NATS_URL_ENV)
+        .env_remove(flame::PARENT_ENV)
+        .env(flame::BUILD_ID_ENV, crate::TEST_BUILD)
+        .env("RUST_LOG", "flame_nats=debug,flame_core=debug,warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn test app");
+    tokio::time::timeout(limit, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("flame-testapp {args:?} did not exit within {limit:?}"))
+        .expect("test app output")
 }

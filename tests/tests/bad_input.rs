@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use flame::Error;
+use flame::{Error, RunnerState};
 use flame_tests::funcs::*;
 use flame_tests::harness::TestEnv;
 use flame_tests::TEST_BUILD;
@@ -318,4 +318,112 @@ fn embedded_default_starts_a_private_server() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.starts_with("ok nats://127.0.0.1:"), "{stdout}");
+}
+
+/// Guards against a runner going down when a `Deserialize` impl panics on
+/// crafted argument bytes: the call must fail (a decode error or a panic
+/// report), and the runner must keep serving, for async and blocking
+/// functions alike.
+#[tokio::test]
+async fn panicking_argument_decoder_fails_the_call_not_the_runner() {
+    let env = TestEnv::start().await;
+    let pool = env
+        .pool("touchy")
+        .max(1)
+        .timeout(Duration::from_secs(20))
+        .start()
+        .await
+        .unwrap();
+    let before = flame::call!(pool, whereabouts()).await.unwrap();
+    assert_eq!(
+        flame::call!(pool, touchy(Touchy("fine".into())))
+            .await
+            .unwrap(),
+        "fine"
+    );
+    let err = flame::call!(pool, touchy(Touchy("boom".into())))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Decode { .. } | Error::Panicked { .. }),
+        "async function: {err:?}"
+    );
+    let err = flame::call!(pool, touchy_blocking(Touchy("boom".into())))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Decode { .. } | Error::Panicked { .. }),
+        "blocking function: {err:?}"
+    );
+    let after = flame::call!(pool, whereabouts()).await.unwrap();
+    assert_eq!(after.pid, before.pid, "the runner was replaced");
+}
+
+/// Publishes a forged runner event (`stopping`, `leave`, ...) to this test's
+/// parent, as any client on the account could. Its answer, or the lack of
+/// one, does not matter.
+async fn forge_event(env: &TestEnv, pool: &str, event: &str, runner: &str, idle_ms: u64) {
+    let subject = format!("flame.{pool}.parent.{}.{event}", env.flame.parent_id());
+    let body = serde_json::json!({
+        "runner": runner,
+        "build": TEST_BUILD,
+        "idle_ms": idle_ms,
+    });
+    let client = env.client().await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.request(subject, body.to_string().into()),
+    )
+    .await;
+}
+
+/// Guards against forged `stopping` and `leave` events: a client that is
+/// not the runner must not get a live runner of a private pool marked
+/// draining for good.
+#[tokio::test]
+async fn forged_stopping_and_leave_do_not_drain_a_runner_of_a_private_pool() {
+    let env = TestEnv::start().await;
+    let pool = env
+        .pool("forged")
+        .min(1)
+        .max(1)
+        .timeout(Duration::from_secs(10))
+        .start()
+        .await
+        .unwrap();
+    let runners = pool.runners();
+    assert_eq!(runners.len(), 1, "min 1");
+    let id = runners[0].id.clone();
+    forge_event(&env, "forged", "stopping", &id, 0).await;
+    forge_event(&env, "forged", "leave", &id, 1_000_000_000).await;
+    let at = flame::call!(pool, whereabouts())
+        .await
+        .expect("a call after the forged events");
+    assert_eq!(at.runner, id, "served by the same runner");
+    let states: Vec<RunnerState> = pool.runners().iter().map(|r| r.state).collect();
+    assert_eq!(states, vec![RunnerState::Ready]);
+}
+
+/// Guards against a forged `stopping` event in a shared pool: the runner
+/// must go on taking this parent's calls.
+#[tokio::test]
+async fn forged_stopping_does_not_drain_a_runner_of_a_shared_pool() {
+    let env = TestEnv::start().await;
+    let pool = env
+        .pool("forgedshared")
+        .shared(true)
+        .min(1)
+        .max(1)
+        .timeout(Duration::from_secs(10))
+        .start()
+        .await
+        .unwrap();
+    let at = flame::call!(pool, whereabouts()).await.unwrap();
+    forge_event(&env, "forgedshared", "stopping", &at.runner, 0).await;
+    for i in 0..3 {
+        let next = flame::call!(pool, whereabouts())
+            .await
+            .unwrap_or_else(|e| panic!("call {i} after the forged event: {e:?}"));
+        assert_eq!(next.pid, at.pid, "call {i}: the runner was replaced");
+    }
 }

@@ -9,8 +9,8 @@ use flame::{CallOptions, Error, ParentInfo};
 use flame_tests::funcs::*;
 use flame_tests::harness::{
     children_of, error_within, file_exists, kill9, path_in, process_alive, runner_backend,
-    runner_stats, start_marked_call, testapp, wait_for, wait_in_flight, MarkedCall, NoExitNotice,
-    TestEnv,
+    runner_stats, start_marked_call, testapp, wait_for, wait_in_flight, HookLog, MarkedCall,
+    NoExitNotice, TestEnv,
 };
 use flame_tests::TEST_BUILD;
 
@@ -352,4 +352,100 @@ async fn runner_env_holds_parent_info_and_forwarded_vars_only() {
         Some("forwarded value")
     );
     assert_eq!(get("CARGO_MANIFEST_DIR").await, None, "not forwarded");
+}
+
+/// Guards against a slow idle check silencing a runner's heartbeats: the
+/// runner's lifecycle loop awaited the check inline, so a check slower than
+/// two heartbeat intervals made the parent count a healthy runner as down.
+/// (The check itself is bounded to max(heartbeat, 1 s); this one takes
+/// 900 ms with 200 ms heartbeats.)
+#[tokio::test]
+async fn slow_idle_check_does_not_delay_heartbeats() {
+    let env = TestEnv::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let checks = path_in(&dir, "checks");
+    let hooks = HookLog::default();
+    let pool = hooks
+        .attach(
+            env.flame
+                .pool("slowcheck")
+                .max(1)
+                .heartbeat(Duration::from_millis(200))
+                .parent_grace(Duration::from_secs(3))
+                .idle_shutdown_after(Duration::from_millis(200))
+                .idle_shutdown_when::<slow_idle_check>()
+                .backend(runner_backend().env(SLOW_CHECK_FILE_ENV, checks.clone())),
+        )
+        .start()
+        .await
+        .unwrap();
+    let shrank = |hooks: &HookLog| {
+        hooks
+            .events()
+            .iter()
+            .any(|e| matches!(e, flame::PoolEvent::Shrink { .. }))
+    };
+    let at = flame::call!(pool, whereabouts()).await.unwrap();
+    // Two whole checks, unless the runner is counted out first.
+    wait_for("two idle checks to finish", LONG, || async {
+        let ends = std::fs::read_to_string(&checks)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| *l == "end")
+            .count();
+        (ends >= 2 || shrank(&hooks)).then_some(())
+    })
+    .await;
+    assert!(
+        !shrank(&hooks),
+        "the runner was counted out during its idle check: {:?}",
+        hooks.events()
+    );
+    assert_eq!(pool.status().ready, 1, "{:?}", pool.status());
+    let again = flame::call!(pool, whereabouts()).await.unwrap();
+    assert_eq!(again.pid, at.pid, "the runner was replaced");
+}
+
+/// Guards against a short nats-server restart (about 2 s) taking a private
+/// pool's healthy runner down: the parent must not count the runner as down
+/// while NATS itself is away, and a call made during the outage must be
+/// served by the same runner once NATS is back.
+#[tokio::test]
+async fn short_nats_outage_keeps_the_runner_and_serves_calls_made_during_it() {
+    let mut env = TestEnv::start().await;
+    let hooks = HookLog::default();
+    let pool = hooks
+        .attach(
+            env.pool("outage")
+                .min(1)
+                .max(1)
+                .heartbeat(Duration::from_millis(500))
+                .parent_grace(Duration::from_secs(10))
+                .timeout(Duration::from_secs(30)),
+        )
+        .start()
+        .await
+        .unwrap();
+    let at = flame::call!(pool, whereabouts()).await.unwrap();
+    env.server.stop();
+    let call = tokio::spawn({
+        let pool = pool.clone();
+        async move { flame::call!(pool, whereabouts()).await }
+    });
+    // The outage.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    env.server.restart().expect("restart nats-server");
+    let served = tokio::time::timeout(LONG, call)
+        .await
+        .expect("the call made during the outage ended in time")
+        .unwrap()
+        .expect("the call made during the outage succeeds");
+    assert_eq!(served.pid, at.pid, "served by the same runner");
+    let shrinks: Vec<_> = hooks
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e, flame::PoolEvent::Shrink { .. }))
+        .collect();
+    assert!(shrinks.is_empty(), "{shrinks:?}");
+    assert!(process_alive(at.pid), "the runner exited");
 }

@@ -139,3 +139,43 @@ async fn a_dead_machine_fails_its_calls_by_heartbeat() {
     })
     .await;
 }
+
+/// Guards against dropping a pool (no `shutdown`) leaving its Fly Machines
+/// running: the stop futures were discarded on drop, so the Machines API
+/// was never told to stop or destroy them.
+#[tokio::test]
+async fn dropping_the_pool_stops_its_machines() {
+    let env = TestEnv::start().await;
+    let fly = FakeFly::start("flame-test").await;
+    let pool = env
+        .flame
+        .pool("flydrop")
+        .min(1)
+        .max(1)
+        // Long enough that the Machine does not leave on its own first.
+        .parent_grace(Duration::from_secs(60))
+        .backend(backend(&fly))
+        .start()
+        .await
+        .unwrap();
+    let id = flame::call!(pool, env_var("FLY_MACHINE_ID".into()))
+        .await
+        .unwrap()
+        .expect("the runner runs on a Machine");
+    drop(pool);
+    let (stop, destroy) = (format!("/{id}/stop"), format!("/{id}"));
+    wait_for(
+        "a stop or destroy request for the Machine",
+        Duration::from_secs(20),
+        || async {
+            fly.requests()
+                .iter()
+                .any(|r| {
+                    (r.method == "POST" && r.path == stop)
+                        || (r.method == "DELETE" && r.path == destroy)
+                })
+                .then_some(())
+        },
+    )
+    .await;
+}

@@ -454,3 +454,74 @@ async fn nats_restart_under_load_with_parent_processes() {
         p.progressed_to(target, LONG).await;
     }
 }
+
+/// Guards against runners outliving the last parents of a shared pool when
+/// those parents shut down together: each saw the other still there, so
+/// neither retired the runners, which then waited out their parent grace
+/// (60 s here) before exiting.
+#[tokio::test]
+async fn last_parents_shutting_down_together_retire_the_runners() {
+    let env = TestEnv::start().await;
+    let url = env.server.url();
+    let extra = [("FLAME_TEST_MIN", "1"), ("FLAME_TEST_GRACE_MS", "60000")];
+    let mut parents = Vec::new();
+    for _ in 0..2 {
+        parents.push(SharedParent::start(&url, "lastleave", (2, 2), (2, 20, 20), &extra).await);
+    }
+    for p in &mut parents {
+        let report = p.done(LONG).await;
+        assert_eq!(report.failed, 0, "{report:?}");
+    }
+    let runners = runner_pids("lastleave");
+    assert!(!runners.is_empty(), "the pool's min runner is up");
+    // Both parents shut their pool down at the same moment.
+    for p in &mut parents {
+        p.close_stdin();
+    }
+    wait_for(
+        "every runner of the pool to be gone",
+        Duration::from_secs(15),
+        || async {
+            (runners.iter().all(|p| !process_alive(*p)) && runner_pids("lastleave").is_empty())
+                .then_some(())
+        },
+    )
+    .await;
+    for p in &mut parents {
+        p.line_starting("shut down", LONG).await;
+        let status = tokio::time::timeout(LONG, p.child.wait())
+            .await
+            .expect("the parent exited")
+            .unwrap();
+        assert!(status.success(), "{status}");
+    }
+}
+
+/// Guards against an unclear error when a shared pool is started on a
+/// server without JetStream: the error must say JetStream is not enabled
+/// (mention JetStream and "enable"), not that a resource does not exist.
+#[tokio::test]
+async fn shared_pool_without_jetstream_says_so() {
+    flame_tests::harness::init_tracing();
+    let server = flame::NatsServer::builder()
+        .jetstream(false)
+        .start()
+        .unwrap();
+    let flame = flame::FlameBuilder::new()
+        .nats_url(server.url())
+        .build_id(TEST_BUILD)
+        .init()
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(LONG, shared_pool(&flame, "nojetstream").max(1).start())
+        .await
+        .expect("start returned in time")
+        .unwrap_err();
+    // Naming JetStream is not enough (the old error did: "requested
+    // JetStream resource does not exist"); it must say it is not enabled.
+    let msg = err.to_string();
+    assert!(
+        msg.contains("JetStream") && msg.to_lowercase().contains("enable"),
+        "{msg}"
+    );
+}

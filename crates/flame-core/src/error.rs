@@ -1,6 +1,49 @@
 //! The error type every flame operation returns.
 
+use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
+
+/// A boxed error, as backends return them (tower's convention).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The underlying cause of an [`Error`]: a NATS, I/O or HTTP error kept
+/// whole behind an `Arc`, so that [`Error`] stays `Clone` and
+/// [`std::error::Error::source`] still reaches the original.
+#[derive(Clone)]
+pub struct Source(Arc<dyn std::error::Error + Send + Sync>);
+
+impl Source {
+    /// Wraps an error.
+    pub fn new(error: impl Into<BoxError>) -> Source {
+        Source(Arc::from(error.into()))
+    }
+
+    /// The wrapped error.
+    pub fn get(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.0
+    }
+}
+
+impl fmt::Debug for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&*self.0, f)
+    }
+}
+
+// Stands in for the wrapped error in a `source()` chain: same text, same
+// further sources.
+impl std::error::Error for Source {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
 
 /// What went wrong with a call, a cast, a pool or the connection to NATS.
 ///
@@ -8,7 +51,7 @@ use std::time::Duration;
 /// whatever type it likes (often a `Result<T, MyError>`), and that value comes
 /// back to the caller intact inside `Ok(..)`. This enum is for everything that
 /// stops the value from coming back.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The remote code panicked. The runner caught it and keeps serving.
@@ -108,23 +151,50 @@ pub enum Error {
         url: String,
         /// What the client reported.
         reason: String,
+        /// The client's error, when there is one.
+        #[source]
+        source: Option<Source>,
     },
 
-    /// Something went wrong talking to NATS after connecting.
-    #[error("NATS error: {0}")]
-    Nats(String),
+    /// Something went wrong talking to NATS after connecting: `context`
+    /// says what flame was doing, `source` what the client reported.
+    #[error("{context}: {source}")]
+    Nats {
+        /// What flame was doing, e.g. "cannot subscribe to runner events".
+        context: String,
+        /// The client's error.
+        #[source]
+        source: Source,
+    },
+
+    /// The NATS server has no JetStream, which shared pools need for their
+    /// KV bucket.
+    #[error("pool `{pool}` is shared, which needs JetStream, but JetStream is not enabled on the NATS server (start nats-server with -js, or add `jetstream {{}}` to its config)")]
+    JetStreamDisabled {
+        /// The pool.
+        pool: String,
+    },
 
     /// The embedded nats-server could not be started.
-    #[error("could not start an embedded nats-server: {0}")]
-    EmbeddedServer(String),
+    #[error("could not start an embedded nats-server: {reason}")]
+    EmbeddedServer {
+        /// What went wrong.
+        reason: String,
+        /// The I/O error, when there is one.
+        #[source]
+        source: Option<Source>,
+    },
 
     /// A runner could not be booted.
     #[error("pool `{pool}` could not boot a runner: {reason}")]
     BootFailed {
         /// The pool.
         pool: String,
-        /// What went wrong.
+        /// What went wrong, in words.
         reason: String,
+        /// The backend's error, when there is one.
+        #[source]
+        source: Option<Source>,
     },
 
     /// A runner was booted but did not report ready within the boot timeout.
@@ -139,6 +209,12 @@ pub enum Error {
     /// Configuration is missing or invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+
+    /// This process is a runner and could not start serving (it exits with
+    /// this error): its parent or its lease is gone, or the failsafe
+    /// deadline passed before it was acknowledged.
+    #[error("runner could not start: {0}")]
+    RunnerStart(String),
 
     /// The same function name is registered twice in this build.
     #[error(
@@ -168,5 +244,44 @@ pub enum Error {
     PoolClosed(String),
 }
 
+impl Error {
+    /// A NATS failure while doing `context`.
+    pub fn nats(context: impl Into<String>, source: impl Into<BoxError>) -> Error {
+        Error::Nats {
+            context: context.into(),
+            source: Source::new(source),
+        }
+    }
+
+    /// A boot failure, keeping the backend's error as the source.
+    pub fn boot_failed(pool: impl Into<String>, source: impl Into<BoxError>) -> Error {
+        let source = Source::new(source);
+        Error::BootFailed {
+            pool: pool.into(),
+            reason: source.to_string(),
+            source: Some(source),
+        }
+    }
+}
+
 /// Result alias used throughout flame.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn errors_stay_clone_and_keep_their_source() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let err = Error::nats("cannot subscribe", io);
+        let copy = err.clone();
+        assert_eq!(copy.to_string(), "cannot subscribe: refused");
+        let source = copy.source().expect("a source");
+        assert_eq!(source.to_string(), "refused");
+        let boot = Error::boot_failed("p", "machine failed: bad image");
+        assert!(boot.to_string().contains("bad image"));
+        assert!(boot.source().is_some());
+    }
+}

@@ -1,23 +1,26 @@
-//! Core of flame: the pool model, backends, the remote-function registry,
-//! wire types and errors. Independent of NATS; the runtime lives in
-//! `flame-nats`, and apps use the `flame` crate, which re-exports both.
+//! The stable core of flame, for backend authors: the [`Backend`] trait and
+//! its types (with [`LocalBackend`], runners as child processes), the
+//! [`Error`] type, and the remote-function registry that
+//! `#[flame::remote]` fills. The runtime (pools, runners, the wire
+//! protocol) lives in `flame-nats`; apps use the `flame` crate, which
+//! re-exports both.
 
 #![warn(missing_docs)]
 
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "flame runs on Linux only: it reads the GNU build id through dl_iterate_phdr, \
+     stops orphaned runners with PR_SET_PDEATHSIG and inspects /proc"
+);
+
 pub mod backend;
-mod build_id;
+pub mod codec;
 mod error;
-pub mod pool;
 pub mod registry;
-pub mod subject;
-pub mod wire;
 
 pub use backend::{Backend, BootSpec, Booted, LocalBackend, StopRunner};
-pub use build_id::{build_id, BUILD_ID_ENV};
-pub use error::{Error, Result};
-pub use pool::PoolConfig;
+pub use error::{BoxError, Error, Result, Source};
 pub use registry::{Registration, Registry, RemoteFn};
-pub use wire::{parent, ParentInfo, PARENT_ENV};
 
 #[doc(hidden)]
 pub use inventory;

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::{wire, Error};
+use crate::{codec, Error};
 
 /// A function that can be called on a pool by its registered name.
 ///
@@ -99,7 +99,7 @@ impl Registration {
 inventory::collect!(Registration);
 
 fn encode_result<R: Serialize>(out: &R) -> Result<Vec<u8>, InvokeError> {
-    wire::encode(out).map_err(|e| InvokeError::EncodeResult(e.to_string()))
+    codec::encode(out).map_err(|e| InvokeError::EncodeResult(e.to_string()))
 }
 
 /// Adapts an `async fn` to a [`Handler`]. Used by the macros.
@@ -110,7 +110,7 @@ where
     Fut: Future<Output = R> + Send + 'static,
     F: FnOnce(A) -> Fut,
 {
-    match wire::decode::<A>(&args) {
+    match codec::decode::<A>(&args) {
         Ok(args) => {
             let fut = f(args);
             Invocation::Async(Box::pin(async move { encode_result(&fut.await) }))
@@ -126,7 +126,7 @@ where
     R: Serialize,
     F: FnOnce(A) -> R + Send + 'static,
 {
-    match wire::decode::<A>(&args) {
+    match codec::decode::<A>(&args) {
         Ok(args) => Invocation::Blocking(Box::new(move || encode_result(&f(args)))),
         Err(e) => Invocation::Refused(InvokeError::DecodeArgs(e.to_string())),
     }
@@ -185,16 +185,6 @@ impl Registry {
         self.by_name.get_key_value(name).map(|(k, h)| (*k, *h))
     }
 
-    /// Number of registered functions.
-    pub fn len(&self) -> usize {
-        self.by_name.len()
-    }
-
-    /// True when nothing is registered.
-    pub fn is_empty(&self) -> bool {
-        self.by_name.is_empty()
-    }
-
     /// Registered names, sorted.
     pub fn names(&self) -> Vec<&'static str> {
         let mut names: Vec<_> = self.by_name.keys().copied().collect();
@@ -220,14 +210,11 @@ mod tests {
         let a = Registration::new("m::f", double, "src/a.rs", 3);
         let b = Registration::new("m::f", double, "src/b.rs", 9);
         let err = Registry::from_registrations([&a, &b]).unwrap_err();
-        assert_eq!(
-            err,
-            Error::DuplicateFunction {
-                name: "m::f".into(),
-                first: "src/a.rs:3".into(),
-                second: "src/b.rs:9".into()
-            }
-        );
+        assert!(matches!(
+            &err,
+            Error::DuplicateFunction { name, first, second }
+                if name == "m::f" && first == "src/a.rs:3" && second == "src/b.rs:9"
+        ));
         assert!(err.to_string().contains("registered twice"));
     }
 
@@ -238,17 +225,17 @@ mod tests {
             Registration::new("m::triple", triple, "x.rs", 2),
         ];
         let registry = Registry::from_registrations(&regs).unwrap();
-        let args = || Bytes::from(wire::encode(&(21u32,)).unwrap());
+        let args = || Bytes::from(codec::encode(&(21u32,)).unwrap());
         let out = match registry.get("m::double").unwrap()(args()) {
             Invocation::Async(fut) => futures::executor::block_on(fut).unwrap(),
             other => panic!("expected async, got {other:?}"),
         };
-        assert_eq!(wire::decode::<u32>(&out).unwrap(), 42);
+        assert_eq!(codec::decode::<u32>(&out).unwrap(), 42);
         let out = match registry.get("m::triple").unwrap()(args()) {
             Invocation::Blocking(f) => f().unwrap(),
             other => panic!("expected blocking, got {other:?}"),
         };
-        assert_eq!(wire::decode::<u32>(&out).unwrap(), 63);
+        assert_eq!(codec::decode::<u32>(&out).unwrap(), 63);
 
         let bad = registry.get("m::double").unwrap()(Bytes::from_static(b"\xc1garbage"));
         assert!(matches!(

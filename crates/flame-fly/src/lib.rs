@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use flame_core::backend::{Backend, BootSpec, Booted, StopRunner};
-use flame_core::Error;
+use flame_core::{BoxError, Error};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use reqwest::StatusCode;
@@ -72,7 +72,7 @@ pub struct Guest {
 
 /// Builds a [`FlyBackend`]. Unset settings come from the environment a
 /// Machine runs in.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[must_use]
 pub struct FlyBackendBuilder {
     api_url: String,
@@ -82,6 +82,19 @@ pub struct FlyBackendBuilder {
     region: Option<String>,
     guest: Guest,
     env: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for FlyBackendBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlyBackendBuilder")
+            .field("api_url", &self.api_url)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("app", &self.app)
+            .field("image", &self.image)
+            .field("region", &self.region)
+            .field("guest", &self.guest)
+            .finish_non_exhaustive()
+    }
 }
 
 impl FlyBackendBuilder {
@@ -251,7 +264,7 @@ struct Restart {
 }
 
 impl Backend for FlyBackend {
-    fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Booted, String>> {
+    fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Booted, BoxError>> {
         let mut env = self.env.clone();
         env.extend(spec.env.iter().cloned());
         let body = CreateMachine {
@@ -275,15 +288,11 @@ impl Backend for FlyBackend {
         async move {
             let created = api
                 .send(|http, base| http.post(base).json(&body))
-                .await
-                .map_err(|e| format!("cannot create a Fly Machine: {e}"))?;
-            let machine: serde_json::Value = created
-                .json()
-                .await
-                .map_err(|e| format!("unreadable answer from the Machines API: {e}"))?;
+                .await?;
+            let machine: serde_json::Value = created.json().await.map_err(FlyError::Transport)?;
             let id = machine["id"]
                 .as_str()
-                .ok_or_else(|| format!("the Machines API returned no machine id: {machine}"))?
+                .ok_or_else(|| FlyError::Unexpected(format!("no machine id in {machine}")))?
                 .to_string();
             debug!(pool = %spec.pool, runner = %spec.runner_id, machine = %id, "Fly Machine created");
             Ok(Booted {
@@ -296,10 +305,14 @@ impl Backend for FlyBackend {
         .boxed()
     }
 
-    fn terminate(&self, handle: &str, _runner_id: &str) -> BoxFuture<'static, Result<(), String>> {
+    fn terminate(
+        &self,
+        handle: &str,
+        _runner_id: &str,
+    ) -> BoxFuture<'static, Result<(), BoxError>> {
         let api = self.api.clone();
         let id = handle.to_string();
-        async move { api.destroy(&id).await }.boxed()
+        async move { api.destroy(&id).await.map_err(BoxError::from) }.boxed()
     }
 }
 
@@ -311,15 +324,19 @@ struct FlyStopper {
 impl StopRunner for FlyStopper {
     /// Sends SIGTERM through the API (the runner drains and exits, and the
     /// platform destroys the Machine), then destroys it by force after
-    /// `grace`.
+    /// `grace`. The work starts at once on a task of its own (a thread when
+    /// there is no runtime, e.g. a pool dropped after its runtime), so it
+    /// is done even when the returned future is dropped.
     fn stop(&self, grace: Duration) -> BoxFuture<'static, ()> {
         let (api, id) = (self.api.clone(), self.id.clone());
-        async move {
+        let work = async move {
             if !grace.is_zero() {
                 let body = serde_json::json!({
                     "signal": "SIGTERM",
-                    // A duration string: a bare number is read as nanoseconds.
-                    "timeout": format!("{}s", grace.as_secs().max(1)),
+                    // A duration string (a bare number is read as
+                    // nanoseconds), in milliseconds so that no drain time
+                    // is rounded away.
+                    "timeout": format!("{}ms", grace.as_millis().max(1)),
                 });
                 let stopped = api
                     .send(|http, base| http.post(format!("{base}/{id}/stop")).json(&body))
@@ -336,12 +353,56 @@ impl StopRunner for FlyStopper {
             if let Err(e) = api.destroy(&id).await {
                 warn!(machine = %id, "cannot destroy Fly Machine: {e}");
             }
+        };
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let work = async move {
+            work.await;
+            let _ = done_tx.send(());
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(work);
+            }
+            Err(_) => {
+                std::thread::spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt.block_on(work),
+                        Err(e) => warn!("cannot stop a Fly Machine: no runtime ({e})"),
+                    }
+                });
+            }
+        }
+        async move {
+            let _ = done_rx.await;
         }
         .boxed()
     }
 }
 
-#[derive(Debug, Clone)]
+/// What went wrong talking to the Machines API.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FlyError {
+    /// The API answered with an error status.
+    #[error("Machines API answered {status}: {message}")]
+    Api {
+        /// The HTTP status.
+        status: u16,
+        /// The body of the answer (Fly's error message).
+        message: String,
+    },
+    /// The API could not be reached, or its answer not read.
+    #[error("Machines API unreachable: {0}")]
+    Transport(#[source] reqwest::Error),
+    /// The API answered something flame does not understand.
+    #[error("unexpected answer from the Machines API: {0}")]
+    Unexpected(String),
+}
+
+#[derive(Clone)]
 struct Api {
     http: reqwest::Client,
     /// `<api>/v1/apps/<app>/machines`
@@ -349,9 +410,18 @@ struct Api {
     token: String,
 }
 
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api")
+            .field("base", &self.base)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
 impl Api {
     /// Sends a request, retrying the statuses Fly uses for "try again".
-    async fn send<F>(&self, make: F) -> Result<reqwest::Response, String>
+    async fn send<F>(&self, make: F) -> Result<reqwest::Response, FlyError>
     where
         F: Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
     {
@@ -360,7 +430,7 @@ impl Api {
                 .bearer_auth(&self.token)
                 .send()
                 .await
-                .map_err(|e| format!("Machines API unreachable: {e}"))?;
+                .map_err(FlyError::Transport)?;
             let status = response.status();
             if status.is_success() {
                 return Ok(response);
@@ -371,26 +441,29 @@ impl Api {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
-            return Err(format!("Machines API answered {status}: {text}"));
+            return Err(FlyError::Api {
+                status: status.as_u16(),
+                message: text,
+            });
         }
         unreachable!("the last attempt returns")
     }
 
     /// Destroys a Machine, running or not. Gone already counts as done.
-    async fn destroy(&self, id: &str) -> Result<(), String> {
+    async fn destroy(&self, id: &str) -> Result<(), FlyError> {
         let response = self
             .http
             .delete(format!("{}/{id}?force=true", self.base))
             .bearer_auth(&self.token)
             .send()
             .await
-            .map_err(|e| format!("Machines API unreachable: {e}"))?;
+            .map_err(FlyError::Transport)?;
         match response.status() {
             s if s.is_success() || s == StatusCode::NOT_FOUND => Ok(()),
-            s => Err(format!(
-                "Machines API answered {s}: {}",
-                response.text().await.unwrap_or_default()
-            )),
+            s => Err(FlyError::Api {
+                status: s.as_u16(),
+                message: response.text().await.unwrap_or_default(),
+            }),
         }
     }
 }
@@ -415,7 +488,12 @@ mod tests {
             err.contains("no API token") && err.contains(TOKEN_ENV),
             "{err}"
         );
-        let ok = FlyBackend::builder().token("t").app("a").image("i");
+        let ok = FlyBackend::builder()
+            .token("secret-token")
+            .app("a")
+            .image("i");
+        assert!(!format!("{ok:?}").contains("secret-token"));
+        assert!(!format!("{:?}", ok.clone().build().unwrap()).contains("secret-token"));
         let err = ok.clone().memory_mb(1000).build().unwrap_err().to_string();
         assert!(err.contains("multiple of 256"), "{err}");
         assert!(ok.build().is_ok());

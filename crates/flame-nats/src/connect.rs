@@ -1,14 +1,16 @@
-//! Connecting to NATS.
+//! Connecting to NATS: server lists, timeouts, and the connection events a
+//! parent reacts to.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
-use flame_core::Error;
+use flame_core::{Error, Source};
 
 /// Environment variable with the NATS server URL (the `nats` CLI's
-/// convention).
+/// convention): one URL, or several separated by commas.
 pub const NATS_URL_ENV: &str = "NATS_URL";
 
 /// What a parent learns about its connection.
@@ -16,9 +18,24 @@ pub const NATS_URL_ENV: &str = "NATS_URL";
 pub(crate) struct ConnectionEvents {
     /// Counts disconnections: calls in flight when it changes fail at once
     /// (their replies are lost) instead of waiting for their deadline.
-    pub(crate) disconnects: tokio::sync::watch::Receiver<u64>,
-    /// Woken on every (re)connection, e.g. to recreate KV watches.
+    pub(crate) disconnects: watch::Receiver<u64>,
+    /// Woken on every (re)connection, e.g. to recreate KV watches or to
+    /// restart heartbeat clocks.
     pub(crate) connected: Arc<Notify>,
+    /// Set when this side closes the connection on purpose: losing it is
+    /// then expected and not worth a warning.
+    pub(crate) closing: Arc<AtomicBool>,
+    /// When the connection was last (re)established.
+    pub(crate) last_connected: Arc<Mutex<Option<Instant>>>,
+}
+
+/// The servers of a URL list: `nats://a:4222, nats://b:4222`.
+pub(crate) fn server_list(url: &str) -> Vec<String> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// Connects, turning failures into [`Error::NatsUnreachable`].
@@ -36,19 +53,26 @@ pub(crate) async fn connect_watched(
     name: String,
     timeout: Duration,
 ) -> Result<(async_nats::Client, ConnectionEvents), Error> {
-    let (tx, disconnects) = tokio::sync::watch::channel(0u64);
+    let (tx, disconnects) = watch::channel(0u64);
     let connected = Arc::new(Notify::new());
-    let notify = connected.clone();
+    let closing = Arc::new(AtomicBool::new(false));
+    let last_connected = Arc::new(Mutex::new(None));
+    let (notify, quiet, at) = (connected.clone(), closing.clone(), last_connected.clone());
     let options = async_nats::ConnectOptions::new().event_callback(move |event| {
-        let (tx, notify) = (tx.clone(), notify.clone());
+        let (tx, notify, quiet, at) = (tx.clone(), notify.clone(), quiet.clone(), at.clone());
         async move {
             match event {
                 async_nats::Event::Disconnected => {
-                    tracing::warn!("lost the connection to NATS; reconnecting");
+                    if quiet.load(Ordering::SeqCst) {
+                        tracing::debug!("disconnected from NATS");
+                    } else {
+                        tracing::warn!("lost the connection to NATS; reconnecting");
+                    }
                     tx.send_modify(|n| *n += 1);
                 }
                 async_nats::Event::Connected => {
                     tracing::info!("connected to NATS");
+                    *at.lock().unwrap() = Some(Instant::now());
                     notify.notify_waiters();
                 }
                 _ => {}
@@ -61,6 +85,8 @@ pub(crate) async fn connect_watched(
         ConnectionEvents {
             disconnects,
             connected,
+            closing,
+            last_connected,
         },
     ))
 }
@@ -71,17 +97,44 @@ async fn connect_with(
     timeout: Duration,
     options: async_nats::ConnectOptions,
 ) -> Result<async_nats::Client, Error> {
-    let unreachable = |reason: String| Error::NatsUnreachable {
+    let unreachable = |reason: String, source: Option<Source>| Error::NatsUnreachable {
         url: url.to_string(),
         reason,
+        source,
     };
+    let servers = server_list(url);
+    if servers.is_empty() {
+        return Err(Error::Config(format!(
+            "no NATS server in `{url}`; give one URL or a comma-separated list"
+        )));
+    }
     let options = options
         .name(name)
+        // Back within a second of the server's return, whichever side
+        // notices first: runners and parents judge each other's silence.
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((attempts as u64).saturating_mul(100).min(1_000))
+        })
         .connection_timeout(timeout)
         // Keep requests bounded by our own deadlines, not the client's 10 s.
         .request_timeout(None);
-    tokio::time::timeout(timeout, options.connect(url))
+    tokio::time::timeout(timeout, options.connect(servers))
         .await
-        .map_err(|_| unreachable(format!("no connection within {timeout:?}")))?
-        .map_err(|e| unreachable(e.to_string()))
+        .map_err(|_| unreachable(format!("no connection within {timeout:?}"), None))?
+        .map_err(|e| unreachable(e.to_string(), Some(Source::new(e))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_lists_split_on_commas() {
+        assert_eq!(server_list("nats://a:1"), vec!["nats://a:1"]);
+        assert_eq!(
+            server_list(" nats://a:1 ,nats://b:2,, "),
+            vec!["nats://a:1", "nats://b:2"]
+        );
+        assert!(server_list(" , ").is_empty());
+    }
 }

@@ -76,7 +76,7 @@ impl NatsServerBuilder {
                 let t = tempfile::Builder::new()
                     .prefix("flame-nats-")
                     .tempdir()
-                    .map_err(|e| Error::EmbeddedServer(format!("cannot create store dir: {e}")))?;
+                    .map_err(|e| embedded_error("cannot create store dir".into(), Some(e)))?;
                 (t.path().to_path_buf(), Some(t))
             }
         };
@@ -167,9 +167,9 @@ impl NatsServer {
             .stderr(Stdio::piped());
         let watched = Watched::spawn(cmd).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
-                Error::EmbeddedServer(INSTALL_HINT.to_string())
+                embedded_error(INSTALL_HINT.to_string(), Some(e))
             } else {
-                Error::EmbeddedServer(format!("cannot run {}: {e}", program.display()))
+                embedded_error(format!("cannot run {}", program.display()), Some(e))
             }
         })?;
         let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
@@ -180,17 +180,20 @@ impl NatsServer {
                 return Ok(());
             }
             if let Some(stderr) = watched.exited() {
-                return Err(Error::EmbeddedServer(format!(
-                    "nats-server exited at start: {}",
-                    stderr.trim()
-                )));
+                return Err(embedded_error(
+                    format!("nats-server exited at start: {}", stderr.trim()),
+                    None,
+                ));
             }
             if Instant::now() > deadline {
                 watched.kill();
-                return Err(Error::EmbeddedServer(format!(
-                    "nats-server did not listen on port {} within 10s",
-                    self.port
-                )));
+                return Err(embedded_error(
+                    format!(
+                        "nats-server did not listen on port {} within 10s",
+                        self.port
+                    ),
+                    None,
+                ));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -282,8 +285,15 @@ impl Watched {
 
 fn free_port() -> Result<u16, Error> {
     let l = TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| Error::EmbeddedServer(format!("cannot find a free port: {e}")))?;
+        .map_err(|e| embedded_error("cannot find a free port".into(), Some(e)))?;
     l.local_addr()
         .map(|a| a.port())
-        .map_err(|e| Error::EmbeddedServer(format!("cannot find a free port: {e}")))
+        .map_err(|e| embedded_error("cannot find a free port".into(), Some(e)))
+}
+
+fn embedded_error(reason: String, source: Option<std::io::Error>) -> Error {
+    Error::EmbeddedServer {
+        reason,
+        source: source.map(flame_core::Source::new),
+    }
 }

@@ -1,29 +1,20 @@
-//! The entry point: connect (or become a runner) and make pools.
+//! The entry point: become a runner, or connect as a parent and make pools.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use flame_core::{build_id, wire, Error, ParentInfo, Registry};
+use flame_core::{Error, Registry};
 
-use crate::connect::{connect_watched, ConnectionEvents, NATS_URL_ENV};
+use crate::build_id::build_id;
+use crate::connect::{connect_watched, NATS_URL_ENV};
 use crate::embedded::NatsServer;
-use crate::pool::PoolBuilder;
+use crate::parent::ParentContext;
+use crate::pool::builder::PoolBuilder;
+use crate::protocol::bootstrap::{ParentInfo, PARENT_ENV};
+use crate::replies::Replies;
 
-/// What every pool of one parent shares.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) client: async_nats::Client,
-    pub(crate) nats_url: String,
-    pub(crate) parent_id: String,
-    pub(crate) build_id: Arc<str>,
-    pub(crate) events: ConnectionEvents,
-    /// Where replies to this parent's calls arrive.
-    pub(crate) replies: Arc<crate::replies::Replies>,
-    /// Kept alive as long as any pool uses it.
-    _embedded: Option<NatsServer>,
-}
-
-/// Sets up flame in `main`.
+/// Sets up flame in `main`: [`serve_if_runner`], then
+/// [`FlameBuilder::connect`] with the default settings.
 ///
 /// In a runner (the `FLAME_PARENT` variable is set) this serves calls until
 /// the runner is told to stop, then exits the process: it never returns.
@@ -43,7 +34,36 @@ pub async fn init() -> Result<Flame, Error> {
     FlameBuilder::new().init().await
 }
 
-/// Settings for [`init`].
+/// Serves as a runner if this process is one, else returns `Ok(())` at once.
+///
+/// In a runner (the `FLAME_PARENT` variable is set) it serves calls until
+/// the runner is told to stop and then exits the process: it never returns.
+/// Call it first in `main`, before setup that only a parent needs (starting
+/// its own nats-server, reading its config, binding a web server), then
+/// connect with [`FlameBuilder::connect`]:
+///
+/// ```no_run
+/// # async fn app() -> Result<(), flame_core::Error> {
+/// flame_nats::serve_if_runner().await?;            // runners stop here
+/// let server = flame_nats::NatsServer::start()?;   // parent-only setup
+/// let flame = flame_nats::FlameBuilder::new()
+///     .nats_url(server.url())
+///     .connect()
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub async fn serve_if_runner() -> Result<(), Error> {
+    // Refuse duplicate names before anything runs, in parent and runner.
+    Registry::global()?;
+    if let Ok(value) = std::env::var(PARENT_ENV) {
+        let info = ParentInfo::from_env_value(&value)?;
+        let code = crate::runner::serve(info).await;
+        std::process::exit(code);
+    }
+    Ok(())
+}
+
+/// Settings for [`init`] and [`FlameBuilder::connect`].
 #[derive(Debug, Clone, Default)]
 pub struct FlameBuilder {
     nats_url: Option<String>,
@@ -57,7 +77,9 @@ impl FlameBuilder {
         FlameBuilder::default()
     }
 
-    /// Uses this NATS server (overrides `NATS_URL`).
+    /// Uses this NATS server (overrides `NATS_URL`): one URL, or several
+    /// separated by commas (`nats://a:4222,nats://b:4222`). Runners get the
+    /// same.
     pub fn nats_url(mut self, url: impl Into<String>) -> Self {
         self.nats_url = Some(url.into());
         self
@@ -69,22 +91,32 @@ impl FlameBuilder {
         self
     }
 
-    /// Uses this build id instead of [`flame_core::build_id`] (which is
-    /// `FLAME_BUILD_ID` or a hash of the executable). Runners check theirs
-    /// against it on every call.
+    /// Uses this build id instead of [`crate::build_id()`] (which is
+    /// `FLAME_BUILD_ID` or the executable's GNU build id or hash). Runners
+    /// check theirs against it on every call, so runners must be given the
+    /// same id, e.g. `FLAME_BUILD_ID` in their environment (a backend's
+    /// `env`).
     pub fn build_id(mut self, id: impl Into<String>) -> Self {
         self.build_id = Some(id.into());
         self
     }
 
-    /// See [`init`].
+    /// [`serve_if_runner`], then [`FlameBuilder::connect`]. See [`init`].
     pub async fn init(self) -> Result<Flame, Error> {
-        // Refuse duplicate names before anything runs.
+        serve_if_runner().await?;
+        self.connect().await
+    }
+
+    /// Connects as a parent. A runner must call [`serve_if_runner`] (or
+    /// [`init`]) instead: in a process with `FLAME_PARENT` set this fails
+    /// with [`Error::Config`].
+    pub async fn connect(self) -> Result<Flame, Error> {
         Registry::global()?;
-        if let Ok(value) = std::env::var(wire::PARENT_ENV) {
-            let info = ParentInfo::from_env_value(&value)?;
-            let code = crate::runner::serve(info).await;
-            std::process::exit(code);
+        if std::env::var_os(PARENT_ENV).is_some() {
+            return Err(Error::Config(format!(
+                "this process is a runner ({PARENT_ENV} is set): call flame::serve_if_runner() \
+                 (or flame::init()) first in main, before connecting as a parent"
+            )));
         }
         let timeout = self.connect_timeout.unwrap_or(Duration::from_secs(5));
         let (nats_url, embedded) = match self
@@ -95,7 +127,10 @@ impl FlameBuilder {
             None => {
                 let server = tokio::task::spawn_blocking(NatsServer::start)
                     .await
-                    .map_err(|e| Error::EmbeddedServer(e.to_string()))??;
+                    .map_err(|e| Error::EmbeddedServer {
+                        reason: "the task starting nats-server failed".into(),
+                        source: Some(flame_core::Source::new(e)),
+                    })??;
                 tracing::info!(url = %server.url(), "started a private nats-server (set NATS_URL to use your own)");
                 (server.url(), Some(server))
             }
@@ -103,59 +138,77 @@ impl FlameBuilder {
         let parent_id = uuid::Uuid::new_v4().simple().to_string();
         let build_id: Arc<str> = match self.build_id {
             Some(id) => id.into(),
+            // Hashing the executable (when it has no GNU build id) reads it
+            // whole: off the async threads.
             None => tokio::task::spawn_blocking(build_id)
                 .await
-                .map_err(|e| Error::Config(e.to_string()))?
+                .unwrap_or("unknown")
                 .into(),
         };
         let (client, events) =
             connect_watched(&nats_url, format!("flame parent {parent_id}"), timeout).await?;
-        let replies =
-            crate::replies::Replies::start(&client, nats_url.clone(), events.disconnects.clone())
-                .await?;
+        let replies = Replies::start(&client, nats_url.clone(), events.disconnects.clone()).await?;
         Ok(Flame {
-            shared: Arc::new(Shared {
+            parent: Arc::new(ParentContext {
                 client,
                 nats_url,
                 parent_id,
                 build_id,
                 events,
                 replies,
-                _embedded: embedded,
+                embedded: std::sync::Mutex::new(embedded),
             }),
         })
     }
 }
 
-/// A connected parent. Make pools with [`Flame::pool`].
+/// A connected parent. Make pools with [`Flame::pool`]; close it with
+/// [`Flame::close`] (or drop it).
 #[derive(Debug, Clone)]
 pub struct Flame {
-    shared: Arc<Shared>,
+    parent: Arc<ParentContext>,
 }
 
 impl Flame {
     /// Starts describing a pool named `name` (ASCII letters, digits, `-`, `_`).
     pub fn pool(&self, name: impl Into<String>) -> PoolBuilder {
-        PoolBuilder::new(self.shared.clone(), name.into())
+        PoolBuilder::new(self.parent.clone(), name.into())
     }
 
     /// The NATS client, for your own use.
     pub fn client(&self) -> &async_nats::Client {
-        &self.shared.client
+        &self.parent.client
     }
 
     /// The NATS server address in use (runners connect to it too).
     pub fn nats_url(&self) -> &str {
-        &self.shared.nats_url
+        &self.parent.nats_url
     }
 
     /// This parent's id, as it appears in subjects.
     pub fn parent_id(&self) -> &str {
-        &self.shared.parent_id
+        &self.parent.parent_id
     }
 
     /// This process's build id.
     pub fn build_id(&self) -> &str {
-        &self.shared.build_id
+        &self.parent.build_id
+    }
+
+    /// Closes this parent (every clone of it): flushes and closes the NATS
+    /// connection, then stops the embedded nats-server if this `Flame`
+    /// started one. Shut your pools down first ([`crate::Pool::shutdown`]):
+    /// calls made afterwards fail. Closing twice is harmless.
+    pub async fn close(&self) {
+        self.parent.closing();
+        if let Err(e) = self.parent.client.drain().await {
+            tracing::debug!("closing the NATS connection: {e}");
+        }
+        let server = self.parent.embedded.lock().unwrap().take();
+        if let Some(mut server) = server {
+            tokio::task::spawn_blocking(move || server.stop())
+                .await
+                .ok();
+        }
     }
 }

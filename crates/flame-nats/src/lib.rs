@@ -1,20 +1,49 @@
-//! The NATS runtime of flame: runners, pools, calls.
+//! The NATS runtime of flame: parents, pools, runners and the wire protocol
+//! between them. Apps normally use the `flame` crate, which re-exports this
+//! one; `PROTOCOL.md` at the repository root describes every message.
 //!
-//! Apps normally use the `flame` crate, which re-exports this one.
+//! Modules, by concept:
+//! - [`flame`](crate::Flame): connecting as a parent, or serving as a runner;
+//! - `config`, `hooks`: a pool's settings and its grow/shrink callbacks;
+//! - `pool`: the parent side of a pool (builder, calls, runners, events,
+//!   placement model);
+//! - `boot`: booting runners through a backend, for private and shared
+//!   pools alike;
+//! - `fleet`: shared pools over a JetStream KV bucket (mirror, election,
+//!   scaler), and `kv`: reading and compare-and-set of that bucket;
+//! - `runner`: the runner side (dispatch, lifecycle, lease);
+//! - `protocol`: subjects, headers, bodies and KV records;
+//! - [`embedded`]: a private nats-server.
 
-#![warn(missing_docs)]
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "flame runs on Linux only: it reads the GNU build id through dl_iterate_phdr, \
+     stops orphaned runners with PR_SET_PDEATHSIG and inspects /proc"
+);
 
+mod boot;
+mod build_id;
+mod config;
 mod connect;
 pub mod embedded;
 mod flame;
 mod fleet;
+mod hooks;
 mod kv;
+mod parent;
 mod pool;
 mod protocol;
 mod replies;
 mod runner;
 
+pub use build_id::{build_id, BUILD_ID_ENV};
+pub use config::PoolConfig;
 pub use connect::NATS_URL_ENV;
 pub use embedded::{NatsServer, NatsServerBuilder};
-pub use flame::{init, Flame, FlameBuilder};
-pub use pool::{CallOptions, Pool, PoolBuilder, PoolStatus};
+pub use flame::{init, serve_if_runner, Flame, FlameBuilder};
+pub use hooks::PoolEvent;
+pub use pool::builder::PoolBuilder;
+pub use pool::call::CallOptions;
+pub use pool::model::RunnerState;
+pub use pool::{Pool, PoolStatus, RunnerInfo};
+pub use protocol::bootstrap::{parent, ParentInfo, PARENT_ENV};

@@ -56,7 +56,7 @@ impl Replies {
         let mut sub = client
             .subscribe(format!("{inbox}.*"))
             .await
-            .map_err(|e| Error::Nats(format!("cannot subscribe to replies: {e}")))?;
+            .map_err(|e| Error::nats("cannot subscribe to replies", e))?;
         let replies = Arc::new(Replies {
             prefix: format!("{inbox}."),
             waiting: Mutex::new(HashMap::new()),
@@ -77,6 +77,7 @@ impl Replies {
                 replies.fail_all(|| Error::NatsUnreachable {
                     url: closed_url.clone(),
                     reason: "the connection to NATS was closed".into(),
+                    source: None,
                 });
             }
         });
@@ -91,6 +92,7 @@ impl Replies {
                 replies.fail_all(|| Error::NatsUnreachable {
                     url: url.clone(),
                     reason: "the connection was lost while the call ran; its result is lost".into(),
+                    source: None,
                 });
             }
         });
@@ -142,8 +144,14 @@ impl Replies {
             self.fail_runner_now(runner, &reason);
             return;
         }
+        // Called from drop paths too, which may run outside any runtime:
+        // then there is nobody left to wait for a trailing reply.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.fail_runner_now(runner, &reason);
+            return;
+        };
         let (me, runner) = (self.clone(), runner.to_string());
-        tokio::spawn(async move {
+        rt.spawn(async move {
             tokio::time::sleep(grace).await;
             me.fail_runner_now(&runner, &reason);
         });

@@ -56,13 +56,14 @@
 #![warn(missing_docs)]
 
 pub use flame_core::{
-    backend, build_id, parent, pool::PoolConfig, pool::PoolEvent, Backend, BootSpec, Booted, Error,
-    LocalBackend, ParentInfo, RemoteFn, Result, StopRunner, BUILD_ID_ENV, PARENT_ENV,
+    backend, Backend, BootSpec, Booted, BoxError, Error, LocalBackend, RemoteFn, Result, Source,
+    StopRunner,
 };
 pub use flame_macros::remote;
 pub use flame_nats::{
-    embedded, init, CallOptions, Flame, FlameBuilder, NatsServer, Pool, PoolBuilder, PoolStatus,
-    NATS_URL_ENV,
+    build_id, embedded, init, parent, serve_if_runner, CallOptions, Flame, FlameBuilder,
+    NatsServer, ParentInfo, Pool, PoolBuilder, PoolConfig, PoolEvent, PoolStatus, RunnerInfo,
+    RunnerState, BUILD_ID_ENV, NATS_URL_ENV, PARENT_ENV,
 };
 
 /// Runs a function or an inline block on a pool and waits for the result.

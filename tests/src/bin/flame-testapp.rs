@@ -13,7 +13,25 @@
 //!   <failed>` every 50 calls and, at the end, `done <ok> <failed> <peak>
 //!   <pids>` (the highest runner-side concurrency seen, and the runner pids
 //!   used, comma-separated). `FLAME_TEST_HEARTBEAT_MS` sets the pool's
-//!   heartbeat (default 500), `FLAME_TEST_MIN` its min (default 0).
+//!   heartbeat (default 500), `FLAME_TEST_MIN` its min (default 0),
+//!   `FLAME_TEST_GRACE_MS` its parent grace (default 6 heartbeats). After
+//!   `done`, a line on stdin or its end shuts the pool down
+//!   (`pool.shutdown()`), prints `shut down` and exits 0.
+//! - `close-check` / `drop-check`: init on the embedded default (no
+//!   `NATS_URL`: starts its own nats-server), a pool `closecheck` with the
+//!   default `LocalBackend` (runners are this program with the same
+//!   arguments), calls `add(2, 3)`, shuts the pool down, then closes the
+//!   `Flame` (`flame.close().await`) or just drops it; waits a second for
+//!   any late log line, prints `nats-servers <n>` (live nats-server
+//!   descendants of this process) and `closed`, and exits 0.
+//! - `own-server`: `flame::serve_if_runner()` first (runners, the same
+//!   program with the same arguments, serve there), then starts a
+//!   `NatsServer` and connects with `FlameBuilder::connect()`; a pool
+//!   `ownserver` with the default `LocalBackend` calls `add(2, 3)`; prints
+//!   `nats-servers <n>` (as above, while the runner is up) and `ok <sum>`.
+//! - `connect-in-runner`: sets `FLAME_PARENT` in its own environment, then
+//!   calls `FlameBuilder::connect()`: prints `config error: <message>` and
+//!   exits 0 on `Error::Config`, else prints what happened and exits 1.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,14 +39,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flame::CallOptions;
-use flame_tests::funcs::{counted_sleep, mark_then_sleep};
+use flame_tests::funcs::{add, counted_sleep, mark_then_sleep};
 
 #[tokio::main]
 async fn main() {
     flame_tests::harness::init_tracing_stderr();
+    let mode = std::env::args().nth(1).unwrap_or_default();
+    // Modes that must not init (connect or start a server) first.
+    match mode.as_str() {
+        "own-server" => return own_server().await,
+        "connect-in-runner" => return connect_in_runner().await,
+        _ => {}
+    }
     // In a runner this serves calls and exits the process.
     let result = flame::init().await;
-    let mode = std::env::args().nth(1).unwrap_or_default();
     match mode.as_str() {
         "embedded-check" => match result {
             Ok(flame) => println!("ok {} build {}", flame.nats_url(), flame.build_id()),
@@ -62,6 +86,29 @@ async fn main() {
             std::future::pending::<()>().await;
         }
         "shared-parent" => shared_parent(result.expect("init")).await,
+        "close-check" | "drop-check" => {
+            let flame = result.expect("init");
+            let pool = flame
+                .pool("closecheck")
+                .max(1)
+                .start()
+                .await
+                .expect("start pool");
+            let sum = pool.call::<add>((2, 3)).await.expect("call add");
+            assert_eq!(sum, 5);
+            pool.shutdown().await;
+            drop(pool);
+            if mode == "close-check" {
+                flame.close().await;
+                // Idempotent.
+                flame.close().await;
+            }
+            drop(flame);
+            // Time for a late "lost the connection" line, if one comes.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            println!("nats-servers {}", descendants_named("nats-server"));
+            println!("closed");
+        }
         other => {
             eprintln!("flame-testapp: unknown mode `{other}`");
             std::process::exit(64);
@@ -95,7 +142,10 @@ async fn shared_parent(flame: flame::Flame) {
         .max(max)
         .max_concurrency(mc)
         .heartbeat(heartbeat)
-        .parent_grace(heartbeat * 6)
+        .parent_grace(Duration::from_millis(env_or(
+            "FLAME_TEST_GRACE_MS",
+            heartbeat.as_millis() as u64 * 6,
+        )))
         .idle_shutdown_after(Duration::from_secs(2))
         .timeout(Duration::from_secs(60))
         .start()
@@ -156,7 +206,90 @@ async fn shared_parent(flame: flame::Flame) {
         peak.load(Ordering::SeqCst),
         pids.join(",")
     );
-    // Stay a parent of the pool until killed (or stdin closes).
+    // Stay a parent of the pool until killed, or until stdin has a line or
+    // closes: then leave the pool properly.
     let mut line = String::new();
     let _ = tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut line)).await;
+    pool.shutdown().await;
+    println!("shut down");
+    std::process::exit(0);
+}
+
+/// Live descendants of this process whose command name is `name`.
+fn descendants_named(name: &str) -> usize {
+    let mut todo = vec![std::process::id()];
+    let mut found = 0;
+    while let Some(pid) = todo.pop() {
+        for child in flame_tests::harness::children_of(pid) {
+            let comm = std::fs::read_to_string(format!("/proc/{child}/comm")).unwrap_or_default();
+            if comm.trim() == name {
+                found += 1;
+            }
+            todo.push(child);
+        }
+    }
+    found
+}
+
+/// `own-server` mode: a parent that starts its own nats-server.
+async fn own_server() {
+    // In a runner this serves calls and exits the process; in the parent it
+    // returns at once, before any server is started.
+    flame::serve_if_runner().await.expect("serve_if_runner");
+    let server = tokio::task::spawn_blocking(flame::NatsServer::start)
+        .await
+        .expect("join")
+        .expect("start nats-server");
+    let flame = flame::FlameBuilder::new()
+        .nats_url(server.url())
+        .connect()
+        .await
+        .expect("connect");
+    let pool = flame
+        .pool("ownserver")
+        .max(1)
+        .start()
+        .await
+        .expect("start pool");
+    let sum = pool.call::<add>((2, 3)).await.expect("call add");
+    println!("nats-servers {}", descendants_named("nats-server"));
+    println!("ok {sum}");
+    pool.shutdown().await;
+    flame.close().await;
+    drop(server);
+}
+
+/// `connect-in-runner` mode: `connect()` where `FLAME_PARENT` is set.
+async fn connect_in_runner() {
+    // Runner info pointing at a port nobody listens on, with a short
+    // failsafe: a process that wrongly turns into a runner exits non-zero.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let info: flame::ParentInfo = serde_json::from_value(serde_json::json!({
+        "parent_id": "nobody",
+        "pool": "connectcheck",
+        "runner_id": "r1",
+        "nats_url": format!("nats://127.0.0.1:{port}"),
+        "max_concurrency": 1,
+        "idle_shutdown_after_ms": 60_000,
+        "shutdown_timeout_ms": 1_000,
+        "failsafe_timeout_ms": 1_000,
+        "parent_grace_ms": 2_000,
+        "heartbeat_ms": 500,
+    }))
+    .expect("runner info");
+    std::env::set_var(flame::PARENT_ENV, info.to_env_value());
+    match flame::FlameBuilder::new().connect().await {
+        Err(flame::Error::Config(message)) => println!("config error: {message}"),
+        Err(other) => {
+            println!("other error: {other:?}");
+            std::process::exit(1);
+        }
+        Ok(_) => {
+            println!("connected");
+            std::process::exit(1);
+        }
+    }
 }

@@ -13,6 +13,12 @@ use tokio::process::Command;
 use tokio::sync::{oneshot, watch};
 
 use super::{Backend, BootSpec, Booted, StopRunner};
+use crate::BoxError;
+
+/// Set in every runner process this backend starts, to the runner id, so
+/// that [`LocalBackend::terminate`] kills only that process, never one
+/// that reused its pid.
+const RUNNER_ID_ENV: &str = "FLAME_RUNNER_ID";
 
 /// Boots each runner as a child process: by default the current executable,
 /// with the parent's arguments and environment plus the runner's own
@@ -89,16 +95,17 @@ impl LocalBackend {
 }
 
 impl Backend for LocalBackend {
-    fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Booted, String>> {
+    fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Booted, BoxError>> {
         let cmd = self.command();
         async move {
-            let mut cmd = cmd.map_err(|e| format!("cannot find the executable to run: {e}"))?;
+            let mut cmd = cmd.map_err(|e| with_context("cannot find the executable to run", e))?;
             // Killed on drop by our own guard below, which can be detached.
             cmd.envs(spec.env.iter().map(|(k, v)| (k, v)))
+                .env(RUNNER_ID_ENV, &spec.runner_id)
                 .stdin(Stdio::null());
             let mut child = cmd
                 .spawn()
-                .map_err(|e| format!("cannot start runner process: {e}"))?;
+                .map_err(|e| with_context("cannot start runner process", e))?;
             let pid = child.id().unwrap_or(0);
             tracing::debug!(pool = %spec.pool, runner = %spec.runner_id, pid, "runner process started");
 
@@ -169,7 +176,7 @@ impl Backend for LocalBackend {
     /// Kills `pid <n>` with SIGKILL, but only if that process is still the
     /// runner (its environment names the runner id), never a process that
     /// reused the pid.
-    fn terminate(&self, handle: &str, runner_id: &str) -> BoxFuture<'static, Result<(), String>> {
+    fn terminate(&self, handle: &str, runner_id: &str) -> BoxFuture<'static, Result<(), BoxError>> {
         let handle = handle.to_string();
         let runner_id = runner_id.to_string();
         async move {
@@ -182,10 +189,10 @@ impl Backend for LocalBackend {
                 // Already gone.
                 Err(_) => return Ok(()),
             };
-            let needle = format!("\"runner_id\":\"{runner_id}\"");
+            let marker = format!("{RUNNER_ID_ENV}={runner_id}");
             let is_runner = environ
                 .split(|b| *b == 0)
-                .any(|var| var.starts_with(b"FLAME_PARENT=") && contains(var, needle.as_bytes()));
+                .any(|var| var == marker.as_bytes());
             if is_runner {
                 tracing::debug!(pid, runner = %runner_id, "terminating runner process");
                 signal(pid, libc::SIGKILL);
@@ -204,7 +211,7 @@ impl Backend for LocalBackend {
                         _ => return Ok(()),
                     }
                 }
-                return Err(format!("runner process {pid} did not die after SIGKILL"));
+                return Err(format!("runner process {pid} did not die after SIGKILL").into());
             }
             Ok(())
         }
@@ -212,8 +219,18 @@ impl Backend for LocalBackend {
     }
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+/// An I/O error with what was being done, keeping the error as source.
+fn with_context(context: &str, error: std::io::Error) -> BoxError {
+    #[derive(Debug, thiserror::Error)]
+    #[error("{context}: {source}")]
+    struct Contextual {
+        context: String,
+        source: std::io::Error,
+    }
+    Box::new(Contextual {
+        context: context.to_string(),
+        source: error,
+    })
 }
 
 struct LocalStopper {

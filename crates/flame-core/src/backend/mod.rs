@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
+use crate::BoxError;
+
 pub use local::LocalBackend;
 
 /// What a backend needs to start one runner.
@@ -60,6 +62,12 @@ impl fmt::Debug for Booted {
 pub trait StopRunner: Send + Sync {
     /// Asks the runner to stop (it drains in-flight work), and forces it
     /// after `grace`. Resolves once it is stopped or forced.
+    ///
+    /// The stop must **start when this is called**, not when the returned
+    /// future is first polled: a pool that is dropped calls `stop` on every
+    /// runner and cannot wait for the futures (it may not even be inside a
+    /// tokio runtime any more). Do the work on a task of your own (or
+    /// signal an existing one) and return a future that only waits for it.
     fn stop(&self, grace: Duration) -> BoxFuture<'static, ()>;
 
     /// Lets the runner outlive this handle: dropping it afterwards does not
@@ -74,15 +82,18 @@ pub trait StopRunner: Send + Sync {
 pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// Starts one runner. Resolves once the backend has started it; the
     /// runner reports ready over NATS later.
-    fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Booted, String>>;
+    ///
+    /// A failure is reported to the pool's callers and hooks as
+    /// `Error::BootFailed`, with the returned error as its source.
+    fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Booted, BoxError>>;
 
     /// Forcibly stops a runner known only by its [`Booted::handle`], e.g. one
     /// booted by another parent that has since died, and resolves once it is
     /// gone. Used by a shared pool's scaler to clean up after runners that
     /// stopped answering. The default cannot do it and says so.
-    fn terminate(&self, handle: &str, runner_id: &str) -> BoxFuture<'static, Result<(), String>> {
+    fn terminate(&self, handle: &str, runner_id: &str) -> BoxFuture<'static, Result<(), BoxError>> {
         let _ = runner_id;
         let msg = format!("this backend cannot terminate runner `{handle}` by its handle");
-        Box::pin(async move { Err(msg) })
+        Box::pin(async move { Err(msg.into()) })
     }
 }

@@ -1,33 +1,33 @@
 //! The scaler's decisions for a shared pool: how many runners to boot and
 //! which to retire, from the leases in the KV bucket. Pure, like
-//! [`super::PoolModel`], so the rules are unit-tested here.
+//! the placement model of a private pool, so the rules are unit-tested here.
 
 use std::time::Duration;
 
-use super::lease::{LeaseState, RunnerLease};
+use crate::protocol::lease::{LeaseState, RunnerLease};
 
 /// Limits and timings the scaler works with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ScalingRules {
+pub(super) struct ScalingRules {
     /// Runners kept up.
-    pub min: usize,
+    pub(super) min: usize,
     /// Runners booted or booting, at most.
-    pub max: usize,
+    pub(super) max: usize,
     /// Calls per runner.
-    pub max_concurrency: usize,
+    pub(super) max_concurrency: usize,
     /// A runner idle this long beyond `min` is retired.
-    pub idle_shutdown_after: Duration,
+    pub(super) idle_shutdown_after: Duration,
     /// The same for the `min` runners; `None` keeps them.
-    pub min_idle_shutdown_after: Option<Duration>,
+    pub(super) min_idle_shutdown_after: Option<Duration>,
 }
 
 /// What the scaler should do now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Plan {
+pub(super) struct Plan {
     /// Runners to boot.
-    pub boot: usize,
+    pub(super) boot: usize,
     /// Runners to retire (idle ones beyond `min`).
-    pub retire: Vec<String>,
+    pub(super) retire: Vec<String>,
 }
 
 /// Decides boots and retirements.
@@ -35,7 +35,12 @@ pub struct Plan {
 /// `runners` are the live leases, `slots` how many runners count against
 /// `max` (draining ones included), `waiting` the callers all parents have
 /// queued. Callers queued on a runner count as demand too.
-pub fn plan(rules: &ScalingRules, runners: &[RunnerLease], slots: usize, waiting: usize) -> Plan {
+pub(super) fn plan(
+    rules: &ScalingRules,
+    runners: &[RunnerLease],
+    slots: usize,
+    waiting: usize,
+) -> Plan {
     let mc = rules.max_concurrency.max(1);
     let booting = count(runners, LeaseState::Booting);
     let ready = count(runners, LeaseState::Ready);

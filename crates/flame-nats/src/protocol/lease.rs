@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 /// Where a runner is in its life, as its lease says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum LeaseState {
+pub(crate) enum LeaseState {
     /// Asked of the backend; not yet serving.
     Booting,
     /// Serving calls.
@@ -19,58 +19,98 @@ pub enum LeaseState {
 /// runner, then renewed by the runner every heartbeat. A lease that stops
 /// changing belongs to a dead runner; the scaler removes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RunnerLease {
+pub(crate) struct RunnerLease {
     /// The runner's id.
-    pub runner: String,
+    pub(crate) runner: String,
     /// The pool.
-    pub pool: String,
+    pub(crate) pool: String,
     /// Lifecycle state.
-    pub state: LeaseState,
+    pub(crate) state: LeaseState,
     /// Build id of the runner (empty until it runs).
-    pub build: String,
+    pub(crate) build: String,
     /// Calls it runs at once (`max_concurrency`).
-    pub capacity: usize,
+    pub(crate) capacity: usize,
     /// Calls running now.
-    pub load: usize,
+    pub(crate) load: usize,
     /// Calls waiting on the runner for a free slot.
-    pub queued: usize,
+    pub(crate) queued: usize,
     /// How long it has had no work, in milliseconds (0 while busy, or while
     /// the pool's idle check says to stay up).
-    pub idle_ms: u64,
+    pub(crate) idle_ms: u64,
     /// The backend's handle (e.g. `pid 4242`, a machine id); empty until the
     /// backend started it.
-    pub handle: String,
+    pub(crate) handle: String,
     /// Parent whose scaler booted it.
-    pub booted_by: String,
+    pub(crate) booted_by: String,
     /// Counts renewals; changes every heartbeat while the runner lives.
-    pub beat: u64,
+    pub(crate) beat: u64,
 }
 
 /// A parent's lease (`parents.<id>`), renewed every heartbeat and whenever its
 /// number of waiting callers changes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ParentLease {
+pub(crate) struct ParentLease {
     /// The parent's id.
-    pub parent: String,
+    pub(crate) parent: String,
     /// Its callers waiting for a slot.
-    pub waiting: usize,
+    pub(crate) waiting: usize,
     /// Counts renewals.
-    pub beat: u64,
+    pub(crate) beat: u64,
 }
 
 /// Who the scaler is (`scaler`), renewed by it every heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ScalerLease {
+pub(crate) struct ScalerLease {
     /// The scaler's parent id.
-    pub parent: String,
+    pub(crate) parent: String,
     /// Counts renewals.
-    pub beat: u64,
+    pub(crate) beat: u64,
 }
 
 /// Runner ids counted against `max` (`slots`). Changed only by
 /// compare-and-set, so racing scalers can never boot past `max`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Slots {
+pub(crate) struct Slots {
     /// The ids.
-    pub runners: Vec<String>,
+    pub(crate) runners: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_as_legible_json() {
+        let lease = RunnerLease {
+            runner: "r1".into(),
+            pool: "p".into(),
+            state: LeaseState::Draining,
+            build: "b".into(),
+            capacity: 4,
+            load: 1,
+            queued: 2,
+            idle_ms: 0,
+            handle: "pid 7".into(),
+            booted_by: "x".into(),
+            beat: 9,
+        };
+        let json = serde_json::to_string(&lease).unwrap();
+        assert!(json.contains(r#""state":"draining""#), "{json}");
+        assert_eq!(serde_json::from_str::<RunnerLease>(&json).unwrap(), lease);
+        let slots = Slots {
+            runners: vec!["a".into()],
+        };
+        let json = serde_json::to_string(&slots).unwrap();
+        assert_eq!(json, r#"{"runners":["a"]}"#);
+        let parent = ParentLease {
+            parent: "p".into(),
+            waiting: 3,
+            beat: 1,
+        };
+        let back: ParentLease =
+            serde_json::from_str(&serde_json::to_string(&parent).unwrap()).unwrap();
+        assert_eq!(back, parent);
+        let scaler: ScalerLease = serde_json::from_str(r#"{"parent":"p","beat":2}"#).unwrap();
+        assert_eq!(scaler.beat, 2);
+    }
 }

@@ -1,4 +1,5 @@
-//! NATS subject names, in one place so that operators can rely on them.
+//! NATS subject names and KV keys, in one place so that operators can rely
+//! on them (`PROTOCOL.md` describes each).
 //!
 //! ```text
 //! flame.<pool>.runner.<runner_id>          calls and casts (a micro endpoint)
@@ -24,14 +25,16 @@
 //! `nats sub 'flame.>'` shows all of it; `nats sub 'flame.<pool>.>'` one pool;
 //! `nats kv watch flame-<pool>` the shared state.
 
-use crate::Error;
+use flame_core::Error;
+
+use super::events::ParentEvent;
 
 /// Root token of every flame subject.
-pub const ROOT: &str = "flame";
+pub(crate) const ROOT: &str = "flame";
 
 /// Checks that a pool name can be used as a subject token and as part of a
 /// micro service name: ASCII letters, digits, `-` and `_`.
-pub fn validate_pool_name(name: &str) -> Result<(), Error> {
+pub(crate) fn validate_pool_name(name: &str) -> Result<(), Error> {
     if name.is_empty() || name.len() > 64 {
         return Err(Error::Config(format!(
             "pool name `{name}` must be 1 to 64 characters long"
@@ -49,98 +52,61 @@ pub fn validate_pool_name(name: &str) -> Result<(), Error> {
 }
 
 /// Subject a runner serves calls on.
-pub fn runner(pool: &str, runner_id: &str) -> String {
+pub(crate) fn runner(pool: &str, runner_id: &str) -> String {
     format!("{ROOT}.{pool}.runner.{runner_id}")
 }
 
 /// Subject a runner takes cancellations on; the body is the reply subject
 /// of the call to cancel.
-pub fn runner_cancel(pool: &str, runner_id: &str) -> String {
+pub(crate) fn runner_cancel(pool: &str, runner_id: &str) -> String {
     format!("{ROOT}.{pool}.runner.{runner_id}.cancel")
 }
 
 /// Subject a shared pool's scaler sends control messages to a runner on.
-pub fn runner_control(pool: &str, runner_id: &str) -> String {
+pub(crate) fn runner_control(pool: &str, runner_id: &str) -> String {
     format!("{ROOT}.{pool}.runner.{runner_id}.control")
 }
 
 /// Subject runners of a shared pool ask "is any parent alive?" on.
-pub fn alive(pool: &str) -> String {
+pub(crate) fn alive(pool: &str) -> String {
     format!("{ROOT}.{pool}.alive")
 }
 
 /// Queue group of the parents answering [`alive`].
-pub const ALIVE_QUEUE: &str = "parents";
+pub(crate) const ALIVE_QUEUE: &str = "parents";
 
 /// JetStream KV bucket of a shared pool.
-pub fn bucket(pool: &str) -> String {
+pub(crate) fn bucket(pool: &str) -> String {
     format!("{ROOT}-{pool}")
 }
 
 /// KV key of a runner's lease.
-pub fn runner_key(runner_id: &str) -> String {
+pub(crate) fn runner_key(runner_id: &str) -> String {
     format!("runners.{runner_id}")
 }
 
 /// KV key of a parent's lease.
-pub fn parent_key(parent_id: &str) -> String {
+pub(crate) fn parent_key(parent_id: &str) -> String {
     format!("parents.{parent_id}")
 }
 
 /// KV key naming the scaler.
-pub const SCALER_KEY: &str = "scaler";
+pub(crate) const SCALER_KEY: &str = "scaler";
 
 /// KV key with the runner ids counted against `max`.
-pub const SLOTS_KEY: &str = "slots";
+pub(crate) const SLOTS_KEY: &str = "slots";
 
 /// Control message telling a runner to drain and exit.
-pub const CONTROL_RETIRE: &str = "retire";
+pub(crate) const CONTROL_RETIRE: &str = "retire";
 
 /// Wildcard covering every event a parent receives from its runners.
-pub fn parent_events(pool: &str, parent_id: &str) -> String {
+pub(crate) fn parent_events(pool: &str, parent_id: &str) -> String {
     format!("{ROOT}.{pool}.parent.{parent_id}.*")
 }
 
 /// Subject of one parent event.
-pub fn parent_event(pool: &str, parent_id: &str, event: ParentEvent) -> String {
+pub(crate) fn parent_event(pool: &str, parent_id: &str, event: ParentEvent) -> String {
     format!("{ROOT}.{pool}.parent.{parent_id}.{}", event.as_str())
-}
-
-/// What a runner tells its parent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ParentEvent {
-    /// Subscribed and flushed: route calls here.
-    Ready,
-    /// Idle past the idle timeout: asks leave to stop.
-    Leave,
-    /// Liveness check.
-    Ping,
-    /// The runner is stopping (SIGTERM, single-use, idle): place nothing new
-    /// on it.
-    Stopping,
-}
-
-impl ParentEvent {
-    /// Last subject token.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ParentEvent::Ready => "ready",
-            ParentEvent::Leave => "leave",
-            ParentEvent::Ping => "ping",
-            ParentEvent::Stopping => "stopping",
-        }
-    }
-
-    /// Parses the last token of a parent-event subject.
-    pub fn from_subject(subject: &str) -> Option<ParentEvent> {
-        match subject.rsplit('.').next()? {
-            "ready" => Some(ParentEvent::Ready),
-            "leave" => Some(ParentEvent::Leave),
-            "ping" => Some(ParentEvent::Ping),
-            "stopping" => Some(ParentEvent::Stopping),
-            _ => None,
-        }
-    }
 }
 
 #[cfg(test)]
@@ -158,6 +124,14 @@ mod tests {
 
     #[test]
     fn subjects_are_legible() {
+        assert_eq!(runner_cancel("t", "r"), "flame.t.runner.r.cancel");
+        assert_eq!(runner_control("t", "r"), "flame.t.runner.r.control");
+        assert_eq!(alive("t"), "flame.t.alive");
+        assert_eq!(bucket("t"), "flame-t");
+        assert_eq!(
+            (runner_key("r"), parent_key("p")),
+            ("runners.r".into(), "parents.p".into())
+        );
         assert_eq!(runner("thumbs", "ab12"), "flame.thumbs.runner.ab12");
         let s = parent_event("thumbs", "p1", ParentEvent::Leave);
         assert_eq!(s, "flame.thumbs.parent.p1.leave");

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use crate::{subject, Error};
+use flame_core::Error;
+
+use crate::protocol::subjects;
 
 /// Settings of one pool. Defaults follow the reference FLAME library where it
 /// has one.
@@ -78,7 +80,7 @@ impl PoolConfig {
 
     /// Checks the settings, with a message naming the setting at fault.
     pub fn validate(&self) -> Result<(), Error> {
-        subject::validate_pool_name(&self.name)?;
+        subjects::validate_pool_name(&self.name)?;
         let bad = |msg: String| Err(Error::Config(format!("pool `{}`: {msg}", self.name)));
         validate_limits(&self.name, self.min, self.max)?;
         if self.max_concurrency == 0 {
@@ -112,7 +114,7 @@ impl PoolConfig {
 }
 
 /// Checks a `min` and `max` pair for the pool named `pool`.
-pub fn validate_limits(pool: &str, min: usize, max: usize) -> Result<(), Error> {
+pub(crate) fn validate_limits(pool: &str, min: usize, max: usize) -> Result<(), Error> {
     if max == 0 {
         return Err(Error::Config(format!(
             "pool `{pool}`: max must be at least 1"

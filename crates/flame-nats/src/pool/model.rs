@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Id of a runner (also the last token of its subject).
-pub type RunnerId = Arc<str>;
+pub(crate) type RunnerId = Arc<str>;
 
 /// Id of a caller waiting for a slot.
-pub type WaiterId = u64;
+pub(crate) type WaiterId = u64;
 
 /// Where a runner is in its life, as the pool sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RunnerState {
     /// Asked of the backend, not yet ready.
     Booting,
@@ -37,7 +38,7 @@ struct Runner {
 
 /// Result of asking for a slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Checkout {
+pub(crate) enum Checkout {
     /// A slot on this runner is yours; give it back with
     /// [`PoolModel::checkin`].
     Placed(RunnerId),
@@ -48,7 +49,7 @@ pub enum Checkout {
 
 /// Placement state of one pool.
 #[derive(Debug, Clone)]
-pub struct PoolModel {
+pub(crate) struct PoolModel {
     min: usize,
     max: usize,
     max_concurrency: usize,
@@ -62,7 +63,7 @@ pub struct PoolModel {
 
 impl PoolModel {
     /// An empty pool with these limits.
-    pub fn new(min: usize, max: usize, max_concurrency: usize) -> PoolModel {
+    pub(crate) fn new(min: usize, max: usize, max_concurrency: usize) -> PoolModel {
         PoolModel {
             min,
             max,
@@ -75,14 +76,14 @@ impl PoolModel {
     }
 
     /// Makes every runner take exactly one call, then drain.
-    pub fn single_use(mut self) -> PoolModel {
+    pub(crate) fn single_use(mut self) -> PoolModel {
         self.single_use = true;
         self.max_concurrency = 1;
         self
     }
 
     /// Takes a slot on the least-loaded ready runner, or queues the caller.
-    pub fn checkout(&mut self, waiter: WaiterId) -> Checkout {
+    pub(crate) fn checkout(&mut self, waiter: WaiterId) -> Checkout {
         self.min_suspended = false;
         match self.least_loaded() {
             Some(id) if self.waiters.is_empty() => {
@@ -114,7 +115,7 @@ impl PoolModel {
 
     /// Removes a queued caller (it gave up). False if it was not queued,
     /// meaning a slot was already handed to it.
-    pub fn cancel(&mut self, waiter: WaiterId) -> bool {
+    pub(crate) fn cancel(&mut self, waiter: WaiterId) -> bool {
         match self.waiters.iter().position(|w| *w == waiter) {
             Some(i) => {
                 self.waiters.remove(i);
@@ -126,7 +127,7 @@ impl PoolModel {
 
     /// Returns a slot. If a caller is queued and the runner still takes work,
     /// the slot goes straight to it.
-    pub fn checkin(&mut self, runner: &RunnerId) -> Option<(WaiterId, RunnerId)> {
+    pub(crate) fn checkin(&mut self, runner: &RunnerId) -> Option<(WaiterId, RunnerId)> {
         let single_use = self.single_use;
         let r = self.runners.get_mut(runner)?;
         r.load = r.load.saturating_sub(1);
@@ -145,7 +146,7 @@ impl PoolModel {
     }
 
     /// Records a runner being booted.
-    pub fn add_booting(&mut self, runner: RunnerId) {
+    pub(crate) fn add_booting(&mut self, runner: RunnerId) {
         self.runners.insert(
             runner,
             Runner {
@@ -160,7 +161,7 @@ impl PoolModel {
     /// A booting runner reported ready: it takes queued callers, oldest
     /// first, up to its concurrency. `None` when the runner is unknown (it was
     /// given up on).
-    pub fn runner_ready(&mut self, runner: &RunnerId) -> Option<Vec<(WaiterId, RunnerId)>> {
+    pub(crate) fn runner_ready(&mut self, runner: &RunnerId) -> Option<Vec<(WaiterId, RunnerId)>> {
         let r = self.runners.get_mut(runner)?;
         if r.state != RunnerState::Booting {
             return Some(Vec::new());
@@ -180,7 +181,7 @@ impl PoolModel {
 
     /// Records how many calls a shared pool's runner runs or queues in all,
     /// as its lease says; the part that is not ours is other parents' work.
-    pub fn set_reported_load(&mut self, runner: &RunnerId, total: usize) {
+    pub(crate) fn set_reported_load(&mut self, runner: &RunnerId, total: usize) {
         if let Some(r) = self.runners.get_mut(runner) {
             r.others = total.saturating_sub(r.load);
         }
@@ -188,7 +189,7 @@ impl PoolModel {
 
     /// Stops placing work on a runner; it still counts against `max` until
     /// [`PoolModel::remove`].
-    pub fn drain(&mut self, runner: &RunnerId) {
+    pub(crate) fn drain(&mut self, runner: &RunnerId) {
         if let Some(r) = self.runners.get_mut(runner) {
             r.state = RunnerState::Draining;
         }
@@ -196,14 +197,14 @@ impl PoolModel {
 
     /// Forgets a runner (exited, failed to boot, or given up on). Returns its
     /// state if it was known.
-    pub fn remove(&mut self, runner: &RunnerId) -> Option<RunnerState> {
+    pub(crate) fn remove(&mut self, runner: &RunnerId) -> Option<RunnerState> {
         self.runners.remove(runner).map(|r| r.state)
     }
 
     /// How many runners to boot now: enough to keep `min` up and to cover
     /// the queued callers that the runners already booting will not serve,
     /// never past `max`.
-    pub fn boots_needed(&self) -> usize {
+    pub(crate) fn boots_needed(&self) -> usize {
         let booting = self.count(RunnerState::Booting);
         let ready = self.count(RunnerState::Ready);
         let total = self.runners.len();
@@ -221,7 +222,7 @@ impl PoolModel {
     /// marked draining) when the parent has no work on it, no caller is
     /// waiting, and either more than `min` runners are ready or the runner
     /// has been idle past `min_idle_shutdown_after`.
-    pub fn may_leave(
+    pub(crate) fn may_leave(
         &mut self,
         runner: &RunnerId,
         idle_for: Duration,
@@ -256,7 +257,7 @@ impl PoolModel {
     }
 
     /// Changes `min` and `max` of a live pool.
-    pub fn set_limits(&mut self, min: usize, max: usize) {
+    pub(crate) fn set_limits(&mut self, min: usize, max: usize) {
         self.min = min;
         self.max = max;
         self.min_suspended = false;
@@ -266,7 +267,7 @@ impl PoolModel {
     /// idle ones first, and marks them draining (they finish their work and
     /// take no more). Runners still booting are not retired: they count
     /// until they are ready and then serve as usual.
-    pub fn retire_surplus(&mut self) -> Vec<RunnerId> {
+    pub(crate) fn retire_surplus(&mut self) -> Vec<RunnerId> {
         let live = self
             .runners
             .values()
@@ -291,38 +292,28 @@ impl PoolModel {
     }
 
     /// The current `min` and `max`.
-    pub fn limits(&self) -> (usize, usize) {
+    pub(crate) fn limits(&self) -> (usize, usize) {
         (self.min, self.max)
     }
 
     /// Number of runners in a state.
-    pub fn count(&self, state: RunnerState) -> usize {
+    pub(crate) fn count(&self, state: RunnerState) -> usize {
         self.runners.values().filter(|r| r.state == state).count()
     }
 
     /// Runners known, in any state.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.runners.len()
     }
 
-    /// True when the pool has no runner at all.
-    pub fn is_empty(&self) -> bool {
-        self.runners.is_empty()
-    }
-
     /// Callers waiting for a slot.
-    pub fn waiting(&self) -> usize {
+    pub(crate) fn waiting(&self) -> usize {
         self.waiters.len()
     }
 
     /// State and load of a runner.
-    pub fn runner(&self, runner: &RunnerId) -> Option<(RunnerState, usize)> {
+    pub(crate) fn runner(&self, runner: &RunnerId) -> Option<(RunnerState, usize)> {
         self.runners.get(runner).map(|r| (r.state, r.load))
-    }
-
-    /// Ids of all runners known.
-    pub fn runner_ids(&self) -> Vec<RunnerId> {
-        self.runners.keys().cloned().collect()
     }
 }
 

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::Error;
+use flame_core::Error;
 
 /// What a pool hook is told.
 #[derive(Debug, Clone)]
@@ -60,22 +60,22 @@ impl PoolEvent {
 
 /// A hook. It runs on the pool's own tasks, so it should return quickly
 /// (spawn a task for slow work).
-pub type Hook = Arc<dyn Fn(&PoolEvent) + Send + Sync>;
+pub(crate) type Hook = Arc<dyn Fn(&PoolEvent) + Send + Sync>;
 
 /// The hooks of one pool.
 #[derive(Clone, Default)]
-pub struct Hooks {
+pub(crate) struct Hooks {
     /// Runs on [`PoolEvent::GrowStart`].
-    pub on_grow_start: Option<Hook>,
+    pub(crate) on_grow_start: Option<Hook>,
     /// Runs on [`PoolEvent::GrowEnd`].
-    pub on_grow_end: Option<Hook>,
+    pub(crate) on_grow_end: Option<Hook>,
     /// Runs on [`PoolEvent::Shrink`].
-    pub on_shrink: Option<Hook>,
+    pub(crate) on_shrink: Option<Hook>,
 }
 
 impl Hooks {
     /// Runs the hook for this event, if one is set.
-    pub fn fire(&self, event: PoolEvent) {
+    pub(crate) fn fire(&self, event: PoolEvent) {
         let hook = match &event {
             PoolEvent::GrowStart { .. } => &self.on_grow_start,
             PoolEvent::GrowEnd { .. } => &self.on_grow_end,

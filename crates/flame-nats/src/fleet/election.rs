@@ -1,0 +1,119 @@
+//! This parent's own lease, and the scaler election: renew the term while
+//! leading, take over a silent scaler by compare-and-set.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::{Fleet, PoolPort};
+use crate::kv::{self, Cas};
+use crate::protocol::lease::{ParentLease, ScalerLease};
+use crate::protocol::subjects;
+
+impl Fleet {
+    /// Renews this parent's lease, takes part in the scaler election, and
+    /// scales when elected; leaves the pool when it closes.
+    pub(super) async fn parent_loop(self: Arc<Self>, port: Arc<dyn PoolPort>) {
+        let heartbeat = self.config.heartbeat;
+        let mut tick = tokio::time::interval(heartbeat / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_renewal = Instant::now() - heartbeat;
+        loop {
+            let demand = tokio::select! {
+                _ = self.closed.cancelled() => break,
+                _ = tick.tick() => false,
+                _ = self.demand_changed.notified() => true,
+            };
+            if !self.parent.connected() {
+                // Leases cannot be read or written; judging them now would
+                // reap live runners.
+                continue;
+            }
+            let waiting = port.waiting();
+            let renew_due = last_renewal.elapsed() >= heartbeat;
+            let changed = self.state.lock().unwrap().my_waiting_sent != Some(waiting);
+            if (renew_due || changed) && self.renew_parent(waiting).await {
+                last_renewal = Instant::now();
+            }
+            if renew_due || !demand {
+                self.elect().await;
+            }
+            if self.is_leading() {
+                self.scale(&port).await;
+            }
+        }
+        self.leave().await;
+    }
+
+    async fn renew_parent(&self, waiting: usize) -> bool {
+        let beat = {
+            let mut st = self.state.lock().unwrap();
+            st.my_beat += 1;
+            st.my_beat
+        };
+        let lease = ParentLease {
+            parent: self.parent.parent_id.clone(),
+            waiting,
+            beat,
+        };
+        let key = subjects::parent_key(&self.parent.parent_id);
+        match self.store.put(key, kv::to_json(&lease)).await {
+            Ok(_) => {
+                self.state.lock().unwrap().my_waiting_sent = Some(waiting);
+                true
+            }
+            Err(e) => {
+                debug!("cannot renew parent lease: {e}");
+                false
+            }
+        }
+    }
+
+    /// One round of the election: renew the term if leading, else take over
+    /// a missing or dead scaler by compare-and-set.
+    async fn elect(&self) {
+        let pool = &self.config.name;
+        let (leading, scaler) = {
+            let st = self.state.lock().unwrap();
+            (st.leading, st.scaler.clone())
+        };
+        let lease = |beat: u64| ScalerLease {
+            parent: self.parent.parent_id.clone(),
+            beat,
+        };
+        let (value, revision) = match (leading, scaler) {
+            (Some(term), _) => (lease(term + 1), Some(term)),
+            (None, None) => (lease(0), None),
+            (None, Some(s)) if s.changed.elapsed() > self.stale_after() => {
+                info!(%pool, old = %s.value.parent, "scaler silent for {:?}; taking over", s.changed.elapsed());
+                (lease(0), Some(s.revision))
+            }
+            (None, Some(_)) => return,
+        };
+        let result = kv::compare_and_set(&self.store, subjects::SCALER_KEY, &value, revision).await;
+        let mut st = self.state.lock().unwrap();
+        match result {
+            Ok(Cas::Written(revision)) => {
+                if st.leading.is_none() {
+                    info!(%pool, "this parent is now the pool's scaler");
+                }
+                st.leading = Some(revision);
+            }
+            Ok(Cas::Conflict) => {
+                if st.leading.is_some() {
+                    warn!(%pool, "no longer the scaler: another parent took over");
+                }
+                st.leading = None;
+            }
+            Err(e) => {
+                // Unsure whether the term was renewed: step down rather than
+                // risk two scalers.
+                if st.leading.is_some() {
+                    warn!(%pool, "no longer the scaler: {e}");
+                }
+                st.leading = None;
+            }
+        }
+    }
+}

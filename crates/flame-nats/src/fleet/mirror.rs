@@ -1,0 +1,225 @@
+//! This parent's mirror of the pool's bucket: a watch that applies every
+//! change, resumed from the last revision after a reconnect.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::kv::{Entry, Operation, Watch};
+use flame_core::Error;
+use futures::StreamExt;
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::{Fleet, Owned, PoolPort};
+use crate::boot::RetryGate;
+use crate::protocol::lease::{LeaseState, ParentLease, RunnerLease, ScalerLease, Slots};
+use crate::protocol::subjects;
+
+/// What this parent knows of the pool: the bucket as last seen, and its
+/// own part in it.
+#[derive(Default)]
+pub(super) struct FleetState {
+    pub(super) runners: HashMap<String, Seen<RunnerLease>>,
+    pub(super) parents: HashMap<String, Seen<ParentLease>>,
+    pub(super) scaler: Option<Seen<ScalerLease>>,
+    pub(super) slots: Option<Slots>,
+    /// Last revision applied, to resume the watch after a reconnect.
+    pub(super) last_revision: u64,
+    /// This parent's scaler term: the revision of the `scaler` key it wrote.
+    pub(super) leading: Option<u64>,
+    /// Boots this parent's scaler started whose lease it has not seen yet.
+    pub(super) pending: HashSet<String>,
+    /// Runners this scaler booted and can stop directly.
+    pub(super) owned: Owned,
+    /// Runners told to retire, and when.
+    pub(super) retiring: HashMap<String, Instant>,
+    /// Slot ids without a lease, and since when.
+    pub(super) orphan_slots: HashMap<String, Instant>,
+    pub(super) retry: RetryGate,
+    pub(super) my_beat: u64,
+    pub(super) my_waiting_sent: Option<usize>,
+}
+
+impl FleetState {
+    /// Leases of the other parents that are still renewed.
+    pub(super) fn other_live_parents<'a>(
+        &'a self,
+        me: &'a str,
+        stale_after: Duration,
+    ) -> impl Iterator<Item = &'a ParentLease> + 'a {
+        self.parents
+            .iter()
+            .filter(move |(id, s)| *id != me && s.changed.elapsed() <= stale_after)
+            .map(|(_, s)| &s.value)
+    }
+
+    /// Counts every lease and the scaler as just seen.
+    pub(super) fn forget_silence(&mut self) {
+        let now = Instant::now();
+        for s in self.runners.values_mut() {
+            s.changed = now;
+        }
+        for s in self.parents.values_mut() {
+            s.changed = now;
+        }
+        if let Some(s) = &mut self.scaler {
+            s.changed = now;
+        }
+    }
+}
+
+/// A value from the bucket and when this parent last saw it change.
+#[derive(Debug, Clone)]
+pub(super) struct Seen<T> {
+    pub(super) value: T,
+    pub(super) revision: u64,
+    pub(super) changed: Instant,
+}
+
+impl<T> Seen<T> {
+    fn new(value: T, revision: u64) -> Seen<T> {
+        Seen {
+            value,
+            revision,
+            changed: Instant::now(),
+        }
+    }
+}
+
+impl Fleet {
+    /// Reads the bucket once, so the first calls see the runners that are
+    /// already up; returns the watch to follow it with.
+    pub(super) async fn first_read(&self, port: &Arc<dyn PoolPort>) -> Result<Watch, Error> {
+        let mut watch = self
+            .store
+            .watch_with_history(">")
+            .await
+            .map_err(|e| Error::nats("cannot watch the pool's bucket", e))?;
+        let initial = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(Ok(entry)) = watch.next().await {
+                let current = entry.delta == 0;
+                self.apply(port, entry);
+                if current {
+                    break;
+                }
+            }
+        });
+        // An empty bucket delivers nothing: do not wait for it.
+        let empty = self
+            .store
+            .status()
+            .await
+            .map(|s| s.values() == 0)
+            .unwrap_or(false);
+        if !empty {
+            let _ = initial.await;
+        } else {
+            drop(initial);
+        }
+        Ok(watch)
+    }
+
+    /// Applies bucket changes until the pool closes, recreating the watch
+    /// from the last revision whenever it ends or the connection comes back
+    /// (a watch may stop delivering after a server restart).
+    pub(super) async fn watch(self: Arc<Self>, port: Arc<dyn PoolPort>, mut watch: Watch) {
+        let connected = self.parent.events.connected.clone();
+        loop {
+            let reconnected = connected.notified();
+            tokio::pin!(reconnected);
+            loop {
+                tokio::select! {
+                    _ = self.closed.cancelled() => return,
+                    _ = &mut reconnected => break,
+                    entry = watch.next() => match entry {
+                        Some(Ok(entry)) => self.apply(&port, entry),
+                        Some(Err(e)) => {
+                            debug!("KV watch error: {e}");
+                            break;
+                        }
+                        None => break,
+                    },
+                }
+            }
+            // Nothing could change while we were away; restart the clocks so
+            // that no lease or scaler looks dead just for that.
+            self.state.lock().unwrap().forget_silence();
+            // Recreate from where we were.
+            loop {
+                if self.closed.is_cancelled() {
+                    return;
+                }
+                let from = self.state.lock().unwrap().last_revision + 1;
+                match self.store.watch_all_from_revision(from).await {
+                    Ok(w) => {
+                        debug!(from, "KV watch resumed");
+                        watch = w;
+                        break;
+                    }
+                    Err(e) => {
+                        debug!("cannot resume KV watch yet: {e}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply(&self, port: &Arc<dyn PoolPort>, entry: Entry) {
+        let deleted = entry.operation != Operation::Put;
+        let mut st = self.state.lock().unwrap();
+        st.last_revision = st.last_revision.max(entry.revision);
+        if let Some(id) = entry.key.strip_prefix("runners.") {
+            if deleted {
+                st.runners.remove(id);
+                st.pending.remove(id);
+                st.retiring.remove(id);
+                let owned = st.owned.remove(id);
+                drop(st);
+                port.clone().lease_gone(id, "its lease was removed");
+                drop(owned);
+                return;
+            }
+            let Ok(lease) = serde_json::from_slice::<RunnerLease>(&entry.value) else {
+                return;
+            };
+            st.pending.remove(id);
+            let became_ready = lease.state == LeaseState::Ready
+                && st
+                    .runners
+                    .get(id)
+                    .is_none_or(|s| s.value.state != LeaseState::Ready);
+            let mine = lease.booted_by == self.parent.parent_id;
+            st.runners
+                .insert(id.to_string(), Seen::new(lease.clone(), entry.revision));
+            let count = st.runners.len();
+            drop(st);
+            port.clone().lease_seen(&lease);
+            if became_ready && mine && self.is_leading() {
+                self.booter.grow_end(count, Ok(()));
+            }
+        } else if let Some(id) = entry.key.strip_prefix("parents.") {
+            if deleted {
+                st.parents.remove(id);
+            } else if let Ok(lease) = serde_json::from_slice::<ParentLease>(&entry.value) {
+                st.parents
+                    .insert(id.to_string(), Seen::new(lease, entry.revision));
+            }
+        } else if entry.key == subjects::SCALER_KEY {
+            st.scaler = if deleted {
+                None
+            } else {
+                serde_json::from_slice::<ScalerLease>(&entry.value)
+                    .ok()
+                    .map(|l| Seen::new(l, entry.revision))
+            };
+        } else if entry.key == subjects::SLOTS_KEY {
+            st.slots = if deleted {
+                None
+            } else {
+                serde_json::from_slice::<Slots>(&entry.value).ok()
+            };
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! Shared pools: one pool for every parent that uses the same name on a NATS
+//! server.
+//!
+//! All coordination goes through the pool's JetStream KV bucket
+//! (`flame-<pool>`):
+//!
+//! - every parent watches the bucket and mirrors the runner leases into its
+//!   own placement model, so any parent's calls run on any runner, and a
+//!   removed lease fails the calls on that runner at once ([`mirror`]);
+//! - every parent keeps a lease with the number of its callers waiting, and
+//!   one parent, elected through the `scaler` key (created if absent,
+//!   renewed by compare-and-set, taken over by compare-and-set once it stops
+//!   changing), scales for the whole fleet ([`election`]);
+//! - the scaler boots and retires runners; a boot first takes a slot in
+//!   `slots` by compare-and-set, so racing scalers can never boot past
+//!   `max` ([`scaler`], with the pure rules in [`scaling`]);
+//! - runners renew their own leases and cap their own concurrency, and ask
+//!   `flame.<pool>.alive`, answered by any parent, whether to keep going.
+//!
+//! A lease counts as dead when it has not changed for three heartbeats, as
+//! seen by the watching parent's own clock (no clock is compared across
+//! machines).
+//!
+//! The fleet talks to its pool only through [`PoolPort`].
+
+mod election;
+mod mirror;
+mod scaler;
+mod scaling;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::kv::Store;
+use flame_core::backend::StopRunner;
+use flame_core::Error;
+use futures::StreamExt;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::boot::Booter;
+use crate::config::PoolConfig;
+use crate::kv;
+use crate::parent::ParentContext;
+use crate::protocol::lease::{LeaseState, RunnerLease};
+use crate::protocol::subjects;
+use mirror::FleetState;
+
+/// Heartbeats without change after which a lease counts as dead.
+const STALE_BEATS: u32 = 3;
+
+/// What the fleet tells its pool, and asks of it.
+pub(crate) trait PoolPort: Send + Sync + 'static {
+    /// A runner lease appeared or changed.
+    fn lease_seen(self: Arc<Self>, lease: &RunnerLease);
+    /// A runner is gone (its lease removed), for this reason.
+    fn lease_gone(self: Arc<Self>, runner: &str, why: &str);
+    /// Callers of this parent waiting for a slot.
+    fn waiting(&self) -> usize;
+    /// The pool's current `min` and `max`.
+    fn limits(&self) -> (usize, usize);
+}
+
+/// A parent's part in a shared pool.
+pub(crate) struct Fleet {
+    store: Store,
+    parent: Arc<ParentContext>,
+    config: PoolConfig,
+    booter: Arc<Booter>,
+    /// The pool's: cancelled when it closes.
+    closed: CancellationToken,
+    state: Mutex<FleetState>,
+    /// Woken when this parent's number of waiting callers changes.
+    demand_changed: Notify,
+    /// Set once this parent has left the pool.
+    left: AtomicBool,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("bucket", &self.store.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Fleet {
+    /// Opens the pool's bucket.
+    pub(crate) async fn open(
+        parent: Arc<ParentContext>,
+        config: PoolConfig,
+        booter: Arc<Booter>,
+        closed: CancellationToken,
+    ) -> Result<Fleet, Error> {
+        Ok(Fleet {
+            store: kv::open_bucket(&parent.client, &config.name).await?,
+            parent,
+            config,
+            booter,
+            closed,
+            state: Mutex::new(FleetState::default()),
+            demand_changed: Notify::new(),
+            left: AtomicBool::new(false),
+        })
+    }
+
+    /// Tells the scaler loop that this parent's demand changed.
+    pub(crate) fn demand_changed(&self) {
+        self.demand_changed.notify_one();
+    }
+
+    /// Starts the watch, the parent loop and the `alive` responder.
+    pub(crate) async fn start(self: &Arc<Self>, port: Arc<dyn PoolPort>) -> Result<(), Error> {
+        let alive = self
+            .parent
+            .client
+            .queue_subscribe(
+                subjects::alive(&self.config.name),
+                subjects::ALIVE_QUEUE.to_string(),
+            )
+            .await
+            .map_err(|e| Error::nats("cannot subscribe to the pool's alive subject", e))?;
+        tokio::spawn(self.clone().answer_alive(alive));
+        let watch = self.first_read(&port).await?;
+        tokio::spawn(self.clone().watch(port.clone(), watch));
+        tokio::spawn(self.clone().parent_loop(port));
+        Ok(())
+    }
+
+    fn stale_after(&self) -> Duration {
+        self.config.heartbeat * STALE_BEATS
+    }
+
+    fn is_leading(&self) -> bool {
+        self.state.lock().unwrap().leading.is_some()
+    }
+
+    /// Leaves the pool: removes this parent's lease and hands the scaler role
+    /// on. Runners this parent booted are stopped (draining) when no other
+    /// parent is left to use them.
+    pub(crate) async fn leave(&self) {
+        if self.left.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let me = self.parent.parent_id.clone();
+        let _ = self.store.delete(subjects::parent_key(&me)).await;
+        let (leading, owned) = {
+            let mut st = self.state.lock().unwrap();
+            let owned: Vec<(String, Box<dyn StopRunner>)> = st.owned.drain().collect();
+            (st.leading.take(), owned)
+        };
+        if let Some(term) = leading {
+            let _ = self
+                .store
+                .delete_expect_revision(subjects::SCALER_KEY, Some(term))
+                .await;
+        }
+        if self.others_remain().await {
+            // The other parents go on using these runners; their scaler
+            // stops them when they are no longer wanted.
+            for (_, stopper) in &owned {
+                stopper.detach();
+            }
+            return;
+        }
+        // The last parent out: retire every runner of the pool.
+        let ids: Vec<String> = self.state.lock().unwrap().runners.keys().cloned().collect();
+        for id in &ids {
+            self.send_retire(id).await;
+        }
+        let _ = self.parent.client.flush().await;
+        let grace = self.config.shutdown_timeout;
+        let stops: Vec<_> = owned.iter().map(|(_, s)| s.stop(grace)).collect();
+        futures::future::join_all(stops).await;
+    }
+
+    /// After this parent removed its own lease: are other parents left?
+    ///
+    /// Asks the bucket itself, not the mirror, so that parents leaving
+    /// together cannot each see the other and leave the runners behind:
+    /// the deletes are ordered in the bucket, and the last to read sees
+    /// none. A parent whose lease this one has seen go silent does not
+    /// count.
+    async fn others_remain(&self) -> bool {
+        let me = subjects::parent_key(&self.parent.parent_id);
+        let keys = match self.store.keys().await {
+            Ok(keys) => keys,
+            Err(e) => {
+                debug!("cannot list the pool's parents: {e}");
+                // Unsure: keep the runners; they stop on their own after
+                // parent_grace if nobody is left.
+                return true;
+            }
+        };
+        let keys: Vec<String> = keys.filter_map(|k| async { k.ok() }).collect().await;
+        let st = self.state.lock().unwrap();
+        let stale_after = self.stale_after();
+        keys.iter()
+            .filter(|k| k.starts_with("parents.") && **k != me)
+            .any(|k| {
+                let id = &k["parents.".len()..];
+                st.parents
+                    .get(id)
+                    .is_none_or(|seen| seen.changed.elapsed() <= stale_after)
+            })
+    }
+
+    /// Tells a runner to drain and exit.
+    async fn send_retire(&self, runner: &str) {
+        let to = subjects::runner_control(&self.config.name, runner);
+        if let Err(e) = self
+            .parent
+            .client
+            .publish(to, subjects::CONTROL_RETIRE.into())
+            .await
+        {
+            debug!(runner, "cannot send retire: {e}");
+        }
+    }
+
+    /// Answers runners asking whether any parent of the pool is alive.
+    async fn answer_alive(self: Arc<Self>, mut requests: async_nats::Subscriber) {
+        loop {
+            let msg = tokio::select! {
+                _ = self.closed.cancelled() => break,
+                msg = requests.next() => match msg {
+                    Some(msg) => msg,
+                    None => break,
+                },
+            };
+            if let Some(reply) = msg.reply {
+                let _ = self.parent.client.publish(reply, "yes".into()).await;
+            }
+        }
+        let _ = requests.unsubscribe().await;
+    }
+
+    /// The lease of a runner this parent's scaler is about to boot.
+    fn booting_lease(&self, id: &str) -> RunnerLease {
+        RunnerLease {
+            runner: id.to_string(),
+            pool: self.config.name.clone(),
+            state: LeaseState::Booting,
+            build: String::new(),
+            capacity: self.config.max_concurrency,
+            load: 0,
+            queued: 0,
+            idle_ms: 0,
+            handle: String::new(),
+            booted_by: self.parent.parent_id.clone(),
+            beat: 0,
+        }
+    }
+}
+
+/// Runners this parent's scaler booted, by id.
+type Owned = HashMap<String, Box<dyn StopRunner>>;

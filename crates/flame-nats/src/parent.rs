@@ -1,0 +1,54 @@
+//! What every pool of one parent shares: its NATS connection, its identity
+//! and its reply multiplexer.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::connect::ConnectionEvents;
+use crate::embedded::NatsServer;
+use crate::replies::Replies;
+
+/// One connected parent, shared by its pools.
+#[derive(Debug)]
+pub(crate) struct ParentContext {
+    pub(crate) client: async_nats::Client,
+    /// The URL (or list) runners connect to.
+    pub(crate) nats_url: String,
+    pub(crate) parent_id: String,
+    pub(crate) build_id: Arc<str>,
+    pub(crate) events: ConnectionEvents,
+    /// Where replies to this parent's calls arrive.
+    pub(crate) replies: Arc<Replies>,
+    /// The private nats-server this parent started, if any; stopped with it.
+    pub(crate) embedded: std::sync::Mutex<Option<NatsServer>>,
+}
+
+impl ParentContext {
+    /// True while connected to NATS.
+    pub(crate) fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// True when the connection was (re)established less than `window`
+    /// ago: runners may still be resubscribing.
+    pub(crate) fn reconnected_within(&self, window: std::time::Duration) -> bool {
+        self.events
+            .last_connected
+            .lock()
+            .unwrap()
+            .is_some_and(|at| at.elapsed() < window)
+    }
+
+    /// Marks the connection as closing on purpose, so that losing it is not
+    /// reported as a fault.
+    pub(crate) fn closing(&self) {
+        self.events.closing.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for ParentContext {
+    fn drop(&mut self) {
+        // The embedded server stops with us; the client sees it go.
+        self.closing();
+    }
+}

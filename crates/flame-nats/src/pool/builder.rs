@@ -1,0 +1,235 @@
+//! Describing a pool and starting it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flame_core::{Backend, Error, LocalBackend, RemoteFn};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::model::PoolModel;
+use super::{Owner, Pool, PoolInner, State};
+use crate::boot::{Booter, RetryGate};
+use crate::config::PoolConfig;
+use crate::fleet::Fleet;
+use crate::hooks::{Hooks, PoolEvent};
+use crate::parent::ParentContext;
+use crate::protocol::subjects;
+
+/// Builds and starts a [`Pool`]. Get one from [`crate::Flame::pool`].
+#[derive(Debug)]
+#[must_use = "a pool builder does nothing until .start().await"]
+pub struct PoolBuilder {
+    parent: Arc<ParentContext>,
+    config: PoolConfig,
+    backend: Option<Arc<dyn Backend>>,
+    hooks: Hooks,
+}
+
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty),* $(,)?) => {$(
+        $(#[$doc])*
+        pub fn $name(mut self, value: $ty) -> Self {
+            self.config.$name = value;
+            self
+        }
+    )*};
+}
+
+impl PoolBuilder {
+    pub(crate) fn new(parent: Arc<ParentContext>, name: String) -> PoolBuilder {
+        PoolBuilder {
+            parent,
+            config: PoolConfig::new(name),
+            backend: None,
+            hooks: Hooks::default(),
+        }
+    }
+
+    setters! {
+        /// Runners kept up at all times (default 0).
+        min: usize,
+        /// Most runners booted or booting (default 1).
+        max: usize,
+        /// Concurrent calls per runner (default 100).
+        max_concurrency: usize,
+        /// Default timeout of a call, waiting for a runner included (default 30 s).
+        timeout: Duration,
+        /// Limit for a runner to boot and report ready (default 30 s).
+        boot_timeout: Duration,
+        /// A runner with no work for this long stops (default 30 s).
+        idle_shutdown_after: Duration,
+        /// Drain time for in-flight work when a runner stops (default 30 s).
+        shutdown_timeout: Duration,
+        /// A runner that cannot reach NATS and its parent this soon after
+        /// starting exits (default 20 s).
+        failsafe_timeout: Duration,
+        /// A runner keeps serving this long after it last heard from its
+        /// parent (default 5 s).
+        parent_grace: Duration,
+        /// Interval of runner liveness pings; a runner silent for two
+        /// intervals counts as down (default 1.5 s).
+        heartbeat: Duration,
+        /// Each runner takes one call or cast, then stops (default false).
+        single_use: bool,
+        /// Share the pool with every parent on the NATS server that uses
+        /// this name, coordinated through the KV bucket `flame-<name>`
+        /// (default false).
+        shared: bool,
+    }
+
+    /// Runs `F` on an idle runner before it stops; it stops only if `F`
+    /// returns true, and asks again later otherwise. `F` is a registered
+    /// function without arguments, e.g. `#[flame::remote] async fn
+    /// may_stop() -> bool`.
+    pub fn idle_shutdown_when<F>(mut self) -> Self
+    where
+        F: RemoteFn<Args = (), Output = bool>,
+    {
+        self.config.idle_shutdown_check = Some(F::NAME);
+        self
+    }
+
+    /// Runs `hook` each time the pool starts booting a runner.
+    pub fn on_grow_start(mut self, hook: impl Fn(&PoolEvent) + Send + Sync + 'static) -> Self {
+        self.hooks.on_grow_start = Some(Arc::new(hook));
+        self
+    }
+
+    /// Runs `hook` each time a boot ends, with its outcome.
+    pub fn on_grow_end(mut self, hook: impl Fn(&PoolEvent) + Send + Sync + 'static) -> Self {
+        self.hooks.on_grow_end = Some(Arc::new(hook));
+        self
+    }
+
+    /// Runs `hook` each time a ready runner leaves the pool.
+    pub fn on_shrink(mut self, hook: impl Fn(&PoolEvent) + Send + Sync + 'static) -> Self {
+        self.hooks.on_shrink = Some(Arc::new(hook));
+        self
+    }
+
+    /// Lets the `min` runners stop too after this much idle time (default:
+    /// they stay up).
+    pub fn min_idle_shutdown_after(mut self, value: Duration) -> Self {
+        self.config.min_idle_shutdown_after = Some(value);
+        self
+    }
+
+    /// Copies an environment variable of the parent into every runner.
+    pub fn forward_env(mut self, var: impl Into<String>) -> Self {
+        self.config.forward_env.push(var.into());
+        self
+    }
+
+    /// Boots runners with this backend (default: [`LocalBackend`]).
+    pub fn backend(mut self, backend: impl Backend) -> Self {
+        self.backend = Some(Arc::new(backend));
+        self
+    }
+
+    /// The settings so far.
+    pub fn config(&self) -> &PoolConfig {
+        &self.config
+    }
+
+    /// Starts the pool and waits until its `min` runners are ready.
+    pub async fn start(self) -> Result<Pool, Error> {
+        self.config.validate()?;
+        let config = self.config;
+        let mut forwarded = Vec::new();
+        for var in &config.forward_env {
+            match std::env::var(var) {
+                Ok(v) => forwarded.push((var.clone(), v)),
+                Err(_) => {
+                    return Err(Error::Config(format!(
+                        "pool `{}` forwards {var}, which is not set in the parent",
+                        config.name
+                    )))
+                }
+            }
+        }
+        let backend = self
+            .backend
+            .unwrap_or_else(|| Arc::new(LocalBackend::new()));
+        let booter = Arc::new(Booter::new(
+            &self.parent,
+            &config,
+            backend,
+            self.hooks,
+            forwarded,
+        ));
+        // Runners of a private pool report to this parent; those of a
+        // shared pool send no events (they keep a lease in the KV bucket),
+        // so a shared pool does not listen for any.
+        let events = if config.shared {
+            None
+        } else {
+            let client = &self.parent.client;
+            let events = client
+                .subscribe(subjects::parent_events(
+                    &config.name,
+                    &self.parent.parent_id,
+                ))
+                .await
+                .map_err(|e| Error::nats("cannot subscribe to runner events", e))?;
+            client
+                .flush()
+                .await
+                .map_err(|e| Error::nats("cannot subscribe to runner events", e))?;
+            Some(events)
+        };
+        let closed = CancellationToken::new();
+        let fleet = if config.shared {
+            let fleet = Fleet::open(
+                self.parent.clone(),
+                config.clone(),
+                booter.clone(),
+                closed.clone(),
+            );
+            Some(Arc::new(fleet.await?))
+        } else {
+            None
+        };
+        let mut model = PoolModel::new(config.min, config.max, config.max_concurrency);
+        if config.single_use {
+            model = model.single_use();
+        }
+        let inner = Arc::new(PoolInner {
+            state: Mutex::new(State {
+                model,
+                runners: HashMap::new(),
+                waiters: HashMap::new(),
+                next_waiter: 0,
+                last_boot_error: None,
+                retry: RetryGate::default(),
+                closed: false,
+            }),
+            booter,
+            fleet: fleet.clone(),
+            closed,
+            listening: CancellationToken::new(),
+            changed: Notify::new(),
+            parent: self.parent,
+            config,
+        });
+        if let Some(events) = events {
+            tokio::spawn(inner.clone().listen(events));
+            tokio::spawn(inner.clone().watch_heartbeats());
+        }
+        if let Some(fleet) = &fleet {
+            fleet.start(inner.clone()).await?;
+        }
+        let pool = Pool {
+            inner: inner.clone(),
+            _owner: Arc::new(Owner(inner.clone())),
+        };
+        inner.boot_needed();
+        if inner.config.min > 0 {
+            inner.wait_min_ready().await?;
+        }
+        info!(pool = %inner.config.name, min = inner.config.min, max = inner.config.max, "pool started");
+        Ok(pool)
+    }
+}

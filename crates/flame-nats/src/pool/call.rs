@@ -1,0 +1,401 @@
+//! One call or cast: encode, wait for a slot, send, wait for the reply.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use flame_core::{codec, Error, RemoteFn};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::model::{Checkout, RunnerId, RunnerState, WaiterId};
+use super::runners::RunnerLink;
+use super::{Pool, PoolInner, State};
+use crate::protocol::call::{self as wire, Reply};
+use crate::replies::Replies;
+
+/// Options of one call.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct CallOptions {
+    /// Overrides the pool's timeout for this call.
+    pub timeout: Option<Duration>,
+    /// When true (the default), a caller that stops waiting (its future is
+    /// dropped, its task aborted) cancels the remote work. When false, the
+    /// work runs on to its end and its result is discarded.
+    pub link: bool,
+}
+
+impl Default for CallOptions {
+    fn default() -> Self {
+        CallOptions {
+            timeout: None,
+            link: true,
+        }
+    }
+}
+
+impl CallOptions {
+    /// Default options: the pool's timeout, linked.
+    pub fn new() -> CallOptions {
+        CallOptions::default()
+    }
+
+    /// Sets the whole time the call may take, waiting for a runner included.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Whether dropping the call cancels the remote work (default true).
+    pub fn link(mut self, link: bool) -> Self {
+        self.link = link;
+        self
+    }
+}
+
+impl Pool {
+    /// Calls a remote function and waits for its result.
+    ///
+    /// Usually written `flame::call!(pool, function(args..))`.
+    pub async fn call<F: RemoteFn>(&self, args: F::Args) -> Result<F::Output, Error> {
+        self.call_with::<F>(args, CallOptions::default()).await
+    }
+
+    /// [`Pool::call`] with options.
+    pub async fn call_with<F: RemoteFn>(
+        &self,
+        args: F::Args,
+        options: CallOptions,
+    ) -> Result<F::Output, Error> {
+        let timeout = options.timeout.unwrap_or(self.inner.config.timeout);
+        let payload = encode_args::<F>(&args)?;
+        let bytes = self
+            .inner
+            .clone()
+            .run(F::NAME, payload, timeout, Kind::Call { link: options.link })
+            .await?;
+        codec::decode(&bytes).map_err(|e| Error::Decode {
+            function: F::NAME.to_string(),
+            what: "result",
+            reason: e.to_string(),
+        })
+    }
+
+    /// Runs a remote function without waiting for it. Returns once the work
+    /// is handed to the pool; it then finds or boots a runner on its own.
+    /// Failures are logged and counted on the runner (`nats micro stats`).
+    ///
+    /// Usually written `flame::cast!(pool, function(args..))`.
+    pub fn cast<F: RemoteFn>(&self, args: F::Args) -> Result<(), Error> {
+        self.cast_with::<F>(args, CallOptions::default())
+    }
+
+    /// [`Pool::cast`] with options.
+    pub fn cast_with<F: RemoteFn>(&self, args: F::Args, options: CallOptions) -> Result<(), Error> {
+        if self.inner.closed.is_cancelled() {
+            return Err(Error::PoolClosed(self.inner.config.name.clone()));
+        }
+        let timeout = options.timeout.unwrap_or(self.inner.config.timeout);
+        let payload = encode_args::<F>(&args)?;
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            if let Err(e) = inner
+                .clone()
+                .run(F::NAME, payload, timeout, Kind::Cast)
+                .await
+            {
+                warn!(pool = %inner.config.name, function = F::NAME, "cast failed: {e}");
+            }
+        });
+        Ok(())
+    }
+}
+
+/// A slot on a runner. Dropping it gives the slot back.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    pool: Arc<PoolInner>,
+    runner: Arc<RunnerLink>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let handoff = {
+            let mut st = self.pool.state.lock().unwrap();
+            st.model
+                .checkin(&self.runner.id)
+                .and_then(|(w, r)| st.slot_for(&self.pool, w, &r))
+        };
+        deliver(handoff);
+    }
+}
+
+/// A slot on its way to a queued caller. Sent after the lock is released;
+/// if the caller is gone, the slot drops and goes back.
+pub(super) type Handoff = (oneshot::Sender<Slot>, Slot);
+
+pub(super) fn deliver(handoffs: impl IntoIterator<Item = Handoff>) {
+    for (tx, slot) in handoffs {
+        let _ = tx.send(slot);
+    }
+}
+
+impl State {
+    /// The slot a queued caller was handed, with where to send it.
+    pub(super) fn slot_for(
+        &mut self,
+        pool: &Arc<PoolInner>,
+        waiter: WaiterId,
+        runner: &RunnerId,
+    ) -> Option<Handoff> {
+        let tx = self.waiters.remove(&waiter)?;
+        let link = self.runners.get(runner)?.link.clone();
+        Some((
+            tx,
+            Slot {
+                pool: pool.clone(),
+                runner: link,
+            },
+        ))
+    }
+}
+
+/// A call (someone waits for the result) or a cast (nobody does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Call { link: bool },
+    Cast,
+}
+
+/// A call on its way: forgets it when dropped, and if the caller stopped
+/// waiting while the runner had it (and the call is linked), tells the
+/// runner to cancel it, naming it by its reply subject.
+struct InFlightCall<'a> {
+    client: &'a async_nats::Client,
+    replies: &'a Replies,
+    runner: &'a RunnerLink,
+    token: u64,
+    reply: async_nats::Subject,
+    /// Cancel on drop: linked, sent, and not yet answered.
+    cancel: bool,
+}
+
+impl Drop for InFlightCall<'_> {
+    fn drop(&mut self) {
+        let waiting = self.replies.forget(self.token);
+        if !(waiting && self.cancel) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        debug!(runner = %self.runner.id, "caller stopped waiting; cancelling");
+        let client = self.client.clone();
+        let subject = self.runner.cancel_subject.clone();
+        let reply = bytes::Bytes::copy_from_slice(self.reply.as_bytes());
+        rt.spawn(async move {
+            if let Err(e) = client.publish(subject, reply).await {
+                debug!("cannot send cancellation: {e}");
+            }
+        });
+    }
+}
+
+fn encode_args<F: RemoteFn>(args: &F::Args) -> Result<Bytes, Error> {
+    codec::encode(args)
+        .map(Bytes::from)
+        .map_err(|e| Error::Encode {
+            function: F::NAME.to_string(),
+            what: "arguments",
+            reason: e.to_string(),
+        })
+}
+
+/// Removes a queued caller that stopped waiting (timed out or dropped).
+struct WaitGuard<'a> {
+    pool: &'a Arc<PoolInner>,
+    waiter: WaiterId,
+    armed: bool,
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut st = self.pool.state.lock().unwrap();
+            if st.model.cancel(self.waiter) {
+                st.waiters.remove(&self.waiter);
+            }
+        }
+    }
+}
+
+impl PoolInner {
+    /// Places and runs one call, retrying elsewhere if the runner turns out
+    /// to be gone before it received the call.
+    async fn run(
+        self: Arc<Self>,
+        function: &'static str,
+        payload: Bytes,
+        timeout: Duration,
+        kind: Kind,
+    ) -> Result<Bytes, Error> {
+        let deadline = Instant::now() + timeout;
+        let cast = kind == Kind::Cast;
+        let linked = kind == Kind::Call { link: true };
+        let size =
+            payload.len() + wire::request_headers_max_len(function, &self.parent.build_id, cast);
+        let max = self.parent.client.max_payload();
+        if size > max {
+            return Err(Error::PayloadTooLarge {
+                function: function.to_string(),
+                what: "arguments",
+                size,
+                max,
+            });
+        }
+        loop {
+            let slot = self.checkout(deadline, function, timeout).await?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(Error::Timeout {
+                    function: function.to_string(),
+                    timeout,
+                });
+            }
+            let headers = wire::request_headers(function, &self.parent.build_id, remaining, cast);
+            let runner = slot.runner.clone();
+            let replies = &self.parent.replies;
+            let (token, reply, answer) = replies.register(function, runner.id.clone());
+            let mut call = InFlightCall {
+                client: &self.parent.client,
+                replies,
+                runner: &runner,
+                token,
+                reply,
+                cancel: false,
+            };
+            self.parent
+                .client
+                .publish_with_reply_and_headers(
+                    runner.subject.clone(),
+                    call.reply.clone(),
+                    headers,
+                    payload.clone(),
+                )
+                .await
+                .map_err(|e| {
+                    Error::nats(format!("cannot send the call to runner {}", runner.id), e)
+                })?;
+            call.cancel = linked;
+            let outcome = tokio::time::timeout_at(deadline, answer).await;
+            call.cancel = false;
+            drop(call);
+            let msg = match outcome {
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        function: function.to_string(),
+                        timeout,
+                    })
+                }
+                Ok(Err(_)) => {
+                    return Err(Error::NatsUnreachable {
+                        url: self.parent.nats_url.clone(),
+                        reason: "the connection is closed".into(),
+                        source: None,
+                    });
+                }
+                Ok(Ok(Err(e))) => return Err(e),
+                Ok(Ok(Ok(msg))) => msg,
+            };
+            if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                // Nobody got the call: the runner left, or it is still
+                // resubscribing after a reconnect of NATS.
+                debug!(runner = %runner.id, "no responders; placing the call again");
+                if self.fleet.is_some() || self.parent.reconnected_within(self.config.heartbeat * 2)
+                {
+                    // (A shared pool's leases say what each runner is.)
+                    drop(slot);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                self.set_draining(&runner.id);
+            } else {
+                let reply =
+                    wire::read_reply(msg, function, &runner.id, &self.parent.build_id, timeout);
+                match reply {
+                    Reply::Value(bytes) => return Ok(bytes),
+                    Reply::Failed(e) => return Err(e),
+                    Reply::Draining => self.set_draining(&runner.id),
+                }
+            }
+            drop(slot);
+        }
+    }
+
+    fn set_draining(&self, runner: &RunnerId) {
+        self.state.lock().unwrap().model.drain(runner);
+    }
+
+    /// Waits for a slot until the deadline.
+    async fn checkout(
+        self: &Arc<Self>,
+        deadline: Instant,
+        function: &str,
+        timeout: Duration,
+    ) -> Result<Slot, Error> {
+        let (mut rx, waiter) = {
+            let mut st = self.state.lock().unwrap();
+            if st.closed {
+                return Err(Error::PoolClosed(self.config.name.clone()));
+            }
+            let waiter = st.next_waiter;
+            st.next_waiter += 1;
+            match st.model.checkout(waiter) {
+                Checkout::Placed(id) => {
+                    let link = st.runners[&id].link.clone();
+                    return Ok(Slot {
+                        pool: self.clone(),
+                        runner: link,
+                    });
+                }
+                Checkout::Queued => {
+                    let (tx, rx) = oneshot::channel();
+                    st.waiters.insert(waiter, tx);
+                    self.boot_locked(&mut st);
+                    (rx, waiter)
+                }
+            }
+        };
+        let mut guard = WaitGuard {
+            pool: self,
+            waiter,
+            armed: true,
+        };
+        match tokio::time::timeout_at(deadline, &mut rx).await {
+            Ok(Ok(slot)) => {
+                guard.armed = false;
+                Ok(slot)
+            }
+            Ok(Err(_)) => {
+                guard.armed = false;
+                Err(Error::PoolClosed(self.config.name.clone()))
+            }
+            Err(_) => {
+                drop(guard);
+                // A slot may have been handed over just as time ran out.
+                drop(rx.try_recv());
+                let st = self.state.lock().unwrap();
+                let no_runner = st.model.count(RunnerState::Ready) == 0;
+                match (&st.last_boot_error, no_runner) {
+                    (Some(e), true) => Err(e.clone()),
+                    _ => Err(Error::Timeout {
+                        function: function.to_string(),
+                        timeout,
+                    }),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! Answering the events runners of a private pool send their parent:
+//! ready, leave, ping and stopping, each signed with the runner's key.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flame_core::Error;
+use futures::StreamExt;
+use tracing::debug;
+
+use super::call::Handoff;
+use super::model::RunnerId;
+use super::PoolInner;
+use crate::protocol::events::{ParentAnswer, ParentEvent, RunnerEvent};
+
+impl PoolInner {
+    /// Answers runner events until the pool's runners are stopped (not
+    /// merely until it closes: a stopping runner must get its answer).
+    pub(super) async fn listen(self: Arc<Self>, mut events: async_nats::Subscriber) {
+        loop {
+            let msg = tokio::select! {
+                _ = self.listening.cancelled() => break,
+                msg = events.next() => match msg {
+                    Some(msg) => msg,
+                    None => break,
+                },
+            };
+            let Some(reply) = msg.reply.clone() else {
+                continue;
+            };
+            let answer = match (
+                ParentEvent::from_subject(&msg.subject),
+                serde_json::from_slice::<RunnerEvent>(&msg.payload),
+            ) {
+                (Some(event), Ok(ev)) => self.on_event(event, ev),
+                _ => ParentAnswer::refuse("not a flame runner event"),
+            };
+            let body = serde_json::to_vec(&answer).unwrap_or_default();
+            if let Err(e) = self.parent.client.publish(reply, body.into()).await {
+                debug!("cannot answer runner: {e}");
+            }
+        }
+        let _ = events.unsubscribe().await;
+    }
+
+    fn on_event(self: &Arc<Self>, event: ParentEvent, ev: RunnerEvent) -> ParentAnswer {
+        let id: RunnerId = Arc::from(ev.runner.as_str());
+        let mut st = self.state.lock().unwrap();
+        if st.closed {
+            // Runners are being stopped: let them drain and go.
+            return ParentAnswer::answer(event != ParentEvent::Ready);
+        }
+        // Only the runner itself can sign its events; anyone else on the
+        // NATS account could publish here.
+        let Some(entry) = st.runners.get_mut(&id) else {
+            return ParentAnswer::refuse("unknown runner");
+        };
+        let signed = entry.key.as_ref().is_some_and(|key| ev.verify(key, event));
+        if !signed || !entry.replays.accept(ev.seq) {
+            debug!(pool = %self.config.name, runner = %id, event = event.as_str(), "ignoring an event not signed by the runner");
+            return ParentAnswer::refuse("event not signed by the runner");
+        }
+        match event {
+            ParentEvent::Ready => {
+                if *ev.build != *self.parent.build_id {
+                    let e = Error::BuildMismatch {
+                        parent: self.parent.build_id.to_string(),
+                        runner_build: ev.build.clone(),
+                        runner: ev.runner.clone(),
+                    };
+                    entry.link.fail(&self.parent.replies, e.to_string());
+                    entry.refuse_ready();
+                    return ParentAnswer::refuse(e.to_string());
+                }
+                entry.ready();
+                let Some(handed) = st.model.runner_ready(&id) else {
+                    return ParentAnswer::refuse("unknown runner");
+                };
+                st.last_boot_error = None;
+                let handoffs: Vec<Handoff> = handed
+                    .into_iter()
+                    .filter_map(|(w, r)| st.slot_for(self, w, &r))
+                    .collect();
+                drop(st);
+                super::call::deliver(handoffs);
+                self.changed.notify_waiters();
+                ParentAnswer::answer(true)
+            }
+            ParentEvent::Leave => {
+                let ok = st.model.may_leave(
+                    &id,
+                    Duration::from_millis(ev.idle_ms),
+                    self.config.min_idle_shutdown_after,
+                );
+                if ok {
+                    debug!(pool = %self.config.name, runner = %id, "runner may leave");
+                }
+                ParentAnswer::answer(ok)
+            }
+            ParentEvent::Stopping => {
+                st.stopping(&id);
+                debug!(pool = %self.config.name, runner = %id, "runner is stopping");
+                ParentAnswer::answer(true)
+            }
+            ParentEvent::Ping => {
+                entry.heard();
+                ParentAnswer::answer(true)
+            }
+        }
+    }
+}

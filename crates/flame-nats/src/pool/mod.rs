@@ -1,0 +1,192 @@
+//! The parent side of a pool: places calls on runners, boots runners
+//! through the backend, and listens to what runners report.
+//!
+//! - [`builder`]: `PoolBuilder`, the settings and `start`;
+//! - [`model`]: the placement rules, pure state without I/O;
+//! - [`call`]: one call or cast, from checkout to reply;
+//! - [`runners`]: the runners' lives as the parent sees them (boot, ready,
+//!   gone, heartbeats, limits, close);
+//! - [`events`]: answering the events runners of a private pool send.
+//!
+//! The lock is never held across an await, and slots handed to waiting
+//! callers are delivered after it is released (a dropped slot checks itself
+//! back in, which takes the lock).
+
+pub(crate) mod builder;
+pub(crate) mod call;
+mod events;
+pub(crate) mod model;
+mod runners;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flame_core::Error;
+use tokio::sync::{oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::boot::{Booter, RetryGate};
+use crate::config::{validate_limits, PoolConfig};
+use crate::fleet::Fleet;
+use crate::parent::ParentContext;
+use model::{PoolModel, RunnerId, RunnerState, WaiterId};
+use runners::RunnerEntry;
+
+/// A pool of runners. Cheap to clone; runners are stopped when the last
+/// clone is dropped or on [`Pool::shutdown`].
+#[derive(Debug, Clone)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+    _owner: Arc<Owner>,
+}
+
+/// Shuts the pool down when the last user handle goes (background tasks
+/// hold `PoolInner` too, so its own drop would never run).
+#[derive(Debug)]
+struct Owner(Arc<PoolInner>);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        // Each stop has started already (the backend's contract); what is
+        // left is waiting for them, which needs a runtime.
+        let stopping = self.0.close(Duration::ZERO);
+        let inner = self.0.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    futures::future::join_all(stopping).await;
+                    inner.listening.cancel();
+                });
+            }
+            Err(_) => inner.listening.cancel(),
+        }
+    }
+}
+
+/// The state of one pool, shared by its handles and its tasks.
+#[derive(Debug)]
+pub(crate) struct PoolInner {
+    config: PoolConfig,
+    parent: Arc<ParentContext>,
+    booter: Arc<Booter>,
+    /// Set for shared pools: the KV-coordinated part.
+    fleet: Option<Arc<Fleet>>,
+    state: Mutex<State>,
+    /// Cancelled when the pool closes: no new calls or boots.
+    closed: CancellationToken,
+    /// Cancelled once the runners are stopped: the event listener keeps
+    /// answering until then, so that no runner waits on an unanswered
+    /// `stopping`.
+    listening: CancellationToken,
+    /// Woken when a runner becomes ready or fails to boot.
+    changed: Notify,
+}
+
+#[derive(Debug)]
+struct State {
+    model: PoolModel,
+    runners: HashMap<RunnerId, RunnerEntry>,
+    waiters: HashMap<WaiterId, oneshot::Sender<call::Slot>>,
+    next_waiter: WaiterId,
+    last_boot_error: Option<Error>,
+    retry: RetryGate,
+    closed: bool,
+}
+
+/// How many runners a pool has, by state, and how many callers wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolStatus {
+    /// Being booted.
+    pub booting: usize,
+    /// Taking calls.
+    pub ready: usize,
+    /// Stopping.
+    pub draining: usize,
+    /// Callers waiting for a slot.
+    pub waiting: usize,
+}
+
+/// One runner of a pool, as [`Pool::runners`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RunnerInfo {
+    /// The runner's id (the last token of its subject).
+    pub id: String,
+    /// Booting, ready or draining.
+    pub state: RunnerState,
+    /// This parent's calls running there now.
+    pub load: usize,
+    /// How the backend knows it (`pid 4242`, a Fly Machine id); `None`
+    /// until the backend has started it, and for runners another parent of
+    /// a shared pool booted.
+    pub handle: Option<String>,
+}
+
+impl Pool {
+    /// The pool's settings.
+    pub fn config(&self) -> &PoolConfig {
+        &self.inner.config
+    }
+
+    /// Changes `min` and `max` of the live pool. Raising `min` boots runners
+    /// now; lowering `max` below the runners up retires the surplus, idle
+    /// ones first (each finishes its in-flight work first). In a shared pool
+    /// the scaler's limits count, and it retires idle runners only.
+    pub fn set_limits(&self, min: usize, max: usize) -> Result<(), Error> {
+        validate_limits(&self.inner.config.name, min, max)?;
+        self.inner.clone().set_limits(min, max);
+        Ok(())
+    }
+
+    /// The current `min` and `max`.
+    pub fn limits(&self) -> (usize, usize) {
+        self.inner.limits()
+    }
+
+    /// A snapshot of the pool as this parent sees it.
+    pub fn status(&self) -> PoolStatus {
+        let st = self.inner.state.lock().unwrap();
+        PoolStatus {
+            booting: st.model.count(RunnerState::Booting),
+            ready: st.model.count(RunnerState::Ready),
+            draining: st.model.count(RunnerState::Draining),
+            waiting: st.model.waiting(),
+        }
+    }
+
+    /// The pool's runners as this parent sees them, sorted by id.
+    pub fn runners(&self) -> Vec<RunnerInfo> {
+        let st = self.inner.state.lock().unwrap();
+        let mut runners: Vec<RunnerInfo> = st
+            .runners
+            .iter()
+            .filter_map(|(id, entry)| {
+                let (state, load) = st.model.runner(id)?;
+                Some(RunnerInfo {
+                    id: id.to_string(),
+                    state,
+                    load,
+                    handle: entry.handle.clone(),
+                })
+            })
+            .collect();
+        runners.sort_by(|a, b| a.id.cmp(&b.id));
+        runners
+    }
+
+    /// Stops every runner (each drains up to the shutdown timeout) and fails
+    /// queued callers. Later calls fail with [`Error::PoolClosed`].
+    ///
+    /// In a shared pool this parent leaves it: the runners it booted go on
+    /// serving the other parents, or are retired if it was the last.
+    pub async fn shutdown(&self) {
+        let stopping = self.inner.close(self.inner.config.shutdown_timeout);
+        if let Some(fleet) = &self.inner.fleet {
+            fleet.leave().await;
+        }
+        futures::future::join_all(stopping).await;
+        self.inner.listening.cancel();
+    }
+}

@@ -1,0 +1,522 @@
+//! The runners of a pool as the parent sees them: booting, ready, gone,
+//! heartbeats, limits, and closing the pool.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use flame_core::backend::StopRunner;
+use flame_core::Error;
+use futures::future::BoxFuture;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::call::{deliver, Handoff};
+use super::model::{RunnerId, RunnerState};
+use super::{PoolInner, State};
+use crate::boot::BOOT_RETRY_DEBOUNCE;
+use crate::fleet::PoolPort;
+use crate::protocol::events::{EventKey, ReplayWindow};
+use crate::protocol::lease::{LeaseState, RunnerLease};
+use crate::protocol::subjects;
+use crate::replies::Replies;
+
+/// How long a call on a runner that stopped on purpose still waits for its
+/// reply after the runner's exit is seen.
+const TRAILING_REPLY_GRACE: Duration = Duration::from_millis(500);
+
+type Stopper = Box<dyn StopRunner>;
+
+/// What the parent keeps about one runner.
+pub(super) struct RunnerEntry {
+    pub(super) link: Arc<RunnerLink>,
+    /// Told when the runner reports ready (private pools).
+    ready: Option<oneshot::Sender<()>>,
+    stopper: Option<Stopper>,
+    /// The backend's handle, once it started the runner.
+    pub(super) handle: Option<String>,
+    /// When the runner last pinged (or reported ready); later than now
+    /// while it is given time to reconnect.
+    last_heard: Instant,
+    /// The key the runner signs its events with (private pools).
+    pub(super) key: Option<EventKey>,
+    /// Sequence numbers of its events accepted so far.
+    pub(super) replays: ReplayWindow,
+}
+
+impl RunnerEntry {
+    /// A runner being booted; `ready` is told when it reports ready.
+    fn new(
+        pool: &str,
+        id: &RunnerId,
+        ready: Option<oneshot::Sender<()>>,
+        key: Option<EventKey>,
+    ) -> RunnerEntry {
+        RunnerEntry {
+            link: Arc::new(RunnerLink::new(pool, id)),
+            ready,
+            stopper: None,
+            handle: None,
+            last_heard: Instant::now(),
+            key,
+            replays: ReplayWindow::default(),
+        }
+    }
+
+    /// The runner was heard from.
+    pub(super) fn heard(&mut self) {
+        self.last_heard = Instant::now();
+    }
+
+    /// The runner reported ready: wakes its boot.
+    pub(super) fn ready(&mut self) {
+        self.heard();
+        if let Some(tx) = self.ready.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Gives up waiting for it to be ready (its boot then fails).
+    pub(super) fn refuse_ready(&mut self) {
+        self.ready.take();
+    }
+}
+
+impl std::fmt::Debug for RunnerEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunnerEntry")
+            .field("link", &self.link)
+            .field("handle", &self.handle)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a call holds on to while it runs on a runner.
+#[derive(Debug)]
+pub(crate) struct RunnerLink {
+    pub(super) id: RunnerId,
+    /// Built once: cloning a `Subject` is a reference count, not a copy.
+    pub(super) subject: async_nats::Subject,
+    pub(super) cancel_subject: String,
+    /// Set when the runner said it is stopping (drains, then exits).
+    stopping: AtomicBool,
+    /// Why it went down, once it did.
+    down_reason: OnceLock<String>,
+}
+
+impl RunnerLink {
+    fn new(pool: &str, id: &RunnerId) -> RunnerLink {
+        RunnerLink {
+            id: id.clone(),
+            subject: subjects::runner(pool, id).into(),
+            cancel_subject: subjects::runner_cancel(pool, id),
+            stopping: AtomicBool::new(false),
+            down_reason: OnceLock::new(),
+        }
+    }
+
+    /// Records why the runner is gone and fails the calls waiting on it:
+    /// at once, or, if it said it was stopping (it drained and sent its last
+    /// replies before exiting, which may be read after its exit is seen),
+    /// after a short grace.
+    pub(super) fn fail(&self, replies: &Arc<Replies>, reason: String) {
+        let _ = self.down_reason.set(reason.clone());
+        let grace = if self.stopping.load(Ordering::SeqCst) {
+            TRAILING_REPLY_GRACE
+        } else {
+            Duration::ZERO
+        };
+        replies.fail_runner(&self.id, reason, grace);
+    }
+
+    fn reason(&self) -> String {
+        self.down_reason
+            .get()
+            .cloned()
+            .unwrap_or_else(|| "runner went down".to_string())
+    }
+}
+
+impl State {
+    /// The runner said it is stopping: place nothing new on it, and give
+    /// its last replies a moment when its exit is seen.
+    pub(super) fn stopping(&mut self, id: &RunnerId) {
+        self.model.drain(id);
+        if let Some(entry) = self.runners.get(id) {
+            entry.link.stopping.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+impl PoolInner {
+    /// Boots what the model asks for (now, or after the retry debounce).
+    pub(super) fn boot_needed(self: &Arc<Self>) {
+        let mut st = self.state.lock().unwrap();
+        self.boot_locked(&mut st);
+    }
+
+    pub(super) fn boot_locked(self: &Arc<Self>, st: &mut State) {
+        if st.closed {
+            return;
+        }
+        if let Some(fleet) = &self.fleet {
+            // The scaler boots for everyone; tell it about our callers.
+            fleet.demand_changed();
+            return;
+        }
+        let n = st.model.boots_needed();
+        if n == 0 || !st.retry.is_open() {
+            return;
+        }
+        for _ in 0..n {
+            let id: RunnerId = Arc::from(uuid::Uuid::new_v4().simple().to_string());
+            let (ready_tx, ready_rx) = oneshot::channel();
+            let key = EventKey::random();
+            st.model.add_booting(id.clone());
+            st.runners.insert(
+                id.clone(),
+                RunnerEntry::new(&self.config.name, &id, Some(ready_tx), Some(key.clone())),
+            );
+            let runners = st.model.len();
+            tokio::spawn(self.clone().boot(id, key, ready_rx, runners));
+        }
+    }
+
+    /// Boots one runner of a private pool and waits until it reports ready,
+    /// all within the boot timeout.
+    async fn boot(
+        self: Arc<Self>,
+        id: RunnerId,
+        key: EventKey,
+        ready: oneshot::Receiver<()>,
+        runners: usize,
+    ) {
+        let started = Instant::now();
+        let pool = self.config.name.clone();
+        let outcome = tokio::time::timeout(self.config.boot_timeout, async {
+            let booted = self.booter.start(&id, Some(&key), runners).await?;
+            let unwanted = {
+                let mut st = self.state.lock().unwrap();
+                match st.runners.get_mut(&id) {
+                    Some(entry) => {
+                        entry.stopper = Some(booted.stopper);
+                        entry.handle = Some(booted.handle.clone());
+                        None
+                    }
+                    // Given up on meanwhile (pool closed): stop it.
+                    None => Some(booted.stopper),
+                }
+            };
+            if let Some(stopper) = unwanted {
+                stopper.stop(Duration::ZERO).await;
+                return Err(Error::PoolClosed(pool.clone()));
+            }
+            if let Some(exited) = booted.exited {
+                let me = self.clone();
+                let id = id.clone();
+                tokio::spawn(async move {
+                    let reason = exited.await;
+                    me.runner_gone(&id, reason);
+                });
+            }
+            ready.await.map_err(|_| {
+                let reason = self
+                    .state
+                    .lock()
+                    .unwrap()
+                    .runners
+                    .get(&id)
+                    .map(|e| e.link.reason())
+                    .unwrap_or_else(|| "runner stopped before it was ready".into());
+                Error::BootFailed {
+                    pool: pool.clone(),
+                    reason,
+                    source: None,
+                }
+            })
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::BootTimeout {
+                pool: pool.clone(),
+                timeout: self.config.boot_timeout,
+            })
+        });
+
+        match outcome {
+            Ok(()) => {
+                info!(%pool, runner = %id, elapsed = ?started.elapsed(), "runner ready");
+                let runners = self.state.lock().unwrap().model.len();
+                self.booter.grow_end(runners, Ok(()));
+            }
+            Err(Error::PoolClosed(_)) => {}
+            Err(e) => {
+                let (stopper, runners) = {
+                    let mut st = self.state.lock().unwrap();
+                    st.last_boot_error = Some(e.clone());
+                    st.retry.failed();
+                    st.model.remove(&id);
+                    let stopper = st.runners.remove(&id).and_then(|entry| {
+                        entry.link.fail(&self.parent.replies, e.to_string());
+                        entry.stopper
+                    });
+                    (stopper, st.model.len())
+                };
+                self.changed.notify_waiters();
+                self.booter.grow_end(runners, Err(e));
+                if let Some(stopper) = stopper {
+                    stopper.stop(Duration::ZERO).await;
+                }
+                // Retry after the debounce while demand remains.
+                let me = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(BOOT_RETRY_DEBOUNCE).await;
+                    me.boot_needed();
+                });
+            }
+        }
+    }
+
+    /// A runner is gone (its process exited): calls on it fail now, and the
+    /// model may boot a replacement.
+    pub(super) fn runner_gone(self: &Arc<Self>, id: &RunnerId, reason: String) {
+        let (entry, state, runners) = {
+            let mut st = self.state.lock().unwrap();
+            let state = st.model.remove(id);
+            let entry = st.runners.remove(id);
+            if state == Some(RunnerState::Ready) {
+                info!(pool = %self.config.name, runner = %id, "runner gone: {reason}");
+            }
+            let runners = st.model.len();
+            self.boot_locked(&mut st);
+            (entry, state, runners)
+        };
+        if let Some(entry) = entry {
+            entry.link.fail(&self.parent.replies, reason.clone());
+        }
+        if matches!(state, Some(RunnerState::Ready | RunnerState::Draining)) {
+            self.booter.shrink(runners, reason);
+        }
+    }
+
+    /// Current `min` and `max`.
+    pub(super) fn limits(&self) -> (usize, usize) {
+        self.state.lock().unwrap().model.limits()
+    }
+
+    /// Counts a runner as down when it has not pinged for two heartbeat
+    /// intervals: the fallback for backends that cannot see a runner exit
+    /// (a remote machine). Such a runner is also stopped, in case it is only
+    /// cut off. Silence counts only while this parent is connected: pings
+    /// cannot reach a parent that is not, and after a reconnect every
+    /// runner's clock starts again.
+    pub(super) async fn watch_heartbeats(self: Arc<Self>) {
+        let heartbeat = self.config.heartbeat;
+        let limit = heartbeat * 2;
+        let mut tick = tokio::time::interval(heartbeat / 4);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut disconnects = self.parent.events.disconnects.clone();
+        loop {
+            tokio::select! {
+                _ = self.closed.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let reconnected = disconnects.has_changed().unwrap_or(false);
+            if !self.parent.connected() {
+                continue;
+            }
+            if reconnected {
+                disconnects.borrow_and_update();
+                // Runners reconnect on their own schedule: give each as long
+                // as it gives us (parent_grace) before counting it down.
+                let allowance = self.config.parent_grace.saturating_sub(limit);
+                let mut st = self.state.lock().unwrap();
+                for entry in st.runners.values_mut() {
+                    entry.last_heard = Instant::now() + allowance;
+                }
+                debug!(pool = %self.config.name, "reconnected to NATS; heartbeat clocks restarted");
+                continue;
+            }
+            let silent: Vec<(RunnerId, Duration, Option<Stopper>)> = {
+                let mut st = self.state.lock().unwrap();
+                let ids: Vec<_> = st
+                    .runners
+                    .iter()
+                    .filter(|(id, e)| {
+                        e.ready.is_none()
+                            && e.last_heard.elapsed() > limit
+                            && st
+                                .model
+                                .runner(id)
+                                .is_some_and(|(s, _)| s != RunnerState::Booting)
+                    })
+                    .map(|(id, e)| (id.clone(), e.last_heard.elapsed()))
+                    .collect();
+                ids.into_iter()
+                    .map(|(id, silent_for)| {
+                        let stopper = st.runners.get_mut(&id).and_then(|e| e.stopper.take());
+                        (id, silent_for, stopper)
+                    })
+                    .collect()
+            };
+            for (id, silent_for, stopper) in silent {
+                warn!(pool = %self.config.name, runner = %id, "no heartbeat for {silent_for:?}; counting the runner as down");
+                self.runner_gone(&id, format!("no heartbeat for {silent_for:?}"));
+                if let Some(stopper) = stopper {
+                    tokio::spawn(stopper.stop(Duration::ZERO));
+                }
+            }
+        }
+    }
+
+    /// See [`super::Pool::set_limits`].
+    pub(super) fn set_limits(self: Arc<Self>, min: usize, max: usize) {
+        let retired: Vec<(RunnerId, Option<Stopper>)> = {
+            let mut st = self.state.lock().unwrap();
+            st.model.set_limits(min, max);
+            // A shared pool's scaler retires runners for the whole fleet.
+            let retire = if self.fleet.is_some() {
+                Vec::new()
+            } else {
+                st.model.retire_surplus()
+            };
+            self.boot_locked(&mut st);
+            retire
+                .into_iter()
+                .map(|id| {
+                    let stopper = st.runners.get_mut(&id).and_then(|e| e.stopper.take());
+                    (id, stopper)
+                })
+                .collect()
+        };
+        info!(pool = %self.config.name, min, max, retired = retired.len(), "limits changed");
+        let grace = self.config.shutdown_timeout;
+        for (id, stopper) in retired {
+            debug!(pool = %self.config.name, runner = %id, "retiring runner");
+            if let Some(stopper) = stopper {
+                tokio::spawn(stopper.stop(grace));
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until `min` runners are ready, or the first boot fails.
+    pub(super) async fn wait_min_ready(self: &Arc<Self>) -> Result<(), Error> {
+        let deadline = Instant::now() + self.config.boot_timeout + BOOT_RETRY_DEBOUNCE;
+        loop {
+            let changed = self.changed.notified();
+            {
+                let st = self.state.lock().unwrap();
+                if st.model.count(RunnerState::Ready) >= self.config.min {
+                    return Ok(());
+                }
+                // Starting fails on the first failed boot rather than
+                // retrying behind the caller's back.
+                if let Some(e) = &st.last_boot_error {
+                    return Err(e.clone());
+                }
+                if Instant::now() >= deadline {
+                    return Err(st.last_boot_error.clone().unwrap_or(Error::BootTimeout {
+                        pool: self.config.name.clone(),
+                        timeout: self.config.boot_timeout,
+                    }));
+                }
+            }
+            let _ = tokio::time::timeout_at(deadline, changed).await;
+        }
+    }
+
+    /// Closes the pool: fails queued callers and asks every runner to stop.
+    /// Each stop has started when this returns; the futures resolve once
+    /// the runners are gone.
+    pub(super) fn close(&self, grace: Duration) -> Vec<BoxFuture<'static, ()>> {
+        self.closed.cancel();
+        let (entries, waiters) = {
+            let mut st = self.state.lock().unwrap();
+            st.closed = true;
+            let waiters: Vec<_> = st.waiters.drain().collect();
+            let entries: Vec<_> = st.runners.drain().collect();
+            for (id, _) in &entries {
+                st.model.remove(id);
+            }
+            (entries, waiters)
+        };
+        drop(waiters);
+        entries
+            .into_iter()
+            .filter_map(|(_, entry)| {
+                entry
+                    .link
+                    .fail(&self.parent.replies, "the pool was shut down".into());
+                entry.stopper.map(|s| s.stop(grace))
+            })
+            .collect()
+    }
+}
+
+/// What a shared pool's fleet tells the pool.
+impl PoolPort for PoolInner {
+    fn lease_seen(self: Arc<Self>, lease: &RunnerLease) {
+        let id: RunnerId = Arc::from(lease.runner.as_str());
+        let handoffs: Vec<Handoff> = {
+            let mut st = self.state.lock().unwrap();
+            if st.closed {
+                return;
+            }
+            if !st.runners.contains_key(&id) {
+                if lease.state == LeaseState::Draining {
+                    return;
+                }
+                st.model.add_booting(id.clone());
+                st.runners.insert(
+                    id.clone(),
+                    RunnerEntry::new(&self.config.name, &id, None, None),
+                );
+            }
+            if let Some(entry) = st.runners.get_mut(&id) {
+                entry.handle = Some(lease.handle.clone()).filter(|h| !h.is_empty());
+            }
+            st.model.set_reported_load(&id, lease.load + lease.queued);
+            match lease.state {
+                LeaseState::Booting => Vec::new(),
+                LeaseState::Ready if lease.build != *self.parent.build_id => {
+                    // Another build: never place calls there.
+                    debug!(pool = %self.config.name, runner = %id, build = %lease.build, "runner of another build in the shared pool; not using it");
+                    st.model.drain(&id);
+                    Vec::new()
+                }
+                LeaseState::Ready => st
+                    .model
+                    .runner_ready(&id)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|(w, r)| st.slot_for(&self, w, &r))
+                    .collect(),
+                LeaseState::Draining => {
+                    st.stopping(&id);
+                    Vec::new()
+                }
+            }
+        };
+        if !handoffs.is_empty() {
+            deliver(handoffs);
+        }
+        self.changed.notify_waiters();
+    }
+
+    fn lease_gone(self: Arc<Self>, id: &str, why: &str) {
+        let id: RunnerId = Arc::from(id);
+        if self.state.lock().unwrap().runners.contains_key(&id) {
+            self.runner_gone(&id, format!("runner stopped: {why}"));
+        }
+    }
+
+    fn waiting(&self) -> usize {
+        self.state.lock().unwrap().model.waiting()
+    }
+
+    fn limits(&self) -> (usize, usize) {
+        PoolInner::limits(self)
+    }
+}

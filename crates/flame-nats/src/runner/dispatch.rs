@@ -1,0 +1,423 @@
+//! Serving one request: check it, take a concurrency permit, run the
+//! function within its deadline (panics caught), and answer.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::service;
+use bytes::Bytes;
+use flame_core::registry::{Handler, Invocation, InvokeError};
+use futures::FutureExt;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::Runner;
+use crate::protocol::call::{self as wire, error_headers, ErrorKind};
+
+/// A first poll longer than this marks a function as doing CPU work before
+/// its first await; its calls are then always spawned.
+const SLOW_FIRST_POLL: Duration = Duration::from_millis(1);
+
+/// Slow first polls in a row after which a function's calls are always
+/// spawned.
+const SLOW_STRIKES: u8 = 3;
+
+/// Counts a call as in flight while alive, holding its permit; both are
+/// given back when the call's task is aborted (cancelled by its caller).
+pub(super) struct InFlight {
+    runner: Arc<Runner>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.runner.end();
+    }
+}
+
+/// Counts a call waiting for a permit.
+pub(super) struct Queued<'a>(&'a Runner);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Calls running in their own tasks, by reply subject, so that a caller
+/// that stops waiting can cancel its call. Only the serve loop touches it.
+#[derive(Default)]
+pub(super) struct Cancellable {
+    tasks: HashMap<String, AbortHandle>,
+    /// Finished tasks are swept out when the map reaches this size.
+    sweep_at: usize,
+}
+
+impl Cancellable {
+    pub(super) fn insert(&mut self, reply: String, task: AbortHandle) {
+        if self.tasks.len() >= self.sweep_at {
+            self.tasks.retain(|_, t| !t.is_finished());
+            self.sweep_at = (self.tasks.len() * 2).max(64);
+        }
+        self.tasks.insert(reply, task);
+    }
+
+    pub(super) fn cancel(&mut self, reply: &[u8]) -> bool {
+        let Ok(reply) = std::str::from_utf8(reply) else {
+            return false;
+        };
+        match self.tasks.remove(reply) {
+            Some(task) if !task.is_finished() => {
+                task.abort();
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What became of one request.
+pub(super) struct Dispatched {
+    /// It was valid work (not refused).
+    pub(super) accepted: bool,
+    /// A call still running in its own task, by its reply subject.
+    pub(super) cancellable: Option<(String, AbortHandle)>,
+}
+
+impl Runner {
+    /// Checks a request and starts its work.
+    ///
+    /// Most calls finish without ever waiting (an echo, a lookup in memory),
+    /// and handing each to a new task costs a cross-thread wake-up, which on
+    /// small machines is most of a call's cost. So the call is polled once
+    /// right here and only spawned if it has to wait. A function whose first
+    /// poll takes more than [`SLOW_FIRST_POLL`] of CPU time
+    /// [`SLOW_STRIKES`] times in a row (CPU work before its first await) is
+    /// always spawned from then on, so it can hold up the serve loop only a
+    /// few times; a one-off slow poll (first-use costs) does not count.
+    pub(super) fn dispatch(self: Arc<Self>, request: service::Request) -> Dispatched {
+        let checked = self.check(&request);
+        let inline_name = checked.as_ref().ok().map(|call| call.function);
+        // A caller that stops waiting names its call by the reply subject.
+        let reply = request.message.reply.clone();
+        let accepted = checked.is_ok();
+        let runner = self.clone();
+        let inline = inline_name
+            .and_then(|name| runner.slow_polls.get(name))
+            .filter(|strikes| strikes.load(Ordering::Relaxed) < SLOW_STRIKES);
+        let mut work = Box::pin(async move {
+            let Checked {
+                function,
+                handler,
+                timeout,
+                cast,
+                ..
+            } = match checked {
+                Ok(ok) => ok,
+                Err((kind, message, extra)) => {
+                    warn!(runner = %self.info.runner_id, "refused request: {message}");
+                    self.respond_error(&request, kind, message, &extra).await;
+                    return;
+                }
+            };
+            let deadline = Instant::now() + timeout;
+            let permit = match self.permits.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    // Full (other parents' calls): wait for a slot, within
+                    // the call's deadline.
+                    self.queued.fetch_add(1, Ordering::SeqCst);
+                    let _queued = Queued(&self);
+                    self.lease_dirty.notify_one();
+                    let permit =
+                        tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned())
+                            .await;
+                    match permit {
+                        Ok(Ok(permit)) => permit,
+                        _ => {
+                            let message = format!(
+                                "deadline of {timeout:?} passed while waiting for a free slot on the runner"
+                            );
+                            self.failed(function, cast, &message);
+                            self.respond_error(&request, ErrorKind::Timeout, message, &[])
+                                .await;
+                            return;
+                        }
+                    }
+                }
+            };
+            // Held until the reply is out, so a draining runner does not exit
+            // before answering.
+            let in_flight = Arc::new(self.begin(permit));
+            let outcome = self
+                .execute_holding(
+                    handler,
+                    request.message.payload.clone(),
+                    deadline.saturating_duration_since(Instant::now()),
+                    Some(in_flight.clone()),
+                )
+                .await;
+            match outcome {
+                Ok(bytes) => {
+                    let max = self.client.max_payload();
+                    if bytes.len() > max {
+                        let message = format!(
+                            "the result of `{function}` is {} bytes, more than the NATS server's max_payload of {max} bytes",
+                            bytes.len()
+                        );
+                        let extra = [
+                            (wire::HEADER_SIZE, bytes.len().to_string()),
+                            (wire::HEADER_MAX, max.to_string()),
+                        ];
+                        self.failed(function, cast, &message);
+                        self.respond_error(&request, ErrorKind::ResultTooLarge, message, &extra)
+                            .await;
+                    } else if request.message.reply.is_some() {
+                        if let Err(e) = request.respond(Ok(Bytes::from(bytes))).await {
+                            debug!("cannot send reply: {e}");
+                        }
+                    }
+                }
+                Err((kind, message)) => {
+                    self.failed(function, cast, &message);
+                    self.respond_error(&request, kind, message, &[]).await;
+                }
+            }
+        });
+        if let Some(strikes) = inline {
+            // CPU time, not wall time: being preempted on a busy machine
+            // must not mark a quick function as slow.
+            let started = thread_cpu_time();
+            let done = (&mut work).now_or_never().is_some();
+            let took = thread_cpu_time().saturating_sub(started);
+            if took <= SLOW_FIRST_POLL {
+                strikes.store(0, Ordering::Relaxed);
+            } else if strikes.fetch_add(1, Ordering::Relaxed) + 1 == SLOW_STRIKES {
+                debug!(function = ?inline_name, ?took, "CPU work before the first await; spawning its calls from now on");
+            }
+            if done {
+                return Dispatched {
+                    accepted,
+                    cancellable: None,
+                };
+            }
+        }
+        let task = tokio::spawn(work).abort_handle();
+        Dispatched {
+            accepted,
+            cancellable: reply.map(|r| (r.to_string(), task)),
+        }
+    }
+
+    fn check(&self, request: &service::Request) -> Result<Checked, Refusal> {
+        let malformed = |m: &str| (ErrorKind::Malformed, m.to_string(), Vec::new());
+        let headers = request
+            .message
+            .headers
+            .as_ref()
+            .ok_or_else(|| malformed("request has no flame headers"))?;
+        let get = |name: &str| headers.get(name).map(|v| v.as_str());
+        let function = get(wire::HEADER_FUNCTION)
+            .ok_or_else(|| malformed("request has no Flame-Fn header"))?;
+        let build = get(wire::HEADER_BUILD)
+            .ok_or_else(|| malformed("request has no Flame-Build header"))?;
+        let timeout_ms: u64 = get(wire::HEADER_TIMEOUT_MS)
+            .ok_or_else(|| malformed("request has no Flame-Timeout-Ms header"))?
+            .parse()
+            .map_err(|_| malformed("Flame-Timeout-Ms is not a number of milliseconds"))?;
+        if build != self.build {
+            return Err((
+                ErrorKind::BuildMismatch,
+                format!(
+                    "caller is build {build}, this runner is build {}",
+                    self.build
+                ),
+                vec![(wire::HEADER_RUNNER_BUILD, self.build.to_string())],
+            ));
+        }
+        let (function, handler) = self.registry.lookup(function).ok_or_else(|| {
+            (
+                ErrorKind::UnknownFunction,
+                format!("no function named `{function}` is registered"),
+                Vec::new(),
+            )
+        })?;
+        Ok(Checked {
+            function,
+            handler,
+            timeout: Duration::from_millis(timeout_ms),
+            cast: get(wire::HEADER_CAST).is_some(),
+        })
+    }
+
+    /// Runs a call, enforcing its deadline. Async functions are polled
+    /// right here (no thread hop); plain functions go to the blocking pool so
+    /// CPU-heavy code cannot stall the runner's NATS connection.
+    pub(super) async fn execute(
+        &self,
+        handler: Handler,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, (ErrorKind, String)> {
+        self.execute_holding(handler, payload, timeout, None).await
+    }
+
+    /// [`Runner::execute`], keeping `hold` alive as long as the work runs: a
+    /// plain function keeps its thread (and its in-flight count) even when
+    /// the caller is gone, since a thread cannot be stopped from outside.
+    async fn execute_holding(
+        &self,
+        handler: Handler,
+        payload: Bytes,
+        timeout: Duration,
+        hold: Option<Arc<InFlight>>,
+    ) -> Result<Vec<u8>, (ErrorKind, String)> {
+        let deadline = Instant::now() + timeout;
+        let timed_out = || {
+            (
+                ErrorKind::Timeout,
+                format!("deadline of {timeout:?} passed; the work was cancelled"),
+            )
+        };
+        // Decoding the arguments runs the app's `Deserialize` impls, which
+        // may panic on crafted bytes: inside the guard too.
+        let invocation =
+            std::panic::catch_unwind(move || handler(payload)).unwrap_or_else(|panic| {
+                Invocation::Refused(InvokeError::DecodeArgs(format!(
+                    "decoding the arguments panicked: {}",
+                    panic_message(panic)
+                )))
+            });
+        let result = match invocation {
+            Invocation::Refused(e) => Err(e),
+            Invocation::Async(fut) => {
+                let guarded = std::panic::AssertUnwindSafe(fut).catch_unwind();
+                match tokio::time::timeout_at(deadline, guarded).await {
+                    Ok(Ok(result)) => result,
+                    Ok(Err(panic)) => return Err((ErrorKind::Panicked, panic_message(panic))),
+                    // Dropping the future cancelled the work.
+                    Err(_) => return Err(timed_out()),
+                }
+            }
+            Invocation::Blocking(f) => {
+                let mut work = tokio::task::spawn_blocking(move || {
+                    let _hold = hold;
+                    f()
+                });
+                match tokio::time::timeout_at(deadline, &mut work).await {
+                    Ok(Ok(result)) => result,
+                    Ok(Err(join)) => {
+                        return Err((ErrorKind::Panicked, panic_message(join.into_panic())))
+                    }
+                    Err(_) => {
+                        // A thread cannot be stopped from outside; the slot
+                        // stays counted until the function returns.
+                        let _ = work.await;
+                        return Err(timed_out());
+                    }
+                }
+            }
+        };
+        result.map_err(|e| match e {
+            InvokeError::DecodeArgs(m) => (ErrorKind::DecodeArgs, m),
+            InvokeError::EncodeResult(m) => (ErrorKind::EncodeResult, m),
+        })
+    }
+
+    fn failed(&self, function: &str, cast: bool, message: &str) {
+        if cast {
+            self.counters.casts_failed.fetch_add(1, Ordering::Relaxed);
+            warn!(runner = %self.info.runner_id, function, "cast failed: {message}");
+        } else {
+            debug!(runner = %self.info.runner_id, function, "call failed: {message}");
+        }
+    }
+
+    async fn respond_error(
+        &self,
+        request: &service::Request,
+        kind: ErrorKind,
+        message: String,
+        extra: &[(&str, String)],
+    ) {
+        if request.message.reply.is_none() {
+            return;
+        }
+        let err = service::error::Error {
+            status: wire::header_safe(&message),
+            code: kind.code(),
+        };
+        if let Err(e) = request
+            .respond_with_headers(Err(err), error_headers(kind, extra))
+            .await
+        {
+            debug!("cannot send error reply: {e}");
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_active_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub(super) fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+
+    fn begin(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> InFlight {
+        let now = self.counters.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.counters.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        self.touch();
+        InFlight {
+            runner: self.clone(),
+            _permit: permit,
+        }
+    }
+
+    fn end(&self) {
+        self.touch();
+        self.counters.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.draining.load(Ordering::SeqCst) {
+            self.work_done.notify_waiters();
+        }
+    }
+}
+
+/// A request that passed the checks.
+struct Checked {
+    function: &'static str,
+    handler: Handler,
+    timeout: Duration,
+    cast: bool,
+}
+
+/// Why a request was refused: kind, message, extra reply headers.
+type Refusal = (ErrorKind, String, Vec<(&'static str, String)>);
+
+/// CPU time consumed by the calling thread.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
+    }
+}

@@ -1,0 +1,152 @@
+//! A shared pool runner's lease in the pool's KV bucket: state, load,
+//! queue and idle time, renewed every heartbeat.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_nats::jetstream::kv::Store;
+use flame_core::Error;
+use tracing::debug;
+
+use super::Runner;
+use crate::kv::{self, Cas};
+use crate::protocol::bootstrap::ParentInfo;
+use crate::protocol::lease::{LeaseState, RunnerLease};
+use crate::protocol::subjects;
+
+/// A shared pool runner's lease in the KV bucket, renewed with
+/// compare-and-set so that a lease the scaler removed is never brought back.
+pub(super) struct LeaseKeeper {
+    store: Store,
+    key: String,
+    revision: u64,
+    lease: RunnerLease,
+}
+
+impl LeaseKeeper {
+    /// Finds the lease the scaler wrote before booting this runner.
+    pub(super) async fn open(
+        client: &async_nats::Client,
+        info: &ParentInfo,
+    ) -> Result<LeaseKeeper, Error> {
+        let store = kv::open_bucket(client, &info.pool).await?;
+        let key = subjects::runner_key(&info.runner_id);
+        let (lease, revision) = kv::read::<RunnerLease>(&store, &key)
+            .await?
+            .ok_or_else(|| {
+                Error::RunnerStart(format!(
+                    "no lease {key} in the pool's bucket: the scaler gave up on this runner"
+                ))
+            })?;
+        Ok(LeaseKeeper {
+            store,
+            key,
+            revision,
+            lease,
+        })
+    }
+
+    /// Writes a change. `Ok(false)` when the lease is gone (the scaler
+    /// removed it): the runner must stop.
+    pub(super) async fn write(&mut self, change: impl Fn(&mut RunnerLease)) -> Result<bool, Error> {
+        for _ in 0..5 {
+            change(&mut self.lease);
+            self.lease.beat += 1;
+            match kv::compare_and_set(&self.store, &self.key, &self.lease, Some(self.revision))
+                .await?
+            {
+                Cas::Written(revision) => {
+                    self.revision = revision;
+                    return Ok(true);
+                }
+                Cas::Conflict => {
+                    // The scaler wrote the handle meanwhile, or removed the lease.
+                    match kv::read::<RunnerLease>(&self.store, &self.key).await? {
+                        Some((stored, revision)) => {
+                            self.lease.handle = stored.handle;
+                            self.lease.booted_by = stored.booted_by;
+                            self.revision = revision;
+                        }
+                        None => return Ok(false),
+                    }
+                }
+            }
+        }
+        Err(Error::nats("cannot renew lease", "too many conflicts"))
+    }
+
+    /// Removes the lease. The runner's slot stays taken until the scaler
+    /// sees the process gone: a runner about to exit still counts.
+    pub(super) async fn remove(&self) {
+        if let Err(e) = self.store.delete(&self.key).await {
+            debug!("cannot delete lease: {e}");
+        }
+    }
+}
+
+impl Runner {
+    /// Shared pools: marks the lease ready, which every parent's KV watch
+    /// sees.
+    pub(super) async fn announce_ready_in_lease(&self) -> Result<(), Error> {
+        let build = self.build.to_string();
+        let mut lease = self.lease.lock().await;
+        let keeper = lease.as_mut().expect("shared runners have a lease");
+        let ok = keeper
+            .write(|l| {
+                l.state = LeaseState::Ready;
+                l.build = build.clone();
+            })
+            .await?;
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::RunnerStart(
+                "the scaler removed this runner's lease before it was ready".into(),
+            ))
+        }
+    }
+
+    /// Shared pools: writes load, queue and idle time into the lease. False
+    /// once the lease is gone.
+    pub(super) async fn renew_lease(&self) -> bool {
+        let idle_for = if self.counters.in_flight.load(Ordering::SeqCst) == 0
+            && self.queued.load(Ordering::SeqCst) == 0
+        {
+            let idle_for = self.idle_for();
+            if idle_for >= self.info.idle_shutdown_after() && !self.idle_check_allows().await {
+                Duration::ZERO
+            } else {
+                idle_for
+            }
+        } else {
+            Duration::ZERO
+        };
+        let load = self.counters.in_flight.load(Ordering::SeqCst);
+        let queued = self.queued.load(Ordering::SeqCst);
+        // One renewal at a time; a renewal still under way (NATS slow or
+        // away) makes this one moot.
+        let Ok(mut lease) = self.lease.try_lock() else {
+            return true;
+        };
+        let Some(keeper) = lease.as_mut() else {
+            return true;
+        };
+        let heartbeat = Duration::from_millis(self.info.heartbeat_ms);
+        let write = keeper.write(|l| {
+            l.load = load;
+            l.queued = queued;
+            l.idle_ms = idle_for.as_millis() as u64;
+        });
+        match tokio::time::timeout(heartbeat * 2, write).await {
+            Ok(Ok(alive)) => alive,
+            Ok(Err(e)) => {
+                debug!(runner = %self.info.runner_id, "lease not renewed: {e}");
+                true
+            }
+            Err(_) => {
+                debug!(runner = %self.info.runner_id, "lease not renewed in time");
+                true
+            }
+        }
+    }
+}

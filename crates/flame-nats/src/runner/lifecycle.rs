@@ -1,0 +1,250 @@
+//! A runner's life beside its calls: the heartbeat that tells its parents
+//! it is alive, and the watch that decides when to stop (SIGTERM, idle,
+//! parent gone, lease lost).
+//!
+//! The two are separate tasks on purpose: the heartbeat must keep its
+//! rhythm whatever the watch waits on (a slow idle check, a slow parent),
+//! and it keeps going while the runner drains, so that a draining runner
+//! is not mistaken for a dead one.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use flame_core::{codec, Error};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::{Runner, Stop};
+use crate::protocol::events::{ParentAnswer, ParentEvent, RunnerEvent};
+use crate::protocol::subjects;
+
+/// Pings the parent (a private pool) or any parent and renews the lease (a
+/// shared pool) every heartbeat, until aborted. What it learns is left in
+/// the runner's flags for [`watch`].
+pub(super) async fn heartbeat(runner: Arc<Runner>) {
+    let heartbeat = Duration::from_millis(runner.info.heartbeat_ms);
+    let mut ping = tokio::time::interval(heartbeat);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ping.tick().await;
+        // Each on its own task, so that a slow answer never delays the next
+        // beat: the parent counts a silent runner as down after two.
+        let r = runner.clone();
+        tokio::spawn(async move {
+            let answer = if r.info.shared {
+                r.ask_any_parent(heartbeat).await
+            } else {
+                r.ask_parent(ParentEvent::Ping, 0, heartbeat).await
+            };
+            match answer {
+                Some(true) => r.heard_parent(),
+                Some(false) => r.parent_refused.store(true, Ordering::SeqCst),
+                None => {}
+            }
+        });
+        if runner.info.shared {
+            let r = runner.clone();
+            tokio::spawn(async move {
+                if !r.renew_lease().await {
+                    r.lease_lost.store(true, Ordering::SeqCst);
+                }
+            });
+        }
+    }
+}
+
+/// Watches signals, idleness and the parent; returns why the runner should
+/// stop.
+pub(super) async fn watch(runner: Arc<Runner>) -> Stop {
+    let info = &runner.info;
+    let heartbeat = Duration::from_millis(info.heartbeat_ms);
+    let grace = Duration::from_millis(info.parent_grace_ms);
+    let idle_after = info.idle_shutdown_after();
+    let idle_check = (idle_after / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut sigterm =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let mut check = tokio::time::interval(heartbeat);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut idle = tokio::time::interval(idle_check);
+    // The answer of an idle runner's request to leave, from its own task.
+    let (left_tx, mut left_rx) = mpsc::channel::<Duration>(1);
+    let mut asking = None::<tokio::task::JoinHandle<()>>;
+    runner.heard_parent();
+
+    loop {
+        tokio::select! {
+            _ = async { sigterm.as_mut().unwrap().recv().await }, if sigterm.is_some() => {
+                return Stop::Drain("SIGTERM".to_string());
+            }
+            _ = check.tick() => {
+                if runner.lease_lost.load(Ordering::SeqCst) {
+                    return Stop::Abandoned("the scaler removed this runner's lease".to_string());
+                }
+                if runner.parent_refused.load(Ordering::SeqCst) {
+                    return Stop::Abandoned("the parent no longer knows this runner".to_string());
+                }
+                let heard = runner.parent_heard_ms.load(Ordering::SeqCst);
+                let silent = runner.started.elapsed().saturating_sub(Duration::from_millis(heard));
+                if silent >= grace {
+                    return Stop::Abandoned(format!("no word from the parent for {silent:?}"));
+                }
+            }
+            _ = runner.lease_dirty.notified(), if runner.info.shared => {
+                // Callers started queueing here: show the scaler soon. The
+                // short wait gathers a burst of them into one write.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let r = runner.clone();
+                tokio::spawn(async move { r.renew_lease().await });
+            }
+            Some(idle_for) = left_rx.recv() => {
+                return Stop::Drain(format!("idle for {idle_for:?}"));
+            }
+            _ = idle.tick(), if !runner.info.shared => {
+                if asking.as_ref().is_some_and(|t| !t.is_finished()) {
+                    continue;
+                }
+                if runner.counters.in_flight.load(Ordering::SeqCst) > 0
+                    || runner.idle_for() < idle_after
+                {
+                    continue;
+                }
+                // The idle check and the parent's answer may take a while:
+                // ask on a task of their own.
+                let (r, tx) = (runner.clone(), left_tx.clone());
+                asking = Some(tokio::spawn(async move {
+                    if let Some(idle_for) = r.may_leave(idle_after, heartbeat).await {
+                        let _ = tx.send(idle_for).await;
+                    }
+                }));
+            }
+        }
+    }
+}
+
+impl Runner {
+    /// An idle runner of a private pool asks to leave: the pool's idle check
+    /// first, then the parent. The idle time when both say yes.
+    async fn may_leave(&self, idle_after: Duration, timeout: Duration) -> Option<Duration> {
+        if !self.idle_check_allows().await {
+            return None;
+        }
+        // Work may have come in while the check ran.
+        let idle_for = self.idle_for();
+        if self.counters.in_flight.load(Ordering::SeqCst) > 0 || idle_for < idle_after {
+            return None;
+        }
+        let idle_ms = idle_for.as_millis() as u64;
+        (self.ask_parent(ParentEvent::Leave, idle_ms, timeout).await == Some(true))
+            .then_some(idle_for)
+    }
+
+    /// Shared pools: asks whether any parent of the pool is alive.
+    async fn ask_any_parent(&self, timeout: Duration) -> Option<bool> {
+        let request = async_nats::Request::new()
+            .payload(Bytes::from(self.info.runner_id.clone()))
+            .timeout(Some(timeout));
+        match self
+            .client
+            .send_request(subjects::alive(&self.info.pool), request)
+            .await
+        {
+            Ok(_) => Some(true),
+            Err(e) => {
+                debug!("no parent answered: {e}");
+                None
+            }
+        }
+    }
+
+    pub(super) fn heard_parent(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.parent_heard_ms.fetch_max(ms, Ordering::SeqCst);
+    }
+
+    /// Runs the pool's idle check, if any, within max(heartbeat, 1 s). A
+    /// check that fails to run counts as yes (logged): a runner with no work
+    /// must not stay up forever.
+    pub(super) async fn idle_check_allows(&self) -> bool {
+        let Some(name) = self.info.idle_shutdown_check.as_deref() else {
+            return true;
+        };
+        let Some((name, handler)) = self.registry.lookup(name) else {
+            warn!(runner = %self.info.runner_id, "idle check `{name}` is not registered in this build; stopping anyway");
+            return true;
+        };
+        let args = Bytes::from(codec::encode(&()).expect("() encodes"));
+        let timeout = Duration::from_millis(self.info.heartbeat_ms.max(1_000));
+        match self.execute(handler, args, timeout).await {
+            Ok(bytes) => match codec::decode::<bool>(&bytes) {
+                Ok(allowed) => {
+                    if !allowed {
+                        debug!(runner = %self.info.runner_id, "idle check `{name}` says stay up");
+                    }
+                    allowed
+                }
+                Err(e) => {
+                    warn!(runner = %self.info.runner_id, "idle check `{name}` returned no bool ({e}); stopping anyway");
+                    true
+                }
+            },
+            Err((_, message)) => {
+                warn!(runner = %self.info.runner_id, "idle check `{name}` failed ({message}); stopping anyway");
+                true
+            }
+        }
+    }
+
+    /// Tells the parent we are ready; retried until the failsafe deadline.
+    pub(super) async fn announce_ready(&self, deadline: Instant) -> Result<(), Error> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::RunnerStart(format!(
+                    "failsafe: parent {} did not acknowledge this runner within {} ms",
+                    self.info.parent_id, self.info.failsafe_timeout_ms
+                )));
+            }
+            match self
+                .ask_parent(ParentEvent::Ready, 0, left.min(Duration::from_secs(2)))
+                .await
+            {
+                Some(true) => return Ok(()),
+                Some(false) => {
+                    return Err(Error::RunnerStart(
+                        "the parent refused this runner (it gave up on it)".into(),
+                    ))
+                }
+                None => tokio::time::sleep(Duration::from_millis(50).min(left)).await,
+            }
+        }
+    }
+
+    /// Sends a signed event to the parent. `None` when there was no answer.
+    pub(super) async fn ask_parent(
+        &self,
+        event: ParentEvent,
+        idle_ms: u64,
+        timeout: Duration,
+    ) -> Option<bool> {
+        let key = self.event_key.as_ref()?;
+        let subject = subjects::parent_event(&self.info.pool, &self.info.parent_id, event);
+        let seq = self.event_seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let body = RunnerEvent::signed(key, event, &self.info.runner_id, self.build, idle_ms, seq);
+        let body = serde_json::to_vec(&body).ok()?;
+        let request = async_nats::Request::new()
+            .payload(body.into())
+            .timeout(Some(timeout));
+        match self.client.send_request(subject, request).await {
+            Ok(msg) => serde_json::from_slice::<ParentAnswer>(&msg.payload)
+                .ok()
+                .map(|a| a.ok),
+            Err(e) => {
+                debug!(event = event.as_str(), "parent did not answer: {e}");
+                None
+            }
+        }
+    }
+}

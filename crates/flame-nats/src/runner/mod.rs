@@ -1,0 +1,336 @@
+//! The runner side: a copy of the app that serves calls for one pool.
+//!
+//! Life of a runner: connect to NATS, start a micro service with one
+//! endpoint on its own subject, flush, tell the parent it is ready (a
+//! private pool) or mark its lease ready (a shared pool), serve. It stops
+//! when it has been idle long enough and the parent agrees (and the pool's
+//! idle check, if any, agrees too), after its one call if the pool is
+//! single-use, when retired, or on SIGTERM; stopping unsubscribes first
+//! (new calls go elsewhere) and then drains in-flight work up to the
+//! shutdown timeout, still beating its heart. When it has not heard from
+//! its parent (or NATS) for the grace period it exits at once: nobody is
+//! left to receive the results.
+//!
+//! - [`dispatch`]: one request, from checks to reply;
+//! - [`lifecycle`]: the heartbeat, and the watch that decides to stop;
+//! - [`lease`]: a shared pool runner's lease in the KV bucket.
+
+mod dispatch;
+mod lease;
+mod lifecycle;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::service::ServiceExt;
+use flame_core::registry::Registry;
+use flame_core::Error;
+use futures::StreamExt;
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::build_id::build_id;
+use crate::connect::connect;
+use crate::protocol::bootstrap::ParentInfo;
+use crate::protocol::events::{EventKey, ParentEvent};
+use crate::protocol::lease::LeaseState;
+use crate::protocol::subjects;
+use dispatch::Cancellable;
+use lease::LeaseKeeper;
+
+/// Why a runner stops; decides whether in-flight work may finish.
+#[derive(Debug)]
+enum Stop {
+    /// Asked to (idle, single-use done, SIGTERM): finish in-flight work up to
+    /// the shutdown timeout.
+    Drain(String),
+    /// The parent (or NATS) is gone: nobody can receive results, exit now.
+    Abandoned(String),
+}
+
+/// Serves as a runner until it is time to stop. Returns the process exit code.
+pub(crate) async fn serve(info: ParentInfo) -> i32 {
+    let runner = info.runner_id.clone();
+    match run(info).await {
+        Ok(reason) => {
+            info!(%runner, "runner stopping: {reason}");
+            0
+        }
+        Err(e) => {
+            tracing::error!(%runner, "runner failed: {e}");
+            1
+        }
+    }
+}
+
+/// Counters kept on the runner, shown by `nats micro stats` as endpoint data.
+#[derive(Debug, Default)]
+struct Counters {
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    casts_failed: AtomicU64,
+}
+
+struct Runner {
+    info: ParentInfo,
+    client: async_nats::Client,
+    registry: &'static Registry,
+    build: &'static str,
+    counters: Arc<Counters>,
+    started: Instant,
+    /// When the runner last started or finished work, in milliseconds since
+    /// `started` (an atomic: this is touched twice per call).
+    last_active_ms: AtomicU64,
+    /// Per function, how many of its latest first polls in a row were slow
+    /// (see [`Runner::dispatch`]).
+    slow_polls: HashMap<&'static str, AtomicU8>,
+    /// Set while stopping; only then do finished calls wake the drain.
+    draining: AtomicBool,
+    /// Woken when in-flight work finishes during the drain.
+    work_done: Notify,
+    /// Signs events to the parent (private pools).
+    event_key: Option<EventKey>,
+    /// Numbers the events sent to the parent.
+    event_seq: AtomicU64,
+    /// Milliseconds since `started` when a parent last answered a ping.
+    parent_heard_ms: AtomicU64,
+    /// The parent answered that it no longer knows this runner.
+    parent_refused: AtomicBool,
+    /// The scaler removed this runner's lease (shared pools).
+    lease_lost: AtomicBool,
+    /// One permit per concurrent call: the runner itself never runs more
+    /// than `max_concurrency` calls, whatever its parents believe (in a
+    /// shared pool, parents place calls without seeing each other's).
+    permits: Arc<Semaphore>,
+    /// Calls waiting for a permit.
+    queued: AtomicUsize,
+    /// Woken when calls start queueing, so the lease shows it soon.
+    lease_dirty: Notify,
+    /// The runner's lease, in a shared pool.
+    lease: tokio::sync::Mutex<Option<LeaseKeeper>>,
+}
+
+async fn run(info: ParentInfo) -> Result<String, Error> {
+    let registry = Registry::global()?;
+    let failsafe = Duration::from_millis(info.failsafe_timeout_ms);
+    let failsafe_deadline = Instant::now() + failsafe;
+    // Hash the executable while we connect.
+    let build = tokio::task::spawn_blocking(build_id);
+    let client = connect(
+        &info.nats_url,
+        format!("flame runner {} ({})", info.runner_id, info.pool),
+        failsafe,
+    )
+    .await?;
+    let build = build.await.unwrap_or("unknown");
+    let event_key = info.event_key();
+    if !info.shared && event_key.is_none() {
+        return Err(Error::RunnerStart(format!(
+            "{} has no valid event_key; parent and runner must be the same build",
+            crate::protocol::bootstrap::PARENT_ENV
+        )));
+    }
+
+    let counters = Arc::new(Counters::default());
+    let stats_counters = counters.clone();
+    let mut metadata = HashMap::new();
+    metadata.insert("pool".to_string(), info.pool.clone());
+    metadata.insert("runner".to_string(), info.runner_id.clone());
+    metadata.insert("parent".to_string(), info.parent_id.clone());
+    metadata.insert("build".to_string(), build.to_string());
+    let max_concurrency = info.max_concurrency;
+    let service = client
+        .service_builder()
+        .description(format!("flame runner of pool {}", info.pool))
+        .metadata(metadata)
+        .stats_handler(move |_endpoint, _stats| {
+            serde_json::json!({
+                "in_flight": stats_counters.in_flight.load(Ordering::Relaxed),
+                "max_in_flight": stats_counters.max_in_flight.load(Ordering::Relaxed),
+                "max_concurrency": max_concurrency,
+                "casts_failed": stats_counters.casts_failed.load(Ordering::Relaxed),
+            })
+        })
+        .start(format!("flame-{}", info.pool), env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|e| Error::nats("cannot start the micro service", e))?;
+    let mut endpoint = service
+        .endpoint_builder()
+        .name("call")
+        .add(subjects::runner(&info.pool, &info.runner_id))
+        .await
+        .map_err(|e| Error::nats("cannot subscribe to the runner's subjects", e))?;
+    let mut cancels = client
+        .subscribe(subjects::runner_cancel(&info.pool, &info.runner_id))
+        .await
+        .map_err(|e| Error::nats("cannot subscribe to the runner's subjects", e))?;
+    let mut control = client
+        .subscribe(subjects::runner_control(&info.pool, &info.runner_id))
+        .await
+        .map_err(|e| Error::nats("cannot subscribe to the runner's subjects", e))?;
+    let lease = if info.shared {
+        let keeper = tokio::time::timeout_at(failsafe_deadline, LeaseKeeper::open(&client, &info))
+            .await
+            .map_err(|_| {
+                Error::RunnerStart("failsafe: cannot read this runner's lease".into())
+            })??;
+        Some(keeper)
+    } else {
+        None
+    };
+    // Subscribed and flushed before announcing: no call can miss us.
+    client
+        .flush()
+        .await
+        .map_err(|e| Error::nats("cannot flush the runner's subscriptions", e))?;
+
+    let runner = Arc::new(Runner {
+        info,
+        client,
+        registry,
+        build,
+        counters,
+        slow_polls: registry
+            .names()
+            .into_iter()
+            .map(|name| (name, AtomicU8::new(0)))
+            .collect(),
+        started: Instant::now(),
+        event_key,
+        event_seq: AtomicU64::new(0),
+        last_active_ms: AtomicU64::new(0),
+        draining: AtomicBool::new(false),
+        work_done: Notify::new(),
+        parent_heard_ms: AtomicU64::new(0),
+        parent_refused: AtomicBool::new(false),
+        lease_lost: AtomicBool::new(false),
+        permits: Arc::new(Semaphore::new(max_concurrency.max(1))),
+        queued: AtomicUsize::new(0),
+        lease_dirty: Notify::new(),
+        lease: tokio::sync::Mutex::new(lease),
+    });
+    if runner.info.shared {
+        runner.announce_ready_in_lease().await?;
+    } else {
+        runner.announce_ready(failsafe_deadline).await?;
+    }
+    debug!(runner = %runner.info.runner_id, "runner ready");
+
+    let heartbeat = tokio::spawn(lifecycle::heartbeat(runner.clone()));
+    let mut watch = tokio::spawn(lifecycle::watch(runner.clone()));
+
+    let mut cancellable = Cancellable::default();
+    let stop_reason;
+    loop {
+        tokio::select! {
+            biased;
+            why = &mut watch => {
+                stop_reason = why.ok();
+                break;
+            }
+            Some(msg) = cancels.next() => {
+                if cancellable.cancel(&msg.payload) {
+                    debug!(runner = %runner.info.runner_id, "call cancelled by its caller");
+                }
+            }
+            Some(msg) = control.next() => {
+                if &msg.payload[..] == subjects::CONTROL_RETIRE.as_bytes() {
+                    stop_reason = Some(Stop::Drain("retired by the scaler".into()));
+                    break;
+                }
+            }
+            request = endpoint.next() => match request {
+                Some(request) => {
+                    let done = runner.clone().dispatch(request);
+                    if let Some((reply, task)) = done.cancellable {
+                        cancellable.insert(reply, task);
+                    }
+                    if done.accepted && runner.info.single_use {
+                        stop_reason = Some(Stop::Drain("single-use runner took its call".into()));
+                        break;
+                    }
+                }
+                None => {
+                    stop_reason = Some(Stop::Abandoned("subscription closed".into()));
+                    break;
+                }
+            },
+        }
+    }
+    watch.abort();
+    let stop = stop_reason.unwrap_or(Stop::Drain("stopped".into()));
+
+    // Unsubscribe first so new calls find no responder and go elsewhere,
+    // then let in-flight work finish (callers may still cancel theirs).
+    let _ = endpoint.stop().await;
+    let _ = service.stop().await;
+    let reason = match stop {
+        Stop::Drain(reason) => {
+            // Tell the parents first, so they place nothing new here.
+            let heartbeat = Duration::from_millis(runner.info.heartbeat_ms);
+            if runner.info.shared {
+                let _ = tokio::time::timeout(heartbeat, async {
+                    let mut lease = runner.lease.lock().await;
+                    if let Some(keeper) = lease.as_mut() {
+                        let _ = keeper.write(|l| l.state = LeaseState::Draining).await;
+                    }
+                })
+                .await;
+            } else {
+                runner.ask_parent(ParentEvent::Stopping, 0, heartbeat).await;
+            }
+            runner.drain(&mut cancels, &mut cancellable).await;
+            reason
+        }
+        Stop::Abandoned(reason) => {
+            let left = runner.counters.in_flight.load(Ordering::SeqCst);
+            if left > 0 {
+                warn!(runner = %runner.info.runner_id, "abandoning {left} calls: {reason}");
+            }
+            reason
+        }
+    };
+    if runner.info.shared {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            if let Some(keeper) = runner.lease.lock().await.as_ref() {
+                keeper.remove().await;
+            }
+        })
+        .await;
+    }
+    heartbeat.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(1), runner.client.flush()).await;
+    Ok(reason)
+}
+
+impl Runner {
+    /// Waits for in-flight work, up to the shutdown timeout, still taking
+    /// cancellations from callers that stop waiting.
+    async fn drain(&self, cancels: &mut async_nats::Subscriber, cancellable: &mut Cancellable) {
+        self.draining.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_millis(self.info.shutdown_timeout_ms);
+        loop {
+            let done = self.work_done.notified();
+            let left = self.counters.in_flight.load(Ordering::SeqCst);
+            if left == 0 {
+                return;
+            }
+            tokio::select! {
+                _ = done => {}
+                Some(msg) = cancels.next() => {
+                    cancellable.cancel(&msg.payload);
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    warn!(
+                        runner = %self.info.runner_id,
+                        "shutdown timeout passed with {left} calls still running"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+}
