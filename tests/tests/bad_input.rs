@@ -207,7 +207,7 @@ async fn missing_program_is_a_boot_failure() {
         .unwrap();
     let err = flame::call!(pool, add(1, 1)).await.unwrap_err();
     match &err {
-        Error::BootFailed { pool, reason } => {
+        Error::BootFailed { pool, reason, .. } => {
             assert_eq!(pool, "noprogram");
             assert!(reason.contains("cannot start runner process"), "{reason}");
         }

@@ -240,6 +240,8 @@ fn runner_info(nats_url: String, failsafe_ms: u64) -> ParentInfo {
         "failsafe_timeout_ms": failsafe_ms,
         "parent_grace_ms": 2_000,
         "heartbeat_ms": 500,
+        // Any key: nobody is there to check what the runner signs.
+        "event_key": "00".repeat(32),
     }))
     .unwrap()
 }
@@ -428,6 +430,13 @@ async fn short_nats_outage_keeps_the_runner_and_serves_calls_made_during_it() {
         .unwrap();
     let at = flame::call!(pool, whereabouts()).await.unwrap();
     env.server.stop();
+    // A call made once the parent knows NATS is away (one made while the
+    // connection dies may be lost with it, and fails at once).
+    wait_for("the parent to see NATS go", LONG, || async {
+        (env.flame.client().connection_state() != async_nats::connection::State::Connected)
+            .then_some(())
+    })
+    .await;
     let call = tokio::spawn({
         let pool = pool.clone();
         async move { flame::call!(pool, whereabouts()).await }
