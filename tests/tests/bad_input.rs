@@ -341,20 +341,15 @@ async fn panicking_argument_decoder_fails_the_call_not_the_runner() {
             .unwrap(),
         "fine"
     );
-    let err = flame::call!(pool, touchy(Touchy("boom".into())))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, Error::Decode { .. } | Error::Panicked { .. }),
-        "async function: {err:?}"
-    );
-    let err = flame::call!(pool, touchy_blocking(Touchy("boom".into())))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, Error::Decode { .. } | Error::Panicked { .. }),
-        "blocking function: {err:?}"
-    );
+    let async_err = flame::call!(pool, touchy(Touchy("boom".into()))).await;
+    let blocking_err = flame::call!(pool, touchy_blocking(Touchy("boom".into()))).await;
+    for (kind, result) in [("async", async_err), ("blocking", blocking_err)] {
+        let err = result.unwrap_err();
+        assert!(
+            matches!(err, Error::Decode { .. } | Error::Panicked { .. }),
+            "{kind} function: {err:?}"
+        );
+    }
     let after = flame::call!(pool, whereabouts()).await.unwrap();
     assert_eq!(after.pid, before.pid, "the runner was replaced");
 }

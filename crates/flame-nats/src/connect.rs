@@ -110,11 +110,7 @@ async fn connect_with(
     }
     let options = options
         .name(name)
-        // Back within a second of the server's return, whichever side
-        // notices first: runners and parents judge each other's silence.
-        .reconnect_delay_callback(|attempts| {
-            Duration::from_millis((attempts as u64).saturating_mul(100).min(1_000))
-        })
+        .reconnect_delay_callback(reconnect_delay)
         .connection_timeout(timeout)
         // Keep requests bounded by our own deadlines, not the client's 10 s.
         .request_timeout(None);
@@ -122,6 +118,15 @@ async fn connect_with(
         .await
         .map_err(|_| unreachable(format!("no connection within {timeout:?}"), None))?
         .map_err(|e| unreachable(e.to_string(), Some(Source::new(e))))
+}
+
+/// Pause before a connection attempt: none for the first, then 100 ms more
+/// per attempt up to 1 s. (The client's default grows to 4 s; flame wants
+/// parents and runners back within a second of the server's return, as
+/// they judge each other's silence.)
+fn reconnect_delay(attempts: usize) -> Duration {
+    let waits = attempts.saturating_sub(1) as u64;
+    Duration::from_millis(waits.saturating_mul(100).min(1_000))
 }
 
 #[cfg(test)]
@@ -136,5 +141,13 @@ mod tests {
             vec!["nats://a:1", "nats://b:2"]
         );
         assert!(server_list(" , ").is_empty());
+    }
+
+    #[test]
+    fn the_first_attempt_does_not_wait_and_later_ones_wait_at_most_a_second() {
+        assert_eq!(reconnect_delay(0), Duration::ZERO);
+        assert_eq!(reconnect_delay(1), Duration::ZERO);
+        assert_eq!(reconnect_delay(2), Duration::from_millis(100));
+        assert_eq!(reconnect_delay(500), Duration::from_secs(1));
     }
 }

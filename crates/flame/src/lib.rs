@@ -43,7 +43,10 @@
 //!
 //! The same binary is the runner: a pool boots runners by starting this
 //! executable with `FLAME_PARENT` in its environment, and [`init`] turns such
-//! a process into a runner. Code is found by registered name, and parent and
+//! a process into a runner. A parent that must do setup of its own before
+//! connecting (start its own nats-server, say) calls [`serve_if_runner`]
+//! first and [`FlameBuilder::connect`] after that setup. [`Flame::close`]
+//! closes the connection; [`Pool::runners`] lists a pool's runners. Code is found by registered name, and parent and
 //! runner must be the same build, checked on every call.
 //!
 //! Pools are this parent's own by default. With [`PoolBuilder::shared`], every

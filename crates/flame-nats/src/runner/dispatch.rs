@@ -337,7 +337,7 @@ impl Runner {
         }
     }
 
-    async fn respond_error(
+    pub(super) async fn respond_error(
         &self,
         request: &service::Request,
         kind: ErrorKind,

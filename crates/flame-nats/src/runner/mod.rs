@@ -35,6 +35,7 @@ use tracing::{debug, info, warn};
 use crate::build_id::build_id;
 use crate::connect::connect;
 use crate::protocol::bootstrap::ParentInfo;
+use crate::protocol::call::ErrorKind;
 use crate::protocol::events::{EventKey, ParentEvent};
 use crate::protocol::lease::LeaseState;
 use crate::protocol::subjects;
@@ -266,6 +267,17 @@ async fn run(info: ParentInfo) -> Result<String, Error> {
     // Unsubscribe first so new calls find no responder and go elsewhere,
     // then let in-flight work finish (callers may still cancel theirs).
     let _ = endpoint.stop().await;
+    // Calls that reached us but were not read yet: nothing ran, so the
+    // caller may place them elsewhere at once (rather than wait for this
+    // runner to exit).
+    while let Ok(Some(request)) =
+        tokio::time::timeout(Duration::from_millis(100), endpoint.next()).await
+    {
+        let why = "the runner is stopping; nothing ran".to_string();
+        runner
+            .respond_error(&request, ErrorKind::Draining, why, &[])
+            .await;
+    }
     let _ = service.stop().await;
     let reason = match stop {
         Stop::Drain(reason) => {
