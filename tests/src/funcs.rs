@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use flame::State;
 use serde::{Deserialize, Serialize};
 
 /// Returns its argument.
@@ -248,6 +249,19 @@ pub mod inline {
         .await
     }
 
+    /// An inline block taking the app's database as state.
+    pub async fn insert_inline(pool: &Pool, extra: String) -> Result<Result<u64, String>, Error> {
+        flame::call!(pool, state(db: super::Db), async |extra: String| -> Result<u64, String> {
+            db.insert(&[extra], "inline").await
+        })
+        .await
+    }
+
+    /// A plain inline block taking state beside a shipped argument.
+    pub async fn greeting_plus(pool: &Pool, x: usize) -> Result<usize, Error> {
+        flame::call!(pool, state(g: super::Greeting), |x: usize| -> usize { g.0.len() + x }).await
+    }
+
     /// An inline cast writing a file.
     pub fn write_later(pool: &Pool, path: String) -> Result<(), Error> {
         flame::cast!(pool, |path: String| {
@@ -306,3 +320,68 @@ pub async fn slow_idle_check() -> bool {
     append("end");
     false
 }
+
+/// Environment variable with the PostgreSQL URL the test app's [`Db`] uses.
+pub const PG_URL_ENV: &str = "FLAME_TEST_PG_URL";
+
+/// The test app's database: a pool of connections to `FLAME_TEST_PG_URL`,
+/// built once in `main` (parent and runner alike) and handed to flame as
+/// state. Connections are made on first use, so the many tests without
+/// PostgreSQL never connect.
+#[derive(Clone)]
+pub struct Db(pub deadpool_postgres::Pool);
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Db")
+    }
+}
+
+impl Db {
+    /// A pool for the URL in [`PG_URL_ENV`], or for an address where no
+    /// server listens when it is not set.
+    pub fn from_env() -> Db {
+        let url = std::env::var(PG_URL_ENV)
+            .unwrap_or_else(|_| "postgres://nobody@127.0.0.1:1/none".to_string());
+        let config: tokio_postgres::Config = url.parse().expect("a PostgreSQL URL");
+        let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(4)
+            .build()
+            .expect("a connection pool");
+        Db(pool)
+    }
+
+    /// Inserts `names` into `thumbnails`, returning how many rows went in.
+    pub async fn insert(&self, names: &[String], made_by: &str) -> Result<u64, String> {
+        let client = self.0.get().await.map_err(|e| e.to_string())?;
+        let mut rows = 0;
+        for name in names {
+            rows += client
+                .execute(
+                    "INSERT INTO thumbnails (name, made_by) VALUES ($1, $2)",
+                    &[name, &made_by],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(rows)
+    }
+}
+
+/// Inserts rows through the app's own database pool, on the runner.
+#[flame::remote]
+pub async fn insert_thumbnails(State(db): State<Db>, names: Vec<String>) -> Result<u64, String> {
+    let runner = flame::parent().map(|p| p.runner_id).unwrap_or_default();
+    db.insert(&names, &runner).await
+}
+
+/// A plain (blocking) function that takes state among shipped arguments.
+#[flame::remote]
+pub fn greet(prefix: String, State(greeting): State<Greeting>, name: String) -> String {
+    format!("{prefix}{}, {name}", greeting.0)
+}
+
+/// The test app's second piece of state.
+#[derive(Debug, Clone)]
+pub struct Greeting(pub String);

@@ -49,6 +49,19 @@ pub fn init_tracing_stderr() {
         .try_init();
 }
 
+/// The state every process of the tests gives flame, parent and runner
+/// alike: the remote functions in [`crate::funcs`] take these.
+pub fn with_test_state(builder: flame::FlameBuilder) -> flame::FlameBuilder {
+    builder
+        .state(crate::funcs::Db::from_env())
+        .state(crate::funcs::Greeting("hello".into()))
+}
+
+/// A parent's builder with the test build id and the test state.
+pub fn builder() -> flame::FlameBuilder {
+    with_test_state(flame::FlameBuilder::new().build_id(TEST_BUILD))
+}
+
 /// A private nats-server and a parent connected to it.
 pub struct TestEnv {
     /// The server (killed on drop).
@@ -62,9 +75,8 @@ impl TestEnv {
     pub async fn start() -> TestEnv {
         init_tracing();
         let server = NatsServer::start().expect("start nats-server");
-        let flame = flame::FlameBuilder::new()
+        let flame = builder()
             .nats_url(server.url())
-            .build_id(TEST_BUILD)
             .init()
             .await
             .expect("connect to test nats-server");

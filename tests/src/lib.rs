@@ -8,6 +8,7 @@
 pub mod fake_fly;
 pub mod funcs;
 pub mod harness;
+pub mod postgres;
 
 /// Build id shared by the test parent and the test runners.
 pub const TEST_BUILD: &str = "flame-test-build";

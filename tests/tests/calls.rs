@@ -9,7 +9,6 @@ use flame_tests::harness::{
     error_within, kill9, run_testapp, runner_backend, runner_stats, wait_for, wait_in_flight,
     TestEnv,
 };
-use flame_tests::TEST_BUILD;
 
 #[tokio::test]
 async fn named_call_runs_on_a_runner_process() {
@@ -267,7 +266,7 @@ async fn unreachable_nats_is_reported() {
         .unwrap()
         .port();
     let url = format!("nats://127.0.0.1:{port}");
-    let err = flame::FlameBuilder::new()
+    let err = flame_tests::harness::with_test_state(flame::FlameBuilder::new())
         .nats_url(&url)
         .connect_timeout(Duration::from_secs(2))
         .init()
@@ -287,9 +286,8 @@ async fn nats_url_takes_a_comma_separated_server_list() {
     flame_tests::harness::init_tracing();
     let server = flame::NatsServer::start().unwrap();
     let p = server.port();
-    let flame = flame::FlameBuilder::new()
+    let flame = flame_tests::harness::builder()
         .nats_url(format!("nats://127.0.0.1:{p}, nats://localhost:{p}"))
-        .build_id(TEST_BUILD)
         .init()
         .await
         .expect("connect with a server list");

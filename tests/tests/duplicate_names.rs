@@ -3,7 +3,7 @@
 
 use flame::__private::{inventory, Registration};
 
-fn handler(_: bytes::Bytes) -> flame::__private::Invocation {
+fn handler(_: bytes::Bytes, _: &flame::__private::States) -> flame::__private::Invocation {
     flame::__private::Invocation::Blocking(Box::new(|| Ok(Vec::new())))
 }
 

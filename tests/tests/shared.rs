@@ -9,7 +9,6 @@ use flame_tests::harness::{
     error_within, kill9, process_alive, runner_backend, runner_pids, start_marked_call, wait_for,
     MarkedCall, NoExitNotice, RunnerSampler, SharedParent, TestEnv,
 };
-use flame_tests::TEST_BUILD;
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -23,9 +22,8 @@ fn shared_pool(flame: &Flame, name: &str) -> flame::PoolBuilder {
 }
 
 async fn another_parent(env: &TestEnv) -> Flame {
-    flame::FlameBuilder::new()
+    flame_tests::harness::builder()
         .nats_url(env.server.url())
-        .build_id(TEST_BUILD)
         .init()
         .await
         .unwrap()
@@ -507,9 +505,8 @@ async fn shared_pool_without_jetstream_says_so() {
         .jetstream(false)
         .start()
         .unwrap();
-    let flame = flame::FlameBuilder::new()
+    let flame = flame_tests::harness::builder()
         .nats_url(server.url())
-        .build_id(TEST_BUILD)
         .init()
         .await
         .unwrap();

@@ -216,6 +216,17 @@ pub enum Error {
     #[error("runner could not start: {0}")]
     RunnerStart(String),
 
+    /// A registered function takes a type of state that the app did not
+    /// give flame (`FlameBuilder::state`). Found at start-up, in parent and
+    /// runner alike.
+    #[error("remote function `{function}` takes State<{state}>, but no {state} was given to flame; add it with FlameBuilder::state before init/connect")]
+    MissingState {
+        /// The function.
+        function: String,
+        /// The state type.
+        state: String,
+    },
+
     /// The same function name is registered twice in this build.
     #[error(
         "remote function `{name}` is registered twice ({first} and {second}); rename one of them"

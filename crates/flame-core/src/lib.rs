@@ -1,7 +1,7 @@
 //! The stable core of flame, for backend authors: the [`Backend`] trait and
 //! its types (with [`LocalBackend`], runners as child processes), the
-//! [`Error`] type, and the remote-function registry that
-//! `#[flame::remote]` fills. The runtime (pools, runners, the wire
+//! [`Error`] type, the remote-function registry that `#[flame::remote]`
+//! fills, and the app [`State`] remote functions receive. The runtime (pools, runners, the wire
 //! protocol) lives in `flame-nats`; apps use the `flame` crate, which
 //! re-exports both.
 
@@ -17,10 +17,12 @@ pub mod backend;
 pub mod codec;
 mod error;
 pub mod registry;
+pub mod state;
 
 pub use backend::{Backend, BootSpec, Booted, LocalBackend, StopRunner};
 pub use error::{BoxError, Error, Result, Source};
 pub use registry::{Registration, Registry, RemoteFn};
+pub use state::{State, States};
 
 #[doc(hidden)]
 pub use inventory;

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use serde::{de::DeserializeOwned, Serialize};
 
+use crate::state::{StateKey, States};
 use crate::{codec, Error};
 
 /// A function that can be called on a pool by its registered name.
@@ -36,6 +37,9 @@ pub enum InvokeError {
     DecodeArgs(String),
     /// The return value did not encode.
     EncodeResult(String),
+    /// The app gave flame no state of this type (checked at start-up, so
+    /// seen only when parent and runner set up different state).
+    MissingState(&'static str),
 }
 
 /// What a handler hands the runner to execute.
@@ -62,14 +66,23 @@ impl std::fmt::Debug for Invocation {
     }
 }
 
-/// Type-erased entry point: decodes the arguments and prepares the call.
-pub type Handler = fn(Bytes) -> Invocation;
+/// Type-erased entry point: takes the function's state, decodes the
+/// arguments and prepares the call.
+pub type Handler = fn(Bytes, &States) -> Invocation;
+
+/// The state types a function needs.
+pub type NeededStates = fn() -> Vec<StateKey>;
+
+fn no_states() -> Vec<StateKey> {
+    Vec::new()
+}
 
 /// One registered function.
 #[derive(Debug)]
 pub struct Registration {
     name: &'static str,
     handler: Handler,
+    states: NeededStates,
     file: &'static str,
     line: u32,
 }
@@ -80,9 +93,16 @@ impl Registration {
         Registration {
             name,
             handler,
+            states: no_states,
             file,
             line,
         }
+    }
+
+    /// The function takes these types of state. Used by the macros.
+    pub const fn needs(mut self, states: NeededStates) -> Self {
+        self.states = states;
+        self
     }
 
     /// The registered name.
@@ -100,6 +120,13 @@ inventory::collect!(Registration);
 
 fn encode_result<R: Serialize>(out: &R) -> Result<Vec<u8>, InvokeError> {
     codec::encode(out).map_err(|e| InvokeError::EncodeResult(e.to_string()))
+}
+
+/// Takes a state value for a call. Used by the macros.
+pub fn state<T: Clone + 'static>(states: &States) -> Result<T, InvokeError> {
+    states
+        .get::<T>()
+        .ok_or(InvokeError::MissingState(std::any::type_name::<T>()))
 }
 
 /// Adapts an `async fn` to a [`Handler`]. Used by the macros.
@@ -136,6 +163,7 @@ where
 #[derive(Debug)]
 pub struct Registry {
     by_name: HashMap<&'static str, Handler>,
+    needs: Vec<(&'static str, NeededStates)>,
 }
 
 impl Registry {
@@ -153,6 +181,7 @@ impl Registry {
         regs: impl IntoIterator<Item = &'a Registration>,
     ) -> Result<Registry, Error> {
         let mut by_name = HashMap::new();
+        let mut needs = Vec::new();
         let mut seen: HashMap<&'static str, &Registration> = HashMap::new();
         for reg in regs {
             if let Some(first) = seen.insert(reg.name, reg) {
@@ -170,8 +199,10 @@ impl Registry {
                 });
             }
             by_name.insert(reg.name, reg.handler);
+            needs.push((reg.name, reg.states));
         }
-        Ok(Registry { by_name })
+        needs.sort_by_key(|(name, _)| *name);
+        Ok(Registry { by_name, needs })
     }
 
     /// Looks a function up by name.
@@ -183,6 +214,20 @@ impl Registry {
     /// too.
     pub fn lookup(&self, name: &str) -> Option<(&'static str, Handler)> {
         self.by_name.get_key_value(name).map(|(k, h)| (*k, *h))
+    }
+
+    /// Checks that `states` holds every type of state a registered function
+    /// takes, naming the first function and type that is missing.
+    pub fn check_states(&self, states: &States) -> Result<(), Error> {
+        for (function, needs) in &self.needs {
+            if let Some(missing) = needs().into_iter().find(|key| !states.contains(key)) {
+                return Err(Error::MissingState {
+                    function: function.to_string(),
+                    state: missing.name().to_string(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Registered names, sorted.
@@ -197,12 +242,48 @@ impl Registry {
 mod tests {
     use super::*;
 
-    fn double(args: Bytes) -> Invocation {
+    fn double(args: Bytes, _: &States) -> Invocation {
         invoke_async(args, |(x,): (u32,)| async move { x * 2 })
     }
 
-    fn triple(args: Bytes) -> Invocation {
+    fn triple(args: Bytes, _: &States) -> Invocation {
         invoke_blocking(args, |(x,): (u32,)| x * 3)
+    }
+
+    fn offset(args: Bytes, states: &States) -> Invocation {
+        let base = match state::<u64>(states) {
+            Ok(base) => base,
+            Err(e) => return Invocation::Refused(e),
+        };
+        invoke_blocking(args, move |(x,): (u64,)| x + base)
+    }
+
+    fn needs_u64() -> Vec<StateKey> {
+        vec![StateKey::of::<u64>()]
+    }
+
+    #[test]
+    fn missing_state_is_found_before_any_call() {
+        let regs = [Registration::new("m::offset", offset, "x.rs", 1).needs(needs_u64)];
+        let registry = Registry::from_registrations(&regs).unwrap();
+        let err = registry.check_states(&States::new()).unwrap_err();
+        assert!(
+            matches!(&err, Error::MissingState { function, state } if function == "m::offset" && state == "u64"),
+            "{err:?}"
+        );
+        let mut states = States::new();
+        states.insert(100u64);
+        registry.check_states(&states).unwrap();
+        let args = Bytes::from(codec::encode(&(1u64,)).unwrap());
+        let out = match registry.get("m::offset").unwrap()(args.clone(), &states) {
+            Invocation::Blocking(f) => f().unwrap(),
+            other => panic!("expected blocking, got {other:?}"),
+        };
+        assert_eq!(codec::decode::<u64>(&out).unwrap(), 101);
+        assert!(matches!(
+            registry.get("m::offset").unwrap()(args, &States::new()),
+            Invocation::Refused(InvokeError::MissingState("u64"))
+        ));
     }
 
     #[test]
@@ -226,18 +307,19 @@ mod tests {
         ];
         let registry = Registry::from_registrations(&regs).unwrap();
         let args = || Bytes::from(codec::encode(&(21u32,)).unwrap());
-        let out = match registry.get("m::double").unwrap()(args()) {
+        let out = match registry.get("m::double").unwrap()(args(), &States::new()) {
             Invocation::Async(fut) => futures::executor::block_on(fut).unwrap(),
             other => panic!("expected async, got {other:?}"),
         };
         assert_eq!(codec::decode::<u32>(&out).unwrap(), 42);
-        let out = match registry.get("m::triple").unwrap()(args()) {
+        let out = match registry.get("m::triple").unwrap()(args(), &States::new()) {
             Invocation::Blocking(f) => f().unwrap(),
             other => panic!("expected blocking, got {other:?}"),
         };
         assert_eq!(codec::decode::<u32>(&out).unwrap(), 63);
 
-        let bad = registry.get("m::double").unwrap()(Bytes::from_static(b"\xc1garbage"));
+        let bad =
+            registry.get("m::double").unwrap()(Bytes::from_static(b"\xc1garbage"), &States::new());
         assert!(matches!(
             bad,
             Invocation::Refused(InvokeError::DecodeArgs(_))

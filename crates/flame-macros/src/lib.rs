@@ -20,7 +20,11 @@ use syn::{parse_macro_input, FnArg, ItemFn, ReturnType, Type};
 /// `pool.call::<name>((args..,))`.
 ///
 /// Arguments and the return value must be owned, serializable types: they
-/// travel with serde and MessagePack. The function may be `async` or not;
+/// travel with serde and MessagePack. A parameter of type `State<T>`
+/// (`flame::State`) is not sent by the caller: the runner passes a clone
+/// of the `T` the app gave flame with `FlameBuilder::state`, and the caller
+/// leaves it out (`flame::call!(pool, f(a, b))` for
+/// `fn f(State(db): State<Db>, a: A, b: B)`). The function may be `async` or not;
 /// generics and `self` are not allowed, since a runner finds the code by name.
 #[proc_macro_attribute]
 pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
@@ -53,8 +57,13 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
             "#[flame::remote] functions cannot be variadic",
         ));
     }
+    // Shipped arguments (types and bindings), state parameters (types and
+    // bindings), and what the function is called with, in order.
     let mut types = Vec::new();
     let mut bindings = Vec::new();
+    let mut state_types = Vec::new();
+    let mut state_bindings = Vec::new();
+    let mut call_args = Vec::new();
     for (i, arg) in sig.inputs.iter().enumerate() {
         match arg {
             FnArg::Receiver(r) => {
@@ -65,8 +74,17 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
             }
             FnArg::Typed(pt) => {
                 reject_borrowed(&pt.ty)?;
-                types.push((*pt.ty).clone());
-                bindings.push(format_ident!("__flame_arg{}", i));
+                if let Some(inner) = state_type(&pt.ty) {
+                    let binding = format_ident!("__flame_state{}", i);
+                    call_args.push(quote! { ::flame::State(#binding) });
+                    state_types.push(inner.clone());
+                    state_bindings.push(binding);
+                } else {
+                    let binding = format_ident!("__flame_arg{}", i);
+                    call_args.push(quote! { #binding });
+                    types.push((*pt.ty).clone());
+                    bindings.push(binding);
+                }
             }
         }
     }
@@ -87,14 +105,14 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     // blocking pool, where CPU-heavy code belongs.
     let invoke = if sig.asyncness.is_some() {
         quote! {
-            ::flame::__private::invoke_async(args, |(#(#bindings,)*): (#(#types,)*)| async move {
-                #name(#(#bindings),*).await
+            ::flame::__private::invoke_async(args, move |(#(#bindings,)*): (#(#types,)*)| async move {
+                #name(#(#call_args),*).await
             })
         }
     } else {
         quote! {
-            ::flame::__private::invoke_blocking(args, |(#(#bindings,)*): (#(#types,)*)| {
-                #name(#(#bindings),*)
+            ::flame::__private::invoke_blocking(args, move |(#(#bindings,)*): (#(#types,)*)| {
+                #name(#(#call_args),*)
             })
         }
     };
@@ -131,8 +149,21 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
         }
 
         const _: () = {
-            fn __flame_handler(args: ::flame::__private::Bytes) -> ::flame::__private::Invocation {
+            fn __flame_handler(
+                args: ::flame::__private::Bytes,
+                states: &::flame::__private::States,
+            ) -> ::flame::__private::Invocation {
+                let _ = states;
+                #(
+                    let #state_bindings: #state_types = match ::flame::__private::state::<#state_types>(states) {
+                        ::core::result::Result::Ok(value) => value,
+                        ::core::result::Result::Err(e) => return ::flame::__private::Invocation::Refused(e),
+                    };
+                )*
                 #invoke
+            }
+            fn __flame_states() -> ::std::vec::Vec<::flame::__private::StateKey> {
+                ::std::vec![#(::flame::__private::StateKey::of::<#state_types>()),*]
             }
             ::flame::__private::inventory::submit! {
                 ::flame::__private::Registration::new(
@@ -141,9 +172,29 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
                     ::core::file!(),
                     ::core::line!(),
                 )
+                .needs(__flame_states)
             }
         };
     })
+}
+
+/// `T` when `ty` is `State<T>` (or a path ending in `State<T>`, such as
+/// `flame::State<T>`): a parameter taken from the app's state.
+fn state_type(ty: &Type) -> Option<&Type> {
+    let Type::Path(path) = ty else {
+        return None;
+    };
+    let last = path.path.segments.last()?;
+    if last.ident != "State" {
+        return None;
+    }
+    let syn::PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
+    match args.args.first() {
+        Some(syn::GenericArgument::Type(inner)) if args.args.len() == 1 => Some(inner),
+        _ => None,
+    }
 }
 
 fn reject_borrowed(ty: &Type) -> syn::Result<()> {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use flame_core::{Error, Registry};
+use flame_core::{Error, Registry, States};
 
 use crate::build_id::build_id;
 use crate::connect::{connect_watched, NATS_URL_ENV};
@@ -53,14 +53,7 @@ pub async fn init() -> Result<Flame, Error> {
 /// # Ok(()) }
 /// ```
 pub async fn serve_if_runner() -> Result<(), Error> {
-    // Refuse duplicate names before anything runs, in parent and runner.
-    Registry::global()?;
-    if let Ok(value) = std::env::var(PARENT_ENV) {
-        let info = ParentInfo::from_env_value(&value)?;
-        let code = crate::runner::serve(info).await;
-        std::process::exit(code);
-    }
-    Ok(())
+    FlameBuilder::new().serve_if_runner().await
 }
 
 /// Settings for [`init`] and [`FlameBuilder::connect`].
@@ -69,6 +62,7 @@ pub struct FlameBuilder {
     nats_url: Option<String>,
     connect_timeout: Option<Duration>,
     build_id: Option<String>,
+    states: States,
 }
 
 impl FlameBuilder {
@@ -101,17 +95,54 @@ impl FlameBuilder {
         self
     }
 
-    /// [`serve_if_runner`], then [`FlameBuilder::connect`]. See [`init`].
+    /// Gives remote functions `value`: a function (or inline block) that
+    /// takes `State<T>` receives a clone of it on the runner. Build it in
+    /// `main` before [`FlameBuilder::init`], as parent and runner both run
+    /// `main`; one value per type. A function whose state is missing stops
+    /// `init` with [`Error::MissingState`], in parent and runner alike.
+    ///
+    /// ```no_run
+    /// use flame_core::State;
+    ///
+    /// #[derive(Clone)]
+    /// struct Config { greeting: String }
+    ///
+    /// # async fn app() -> Result<(), flame_core::Error> {
+    /// let config = Config { greeting: "hello".into() };
+    /// let flame = flame_nats::FlameBuilder::new().state(config).init().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn state<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.states.insert(value);
+        self
+    }
+
+    /// [`FlameBuilder::serve_if_runner`], then [`FlameBuilder::connect`].
+    /// See [`init`].
     pub async fn init(self) -> Result<Flame, Error> {
-        serve_if_runner().await?;
+        self.serve_if_runner().await?;
         self.connect().await
+    }
+
+    /// [`serve_if_runner`] with this builder's state: serves as a runner
+    /// if this process is one (and never returns), else returns `Ok(())`.
+    pub async fn serve_if_runner(&self) -> Result<(), Error> {
+        // Refuse duplicate names and missing state before anything runs, in
+        // parent and runner.
+        Registry::global()?.check_states(&self.states)?;
+        if let Ok(value) = std::env::var(PARENT_ENV) {
+            let info = ParentInfo::from_env_value(&value)?;
+            let code = crate::runner::serve(info, self.states.clone()).await;
+            std::process::exit(code);
+        }
+        Ok(())
     }
 
     /// Connects as a parent. A runner must call [`serve_if_runner`] (or
     /// [`init`]) instead: in a process with `FLAME_PARENT` set this fails
     /// with [`Error::Config`].
     pub async fn connect(self) -> Result<Flame, Error> {
-        Registry::global()?;
+        Registry::global()?.check_states(&self.states)?;
         if std::env::var_os(PARENT_ENV).is_some() {
             return Err(Error::Config(format!(
                 "this process is a runner ({PARENT_ENV} is set): call flame::serve_if_runner() \

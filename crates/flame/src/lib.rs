@@ -60,7 +60,7 @@
 
 pub use flame_core::{
     backend, Backend, BootSpec, Booted, BoxError, Error, LocalBackend, RemoteFn, Result, Source,
-    StopRunner,
+    State, StopRunner,
 };
 pub use flame_macros::remote;
 pub use flame_nats::{
@@ -74,7 +74,7 @@ pub use flame_nats::{
 /// Three forms:
 ///
 /// - `flame::call!(pool, name(arg1, arg2))` calls a `#[flame::remote]`
-///   function;
+///   function (leave out its `State<T>` parameters: the runner fills them);
 /// - `flame::call!(pool, |a: A, b: B| -> R { ... })` lifts a plain block into
 ///   a registered function that runs on the runner's blocking thread pool:
 ///   the place for CPU-heavy or blocking code;
@@ -85,20 +85,42 @@ pub use flame_nats::{
 /// shipped as the block's arguments; the block may use nothing else from its
 /// scope, which the compiler enforces. The return type defaults to `()`.
 ///
+/// An inline block gets app state (see [`FlameBuilder::state`]) through a
+/// `state(..)` clause before it: the runner's own value of each listed type,
+/// cloned, under the given name. Nothing of it is shipped.
+///
+/// ```ignore
+/// flame::call!(pool, state(db: Db), async |id: u64| -> Result<(), String> {
+///     db.insert(id).await
+/// })
+/// ```
+///
 /// Evaluates to a future of `Result<R, flame::Error>`.
 #[macro_export]
 macro_rules! call {
+    ($pool:expr, state($($s:ident : $st:ty),+ $(,)?), async $(move)? || $(-> $ret:ty)? $body:block) => {
+        $crate::__flame_inline!(call, async, $pool, [$($s : $st),+] () -> ($($ret)?) $body)
+    };
+    ($pool:expr, state($($s:ident : $st:ty),+ $(,)?), async $(move)? |$($arg:ident : $ty:ty),+ $(,)?| $(-> $ret:ty)? $body:block) => {
+        $crate::__flame_inline!(call, async, $pool, [$($s : $st),+] ($($arg : $ty),+) -> ($($ret)?) $body)
+    };
+    ($pool:expr, state($($s:ident : $st:ty),+ $(,)?), $(move)? || $(-> $ret:ty)? $body:block) => {
+        $crate::__flame_inline!(call, blocking, $pool, [$($s : $st),+] () -> ($($ret)?) $body)
+    };
+    ($pool:expr, state($($s:ident : $st:ty),+ $(,)?), $(move)? |$($arg:ident : $ty:ty),+ $(,)?| $(-> $ret:ty)? $body:block) => {
+        $crate::__flame_inline!(call, blocking, $pool, [$($s : $st),+] ($($arg : $ty),+) -> ($($ret)?) $body)
+    };
     ($pool:expr, async $(move)? || $(-> $ret:ty)? $body:block) => {
-        $crate::__flame_inline!(call, async, $pool, () -> ($($ret)?) $body)
+        $crate::__flame_inline!(call, async, $pool, [] () -> ($($ret)?) $body)
     };
     ($pool:expr, async $(move)? |$($arg:ident : $ty:ty),+ $(,)?| $(-> $ret:ty)? $body:block) => {
-        $crate::__flame_inline!(call, async, $pool, ($($arg : $ty),+) -> ($($ret)?) $body)
+        $crate::__flame_inline!(call, async, $pool, [] ($($arg : $ty),+) -> ($($ret)?) $body)
     };
     ($pool:expr, $(move)? || $(-> $ret:ty)? $body:block) => {
-        $crate::__flame_inline!(call, blocking, $pool, () -> ($($ret)?) $body)
+        $crate::__flame_inline!(call, blocking, $pool, [] () -> ($($ret)?) $body)
     };
     ($pool:expr, $(move)? |$($arg:ident : $ty:ty),+ $(,)?| $(-> $ret:ty)? $body:block) => {
-        $crate::__flame_inline!(call, blocking, $pool, ($($arg : $ty),+) -> ($($ret)?) $body)
+        $crate::__flame_inline!(call, blocking, $pool, [] ($($arg : $ty),+) -> ($($ret)?) $body)
     };
     ($pool:expr, $($func:ident)::+ ( $($a:expr),* $(,)? )) => {
         ($pool).call::<$($func)::+>(($($a,)*))
@@ -107,22 +129,34 @@ macro_rules! call {
 
 /// Runs a function or an inline block on a pool without waiting for it.
 ///
-/// Same forms as [`call!`]. Evaluates to `Result<(), flame::Error>` at once;
-/// the work then finds or boots a runner on its own, and its failures are
-/// logged and counted on the runner.
+/// Same forms as [`call!`] (including the `state(..)` clause). Evaluates to
+/// `Result<(), flame::Error>` at once; the work then finds or boots a runner
+/// on its own, and its failures are logged and counted on the runner.
 #[macro_export]
 macro_rules! cast {
+    ($pool:expr, state($($s:ident : $st:ty),+ $(,)?), async $(move)? || $body:block) => {
+        $crate::__flame_inline!(cast, async, $pool, [$($s : $st),+] () -> () $body)
+    };
+    ($pool:expr, state($($s:ident : $st:ty),+ $(,)?), async $(move)? |$($arg:ident : $ty:ty),+ $(,)?| $body:block) => {
+        $crate::__flame_inline!(cast, async, $pool, [$($s : $st),+] ($($arg : $ty),+) -> () $body)
+    };
+    ($pool:expr, state($($s:ident : $st:ty),+ $(,)?), $(move)? || $body:block) => {
+        $crate::__flame_inline!(cast, blocking, $pool, [$($s : $st),+] () -> () $body)
+    };
+    ($pool:expr, state($($s:ident : $st:ty),+ $(,)?), $(move)? |$($arg:ident : $ty:ty),+ $(,)?| $body:block) => {
+        $crate::__flame_inline!(cast, blocking, $pool, [$($s : $st),+] ($($arg : $ty),+) -> () $body)
+    };
     ($pool:expr, async $(move)? || $body:block) => {
-        $crate::__flame_inline!(cast, async, $pool, () -> () $body)
+        $crate::__flame_inline!(cast, async, $pool, [] () -> () $body)
     };
     ($pool:expr, async $(move)? |$($arg:ident : $ty:ty),+ $(,)?| $body:block) => {
-        $crate::__flame_inline!(cast, async, $pool, ($($arg : $ty),+) -> () $body)
+        $crate::__flame_inline!(cast, async, $pool, [] ($($arg : $ty),+) -> () $body)
     };
     ($pool:expr, $(move)? || $body:block) => {
-        $crate::__flame_inline!(cast, blocking, $pool, () -> () $body)
+        $crate::__flame_inline!(cast, blocking, $pool, [] () -> () $body)
     };
     ($pool:expr, $(move)? |$($arg:ident : $ty:ty),+ $(,)?| $body:block) => {
-        $crate::__flame_inline!(cast, blocking, $pool, ($($arg : $ty),+) -> () $body)
+        $crate::__flame_inline!(cast, blocking, $pool, [] ($($arg : $ty),+) -> () $body)
     };
     ($pool:expr, $($func:ident)::+ ( $($a:expr),* $(,)? )) => {
         ($pool).cast::<$($func)::+>(($($a,)*))
@@ -133,10 +167,10 @@ macro_rules! cast {
 #[macro_export]
 macro_rules! __flame_inline {
     // An empty return type means `()`.
-    ($method:ident, $kind:ident, $pool:expr, ($($arg:ident : $ty:ty),*) -> () $body:block) => {
-        $crate::__flame_inline!($method, $kind, $pool, ($($arg : $ty),*) -> (()) $body)
+    ($method:ident, $kind:ident, $pool:expr, [$($s:ident : $st:ty),*] ($($arg:ident : $ty:ty),*) -> () $body:block) => {
+        $crate::__flame_inline!($method, $kind, $pool, [$($s : $st),*] ($($arg : $ty),*) -> (()) $body)
     };
-    ($method:ident, $kind:ident, $pool:expr, ($($arg:ident : $ty:ty),*) -> ($ret:ty) $body:block) => {{
+    ($method:ident, $kind:ident, $pool:expr, [$($s:ident : $st:ty),*] ($($arg:ident : $ty:ty),*) -> ($ret:ty) $body:block) => {{
         // A nested fn item cannot capture local variables (error E0434), so a
         // variable used in the block but not listed fails to compile.
         #[allow(non_camel_case_types)]
@@ -148,7 +182,10 @@ macro_rules! __flame_inline {
             type Args = ($($ty,)*);
             type Output = $ret;
         }
-        $crate::__flame_inline!(@fn $kind ($($arg : $ty),*) -> $ret $body);
+        $crate::__flame_inline!(@fn $kind [$($s : $st),*] ($($arg : $ty),*) -> $ret $body);
+        fn __flame_states() -> ::std::vec::Vec<$crate::__private::StateKey> {
+            ::std::vec![$($crate::__private::StateKey::of::<$st>()),*]
+        }
         $crate::__private::inventory::submit! {
             $crate::__private::Registration::new(
                 <__flame_block as $crate::RemoteFn>::NAME,
@@ -156,19 +193,40 @@ macro_rules! __flame_inline {
                 ::core::file!(),
                 ::core::line!(),
             )
+            .needs(__flame_states)
         }
         ($pool).$method::<__flame_block>(($($arg,)*))
     }};
-    (@fn async ($($arg:ident : $ty:ty),*) -> $ret:ty $body:block) => {
-        async fn __flame_block_fn($($arg: $ty),*) -> $ret $body
-        fn __flame_handler(args: $crate::__private::Bytes) -> $crate::__private::Invocation {
-            $crate::__private::invoke_async(args, |($($arg,)*): ($($ty,)*)| __flame_block_fn($($arg),*))
+    (@fn async [$($s:ident : $st:ty),*] ($($arg:ident : $ty:ty),*) -> $ret:ty $body:block) => {
+        async fn __flame_block_fn($($arg: $ty,)* $($s: $st),*) -> $ret $body
+        fn __flame_handler(
+            args: $crate::__private::Bytes,
+            states: &$crate::__private::States,
+        ) -> $crate::__private::Invocation {
+            let _ = states;
+            $(
+                let $s: $st = match $crate::__private::state::<$st>(states) {
+                    ::core::result::Result::Ok(value) => value,
+                    ::core::result::Result::Err(e) => return $crate::__private::Invocation::Refused(e),
+                };
+            )*
+            $crate::__private::invoke_async(args, move |($($arg,)*): ($($ty,)*)| __flame_block_fn($($arg,)* $($s),*))
         }
     };
-    (@fn blocking ($($arg:ident : $ty:ty),*) -> $ret:ty $body:block) => {
-        fn __flame_block_fn($($arg: $ty),*) -> $ret $body
-        fn __flame_handler(args: $crate::__private::Bytes) -> $crate::__private::Invocation {
-            $crate::__private::invoke_blocking(args, |($($arg,)*): ($($ty,)*)| __flame_block_fn($($arg),*))
+    (@fn blocking [$($s:ident : $st:ty),*] ($($arg:ident : $ty:ty),*) -> $ret:ty $body:block) => {
+        fn __flame_block_fn($($arg: $ty,)* $($s: $st),*) -> $ret $body
+        fn __flame_handler(
+            args: $crate::__private::Bytes,
+            states: &$crate::__private::States,
+        ) -> $crate::__private::Invocation {
+            let _ = states;
+            $(
+                let $s: $st = match $crate::__private::state::<$st>(states) {
+                    ::core::result::Result::Ok(value) => value,
+                    ::core::result::Result::Err(e) => return $crate::__private::Invocation::Refused(e),
+                };
+            )*
+            $crate::__private::invoke_blocking(args, move |($($arg,)*): ($($ty,)*)| __flame_block_fn($($arg,)* $($s),*))
         }
     };
 }
@@ -178,5 +236,8 @@ macro_rules! __flame_inline {
 pub mod __private {
     pub use bytes::Bytes;
     pub use flame_core::inventory;
-    pub use flame_core::registry::{invoke_async, invoke_blocking, Invocation, Registration};
+    pub use flame_core::registry::{
+        invoke_async, invoke_blocking, state, Invocation, Registration,
+    };
+    pub use flame_core::state::{StateKey, States};
 }

@@ -32,6 +32,11 @@
 //! - `connect-in-runner`: sets `FLAME_PARENT` in its own environment, then
 //!   calls `FlameBuilder::connect()`: prints `config error: <message>` and
 //!   exits 0 on `Error::Config`, else prints what happened and exits 1.
+//! - `no-state`: `flame::init()` without the test state the remote functions
+//!   take; prints `error: <message>` (or that it started) and exits 3.
+//!
+//! Every other mode, and every runner, gives flame the test state first
+//! (`harness::with_test_state`).
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -40,6 +45,7 @@ use std::time::Duration;
 
 use flame::CallOptions;
 use flame_tests::funcs::{add, counted_sleep, mark_then_sleep};
+use flame_tests::harness::with_test_state;
 
 #[tokio::main]
 async fn main() {
@@ -49,10 +55,18 @@ async fn main() {
     match mode.as_str() {
         "own-server" => return own_server().await,
         "connect-in-runner" => return connect_in_runner().await,
+        "no-state" => {
+            // The test functions take state; without it init must refuse.
+            match flame::init().await {
+                Ok(_) => println!("started without state"),
+                Err(e) => println!("error: {e}"),
+            }
+            std::process::exit(3);
+        }
         _ => {}
     }
     // In a runner this serves calls and exits the process.
-    let result = flame::init().await;
+    let result = with_test_state(flame::FlameBuilder::new()).init().await;
     match mode.as_str() {
         "embedded-check" => match result {
             Ok(flame) => println!("ok {} build {}", flame.nats_url(), flame.build_id()),
@@ -235,12 +249,15 @@ fn descendants_named(name: &str) -> usize {
 async fn own_server() {
     // In a runner this serves calls and exits the process; in the parent it
     // returns at once, before any server is started.
-    flame::serve_if_runner().await.expect("serve_if_runner");
+    with_test_state(flame::FlameBuilder::new())
+        .serve_if_runner()
+        .await
+        .expect("serve_if_runner");
     let server = tokio::task::spawn_blocking(flame::NatsServer::start)
         .await
         .expect("join")
         .expect("start nats-server");
-    let flame = flame::FlameBuilder::new()
+    let flame = with_test_state(flame::FlameBuilder::new())
         .nats_url(server.url())
         .connect()
         .await
@@ -281,7 +298,7 @@ async fn connect_in_runner() {
     }))
     .expect("runner info");
     std::env::set_var(flame::PARENT_ENV, info.to_env_value());
-    match flame::FlameBuilder::new().connect().await {
+    match with_test_state(flame::FlameBuilder::new()).connect().await {
         Err(flame::Error::Config(message)) => println!("config error: {message}"),
         Err(other) => {
             println!("other error: {other:?}");

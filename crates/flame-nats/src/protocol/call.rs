@@ -59,6 +59,9 @@ pub(crate) enum ErrorKind {
     /// The runner is stopping and takes no new work; nothing ran, so the
     /// caller may place the call elsewhere.
     Draining,
+    /// The function takes a type of state the runner's app did not give
+    /// flame; the message names the type.
+    MissingState,
 }
 
 impl ErrorKind {
@@ -74,6 +77,7 @@ impl ErrorKind {
             ErrorKind::Panicked => "panicked",
             ErrorKind::Timeout => "timeout",
             ErrorKind::Draining => "draining",
+            ErrorKind::MissingState => "missing-state",
         }
     }
 
@@ -89,6 +93,7 @@ impl ErrorKind {
             "panicked" => ErrorKind::Panicked,
             "timeout" => ErrorKind::Timeout,
             "draining" => ErrorKind::Draining,
+            "missing-state" => ErrorKind::MissingState,
             _ => return None,
         })
     }
@@ -101,7 +106,7 @@ impl ErrorKind {
             ErrorKind::UnknownFunction => 404,
             ErrorKind::BuildMismatch => 409,
             ErrorKind::ResultTooLarge => 413,
-            ErrorKind::Panicked | ErrorKind::EncodeResult => 500,
+            ErrorKind::Panicked | ErrorKind::EncodeResult | ErrorKind::MissingState => 500,
             ErrorKind::Draining => 503,
             ErrorKind::Timeout => 504,
         }
@@ -202,6 +207,10 @@ pub(crate) fn read_reply(
             message,
         },
         Some(ErrorKind::Timeout) => Error::Timeout { function, timeout },
+        Some(ErrorKind::MissingState) => Error::MissingState {
+            function,
+            state: message,
+        },
         Some(_) | None => Error::Protocol { runner, message },
     };
     Reply::Failed(err)
@@ -251,6 +260,7 @@ mod tests {
             ErrorKind::Panicked,
             ErrorKind::Timeout,
             ErrorKind::Draining,
+            ErrorKind::MissingState,
         ] {
             assert_eq!(ErrorKind::parse(kind.as_str()), Some(kind));
         }
@@ -320,6 +330,7 @@ mod tests {
             (ErrorKind::Timeout, vec![]),
             (ErrorKind::Malformed, vec![]),
             (ErrorKind::Draining, vec![]),
+            (ErrorKind::MissingState, vec![]),
         ] {
             let mut h = error_headers(kind, &extra);
             h.insert(HEADER_SERVICE_ERROR, "what happened");
@@ -344,6 +355,9 @@ mod tests {
                 }
                 (ErrorKind::Timeout, Reply::Failed(Error::Timeout { timeout, .. })) => timeout == t,
                 (ErrorKind::Malformed, Reply::Failed(Error::Protocol { .. })) => true,
+                (ErrorKind::MissingState, Reply::Failed(Error::MissingState { state, .. })) => {
+                    state == "what happened"
+                }
                 _ => false,
             };
             assert!(ok, "{kind:?}");

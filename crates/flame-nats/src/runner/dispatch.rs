@@ -2,6 +2,7 @@
 //! function within its deadline (panics caught), and answer.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -286,12 +287,13 @@ impl Runner {
         // Decoding the arguments runs the app's `Deserialize` impls, which
         // may panic on crafted bytes: inside the guard too.
         let invocation =
-            std::panic::catch_unwind(move || handler(payload)).unwrap_or_else(|panic| {
-                Invocation::Refused(InvokeError::DecodeArgs(format!(
-                    "decoding the arguments panicked: {}",
-                    panic_message(panic)
-                )))
-            });
+            std::panic::catch_unwind(AssertUnwindSafe(|| handler(payload, &self.states)))
+                .unwrap_or_else(|panic| {
+                    Invocation::Refused(InvokeError::DecodeArgs(format!(
+                        "decoding the arguments panicked: {}",
+                        panic_message(panic)
+                    )))
+                });
         let result = match invocation {
             Invocation::Refused(e) => Err(e),
             Invocation::Async(fut) => {
@@ -325,6 +327,7 @@ impl Runner {
         result.map_err(|e| match e {
             InvokeError::DecodeArgs(m) => (ErrorKind::DecodeArgs, m),
             InvokeError::EncodeResult(m) => (ErrorKind::EncodeResult, m),
+            InvokeError::MissingState(state) => (ErrorKind::MissingState, state.to_string()),
         })
     }
 

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use async_nats::service::ServiceExt;
 use flame_core::registry::Registry;
+use flame_core::state::States;
 use flame_core::Error;
 use futures::StreamExt;
 use tokio::sync::{Notify, Semaphore};
@@ -53,9 +54,9 @@ enum Stop {
 }
 
 /// Serves as a runner until it is time to stop. Returns the process exit code.
-pub(crate) async fn serve(info: ParentInfo) -> i32 {
+pub(crate) async fn serve(info: ParentInfo, states: States) -> i32 {
     let runner = info.runner_id.clone();
-    match run(info).await {
+    match run(info, states).await {
         Ok(reason) => {
             info!(%runner, "runner stopping: {reason}");
             0
@@ -92,6 +93,8 @@ struct Runner {
     draining: AtomicBool,
     /// Woken when in-flight work finishes during the drain.
     work_done: Notify,
+    /// The app's state, for functions that take `State<T>`.
+    states: States,
     /// Signs events to the parent (private pools).
     event_key: Option<EventKey>,
     /// Numbers the events sent to the parent.
@@ -114,7 +117,7 @@ struct Runner {
     lease: tokio::sync::Mutex<Option<LeaseKeeper>>,
 }
 
-async fn run(info: ParentInfo) -> Result<String, Error> {
+async fn run(info: ParentInfo, states: States) -> Result<String, Error> {
     let registry = Registry::global()?;
     let failsafe = Duration::from_millis(info.failsafe_timeout_ms);
     let failsafe_deadline = Instant::now() + failsafe;
@@ -200,6 +203,7 @@ async fn run(info: ParentInfo) -> Result<String, Error> {
             .map(|name| (name, AtomicU8::new(0)))
             .collect(),
         started: Instant::now(),
+        states,
         event_key,
         event_seq: AtomicU64::new(0),
         last_active_ms: AtomicU64::new(0),
