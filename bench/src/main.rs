@@ -40,6 +40,47 @@ async fn echo_once(pool: flame::Pool, payload: Vec<u8>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads a byte stream to its end; returns the bytes read and this
+/// runner's peak resident memory in KiB.
+#[flame::remote]
+async fn swallow(mut data: flame::Stream<Bytes>) -> Result<(u64, u64), String> {
+    let mut n = 0u64;
+    while let Some(chunk) = data.next().await {
+        n += chunk.map_err(|e| e.to_string())?.len() as u64;
+    }
+    Ok((n, peak_rss_kib()))
+}
+
+/// Sends `count` chunks of `size` bytes.
+#[flame::remote]
+async fn gush(count: u64, size: usize) -> flame::Stream<Bytes> {
+    let chunk = Bytes::from(vec![0x5Au8; size]);
+    flame::Stream::new(futures::stream::iter(
+        (0..count).map(move |_| chunk.clone()),
+    ))
+}
+
+/// Peak resident memory of this process in KiB (`VmHWM`).
+fn peak_rss_kib() -> u64 {
+    proc_status_kib("VmHWM:")
+}
+
+/// Resident memory of this process in KiB (`VmRSS`).
+fn own_rss_kib() -> u64 {
+    proc_status_kib("VmRSS:")
+}
+
+fn proc_status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Process id of the runner.
 #[flame::remote]
 async fn pid() -> u32 {
@@ -181,6 +222,9 @@ async fn main() -> anyhow::Result<()> {
     elastic_runs.sort_by_key(|e| e.coordination);
     let el = &elastic_runs[elastic_runs.len() / 2];
 
+    eprintln!("streams...");
+    let st = streams(&flame, &url, if quick { 64 } else { 1024 }).await?;
+
     eprintln!("shared pool: 1 parent, then 4 parents...");
     let shared_secs = if quick { 1 } else { 3 };
     let one = shared_throughput(&url, "bench-shared-1", 1, shared_secs).await?;
@@ -262,6 +306,30 @@ async fn main() -> anyhow::Result<()> {
             "heartbeat {} ms, lease period 3 heartbeats",
             SHARED_HEARTBEAT.as_millis()
         ),
+    ));
+
+    let mbs = |r: f64| format!("{r:.0} MB/s");
+    rows.push((
+        "stream parent → runner, 128 KiB chunks".into(),
+        mbs(st.raw),
+        mbs(st.to_runner),
+        ratio(st.to_runner, st.raw, "≥ 0.8x"),
+    ));
+    rows.push((
+        "stream runner → parent, 128 KiB chunks".into(),
+        mbs(st.raw),
+        mbs(st.to_parent),
+        ratio(st.to_parent, st.raw, "≥ 0.8x"),
+    ));
+    rows.push((
+        format!("peak resident memory, {} MiB streamed to a runner", st.mib),
+        "-".into(),
+        format!(
+            "runner {:.1} MB peak, parent +{:.1} MB",
+            st.runner_peak_kib as f64 / 1024.0,
+            st.parent_growth_kib as f64 / 1024.0
+        ),
+        "target: a few MB, whatever the size".into(),
     ));
 
     println!("| measure | raw async-nats | flame | flame vs raw |");
@@ -610,4 +678,97 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .context("no VmRSS")
+}
+
+/// Stream measures.
+struct StreamMeasures {
+    /// Raw NATS publish of the same chunks to a subscriber, MB/s.
+    raw: f64,
+    to_runner: f64,
+    to_parent: f64,
+    mib: u64,
+    runner_peak_kib: u64,
+    parent_growth_kib: u64,
+}
+
+/// Streams `mib` MiB in 128 KiB chunks each way, beside raw NATS publish of
+/// the same chunks to a subscriber on another connection.
+async fn streams(flame: &flame::Flame, url: &str, mib: u64) -> anyhow::Result<StreamMeasures> {
+    const CHUNK: usize = 128 * 1024;
+    let count = mib * 1024 * 1024 / CHUNK as u64;
+    let mb = (count * CHUNK as u64) as f64 / 1e6;
+
+    // Raw: publish everything, the subscriber counts it in.
+    let publisher = async_nats::connect(url).await?;
+    let reader = async_nats::ConnectOptions::new()
+        .subscription_capacity(64 * 1024)
+        .connect(url)
+        .await?;
+    let mut sub = reader.subscribe("bench.raw.stream").await?;
+    reader.flush().await?;
+    let chunk = Bytes::from(vec![0x5Au8; CHUNK]);
+    let started = Instant::now();
+    let counting = tokio::spawn(async move {
+        let mut n = 0;
+        while n < count {
+            if sub.next().await.is_none() {
+                break;
+            }
+            n += 1;
+        }
+        n
+    });
+    for _ in 0..count {
+        publisher.publish("bench.raw.stream", chunk.clone()).await?;
+    }
+    publisher.flush().await?;
+    let got = counting.await?;
+    anyhow::ensure!(got == count, "raw subscriber saw {got} of {count} chunks");
+    let raw = mb / started.elapsed().as_secs_f64();
+
+    // A fresh runner, so that its peak memory is this transfer's.
+    let pool = flame.pool("bench-stream").max(1).start().await?;
+    let data = flame::Stream::new(futures::stream::iter(
+        (0..count).map(move |_| chunk.clone()),
+    ));
+    let before = own_rss_kib();
+    let peak = Arc::new(AtomicU64::new(before));
+    let sampling = tokio::spawn({
+        let peak = peak.clone();
+        async move {
+            loop {
+                peak.fetch_max(own_rss_kib(), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    let started = Instant::now();
+    let (bytes, runner_peak_kib) = flame::call!(pool, swallow(data))
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    let to_runner = mb / started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        bytes == count * CHUNK as u64,
+        "the runner read {bytes} bytes"
+    );
+    sampling.abort();
+    let parent_growth_kib = peak.load(Ordering::Relaxed).saturating_sub(before);
+
+    let started = Instant::now();
+    let mut back = flame::call!(pool, gush(count, CHUNK)).await?;
+    let mut n = 0u64;
+    while let Some(chunk) = back.next().await {
+        n += chunk?.len() as u64;
+    }
+    let to_parent = mb / started.elapsed().as_secs_f64();
+    anyhow::ensure!(n == count * CHUNK as u64, "the parent read {n} bytes");
+    pool.shutdown().await;
+    Ok(StreamMeasures {
+        raw,
+        to_runner,
+        to_parent,
+        mib,
+        runner_peak_kib,
+        parent_growth_kib,
+    })
 }

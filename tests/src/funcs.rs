@@ -385,3 +385,82 @@ pub fn greet(prefix: String, State(greeting): State<Greeting>, name: String) -> 
 /// The test app's second piece of state.
 #[derive(Debug, Clone)]
 pub struct Greeting(pub String);
+
+/// Streams as arguments and results.
+pub mod streams {
+    use bytes::Bytes;
+    use flame::Stream;
+    use futures::StreamExt;
+
+    /// Reads a byte stream to its end: its length and the sum of its bytes,
+    /// or the error that ended it.
+    #[flame::remote]
+    pub async fn count_bytes(mut data: Stream<Bytes>) -> Result<(u64, u64), String> {
+        let (mut len, mut sum) = (0u64, 0u64);
+        while let Some(chunk) = data.next().await {
+            let chunk = chunk.map_err(|e| e.to_string())?;
+            len += chunk.len() as u64;
+            sum = chunk.iter().fold(sum, |s, b| s.wrapping_add(*b as u64));
+        }
+        Ok((len, sum))
+    }
+
+    /// The numbers 1 to `n`, made as they are read.
+    #[flame::remote]
+    pub async fn numbers(n: u32) -> Stream<u32> {
+        Stream::new(futures::stream::iter(1..=n))
+    }
+
+    /// Upper-cases a byte stream as it flows through.
+    #[flame::remote]
+    pub async fn upper(data: Stream<Bytes>) -> Stream<Bytes> {
+        Stream::try_new(data.map(|chunk| chunk.map(|c| Bytes::from(c.to_ascii_uppercase()))))
+    }
+
+    /// The numbers 1 to `n`, then an error instead of `n + 1`.
+    #[flame::remote]
+    pub async fn numbers_then_error(n: u32) -> Stream<u32> {
+        let items = (1..=n + 1).map(move |i| {
+            if i <= n {
+                Ok(i)
+            } else {
+                Err(format!("gave up after {n}"))
+            }
+        });
+        Stream::try_new(futures::stream::iter(items))
+    }
+
+    /// Numbers without end; writes `marker` when the stream is dropped on
+    /// the runner (its reader went away).
+    #[flame::remote]
+    pub async fn endless(marker: String) -> Stream<u64> {
+        struct OnDrop(String);
+        impl Drop for OnDrop {
+            fn drop(&mut self) {
+                let _ = std::fs::write(&self.0, "dropped");
+            }
+        }
+        let guard = OnDrop(marker);
+        Stream::new(futures::stream::iter(0u64..).map(move |i| {
+            let _ = &guard;
+            i
+        }))
+    }
+
+    /// `n` numbers, then the runner process dies.
+    #[flame::remote]
+    pub async fn numbers_then_die(n: u32) -> Stream<u32> {
+        Stream::new(futures::stream::iter(1..=n + 1).map(move |i| {
+            if i > n {
+                std::process::exit(9);
+            }
+            i
+        }))
+    }
+
+    /// One item of `size` bytes.
+    #[flame::remote]
+    pub async fn one_big_item(size: usize) -> Stream<Bytes> {
+        Stream::new(futures::stream::iter([Bytes::from(vec![7u8; size])]))
+    }
+}

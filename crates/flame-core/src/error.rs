@@ -110,7 +110,7 @@ pub enum Error {
     },
 
     /// An encoded payload does not fit in one NATS message.
-    #[error("{what} of `{function}` is {size} bytes, more than the NATS server's max_payload of {max} bytes")]
+    #[error("{what} of `{function}` is {size} bytes, more than the NATS server's max_payload of {max} bytes; send large data as a flame::Stream, which has no size limit")]
     PayloadTooLarge {
         /// Registered name of the function.
         function: String,
@@ -249,6 +249,12 @@ pub enum Error {
         /// What it said.
         message: String,
     },
+
+    /// A stream broke: its sender failed (the message is the sender's
+    /// error), went away (a dead runner or parent), stopped answering, or
+    /// an item did not decode. It is the last item of the stream.
+    #[error("stream ended with an error: {0}")]
+    Stream(String),
 
     /// The pool has been shut down.
     #[error("pool `{0}` is shut down")]

@@ -18,11 +18,13 @@ pub mod codec;
 mod error;
 pub mod registry;
 pub mod state;
+pub mod stream;
 
 pub use backend::{Backend, BootSpec, Booted, LocalBackend, StopRunner};
 pub use error::{BoxError, Error, Result, Source};
 pub use registry::{Registration, Registry, RemoteFn};
 pub use state::{State, States};
+pub use stream::Stream;
 
 #[doc(hidden)]
 pub use inventory;

@@ -12,6 +12,7 @@ use crate::parent::ParentContext;
 use crate::pool::builder::PoolBuilder;
 use crate::protocol::bootstrap::{ParentInfo, PARENT_ENV};
 use crate::replies::Replies;
+use crate::streams::StreamHub;
 
 /// Sets up flame in `main`: [`serve_if_runner`], then
 /// [`FlameBuilder::connect`] with the default settings.
@@ -179,6 +180,7 @@ impl FlameBuilder {
         let (client, events) =
             connect_watched(&nats_url, format!("flame parent {parent_id}"), timeout).await?;
         let replies = Replies::start(&client, nats_url.clone(), events.disconnects.clone()).await?;
+        let streams = StreamHub::start(&client).await?;
         Ok(Flame {
             parent: Arc::new(ParentContext {
                 client,
@@ -187,6 +189,7 @@ impl FlameBuilder {
                 build_id,
                 events,
                 replies,
+                streams,
                 embedded: std::sync::Mutex::new(embedded),
             }),
         })

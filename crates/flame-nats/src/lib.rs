@@ -12,6 +12,7 @@
 //! - `fleet`: shared pools over a JetStream KV bucket (mirror, election,
 //!   scaler), and `kv`: reading and compare-and-set of that bucket;
 //! - `runner`: the runner side (dispatch, lifecycle, lease);
+//! - `streams`: streams as arguments and results, with flow control;
 //! - `protocol`: subjects, headers, bodies and KV records;
 //! - [`embedded`]: a private nats-server.
 
@@ -35,6 +36,7 @@ mod pool;
 mod protocol;
 mod replies;
 mod runner;
+mod streams;
 
 pub use build_id::{build_id, BUILD_ID_ENV};
 pub use config::PoolConfig;

@@ -19,6 +19,8 @@ pub(crate) struct ParentContext {
     pub(crate) events: ConnectionEvents,
     /// Where replies to this parent's calls arrive.
     pub(crate) replies: Arc<Replies>,
+    /// Streams this parent sends and receives.
+    pub(crate) streams: Arc<crate::streams::StreamHub>,
     /// The private nats-server this parent started, if any; stopped with it.
     pub(crate) embedded: std::sync::Mutex<Option<NatsServer>>,
 }

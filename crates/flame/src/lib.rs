@@ -60,7 +60,7 @@
 
 pub use flame_core::{
     backend, Backend, BootSpec, Booted, BoxError, Error, LocalBackend, RemoteFn, Result, Source,
-    State, StopRunner,
+    State, StopRunner, Stream,
 };
 pub use flame_macros::remote;
 pub use flame_nats::{

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use flame_core::stream::{with_transport, StreamTransport};
 use flame_core::{codec, Error, RemoteFn};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -70,13 +71,15 @@ impl Pool {
         options: CallOptions,
     ) -> Result<F::Output, Error> {
         let timeout = options.timeout.unwrap_or(self.inner.config.timeout);
-        let payload = encode_args::<F>(&args)?;
+        let payload = self.encode_args::<F>(&args)?;
         let bytes = self
             .inner
             .clone()
             .run(F::NAME, payload, timeout, Kind::Call { link: options.link })
             .await?;
-        codec::decode(&bytes).map_err(|e| Error::Decode {
+        // Streams in the result are opened through this parent's hub.
+        let streams: Arc<dyn StreamTransport> = self.inner.parent.streams.clone();
+        with_transport(&streams, || codec::decode(&bytes)).map_err(|e| Error::Decode {
             function: F::NAME.to_string(),
             what: "result",
             reason: e.to_string(),
@@ -98,7 +101,7 @@ impl Pool {
             return Err(Error::PoolClosed(self.inner.config.name.clone()));
         }
         let timeout = options.timeout.unwrap_or(self.inner.config.timeout);
-        let payload = encode_args::<F>(&args)?;
+        let payload = self.encode_args::<F>(&args)?;
         let inner = self.inner.clone();
         tokio::spawn(async move {
             if let Err(e) = inner
@@ -203,8 +206,20 @@ impl Drop for InFlightCall<'_> {
     }
 }
 
-fn encode_args<F: RemoteFn>(args: &F::Args) -> Result<Bytes, Error> {
-    codec::encode(args)
+impl Pool {
+    /// Encodes a call's arguments; streams among them are offered through
+    /// this parent's hub.
+    fn encode_args<F: RemoteFn>(&self, args: &F::Args) -> Result<Bytes, Error> {
+        let streams: Arc<dyn StreamTransport> = self.inner.parent.streams.clone();
+        encode_args::<F>(&streams, args)
+    }
+}
+
+fn encode_args<F: RemoteFn>(
+    streams: &Arc<dyn StreamTransport>,
+    args: &F::Args,
+) -> Result<Bytes, Error> {
+    with_transport(streams, || codec::encode(args))
         .map(Bytes::from)
         .map_err(|e| Error::Encode {
             function: F::NAME.to_string(),

@@ -1,10 +1,11 @@
 //! The wire protocol, in one place: subjects and KV keys, the bootstrap
-//! variable, calls and replies, runner events, and the records of a shared
-//! pool's KV bucket. `PROTOCOL.md` at the repository root describes all of
+//! variable, calls and replies, runner events, streams, and the records of
+//! a shared pool's KV bucket. `PROTOCOL.md` at the repository root describes all of
 //! it for implementers in other languages.
 
 pub(crate) mod bootstrap;
 pub(crate) mod call;
 pub(crate) mod events;
 pub(crate) mod lease;
+pub(crate) mod stream;
 pub(crate) mod subjects;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_nats::service;
 use bytes::Bytes;
 use flame_core::registry::{Handler, Invocation, InvokeError};
+use flame_core::stream::with_transport;
 use futures::FutureExt;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::AbortHandle;
@@ -286,17 +287,24 @@ impl Runner {
         };
         // Decoding the arguments runs the app's `Deserialize` impls, which
         // may panic on crafted bytes: inside the guard too.
-        let invocation =
-            std::panic::catch_unwind(AssertUnwindSafe(|| handler(payload, &self.states)))
-                .unwrap_or_else(|panic| {
-                    Invocation::Refused(InvokeError::DecodeArgs(format!(
-                        "decoding the arguments panicked: {}",
-                        panic_message(panic)
-                    )))
-                });
+        let invocation = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            with_transport(&self.transport, || handler(payload, &self.states))
+        }))
+        .unwrap_or_else(|panic| {
+            Invocation::Refused(InvokeError::DecodeArgs(format!(
+                "decoding the arguments panicked: {}",
+                panic_message(panic)
+            )))
+        });
         let result = match invocation {
             Invocation::Refused(e) => Err(e),
-            Invocation::Async(fut) => {
+            Invocation::Async(mut fut) => {
+                // Streams in the result are offered through this runner's
+                // hub, which must be current wherever the future is polled.
+                let transport = self.transport.clone();
+                let fut = futures::future::poll_fn(move |cx| {
+                    with_transport(&transport, || fut.poll_unpin(cx))
+                });
                 let guarded = std::panic::AssertUnwindSafe(fut).catch_unwind();
                 match tokio::time::timeout_at(deadline, guarded).await {
                     Ok(Ok(result)) => result,
@@ -306,9 +314,10 @@ impl Runner {
                 }
             }
             Invocation::Blocking(f) => {
+                let transport = self.transport.clone();
                 let mut work = tokio::task::spawn_blocking(move || {
                     let _hold = hold;
-                    f()
+                    with_transport(&transport, f)
                 });
                 match tokio::time::timeout_at(deadline, &mut work).await {
                     Ok(Ok(result)) => result,
@@ -368,6 +377,11 @@ impl Runner {
     }
 
     pub(super) fn idle_for(&self) -> Duration {
+        // An open stream is work too (a result still being read, say).
+        if self.streams.active() > 0 {
+            self.touch();
+            return Duration::ZERO;
+        }
         let last = Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed));
         self.started.elapsed().saturating_sub(last)
     }

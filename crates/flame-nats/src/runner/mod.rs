@@ -27,6 +27,7 @@ use std::time::Duration;
 use async_nats::service::ServiceExt;
 use flame_core::registry::Registry;
 use flame_core::state::States;
+use flame_core::stream::StreamTransport;
 use flame_core::Error;
 use futures::StreamExt;
 use tokio::sync::{Notify, Semaphore};
@@ -40,6 +41,7 @@ use crate::protocol::call::ErrorKind;
 use crate::protocol::events::{EventKey, ParentEvent};
 use crate::protocol::lease::LeaseState;
 use crate::protocol::subjects;
+use crate::streams::StreamHub;
 use dispatch::Cancellable;
 use lease::LeaseKeeper;
 
@@ -95,6 +97,10 @@ struct Runner {
     work_done: Notify,
     /// The app's state, for functions that take `State<T>`.
     states: States,
+    /// Streams this runner sends and receives.
+    streams: Arc<StreamHub>,
+    /// The same, as the transport that arguments and results use.
+    transport: Arc<dyn StreamTransport>,
     /// Signs events to the parent (private pools).
     event_key: Option<EventKey>,
     /// Numbers the events sent to the parent.
@@ -138,6 +144,7 @@ async fn run(info: ParentInfo, states: States) -> Result<String, Error> {
         )));
     }
 
+    let streams = StreamHub::start(&client).await?;
     let counters = Arc::new(Counters::default());
     let stats_counters = counters.clone();
     let mut metadata = HashMap::new();
@@ -203,6 +210,8 @@ async fn run(info: ParentInfo, states: States) -> Result<String, Error> {
             .map(|name| (name, AtomicU8::new(0)))
             .collect(),
         started: Instant::now(),
+        transport: streams.clone(),
+        streams,
         states,
         event_key,
         event_seq: AtomicU64::new(0),

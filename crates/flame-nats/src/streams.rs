@@ -1,0 +1,339 @@
+//! The stream transport of one connection (a parent's or a runner's):
+//! producers for the streams this side sends, consumers for those it
+//! receives, with credit-based flow control and keepalives
+//! ([`crate::protocol::stream`]).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use async_nats::{Client, HeaderMap};
+use bytes::Bytes;
+use flame_core::stream::{ItemSink, ItemSource, StreamTransport};
+use flame_core::Error;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::protocol::stream::{
+    Control, Frame, HEADER_STREAM, KEEPALIVE, OPEN_WAIT, SILENCE, WINDOW,
+};
+
+/// Producers by stream id: where control messages for them go.
+type Producers = Mutex<HashMap<u64, mpsc::UnboundedSender<Control>>>;
+
+/// Streams sent and received over one connection.
+pub(crate) struct StreamHub {
+    client: Client,
+    /// `<inbox>.s.`: a stream's address is this plus its id.
+    prefix: String,
+    producers: Arc<Producers>,
+    next: AtomicU64,
+    /// Streams open now, both ways (a runner with open streams is busy).
+    active: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for StreamHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamHub")
+            .field("prefix", &self.prefix)
+            .field("active", &self.active.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl StreamHub {
+    /// Subscribes to this side's stream addresses and routes what arrives.
+    pub(crate) async fn start(client: &Client) -> Result<Arc<StreamHub>, Error> {
+        let prefix = format!("{}.s.", client.new_inbox());
+        let mut sub = client
+            .subscribe(format!("{prefix}*"))
+            .await
+            .map_err(|e| Error::nats("cannot subscribe to stream addresses", e))?;
+        let hub = Arc::new(StreamHub {
+            client: client.clone(),
+            prefix,
+            producers: Arc::new(Mutex::new(HashMap::new())),
+            next: AtomicU64::new(1),
+            active: Arc::new(AtomicUsize::new(0)),
+        });
+        let weak = Arc::downgrade(&hub);
+        tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let Some(hub) = weak.upgrade() else {
+                    return;
+                };
+                hub.route(msg).await;
+            }
+        });
+        Ok(hub)
+    }
+
+    /// Streams open now, both ways.
+    pub(crate) fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    async fn route(&self, msg: async_nats::Message) {
+        let id = msg
+            .subject
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|id| id.parse::<u64>().ok());
+        let control = serde_json::from_slice::<Control>(&msg.payload).ok();
+        let delivered = match (id, control) {
+            (Some(id), Some(control)) => self
+                .producers
+                .lock()
+                .unwrap()
+                .get(&id)
+                .is_some_and(|tx| tx.send(control).is_ok()),
+            _ => false,
+        };
+        if let Some(reply) = msg.reply {
+            let answer = if delivered { "ok" } else { "gone" };
+            let _ = self.client.publish(reply, answer.into()).await;
+        }
+    }
+}
+
+impl StreamTransport for StreamHub {
+    fn produce(&self, source: ItemSource) -> String {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.producers.lock().unwrap().insert(id, tx);
+        let producer = Producer {
+            client: self.client.clone(),
+            control: rx,
+            source,
+            active: Active::new(&self.active),
+        };
+        // A producer removes its own entry when it ends.
+        let producers: Weak<Producers> = Arc::downgrade(&self.producers);
+        tokio::spawn(async move {
+            producer.run().await;
+            if let Some(producers) = producers.upgrade() {
+                producers.lock().unwrap().remove(&id);
+            }
+        });
+        format!("{}{id}", self.prefix)
+    }
+
+    fn consume(&self, address: String) -> ItemSink {
+        let (tx, rx) = mpsc::channel(WINDOW as usize);
+        let consumer = Consumer {
+            client: self.client.clone(),
+            address,
+            tx,
+            active: Active::new(&self.active),
+        };
+        tokio::spawn(consumer.run());
+        tokio_stream_from(rx)
+    }
+}
+
+/// Counts a stream as open while alive.
+struct Active(Arc<AtomicUsize>);
+
+impl Active {
+    fn new(count: &Arc<AtomicUsize>) -> Active {
+        count.fetch_add(1, Ordering::SeqCst);
+        Active(count.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn tokio_stream_from(mut rx: mpsc::Receiver<Result<Bytes, Error>>) -> ItemSink {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+}
+
+/// Sends the items of one stream, within the credit its consumer grants.
+struct Producer {
+    client: Client,
+    control: mpsc::UnboundedReceiver<Control>,
+    source: ItemSource,
+    active: Active,
+}
+
+impl Producer {
+    async fn run(mut self) {
+        let _active = &self.active;
+        // Wait to be opened.
+        let deadline = Instant::now() + OPEN_WAIT;
+        let (data, mut credit) = loop {
+            match tokio::time::timeout_at(deadline, self.control.recv()).await {
+                Ok(Some(Control::Open { data, credit })) => break (data, credit),
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => {
+                    debug!("stream never opened; dropped");
+                    return;
+                }
+            }
+        };
+        let mut heard = Instant::now();
+        let mut tick = tokio::time::interval(KEEPALIVE);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                control = self.control.recv() => match control {
+                    Some(Control::Credit { n }) => {
+                        credit = credit.saturating_add(n);
+                        heard = Instant::now();
+                    }
+                    Some(Control::Keepalive) | Some(Control::Open { .. }) => heard = Instant::now(),
+                    Some(Control::Cancel) | None => {
+                        debug!("stream cancelled by its reader");
+                        return;
+                    }
+                },
+                item = self.source.next(), if credit > 0 => match item {
+                    Some(Ok(bytes)) => {
+                        let max = self.client.max_payload();
+                        if bytes.len() > max {
+                            let message = format!(
+                                "an item of {} bytes is larger than the NATS server's max_payload of {max} bytes; send smaller items (Stream::from_reader makes chunks of 128 KiB)",
+                                bytes.len()
+                            );
+                            send_frame(&self.client, &data, Frame::Error, message.into()).await;
+                            return;
+                        }
+                        if let Err(e) = self.client.publish(data.clone(), bytes.into()).await {
+                            debug!("cannot send a stream item: {e}");
+                            return;
+                        }
+                        credit -= 1;
+                    }
+                    Some(Err(message)) => {
+                        send_frame(&self.client, &data, Frame::Error, message.into()).await;
+                        return;
+                    }
+                    None => {
+                        send_frame(&self.client, &data, Frame::End, Bytes::new()).await;
+                        return;
+                    }
+                },
+                _ = tick.tick() => {
+                    if heard.elapsed() > SILENCE {
+                        debug!("stream reader silent for {:?}; stopping", heard.elapsed());
+                        return;
+                    }
+                    send_frame(&self.client, &data, Frame::Keepalive, Bytes::new()).await;
+                }
+            }
+        }
+    }
+}
+
+/// Sends a non-item message (end, error, keepalive) on a data subject.
+async fn send_frame(client: &Client, data: &str, frame: Frame, body: Bytes) {
+    let mut headers = HeaderMap::new();
+    if let Some(value) = frame.as_header() {
+        headers.insert(HEADER_STREAM, value);
+    }
+    let _ = client
+        .publish_with_headers(data.to_string(), headers, body)
+        .await;
+}
+
+/// Receives the items of one stream and hands them to its reader, granting
+/// credit as the reader takes them.
+struct Consumer {
+    client: Client,
+    address: String,
+    tx: mpsc::Sender<Result<Bytes, Error>>,
+    active: Active,
+}
+
+impl Consumer {
+    async fn run(self) {
+        let _active = &self.active;
+        let fail = |message: String| async {
+            let _ = self.tx.send(Err(Error::Stream(message))).await;
+        };
+        let data = self.client.new_inbox();
+        let mut sub = match self.client.subscribe(data.clone()).await {
+            Ok(sub) => sub,
+            Err(e) => return fail(format!("cannot subscribe to the stream: {e}")).await,
+        };
+        let open = Control::Open {
+            data,
+            credit: WINDOW,
+        };
+        let body = serde_json::to_vec(&open).expect("control messages serialize");
+        let request = async_nats::Request::new()
+            .payload(body.into())
+            .timeout(Some(SILENCE));
+        match self
+            .client
+            .send_request(self.address.clone(), request)
+            .await
+        {
+            Ok(answer) if &answer.payload[..] == b"ok" => {}
+            Ok(_) => {
+                return fail("the stream was already read, or its sender gave up on it".into())
+                    .await
+            }
+            Err(e) => return fail(format!("the stream's sender is gone ({e})")).await,
+        }
+        let mut owed = 0u32;
+        let mut pending: Option<Bytes> = None;
+        let mut heard = Instant::now();
+        let mut tick = tokio::time::interval(KEEPALIVE);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                permit = self.tx.reserve(), if pending.is_some() => {
+                    let Ok(permit) = permit else { break };
+                    permit.send(Ok(pending.take().expect("pending")));
+                    owed += 1;
+                    if owed >= WINDOW / 2 {
+                        self.control(Control::Credit { n: owed }).await;
+                        owed = 0;
+                    }
+                }
+                msg = sub.next(), if pending.is_none() => {
+                    let Some(msg) = msg else {
+                        return fail("the connection to NATS was closed".into()).await;
+                    };
+                    heard = Instant::now();
+                    match Frame::of(&msg) {
+                        Some(Frame::Item) => pending = Some(msg.payload),
+                        Some(Frame::Keepalive) => {}
+                        Some(Frame::End) => return,
+                        Some(Frame::Error) => {
+                            return fail(String::from_utf8_lossy(&msg.payload).into_owned()).await;
+                        }
+                        None => return fail("unreadable stream message".into()).await,
+                    }
+                }
+                _ = self.tx.closed() => break,
+                _ = tick.tick() => {
+                    // Waiting for the sender (not for our reader): count its
+                    // silence.
+                    if pending.is_none() && heard.elapsed() > SILENCE {
+                        return fail(format!(
+                            "the stream's sender stopped answering for {:?} (its process died or lost NATS)",
+                            heard.elapsed()
+                        ))
+                        .await;
+                    }
+                    self.control(Control::Keepalive).await;
+                }
+            }
+        }
+        // The reader dropped the stream: stop the sender.
+        self.control(Control::Cancel).await;
+    }
+
+    async fn control(&self, control: Control) {
+        let body = serde_json::to_vec(&control).expect("control messages serialize");
+        if let Err(e) = self.client.publish(self.address.clone(), body.into()).await {
+            debug!("cannot reach the stream's sender: {e}");
+        }
+    }
+}

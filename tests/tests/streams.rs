@@ -1,0 +1,160 @@
+//! Streams as arguments and results: both directions, errors, cancellation
+//! and a dead runner, with real runners over a real nats-server.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use flame::{Error, Stream};
+use flame_tests::funcs::streams::*;
+use flame_tests::harness::{file_exists, path_in, wait_for, TestEnv};
+use futures::StreamExt;
+
+const LONG: Duration = Duration::from_secs(30);
+
+fn chunks(count: usize, size: usize) -> Vec<Bytes> {
+    (0..count)
+        .map(|i| Bytes::from(vec![(i % 251) as u8; size]))
+        .collect()
+}
+
+fn sum(chunks: &[Bytes]) -> u64 {
+    chunks
+        .iter()
+        .flat_map(|c| c.iter())
+        .fold(0u64, |s, b| s.wrapping_add(*b as u64))
+}
+
+async fn pool(env: &TestEnv, name: &str) -> flame::Pool {
+    env.pool(name).max(1).timeout(LONG).start().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_parent_streams_bytes_to_a_runner() {
+    let env = TestEnv::start().await;
+    let pool = pool(&env, "upload").await;
+    // 32 MiB in 128 KiB chunks: far past max_payload (1 MiB).
+    let data = chunks(256, 128 * 1024);
+    let expected = (32 * 1024 * 1024, sum(&data));
+    let stream = Stream::new(futures::stream::iter(data));
+    let got = flame::call!(pool, count_bytes(stream))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, expected);
+
+    // From a file, through an AsyncRead.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("video.bin");
+    let file_data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 256) as u8).collect();
+    std::fs::write(&path, &file_data).unwrap();
+    let file = tokio::fs::File::open(&path).await.unwrap();
+    let got = flame::call!(pool, count_bytes(Stream::from_reader(file)))
+        .await
+        .unwrap()
+        .unwrap();
+    let file_sum = file_data
+        .iter()
+        .fold(0u64, |s, b| s.wrapping_add(*b as u64));
+    assert_eq!(got, (3_000_000, file_sum));
+}
+
+#[tokio::test]
+async fn a_runner_streams_results_back_as_they_are_made() {
+    let env = TestEnv::start().await;
+    let pool = pool(&env, "results").await;
+    let numbers: Vec<u32> = flame::call!(pool, numbers(5000))
+        .await
+        .unwrap()
+        .map(|n| n.unwrap())
+        .collect()
+        .await;
+    assert_eq!(numbers, (1..=5000).collect::<Vec<_>>());
+
+    // Both ways in one call.
+    let input = Stream::new(futures::stream::iter(vec![
+        Bytes::from_static(b"thumb"),
+        Bytes::from_static(b"nails"),
+    ]));
+    let output: Vec<Bytes> = flame::call!(pool, upper(input))
+        .await
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect()
+        .await;
+    assert_eq!(
+        output,
+        vec![Bytes::from_static(b"THUMB"), Bytes::from_static(b"NAILS")]
+    );
+}
+
+#[tokio::test]
+async fn an_error_on_either_side_ends_the_stream_with_it() {
+    let env = TestEnv::start().await;
+    let pool = pool(&env, "errors").await;
+    // The runner's stream fails after 4 items.
+    let items: Vec<Result<u32, Error>> = flame::call!(pool, numbers_then_error(4))
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert_eq!(items.len(), 5, "{items:?}");
+    assert!(items[..4].iter().all(|i| i.is_ok()));
+    assert!(
+        matches!(&items[4], Err(Error::Stream(m)) if m.contains("gave up after 4")),
+        "{items:?}"
+    );
+    // The parent's stream fails: the runner sees the parent's error.
+    let failing = futures::stream::iter(vec![
+        Ok(Bytes::from_static(b"abc")),
+        Err("the upload was interrupted"),
+    ]);
+    let got = flame::call!(pool, count_bytes(Stream::try_new(failing)))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&got, Err(m) if m.contains("the upload was interrupted")),
+        "{got:?}"
+    );
+    // An item larger than the server takes is refused with a hint.
+    let items: Vec<Result<Bytes, Error>> = flame::call!(pool, one_big_item(2 * 1024 * 1024))
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert!(
+        matches!(&items[..], [Err(Error::Stream(m))] if m.contains("max_payload") && m.contains("smaller")),
+        "{items:?}"
+    );
+}
+
+#[tokio::test]
+async fn dropping_a_result_stream_stops_it_on_the_runner() {
+    let env = TestEnv::start().await;
+    let pool = pool(&env, "cancel").await;
+    let dir = tempfile::tempdir().unwrap();
+    let marker = path_in(&dir, "dropped");
+    let mut stream = flame::call!(pool, endless(marker.clone())).await.unwrap();
+    for expected in 0..3u64 {
+        assert_eq!(stream.next().await.unwrap().unwrap(), expected);
+    }
+    drop(stream);
+    wait_for("the runner to drop the stream", LONG, || {
+        file_exists(&marker)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_runner_dying_mid_stream_ends_it_with_an_error() {
+    let env = TestEnv::start().await;
+    let pool = pool(&env, "diestream").await;
+    let stream = flame::call!(pool, numbers_then_die(3)).await.unwrap();
+    let items: Vec<Result<u32, Error>> = tokio::time::timeout(LONG, stream.collect())
+        .await
+        .expect("the stream ends, not hangs");
+    assert!(items.len() <= 4, "{items:?}");
+    assert!(
+        matches!(items.last(), Some(Err(Error::Stream(_)))),
+        "{items:?}"
+    );
+}
