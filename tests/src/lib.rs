@@ -8,7 +8,9 @@
 pub mod fake_fly;
 pub mod funcs;
 pub mod harness;
-pub mod postgres;
+
+/// A private PostgreSQL per test (shared with the examples).
+pub use flame_examples::postgres;
 
 /// Build id shared by the test parent and the test runners.
 pub const TEST_BUILD: &str = "flame-test-build";

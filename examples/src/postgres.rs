@@ -1,4 +1,4 @@
-//! A private PostgreSQL server per test or suite: `initdb` into a temporary
+//! A private PostgreSQL server for a demo, a test or a suite: `initdb` into a temporary
 //! directory, `postgres` on a free port of 127.0.0.1, stopped on drop (and
 //! with the test process, even on SIGKILL, through the parent-death
 //! signal).

@@ -1,0 +1,3 @@
+//! Pieces the examples share (and the integration tests use too).
+
+pub mod postgres;

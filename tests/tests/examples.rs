@@ -1,0 +1,53 @@
+//! The examples run end to end, as a user would run them.
+
+use std::time::Duration;
+
+/// Path of an example binary, built beside the tests
+/// (`cargo build -p flame-examples --bins`).
+fn example(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p flame-examples --bins`",
+        path.display()
+    );
+    path
+}
+
+/// The seed's flow: a video streamed to a runner, thumbnails back as they
+/// are made, a row per thumbnail in PostgreSQL (a private server the
+/// example starts), on a private nats-server.
+#[tokio::test]
+async fn video_thumbnails_streams_a_video_and_stores_a_row_per_thumbnail() {
+    let child = tokio::process::Command::new(example("video_thumbnails"))
+        .env_remove("NATS_URL")
+        .env_remove("DATABASE_URL")
+        .env_remove(flame::PARENT_ENV)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run the example");
+    let out = tokio::time::timeout(Duration::from_secs(180), child.wait_with_output())
+        .await
+        .expect("the example finished in time")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    // A 20 s test video, a thumbnail every 2 s.
+    let thumbs = stdout
+        .lines()
+        .filter(|l| l.contains("thumbnail at"))
+        .count();
+    assert_eq!(thumbs, 10, "{stdout}");
+    assert!(stdout.contains("10 thumbnails in"), "{stdout}");
+    let rows = stdout
+        .lines()
+        .filter(|l| l.contains("testsrc.ts  at"))
+        .count();
+    assert_eq!(rows, 10, "one row per thumbnail: {stdout}");
+}
