@@ -81,6 +81,16 @@ fn proc_status_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// A child that sends back every message it gets.
+#[flame::remote]
+async fn echo_child(mut inbox: flame::Stream<ByteBuf>, out: flame::Sender<ByteBuf>) {
+    while let Some(Ok(message)) = inbox.next().await {
+        if out.send(message).await.is_err() {
+            break;
+        }
+    }
+}
+
 /// Process id of the runner.
 #[flame::remote]
 async fn pid() -> u32 {
@@ -225,6 +235,9 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("streams...");
     let st = streams(&flame, &url, if quick { 64 } else { 1024 }).await?;
 
+    eprintln!("child message round trips...");
+    let child_rt = child_round_trip(&flame, s.sequential).await?;
+
     eprintln!("shared pool: 1 parent, then 4 parents...");
     let shared_secs = if quick { 1 } else { 3 };
     let one = shared_throughput(&url, "bench-shared-1", 1, shared_secs).await?;
@@ -308,6 +321,16 @@ async fn main() -> anyhow::Result<()> {
         ),
     ));
 
+    rows.push((
+        "place_child message round trip p50 (100 B, sequential)".into(),
+        us(raw_seq.p50),
+        us(child_rt.p50),
+        ratio(
+            child_rt.p50.as_secs_f64(),
+            raw_seq.p50.as_secs_f64(),
+            "≤ 1.2x",
+        ),
+    ));
     let mbs = |r: f64| format!("{r:.0} MB/s");
     rows.push((
         "stream parent → runner, 128 KiB chunks".into(),
@@ -770,5 +793,33 @@ async fn streams(flame: &flame::Flame, url: &str, mib: u64) -> anyhow::Result<St
         mib,
         runner_peak_kib,
         parent_growth_kib,
+    })
+}
+
+/// Round trips of a 100-byte message to a child and back, one at a time.
+async fn child_round_trip(flame: &flame::Flame, n: usize) -> anyhow::Result<Latency> {
+    let pool = flame.pool("bench-child").max(1).start().await?;
+    let (to_child, inbox) = flame::channel::<ByteBuf>();
+    let (out, mut from_child) = flame::channel::<ByteBuf>();
+    let child = flame::place_child!(pool, echo_child(inbox, out))?;
+    let payload = ByteBuf::from(vec![0xABu8; 100]);
+    // Warm up.
+    for _ in 0..100 {
+        to_child.send(payload.clone()).await?;
+        from_child.next().await.context("the child ended")??;
+    }
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        to_child.send(payload.clone()).await?;
+        from_child.next().await.context("the child ended")??;
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    drop(child);
+    pool.shutdown().await;
+    Ok(Latency {
+        p50: samples[n / 2],
+        p99: samples[n * 99 / 100],
     })
 }

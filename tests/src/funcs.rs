@@ -464,3 +464,73 @@ pub mod streams {
         Stream::new(futures::stream::iter([Bytes::from(vec![7u8; size])]))
     }
 }
+
+/// Children: long-lived work on a runner, talking over channels.
+pub mod children {
+    use std::time::Duration;
+
+    use flame::{Sender, Stream};
+    use futures::StreamExt;
+    use serde::{Deserialize, Serialize};
+
+    /// What a [`counter()`] child is told.
+    #[derive(Debug, Serialize, Deserialize)]
+    pub enum CounterMsg {
+        /// Add to the total (reported on the events channel).
+        Add(u64),
+        /// A request: the total is sent back on the given channel.
+        Get(Sender<u64>),
+        /// End, returning the total.
+        Stop,
+    }
+
+    /// Counts what it is sent, from `start`; reports each addition on
+    /// `events`; answers `Get`; returns the total at `Stop` (or when its
+    /// inbox ends).
+    #[flame::remote]
+    pub async fn counter(mut inbox: Stream<CounterMsg>, events: Sender<String>, start: u64) -> u64 {
+        let mut total = start;
+        while let Some(msg) = inbox.next().await {
+            match msg {
+                Ok(CounterMsg::Add(n)) => {
+                    total += n;
+                    let _ = events.send(format!("added {n}, total {total}")).await;
+                }
+                Ok(CounterMsg::Get(reply)) => {
+                    let _ = reply.send(total).await;
+                }
+                Ok(CounterMsg::Stop) | Err(_) => break,
+            }
+        }
+        total
+    }
+
+    /// Sends its pid, then 0, 1, 2, ... every 50 ms on `ticks` until the
+    /// receiver is gone; writes `marker` when it is dropped (stopped).
+    #[flame::remote]
+    pub async fn ticker(ticks: Sender<u32>, marker: String) -> u32 {
+        struct OnDrop(String);
+        impl Drop for OnDrop {
+            fn drop(&mut self) {
+                let _ = std::fs::write(&self.0, "dropped");
+            }
+        }
+        let _guard = OnDrop(marker);
+        if ticks.send(std::process::id()).await.is_err() {
+            return 0;
+        }
+        let mut i = 0;
+        while ticks.send(i).await.is_ok() {
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        i
+    }
+
+    /// Panics after a moment.
+    #[flame::remote]
+    pub async fn breaks_down() -> u32 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        panic!("the child broke down");
+    }
+}

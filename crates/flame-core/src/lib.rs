@@ -24,7 +24,7 @@ pub use backend::{Backend, BootSpec, Booted, LocalBackend, StopRunner};
 pub use error::{BoxError, Error, Result, Source};
 pub use registry::{Registration, Registry, RemoteFn};
 pub use state::{State, States};
-pub use stream::Stream;
+pub use stream::{channel, Sender, Stream};
 
 #[doc(hidden)]
 pub use inventory;

@@ -36,6 +36,10 @@ pub type ItemSource = BoxStream<'static, Result<Vec<u8>, String>>;
 /// Encoded items a consumer receives.
 pub type ItemSink = BoxStream<'static, Result<Bytes, Error>>;
 
+/// Where a local channel's items go: encoded items, or the error that
+/// ends the channel.
+pub type ItemSender = tokio::sync::mpsc::Sender<Result<Vec<u8>, String>>;
+
 /// Moves stream items between parent and runner. Implemented by the
 /// runtime; backend authors never need it.
 pub trait StreamTransport: Send + Sync + 'static {
@@ -44,10 +48,28 @@ pub trait StreamTransport: Send + Sync + 'static {
     fn produce(&self, source: ItemSource) -> String;
     /// Opens the stream offered at `address`.
     fn consume(&self, address: String) -> ItemSink;
+    /// Waits for one stream to be offered at the returned address (by
+    /// [`StreamTransport::offer`] on the other side), and forwards its
+    /// items into `items`.
+    fn sink(&self, items: ItemSender) -> String;
+    /// Offers `source` to the sink at `sink_address`, whose owner opens it.
+    fn offer(&self, sink_address: String, source: ItemSource);
 }
 
 thread_local! {
     static TRANSPORT: RefCell<Option<Arc<dyn StreamTransport>>> = const { RefCell::new(None) };
+}
+
+/// The transport of this process's flame connection, for streams and
+/// channels used outside a call's encoding (a `Sender` sending a message
+/// that holds another `Sender`, say).
+static DEFAULT_TRANSPORT: std::sync::RwLock<Option<Arc<dyn StreamTransport>>> =
+    std::sync::RwLock::new(None);
+
+/// Makes `transport` the one used where no call is being encoded or
+/// decoded. Used by the runtime when it connects.
+pub fn set_default_transport(transport: Arc<dyn StreamTransport>) {
+    *DEFAULT_TRANSPORT.write().unwrap() = Some(transport);
 }
 
 /// Runs `f` with `transport` as the current stream transport: encoding or
@@ -67,7 +89,9 @@ pub fn with_transport<R>(transport: &Arc<dyn StreamTransport>, f: impl FnOnce() 
 }
 
 fn current_transport() -> Option<Arc<dyn StreamTransport>> {
-    TRANSPORT.with(|t| t.borrow().clone())
+    TRANSPORT
+        .with(|t| t.borrow().clone())
+        .or_else(|| DEFAULT_TRANSPORT.read().unwrap().clone())
 }
 
 /// A stream of `T` that can be an argument or the result of a remote call.
@@ -132,6 +156,131 @@ impl<T> fmt::Debug for Stream<T> {
             Inner::Gone => "gone",
         };
         f.debug_struct("Stream").field("state", &state).finish()
+    }
+}
+
+/// Items a [`channel`] holds before its sender waits.
+const CHANNEL_CAPACITY: usize = 16;
+
+/// A channel whose ends can be sent to a runner (or back): what one side
+/// sends on the [`Sender`] arrives on the [`Stream`], wherever each end is.
+/// Either end may be an argument of a remote call (the other stays here),
+/// or be sent inside a message on another channel (a reply address for a
+/// request, say). At most 16 messages wait at once; `send` waits for room.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), flame_core::Error> {
+/// let (tx, mut rx) = flame_core::stream::channel::<String>();
+/// tx.send("hello".to_string()).await?;
+/// # Ok(()) }
+/// ```
+pub fn channel<T>() -> (Sender<T>, Stream<T>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(CHANNEL_CAPACITY);
+    let source = futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed();
+    (
+        Sender {
+            tx: Mutex::new(Some(tx)),
+            _item: std::marker::PhantomData,
+        },
+        Stream {
+            inner: Mutex::new(Inner::Local(source)),
+            _item: std::marker::PhantomData,
+        },
+    )
+}
+
+/// The sending end of a [`channel`].
+pub struct Sender<T> {
+    /// `None` once sent away (to a runner, or back).
+    tx: Mutex<Option<ItemSender>>,
+    _item: std::marker::PhantomData<fn(T)>,
+}
+
+impl<T: Serialize> Sender<T> {
+    /// Sends a message, waiting while 16 are on their way. Fails with
+    /// [`Error::Stream`] when the receiving end is gone.
+    pub async fn send(&self, message: T) -> Result<(), Error> {
+        let tx = self
+            .tx
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| Error::Stream("this sender was sent away".into()))?;
+        let bytes = codec::encode(&message)
+            .map_err(|e| Error::Stream(format!("cannot encode a message: {e}")))?;
+        tx.send(Ok(bytes))
+            .await
+            .map_err(|_| Error::Stream("the receiving end of the channel is gone".into()))
+    }
+
+    /// Ends the channel with an error, which the receiving end reads as its
+    /// last item ([`Error::Stream`]).
+    pub async fn fail(self, message: impl fmt::Display) {
+        let tx = self.tx.lock().unwrap().take();
+        if let Some(tx) = tx {
+            let _ = tx.send(Err(message.to_string())).await;
+        }
+    }
+}
+
+impl<T> Clone for Sender<T> {
+    /// Another sender on the same channel (while this one is here).
+    fn clone(&self) -> Self {
+        Sender {
+            tx: Mutex::new(self.tx.lock().unwrap().clone()),
+            _item: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T> fmt::Debug for Sender<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let here = self.tx.lock().unwrap().is_some();
+        f.debug_struct("Sender").field("here", &here).finish()
+    }
+}
+
+/// How a sender travels: the address its messages are offered to.
+#[derive(Serialize, Deserialize)]
+struct SenderWire {
+    flame_sender: String,
+}
+
+impl<T> Serialize for Sender<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error as _;
+        let Some(transport) = current_transport() else {
+            return Err(S::Error::custom(
+                "a flame::Sender can only be sent within a flame call",
+            ));
+        };
+        let tx = self
+            .tx
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| S::Error::custom("this flame::Sender was already sent"))?;
+        SenderWire {
+            flame_sender: transport.sink(tx),
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de, T> Deserialize<'de> for Sender<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let wire = SenderWire::deserialize(deserializer)?;
+        let transport = current_transport().ok_or_else(|| {
+            D::Error::custom("a flame::Sender can only be received within a flame call")
+        })?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel(CHANNEL_CAPACITY);
+        let source = futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed();
+        transport.offer(wire.flame_sender, source);
+        Ok(Sender {
+            tx: Mutex::new(Some(tx)),
+            _item: std::marker::PhantomData,
+        })
     }
 }
 
@@ -235,6 +384,23 @@ mod tests {
         });
         // The refused send did not take the items.
         assert_eq!(items, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn a_local_channel_delivers_in_order_and_reports_a_gone_receiver() {
+        futures::executor::block_on(async {
+            let (tx, mut rx) = channel::<u32>();
+            tx.send(1).await.unwrap();
+            tx.send(2).await.unwrap();
+            assert_eq!(rx.next().await.unwrap().unwrap(), 1);
+            assert_eq!(rx.next().await.unwrap().unwrap(), 2);
+            drop(rx);
+            assert!(matches!(tx.send(3).await, Err(Error::Stream(_))));
+            let (tx, rx) = channel::<u32>();
+            tx.fail("no more").await;
+            let got: Vec<_> = rx.collect().await;
+            assert!(matches!(&got[..], [Err(Error::Stream(m))] if m == "no more"));
+        });
     }
 
     #[test]

@@ -181,6 +181,7 @@ impl FlameBuilder {
             connect_watched(&nats_url, format!("flame parent {parent_id}"), timeout).await?;
         let replies = Replies::start(&client, nats_url.clone(), events.disconnects.clone()).await?;
         let streams = StreamHub::start(&client).await?;
+        flame_core::stream::set_default_transport(streams.clone());
         Ok(Flame {
             parent: Arc::new(ParentContext {
                 client,

@@ -46,6 +46,7 @@ pub use flame::{init, serve_if_runner, Flame, FlameBuilder};
 pub use hooks::PoolEvent;
 pub use pool::builder::PoolBuilder;
 pub use pool::call::CallOptions;
+pub use pool::child::{Child, ChildExit, ChildOptions};
 pub use pool::model::RunnerState;
 pub use pool::{Pool, PoolStatus, RunnerInfo};
 pub use protocol::bootstrap::{parent, ParentInfo, PARENT_ENV};

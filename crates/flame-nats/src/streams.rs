@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
-use flame_core::stream::{ItemSink, ItemSource, StreamTransport};
+use flame_core::stream::{ItemSender, ItemSink, ItemSource, StreamTransport};
 use flame_core::Error;
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -23,12 +23,16 @@ use crate::protocol::stream::{
 /// Producers by stream id: where control messages for them go.
 type Producers = Mutex<HashMap<u64, mpsc::UnboundedSender<Control>>>;
 
+/// Sinks by id: local channels waiting for the stream of their far end.
+type Sinks = Mutex<HashMap<u64, ItemSender>>;
+
 /// Streams sent and received over one connection.
 pub(crate) struct StreamHub {
     client: Client,
     /// `<inbox>.s.`: a stream's address is this plus its id.
     prefix: String,
     producers: Arc<Producers>,
+    sinks: Arc<Sinks>,
     next: AtomicU64,
     /// Streams open now, both ways (a runner with open streams is busy).
     active: Arc<AtomicUsize>,
@@ -55,6 +59,7 @@ impl StreamHub {
             client: client.clone(),
             prefix,
             producers: Arc::new(Mutex::new(HashMap::new())),
+            sinks: Arc::new(Mutex::new(HashMap::new())),
             next: AtomicU64::new(1),
             active: Arc::new(AtomicUsize::new(0)),
         });
@@ -82,6 +87,16 @@ impl StreamHub {
             .and_then(|id| id.parse::<u64>().ok());
         let control = serde_json::from_slice::<Control>(&msg.payload).ok();
         let delivered = match (id, control) {
+            (Some(id), Some(Control::Offer { address })) => {
+                let sink = self.sinks.lock().unwrap().remove(&id);
+                match sink {
+                    Some(items) => {
+                        self.forward(address, items);
+                        true
+                    }
+                    None => false,
+                }
+            }
             (Some(id), Some(control)) => self
                 .producers
                 .lock()
@@ -94,6 +109,23 @@ impl StreamHub {
             let answer = if delivered { "ok" } else { "gone" };
             let _ = self.client.publish(reply, answer.into()).await;
         }
+    }
+}
+
+impl StreamHub {
+    /// Opens the stream at `address` and forwards its items into a sink's
+    /// local channel.
+    fn forward(&self, address: String, items: ItemSender) {
+        let mut stream = self.consume(address);
+        tokio::spawn(async move {
+            while let Some(item) = stream.next().await {
+                let item = item.map(|b| b.to_vec()).map_err(|e| e.to_string());
+                if items.send(item).await.is_err() {
+                    // The local end is gone: dropping `stream` cancels it.
+                    return;
+                }
+            }
+        });
     }
 }
 
@@ -129,6 +161,44 @@ impl StreamTransport for StreamHub {
         };
         tokio::spawn(consumer.run());
         tokio_stream_from(rx)
+    }
+
+    fn sink(&self, items: ItemSender) -> String {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.sinks.lock().unwrap().insert(id, items);
+        // A far end that never shows up (its call failed first) must not
+        // leave the local end waiting for ever.
+        let sinks = Arc::downgrade(&self.sinks);
+        tokio::spawn(async move {
+            tokio::time::sleep(OPEN_WAIT).await;
+            let unclaimed = sinks.upgrade().and_then(|s| s.lock().unwrap().remove(&id));
+            if let Some(items) = unclaimed {
+                let message = format!(
+                    "the other end of this channel was never opened within {OPEN_WAIT:?} (its call failed?)"
+                );
+                let _ = items.send(Err(message)).await;
+            }
+        });
+        format!("{}{id}", self.prefix)
+    }
+
+    fn offer(&self, sink_address: String, source: ItemSource) {
+        let address = self.produce(source);
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let body = serde_json::to_vec(&Control::Offer { address })
+                .expect("control messages serialize");
+            let request = async_nats::Request::new()
+                .payload(body.into())
+                .timeout(Some(SILENCE));
+            match client.send_request(sink_address, request).await {
+                Ok(answer) if &answer.payload[..] == b"ok" => {}
+                // The producer gives up unopened after OPEN_WAIT, and then
+                // the sender's `send` fails.
+                Ok(_) => debug!("the channel's receiving end is gone"),
+                Err(e) => debug!("cannot offer a channel's stream: {e}"),
+            }
+        });
     }
 }
 
@@ -185,7 +255,9 @@ impl Producer {
                         credit = credit.saturating_add(n);
                         heard = Instant::now();
                     }
-                    Some(Control::Keepalive) | Some(Control::Open { .. }) => heard = Instant::now(),
+                    Some(Control::Keepalive | Control::Open { .. } | Control::Offer { .. }) => {
+                        heard = Instant::now()
+                    }
                     Some(Control::Cancel) | None => {
                         debug!("stream cancelled by its reader");
                         return;

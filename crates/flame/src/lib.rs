@@ -59,14 +59,14 @@
 #![warn(missing_docs)]
 
 pub use flame_core::{
-    backend, Backend, BootSpec, Booted, BoxError, Error, LocalBackend, RemoteFn, Result, Source,
-    State, StopRunner, Stream,
+    backend, channel, Backend, BootSpec, Booted, BoxError, Error, LocalBackend, RemoteFn, Result,
+    Sender, Source, State, StopRunner, Stream,
 };
 pub use flame_macros::remote;
 pub use flame_nats::{
-    build_id, embedded, init, parent, serve_if_runner, CallOptions, Flame, FlameBuilder,
-    NatsServer, ParentInfo, Pool, PoolBuilder, PoolConfig, PoolEvent, PoolStatus, RunnerInfo,
-    RunnerState, BUILD_ID_ENV, NATS_URL_ENV, PARENT_ENV,
+    build_id, embedded, init, parent, serve_if_runner, CallOptions, Child, ChildExit, ChildOptions,
+    Flame, FlameBuilder, NatsServer, ParentInfo, Pool, PoolBuilder, PoolConfig, PoolEvent,
+    PoolStatus, RunnerInfo, RunnerState, BUILD_ID_ENV, NATS_URL_ENV, PARENT_ENV,
 };
 
 /// Runs a function or an inline block on a pool and waits for the result.
@@ -160,6 +160,17 @@ macro_rules! cast {
     };
     ($pool:expr, $($func:ident)::+ ( $($a:expr),* $(,)? )) => {
         ($pool).cast::<$($func)::+>(($($a,)*))
+    };
+}
+
+/// Starts a `#[flame::remote]` function as a long-lived child on a pool
+/// and returns its [`Child`] handle at once:
+/// `flame::place_child!(pool, name(args..))`. Evaluates to
+/// `Result<Child<R>, flame::Error>`. See [`Pool::place_child`].
+#[macro_export]
+macro_rules! place_child {
+    ($pool:expr, $($func:ident)::+ ( $($a:expr),* $(,)? )) => {
+        ($pool).place_child::<$($func)::+>(($($a,)*))
     };
 }
 

@@ -167,7 +167,7 @@ impl State {
 
 /// A call (someone waits for the result) or a cast (nobody does).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(super) enum Kind {
     Call { link: bool },
     Cast,
 }
@@ -215,7 +215,7 @@ impl Pool {
     }
 }
 
-fn encode_args<F: RemoteFn>(
+pub(super) fn encode_args<F: RemoteFn>(
     streams: &Arc<dyn StreamTransport>,
     args: &F::Args,
 ) -> Result<Bytes, Error> {
@@ -249,7 +249,7 @@ impl Drop for WaitGuard<'_> {
 impl PoolInner {
     /// Places and runs one call, retrying elsewhere if the runner turns out
     /// to be gone before it received the call.
-    async fn run(
+    pub(super) async fn run(
         self: Arc<Self>,
         function: &'static str,
         payload: Bytes,

@@ -4,6 +4,7 @@
 //! - [`builder`]: `PoolBuilder`, the settings and `start`;
 //! - [`model`]: the placement rules, pure state without I/O;
 //! - [`call`]: one call or cast, from checkout to reply;
+//! - [`child`]: long-lived children placed on runners;
 //! - [`runners`]: the runners' lives as the parent sees them (boot, ready,
 //!   gone, heartbeats, limits, close);
 //! - [`events`]: answering the events runners of a private pool send.
@@ -14,6 +15,7 @@
 
 pub(crate) mod builder;
 pub(crate) mod call;
+pub(crate) mod child;
 mod events;
 pub(crate) mod model;
 mod runners;

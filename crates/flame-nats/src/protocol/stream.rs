@@ -40,6 +40,10 @@ pub(crate) enum Control {
     Keepalive,
     /// Stop: the consumer dropped the stream.
     Cancel,
+    /// To a sink (the address of a `Sender` that was sent away): the
+    /// stream at `address` carries the messages sent on it; open it (a
+    /// request, answered like `open`).
+    Offer { address: String },
 }
 
 /// What a message on a data subject is.
@@ -91,6 +95,9 @@ mod tests {
             Control::Credit { n: 8 },
             Control::Keepalive,
             Control::Cancel,
+            Control::Offer {
+                address: "_INBOX.y.s.3".into(),
+            },
         ] {
             let json = serde_json::to_string(&c).unwrap();
             assert_eq!(serde_json::from_str::<Control>(&json).unwrap(), c);

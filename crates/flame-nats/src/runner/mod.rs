@@ -145,6 +145,7 @@ async fn run(info: ParentInfo, states: States) -> Result<String, Error> {
     }
 
     let streams = StreamHub::start(&client).await?;
+    flame_core::stream::set_default_transport(streams.clone());
     let counters = Arc::new(Counters::default());
     let stats_counters = counters.clone();
     let mut metadata = HashMap::new();
