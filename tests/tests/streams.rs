@@ -158,3 +158,39 @@ async fn a_runner_dying_mid_stream_ends_it_with_an_error() {
         "{items:?}"
     );
 }
+
+/// Checklist item 10: a stream returned by a call holds the call's slot
+/// until it ends, on the runner and in the parent.
+#[tokio::test]
+async fn a_result_stream_holds_its_slot_until_it_ends() {
+    let env = TestEnv::start().await;
+    let pool = env
+        .pool("holdslot")
+        .max(1)
+        .max_concurrency(1)
+        .timeout(LONG)
+        .start()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = path_in(&dir, "dropped");
+    let mut stream = flame::call!(pool, endless(marker.clone())).await.unwrap();
+    assert_eq!(stream.next().await.unwrap().unwrap(), 0);
+    // The only slot is the stream's: a call cannot be placed.
+    let short = flame::CallOptions::new().timeout(Duration::from_secs(1));
+    let call = pool.call_with::<numbers>((3,), short).await;
+    assert!(matches!(call, Err(Error::Timeout { .. })), "{call:?}");
+    // Released with the stream.
+    drop(stream);
+    wait_for("the runner to drop the stream", LONG, || {
+        file_exists(&marker)
+    })
+    .await;
+    let items: Vec<u32> = flame::call!(pool, numbers(3))
+        .await
+        .unwrap()
+        .map(|n| n.unwrap())
+        .collect()
+        .await;
+    assert_eq!(items, vec![1, 2, 3]);
+}

@@ -36,9 +36,21 @@ pub type ItemSource = BoxStream<'static, Result<Vec<u8>, String>>;
 /// Encoded items a consumer receives.
 pub type ItemSink = BoxStream<'static, Result<Bytes, Error>>;
 
-/// Where a local channel's items go: encoded items, or the error that
-/// ends the channel.
-pub type ItemSender = tokio::sync::mpsc::Sender<Result<Vec<u8>, String>>;
+/// Encodes one message of a channel. Messages are encoded where they are
+/// read (in the runtime's stream task when the channel's far end is
+/// elsewhere), so that senders inside them use the right connection.
+pub type Encoder = Box<dyn FnOnce() -> Result<Vec<u8>, String> + Send>;
+
+/// Where a local channel's messages go: a message, or the error that ends
+/// the channel.
+pub type ItemSender = tokio::sync::mpsc::Sender<Result<Encoder, String>>;
+
+/// The source of a channel's receiving end.
+fn channel_source(mut rx: tokio::sync::mpsc::Receiver<Result<Encoder, String>>) -> ItemSource {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+        .map(|item| item.and_then(|encode| encode()))
+        .boxed()
+}
 
 /// Moves stream items between parent and runner. Implemented by the
 /// runtime; backend authors never need it.
@@ -112,8 +124,9 @@ pub struct Stream<T> {
 enum Inner {
     /// Made here: not sent yet.
     Local(ItemSource),
-    /// Received from the other side.
-    Remote(ItemSink),
+    /// Received from the other side, through this transport (current while
+    /// its items are decoded, for senders inside them).
+    Remote(ItemSink, Arc<dyn StreamTransport>),
     /// Sent away, or read to its end.
     Gone,
 }
@@ -152,7 +165,7 @@ impl<T> fmt::Debug for Stream<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &*self.inner.lock().unwrap() {
             Inner::Local(_) => "local",
-            Inner::Remote(_) => "remote",
+            Inner::Remote(..) => "remote",
             Inner::Gone => "gone",
         };
         f.debug_struct("Stream").field("state", &state).finish()
@@ -175,8 +188,8 @@ const CHANNEL_CAPACITY: usize = 16;
 /// # Ok(()) }
 /// ```
 pub fn channel<T>() -> (Sender<T>, Stream<T>) {
-    let (tx, mut rx) = tokio::sync::mpsc::channel(CHANNEL_CAPACITY);
-    let source = futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed();
+    let (tx, rx) = tokio::sync::mpsc::channel(CHANNEL_CAPACITY);
+    let source = channel_source(rx);
     (
         Sender {
             tx: Mutex::new(Some(tx)),
@@ -196,7 +209,7 @@ pub struct Sender<T> {
     _item: std::marker::PhantomData<fn(T)>,
 }
 
-impl<T: Serialize> Sender<T> {
+impl<T: Serialize + Send + 'static> Sender<T> {
     /// Sends a message, waiting while 16 are on their way. Fails with
     /// [`Error::Stream`] when the receiving end is gone.
     pub async fn send(&self, message: T) -> Result<(), Error> {
@@ -206,9 +219,10 @@ impl<T: Serialize> Sender<T> {
             .unwrap()
             .clone()
             .ok_or_else(|| Error::Stream("this sender was sent away".into()))?;
-        let bytes = codec::encode(&message)
-            .map_err(|e| Error::Stream(format!("cannot encode a message: {e}")))?;
-        tx.send(Ok(bytes))
+        let encode: Encoder = Box::new(move || {
+            codec::encode(&message).map_err(|e| format!("cannot encode a message: {e}"))
+        });
+        tx.send(Ok(encode))
             .await
             .map_err(|_| Error::Stream("the receiving end of the channel is gone".into()))
     }
@@ -274,9 +288,8 @@ impl<'de, T> Deserialize<'de> for Sender<T> {
         let transport = current_transport().ok_or_else(|| {
             D::Error::custom("a flame::Sender can only be received within a flame call")
         })?;
-        let (tx, mut rx) = tokio::sync::mpsc::channel(CHANNEL_CAPACITY);
-        let source = futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed();
-        transport.offer(wire.flame_sender, source);
+        let (tx, rx) = tokio::sync::mpsc::channel(CHANNEL_CAPACITY);
+        transport.offer(wire.flame_sender, channel_source(rx));
         Ok(Sender {
             tx: Mutex::new(Some(tx)),
             _item: std::marker::PhantomData,
@@ -300,7 +313,7 @@ impl<T> Serialize for Stream<T> {
         };
         let source = match std::mem::replace(&mut *self.inner.lock().unwrap(), Inner::Gone) {
             Inner::Local(source) => source,
-            Inner::Remote(sink) => {
+            Inner::Remote(sink, _) => {
                 // Passed on: forward what arrives.
                 sink.map(|item| item.map(|b| b.to_vec()).map_err(|e| e.to_string()))
                     .boxed()
@@ -322,7 +335,10 @@ impl<'de, T> Deserialize<'de> for Stream<T> {
             D::Error::custom("a flame::Stream can only be received in a flame call")
         })?;
         Ok(Stream {
-            inner: Mutex::new(Inner::Remote(transport.consume(wire.flame_stream))),
+            inner: Mutex::new(Inner::Remote(
+                transport.consume(wire.flame_stream),
+                transport,
+            )),
             _item: std::marker::PhantomData,
         })
     }
@@ -340,8 +356,10 @@ impl<T: DeserializeOwned + Unpin> futures::Stream for Stream<T> {
                 Poll::Ready(None) => None,
                 Poll::Pending => return Poll::Pending,
             },
-            Inner::Remote(sink) => match sink.poll_next_unpin(cx) {
-                Poll::Ready(Some(Ok(bytes))) => Some(decode_item(&bytes)),
+            Inner::Remote(sink, transport) => match sink.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(bytes))) => {
+                    Some(with_transport(transport, || decode_item(&bytes)))
+                }
                 Poll::Ready(Some(Err(e))) => Some(Err(e)),
                 Poll::Ready(None) => None,
                 Poll::Pending => return Poll::Pending,

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex, Weak};
 
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
-use flame_core::stream::{ItemSender, ItemSink, ItemSource, StreamTransport};
+use flame_core::stream::{
+    with_transport, Encoder, ItemSender, ItemSink, ItemSource, StreamTransport,
+};
 use flame_core::Error;
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -19,6 +21,33 @@ use tracing::debug;
 use crate::protocol::stream::{
     Control, Frame, HEADER_STREAM, KEEPALIVE, OPEN_WAIT, SILENCE, WINDOW,
 };
+
+/// Something a stream keeps alive while it is open (a call's slot on the
+/// parent, a call's permit on the runner).
+type Hold = Arc<dyn std::any::Any + Send + Sync>;
+
+thread_local! {
+    static HOLD: std::cell::RefCell<Option<Hold>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` so that streams it offers or opens keep `hold` alive until
+/// they end: a stream in a call's result holds the call's resources.
+pub(crate) fn holding<R>(hold: Hold, f: impl FnOnce() -> R) -> R {
+    let previous = HOLD.with(|h| h.replace(Some(hold)));
+    struct Restore(Option<Hold>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            HOLD.with(|h| *h.borrow_mut() = previous);
+        }
+    }
+    let _restore = Restore(previous);
+    f()
+}
+
+fn current_hold() -> Option<Hold> {
+    HOLD.with(|h| h.borrow().clone())
+}
 
 /// Producers by stream id: where control messages for them go.
 type Producers = Mutex<HashMap<u64, mpsc::UnboundedSender<Control>>>;
@@ -34,6 +63,8 @@ pub(crate) struct StreamHub {
     producers: Arc<Producers>,
     sinks: Arc<Sinks>,
     next: AtomicU64,
+    /// This hub, as the transport its producers encode with.
+    me: Weak<StreamHub>,
     /// Streams open now, both ways (a runner with open streams is busy).
     active: Arc<AtomicUsize>,
 }
@@ -55,12 +86,13 @@ impl StreamHub {
             .subscribe(format!("{prefix}*"))
             .await
             .map_err(|e| Error::nats("cannot subscribe to stream addresses", e))?;
-        let hub = Arc::new(StreamHub {
+        let hub = Arc::new_cyclic(|me: &Weak<StreamHub>| StreamHub {
             client: client.clone(),
             prefix,
             producers: Arc::new(Mutex::new(HashMap::new())),
             sinks: Arc::new(Mutex::new(HashMap::new())),
             next: AtomicU64::new(1),
+            me: me.clone(),
             active: Arc::new(AtomicUsize::new(0)),
         });
         let weak = Arc::downgrade(&hub);
@@ -119,7 +151,9 @@ impl StreamHub {
         let mut stream = self.consume(address);
         tokio::spawn(async move {
             while let Some(item) = stream.next().await {
-                let item = item.map(|b| b.to_vec()).map_err(|e| e.to_string());
+                let item = item
+                    .map(|bytes| -> Encoder { Box::new(move || Ok(bytes.to_vec())) })
+                    .map_err(|e| e.to_string());
                 if items.send(item).await.is_err() {
                     // The local end is gone: dropping `stream` cancels it.
                     return;
@@ -134,11 +168,25 @@ impl StreamTransport for StreamHub {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         self.producers.lock().unwrap().insert(id, tx);
+        let source = match self.me.upgrade() {
+            // Items are encoded as they are polled: with this hub current,
+            // for senders inside them.
+            Some(hub) => {
+                let transport: Arc<dyn StreamTransport> = hub;
+                let mut source = source;
+                futures::stream::poll_fn(move |cx| {
+                    with_transport(&transport, || source.poll_next_unpin(cx))
+                })
+                .boxed()
+            }
+            None => source,
+        };
         let producer = Producer {
             client: self.client.clone(),
             control: rx,
             source,
             active: Active::new(&self.active),
+            _hold: current_hold(),
         };
         // A producer removes its own entry when it ends.
         let producers: Weak<Producers> = Arc::downgrade(&self.producers);
@@ -160,7 +208,13 @@ impl StreamTransport for StreamHub {
             active: Active::new(&self.active),
         };
         tokio::spawn(consumer.run());
-        tokio_stream_from(rx)
+        let hold = current_hold();
+        let mut rx = rx;
+        futures::stream::poll_fn(move |cx| {
+            let _ = &hold;
+            rx.poll_recv(cx)
+        })
+        .boxed()
     }
 
     fn sink(&self, items: ItemSender) -> String {
@@ -218,16 +272,14 @@ impl Drop for Active {
     }
 }
 
-fn tokio_stream_from(mut rx: mpsc::Receiver<Result<Bytes, Error>>) -> ItemSink {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
-}
-
 /// Sends the items of one stream, within the credit its consumer grants.
 struct Producer {
     client: Client,
     control: mpsc::UnboundedReceiver<Control>,
     source: ItemSource,
     active: Active,
+    /// Kept until the stream ends.
+    _hold: Option<Hold>,
 }
 
 impl Producer {

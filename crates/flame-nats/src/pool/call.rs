@@ -15,6 +15,7 @@ use super::runners::RunnerLink;
 use super::{Pool, PoolInner, State};
 use crate::protocol::call::{self as wire, Reply};
 use crate::replies::Replies;
+use crate::streams::{holding, StreamHub};
 
 /// Options of one call.
 #[derive(Debug, Clone)]
@@ -72,18 +73,12 @@ impl Pool {
     ) -> Result<F::Output, Error> {
         let timeout = options.timeout.unwrap_or(self.inner.config.timeout);
         let payload = self.encode_args::<F>(&args)?;
-        let bytes = self
+        let (bytes, slot) = self
             .inner
             .clone()
             .run(F::NAME, payload, timeout, Kind::Call { link: options.link })
             .await?;
-        // Streams in the result are opened through this parent's hub.
-        let streams: Arc<dyn StreamTransport> = self.inner.parent.streams.clone();
-        with_transport(&streams, || codec::decode(&bytes)).map_err(|e| Error::Decode {
-            function: F::NAME.to_string(),
-            what: "result",
-            reason: e.to_string(),
-        })
+        decode_result::<F>(&self.inner.parent.streams, &bytes, slot)
     }
 
     /// Runs a remote function without waiting for it. Returns once the work
@@ -206,6 +201,25 @@ impl Drop for InFlightCall<'_> {
     }
 }
 
+/// Decodes a call's result. Streams in it are opened through this
+/// parent's hub, and each holds the call's slot until it ends: the runner
+/// is still busy with it.
+pub(super) fn decode_result<F: RemoteFn>(
+    streams: &Arc<StreamHub>,
+    bytes: &[u8],
+    slot: Slot,
+) -> Result<F::Output, Error> {
+    let transport: Arc<dyn StreamTransport> = streams.clone();
+    let hold: Arc<dyn std::any::Any + Send + Sync> = Arc::new(slot);
+    with_transport(&transport, || holding(hold, || codec::decode(bytes))).map_err(|e| {
+        Error::Decode {
+            function: F::NAME.to_string(),
+            what: "result",
+            reason: e.to_string(),
+        }
+    })
+}
+
 impl Pool {
     /// Encodes a call's arguments; streams among them are offered through
     /// this parent's hub.
@@ -255,7 +269,7 @@ impl PoolInner {
         payload: Bytes,
         timeout: Duration,
         kind: Kind,
-    ) -> Result<Bytes, Error> {
+    ) -> Result<(Bytes, Slot), Error> {
         let deadline = Instant::now() + timeout;
         let cast = kind == Kind::Cast;
         let linked = kind == Kind::Call { link: true };
@@ -340,7 +354,7 @@ impl PoolInner {
                 let reply =
                     wire::read_reply(msg, function, &runner.id, &self.parent.build_id, timeout);
                 match reply {
-                    Reply::Value(bytes) => return Ok(bytes),
+                    Reply::Value(bytes) => return Ok((bytes, slot)),
                     Reply::Failed(e) => return Err(e),
                     Reply::Draining => self.set_draining(&runner.id),
                 }

@@ -7,11 +7,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use flame_core::stream::{with_transport, StreamTransport};
-use flame_core::{codec, Error, RemoteFn};
+use flame_core::stream::StreamTransport;
+use flame_core::{Error, RemoteFn};
 use tokio::task::JoinHandle;
 
-use super::call::{encode_args, Kind};
+use super::call::{decode_result, encode_args, Kind};
 use super::Pool;
 
 /// A child's time limit when none is given: about ten years.
@@ -153,6 +153,7 @@ impl Pool {
         let streams: Arc<dyn StreamTransport> = self.inner.parent.streams.clone();
         // Encoded now, so that its channels are set up before this returns.
         let payload = encode_args::<F>(&streams, &args)?;
+        drop(streams);
         let timeout = options.timeout.unwrap_or(NO_LIMIT);
         let inner = self.inner.clone();
         // The pool handle lives as long as the child: a child keeps its
@@ -161,12 +162,9 @@ impl Pool {
         let task = tokio::spawn(async move {
             let _pool = pool;
             let kind = Kind::Call { link: true };
-            let bytes = inner.run(F::NAME, payload, timeout, kind).await?;
-            with_transport(&streams, || codec::decode(&bytes)).map_err(|e| Error::Decode {
-                function: F::NAME.to_string(),
-                what: "result",
-                reason: e.to_string(),
-            })
+            let hub = inner.parent.streams.clone();
+            let (bytes, slot) = inner.run(F::NAME, payload, timeout, kind).await?;
+            decode_result::<F>(&hub, &bytes, slot)
         });
         Ok(Child {
             task: Some(task),

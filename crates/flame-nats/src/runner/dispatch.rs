@@ -11,6 +11,8 @@ use async_nats::service;
 use bytes::Bytes;
 use flame_core::registry::{Handler, Invocation, InvokeError};
 use flame_core::stream::with_transport;
+
+use crate::streams::holding;
 use futures::FutureExt;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::AbortHandle;
@@ -301,9 +303,15 @@ impl Runner {
             Invocation::Async(mut fut) => {
                 // Streams in the result are offered through this runner's
                 // hub, which must be current wherever the future is polled.
+                // A stream in the result holds the call's permit until it
+                // ends: the runner is still busy with it.
                 let transport = self.transport.clone();
+                let hold = hold.clone();
                 let fut = futures::future::poll_fn(move |cx| {
-                    with_transport(&transport, || fut.poll_unpin(cx))
+                    with_transport(&transport, || match &hold {
+                        Some(h) => holding(h.clone(), || fut.poll_unpin(cx)),
+                        None => fut.poll_unpin(cx),
+                    })
                 });
                 let guarded = std::panic::AssertUnwindSafe(fut).catch_unwind();
                 match tokio::time::timeout_at(deadline, guarded).await {
@@ -316,8 +324,10 @@ impl Runner {
             Invocation::Blocking(f) => {
                 let transport = self.transport.clone();
                 let mut work = tokio::task::spawn_blocking(move || {
-                    let _hold = hold;
-                    with_transport(&transport, f)
+                    with_transport(&transport, || match hold {
+                        Some(h) => holding(h, f),
+                        None => f(),
+                    })
                 });
                 match tokio::time::timeout_at(deadline, &mut work).await {
                     Ok(Ok(result)) => result,
