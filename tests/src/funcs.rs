@@ -458,6 +458,18 @@ pub mod streams {
         }))
     }
 
+    /// Reads two chunks of a stream and stops reading.
+    #[flame::remote]
+    pub async fn read_two(mut data: Stream<Bytes>) -> u64 {
+        let mut n = 0;
+        for _ in 0..2 {
+            if let Some(Ok(chunk)) = data.next().await {
+                n += chunk.len() as u64;
+            }
+        }
+        n
+    }
+
     /// One item of `size` bytes.
     #[flame::remote]
     pub async fn one_big_item(size: usize) -> Stream<Bytes> {

@@ -194,3 +194,35 @@ async fn a_result_stream_holds_its_slot_until_it_ends() {
         .await;
     assert_eq!(items, vec![1, 2, 3]);
 }
+
+/// A runner that stops reading an argument stream stops its sender in the
+/// parent.
+#[tokio::test]
+async fn a_runner_that_stops_reading_stops_the_parents_stream() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    struct OnDrop(Arc<AtomicBool>);
+    impl Drop for OnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let env = TestEnv::start().await;
+    let pool = pool(&env, "stopreading").await;
+    let dropped = Arc::new(AtomicBool::new(false));
+    let guard = OnDrop(dropped.clone());
+    let endless = futures::stream::repeat(Bytes::from_static(b"frame")).map(move |chunk| {
+        let _ = &guard;
+        chunk
+    });
+    let n = flame::call!(pool, read_two(Stream::new(endless)))
+        .await
+        .unwrap();
+    assert_eq!(n, 10);
+    wait_for("the parent's stream to be stopped", LONG, || {
+        let dropped = dropped.clone();
+        async move { dropped.load(Ordering::SeqCst).then_some(()) }
+    })
+    .await;
+}
