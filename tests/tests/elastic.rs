@@ -433,6 +433,31 @@ async fn sigterm_drains_in_flight_work_and_takes_no_new_calls() {
     assert_ne!(next.pid, pid);
 }
 
+/// A drain longer than two heartbeats: the draining runner keeps beating,
+/// so its parent does not count it down and fail the call it finishes.
+#[tokio::test]
+async fn a_long_drain_is_not_mistaken_for_a_dead_runner() {
+    let env = TestEnv::start().await;
+    let pool = env
+        .pool("longdrain")
+        .max(1)
+        .heartbeat(Duration::from_millis(200))
+        .parent_grace(Duration::from_secs(5))
+        .start()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Ten heartbeats of draining.
+    let MarkedCall { call, pid } =
+        start_marked_call(&pool, &dir, "started", 2_000, CallOptions::new()).await;
+    sigterm(pid);
+    assert_eq!(
+        call.await.unwrap().unwrap(),
+        pid,
+        "the drained call's result"
+    );
+}
+
 #[tokio::test]
 async fn shutdown_timeout_cuts_off_work_that_runs_too_long() {
     let env = TestEnv::start().await;
