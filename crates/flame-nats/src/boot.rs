@@ -10,6 +10,7 @@ use flame_core::Error;
 use tokio::time::Instant;
 
 use crate::config::PoolConfig;
+use crate::connect::without_credentials;
 use crate::hooks::{Hooks, PoolEvent};
 use crate::parent::ParentContext;
 use crate::protocol::bootstrap::{ParentInfo, PARENT_ENV};
@@ -43,7 +44,9 @@ impl Booter {
             parent_id: parent.parent_id.clone(),
             pool: config.name.clone(),
             runner_id: String::new(),
-            nats_url: parent.nats_url.clone(),
+            // Runners connect with credentials of their own (the same
+            // environment variables), never ones taken from the URL.
+            nats_url: without_credentials(&parent.nats_url),
             max_concurrency: config.max_concurrency,
             idle_shutdown_after_ms: config.idle_shutdown_after.as_millis() as u64,
             shutdown_timeout_ms: config.shutdown_timeout.as_millis() as u64,

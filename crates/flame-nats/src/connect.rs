@@ -13,6 +13,112 @@ use flame_core::{Error, Source};
 /// convention): one URL, or several separated by commas.
 pub const NATS_URL_ENV: &str = "NATS_URL";
 
+/// Adjusts the NATS connection of parent and runners alike: credentials,
+/// TLS, reconnect settings. See [`crate::FlameBuilder::nats_options`].
+pub type ConnectHook =
+    Arc<dyn Fn(async_nats::ConnectOptions) -> async_nats::ConnectOptions + Send + Sync>;
+
+/// The connection options the conventional environment asks for (the
+/// names the `nats` tools use), read in parent and runner alike:
+///
+/// | variable | meaning |
+/// |---|---|
+/// | `NATS_CREDS` | path of a credentials file (JWT and NKey seed) |
+/// | `NATS_NKEY` | path of a file holding an NKey seed (or the seed itself) |
+/// | `NATS_USER`, `NATS_PASSWORD` | user and password |
+/// | `NATS_TOKEN` | token |
+/// | `NATS_CA` | path of a root CA (PEM) to trust; turns TLS on |
+/// | `NATS_CERT`, `NATS_KEY` | paths of a client certificate and its key (PEM); turn TLS on |
+/// | `NATS_TLS_FIRST` | `true`: TLS handshake before the NATS greeting |
+///
+/// Values are never logged or put in error messages; paths are.
+pub(crate) async fn options_from_env() -> Result<async_nats::ConnectOptions, Error> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let mut options = async_nats::ConnectOptions::new();
+    if let Some(path) = var("NATS_CREDS") {
+        options = options.credentials_file(&path).await.map_err(|e| {
+            Error::Config(format!(
+                "NATS_CREDS names {path}, which cannot be used: {e}"
+            ))
+        })?;
+    }
+    if let Some(nkey) = var("NATS_NKEY") {
+        // A seed itself starts with "S"; anything else is a file holding one.
+        let seed = if nkey.starts_with('S') && !std::path::Path::new(&nkey).exists() {
+            nkey
+        } else {
+            std::fs::read_to_string(&nkey)
+                .map_err(|e| {
+                    Error::Config(format!("NATS_NKEY names {nkey}, which cannot be read: {e}"))
+                })?
+                .trim()
+                .to_string()
+        };
+        options = options.nkey(seed);
+    }
+    match (var("NATS_USER"), var("NATS_PASSWORD")) {
+        (Some(user), Some(password)) => options = options.user_and_password(user, password),
+        (Some(_), None) => {
+            return Err(Error::Config(
+                "NATS_USER is set but NATS_PASSWORD is not".into(),
+            ))
+        }
+        _ => {}
+    }
+    if let Some(token) = var("NATS_TOKEN") {
+        options = options.token(token);
+    }
+    if let Some(ca) = var("NATS_CA") {
+        options = options
+            .add_root_certificates(readable("NATS_CA", &ca)?)
+            .require_tls(true);
+    }
+    match (var("NATS_CERT"), var("NATS_KEY")) {
+        (Some(cert), Some(key)) => {
+            options = options
+                .add_client_certificate(readable("NATS_CERT", &cert)?, readable("NATS_KEY", &key)?)
+                .require_tls(true);
+        }
+        (Some(_), None) | (None, Some(_)) => {
+            return Err(Error::Config(
+                "NATS_CERT and NATS_KEY go together: set both or neither".into(),
+            ))
+        }
+        _ => {}
+    }
+    if var("NATS_TLS_FIRST").is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
+        options = options.tls_first();
+    }
+    Ok(options)
+}
+
+fn readable(var: &str, path: &str) -> Result<std::path::PathBuf, Error> {
+    let path = std::path::PathBuf::from(path);
+    std::fs::metadata(&path).map_err(|e| {
+        Error::Config(format!(
+            "{var} names {}, which cannot be read: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(path)
+}
+
+/// `url` with any `user:password@` or `token@` taken out, for logs,
+/// errors and what runners are told.
+pub(crate) fn without_credentials(url: &str) -> String {
+    server_list(url)
+        .iter()
+        .map(|server| match (server.find("://"), server.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}{}", &server[..scheme + 3], &server[at + 1..])
+            }
+            (None, Some(at)) => server[at + 1..].to_string(),
+            _ => server.clone(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// What a parent learns about its connection.
 #[derive(Debug, Clone)]
 pub(crate) struct ConnectionEvents {
@@ -38,13 +144,15 @@ pub(crate) fn server_list(url: &str) -> Vec<String> {
         .collect()
 }
 
-/// Connects, turning failures into [`Error::NatsUnreachable`].
+/// Connects with `options`, turning failures into
+/// [`Error::NatsUnreachable`].
 pub(crate) async fn connect(
     url: &str,
     name: String,
     timeout: Duration,
+    options: async_nats::ConnectOptions,
 ) -> Result<async_nats::Client, Error> {
-    connect_with(url, name, timeout, async_nats::ConnectOptions::new()).await
+    connect_with(url, name, timeout, options).await
 }
 
 /// [`connect`], also reporting connection events.
@@ -52,13 +160,14 @@ pub(crate) async fn connect_watched(
     url: &str,
     name: String,
     timeout: Duration,
+    options: async_nats::ConnectOptions,
 ) -> Result<(async_nats::Client, ConnectionEvents), Error> {
     let (tx, disconnects) = watch::channel(0u64);
     let connected = Arc::new(Notify::new());
     let closing = Arc::new(AtomicBool::new(false));
     let last_connected = Arc::new(Mutex::new(None));
     let (notify, quiet, at) = (connected.clone(), closing.clone(), last_connected.clone());
-    let options = async_nats::ConnectOptions::new().event_callback(move |event| {
+    let options = options.event_callback(move |event| {
         let (tx, notify, quiet, at) = (tx.clone(), notify.clone(), quiet.clone(), at.clone());
         async move {
             match event {
@@ -98,7 +207,7 @@ async fn connect_with(
     options: async_nats::ConnectOptions,
 ) -> Result<async_nats::Client, Error> {
     let unreachable = |reason: String, source: Option<Source>| Error::NatsUnreachable {
-        url: url.to_string(),
+        url: without_credentials(url),
         reason,
         source,
     };
@@ -141,6 +250,15 @@ mod tests {
             vec!["nats://a:1", "nats://b:2"]
         );
         assert!(server_list(" , ").is_empty());
+    }
+
+    #[test]
+    fn credentials_are_taken_out_of_urls() {
+        assert_eq!(
+            without_credentials("nats://user:s3cret@a:4222, tls://tok@b:4223,nats://c:1"),
+            "nats://a:4222,tls://b:4223,nats://c:1"
+        );
+        assert_eq!(without_credentials("u:p@host:4222"), "host:4222");
     }
 
     #[test]

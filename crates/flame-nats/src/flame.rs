@@ -6,7 +6,9 @@ use std::time::Duration;
 use flame_core::{Error, Registry, States};
 
 use crate::build_id::build_id;
-use crate::connect::{connect_watched, NATS_URL_ENV};
+use crate::connect::{
+    connect_watched, options_from_env, without_credentials, ConnectHook, NATS_URL_ENV,
+};
 use crate::embedded::NatsServer;
 use crate::parent::ParentContext;
 use crate::pool::builder::PoolBuilder;
@@ -58,12 +60,32 @@ pub async fn serve_if_runner() -> Result<(), Error> {
 }
 
 /// Settings for [`init`] and [`FlameBuilder::connect`].
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct FlameBuilder {
     nats_url: Option<String>,
     connect_timeout: Option<Duration>,
     build_id: Option<String>,
     states: States,
+    nats_options: Option<ConnectHook>,
+}
+
+impl std::fmt::Debug for FlameBuilder {
+    /// Shows the URL without credentials, and no option values.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlameBuilder")
+            .field(
+                "nats_url",
+                &self.nats_url.as_deref().map(without_credentials),
+            )
+            .field("connect_timeout", &self.connect_timeout)
+            .field("build_id", &self.build_id)
+            .field("states", &self.states)
+            .field(
+                "nats_options",
+                &self.nats_options.as_ref().map(|_| "<hook>"),
+            )
+            .finish()
+    }
 }
 
 impl FlameBuilder {
@@ -78,6 +100,40 @@ impl FlameBuilder {
     pub fn nats_url(mut self, url: impl Into<String>) -> Self {
         self.nats_url = Some(url.into());
         self
+    }
+
+    /// Adjusts the NATS connection options, in the parent and in every
+    /// runner alike (both run `main`): credentials, TLS, reconnect
+    /// settings, anything `async_nats::ConnectOptions` offers. It runs
+    /// after the options the conventional environment sets (`NATS_CREDS`,
+    /// `NATS_NKEY`, `NATS_USER`/`NATS_PASSWORD`, `NATS_TOKEN`, `NATS_CA`,
+    /// `NATS_CERT`/`NATS_KEY`, `NATS_TLS_FIRST`; see the README), so it
+    /// can add to them or replace them. flame sets the connection's name,
+    /// timeouts, reconnect pacing and event callback after it.
+    ///
+    /// ```no_run
+    /// # async fn app() -> Result<(), flame_core::Error> {
+    /// let flame = flame_nats::FlameBuilder::new()
+    ///     .nats_options(|o| o.require_tls(true).ping_interval(std::time::Duration::from_secs(10)))
+    ///     .init()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn nats_options(
+        mut self,
+        hook: impl Fn(async_nats::ConnectOptions) -> async_nats::ConnectOptions + Send + Sync + 'static,
+    ) -> Self {
+        self.nats_options = Some(std::sync::Arc::new(hook));
+        self
+    }
+
+    /// The options to connect with: the environment's, then the hook.
+    async fn connect_options(&self) -> Result<async_nats::ConnectOptions, Error> {
+        let options = options_from_env().await?;
+        Ok(match &self.nats_options {
+            Some(hook) => hook(options),
+            None => options,
+        })
     }
 
     /// How long to try to connect (default 5 s).
@@ -133,7 +189,8 @@ impl FlameBuilder {
         Registry::global()?.check_states(&self.states)?;
         if let Ok(value) = std::env::var(PARENT_ENV) {
             let info = ParentInfo::from_env_value(&value)?;
-            let code = crate::runner::serve(info, self.states.clone()).await;
+            let options = self.connect_options().await?;
+            let code = crate::runner::serve(info, self.states.clone(), options).await;
             std::process::exit(code);
         }
         Ok(())
@@ -151,6 +208,7 @@ impl FlameBuilder {
             )));
         }
         let timeout = self.connect_timeout.unwrap_or(Duration::from_secs(5));
+        let options = self.connect_options().await?;
         let (nats_url, embedded) = match self
             .nats_url
             .or_else(|| std::env::var(NATS_URL_ENV).ok().filter(|u| !u.is_empty()))
@@ -177,9 +235,19 @@ impl FlameBuilder {
                 .unwrap_or("unknown")
                 .into(),
         };
-        let (client, events) =
-            connect_watched(&nats_url, format!("flame parent {parent_id}"), timeout).await?;
-        let replies = Replies::start(&client, nats_url.clone(), events.disconnects.clone()).await?;
+        let (client, events) = connect_watched(
+            &nats_url,
+            format!("flame parent {parent_id}"),
+            timeout,
+            options,
+        )
+        .await?;
+        let replies = Replies::start(
+            &client,
+            without_credentials(&nats_url),
+            events.disconnects.clone(),
+        )
+        .await?;
         let streams = StreamHub::start(&client).await?;
         flame_core::stream::set_default_transport(streams.clone());
         Ok(Flame {

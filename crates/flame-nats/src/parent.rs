@@ -9,7 +9,6 @@ use crate::embedded::NatsServer;
 use crate::replies::Replies;
 
 /// One connected parent, shared by its pools.
-#[derive(Debug)]
 pub(crate) struct ParentContext {
     pub(crate) client: async_nats::Client,
     /// The URL (or list) runners connect to.
@@ -23,6 +22,20 @@ pub(crate) struct ParentContext {
     pub(crate) streams: Arc<crate::streams::StreamHub>,
     /// The private nats-server this parent started, if any; stopped with it.
     pub(crate) embedded: std::sync::Mutex<Option<NatsServer>>,
+}
+
+impl std::fmt::Debug for ParentContext {
+    /// No credentials: the URL is shown without them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParentContext")
+            .field(
+                "nats_url",
+                &crate::connect::without_credentials(&self.nats_url),
+            )
+            .field("parent_id", &self.parent_id)
+            .field("build_id", &self.build_id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ParentContext {

@@ -56,9 +56,13 @@ enum Stop {
 }
 
 /// Serves as a runner until it is time to stop. Returns the process exit code.
-pub(crate) async fn serve(info: ParentInfo, states: States) -> i32 {
+pub(crate) async fn serve(
+    info: ParentInfo,
+    states: States,
+    options: async_nats::ConnectOptions,
+) -> i32 {
     let runner = info.runner_id.clone();
-    match run(info, states).await {
+    match run(info, states, options).await {
         Ok(reason) => {
             info!(%runner, "runner stopping: {reason}");
             0
@@ -123,7 +127,11 @@ struct Runner {
     lease: tokio::sync::Mutex<Option<LeaseKeeper>>,
 }
 
-async fn run(info: ParentInfo, states: States) -> Result<String, Error> {
+async fn run(
+    info: ParentInfo,
+    states: States,
+    options: async_nats::ConnectOptions,
+) -> Result<String, Error> {
     let registry = Registry::global()?;
     let failsafe = Duration::from_millis(info.failsafe_timeout_ms);
     let failsafe_deadline = Instant::now() + failsafe;
@@ -133,6 +141,7 @@ async fn run(info: ParentInfo, states: States) -> Result<String, Error> {
         &info.nats_url,
         format!("flame runner {} ({})", info.runner_id, info.pool),
         failsafe,
+        options,
     )
     .await?;
     let build = build.await.unwrap_or("unknown");

@@ -1,0 +1,148 @@
+//! Secured NATS: credentials and TLS from the conventional environment (in
+//! runners) and from `FlameBuilder::nats_options` (in the parent), against
+//! real nats-server configurations. Secrets stay out of errors and Debug.
+
+use std::path::Path;
+use std::time::Duration;
+
+use flame::{Error, NatsServer};
+use flame_tests::funcs::add;
+use flame_tests::harness::{builder, init_tracing, runner_backend};
+
+const LONG: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn user_and_password_from_the_hook_and_the_environment() {
+    init_tracing();
+    let server = NatsServer::builder()
+        .arg("--user")
+        .arg("flame")
+        .arg("--pass")
+        .arg("s3cret-pw")
+        .start()
+        .unwrap();
+    let flame = builder()
+        .nats_url(server.url())
+        .nats_options(|o| o.user_and_password("flame".into(), "s3cret-pw".into()))
+        .init()
+        .await
+        .expect("the parent connects with the hook's credentials");
+    // Runners read NATS_USER and NATS_PASSWORD.
+    let backend = runner_backend()
+        .env("NATS_USER", "flame")
+        .env("NATS_PASSWORD", "s3cret-pw");
+    let pool = flame
+        .pool("authed")
+        .backend(backend)
+        .max(1)
+        .timeout(LONG)
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(flame::call!(pool, add(2, 3)).await.unwrap(), 5);
+
+    // A wrong password is refused, and the error does not show it.
+    let err = builder()
+        .nats_url(server.url())
+        .nats_options(|o| o.user_and_password("flame".into(), "wrong-pw".into()))
+        .connect_timeout(Duration::from_secs(3))
+        .init()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NatsUnreachable { .. }), "{err:?}");
+    assert!(!format!("{err} {err:?}").contains("wrong-pw"), "{err:?}");
+
+    // Credentials in a URL reach neither Debug output nor errors.
+    let port = server.port();
+    let with_secret = format!("nats://flame:s3cret-pw@127.0.0.1:{port}");
+    let shown = format!("{:?}", builder().nats_url(with_secret));
+    assert!(!shown.contains("s3cret-pw"), "{shown}");
+    pool.shutdown().await;
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as
+/// PEM files in `dir`.
+fn certificates(dir: &Path) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &ca, &ca_key)
+        .unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let client = CertificateParams::new(vec!["flame-client".to_string()])
+        .unwrap()
+        .signed_by(&client_key, &ca, &ca_key)
+        .unwrap();
+    for (name, pem) in [
+        ("ca.pem", ca.pem()),
+        ("server.pem", server.pem()),
+        ("server.key", server_key.serialize_pem()),
+        ("client.pem", client.pem()),
+        ("client.key", client_key.serialize_pem()),
+    ] {
+        std::fs::write(dir.join(name), pem).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn calls_run_over_tls_with_client_certificates() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let server = NatsServer::builder()
+        .arg("--tls")
+        .arg("--tlscert")
+        .arg(path("server.pem"))
+        .arg("--tlskey")
+        .arg(path("server.key"))
+        .arg("--tlsverify")
+        .arg("--tlscacert")
+        .arg(path("ca.pem"))
+        .start()
+        .unwrap();
+    let (ca, cert, key) = (path("ca.pem"), path("client.pem"), path("client.key"));
+    let flame = builder()
+        .nats_url(server.url())
+        .nats_options({
+            let (ca, cert, key) = (ca.clone(), cert.clone(), key.clone());
+            move |o| {
+                o.add_root_certificates(ca.clone().into())
+                    .add_client_certificate(cert.clone().into(), key.clone().into())
+                    .require_tls(true)
+            }
+        })
+        .init()
+        .await
+        .expect("the parent connects over TLS");
+    // Runners read NATS_CA, NATS_CERT and NATS_KEY.
+    let backend = runner_backend()
+        .env("NATS_CA", &ca)
+        .env("NATS_CERT", &cert)
+        .env("NATS_KEY", &key);
+    let pool = flame
+        .pool("tls")
+        .backend(backend)
+        .max(1)
+        .timeout(LONG)
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(flame::call!(pool, add(20, 22)).await.unwrap(), 42);
+
+    // Without a client certificate the server refuses the connection.
+    let err = builder()
+        .nats_url(server.url())
+        .nats_options(move |o| o.add_root_certificates(ca.clone().into()).require_tls(true))
+        .connect_timeout(Duration::from_secs(3))
+        .init()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NatsUnreachable { .. }), "{err:?}");
+    pool.shutdown().await;
+}
