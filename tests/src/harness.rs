@@ -77,6 +77,8 @@ impl TestEnv {
         let server = NatsServer::start().expect("start nats-server");
         let flame = builder()
             .nats_url(server.url())
+            // Said on purpose: the fake Fly Machines run on this machine.
+            .runner_nats_url(server.url())
             .init()
             .await
             .expect("connect to test nats-server");
@@ -252,6 +254,10 @@ impl CountingBackend {
 }
 
 impl Backend for CountingBackend {
+    fn runners_are_local(&self) -> bool {
+        self.inner.runners_are_local()
+    }
+
     fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Booted, BoxError>> {
         let now = self.live.fetch_add(1, Ordering::SeqCst) + 1;
         self.peak.fetch_max(now, Ordering::SeqCst);
@@ -284,6 +290,10 @@ impl Backend for CountingBackend {
 pub struct NoExitNotice<B>(pub B);
 
 impl<B: Backend> Backend for NoExitNotice<B> {
+    fn runners_are_local(&self) -> bool {
+        self.0.runners_are_local()
+    }
+
     fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Booted, BoxError>> {
         let boot = self.0.boot(spec);
         Box::pin(async move {
@@ -315,6 +325,10 @@ impl<B> FailingFirst<B> {
 }
 
 impl<B: Backend> Backend for FailingFirst<B> {
+    fn runners_are_local(&self) -> bool {
+        self.inner.runners_are_local()
+    }
+
     fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Booted, BoxError>> {
         let fail = self
             .left

@@ -179,3 +179,41 @@ async fn dropping_the_pool_stops_its_machines() {
     )
     .await;
 }
+
+/// Runners on other machines cannot reach a loopback NATS address: a pool
+/// on the Fly backend that would tell them one refuses to start, saying
+/// what to set; the same URL set on purpose for runners is taken.
+#[tokio::test]
+async fn a_remote_pool_refuses_a_loopback_url_it_was_not_given_on_purpose() {
+    let env = TestEnv::start().await;
+    let fly = FakeFly::start("flame-test").await;
+    let flame = flame_tests::harness::builder()
+        .nats_url(env.server.url())
+        .init()
+        .await
+        .unwrap();
+    let err = flame
+        .pool("unreachable")
+        .backend(backend(&fly))
+        .start()
+        .await
+        .unwrap_err();
+    match &err {
+        Error::Config(message) => {
+            assert!(message.contains("FLAME_RUNNER_NATS_URL"), "{message}");
+            assert!(message.contains("127.0.0.1"), "{message}");
+        }
+        other => panic!("expected Config, got {other:?}"),
+    }
+    assert!(fly.requests().is_empty(), "no machine was created");
+    // The test env's parent set runner_nats_url on purpose: accepted.
+    let pool = env
+        .flame
+        .pool("reachable")
+        .backend(backend(&fly))
+        .max(1)
+        .start()
+        .await
+        .unwrap();
+    pool.shutdown().await;
+}

@@ -10,7 +10,6 @@ use flame_core::Error;
 use tokio::time::Instant;
 
 use crate::config::PoolConfig;
-use crate::connect::without_credentials;
 use crate::hooks::{Hooks, PoolEvent};
 use crate::parent::ParentContext;
 use crate::protocol::bootstrap::{ParentInfo, PARENT_ENV};
@@ -46,7 +45,7 @@ impl Booter {
             runner_id: String::new(),
             // Runners connect with credentials of their own (the same
             // environment variables), never ones taken from the URL.
-            nats_url: without_credentials(&parent.nats_url),
+            nats_url: parent.runner_nats_url.url.clone(),
             max_concurrency: config.max_concurrency,
             idle_shutdown_after_ms: config.idle_shutdown_after.as_millis() as u64,
             shutdown_timeout_ms: config.shutdown_timeout.as_millis() as u64,

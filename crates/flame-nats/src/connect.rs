@@ -13,6 +13,31 @@ use flame_core::{Error, Source};
 /// convention): one URL, or several separated by commas.
 pub const NATS_URL_ENV: &str = "NATS_URL";
 
+/// Environment variable with the NATS URL runners connect to, when it
+/// differs from the parent's.
+pub const RUNNER_NATS_URL_ENV: &str = "FLAME_RUNNER_NATS_URL";
+
+/// True when every server of `url` is on this machine (`localhost`,
+/// `127.x.y.z`, `::1`): an address other machines cannot reach.
+pub(crate) fn only_loopback(url: &str) -> bool {
+    let servers = server_list(url);
+    !servers.is_empty()
+        && servers.iter().all(|server| {
+            let rest = server.split_once("://").map_or(server.as_str(), |(_, r)| r);
+            let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+            let host = if let Some(v6) = rest.strip_prefix('[') {
+                v6.split(']').next().unwrap_or("")
+            } else {
+                rest.split(':').next().unwrap_or("")
+            };
+            host == "localhost"
+                || host == "::1"
+                || host
+                    .parse::<std::net::Ipv4Addr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        })
+}
+
 /// Adjusts the NATS connection of parent and runners alike: credentials,
 /// TLS, reconnect settings. See [`crate::FlameBuilder::nats_options`].
 pub type ConnectHook =
@@ -250,6 +275,16 @@ mod tests {
             vec!["nats://a:1", "nats://b:2"]
         );
         assert!(server_list(" , ").is_empty());
+    }
+
+    #[test]
+    fn loopback_urls_are_told_apart() {
+        assert!(only_loopback("nats://127.0.0.1:4222"));
+        assert!(only_loopback("localhost:4222, nats://[::1]:4222"));
+        assert!(only_loopback("nats://u:p@127.0.0.2:1"));
+        assert!(!only_loopback("nats://127.0.0.1:4222,nats://10.0.0.5:4222"));
+        assert!(!only_loopback("tls://nats.internal:4222"));
+        assert!(!only_loopback("nats://[fdaa::3]:4222"));
     }
 
     #[test]

@@ -8,9 +8,10 @@ use flame_core::{Error, Registry, States};
 use crate::build_id::build_id;
 use crate::connect::{
     connect_watched, options_from_env, without_credentials, ConnectHook, NATS_URL_ENV,
+    RUNNER_NATS_URL_ENV,
 };
 use crate::embedded::NatsServer;
-use crate::parent::ParentContext;
+use crate::parent::{ParentContext, RunnerUrl};
 use crate::pool::builder::PoolBuilder;
 use crate::protocol::bootstrap::{ParentInfo, PARENT_ENV};
 use crate::replies::Replies;
@@ -63,6 +64,7 @@ pub async fn serve_if_runner() -> Result<(), Error> {
 #[derive(Clone, Default)]
 pub struct FlameBuilder {
     nats_url: Option<String>,
+    runner_nats_url: Option<String>,
     connect_timeout: Option<Duration>,
     build_id: Option<String>,
     states: States,
@@ -76,6 +78,10 @@ impl std::fmt::Debug for FlameBuilder {
             .field(
                 "nats_url",
                 &self.nats_url.as_deref().map(without_credentials),
+            )
+            .field(
+                "runner_nats_url",
+                &self.runner_nats_url.as_deref().map(without_credentials),
             )
             .field("connect_timeout", &self.connect_timeout)
             .field("build_id", &self.build_id)
@@ -96,9 +102,21 @@ impl FlameBuilder {
 
     /// Uses this NATS server (overrides `NATS_URL`): one URL, or several
     /// separated by commas (`nats://a:4222,nats://b:4222`). Runners get the
-    /// same.
+    /// same, without credentials, unless [`FlameBuilder::runner_nats_url`]
+    /// says otherwise.
     pub fn nats_url(mut self, url: impl Into<String>) -> Self {
         self.nats_url = Some(url.into());
+        self
+    }
+
+    /// The NATS server runners connect to, when they reach it at another
+    /// address than the parent (overrides `FLAME_RUNNER_NATS_URL`; default:
+    /// the parent's URL). Runners on other machines (a Fly Machine, say)
+    /// cannot reach a loopback address: a pool on such a backend refuses
+    /// to start when runners would be told one, unless it was set here or
+    /// in `FLAME_RUNNER_NATS_URL` on purpose.
+    pub fn runner_nats_url(mut self, url: impl Into<String>) -> Self {
+        self.runner_nats_url = Some(url.into());
         self
     }
 
@@ -250,9 +268,19 @@ impl FlameBuilder {
         .await?;
         let streams = StreamHub::start(&client).await?;
         flame_core::stream::set_default_transport(streams.clone());
+        let given = self.runner_nats_url.or_else(|| {
+            std::env::var(RUNNER_NATS_URL_ENV)
+                .ok()
+                .filter(|u| !u.is_empty())
+        });
+        let runner_nats_url = RunnerUrl {
+            explicit: given.is_some(),
+            url: without_credentials(given.as_deref().unwrap_or(&nats_url)),
+        };
         Ok(Flame {
             parent: Arc::new(ParentContext {
                 client,
+                runner_nats_url,
                 nats_url,
                 parent_id,
                 build_id,

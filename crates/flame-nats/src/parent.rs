@@ -11,8 +11,10 @@ use crate::replies::Replies;
 /// One connected parent, shared by its pools.
 pub(crate) struct ParentContext {
     pub(crate) client: async_nats::Client,
-    /// The URL (or list) runners connect to.
+    /// The URL (or list) this parent connected to.
     pub(crate) nats_url: String,
+    /// What runners are told to connect to.
+    pub(crate) runner_nats_url: RunnerUrl,
     pub(crate) parent_id: String,
     pub(crate) build_id: Arc<str>,
     pub(crate) events: ConnectionEvents,
@@ -22,6 +24,35 @@ pub(crate) struct ParentContext {
     pub(crate) streams: Arc<crate::streams::StreamHub>,
     /// The private nats-server this parent started, if any; stopped with it.
     pub(crate) embedded: std::sync::Mutex<Option<NatsServer>>,
+}
+
+/// The NATS URL runners connect to (never with credentials).
+#[derive(Debug, Clone)]
+pub(crate) struct RunnerUrl {
+    pub(crate) url: String,
+    /// Set on purpose (`runner_nats_url`, `FLAME_RUNNER_NATS_URL`), not
+    /// just the parent's own URL.
+    pub(crate) explicit: bool,
+}
+
+impl RunnerUrl {
+    /// Refuses a URL that runners on another machine cannot reach.
+    pub(crate) fn check_reachable_from(
+        &self,
+        pool: &str,
+        backend: &dyn flame_core::Backend,
+    ) -> Result<(), flame_core::Error> {
+        if self.explicit || backend.runners_are_local() || !crate::connect::only_loopback(&self.url)
+        {
+            return Ok(());
+        }
+        Err(flame_core::Error::Config(format!(
+            "pool `{pool}` boots its runners on other machines ({backend:?}), but they would connect to NATS at {}, \
+             which only this machine can reach; set FLAME_RUNNER_NATS_URL (or FlameBuilder::runner_nats_url) to \
+             an address the runners reach, or NATS_URL to a server both sides reach",
+            self.url
+        )))
+    }
 }
 
 impl std::fmt::Debug for ParentContext {

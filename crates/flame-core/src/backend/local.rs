@@ -173,6 +173,10 @@ impl Backend for LocalBackend {
         .boxed()
     }
 
+    fn runners_are_local(&self) -> bool {
+        true
+    }
+
     /// Kills `pid <n>` with SIGKILL, but only if that process is still the
     /// runner (its environment names the runner id), never a process that
     /// reused the pid.

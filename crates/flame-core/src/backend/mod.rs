@@ -87,6 +87,13 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// `Error::BootFailed`, with the returned error as its source.
     fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Booted, BoxError>>;
 
+    /// True when the runners run on this machine (so a loopback NATS
+    /// address reaches them). The default is false: a pool on a backend
+    /// of other machines refuses to tell its runners a loopback address.
+    fn runners_are_local(&self) -> bool {
+        false
+    }
+
     /// Forcibly stops a runner known only by its [`Booted::handle`], e.g. one
     /// booted by another parent that has since died, and resolves once it is
     /// gone. Used by a shared pool's scaler to clean up after runners that

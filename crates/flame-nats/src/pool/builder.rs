@@ -153,6 +153,9 @@ impl PoolBuilder {
         let backend = self
             .backend
             .unwrap_or_else(|| Arc::new(LocalBackend::new()));
+        self.parent
+            .runner_nats_url
+            .check_reachable_from(&config.name, backend.as_ref())?;
         let booter = Arc::new(Booter::new(
             &self.parent,
             &config,
