@@ -1,7 +1,9 @@
 //! A local server that speaks enough of the Fly Machines API for flame's Fly
 //! backend, and really starts a runner process (the test app) for each
 //! Machine it is asked to create. Machines exit like real ones: a process
-//! that ends is a destroyed Machine (`auto_destroy`).
+//! that ends is a destroyed Machine (`auto_destroy`). The token `bad-token`
+//! is refused with 401, as Fly refuses an unknown one, and an image whose
+//! name holds `invalid` with 422, as Fly refuses a config it cannot run.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -110,6 +112,26 @@ async fn create(
     Json(body): Json<Value>,
 ) -> (StatusCode, Json<Value>) {
     record(&s, "POST", String::new(), &headers, body.clone());
+    // A token Fly does not know.
+    if headers
+        .get("authorization")
+        .is_some_and(|v| v.as_bytes() == b"Bearer bad-token")
+    {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({ "error": "unauthorized" })),
+        );
+    }
+    // A config Fly refuses.
+    if body["config"]["image"]
+        .as_str()
+        .is_some_and(|i| i.contains("invalid"))
+    {
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({ "error": "invalid config: no such image" })),
+        );
+    }
     let id = uuid::Uuid::new_v4().simple().to_string()[..14].to_string();
     let mut cmd = std::process::Command::new(testapp());
     // A Machine starts from its image with only the env it was given.

@@ -13,11 +13,19 @@ use flame_tests::TEST_BUILD;
 const LONG: Duration = Duration::from_secs(60);
 
 fn backend(fly: &FakeFly) -> FlyBackend {
+    backend_with_token(fly, "test-token")
+}
+
+fn backend_with_token(fly: &FakeFly, token: &str) -> FlyBackend {
+    backend_with(fly, token, "registry.example/flame-test:1")
+}
+
+fn backend_with(fly: &FakeFly, token: &str, image: &str) -> FlyBackend {
     FlyBackend::builder()
         .api_url(&fly.url)
-        .token("test-token")
+        .token(token)
         .app("flame-test")
-        .image("registry.example/flame-test:1")
+        .image(image)
         .region("local")
         .cpus(1)
         .memory_mb(512)
@@ -216,4 +224,109 @@ async fn a_remote_pool_refuses_a_loopback_url_it_was_not_given_on_purpose() {
         .await
         .unwrap();
     pool.shutdown().await;
+}
+
+/// Permanent errors (an unknown token, a config Fly refuses) fail the boot
+/// at once with the API's status, instead of being retried.
+#[tokio::test]
+async fn a_permanent_api_error_fails_the_boot_at_once() {
+    let env = TestEnv::start().await;
+    for (name, token, image, status) in [
+        (
+            "badtoken",
+            "bad-token",
+            "registry.example/flame-test:1",
+            "401",
+        ),
+        (
+            "badimage",
+            "test-token",
+            "registry.example/invalid:1",
+            "422",
+        ),
+    ] {
+        let fly = FakeFly::start("flame-test").await;
+        let err = env
+            .flame
+            .pool(name)
+            .min(1)
+            .max(1)
+            .boot_timeout(LONG)
+            .backend(backend_with(&fly, token, image))
+            .start()
+            .await
+            .unwrap_err();
+        match &err {
+            Error::BootFailed { reason, .. } => assert!(reason.contains(status), "{reason}"),
+            other => panic!("expected BootFailed, got {other:?}"),
+        }
+        assert!(!format!("{err} {err:?}").contains(token), "{err:?}");
+        let creates = fly.requests().iter().filter(|r| r.method == "POST").count();
+        assert_eq!(creates, 1, "a {status} is not retried");
+    }
+}
+
+/// Stopping a Machine that has already exited is done at once (the API
+/// answers 409), not retried.
+#[tokio::test]
+async fn stopping_an_exited_machine_is_done_at_once() {
+    use flame::Backend;
+    let fly = FakeFly::start("flame-test").await;
+    // No FLAME_PARENT: the test app exits at once, like a crashed runner.
+    let spec = flame::BootSpec::new("exited".into(), "r1".into(), Vec::new());
+    let booted = backend(&fly).boot(spec).await.unwrap();
+    let exited = booted.exited.expect("the Fly backend reports exits");
+    let reason = tokio::time::timeout(LONG, exited)
+        .await
+        .expect("the exit is reported");
+    assert!(reason.contains("Fly Machine"), "{reason}");
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        booted.stopper.stop(Duration::from_secs(2)),
+    )
+    .await
+    .expect("the stop of an exited Machine returns at once");
+    let stops = fly
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/stop"))
+        .count();
+    assert_eq!(stops, 1, "a 409 for a stopped Machine is not retried");
+}
+
+/// A Machine that dies is reported by the API at once: calls on it fail
+/// long before two of its (slow) heartbeats are missed.
+#[tokio::test]
+async fn a_dead_machine_is_reported_by_the_api_before_heartbeats_tell() {
+    let env = TestEnv::start().await;
+    let fly = FakeFly::start("flame-test").await;
+    let pool = env
+        .flame
+        .pool("flyexit")
+        .max(1)
+        .heartbeat(Duration::from_secs(15))
+        .parent_grace(Duration::from_secs(45))
+        .backend(backend(&fly))
+        .start()
+        .await
+        .unwrap();
+    let at = flame::call!(pool, whereabouts()).await.unwrap();
+    let call = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            pool.call_with::<sleep_then_mark>(
+                (120_000, String::new()),
+                CallOptions::new().timeout(LONG),
+            )
+            .await
+        }
+    });
+    wait_in_flight(&env, "flyexit", 1, LONG).await;
+    kill9(at.pid);
+    // Heartbeats would take 30 s.
+    let err = error_within(call, Duration::from_secs(10)).await;
+    match &err {
+        Error::RunnerDown { reason, .. } => assert!(reason.contains("Fly Machine"), "{reason}"),
+        other => panic!("expected RunnerDown, got {other:?}"),
+    }
 }

@@ -43,15 +43,38 @@ pub const IMAGE_ENV: &str = "FLY_IMAGE_REF";
 /// Environment variable with the region (set inside every Machine).
 pub const REGION_ENV: &str = "FLY_REGION";
 
-/// Statuses the Machines API uses for "try again shortly": rate limit (429),
-/// no capacity (412), conflicting state (409) and unprocessable (422).
-const RETRIED: [StatusCode; 4] = [
-    StatusCode::TOO_MANY_REQUESTS,
-    StatusCode::PRECONDITION_FAILED,
-    StatusCode::CONFLICT,
-    StatusCode::UNPROCESSABLE_ENTITY,
-];
-const RETRIES: usize = 10;
+/// Attempts of one API request before a transient failure is final.
+const ATTEMPTS: u32 = 8;
+
+/// First pause between attempts; doubled each time, up to [`MAX_PAUSE`].
+const FIRST_PAUSE: Duration = Duration::from_millis(250);
+const MAX_PAUSE: Duration = Duration::from_secs(8);
+
+/// Statuses worth another try: rate limited (429), no capacity right now
+/// (412), and the API's own troubles (5xx). Anything else (401 bad token,
+/// 422 invalid config, ...) is final at once.
+fn transient(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::PRECONDITION_FAILED
+        || status.is_server_error()
+}
+
+/// The pause before attempt `attempt + 1`: exponential, with jitter (so
+/// that many parents do not retry in step), or what `Retry-After` asks.
+fn pause(attempt: u32, retry_after: Option<Duration>) -> Duration {
+    if let Some(wait) = retry_after {
+        return wait.min(MAX_PAUSE * 4);
+    }
+    let base = FIRST_PAUSE
+        .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)))
+        .min(MAX_PAUSE);
+    // Jitter of up to a quarter, from the clock's low bits.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    base + base / 4 * (nanos % 1000) / 1000
+}
 
 /// Size of a runner Machine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -294,11 +317,13 @@ impl Backend for FlyBackend {
                 .as_str()
                 .ok_or_else(|| FlyError::Unexpected(format!("no machine id in {machine}")))?
                 .to_string();
+            let instance = machine["instance_id"].as_str().map(str::to_string);
             debug!(pool = %spec.pool, runner = %spec.runner_id, machine = %id, "Fly Machine created");
             Ok(Booted {
                 handle: id.clone(),
-                // The pool notices a dead runner by its heartbeats.
-                exited: None,
+                // The pool learns of the Machine's end from the API at once,
+                // not only by missed heartbeats.
+                exited: Some(api.clone().watch_exit(id.clone(), instance).boxed()),
                 stopper: Box::new(FlyStopper { api, id }),
             })
         }
@@ -341,7 +366,14 @@ impl StopRunner for FlyStopper {
                 let stopped = api
                     .send(|http, base| http.post(format!("{base}/{id}/stop")).json(&body))
                     .await;
-                if stopped.is_ok() {
+                // 409 (not started) or 404 (gone): it has stopped already,
+                // which is what was asked.
+                let running = match &stopped {
+                    Ok(_) => true,
+                    Err(FlyError::Api { status, .. }) => *status != 409 && *status != 404,
+                    Err(_) => true,
+                };
+                if stopped.is_ok() && running {
                     let secs = grace.as_secs().clamp(1, 60);
                     let _ = api
                         .send(|http, base| {
@@ -420,25 +452,45 @@ impl std::fmt::Debug for Api {
 }
 
 impl Api {
-    /// Sends a request, retrying the statuses Fly uses for "try again".
+    /// Sends a request. Transient failures (rate limits, no capacity,
+    /// 5xx, the API unreachable) are retried with exponential backoff and
+    /// jitter, honouring `Retry-After`; any other error is returned at once
+    /// with the API's status and message.
     async fn send<F>(&self, make: F) -> Result<reqwest::Response, FlyError>
     where
         F: Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
     {
-        for attempt in 1..=RETRIES {
+        let mut attempt = 1;
+        loop {
             let response = make(&self.http, &self.base)
                 .bearer_auth(&self.token)
                 .send()
-                .await
-                .map_err(FlyError::Transport)?;
+                .await;
+            let response = match response {
+                Ok(response) => response,
+                Err(e) if attempt < ATTEMPTS && (e.is_connect() || e.is_timeout()) => {
+                    debug!(attempt, "Machines API unreachable, trying again: {e}");
+                    tokio::time::sleep(pause(attempt, None)).await;
+                    attempt += 1;
+                    continue;
+                }
+                Err(e) => return Err(FlyError::Transport(e)),
+            };
             let status = response.status();
             if status.is_success() {
                 return Ok(response);
             }
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
             let text = response.text().await.unwrap_or_default();
-            if RETRIED.contains(&status) && attempt < RETRIES {
-                debug!(%status, attempt, "Machines API asks to retry: {text}");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+            if transient(status) && attempt < ATTEMPTS {
+                debug!(%status, attempt, "Machines API asks to try again: {text}");
+                tokio::time::sleep(pause(attempt, retry_after)).await;
+                attempt += 1;
                 continue;
             }
             return Err(FlyError::Api {
@@ -446,7 +498,47 @@ impl Api {
                 message: text,
             });
         }
-        unreachable!("the last attempt returns")
+    }
+
+    /// Resolves when the Machine is destroyed (its runner exited; Machines
+    /// are made with `auto_destroy`), with a reason for the pool, and makes
+    /// sure it is gone.
+    async fn watch_exit(self, id: String, instance: Option<String>) -> String {
+        let instance = instance
+            .map(|i| format!("instance_id={i}&"))
+            .unwrap_or_default();
+        let reason = loop {
+            let waited = self
+                .http
+                .get(format!(
+                    "{}/{id}/wait?{instance}state=destroyed&timeout=60",
+                    self.base
+                ))
+                .bearer_auth(&self.token)
+                .send()
+                .await;
+            match waited.map(|r| r.status()) {
+                Ok(s) if s.is_success() => {
+                    break format!("Fly Machine {id} was destroyed (its runner exited)")
+                }
+                Ok(StatusCode::NOT_FOUND) => break format!("Fly Machine {id} is gone"),
+                // 408: still running after the wait's limit; wait again.
+                Ok(StatusCode::REQUEST_TIMEOUT) => {}
+                Ok(s) => {
+                    debug!(machine = %id, status = %s, "cannot wait for the Machine's end");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => {
+                    debug!(machine = %id, "cannot wait for the Machine's end: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        // Destroyed already, normally; make sure nothing is left.
+        if let Err(e) = self.destroy(&id).await {
+            warn!(machine = %id, "cannot destroy Fly Machine: {e}");
+        }
+        reason
     }
 
     /// Destroys a Machine, running or not. Gone already counts as done.
@@ -471,6 +563,27 @@ impl Api {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_transient_failures_are_retried_with_growing_pauses() {
+        assert!(transient(StatusCode::TOO_MANY_REQUESTS));
+        assert!(transient(StatusCode::PRECONDITION_FAILED));
+        assert!(transient(StatusCode::BAD_GATEWAY));
+        assert!(!transient(StatusCode::UNAUTHORIZED));
+        assert!(!transient(StatusCode::UNPROCESSABLE_ENTITY));
+        assert!(!transient(StatusCode::CONFLICT));
+        let first = pause(1, None);
+        assert!(
+            first >= FIRST_PAUSE && first <= FIRST_PAUSE * 5 / 4,
+            "{first:?}"
+        );
+        assert!(pause(3, None) >= FIRST_PAUSE * 4);
+        assert!(pause(30, None) <= MAX_PAUSE * 5 / 4);
+        assert_eq!(
+            pause(1, Some(Duration::from_secs(3))),
+            Duration::from_secs(3)
+        );
+    }
 
     #[test]
     fn missing_settings_are_named() {

@@ -63,6 +63,11 @@ pub use flame_core::{
     Sender, Source, State, StopRunner, Stream,
 };
 pub use flame_macros::remote;
+
+/// The Fly Machines backend (cargo feature `fly`): runners as Machines of
+/// your app. See `flame_fly::FlyBackend`.
+#[cfg(feature = "fly")]
+pub use flame_fly as fly;
 pub use flame_nats::{
     build_id, embedded, init, parent, serve_if_runner, CallOptions, Child, ChildExit, ChildOptions,
     Flame, FlameBuilder, NatsServer, ParentInfo, Pool, PoolBuilder, PoolConfig, PoolEvent,
