@@ -35,6 +35,8 @@ struct Inner {
     requests: Vec<Recorded>,
     /// Machine id to runner pid.
     machines: HashMap<String, u32>,
+    /// Machine id to its config's metadata.
+    metadata: HashMap<String, Value>,
 }
 
 /// The fake API; stops its server and kills its machines on drop.
@@ -51,7 +53,7 @@ impl FakeFly {
         let inner = Arc::new(Mutex::new(Inner::default()));
         let base = format!("/v1/apps/{app}/machines");
         let router = Router::new()
-            .route(&base, post(create))
+            .route(&base, post(create).get(list))
             .route(&format!("{base}/{{id}}"), get(show).delete(destroy))
             .route(&format!("{base}/{{id}}/stop"), post(stop))
             .route(&format!("{base}/{{id}}/wait"), get(wait))
@@ -161,7 +163,13 @@ async fn create(
         let mut child = child;
         let _ = child.wait();
     });
-    s.lock().unwrap().machines.insert(id.clone(), pid);
+    {
+        let mut inner = s.lock().unwrap();
+        inner.machines.insert(id.clone(), pid);
+        inner
+            .metadata
+            .insert(id.clone(), body["config"]["metadata"].clone());
+    }
     (
         StatusCode::OK,
         Json(json!({
@@ -172,6 +180,34 @@ async fn create(
             "config": body["config"],
         })),
     )
+}
+
+/// `GET` the app's Machines, filtered by `metadata.<key>=<value>`.
+async fn list(
+    s: Shared,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> (StatusCode, Json<Value>) {
+    record(&s, "GET", String::new(), &headers, json!(q));
+    let inner = s.lock().unwrap();
+    let machines: Vec<Value> = inner
+        .machines
+        .iter()
+        .filter_map(|(id, pid)| {
+            let metadata = inner.metadata.get(id).cloned().unwrap_or(Value::Null);
+            let wanted = q.iter().all(|(k, v)| {
+                k.strip_prefix("metadata.")
+                    .is_none_or(|key| metadata[key].as_str() == Some(v.as_str()))
+            });
+            let state = if process_alive(*pid) {
+                "started"
+            } else {
+                "destroyed"
+            };
+            wanted.then(|| json!({"id": id, "state": state, "config": {"metadata": metadata}}))
+        })
+        .collect();
+    (StatusCode::OK, Json(Value::Array(machines)))
 }
 
 fn pid_of(s: &Shared, id: &str) -> Option<u32> {

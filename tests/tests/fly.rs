@@ -330,3 +330,55 @@ async fn a_dead_machine_is_reported_by_the_api_before_heartbeats_tell() {
         other => panic!("expected RunnerDown, got {other:?}"),
     }
 }
+
+/// A Machine whose parent died (in the middle of its boot, say) is found by
+/// its metadata when a pool of the same name starts, and destroyed.
+#[tokio::test]
+async fn a_machine_left_by_a_dead_parent_is_destroyed() {
+    use flame::Backend;
+    let env = TestEnv::start().await;
+    let fly = FakeFly::start("flame-test").await;
+    // A runner of parent `gone`, which no longer exists: it would wait two
+    // minutes for that parent before giving up on its own.
+    let info = serde_json::json!({
+        "parent_id": "gone",
+        "pool": "leftover",
+        "runner_id": "orphan1",
+        "nats_url": env.server.url(),
+        "max_concurrency": 1,
+        "idle_shutdown_after_ms": 60_000,
+        "shutdown_timeout_ms": 1_000,
+        "failsafe_timeout_ms": 120_000,
+        "parent_grace_ms": 120_000,
+        "heartbeat_ms": 500,
+        "event_key": "00".repeat(32),
+    });
+    let env_vars = vec![(flame::PARENT_ENV.to_string(), info.to_string())];
+    let spec = flame::BootSpec::new("leftover".into(), "orphan1".into(), env_vars).parent("gone");
+    let orphan = backend(&fly).boot(spec).await.unwrap();
+    let machine = orphan.handle.clone();
+    orphan.stopper.detach();
+    drop(orphan);
+    assert_eq!(fly.live_pids().len(), 1, "the orphan runs");
+
+    let pool = env
+        .flame
+        .pool("leftover")
+        .max(1)
+        .backend(backend(&fly))
+        .start()
+        .await
+        .unwrap();
+    wait_for("the orphan to be destroyed", LONG, || async {
+        fly.requests()
+            .iter()
+            .any(|r| r.method == "DELETE" && r.path == format!("/{machine}"))
+            .then_some(())
+    })
+    .await;
+    wait_for("the orphan's process to end", LONG, || async {
+        fly.live_pids().is_empty().then_some(())
+    })
+    .await;
+    pool.shutdown().await;
+}

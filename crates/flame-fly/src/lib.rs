@@ -23,7 +23,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use flame_core::backend::{Backend, BootSpec, Booted, StopRunner};
+use flame_core::backend::{Backend, BootSpec, Booted, Listed, StopRunner};
 use flame_core::{BoxError, Error};
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -303,6 +303,7 @@ impl Backend for FlyBackend {
                 metadata: BTreeMap::from([
                     ("flame_pool", spec.pool.clone()),
                     ("flame_runner", spec.runner_id.clone()),
+                    ("flame_parent", spec.parent_id.clone()),
                 ]),
             },
         };
@@ -326,6 +327,36 @@ impl Backend for FlyBackend {
                 exited: Some(api.clone().watch_exit(id.clone(), instance).boxed()),
                 stopper: Box::new(FlyStopper { api, id }),
             })
+        }
+        .boxed()
+    }
+
+    /// Lists the pool's Machines by their `flame_pool` metadata, but those
+    /// already destroyed.
+    fn list(&self, pool: &str) -> BoxFuture<'static, Result<Vec<Listed>, BoxError>> {
+        let api = self.api.clone();
+        let pool = pool.to_string();
+        async move {
+            let listed = api
+                .send(|http, base| http.get(base).query(&[("metadata.flame_pool", &pool)]))
+                .await?;
+            let machines: Vec<serde_json::Value> =
+                listed.json().await.map_err(FlyError::Transport)?;
+            Ok(machines
+                .iter()
+                .filter(|m| !matches!(m["state"].as_str(), Some("destroyed" | "destroying")))
+                .filter_map(|m| {
+                    let meta = &m["config"]["metadata"];
+                    Some(Listed::new(
+                        m["id"].as_str()?.to_string(),
+                        meta["flame_runner"].as_str()?.to_string(),
+                        meta["flame_parent"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
+                    ))
+                })
+                .collect())
         }
         .boxed()
     }

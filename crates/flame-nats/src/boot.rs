@@ -81,6 +81,7 @@ impl Booter {
         let mut env = vec![(PARENT_ENV.to_string(), info.to_env_value())];
         env.extend(self.forwarded.iter().cloned());
         BootSpec::new(self.pool.clone(), runner_id.to_string(), env)
+            .parent(&self.template.parent_id)
     }
 
     /// Asks the backend for a runner, within the boot timeout. Fires

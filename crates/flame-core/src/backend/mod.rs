@@ -25,6 +25,10 @@ pub struct BootSpec {
     /// Environment of the runner: `FLAME_PARENT` plus the pool's forwarded
     /// variables.
     pub env: Vec<(String, String)>,
+    /// The parent that boots it. A backend that can label what it starts
+    /// (Fly metadata, say) records it, so that [`Backend::list`] tells a
+    /// later parent whose runners are left over.
+    pub parent_id: String,
 }
 
 impl BootSpec {
@@ -34,6 +38,36 @@ impl BootSpec {
             pool,
             runner_id,
             env,
+            parent_id: String::new(),
+        }
+    }
+
+    /// Names the parent that boots the runner.
+    pub fn parent(mut self, parent_id: impl Into<String>) -> BootSpec {
+        self.parent_id = parent_id.into();
+        self
+    }
+}
+
+/// A runner a backend reports by [`Backend::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Listed {
+    /// The backend's handle, as [`Booted::handle`] was.
+    pub handle: String,
+    /// The runner's id.
+    pub runner_id: String,
+    /// The parent that booted it ([`BootSpec::parent_id`]).
+    pub parent_id: String,
+}
+
+impl Listed {
+    /// Describes a listed runner.
+    pub fn new(handle: String, runner_id: String, parent_id: String) -> Listed {
+        Listed {
+            handle,
+            runner_id,
+            parent_id,
         }
     }
 }
@@ -92,6 +126,17 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// of other machines refuses to tell its runners a loopback address.
     fn runners_are_local(&self) -> bool {
         false
+    }
+
+    /// The runners of `pool` that this backend's platform still runs, with
+    /// the parent that booted each: a pool lists them when it starts and
+    /// every so often, and terminates those whose parent is gone (a parent
+    /// killed in the middle of a boot leaves its machine behind). The
+    /// default lists nothing, for backends whose runners cannot outlive
+    /// their parent (child processes).
+    fn list(&self, pool: &str) -> BoxFuture<'static, Result<Vec<Listed>, BoxError>> {
+        let _ = pool;
+        Box::pin(async { Ok(Vec::new()) })
     }
 
     /// Forcibly stops a runner known only by its [`Booted::handle`], e.g. one

@@ -220,6 +220,7 @@ impl PoolBuilder {
         if let Some(events) = events {
             tokio::spawn(inner.clone().listen(events));
             tokio::spawn(inner.clone().watch_heartbeats());
+            tokio::spawn(inner.clone().reap_orphans());
         }
         if let Some(fleet) = &fleet {
             fleet.start(inner.clone()).await?;

@@ -7,7 +7,8 @@
 //! - [`child`]: long-lived children placed on runners;
 //! - [`runners`]: the runners' lives as the parent sees them (boot, ready,
 //!   gone, heartbeats, limits, close);
-//! - [`events`]: answering the events runners of a private pool send.
+//! - [`events`]: answering the events runners of a private pool send;
+//! - [`orphans`]: terminating runners that dead parents left behind.
 //!
 //! The lock is never held across an await, and slots handed to waiting
 //! callers are delivered after it is released (a dropped slot checks itself
@@ -18,6 +19,7 @@ pub(crate) mod call;
 pub(crate) mod child;
 mod events;
 pub(crate) mod model;
+mod orphans;
 mod runners;
 
 use std::collections::HashMap;

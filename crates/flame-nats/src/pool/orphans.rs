@@ -1,0 +1,69 @@
+//! Runners left behind by parents that died: a Fly Machine created by a
+//! parent killed in the middle of its boot has nobody to stop it. A private
+//! pool lists its runners through the backend when it starts and every so
+//! often, and terminates those whose parent no longer answers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::client::RequestErrorKind;
+use tracing::{debug, warn};
+
+use super::PoolInner;
+use crate::protocol::events::ParentEvent;
+use crate::protocol::subjects;
+
+/// How often a pool looks for runners left behind.
+const SCAN_EVERY: Duration = Duration::from_secs(30);
+
+impl PoolInner {
+    /// Looks for left-over runners now and every [`SCAN_EVERY`] until the
+    /// pool closes.
+    pub(super) async fn reap_orphans(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(SCAN_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.closed.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let backend = self.booter.backend().clone();
+            let listed = match backend.list(&self.config.name).await {
+                Ok(listed) => listed,
+                Err(e) => {
+                    debug!(pool = %self.config.name, "cannot list the pool's runners: {e}");
+                    continue;
+                }
+            };
+            for runner in listed {
+                let theirs = &runner.parent_id;
+                if theirs.is_empty()
+                    || *theirs == self.parent.parent_id
+                    || self.parent_alive(theirs).await
+                {
+                    continue;
+                }
+                warn!(pool = %self.config.name, runner = %runner.runner_id, handle = %runner.handle, parent = %theirs, "terminating a runner its parent left behind");
+                if let Err(e) = backend.terminate(&runner.handle, &runner.runner_id).await {
+                    warn!(pool = %self.config.name, runner = %runner.runner_id, "cannot terminate a left-over runner: {e}");
+                }
+            }
+        }
+    }
+
+    /// Whether the parent `parent_id` of this pool is still there: it
+    /// answers anything on its event subjects (an unsigned event with a
+    /// refusal); nobody answers for a parent that is gone.
+    async fn parent_alive(&self, parent_id: &str) -> bool {
+        let subject = subjects::parent_event(&self.config.name, parent_id, ParentEvent::Ping);
+        let request = async_nats::Request::new()
+            .payload(bytes::Bytes::new())
+            .timeout(Some(Duration::from_secs(2)));
+        match self.parent.client.send_request(subject, request).await {
+            Ok(_) => true,
+            Err(e) if e.kind() == RequestErrorKind::NoResponders => false,
+            // Unsure (a slow network): leave it be.
+            Err(_) => true,
+        }
+    }
+}
