@@ -215,22 +215,15 @@ macro_rules! __flame_inline {
     }};
     (@fn async [$($s:ident : $st:ty),*] ($($arg:ident : $ty:ty),*) -> $ret:ty $body:block) => {
         async fn __flame_block_fn($($arg: $ty,)* $($s: $st),*) -> $ret $body
-        fn __flame_handler(
-            args: $crate::__private::Bytes,
-            states: &$crate::__private::States,
-        ) -> $crate::__private::Invocation {
-            let _ = states;
-            $(
-                let $s: $st = match $crate::__private::state::<$st>(states) {
-                    ::core::result::Result::Ok(value) => value,
-                    ::core::result::Result::Err(e) => return $crate::__private::Invocation::Refused(e),
-                };
-            )*
-            $crate::__private::invoke_async(args, move |($($arg,)*): ($($ty,)*)| __flame_block_fn($($arg,)* $($s),*))
-        }
+        $crate::__flame_inline!(@handler invoke_async [$($s : $st),*] ($($arg : $ty),*));
     };
     (@fn blocking [$($s:ident : $st:ty),*] ($($arg:ident : $ty:ty),*) -> $ret:ty $body:block) => {
         fn __flame_block_fn($($arg: $ty,)* $($s: $st),*) -> $ret $body
+        $crate::__flame_inline!(@handler invoke_blocking [$($s : $st),*] ($($arg : $ty),*));
+    };
+    // The registered entry point: takes the block's state, decodes its
+    // arguments, and calls it.
+    (@handler $invoke:ident [$($s:ident : $st:ty),*] ($($arg:ident : $ty:ty),*)) => {
         fn __flame_handler(
             args: $crate::__private::Bytes,
             states: &$crate::__private::States,
@@ -242,7 +235,7 @@ macro_rules! __flame_inline {
                     ::core::result::Result::Err(e) => return $crate::__private::Invocation::Refused(e),
                 };
             )*
-            $crate::__private::invoke_blocking(args, move |($($arg,)*): ($($ty,)*)| __flame_block_fn($($arg,)* $($s),*))
+            $crate::__private::$invoke(args, move |($($arg,)*): ($($ty,)*)| __flame_block_fn($($arg,)* $($s),*))
         }
     };
 }
