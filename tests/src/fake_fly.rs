@@ -3,7 +3,8 @@
 //! Machine it is asked to create. Machines exit like real ones: a process
 //! that ends is a destroyed Machine (`auto_destroy`). The token `bad-token`
 //! is refused with 401, as Fly refuses an unknown one, and an image whose
-//! name holds `invalid` with 422, as Fly refuses a config it cannot run.
+//! name holds `invalid` with 422, as Fly refuses a config it cannot run; a
+//! Machine of an image whose name holds `broken` fails to start.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -37,6 +38,8 @@ struct Inner {
     machines: HashMap<String, u32>,
     /// Machine id to its config's metadata.
     metadata: HashMap<String, Value>,
+    /// Machines that failed to start.
+    failed: Vec<String>,
 }
 
 /// The fake API; stops its server and kills its machines on drop.
@@ -135,6 +138,17 @@ async fn create(
         );
     }
     let id = uuid::Uuid::new_v4().simple().to_string()[..14].to_string();
+    // An image that cannot start: the Machine fails at once (no process).
+    if body["config"]["image"]
+        .as_str()
+        .is_some_and(|i| i.contains("broken"))
+    {
+        s.lock().unwrap().failed.push(id.clone());
+        return (
+            StatusCode::OK,
+            Json(json!({ "id": id, "instance_id": format!("inst-{id}"), "state": "created" })),
+        );
+    }
     let mut cmd = std::process::Command::new(testapp());
     // A Machine starts from its image with only the env it was given.
     cmd.env_clear();
@@ -216,6 +230,9 @@ fn pid_of(s: &Shared, id: &str) -> Option<u32> {
 
 async fn show(s: Shared, headers: HeaderMap, Path(id): Path<String>) -> (StatusCode, Json<Value>) {
     record(&s, "GET", format!("/{id}"), &headers, Value::Null);
+    if s.lock().unwrap().failed.contains(&id) {
+        return (StatusCode::OK, Json(json!({"id": id, "state": "failed"})));
+    }
     match pid_of(&s, &id) {
         Some(pid) if process_alive(pid) => {
             (StatusCode::OK, Json(json!({"id": id, "state": "started"})))
@@ -259,9 +276,25 @@ async fn wait(
 ) -> (StatusCode, Json<Value>) {
     record(&s, "GET", format!("/{id}/wait"), &headers, json!(q));
     let secs: u64 = q.get("timeout").and_then(|t| t.parse().ok()).unwrap_or(60);
+    if s.lock().unwrap().failed.contains(&id) {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "machine failed to start: image cannot be run"})),
+        );
+    }
     let Some(pid) = pid_of(&s, &id) else {
         return (StatusCode::NOT_FOUND, Json(json!({"error": "not found"})));
     };
+    if q.get("state").map(String::as_str) == Some("started") {
+        return if process_alive(pid) {
+            (StatusCode::OK, Json(json!({"ok": true})))
+        } else {
+            (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": "machine failed to start: image cannot be run"})),
+            )
+        };
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     while process_alive(pid) {
         if tokio::time::Instant::now() > deadline {
@@ -282,6 +315,13 @@ async fn destroy(
     Query(q): Query<HashMap<String, String>>,
 ) -> (StatusCode, Json<Value>) {
     record(&s, "DELETE", format!("/{id}"), &headers, json!(q));
+    {
+        let mut inner = s.lock().unwrap();
+        if let Some(i) = inner.failed.iter().position(|f| *f == id) {
+            inner.failed.remove(i);
+            return (StatusCode::OK, Json(json!({"ok": true})));
+        }
+    }
     match pid_of(&s, &id) {
         Some(pid) => {
             if process_alive(pid) {

@@ -153,16 +153,23 @@ pub fn process_alive(pid: u32) -> bool {
     }
 }
 
-/// Sends SIGKILL to a process.
+/// Sends SIGKILL to a process (never to a process group: pid 0 is
+/// ignored).
 pub fn kill9(pid: u32) {
+    if pid == 0 {
+        return;
+    }
     // SAFETY: kill(2) has no memory-safety preconditions.
     unsafe {
         libc::kill(pid as libc::pid_t, libc::SIGKILL);
     }
 }
 
-/// Sends SIGTERM to a process.
+/// Sends SIGTERM to a process (pid 0 is ignored).
 pub fn sigterm(pid: u32) {
+    if pid == 0 {
+        return;
+    }
     // SAFETY: kill(2) has no memory-safety preconditions.
     unsafe {
         libc::kill(pid as libc::pid_t, libc::SIGTERM);

@@ -382,3 +382,44 @@ async fn a_machine_left_by_a_dead_parent_is_destroyed() {
     .await;
     pool.shutdown().await;
 }
+
+/// A Machine that cannot start fails its boot at once, saying so, and is
+/// destroyed before the failure is reported; not at the boot timeout.
+#[tokio::test]
+async fn a_machine_that_cannot_start_fails_the_boot_at_once() {
+    let env = TestEnv::start().await;
+    let fly = FakeFly::start("flame-test").await;
+    let started = tokio::time::Instant::now();
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        env.flame
+            .pool("broken")
+            .min(1)
+            .max(1)
+            .boot_timeout(Duration::from_secs(120))
+            .backend(backend_with(
+                &fly,
+                "test-token",
+                "registry.example/broken:1",
+            ))
+            .start(),
+    )
+    .await
+    .expect("the boot fails long before its 120 s timeout")
+    .unwrap_err();
+    match &err {
+        Error::BootFailed { reason, .. } => {
+            assert!(
+                reason.contains("did not start") && reason.contains("failed"),
+                "{reason}"
+            )
+        }
+        other => panic!("expected BootFailed, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let deleted = fly.requests().iter().any(|r| r.method == "DELETE");
+    assert!(
+        deleted,
+        "the failed Machine was destroyed before the failure"
+    );
+}

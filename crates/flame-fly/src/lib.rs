@@ -320,6 +320,15 @@ impl Backend for FlyBackend {
                 .to_string();
             let instance = machine["instance_id"].as_str().map(str::to_string);
             debug!(pool = %spec.pool, runner = %spec.runner_id, machine = %id, "Fly Machine created");
+            // A Machine that cannot start (a broken image, say) fails the
+            // boot now, with what the platform says, not at the boot
+            // timeout; and it is destroyed before the failure is reported.
+            if let Err(e) = api.wait_started(&id, instance.as_deref()).await {
+                if let Err(destroy) = api.destroy(&id).await {
+                    warn!(machine = %id, "cannot destroy a Fly Machine that did not start: {destroy}");
+                }
+                return Err(e.into());
+            }
             Ok(Booted {
                 handle: id.clone(),
                 // The pool learns of the Machine's end from the API at once,
@@ -463,6 +472,17 @@ pub enum FlyError {
     /// The API answered something flame does not understand.
     #[error("unexpected answer from the Machines API: {0}")]
     Unexpected(String),
+    /// The Machine did not start: it is in `state` (e.g. `failed`), and
+    /// the platform said `message`.
+    #[error("Fly Machine {machine} did not start: it is {state} ({message})")]
+    NotStarted {
+        /// The Machine's id.
+        machine: String,
+        /// Its state.
+        state: String,
+        /// What the Machines API said when asked to wait for it.
+        message: String,
+    },
 }
 
 #[derive(Clone)]
@@ -527,6 +547,44 @@ impl Api {
             return Err(FlyError::Api {
                 status: status.as_u16(),
                 message: text,
+            });
+        }
+    }
+
+    /// Waits until the Machine has started; an error when it cannot (it
+    /// failed, or was destroyed or stopped first).
+    async fn wait_started(&self, id: &str, instance: Option<&str>) -> Result<(), FlyError> {
+        let instance = instance
+            .map(|i| format!("instance_id={i}&"))
+            .unwrap_or_default();
+        loop {
+            let waited = self
+                .send(|http, base| {
+                    http.get(format!(
+                        "{base}/{id}/wait?{instance}state=started&timeout=60"
+                    ))
+                })
+                .await;
+            let message = match waited {
+                Ok(_) => return Ok(()),
+                // Not started within the wait's limit: wait again (the
+                // pool's boot timeout bounds the whole boot).
+                Err(FlyError::Api { status: 408, .. }) => continue,
+                Err(FlyError::Api { message, .. }) => message,
+                Err(e) => return Err(e),
+            };
+            let shown = self
+                .send(|http, base| http.get(format!("{base}/{id}")))
+                .await?;
+            let machine: serde_json::Value = shown.json().await.map_err(FlyError::Transport)?;
+            let state = machine["state"].as_str().unwrap_or("unknown").to_string();
+            if state == "started" {
+                return Ok(());
+            }
+            return Err(FlyError::NotStarted {
+                machine: id.to_string(),
+                state,
+                message,
             });
         }
     }
