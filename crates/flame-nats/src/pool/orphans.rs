@@ -35,12 +35,19 @@ impl PoolInner {
                     continue;
                 }
             };
-            for runner in listed {
+            let others: Vec<_> = listed
+                .into_iter()
+                .filter(|r| !r.parent_id.is_empty() && r.parent_id != self.parent.parent_id)
+                .collect();
+            // Parents of a shared pool of the same name do not answer on
+            // event subjects; while any answers `alive`, leave all be.
+            if others.is_empty() || self.answers(subjects::alive(&self.config.name)).await {
+                continue;
+            }
+            for runner in others {
                 let theirs = &runner.parent_id;
-                if theirs.is_empty()
-                    || *theirs == self.parent.parent_id
-                    || self.parent_alive(theirs).await
-                {
+                let events = subjects::parent_event(&self.config.name, theirs, ParentEvent::Ping);
+                if self.answers(events).await {
                     continue;
                 }
                 warn!(pool = %self.config.name, runner = %runner.runner_id, handle = %runner.handle, parent = %theirs, "terminating a runner its parent left behind");
@@ -51,11 +58,10 @@ impl PoolInner {
         }
     }
 
-    /// Whether the parent `parent_id` of this pool is still there: it
-    /// answers anything on its event subjects (an unsigned event with a
-    /// refusal); nobody answers for a parent that is gone.
-    async fn parent_alive(&self, parent_id: &str) -> bool {
-        let subject = subjects::parent_event(&self.config.name, parent_id, ParentEvent::Ping);
+    /// Whether anyone answers on `subject`: a parent answers anything on
+    /// its event subjects (an unsigned event with a refusal), and nobody
+    /// answers for a parent that is gone.
+    async fn answers(&self, subject: String) -> bool {
         let request = async_nats::Request::new()
             .payload(bytes::Bytes::new())
             .timeout(Some(Duration::from_secs(2)));
