@@ -1,7 +1,7 @@
-//! A private PostgreSQL server for a demo, a test or a suite: `initdb` into a temporary
-//! directory, `postgres` on a free port of 127.0.0.1, stopped on drop (and
-//! with the test process, even on SIGKILL, through the parent-death
-//! signal).
+//! A private PostgreSQL server for a demo, a test or a suite: `initdb` into
+//! a temporary directory, `postgres` on a free port of 127.0.0.1, killed on
+//! drop and with this process, even on SIGKILL
+//! ([`flame::embedded::TiedChild`]).
 //!
 //! The binaries come from `PATH` or `/usr/lib/postgresql/<version>/bin`
 //! (Debian's `postgresql` package; `scripts/install-postgres` installs it).
@@ -10,12 +10,15 @@
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use flame::embedded::TiedChild;
 
 /// A running PostgreSQL server; stopped when dropped.
 pub struct PgServer {
-    child: Child,
+    /// Killed when dropped.
+    _child: TiedChild,
     port: u16,
     _dir: tempfile::TempDir,
 }
@@ -68,21 +71,11 @@ impl PgServer {
             .stdout(Stdio::null())
             .stderr(log_file(dir.path()));
         as_owner(&mut postgres, owner, dir.path());
-        // SAFETY: prctl and getppid are async-signal-safe; the closure runs
-        // in the child between fork and exec, after the uid change (which
-        // would clear the signal if it came first).
-        unsafe {
-            postgres.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT);
-                if libc::getppid() == 1 {
-                    libc::_exit(1);
-                }
-                Ok(())
-            });
-        }
-        let child = postgres.spawn().expect("start postgres");
+        // Tied to this process (its parent-death signal is set after the
+        // uid change, which would clear it otherwise).
+        let child = TiedChild::spawn(postgres).expect("start postgres");
         let server = PgServer {
-            child,
+            _child: child,
             port,
             _dir: dir,
         };
@@ -124,27 +117,6 @@ impl PgServer {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-}
-
-impl Drop for PgServer {
-    fn drop(&mut self) {
-        // SIGQUIT: immediate shutdown, no checkpoint (the data is thrown
-        // away with the directory).
-        // SAFETY: kill(2) has no memory-safety preconditions; the pid is our
-        // unreaped child.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGQUIT);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -99,7 +99,7 @@ pub struct NatsServer {
     port: u16,
     store_dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
-    process: Option<Watched>,
+    process: Option<TiedChild>,
 }
 
 impl NatsServer {
@@ -165,7 +165,7 @@ impl NatsServer {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let watched = Watched::spawn(cmd).map_err(|e| {
+        let watched = TiedChild::spawn(cmd).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 embedded_error(INSTALL_HINT.to_string(), Some(e))
             } else {
@@ -206,20 +206,27 @@ impl Drop for NatsServer {
     }
 }
 
-/// A child process tied to the life of this process.
+/// A child process tied to the life of this process: it is killed when
+/// this process dies, even by SIGKILL, and when [`TiedChild::kill`] is
+/// called or the handle is dropped. The private nats-server runs as one;
+/// demos and tests use it for servers of their own (a private PostgreSQL).
 ///
 /// PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so
 /// the child is spawned from a thread that lives exactly as long as the
-/// child: it waits for it, and is only gone when the child is.
+/// child: it waits for it, and is only gone when the child is. (Spawning
+/// from a short-lived thread, such as tokio's blocking pool, would kill the
+/// child when that thread retires.)
 #[derive(Debug)]
-struct Watched {
+pub struct TiedChild {
     pid: u32,
     done: Mutex<mpsc::Receiver<String>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl Watched {
-    fn spawn(mut cmd: Command) -> std::io::Result<Watched> {
+impl TiedChild {
+    /// Starts `cmd`. A piped stderr is read to its end; its tail is what
+    /// [`TiedChild::exited`] returns.
+    pub fn spawn(mut cmd: Command) -> std::io::Result<TiedChild> {
         use std::os::unix::process::CommandExt;
         // SAFETY: only async-signal-safe calls (prctl, getppid, kill) run
         // between fork and exec.
@@ -261,25 +268,44 @@ impl Watched {
         let pid = spawned_rx
             .recv()
             .map_err(|_| std::io::Error::other("watch thread died"))??;
-        Ok(Watched {
+        Ok(TiedChild {
             pid,
             done: Mutex::new(done_rx),
             thread: Some(thread),
         })
     }
 
-    fn exited(&self) -> Option<String> {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// `Some(tail of its stderr)` once the child has exited.
+    pub fn exited(&self) -> Option<String> {
         self.done.lock().unwrap().try_recv().ok()
     }
 
-    fn kill(mut self) {
-        // SAFETY: kill(2) on our own unreaped child.
-        unsafe {
-            libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
-        }
+    /// Kills the child (SIGKILL) and waits until it is reaped.
+    pub fn kill(mut self) {
+        self.kill_now();
+    }
+
+    fn kill_now(&mut self) {
         if let Some(t) = self.thread.take() {
+            // SAFETY: kill(2) has no memory-safety preconditions. (The
+            // watch thread may have just reaped the child; a pid is not
+            // reused in the instant before the join below.)
+            unsafe {
+                libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
+            }
             let _ = t.join();
         }
+    }
+}
+
+impl Drop for TiedChild {
+    fn drop(&mut self) {
+        self.kill_now();
     }
 }
 
