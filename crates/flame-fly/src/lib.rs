@@ -263,7 +263,8 @@ impl FlyBackend {
     }
 }
 
-#[derive(Debug, Serialize)]
+// No Debug: the env holds the runner's secrets.
+#[derive(Serialize)]
 struct CreateMachine<'a> {
     name: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -271,7 +272,7 @@ struct CreateMachine<'a> {
     config: MachineConfig<'a>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Serialize)]
 struct MachineConfig<'a> {
     image: &'a str,
     env: BTreeMap<String, String>,

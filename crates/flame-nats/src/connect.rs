@@ -72,9 +72,12 @@ pub(crate) async fn options_from_env() -> Result<async_nats::ConnectOptions, Err
         let seed = if nkey.starts_with('S') && !std::path::Path::new(&nkey).exists() {
             nkey
         } else {
+            // Not echoed back: a mistyped seed is still a secret.
             std::fs::read_to_string(&nkey)
                 .map_err(|e| {
-                    Error::Config(format!("NATS_NKEY names {nkey}, which cannot be read: {e}"))
+                    Error::Config(format!(
+                        "NATS_NKEY is neither an NKey seed nor a readable file ({e})"
+                    ))
                 })?
                 .trim()
                 .to_string()

@@ -15,7 +15,7 @@ use crate::BoxError;
 pub use local::LocalBackend;
 
 /// What a backend needs to start one runner.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BootSpec {
     /// The pool.
@@ -46,6 +46,20 @@ impl BootSpec {
     pub fn parent(mut self, parent_id: impl Into<String>) -> BootSpec {
         self.parent_id = parent_id.into();
         self
+    }
+}
+
+impl fmt::Debug for BootSpec {
+    /// The environment's names only: its values hold secrets (the runner's
+    /// event key, forwarded credentials).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.env.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("BootSpec")
+            .field("pool", &self.pool)
+            .field("runner_id", &self.runner_id)
+            .field("env", &names)
+            .field("parent_id", &self.parent_id)
+            .finish()
     }
 }
 
@@ -147,5 +161,24 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         let _ = runner_id;
         let msg = format!("this backend cannot terminate runner `{handle}` by its handle");
         Box::pin(async move { Err(msg.into()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_variable_names_not_values() {
+        let spec = BootSpec::new(
+            "p".into(),
+            "r".into(),
+            vec![("NATS_PASSWORD".into(), "s3cret".into())],
+        );
+        let shown = format!("{spec:?}");
+        assert!(
+            shown.contains("NATS_PASSWORD") && !shown.contains("s3cret"),
+            "{shown}"
+        );
     }
 }
