@@ -29,7 +29,6 @@ mod scaler;
 mod scaling;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,7 +36,7 @@ use async_nats::jetstream::kv::Store;
 use flame_core::backend::StopRunner;
 use flame_core::Error;
 use futures::StreamExt;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -75,8 +74,9 @@ pub(crate) struct Fleet {
     state: Mutex<FleetState>,
     /// Woken when this parent's number of waiting callers changes.
     demand_changed: Notify,
-    /// Set once this parent has left the pool.
-    left: AtomicBool,
+    /// Becomes true once this parent has left the pool (at the end of its
+    /// parent loop, so that no renewal of its lease can follow the leave).
+    left: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -103,7 +103,7 @@ impl Fleet {
             closed,
             state: Mutex::new(FleetState::default()),
             demand_changed: Notify::new(),
-            left: AtomicBool::new(false),
+            left: watch::Sender::new(false),
         })
     }
 
@@ -138,13 +138,25 @@ impl Fleet {
         self.state.lock().unwrap().leading.is_some()
     }
 
+    /// Waits until this parent has left the pool, which its parent loop
+    /// does once the pool closes.
+    pub(crate) async fn left(&self) {
+        let mut left = self.left.subscribe();
+        let _ = left.wait_for(|done| *done).await;
+    }
+
     /// Leaves the pool: removes this parent's lease and hands the scaler role
     /// on. Runners this parent booted are stopped (draining) when no other
-    /// parent is left to use them.
-    pub(crate) async fn leave(&self) {
-        if self.left.swap(true, Ordering::SeqCst) {
-            return;
-        }
+    /// parent is left to use them. Called by the parent loop as its last
+    /// step only: a renewal still under way would otherwise bring the lease
+    /// back after its removal, and two parents leaving together would each
+    /// see the other and leave the runners behind.
+    async fn leave(&self) {
+        self.leave_now().await;
+        self.left.send_replace(true);
+    }
+
+    async fn leave_now(&self) {
         let me = self.parent.parent_id.clone();
         let _ = self.store.delete(subjects::parent_key(&me)).await;
         let (leading, owned) = {

@@ -188,7 +188,7 @@ impl Pool {
     pub async fn shutdown(&self) {
         let stopping = self.inner.close(self.inner.config.shutdown_timeout);
         if let Some(fleet) = &self.inner.fleet {
-            fleet.leave().await;
+            fleet.left().await;
         }
         futures::future::join_all(stopping).await;
         self.inner.listening.cancel();
