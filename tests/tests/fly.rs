@@ -7,7 +7,10 @@ use flame::{CallOptions, Error};
 use flame_fly::FlyBackend;
 use flame_tests::fake_fly::FakeFly;
 use flame_tests::funcs::*;
-use flame_tests::harness::{error_within, kill9, process_alive, wait_for, wait_in_flight, TestEnv};
+use flame_tests::harness::{
+    error_within, kill9, process_alive, start_marked_call, wait_for, wait_in_flight, MarkedCall,
+    TestEnv,
+};
 use flame_tests::TEST_BUILD;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -310,19 +313,10 @@ async fn a_dead_machine_is_reported_by_the_api_before_heartbeats_tell() {
         .start()
         .await
         .unwrap();
-    let at = flame::call!(pool, whereabouts()).await.unwrap();
-    let call = tokio::spawn({
-        let pool = pool.clone();
-        async move {
-            pool.call_with::<sleep_then_mark>(
-                (120_000, String::new()),
-                CallOptions::new().timeout(LONG),
-            )
-            .await
-        }
-    });
-    wait_in_flight(&env, "flyexit", 1, LONG).await;
-    kill9(at.pid);
+    let dir = tempfile::tempdir().unwrap();
+    let MarkedCall { call, pid } =
+        start_marked_call(&pool, &dir, "running", 120_000, CallOptions::new()).await;
+    kill9(pid);
     // Heartbeats would take 30 s.
     let err = error_within(call, Duration::from_secs(10)).await;
     match &err {

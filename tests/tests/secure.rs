@@ -11,6 +11,23 @@ use flame_tests::harness::{builder, init_tracing, runner_backend};
 
 const LONG: Duration = Duration::from_secs(30);
 
+/// Connects a parent to `server` with `options`, which the server must
+/// refuse: returns the error, a `NatsUnreachable`.
+async fn refused(
+    server: &NatsServer,
+    options: impl Fn(async_nats::ConnectOptions) -> async_nats::ConnectOptions + Send + Sync + 'static,
+) -> Error {
+    let err = builder()
+        .nats_url(server.url())
+        .nats_options(options)
+        .connect_timeout(Duration::from_secs(3))
+        .init()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NatsUnreachable { .. }), "{err:?}");
+    err
+}
+
 #[tokio::test]
 async fn user_and_password_from_the_hook_and_the_environment() {
     init_tracing();
@@ -42,14 +59,10 @@ async fn user_and_password_from_the_hook_and_the_environment() {
     assert_eq!(flame::call!(pool, add(2, 3)).await.unwrap(), 5);
 
     // A wrong password is refused, and the error does not show it.
-    let err = builder()
-        .nats_url(server.url())
-        .nats_options(|o| o.user_and_password("flame".into(), "wrong-pw".into()))
-        .connect_timeout(Duration::from_secs(3))
-        .init()
-        .await
-        .unwrap_err();
-    assert!(matches!(err, Error::NatsUnreachable { .. }), "{err:?}");
+    let err = refused(&server, |o| {
+        o.user_and_password("flame".into(), "wrong-pw".into())
+    })
+    .await;
     assert!(!format!("{err} {err:?}").contains("wrong-pw"), "{err:?}");
 
     // Credentials in a URL reach neither Debug output nor errors.
@@ -136,13 +149,9 @@ async fn calls_run_over_tls_with_client_certificates() {
     assert_eq!(flame::call!(pool, add(20, 22)).await.unwrap(), 42);
 
     // Without a client certificate the server refuses the connection.
-    let err = builder()
-        .nats_url(server.url())
-        .nats_options(move |o| o.add_root_certificates(ca.clone().into()).require_tls(true))
-        .connect_timeout(Duration::from_secs(3))
-        .init()
-        .await
-        .unwrap_err();
-    assert!(matches!(err, Error::NatsUnreachable { .. }), "{err:?}");
+    refused(&server, move |o| {
+        o.add_root_certificates(ca.clone().into()).require_tls(true)
+    })
+    .await;
     pool.shutdown().await;
 }

@@ -311,7 +311,8 @@ impl Flame {
         &self.parent.client
     }
 
-    /// The NATS server address in use (runners connect to it too).
+    /// The NATS server address this parent connected to (runners use it too,
+    /// without credentials, unless `runner_nats_url` says otherwise).
     pub fn nats_url(&self) -> &str {
         &self.parent.nats_url
     }
