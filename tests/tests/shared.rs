@@ -70,9 +70,14 @@ async fn bucket(env: &TestEnv, pool: &str) -> async_nats::jetstream::kv::Store {
         .expect("the pool's bucket")
 }
 
-/// The parent id the `scaler` key names, if any.
+/// The parent id the scaler key of the test build names, if any.
 async fn scaler_of(store: &async_nats::jetstream::kv::Store) -> Option<String> {
-    let entry = store.entry("scaler").await.ok()??;
+    scaler_of_build(store, flame_tests::TEST_BUILD).await
+}
+
+/// The parent id the `scalers.<build>` key names, if any.
+async fn scaler_of_build(store: &async_nats::jetstream::kv::Store, build: &str) -> Option<String> {
+    let entry = store.entry(format!("scalers.{build}")).await.ok()??;
     if entry.operation != async_nats::jetstream::kv::Operation::Put {
         return None;
     }
@@ -520,5 +525,82 @@ async fn shared_pool_without_jetstream_says_so() {
     assert!(
         msg.contains("JetStream") && msg.to_lowercase().contains("enable"),
         "{msg}"
+    );
+}
+
+/// A rolling deploy: parents of build A use a shared pool under load, then
+/// parents of build B join, then the A parents go (one shuts down, the
+/// other is killed). No call fails; each build's calls run only on runners
+/// of that build; each build has its own scaler; `max` and
+/// `max_concurrency` hold across both builds; and the runners of A are
+/// retired once no A parent is left, while B goes on.
+#[tokio::test]
+async fn rolling_deploy_from_build_a_to_build_b_fails_no_call() {
+    let env = TestEnv::start().await;
+    let url = env.server.url();
+    let sampler = RunnerSampler::start("roll");
+    let (max, mc) = (4, 2);
+    let build_a = [("FLAME_BUILD_ID", "roll-a")];
+    let build_b = [("FLAME_BUILD_ID", "roll-b")];
+    let mut a1 = SharedParent::start(&url, "roll", (max, mc), (2, 150, 20), &build_a).await;
+    let mut a2 = SharedParent::start(&url, "roll", (max, mc), (2, 150, 20), &build_a).await;
+    a1.progressed_to(50, LONG).await;
+    // B arrives while A is under load; B keeps calling after A has gone.
+    let mut b1 = SharedParent::start(&url, "roll", (max, mc), (2, 0, 20), &build_b).await;
+    let mut b2 = SharedParent::start(&url, "roll", (max, mc), (2, 0, 20), &build_b).await;
+    let store = bucket(&env, "roll").await;
+    wait_for("a scaler for each build", LONG, || async {
+        let a = scaler_of_build(&store, "roll-a").await?;
+        let b = scaler_of_build(&store, "roll-b").await?;
+        ([&a1.parent_id, &a2.parent_id].contains(&&a)
+            && [&b1.parent_id, &b2.parent_id].contains(&&b))
+        .then_some(())
+    })
+    .await;
+    b1.progressed_to(50, LONG).await;
+    b2.progressed_to(50, LONG).await;
+
+    let mut a_pids = HashSet::new();
+    for p in [&mut a1, &mut a2] {
+        let report = p.done(Duration::from_secs(120)).await;
+        assert_eq!(report.failed, 0, "{report:?}");
+        assert!(report.peak <= mc, "{report:?}");
+        a_pids.extend(report.pids);
+    }
+    assert!(!a_pids.is_empty());
+    // A goes: one parent leaves properly, the last one is killed, so the
+    // B scaler must find A's runners abandoned and retire them.
+    a1.close_stdin();
+    a1.line_starting("shut down", LONG).await;
+    kill9(a2.pid());
+    wait_for(
+        "the runners of build A to be retired",
+        Duration::from_secs(30),
+        || async { a_pids.iter().all(|p| !process_alive(*p)).then_some(()) },
+    )
+    .await;
+    // B goes on, on its own runners only.
+    let (b1_at, b2_at) = (b1.progress, b2.progress);
+    b1.progressed_to(b1_at + 100, LONG).await;
+    b2.progressed_to(b2_at + 100, LONG).await;
+    for p in [&mut b1, &mut b2] {
+        p.close_stdin();
+    }
+    let mut b_pids = HashSet::new();
+    for p in [&mut b1, &mut b2] {
+        let report = p.done(LONG).await;
+        assert_eq!(report.failed, 0, "{report:?}");
+        assert!(report.peak <= mc, "{report:?}");
+        b_pids.extend(report.pids);
+    }
+    assert!(!b_pids.is_empty());
+    assert!(
+        a_pids.is_disjoint(&b_pids),
+        "a runner served both builds: A {a_pids:?}, B {b_pids:?}"
+    );
+    assert!(
+        sampler.peak() <= max,
+        "{} runners at once, max {max}",
+        sampler.peak()
     );
 }

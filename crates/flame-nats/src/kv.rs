@@ -24,7 +24,7 @@ pub(crate) async fn open_bucket(client: &async_nats::Client, pool: &str) -> Resu
     let created = js
         .create_key_value(kv::Config {
             bucket: name.clone(),
-            description: format!("flame shared pool {pool}: runner leases, parents, scaler"),
+            description: format!("flame shared pool {pool}: runner leases, parents, scalers"),
             history: 1,
             ..Default::default()
         })

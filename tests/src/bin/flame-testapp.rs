@@ -14,9 +14,10 @@
 //!   <pids>` (the highest runner-side concurrency seen, and the runner pids
 //!   used, comma-separated). `FLAME_TEST_HEARTBEAT_MS` sets the pool's
 //!   heartbeat (default 500), `FLAME_TEST_MIN` its min (default 0),
-//!   `FLAME_TEST_GRACE_MS` its parent grace (default 6 heartbeats). After
-//!   `done`, a line on stdin or its end shuts the pool down
-//!   (`pool.shutdown()`), prints `shut down` and exits 0.
+//!   `FLAME_TEST_GRACE_MS` its parent grace (default 6 heartbeats). A line
+//!   on stdin or its end stops the calls (no new ones start), then, after
+//!   `done`, shuts the pool down (`pool.shutdown()`), prints `shut down` and
+//!   exits 0.
 //! - `close-check` / `drop-check`: init on the embedded default (no
 //!   `NATS_URL`: starts its own nats-server), a pool `closecheck` with the
 //!   default `LocalBackend` (runners are this program with the same
@@ -166,6 +167,18 @@ async fn shared_parent(flame: flame::Flame) {
         .await
         .expect("start pool");
     println!("ready {}", flame.parent_id());
+    // A line on stdin, or its end: stop calling, then shut down.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stdin_done = Arc::new(tokio::sync::Notify::new());
+    {
+        let (stop, stdin_done) = (stop.clone(), stdin_done.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            let _ = std::io::stdin().read_line(&mut line);
+            stop.store(true, Ordering::SeqCst);
+            stdin_done.notify_one();
+        });
+    }
     let issued = Arc::new(AtomicUsize::new(0));
     let ok = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
@@ -173,18 +186,19 @@ async fn shared_parent(flame: flame::Flame) {
     let pids = Arc::new(Mutex::new(BTreeSet::new()));
     let loops: Vec<_> = (0..callers)
         .map(|_| {
-            let (pool, issued, ok, failed, peak, pids) = (
+            let (pool, issued, ok, failed, peak, pids, stop) = (
                 pool.clone(),
                 issued.clone(),
                 ok.clone(),
                 failed.clone(),
                 peak.clone(),
                 pids.clone(),
+                stop.clone(),
             );
             tokio::spawn(async move {
                 loop {
                     let n = issued.fetch_add(1, Ordering::SeqCst);
-                    if calls > 0 && n >= calls {
+                    if (calls > 0 && n >= calls) || stop.load(Ordering::SeqCst) {
                         break;
                     }
                     let result = pool
@@ -222,8 +236,7 @@ async fn shared_parent(flame: flame::Flame) {
     );
     // Stay a parent of the pool until killed, or until stdin has a line or
     // closes: then leave the pool properly.
-    let mut line = String::new();
-    let _ = tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut line)).await;
+    stdin_done.notified().await;
     pool.shutdown().await;
     println!("shut down");
     std::process::exit(0);

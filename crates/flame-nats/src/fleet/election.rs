@@ -54,6 +54,7 @@ impl Fleet {
         };
         let lease = ParentLease {
             parent: self.parent.parent_id.clone(),
+            build: self.parent.build_id.to_string(),
             waiting,
             beat,
         };
@@ -70,8 +71,8 @@ impl Fleet {
         }
     }
 
-    /// One round of the election: renew the term if leading, else take over
-    /// a missing or dead scaler by compare-and-set.
+    /// One round of the election of this build's scaler: renew the term if
+    /// leading, else take over a missing or dead scaler by compare-and-set.
     async fn elect(&self) {
         let pool = &self.config.name;
         let (leading, scaler) = {
@@ -80,6 +81,7 @@ impl Fleet {
         };
         let lease = |beat: u64| ScalerLease {
             parent: self.parent.parent_id.clone(),
+            build: self.parent.build_id.to_string(),
             beat,
         };
         let (value, revision) = match (leading, scaler) {
@@ -91,12 +93,12 @@ impl Fleet {
             }
             (None, Some(_)) => return,
         };
-        let result = kv::compare_and_set(&self.store, subjects::SCALER_KEY, &value, revision).await;
+        let result = kv::compare_and_set(&self.store, &self.scaler_key, &value, revision).await;
         let mut st = self.state.lock().unwrap();
         match result {
             Ok(Cas::Written(revision)) => {
                 if st.leading.is_none() {
-                    info!(%pool, "this parent is now the pool's scaler");
+                    info!(%pool, build = %self.parent.build_id, "this parent is now the pool's scaler for its build");
                 }
                 st.leading = Some(revision);
             }

@@ -22,6 +22,8 @@ use crate::protocol::subjects;
 pub(super) struct FleetState {
     pub(super) runners: HashMap<String, Seen<RunnerLease>>,
     pub(super) parents: HashMap<String, Seen<ParentLease>>,
+    /// The scaler of this parent's build (other builds' scalers are not
+    /// this parent's concern).
     pub(super) scaler: Option<Seen<ScalerLease>>,
     pub(super) slots: Option<Slots>,
     /// Last revision applied, to resume the watch after a reconnect.
@@ -52,6 +54,14 @@ impl FleetState {
             .iter()
             .filter(move |(id, s)| *id != me && s.changed.elapsed() <= stale_after)
             .map(|(_, s)| &s.value)
+    }
+
+    /// Builds with a live parent (other than `me`, whose build the caller
+    /// adds itself).
+    pub(super) fn live_builds(&self, me: &str, stale_after: Duration) -> HashSet<String> {
+        self.other_live_parents(me, stale_after)
+            .map(|p| p.build.clone())
+            .collect()
     }
 
     /// Counts every lease and the scaler as just seen.
@@ -206,7 +216,7 @@ impl Fleet {
                 st.parents
                     .insert(id.to_string(), Seen::new(lease, entry.revision));
             }
-        } else if entry.key == subjects::SCALER_KEY {
+        } else if entry.key == self.scaler_key {
             st.scaler = if deleted {
                 None
             } else {

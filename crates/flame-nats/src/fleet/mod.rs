@@ -7,10 +7,16 @@
 //! - every parent watches the bucket and mirrors the runner leases into its
 //!   own placement model, so any parent's calls run on any runner, and a
 //!   removed lease fails the calls on that runner at once ([`mirror`]);
-//! - every parent keeps a lease with the number of its callers waiting, and
-//!   one parent, elected through the `scaler` key (created if absent,
-//!   renewed by compare-and-set, taken over by compare-and-set once it stops
-//!   changing), scales for the whole fleet ([`election`]);
+//! - every parent keeps a lease with its build and the number of its callers
+//!   waiting, and for each build one parent, elected through the
+//!   `scalers.<build>` key (created if absent, renewed by compare-and-set,
+//!   taken over by compare-and-set once it stops changing), scales the
+//!   runners of that build ([`election`]);
+//! - builds share the pool's `max` (one `slots` record) but never each
+//!   other's runners: a parent calls only runners of its own build, a scaler
+//!   boots runners for the demand of its own build, and the runners of a
+//!   build with no live parent left are retired, so a rolling deploy moves
+//!   the pool from the old build to the new one;
 //! - the scaler boots and retires runners; a boot first takes a slot in
 //!   `slots` by compare-and-set, so racing scalers can never boot past
 //!   `max` ([`scaler`], with the pure rules in [`scaling`]);
@@ -44,6 +50,7 @@ use crate::boot::Booter;
 use crate::config::PoolConfig;
 use crate::kv;
 use crate::parent::ParentContext;
+use crate::protocol::call as wire;
 use crate::protocol::lease::{LeaseState, RunnerLease};
 use crate::protocol::subjects;
 use mirror::FleetState;
@@ -71,6 +78,8 @@ pub(crate) struct Fleet {
     booter: Arc<Booter>,
     /// The pool's: cancelled when it closes.
     closed: CancellationToken,
+    /// `scalers.<build>` of this parent's build.
+    scaler_key: String,
     state: Mutex<FleetState>,
     /// Woken when this parent's number of waiting callers changes.
     demand_changed: Notify,
@@ -97,6 +106,7 @@ impl Fleet {
     ) -> Result<Fleet, Error> {
         Ok(Fleet {
             store: kv::open_bucket(&parent.client, &config.name).await?,
+            scaler_key: subjects::scaler_key(&parent.build_id),
             parent,
             config,
             booter,
@@ -123,8 +133,10 @@ impl Fleet {
             )
             .await
             .map_err(|e| Error::nats("cannot subscribe to the pool's alive subject", e))?;
-        tokio::spawn(self.clone().answer_alive(alive));
+        // Read the bucket before answering: the answer depends on the
+        // parents seen in it.
         let watch = self.first_read(&port).await?;
+        tokio::spawn(self.clone().answer_alive(alive));
         tokio::spawn(self.clone().watch(port.clone(), watch));
         tokio::spawn(self.clone().parent_loop(port));
         Ok(())
@@ -146,8 +158,8 @@ impl Fleet {
     }
 
     /// Leaves the pool: removes this parent's lease and hands the scaler role
-    /// on. Runners this parent booted are stopped (draining) when no other
-    /// parent is left to use them. Called by the parent loop as its last
+    /// on. The runners of this parent's build are stopped (draining) when no
+    /// other parent of the build is left to use them. Called by the parent loop as its last
     /// step only: a renewal still under way would otherwise bring the lease
     /// back after its removal, and two parents leaving together would each
     /// see the other and leave the runners behind.
@@ -167,10 +179,10 @@ impl Fleet {
         if let Some(term) = leading {
             let _ = self
                 .store
-                .delete_expect_revision(subjects::SCALER_KEY, Some(term))
+                .delete_expect_revision(&self.scaler_key, Some(term))
                 .await;
         }
-        if self.others_remain().await {
+        if self.others_of_my_build_remain().await {
             // The other parents go on using these runners; their scaler
             // stops them when they are no longer wanted.
             for (_, stopper) in &owned {
@@ -178,8 +190,16 @@ impl Fleet {
             }
             return;
         }
-        // The last parent out: retire every runner of the pool.
-        let ids: Vec<String> = self.state.lock().unwrap().runners.keys().cloned().collect();
+        // The last parent of this build out: retire every runner of the
+        // build (runners of other builds are their parents' business).
+        let ids: Vec<String> = {
+            let st = self.state.lock().unwrap();
+            st.runners
+                .iter()
+                .filter(|(_, seen)| *seen.value.build == *self.parent.build_id)
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
         for id in &ids {
             self.send_retire(id).await;
         }
@@ -189,14 +209,15 @@ impl Fleet {
         futures::future::join_all(stops).await;
     }
 
-    /// After this parent removed its own lease: are other parents left?
+    /// After this parent removed its own lease: are other parents of its
+    /// build left?
     ///
     /// Asks the bucket itself, not the mirror, so that parents leaving
     /// together cannot each see the other and leave the runners behind:
     /// the deletes are ordered in the bucket, and the last to read sees
-    /// none. A parent whose lease this one has seen go silent does not
-    /// count.
-    async fn others_remain(&self) -> bool {
+    /// none. A parent whose lease this one has seen go silent, or whose
+    /// lease says another build, does not count; one not seen yet does.
+    async fn others_of_my_build_remain(&self) -> bool {
         let me = subjects::parent_key(&self.parent.parent_id);
         let keys = match self.store.keys().await {
             Ok(keys) => keys,
@@ -214,10 +235,23 @@ impl Fleet {
             .filter(|k| k.starts_with("parents.") && **k != me)
             .any(|k| {
                 let id = &k["parents.".len()..];
-                st.parents
-                    .get(id)
-                    .is_none_or(|seen| seen.changed.elapsed() <= stale_after)
+                st.parents.get(id).is_none_or(|seen| {
+                    seen.changed.elapsed() <= stale_after
+                        && *seen.value.build == *self.parent.build_id
+                })
             })
+    }
+
+    /// Whether a parent of `build` is alive, as far as this parent knows.
+    fn build_has_parent(&self, build: &str) -> bool {
+        if build == &*self.parent.build_id {
+            return true;
+        }
+        let st = self.state.lock().unwrap();
+        let stale_after = self.stale_after();
+        st.parents
+            .values()
+            .any(|p| p.value.build == build && p.changed.elapsed() <= stale_after)
     }
 
     /// Tells a runner to drain and exit.
@@ -233,7 +267,9 @@ impl Fleet {
         }
     }
 
-    /// Answers runners asking whether any parent of the pool is alive.
+    /// Answers runners asking whether a parent of the pool is alive: `yes`,
+    /// or `no` when the runner's build (its `Flame-Build` header) has no
+    /// live parent left.
     async fn answer_alive(self: Arc<Self>, mut requests: async_nats::Subscriber) {
         loop {
             let msg = tokio::select! {
@@ -243,8 +279,17 @@ impl Fleet {
                     None => break,
                 },
             };
+            let build = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(wire::HEADER_BUILD))
+                .map(|b| b.as_str().to_string());
+            let answer = match build {
+                Some(build) if !self.build_has_parent(&build) => subjects::ALIVE_NO,
+                _ => subjects::ALIVE_YES,
+            };
             if let Some(reply) = msg.reply {
-                let _ = self.parent.client.publish(reply, "yes".into()).await;
+                let _ = self.parent.client.publish(reply, answer.into()).await;
             }
         }
         let _ = requests.unsubscribe().await;
@@ -256,7 +301,7 @@ impl Fleet {
             runner: id.to_string(),
             pool: self.config.name.clone(),
             state: LeaseState::Booting,
-            build: String::new(),
+            build: self.parent.build_id.to_string(),
             capacity: self.config.max_concurrency,
             load: 0,
             queued: 0,

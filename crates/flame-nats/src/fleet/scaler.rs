@@ -1,5 +1,7 @@
-//! The scaler's work, done by the elected parent only: reap dead runners,
-//! then boot or retire per the plan of [`super::scaling`].
+//! The scaler's work, done by the elected parent of each build only: reap
+//! dead runners, retire the runners of builds no parent uses any more, then
+//! boot or retire the runners of its own build per the plan of
+//! [`super::scaling`].
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -7,7 +9,7 @@ use std::time::Duration;
 
 use flame_core::Error;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::scaling::{self, ScalingRules};
 use super::{Fleet, PoolPort};
@@ -16,8 +18,8 @@ use crate::protocol::lease::{LeaseState, RunnerLease};
 use crate::protocol::subjects;
 
 impl Fleet {
-    /// The scaler's round: reap dead leases, then boot or retire per the
-    /// plan.
+    /// The scaler's round: reap dead leases, retire runners of abandoned
+    /// builds, then boot or retire runners of this build per the plan.
     pub(super) async fn scale(self: &Arc<Self>, port: &Arc<dyn PoolPort>) {
         let pool = &self.config.name;
         let stale_after = self.stale_after();
@@ -32,6 +34,8 @@ impl Fleet {
         let mut reap: Vec<(String, String, String)> = Vec::new();
         let mut dead_parents = Vec::new();
         let mut free_slots = Vec::new();
+        let build = &*self.parent.build_id;
+        let mut abandoned = Vec::new();
         let (leases, slots, waiting, retry_blocked) = {
             let mut st = self.state.lock().unwrap();
             for (id, seen) in &st.runners {
@@ -61,11 +65,27 @@ impl Fleet {
                     dead_parents.push(id.clone());
                 }
             }
+            // Demand of this build only: other builds' scalers boot theirs.
             let waiting: usize = st
                 .other_live_parents(me, stale_after)
+                .filter(|p| p.build == build)
                 .map(|p| p.waiting)
                 .sum::<usize>()
                 + port.waiting();
+            // Runners of a build without a live parent: nobody can call
+            // them any more (a rolling deploy left them behind).
+            let mut live_builds = st.live_builds(me, stale_after);
+            live_builds.insert(build.to_string());
+            for (id, seen) in &st.runners {
+                let lease = &seen.value;
+                if !live_builds.contains(&lease.build)
+                    && lease.state == LeaseState::Ready
+                    && !st.retiring.contains_key(id)
+                    && !reap.iter().any(|(r, ..)| r == id)
+                {
+                    abandoned.push((id.clone(), lease.build.clone()));
+                }
+            }
             let slots = st
                 .slots
                 .as_ref()
@@ -91,6 +111,7 @@ impl Fleet {
             let mut leases: Vec<RunnerLease> = st
                 .runners
                 .values()
+                .filter(|s| s.value.build == build)
                 .filter(|s| !reap.iter().any(|(id, ..)| *id == s.value.runner))
                 .map(|s| {
                     let mut lease = s.value.clone();
@@ -122,6 +143,16 @@ impl Fleet {
             debug!(%pool, runner = %id, "freeing the slot of a runner without a lease");
             let _ = kv::free_slot(&self.store, &id).await;
             self.state.lock().unwrap().orphan_slots.remove(&id);
+        }
+
+        for (id, old) in abandoned {
+            self.state
+                .lock()
+                .unwrap()
+                .retiring
+                .insert(id.clone(), Instant::now());
+            info!(%pool, runner = %id, build = %old, "retiring a runner of a build no parent uses any more");
+            self.send_retire(&id).await;
         }
 
         let plan = scaling::plan(&rules, &leases, slots, waiting);

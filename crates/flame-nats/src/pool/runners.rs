@@ -464,6 +464,11 @@ impl PoolPort for PoolInner {
             if st.closed {
                 return;
             }
+            if lease.build != *self.parent.build_id {
+                // Another build (a rolling deploy): never place calls there.
+                // Its own parents and scaler look after it.
+                return;
+            }
             if !st.runners.contains_key(&id) {
                 if lease.state == LeaseState::Draining {
                     return;
@@ -480,12 +485,6 @@ impl PoolPort for PoolInner {
             st.model.set_reported_load(&id, lease.load + lease.queued);
             match lease.state {
                 LeaseState::Booting => Vec::new(),
-                LeaseState::Ready if lease.build != *self.parent.build_id => {
-                    // Another build: never place calls there.
-                    debug!(pool = %self.config.name, runner = %id, build = %lease.build, "runner of another build in the shared pool; not using it");
-                    st.model.drain(&id);
-                    Vec::new()
-                }
                 LeaseState::Ready => st
                     .model
                     .runner_ready(&id)

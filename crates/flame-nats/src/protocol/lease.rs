@@ -26,7 +26,8 @@ pub(crate) struct RunnerLease {
     pub(crate) pool: String,
     /// Lifecycle state.
     pub(crate) state: LeaseState,
-    /// Build id of the runner (empty until it runs).
+    /// Build id of the runner: the build of the scaler that booted it, then
+    /// the runner's own. Parents place calls only on runners of their build.
     pub(crate) build: String,
     /// Calls it runs at once (`max_concurrency`).
     pub(crate) capacity: usize,
@@ -52,17 +53,24 @@ pub(crate) struct RunnerLease {
 pub(crate) struct ParentLease {
     /// The parent's id.
     pub(crate) parent: String,
+    /// The parent's build id: its callers wait for runners of this build.
+    #[serde(default)]
+    pub(crate) build: String,
     /// Its callers waiting for a slot.
     pub(crate) waiting: usize,
     /// Counts renewals.
     pub(crate) beat: u64,
 }
 
-/// Who the scaler is (`scaler`), renewed by it every heartbeat.
+/// Who the scaler of a build is (`scalers.<build>`), renewed by it every
+/// heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct ScalerLease {
     /// The scaler's parent id.
     pub(crate) parent: String,
+    /// The build it boots runners of.
+    #[serde(default)]
+    pub(crate) build: String,
     /// Counts renewals.
     pub(crate) beat: u64,
 }
@@ -104,6 +112,7 @@ mod tests {
         assert_eq!(json, r#"{"runners":["a"]}"#);
         let parent = ParentLease {
             parent: "p".into(),
+            build: "b".into(),
             waiting: 3,
             beat: 1,
         };

@@ -17,8 +17,8 @@
 //! flame.<pool>.alive                       runner -> any parent (queue group): still there?
 //! KV bucket flame-<pool>:
 //!   runners.<runner_id>   runner lease: state, build, capacity, load, handle
-//!   parents.<parent_id>   parent lease: callers waiting for a slot
-//!   scaler                the parent that boots and retires runners
+//!   parents.<parent_id>   parent lease: build, callers waiting for a slot
+//!   scalers.<build>       the parent that boots and retires runners of a build
 //!   slots                 runner ids counted against max (compare-and-set)
 //! ```
 //!
@@ -75,6 +75,12 @@ pub(crate) fn alive(pool: &str) -> String {
 /// Queue group of the parents answering [`alive`].
 pub(crate) const ALIVE_QUEUE: &str = "parents";
 
+/// Answer on [`alive`]: a parent of the asking runner's build is alive.
+pub(crate) const ALIVE_YES: &str = "yes";
+
+/// Answer on [`alive`]: no parent of the asking runner's build is left.
+pub(crate) const ALIVE_NO: &str = "no";
+
 /// JetStream KV bucket of a shared pool.
 pub(crate) fn bucket(pool: &str) -> String {
     format!("{ROOT}-{pool}")
@@ -90,8 +96,26 @@ pub(crate) fn parent_key(parent_id: &str) -> String {
     format!("parents.{parent_id}")
 }
 
-/// KV key naming the scaler.
-pub(crate) const SCALER_KEY: &str = "scaler";
+/// KV key naming the scaler of the runners of `build` (one scaler per build,
+/// so that during a rolling deploy each build boots its own runners).
+pub(crate) fn scaler_key(build: &str) -> String {
+    format!("scalers.{}", build_token(build))
+}
+
+/// A build id as one KV key token: itself when it is 1 to 64 ASCII
+/// letters, digits, `-` or `_`; else `h` and a hash of it.
+pub(crate) fn build_token(build: &str) -> String {
+    let plain = !build.is_empty()
+        && build.len() <= 64
+        && build
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if plain {
+        build.to_string()
+    } else {
+        format!("h{:016x}", xxhash_rust::xxh3::xxh3_64(build.as_bytes()))
+    }
+}
 
 /// KV key with the runner ids counted against `max`.
 pub(crate) const SLOTS_KEY: &str = "slots";
@@ -133,6 +157,10 @@ mod tests {
             ("runners.r".into(), "parents.p".into())
         );
         assert_eq!(runner("thumbs", "ab12"), "flame.thumbs.runner.ab12");
+        assert_eq!(scaler_key("v1-2_a"), "scalers.v1-2_a");
+        let hashed = scaler_key("v1.2 (x)");
+        assert!(hashed.starts_with("scalers.h") && hashed.len() == "scalers.h".len() + 16);
+        assert_ne!(build_token("a.b"), build_token("a-b"));
         let s = parent_event("thumbs", "p1", ParentEvent::Leave);
         assert_eq!(s, "flame.thumbs.parent.p1.leave");
         assert_eq!(ParentEvent::from_subject(&s), Some(ParentEvent::Leave));

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::{Runner, Stop};
+use crate::protocol::call as wire;
 use crate::protocol::events::{ParentAnswer, ParentEvent, RunnerEvent};
 use crate::protocol::subjects;
 
@@ -141,16 +142,26 @@ impl Runner {
             .then_some(idle_for)
     }
 
-    /// Shared pools: asks whether any parent of the pool is alive.
+    /// Shared pools: asks whether a parent of the pool and of this runner's
+    /// build is alive. `None` when no parent answered or none of this build
+    /// is left: the runner then stops after `parent_grace` (unless the
+    /// scaler retires it first).
     async fn ask_any_parent(&self, timeout: Duration) -> Option<bool> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(wire::HEADER_BUILD, self.build);
         let request = async_nats::Request::new()
             .payload(Bytes::from(self.info.runner_id.clone()))
+            .headers(headers)
             .timeout(Some(timeout));
         match self
             .client
             .send_request(subjects::alive(&self.info.pool), request)
             .await
         {
+            Ok(msg) if &msg.payload[..] == subjects::ALIVE_NO.as_bytes() => {
+                debug!(runner = %self.info.runner_id, "no parent of this build is left");
+                None
+            }
             Ok(_) => Some(true),
             Err(e) => {
                 debug!("no parent answered: {e}");
