@@ -98,6 +98,111 @@ impl TestEnv {
     }
 }
 
+/// A JetStream cluster of nats-servers on this machine, each killed on drop.
+pub struct NatsCluster {
+    /// The servers; `nodes[i]` is named `n<i>`.
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `size` servers routed to each other (cluster `flame-test`,
+    /// JetStream on, each with its own store) and waits until JetStream
+    /// answers through every one of them.
+    pub async fn start(size: usize) -> NatsCluster {
+        init_tracing();
+        let route_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let routes = |me: usize| {
+            route_ports
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != me)
+                .map(|(_, p)| format!("nats://127.0.0.1:{p}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let nodes = (0..size)
+            .map(|i| {
+                NatsServer::builder()
+                    .server_name(format!("n{i}"))
+                    .arg("--cluster_name")
+                    .arg("flame-test")
+                    .arg("--cluster")
+                    .arg(format!("nats://127.0.0.1:{}", route_ports[i]))
+                    .arg("--routes")
+                    .arg(routes(i))
+                    .start()
+                    .expect("start a cluster node")
+            })
+            .collect();
+        let cluster = NatsCluster { nodes };
+        // Ready when a stream with a replica on every node can be placed:
+        // JetStream answers before all peers have joined.
+        let client = async_nats::connect(cluster.nodes[0].url())
+            .await
+            .expect("connect");
+        let js = async_nats::jetstream::new(client);
+        wait_for(
+            "a JetStream stream to be placed on every node",
+            Duration::from_secs(60),
+            || async {
+                let config = async_nats::jetstream::stream::Config {
+                    name: "cluster-ready".into(),
+                    subjects: vec!["cluster-ready".into()],
+                    num_replicas: size,
+                    ..Default::default()
+                };
+                js.create_stream(config).await.ok().map(|_| ())
+            },
+        )
+        .await;
+        js.delete_stream("cluster-ready")
+            .await
+            .expect("delete the readiness stream");
+        cluster
+    }
+
+    /// Waits until every replica of `stream` is current (after a node came
+    /// back), so that losing another node keeps a quorum.
+    pub async fn wait_for_replicas(&self, stream: &str) {
+        let client = async_nats::connect(self.nodes[0].url())
+            .await
+            .expect("connect");
+        let js = async_nats::jetstream::new(client);
+        wait_for(
+            "every replica of the stream to be current",
+            Duration::from_secs(60),
+            || async {
+                let mut s = js.get_stream(stream).await.ok()?;
+                let info = s.info().await.ok()?;
+                let cluster = info.cluster.as_ref()?;
+                cluster.leader.as_ref()?;
+                let replicas = &cluster.replicas;
+                (replicas.len() + 1 == self.nodes.len()
+                    && replicas.iter().all(|r| r.current && !r.offline))
+                .then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Every node's URL, comma-separated, as `NATS_URL` takes them.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.url())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// A TCP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 /// The custom data (`in_flight`, `max_in_flight`, ...) that a pool's runner
 /// reports through `$SRV.STATS`; the first runner to answer. `None` while no
 /// runner answers.
@@ -422,6 +527,9 @@ pub struct ParentReport {
     pub peak: usize,
     /// Runner pids that served its calls.
     pub pids: Vec<u32>,
+    /// The kinds (`flame::Error` variant names) of the failed calls, each
+    /// once.
+    pub failure_kinds: Vec<String>,
 }
 
 /// A parent process of a shared pool (`flame-testapp shared-parent`),
@@ -522,6 +630,15 @@ impl SharedParent {
                     pids: f
                         .get(3)
                         .map(|p| p.split(',').filter_map(|x| x.parse().ok()).collect())
+                        .unwrap_or_default(),
+                    failure_kinds: f
+                        .get(4)
+                        .map(|k| {
+                            k.split(',')
+                                .filter(|x| !x.is_empty() && *x != "-")
+                                .map(str::to_string)
+                                .collect()
+                        })
                         .unwrap_or_default(),
                 };
             }

@@ -53,6 +53,11 @@ pub struct PoolConfig {
     /// any runner, and one elected scaler boots and retires them for all.
     /// Default false (this parent's own runners).
     pub shared: bool,
+    /// Shared pools: replicas of the pool's KV bucket when this parent
+    /// creates it (1 to 5; more than 1 needs a JetStream cluster, and 3 is
+    /// what survives the loss of any one server). A bucket that exists
+    /// already is used as it is. Default 1.
+    pub kv_replicas: usize,
 }
 
 impl PoolConfig {
@@ -75,6 +80,7 @@ impl PoolConfig {
             single_use: false,
             idle_shutdown_check: None,
             shared: false,
+            kv_replicas: 1,
         }
     }
 
@@ -102,6 +108,12 @@ impl PoolConfig {
             return bad(format!(
                 "heartbeat ({:?}) must be shorter than parent_grace ({:?})",
                 self.heartbeat, self.parent_grace
+            ));
+        }
+        if !(1..=5).contains(&self.kv_replicas) {
+            return bad(format!(
+                "kv_replicas must be 1 to 5 (JetStream's limit), not {}",
+                self.kv_replicas
             ));
         }
         for var in &self.forward_env {

@@ -161,6 +161,19 @@ pub(crate) struct ConnectionEvents {
     pub(crate) closing: Arc<AtomicBool>,
     /// When the connection was last (re)established.
     pub(crate) last_connected: Arc<Mutex<Option<Instant>>>,
+    /// Outages of the connection so far.
+    pub(crate) outages: Arc<Mutex<Outages>>,
+}
+
+/// A connection's outages: how many, and the last one.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Outages {
+    /// Outages that ended (the connection came back).
+    pub(crate) count: u64,
+    /// The last one that ended: when it started and when it ended.
+    pub(crate) last: Option<(Instant, Instant)>,
+    /// When the current one started, while the connection is down.
+    pub(crate) down_since: Option<Instant>,
 }
 
 /// The servers of a URL list: `nats://a:4222, nats://b:4222`.
@@ -173,17 +186,7 @@ pub(crate) fn server_list(url: &str) -> Vec<String> {
 }
 
 /// Connects with `options`, turning failures into
-/// [`Error::NatsUnreachable`].
-pub(crate) async fn connect(
-    url: &str,
-    name: String,
-    timeout: Duration,
-    options: async_nats::ConnectOptions,
-) -> Result<async_nats::Client, Error> {
-    connect_with(url, name, timeout, options).await
-}
-
-/// [`connect`], also reporting connection events.
+/// [`Error::NatsUnreachable`], and reports connection events.
 pub(crate) async fn connect_watched(
     url: &str,
     name: String,
@@ -194,12 +197,19 @@ pub(crate) async fn connect_watched(
     let connected = Arc::new(Notify::new());
     let closing = Arc::new(AtomicBool::new(false));
     let last_connected = Arc::new(Mutex::new(None));
+    let outages = Arc::new(Mutex::new(Outages::default()));
     let (notify, quiet, at) = (connected.clone(), closing.clone(), last_connected.clone());
+    let outs = outages.clone();
     let options = options.event_callback(move |event| {
         let (tx, notify, quiet, at) = (tx.clone(), notify.clone(), quiet.clone(), at.clone());
+        let outs = outs.clone();
         async move {
             match event {
                 async_nats::Event::Disconnected => {
+                    outs.lock()
+                        .unwrap()
+                        .down_since
+                        .get_or_insert_with(Instant::now);
                     if quiet.load(Ordering::SeqCst) {
                         tracing::debug!("disconnected from NATS");
                     } else {
@@ -209,7 +219,13 @@ pub(crate) async fn connect_watched(
                 }
                 async_nats::Event::Connected => {
                     tracing::info!("connected to NATS");
-                    *at.lock().unwrap() = Some(Instant::now());
+                    let now = Instant::now();
+                    *at.lock().unwrap() = Some(now);
+                    let mut o = outs.lock().unwrap();
+                    if let Some(since) = o.down_since.take() {
+                        o.count += 1;
+                        o.last = Some((since, now));
+                    }
                     notify.notify_waiters();
                 }
                 _ => {}
@@ -224,6 +240,7 @@ pub(crate) async fn connect_watched(
             connected,
             closing,
             last_connected,
+            outages,
         },
     ))
 }

@@ -11,8 +11,13 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::protocol::lease::Slots;
 use crate::protocol::subjects;
 
-/// Opens the pool's bucket, creating it if needed (the first parent does).
-pub(crate) async fn open_bucket(client: &async_nats::Client, pool: &str) -> Result<Store, Error> {
+/// Opens the pool's bucket, creating it with `replicas` if needed (the first
+/// parent does).
+pub(crate) async fn open_bucket(
+    client: &async_nats::Client,
+    pool: &str,
+    replicas: usize,
+) -> Result<Store, Error> {
     if !client.server_info().jetstream {
         return Err(Error::JetStreamDisabled { pool: pool.into() });
     }
@@ -26,6 +31,7 @@ pub(crate) async fn open_bucket(client: &async_nats::Client, pool: &str) -> Resu
             bucket: name.clone(),
             description: format!("flame shared pool {pool}: runner leases, parents, scalers"),
             history: 1,
+            num_replicas: replicas,
             ..Default::default()
         })
         .await;

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::Message;
 use flame_core::Error;
@@ -25,6 +25,8 @@ pub(crate) type Outcome = Result<Message, Error>;
 struct Waiting {
     tx: oneshot::Sender<Outcome>,
     function: &'static str,
+    /// When the call was sent (about).
+    at: Instant,
     /// The runner the call went to, so that its failure reaches the call.
     runner: Arc<str>,
 }
@@ -113,6 +115,7 @@ impl Replies {
             Waiting {
                 tx,
                 function,
+                at: Instant::now(),
                 runner,
             },
         );
@@ -177,6 +180,35 @@ impl Replies {
                 reason: reason.to_string(),
             }));
         }
+    }
+
+    /// Fails the calls sent to `runner` between `from` and `to` with
+    /// `error`: they went to it while its connection to NATS was down, so
+    /// they never reached it.
+    pub(crate) fn fail_sent_between(
+        &self,
+        runner: &str,
+        from: Instant,
+        to: Instant,
+        error: impl Fn() -> Error,
+    ) -> usize {
+        let failed: Vec<Waiting> = {
+            let mut waiting = self.waiting.lock().unwrap();
+            let tokens: Vec<u64> = waiting
+                .iter()
+                .filter(|(_, w)| &*w.runner == runner && w.at >= from && w.at <= to)
+                .map(|(t, _)| *t)
+                .collect();
+            tokens
+                .into_iter()
+                .filter_map(|t| waiting.remove(&t))
+                .collect()
+        };
+        let n = failed.len();
+        for w in failed {
+            let _ = w.tx.send(Err(error()));
+        }
+        n
     }
 
     fn fail_all(&self, error: impl Fn() -> Error) {

@@ -11,9 +11,11 @@
 //!   id>`, then runs `<callers>` concurrent loops of `counted_sleep(<ms>)`,
 //!   `<calls>` calls in all (0: until killed), printing `progress <ok>
 //!   <failed>` every 50 calls and, at the end, `done <ok> <failed> <peak>
-//!   <pids>` (the highest runner-side concurrency seen, and the runner pids
-//!   used, comma-separated). `FLAME_TEST_HEARTBEAT_MS` sets the pool's
-//!   heartbeat (default 500), `FLAME_TEST_MIN` its min (default 0),
+//!   <pids> <kinds>` (the highest runner-side concurrency seen, the runner
+//!   pids used, comma-separated, and the `flame::Error` variants of the
+//!   failed calls, comma-separated, `-` for none). `FLAME_TEST_HEARTBEAT_MS`
+//!   sets the pool's heartbeat (default 500), `FLAME_TEST_KV_REPLICAS` its
+//!   `kv_replicas` (default 1), `FLAME_TEST_MIN` its min (default 0),
 //!   `FLAME_TEST_GRACE_MS` its parent grace (default 6 heartbeats). A line
 //!   on stdin or its end stops the calls (no new ones start), then, after
 //!   `done`, shuts the pool down (`pool.shutdown()`), prints `shut down` and
@@ -157,6 +159,7 @@ async fn shared_parent(flame: flame::Flame) {
         .max(max)
         .max_concurrency(mc)
         .heartbeat(heartbeat)
+        .kv_replicas(env_or("FLAME_TEST_KV_REPLICAS", 1) as usize)
         .parent_grace(Duration::from_millis(env_or(
             "FLAME_TEST_GRACE_MS",
             heartbeat.as_millis() as u64 * 6,
@@ -184,9 +187,10 @@ async fn shared_parent(flame: flame::Flame) {
     let failed = Arc::new(AtomicUsize::new(0));
     let peak = Arc::new(AtomicUsize::new(0));
     let pids = Arc::new(Mutex::new(BTreeSet::new()));
+    let kinds = Arc::new(Mutex::new(BTreeSet::new()));
     let loops: Vec<_> = (0..callers)
         .map(|_| {
-            let (pool, issued, ok, failed, peak, pids, stop) = (
+            let (pool, issued, ok, failed, peak, pids, stop, kinds) = (
                 pool.clone(),
                 issued.clone(),
                 ok.clone(),
@@ -194,6 +198,7 @@ async fn shared_parent(flame: flame::Flame) {
                 peak.clone(),
                 pids.clone(),
                 stop.clone(),
+                kinds.clone(),
             );
             tokio::spawn(async move {
                 loop {
@@ -212,6 +217,12 @@ async fn shared_parent(flame: flame::Flame) {
                         }
                         Err(e) => {
                             eprintln!("call failed: {e}");
+                            let debug = format!("{e:?}");
+                            let kind: String = debug
+                                .chars()
+                                .take_while(|c| c.is_ascii_alphanumeric())
+                                .collect();
+                            kinds.lock().unwrap().insert(kind);
                             failed.fetch_add(1, Ordering::SeqCst);
                             ok.load(Ordering::SeqCst)
                         }
@@ -227,12 +238,18 @@ async fn shared_parent(flame: flame::Flame) {
         let _ = l.await;
     }
     let pids: Vec<String> = pids.lock().unwrap().iter().map(|p| p.to_string()).collect();
+    let kinds: Vec<String> = kinds.lock().unwrap().iter().cloned().collect();
     println!(
-        "done {} {} {} {}",
+        "done {} {} {} {} {}",
         ok.load(Ordering::SeqCst),
         failed.load(Ordering::SeqCst),
         peak.load(Ordering::SeqCst),
-        pids.join(",")
+        pids.join(","),
+        if kinds.is_empty() {
+            "-".to_string()
+        } else {
+            kinds.join(",")
+        }
     );
     // Stay a parent of the pool until killed, or until stdin has a line or
     // closes: then leave the pool properly.

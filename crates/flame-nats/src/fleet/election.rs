@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::{Fleet, PoolPort};
 use crate::kv::{self, Cas};
@@ -60,12 +60,27 @@ impl Fleet {
         };
         let key = subjects::parent_key(&self.parent.parent_id);
         match self.store.put(key, kv::to_json(&lease)).await {
-            Ok(_) => {
-                self.state.lock().unwrap().my_waiting_sent = Some(waiting);
+            Ok(revision) => {
+                let mut st = self.state.lock().unwrap();
+                st.my_waiting_sent = Some(waiting);
+                if st.echo.is_none() && st.last_revision < revision {
+                    st.echo = Some((revision, Instant::now()));
+                }
+                if st.bucket_unwritable {
+                    // Nobody could renew meanwhile: restart the clocks so
+                    // that no lease looks dead just for that.
+                    st.bucket_unwritable = false;
+                    st.forget_silence();
+                    info!(pool = %self.config.name, "the pool's bucket can be written again");
+                }
                 true
             }
             Err(e) => {
-                debug!("cannot renew parent lease: {e}");
+                let mut st = self.state.lock().unwrap();
+                if !st.bucket_unwritable {
+                    warn!(pool = %self.config.name, "cannot renew this parent's lease; judging no lease until the bucket can be written: {e}");
+                }
+                st.bucket_unwritable = true;
                 false
             }
         }
@@ -75,9 +90,10 @@ impl Fleet {
     /// leading, else take over a missing or dead scaler by compare-and-set.
     async fn elect(&self) {
         let pool = &self.config.name;
-        let (leading, scaler) = {
+        let (leading, scaler, stalled) = {
             let st = self.state.lock().unwrap();
-            (st.leading, st.scaler.clone())
+            let stalled = st.mirror_stalled(self.config.heartbeat);
+            (st.leading, st.scaler.clone(), stalled)
         };
         let lease = |beat: u64| ScalerLease {
             parent: self.parent.parent_id.clone(),
@@ -87,7 +103,8 @@ impl Fleet {
         let (value, revision) = match (leading, scaler) {
             (Some(term), _) => (lease(term + 1), Some(term)),
             (None, None) => (lease(0), None),
-            (None, Some(s)) if s.changed.elapsed() > self.stale_after() => {
+            // A stalled watch makes the scaler look silent: wait for it.
+            (None, Some(s)) if s.changed.elapsed() > self.stale_after() && !stalled => {
                 info!(%pool, old = %s.value.parent, "scaler silent for {:?}; taking over", s.changed.elapsed());
                 (lease(0), Some(s.revision))
             }

@@ -41,6 +41,13 @@ pub(super) struct FleetState {
     pub(super) retry: RetryGate,
     pub(super) my_beat: u64,
     pub(super) my_waiting_sent: Option<usize>,
+    /// This parent's last lease renewal failed: the bucket cannot be
+    /// written (e.g. its stream elects a new leader after a server of the
+    /// cluster died), so nobody's lease can change and none is judged.
+    pub(super) bucket_unwritable: bool,
+    /// The oldest write of this parent's own lease not yet seen coming back
+    /// through the watch: its revision, and when it was written.
+    pub(super) echo: Option<(u64, Instant)>,
 }
 
 impl FleetState {
@@ -62,6 +69,14 @@ impl FleetState {
         self.other_live_parents(me, stale_after)
             .map(|p| p.build.clone())
             .collect()
+    }
+
+    /// Whether the watch has fallen behind: this parent's own write has not
+    /// come back through it within `limit`. A watch can stall without an
+    /// error (its consumer lived on a server of the cluster that died), and
+    /// a stalled mirror makes every lease look silent.
+    pub(super) fn mirror_stalled(&self, limit: Duration) -> bool {
+        self.echo.is_some_and(|(_, at)| at.elapsed() > limit)
     }
 
     /// Counts every lease and the scaler as just seen.
@@ -138,10 +153,20 @@ impl Fleet {
         loop {
             let reconnected = connected.notified();
             tokio::pin!(reconnected);
+            let mut check = tokio::time::interval(self.config.heartbeat);
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            check.tick().await;
             loop {
                 tokio::select! {
                     _ = self.closed.cancelled() => return,
                     _ = &mut reconnected => break,
+                    _ = check.tick() => {
+                        let heartbeat = self.config.heartbeat;
+                        if self.state.lock().unwrap().mirror_stalled(heartbeat * 2) {
+                            debug!("the bucket's watch stalled; recreating it");
+                            break;
+                        }
+                    }
                     entry = watch.next() => match entry {
                         Some(Ok(entry)) => self.apply(&port, entry),
                         Some(Err(e)) => {
@@ -180,6 +205,16 @@ impl Fleet {
         let deleted = entry.operation != Operation::Put;
         let mut st = self.state.lock().unwrap();
         st.last_revision = st.last_revision.max(entry.revision);
+        if let Some((written, _)) = st.echo {
+            // Revisions come in order: this parent's write has come back.
+            if entry.revision >= written {
+                if st.mirror_stalled(self.config.heartbeat) {
+                    debug!("the bucket's watch caught up");
+                    st.forget_silence();
+                }
+                st.echo = None;
+            }
+        }
         if let Some(id) = entry.key.strip_prefix("runners.") {
             if deleted {
                 st.runners.remove(id);

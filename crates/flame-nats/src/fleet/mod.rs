@@ -105,7 +105,7 @@ impl Fleet {
         closed: CancellationToken,
     ) -> Result<Fleet, Error> {
         Ok(Fleet {
-            store: kv::open_bucket(&parent.client, &config.name).await?,
+            store: kv::open_bucket(&parent.client, &config.name, config.kv_replicas).await?,
             scaler_key: subjects::scaler_key(&parent.build_id),
             parent,
             config,
@@ -309,6 +309,9 @@ impl Fleet {
             handle: String::new(),
             booted_by: self.parent.parent_id.clone(),
             beat: 0,
+            outages: 0,
+            outage_ms: 0,
+            since_outage_ms: 0,
         }
     }
 }

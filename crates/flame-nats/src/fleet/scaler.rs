@@ -21,6 +21,14 @@ impl Fleet {
     /// The scaler's round: reap dead leases, retire runners of abandoned
     /// builds, then boot or retire runners of this build per the plan.
     pub(super) async fn scale(self: &Arc<Self>, port: &Arc<dyn PoolPort>) {
+        {
+            let st = self.state.lock().unwrap();
+            if st.bucket_unwritable || st.mirror_stalled(self.config.heartbeat) {
+                // Leases cannot change now, or this parent cannot see them
+                // change: judging them would reap live runners.
+                return;
+            }
+        }
         let pool = &self.config.name;
         let stale_after = self.stale_after();
         let (min, max) = port.limits();

@@ -104,6 +104,9 @@ mod tests {
             handle: String::new(),
             booted_by: "x".into(),
             beat: 0,
+            outages: 0,
+            outage_ms: 0,
+            since_outage_ms: 0,
         }
     }
 

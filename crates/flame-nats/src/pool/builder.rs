@@ -78,6 +78,11 @@ impl PoolBuilder {
         /// this name, coordinated through the KV bucket `flame-<name>`
         /// (default false).
         shared: bool,
+        /// Shared pools: replicas of the KV bucket `flame-<name>` when this
+        /// parent is the one that creates it (1 to 5, default 1). Use 3 on a
+        /// JetStream cluster of three or more servers, so the pool survives
+        /// the loss of any one of them.
+        kv_replicas: usize,
     }
 
     /// Runs `F` on an idle runner before it stops; it stops only if `F`

@@ -43,6 +43,9 @@ pub(super) struct RunnerEntry {
     pub(super) key: Option<EventKey>,
     /// Sequence numbers of its events accepted so far.
     pub(super) replays: ReplayWindow,
+    /// Outages of its NATS connection its lease reported last (shared
+    /// pools).
+    outages_seen: Option<u64>,
 }
 
 impl RunnerEntry {
@@ -61,6 +64,7 @@ impl RunnerEntry {
             last_heard: Instant::now(),
             key,
             replays: ReplayWindow::default(),
+            outages_seen: None,
         }
     }
 
@@ -455,10 +459,29 @@ impl PoolInner {
     }
 }
 
+/// Calls sent this long before a runner's outage began may have been on
+/// their way to it when it lost its connection.
+const OUTAGE_LEAD: Duration = Duration::from_millis(250);
+
+/// ... and this long after it ended (the lease's timing is the runner's,
+/// read here a little later).
+const OUTAGE_TRAIL: Duration = Duration::from_millis(50);
+
+/// When, on this parent's clock, the runner's last outage was, as its
+/// lease reports it, widened by [`OUTAGE_LEAD`] and [`OUTAGE_TRAIL`].
+fn outage_window(lease: &RunnerLease) -> Option<(std::time::Instant, std::time::Instant)> {
+    // The reply table's clock.
+    let now = std::time::Instant::now();
+    let ended = now.checked_sub(Duration::from_millis(lease.since_outage_ms))?;
+    let began = ended.checked_sub(Duration::from_millis(lease.outage_ms) + OUTAGE_LEAD)?;
+    Some((began, ended + OUTAGE_TRAIL))
+}
+
 /// What a shared pool's fleet tells the pool.
 impl PoolPort for PoolInner {
     fn lease_seen(self: Arc<Self>, lease: &RunnerLease) {
         let id: RunnerId = Arc::from(lease.runner.as_str());
+        let mut lost = None;
         let handoffs: Vec<Handoff> = {
             let mut st = self.state.lock().unwrap();
             if st.closed {
@@ -481,6 +504,10 @@ impl PoolPort for PoolInner {
             }
             if let Some(entry) = st.runners.get_mut(&id) {
                 entry.handle = Some(lease.handle.clone()).filter(|h| !h.is_empty());
+                let seen = entry.outages_seen.replace(lease.outages);
+                if seen.is_some_and(|n| lease.outages > n) {
+                    lost = outage_window(lease);
+                }
             }
             st.model.set_reported_load(&id, lease.load + lease.queued);
             match lease.state {
@@ -498,6 +525,20 @@ impl PoolPort for PoolInner {
                 }
             }
         };
+        if let Some((from, to)) = lost {
+            let failed = self.parent.replies.fail_sent_between(&id, from, to, || {
+                Error::NatsUnreachable {
+                    url: self.parent.nats_url.clone(),
+                    reason: format!(
+                        "runner {id} lost its connection to NATS while the call ran; the call is lost"
+                    ),
+                    source: None,
+                }
+            });
+            if failed > 0 {
+                info!(pool = %self.config.name, runner = %id, failed, "calls sent while the runner was away from NATS failed");
+            }
+        }
         if !handoffs.is_empty() {
             deliver(handoffs);
         }

@@ -45,6 +45,17 @@ pub(crate) struct RunnerLease {
     pub(crate) booted_by: String,
     /// Counts renewals; changes every heartbeat while the runner lives.
     pub(crate) beat: u64,
+    /// Outages of the runner's NATS connection so far. Calls sent to the
+    /// runner during an outage never reach it: when this grows, parents
+    /// fail the calls they sent in the last one.
+    #[serde(default)]
+    pub(crate) outages: u64,
+    /// How long the last outage lasted, in milliseconds.
+    #[serde(default)]
+    pub(crate) outage_ms: u64,
+    /// Milliseconds from the end of the last outage to this write.
+    #[serde(default)]
+    pub(crate) since_outage_ms: u64,
 }
 
 /// A parent's lease (`parents.<id>`), renewed every heartbeat and whenever its
@@ -101,6 +112,9 @@ mod tests {
             handle: "pid 7".into(),
             booted_by: "x".into(),
             beat: 9,
+            outages: 0,
+            outage_ms: 0,
+            since_outage_ms: 0,
         };
         let json = serde_json::to_string(&lease).unwrap();
         assert!(json.contains(r#""state":"draining""#), "{json}");

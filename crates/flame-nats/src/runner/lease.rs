@@ -29,7 +29,8 @@ impl LeaseKeeper {
         client: &async_nats::Client,
         info: &ParentInfo,
     ) -> Result<LeaseKeeper, Error> {
-        let store = kv::open_bucket(client, &info.pool).await?;
+        // The scaler created the bucket before booting this runner.
+        let store = kv::open_bucket(client, &info.pool, 1).await?;
         let key = subjects::runner_key(&info.runner_id);
         let (lease, revision) = kv::read::<RunnerLease>(&store, &key)
             .await?
@@ -132,10 +133,18 @@ impl Runner {
             return true;
         };
         let heartbeat = Duration::from_millis(self.info.heartbeat_ms);
+        let outages = *self.outages.lock().unwrap();
         let write = keeper.write(|l| {
             l.load = load;
             l.queued = queued;
             l.idle_ms = idle_for.as_millis() as u64;
+            if let Some((from, to)) = outages.last {
+                l.outages = outages.count;
+                l.outage_ms = (to - from).as_millis() as u64;
+                // Measured when the write is made, so the parents can place
+                // the outage on their own clocks.
+                l.since_outage_ms = to.elapsed().as_millis() as u64;
+            }
         });
         match tokio::time::timeout(heartbeat * 2, write).await {
             Ok(Ok(alive)) => alive,

@@ -70,6 +70,7 @@ pub(super) async fn watch(runner: Arc<Runner>) -> Stop {
     let mut check = tokio::time::interval(heartbeat);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut idle = tokio::time::interval(idle_check);
+    let mut last_dirty_write = Instant::now() - heartbeat;
     // The answer of an idle runner's request to leave, from its own task.
     let (left_tx, mut left_rx) = mpsc::channel::<Duration>(1);
     let mut asking = None::<tokio::task::JoinHandle<()>>;
@@ -95,8 +96,14 @@ pub(super) async fn watch(runner: Arc<Runner>) -> Stop {
             }
             _ = runner.lease_dirty.notified(), if runner.info.shared => {
                 // Callers started queueing here: show the scaler soon. The
-                // short wait gathers a burst of them into one write.
+                // short wait gathers a burst of them into one write; at most
+                // four such writes a heartbeat (calls queue all the time
+                // under steady load, and the bucket may be failing over).
+                if last_dirty_write.elapsed() < heartbeat / 4 {
+                    continue;
+                }
                 tokio::time::sleep(Duration::from_millis(20)).await;
+                last_dirty_write = Instant::now();
                 let r = runner.clone();
                 tokio::spawn(async move { r.renew_lease().await });
             }

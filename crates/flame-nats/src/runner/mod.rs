@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::build_id::build_id;
-use crate::connect::connect;
+use crate::connect::{connect_watched, Outages};
 use crate::protocol::bootstrap::ParentInfo;
 use crate::protocol::call::ErrorKind;
 use crate::protocol::events::{EventKey, ParentEvent};
@@ -121,6 +121,9 @@ struct Runner {
     permits: Arc<Semaphore>,
     /// Calls waiting for a permit.
     queued: AtomicUsize,
+    /// The outages of this runner's NATS connection, which its lease
+    /// reports: calls sent to it during one are lost.
+    outages: Arc<std::sync::Mutex<Outages>>,
     /// Woken when calls start queueing, so the lease shows it soon.
     lease_dirty: Notify,
     /// The runner's lease, in a shared pool.
@@ -137,7 +140,7 @@ async fn run(
     let failsafe_deadline = Instant::now() + failsafe;
     // Hash the executable while we connect.
     let build = tokio::task::spawn_blocking(build_id);
-    let client = connect(
+    let (client, connection) = connect_watched(
         &info.nats_url,
         format!("flame runner {} ({})", info.runner_id, info.pool),
         failsafe,
@@ -235,6 +238,7 @@ async fn run(
         queued: AtomicUsize::new(0),
         lease_dirty: Notify::new(),
         lease: tokio::sync::Mutex::new(lease),
+        outages: connection.outages.clone(),
     });
     if runner.info.shared {
         runner.announce_ready_in_lease().await?;
