@@ -30,6 +30,7 @@ fn backend_with(fly: &FakeFly, token: &str, image: &str) -> FlyBackend {
         .app("flame-test")
         .image(image)
         .region("local")
+        .cpu_kind("shared")
         .cpus(1)
         .memory_mb(512)
         .env(flame::BUILD_ID_ENV, TEST_BUILD)
@@ -325,19 +326,17 @@ async fn a_dead_machine_is_reported_by_the_api_before_heartbeats_tell() {
     }
 }
 
-/// A Machine whose parent died (in the middle of its boot, say) is found by
-/// its metadata when a pool of the same name starts, and destroyed.
-#[tokio::test]
-async fn a_machine_left_by_a_dead_parent_is_destroyed() {
+/// Boots a Machine of pool `pool` for parent `gone`, which does not exist,
+/// as a parent killed in the middle of a boot would leave it; returns its
+/// handle once its runner process runs.
+async fn left_behind(env: &TestEnv, fly: &FakeFly, pool: &str, runner: &str) -> String {
     use flame::Backend;
-    let env = TestEnv::start().await;
-    let fly = FakeFly::start("flame-test").await;
-    // A runner of parent `gone`, which no longer exists: it would wait two
-    // minutes for that parent before giving up on its own.
+    // A runner of parent `gone`: it would wait two minutes for that parent
+    // before giving up on its own.
     let info = serde_json::json!({
         "parent_id": "gone",
-        "pool": "leftover",
-        "runner_id": "orphan1",
+        "pool": pool,
+        "runner_id": runner,
         "nats_url": env.server.url(),
         "max_concurrency": 1,
         "idle_shutdown_after_ms": 60_000,
@@ -348,21 +347,18 @@ async fn a_machine_left_by_a_dead_parent_is_destroyed() {
         "event_key": "00".repeat(32),
     });
     let env_vars = vec![(flame::PARENT_ENV.to_string(), info.to_string())];
-    let spec = flame::BootSpec::new("leftover".into(), "orphan1".into(), env_vars).parent("gone");
-    let orphan = backend(&fly).boot(spec).await.unwrap();
+    let spec = flame::BootSpec::new(pool.into(), runner.into(), env_vars).parent("gone");
+    let orphan = backend(fly).boot(spec).await.unwrap();
     let machine = orphan.handle.clone();
     orphan.stopper.detach();
     drop(orphan);
     assert_eq!(fly.live_pids().len(), 1, "the orphan runs");
+    machine
+}
 
-    let pool = env
-        .flame
-        .pool("leftover")
-        .max(1)
-        .backend(backend(&fly))
-        .start()
-        .await
-        .unwrap();
+/// Waits until `machine` was destroyed through the API and its process
+/// ended.
+async fn destroyed(fly: &FakeFly, machine: &str) {
     wait_for("the orphan to be destroyed", LONG, || async {
         fly.requests()
             .iter()
@@ -374,6 +370,48 @@ async fn a_machine_left_by_a_dead_parent_is_destroyed() {
         fly.live_pids().is_empty().then_some(())
     })
     .await;
+}
+
+/// A Machine whose booting parent died before it got a lease in a shared
+/// pool's bucket is found by the pool's scaler through its metadata, and
+/// destroyed.
+#[tokio::test]
+async fn a_machine_without_a_lease_in_a_shared_pool_is_destroyed() {
+    let env = TestEnv::start().await;
+    let fly = FakeFly::start("flame-test").await;
+    let machine = left_behind(&env, &fly, "sharedleft", "orphan2").await;
+    let pool = env
+        .flame
+        .pool("sharedleft")
+        .shared(true)
+        .max(1)
+        .backend(backend(&fly))
+        .start()
+        .await
+        .unwrap();
+    destroyed(&fly, &machine).await;
+    // The pool itself still works.
+    assert_eq!(flame::call!(pool, add(1, 2)).await.unwrap(), 3);
+    pool.shutdown().await;
+}
+
+/// A Machine whose parent died (in the middle of its boot, say) is found by
+/// its metadata when a pool of the same name starts, and destroyed.
+#[tokio::test]
+async fn a_machine_left_by_a_dead_parent_is_destroyed() {
+    let env = TestEnv::start().await;
+    let fly = FakeFly::start("flame-test").await;
+    let machine = left_behind(&env, &fly, "leftover", "orphan1").await;
+
+    let pool = env
+        .flame
+        .pool("leftover")
+        .max(1)
+        .backend(backend(&fly))
+        .start()
+        .await
+        .unwrap();
+    destroyed(&fly, &machine).await;
     pool.shutdown().await;
 }
 

@@ -10,7 +10,7 @@
 //! ```no_run
 //! # async fn app(flame: flame_nats::Flame) -> Result<(), flame_core::Error> {
 //! // Inside a Machine, app, image, region and token come from the environment.
-//! let backend = flame_fly::FlyBackend::builder().memory_mb(2048).build()?;
+//! let backend = flame_fly::FlyBackend::builder().cpus(1).memory_mb(2048).build()?;
 //! let pool = flame.pool("thumbs").max(8).backend(backend).start().await?;
 //! # Ok(()) }
 //! ```
@@ -42,6 +42,15 @@ pub const APP_ENV: &str = "FLY_APP_NAME";
 pub const IMAGE_ENV: &str = "FLY_IMAGE_REF";
 /// Environment variable with the region (set inside every Machine).
 pub const REGION_ENV: &str = "FLY_REGION";
+/// Environment variable with the Machines API host, as Fly's own tools
+/// read it: a URL (`https://api.machines.dev`) or a bare `host:port`
+/// (`_api.internal:4280`, spoken over plain HTTP inside Fly's private
+/// network).
+pub const API_HOST_ENV: &str = "FLY_API_HOSTNAME";
+
+/// CPU counts Fly offers per kind: shared 1, 2, 4, 8; performance also 16.
+const SHARED_CPUS: [u32; 4] = [1, 2, 4, 8];
+const PERFORMANCE_CPUS: [u32; 5] = [1, 2, 4, 8, 16];
 
 /// Attempts of one API request before a transient failure is final.
 const ATTEMPTS: u32 = 8;
@@ -98,12 +107,15 @@ pub struct Guest {
 #[derive(Clone)]
 #[must_use]
 pub struct FlyBackendBuilder {
-    api_url: String,
+    api_url: Option<String>,
     token: Option<String>,
     app: Option<String>,
     image: Option<String>,
     region: Option<String>,
     guest: Guest,
+    /// Set by `cpus` / `memory_mb`; else derived from the CPUs.
+    cpus_set: bool,
+    memory_set: bool,
     env: BTreeMap<String, String>,
 }
 
@@ -121,10 +133,11 @@ impl std::fmt::Debug for FlyBackendBuilder {
 }
 
 impl FlyBackendBuilder {
-    /// Machines API base URL (default [`DEFAULT_API_URL`]; inside Fly's
-    /// private network also `http://_api.internal:4280`).
+    /// Machines API base URL (default: `FLY_API_HOSTNAME` if set, else
+    /// [`DEFAULT_API_URL`]; inside Fly's private network also
+    /// `http://_api.internal:4280`).
     pub fn api_url(mut self, url: impl Into<String>) -> Self {
-        self.api_url = url.into();
+        self.api_url = Some(url.into());
         self
     }
 
@@ -158,15 +171,22 @@ impl FlyBackendBuilder {
         self
     }
 
-    /// CPUs per runner (default: as many as this machine has).
+    /// CPUs per runner: 1, 2, 4 or 8 (`shared`), also 16 (`performance`).
+    /// Default: as many as this machine has, rounded down to one of those.
     pub fn cpus(mut self, cpus: u32) -> Self {
         self.guest.cpus = cpus;
+        self.cpus_set = true;
         self
     }
 
-    /// Memory per runner in MB, a multiple of 256 (default 4096).
+    /// Memory per runner in MB, a multiple of 256 within what Fly allows
+    /// for the CPUs: 256 to 2048 per shared CPU, 2048 to 8192 per
+    /// performance CPU. Default: 4096, raised to the least the CPUs allow
+    /// (2048 per performance CPU, 256 per shared CPU), lowered to the most
+    /// they allow.
     pub fn memory_mb(mut self, mb: u32) -> Self {
         self.guest.memory_mb = mb;
+        self.memory_set = true;
         self
     }
 
@@ -200,15 +220,15 @@ impl FlyBackendBuilder {
         let app = from_env(self.app, APP_ENV).ok_or_else(|| missing("app", APP_ENV, "app"))?;
         let image =
             from_env(self.image, IMAGE_ENV).ok_or_else(|| missing("image", IMAGE_ENV, "image"))?;
-        if self.guest.memory_mb == 0 || !self.guest.memory_mb.is_multiple_of(256) {
-            return Err(Error::Config(format!(
-                "Fly backend: memory_mb must be a multiple of 256, not {}",
-                self.guest.memory_mb
-            )));
-        }
-        if self.guest.cpus == 0 {
-            return Err(Error::Config("Fly backend: cpus must be at least 1".into()));
-        }
+        let guest = sized(self.guest, self.cpus_set, self.memory_set)?;
+        let api_url = match self.api_url {
+            Some(url) => url,
+            None => std::env::var(API_HOST_ENV)
+                .ok()
+                .filter(|h| !h.trim().is_empty())
+                .map(|h| api_url_from_host(h.trim()))
+                .unwrap_or_else(|| DEFAULT_API_URL.to_string()),
+        };
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(90))
             .build()
@@ -216,18 +236,73 @@ impl FlyBackendBuilder {
         Ok(FlyBackend {
             api: Api {
                 http,
-                base: format!(
-                    "{}/v1/apps/{app}/machines",
-                    self.api_url.trim_end_matches('/')
-                ),
+                base: format!("{}/v1/apps/{app}/machines", api_url.trim_end_matches('/')),
                 token,
             },
             image,
             region: from_env(self.region, REGION_ENV),
-            guest: self.guest,
+            guest,
             env: self.env,
         })
     }
+}
+
+/// `FLY_API_HOSTNAME` as a base URL: a bare `host:port` is plain HTTP (the
+/// private network's `_api.internal:4280`).
+fn api_url_from_host(host: &str) -> String {
+    if host.starts_with("http://") || host.starts_with("https://") {
+        host.to_string()
+    } else {
+        format!("http://{host}")
+    }
+}
+
+/// Checks a guest against the sizes Fly offers, filling in the defaults:
+/// unset CPUs are this machine's count rounded down to an offered one, and
+/// unset memory is 4096 MB brought within what those CPUs allow. Settings
+/// given explicitly are checked, never changed.
+fn sized(mut guest: Guest, cpus_set: bool, memory_set: bool) -> Result<Guest, Error> {
+    let bad = |msg: String| Err(Error::Config(format!("Fly backend: {msg}")));
+    let (offered, per_cpu): (&[u32], (u32, u32)) = match guest.cpu_kind.as_str() {
+        "shared" => (&SHARED_CPUS, (256, 2048)),
+        "performance" => (&PERFORMANCE_CPUS, (2048, 8192)),
+        other => {
+            return bad(format!(
+                "cpu_kind must be `shared` or `performance`, not `{other}`"
+            ))
+        }
+    };
+    if !cpus_set {
+        guest.cpus = offered
+            .iter()
+            .copied()
+            .filter(|&n| n <= guest.cpus.max(1))
+            .max()
+            .unwrap_or(1);
+    }
+    if !offered.contains(&guest.cpus) {
+        return bad(format!(
+            "{} CPUs are not offered for cpu_kind `{}`; choose one of {offered:?}",
+            guest.cpus, guest.cpu_kind
+        ));
+    }
+    let (least, most) = (per_cpu.0 * guest.cpus, per_cpu.1 * guest.cpus);
+    if !memory_set {
+        guest.memory_mb = guest.memory_mb.clamp(least, most);
+    }
+    if guest.memory_mb == 0 || !guest.memory_mb.is_multiple_of(256) {
+        return bad(format!(
+            "memory_mb must be a multiple of 256, not {}",
+            guest.memory_mb
+        ));
+    }
+    if !(least..=most).contains(&guest.memory_mb) {
+        return bad(format!(
+            "memory_mb {} is outside what {} {} CPU(s) allow: {least} to {most}",
+            guest.memory_mb, guest.cpus, guest.cpu_kind
+        ));
+    }
+    Ok(guest)
 }
 
 /// Boots runners as Fly Machines. Make one with [`FlyBackend::builder`].
@@ -244,7 +319,7 @@ impl FlyBackend {
     /// Starts building; see [`FlyBackendBuilder`].
     pub fn builder() -> FlyBackendBuilder {
         FlyBackendBuilder {
-            api_url: DEFAULT_API_URL.to_string(),
+            api_url: None,
             token: None,
             app: None,
             image: None,
@@ -258,6 +333,8 @@ impl FlyBackend {
                 gpu_kind: None,
                 gpus: None,
             },
+            cpus_set: false,
+            memory_set: false,
             env: BTreeMap::new(),
         }
     }
@@ -700,5 +777,53 @@ mod tests {
         let err = ok.clone().memory_mb(1000).build().unwrap_err().to_string();
         assert!(err.contains("multiple of 256"), "{err}");
         assert!(ok.build().is_ok());
+    }
+
+    fn guest(kind: &str, cpus: u32, memory_mb: u32) -> Guest {
+        Guest {
+            cpu_kind: kind.into(),
+            cpus,
+            memory_mb,
+            gpu_kind: None,
+            gpus: None,
+        }
+    }
+
+    #[test]
+    fn default_sizes_are_ones_fly_offers() {
+        // Defaults: cores rounded down to an offered count, memory within
+        // what those CPUs allow.
+        let g = sized(guest("performance", 12, 4096), false, false).unwrap();
+        assert_eq!((g.cpus, g.memory_mb), (8, 16384));
+        let g = sized(guest("performance", 2, 4096), false, false).unwrap();
+        assert_eq!((g.cpus, g.memory_mb), (2, 4096));
+        let g = sized(guest("shared", 32, 4096), false, false).unwrap();
+        assert_eq!((g.cpus, g.memory_mb), (8, 4096));
+        let g = sized(guest("shared", 1, 4096), false, false).unwrap();
+        assert_eq!((g.cpus, g.memory_mb), (1, 2048));
+        // Explicit settings are checked, not changed.
+        let err = sized(guest("performance", 3, 8192), true, true).unwrap_err();
+        assert!(
+            err.to_string().contains("choose one of [1, 2, 4, 8, 16]"),
+            "{err}"
+        );
+        let err = sized(guest("shared", 1, 4096), true, true).unwrap_err();
+        assert!(err.to_string().contains("256 to 2048"), "{err}");
+        let err = sized(guest("performance", 4, 4096), true, true).unwrap_err();
+        assert!(err.to_string().contains("8192 to 32768"), "{err}");
+        let err = sized(guest("gpu", 1, 4096), true, true).unwrap_err();
+        assert!(err.to_string().contains("cpu_kind"), "{err}");
+    }
+
+    #[test]
+    fn api_host_as_fly_tools_give_it() {
+        assert_eq!(
+            api_url_from_host("_api.internal:4280"),
+            "http://_api.internal:4280"
+        );
+        assert_eq!(
+            api_url_from_host("https://api.machines.dev"),
+            "https://api.machines.dev"
+        );
     }
 }

@@ -70,6 +70,21 @@ impl std::fmt::Debug for ParentContext {
 }
 
 impl ParentContext {
+    /// Whether anyone answers a request on `subject` within 2 s. Used to
+    /// ask whether a parent still lives: a private pool's parent answers
+    /// anything on its event subjects, a shared pool's parents answer on
+    /// `alive`, and nobody answers for a parent that is gone. Unsure (a
+    /// slow network) counts as yes.
+    pub(crate) async fn anyone_answers(&self, subject: String) -> bool {
+        let request = async_nats::Request::new()
+            .payload(bytes::Bytes::new())
+            .timeout(Some(std::time::Duration::from_secs(2)));
+        match self.client.send_request(subject, request).await {
+            Ok(_) => true,
+            Err(e) => e.kind() != async_nats::client::RequestErrorKind::NoResponders,
+        }
+    }
+
     /// True while connected to NATS.
     pub(crate) fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected

@@ -48,6 +48,8 @@ pub(super) struct FleetState {
     /// The oldest write of this parent's own lease not yet seen coming back
     /// through the watch: its revision, and when it was written.
     pub(super) echo: Option<(u64, Instant)>,
+    /// When this scaler last looked for runners without a lease.
+    pub(super) last_scan: Option<Instant>,
 }
 
 impl FleetState {

@@ -14,10 +14,57 @@ use tracing::{debug, info, warn};
 use super::scaling::{self, ScalingRules};
 use super::{Fleet, PoolPort};
 use crate::kv;
+use crate::protocol::events::ParentEvent;
 use crate::protocol::lease::{LeaseState, RunnerLease};
 use crate::protocol::subjects;
 
+/// How often a scaler asks the backend for the pool's runners that have no
+/// lease (a Machine whose booting parent died before it recorded the
+/// handle, say).
+const SCAN_EVERY: Duration = Duration::from_secs(30);
+
 impl Fleet {
+    /// Terminates the pool's runners that the backend lists but that have
+    /// no lease in the bucket: nobody can call them, and a lease is always
+    /// written before a runner is booted, so they were given up on. Runners
+    /// of a live private pool of the same name (their parent answers on
+    /// its event subject) are left alone.
+    async fn reap_unleased(self: Arc<Self>) {
+        let pool = &self.config.name;
+        let backend = self.booter.backend().clone();
+        let listed = match backend.list(pool).await {
+            Ok(listed) => listed,
+            Err(e) => {
+                debug!(%pool, "cannot list the pool's runners: {e}");
+                return;
+            }
+        };
+        for runner in listed {
+            let id = &runner.runner_id;
+            let known = {
+                let st = self.state.lock().unwrap();
+                st.runners.contains_key(id) || st.pending.contains(id)
+            };
+            if known {
+                continue;
+            }
+            // The mirror may lag behind a boot: ask the bucket itself.
+            match kv::read::<RunnerLease>(&self.store, &subjects::runner_key(id)).await {
+                Ok(None) => {}
+                _ => continue,
+            }
+            let theirs = &runner.parent_id;
+            let events = subjects::parent_event(pool, theirs, ParentEvent::Ping);
+            if !theirs.is_empty() && self.parent.anyone_answers(events).await {
+                continue;
+            }
+            warn!(%pool, runner = %id, handle = %runner.handle, "terminating a runner without a lease");
+            if let Err(e) = backend.terminate(&runner.handle, id).await {
+                warn!(%pool, runner = %id, "cannot terminate a runner without a lease: {e}");
+            }
+        }
+    }
+
     /// The scaler's round: reap dead leases, retire runners of abandoned
     /// builds, then boot or retire runners of this build per the plan.
     pub(super) async fn scale(self: &Arc<Self>, port: &Arc<dyn PoolPort>) {
@@ -30,6 +77,17 @@ impl Fleet {
             }
         }
         let pool = &self.config.name;
+        let scan_due = {
+            let mut st = self.state.lock().unwrap();
+            let due = st.last_scan.is_none_or(|at| at.elapsed() >= SCAN_EVERY);
+            if due {
+                st.last_scan = Some(Instant::now());
+            }
+            due
+        };
+        if scan_due {
+            tokio::spawn(self.clone().reap_unleased());
+        }
         let stale_after = self.stale_after();
         let (min, max) = port.limits();
         let rules = ScalingRules {

@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::client::RequestErrorKind;
 use tracing::{debug, warn};
 
 use super::PoolInner;
@@ -41,13 +40,18 @@ impl PoolInner {
                 .collect();
             // Parents of a shared pool of the same name do not answer on
             // event subjects; while any answers `alive`, leave all be.
-            if others.is_empty() || self.answers(subjects::alive(&self.config.name)).await {
+            if others.is_empty()
+                || self
+                    .parent
+                    .anyone_answers(subjects::alive(&self.config.name))
+                    .await
+            {
                 continue;
             }
             for runner in others {
                 let theirs = &runner.parent_id;
                 let events = subjects::parent_event(&self.config.name, theirs, ParentEvent::Ping);
-                if self.answers(events).await {
+                if self.parent.anyone_answers(events).await {
                     continue;
                 }
                 warn!(pool = %self.config.name, runner = %runner.runner_id, handle = %runner.handle, parent = %theirs, "terminating a runner its parent left behind");
@@ -55,21 +59,6 @@ impl PoolInner {
                     warn!(pool = %self.config.name, runner = %runner.runner_id, "cannot terminate a left-over runner: {e}");
                 }
             }
-        }
-    }
-
-    /// Whether anyone answers on `subject`: a parent answers anything on
-    /// its event subjects (an unsigned event with a refusal), and nobody
-    /// answers for a parent that is gone.
-    async fn answers(&self, subject: String) -> bool {
-        let request = async_nats::Request::new()
-            .payload(bytes::Bytes::new())
-            .timeout(Some(Duration::from_secs(2)));
-        match self.parent.client.send_request(subject, request).await {
-            Ok(_) => true,
-            Err(e) if e.kind() == RequestErrorKind::NoResponders => false,
-            // Unsure (a slow network): leave it be.
-            Err(_) => true,
         }
     }
 }
