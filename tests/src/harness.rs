@@ -41,12 +41,34 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// Logs to stderr: for the test app, whose stdout tests may read.
+/// Logs to stderr: for the test app, whose stdout tests may read. Closed
+/// spans also go to the file `FLAME_TEST_SPAN_LOG` names, if set.
 pub fn init_tracing_stderr() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(log_filter())
-        .with_writer(std::io::stderr)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let _ = tracing_subscriber::registry()
+        .with(log_filter())
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(crate::spans::SpanLog::from_env())
         .try_init();
+}
+
+/// Logs to the test output and keeps the spans that close, once per
+/// process: the log of spans is the same for every caller.
+pub fn init_tracing_with_spans() -> crate::spans::SpanLog {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    static LOG: std::sync::OnceLock<crate::spans::SpanLog> = std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        let log = crate::spans::SpanLog::in_memory();
+        let _ = tracing_subscriber::registry()
+            .with(log_filter())
+            .with(tracing_subscriber::fmt::layer().with_test_writer())
+            .with(log.clone())
+            .try_init();
+        log
+    })
+    .clone()
 }
 
 /// The state every process of the tests gives flame, parent and runner

@@ -270,6 +270,34 @@ impl Error {
         }
     }
 
+    /// The variant's name in snake case (`timeout`, `runner_down`, ...):
+    /// short, stable, for span fields, metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Panicked { .. } => "panicked",
+            Error::Timeout { .. } => "timeout",
+            Error::RunnerDown { .. } => "runner_down",
+            Error::UnknownFunction { .. } => "unknown_function",
+            Error::BuildMismatch { .. } => "build_mismatch",
+            Error::PayloadTooLarge { .. } => "payload_too_large",
+            Error::Encode { .. } => "encode",
+            Error::Decode { .. } => "decode",
+            Error::NatsUnreachable { .. } => "nats_unreachable",
+            Error::Nats { .. } => "nats",
+            Error::JetStreamDisabled { .. } => "jetstream_disabled",
+            Error::EmbeddedServer { .. } => "embedded_server",
+            Error::BootFailed { .. } => "boot_failed",
+            Error::BootTimeout { .. } => "boot_timeout",
+            Error::Config(_) => "config",
+            Error::RunnerStart(_) => "runner_start",
+            Error::MissingState { .. } => "missing_state",
+            Error::DuplicateFunction { .. } => "duplicate_function",
+            Error::Protocol { .. } => "protocol",
+            Error::Stream(_) => "stream",
+            Error::PoolClosed(_) => "pool_closed",
+        }
+    }
+
     /// A boot failure, keeping the backend's error as the source.
     pub fn boot_failed(pool: impl Into<String>, source: impl Into<BoxError>) -> Error {
         let source = Source::new(source);
@@ -300,5 +328,7 @@ mod tests {
         let boot = Error::boot_failed("p", "machine failed: bad image");
         assert!(boot.to_string().contains("bad image"));
         assert!(boot.source().is_some());
+        assert_eq!(boot.kind(), "boot_failed");
+        assert_eq!(Error::PoolClosed("p".into()).kind(), "pool_closed");
     }
 }

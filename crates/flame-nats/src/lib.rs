@@ -13,6 +13,7 @@
 //!   scaler), and `kv`: reading and compare-and-set of that bucket;
 //! - `runner`: the runner side (dispatch, lifecycle, lease);
 //! - `streams`: streams as arguments and results, with flow control;
+//! - `trace`: the W3C trace context a call carries to its runner;
 //! - `protocol`: subjects, headers, bodies and KV records;
 //! - [`embedded`]: a private nats-server.
 
@@ -37,6 +38,7 @@ mod protocol;
 mod replies;
 mod runner;
 mod streams;
+mod trace;
 
 pub use build_id::{build_id, BUILD_ID_ENV};
 pub use config::PoolConfig;

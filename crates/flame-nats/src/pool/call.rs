@@ -8,7 +8,8 @@ use flame_core::stream::{with_transport, StreamTransport};
 use flame_core::{codec, Error, RemoteFn};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::field::Empty;
+use tracing::{debug, warn, Instrument, Span};
 
 use super::model::{Checkout, RunnerId, RunnerState, WaiterId};
 use super::runners::RunnerLink;
@@ -16,6 +17,7 @@ use super::{Pool, PoolInner, State};
 use crate::protocol::call::{self as wire, Reply};
 use crate::replies::Replies;
 use crate::streams::{holding, StreamHub};
+use crate::trace::{self, TraceContext};
 
 /// Options of one call.
 #[derive(Debug, Clone)]
@@ -73,12 +75,23 @@ impl Pool {
     ) -> Result<F::Output, Error> {
         let timeout = options.timeout.unwrap_or(self.inner.config.timeout);
         let payload = self.encode_args::<F>(&args)?;
-        let (bytes, slot) = self
+        let (span, trace) = call_span(&self.inner.config.name, F::NAME, "call");
+        let ran = self
             .inner
             .clone()
-            .run(F::NAME, payload, timeout, Kind::Call { link: options.link })
-            .await?;
-        decode_result::<F>(&self.inner.parent.streams, &bytes, slot)
+            .run(
+                F::NAME,
+                payload,
+                timeout,
+                Kind::Call { link: options.link },
+                trace,
+            )
+            .instrument(span.clone())
+            .await;
+        let result = ran
+            .and_then(|(bytes, slot)| decode_result::<F>(&self.inner.parent.streams, &bytes, slot));
+        record_outcome(&span, result.as_ref().err());
+        result
     }
 
     /// Runs a remote function without waiting for it. Returns once the work
@@ -98,16 +111,66 @@ impl Pool {
         let timeout = options.timeout.unwrap_or(self.inner.config.timeout);
         let payload = self.encode_args::<F>(&args)?;
         let inner = self.inner.clone();
-        tokio::spawn(async move {
-            if let Err(e) = inner
-                .clone()
-                .run(F::NAME, payload, timeout, Kind::Cast)
-                .await
-            {
-                warn!(pool = %inner.config.name, function = F::NAME, "cast failed: {e}");
+        let (span, trace) = call_span(&self.inner.config.name, F::NAME, "cast");
+        tokio::spawn(
+            async move {
+                let ran = inner
+                    .clone()
+                    .run(F::NAME, payload, timeout, Kind::Cast, trace)
+                    .await;
+                record_outcome(&Span::current(), ran.as_ref().err());
+                if let Err(e) = ran {
+                    warn!(pool = %inner.config.name, function = F::NAME, "cast failed: {e}");
+                }
             }
-        });
+            .instrument(span),
+        );
         Ok(())
+    }
+}
+
+/// The span of one call or cast, and the trace context it sends along:
+/// the caller's trace when it runs inside a traced remote call, else a new
+/// trace if anyone listens to the span. Untraced calls send no
+/// `traceparent`.
+pub(super) fn call_span(
+    pool: &str,
+    function: &'static str,
+    kind: &'static str,
+) -> (Span, Option<TraceContext>) {
+    let span = tracing::info_span!(
+        "flame.call",
+        pool,
+        function,
+        kind,
+        runner = Empty,
+        wait_ms = Empty,
+        run_ms = Empty,
+        outcome = Empty,
+        trace_id = Empty,
+        span_id = Empty,
+        parent_span_id = Empty,
+    );
+    let inherited = trace::current();
+    let trace = match inherited {
+        Some(parent) => Some(parent.child()),
+        None if !span.is_disabled() => Some(TraceContext::root()),
+        None => None,
+    };
+    if let (Some(ctx), false) = (&trace, span.is_disabled()) {
+        span.record("trace_id", ctx.trace_hex());
+        span.record("span_id", ctx.span_hex());
+        if let Some(parent) = inherited {
+            span.record("parent_span_id", parent.span_hex());
+        }
+    }
+    (span, trace)
+}
+
+/// Records how a call ended on its span: `ok`, or the error's kind.
+pub(super) fn record_outcome(span: &Span, error: Option<&Error>) {
+    if !span.is_disabled() {
+        span.record("outcome", error.map_or("ok", Error::kind));
     }
 }
 
@@ -269,8 +332,10 @@ impl PoolInner {
         payload: Bytes,
         timeout: Duration,
         kind: Kind,
+        trace: Option<TraceContext>,
     ) -> Result<(Bytes, Slot), Error> {
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let deadline = started + timeout;
         let cast = kind == Kind::Cast;
         let linked = kind == Kind::Call { link: true };
         let size =
@@ -293,8 +358,20 @@ impl PoolInner {
                     timeout,
                 });
             }
-            let headers = wire::request_headers(function, &self.parent.build_id, remaining, cast);
+            let headers = wire::request_headers(
+                function,
+                &self.parent.build_id,
+                remaining,
+                cast,
+                trace.as_ref(),
+            );
             let runner = slot.runner.clone();
+            let span = Span::current();
+            let sent = Instant::now();
+            if !span.is_disabled() {
+                span.record("runner", &*runner.id);
+                span.record("wait_ms", (sent - started).as_millis() as u64);
+            }
             let replies = &self.parent.replies;
             let (token, reply, answer) = replies.register(function, runner.id.clone());
             let mut call = InFlightCall {
@@ -321,6 +398,9 @@ impl PoolInner {
             let outcome = tokio::time::timeout_at(deadline, answer).await;
             call.cancel = false;
             drop(call);
+            if !span.is_disabled() {
+                span.record("run_ms", sent.elapsed().as_millis() as u64);
+            }
             let msg = match outcome {
                 Err(_) => {
                     return Err(Error::Timeout {

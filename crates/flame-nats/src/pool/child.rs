@@ -10,8 +10,9 @@ use std::time::Duration;
 use flame_core::stream::StreamTransport;
 use flame_core::{Error, RemoteFn};
 use tokio::task::JoinHandle;
+use tracing::{Instrument, Span};
 
-use super::call::{decode_result, encode_args, Kind};
+use super::call::{call_span, decode_result, encode_args, record_outcome, Kind};
 use super::Pool;
 
 /// A child's time limit when none is given: about ten years.
@@ -159,13 +160,19 @@ impl Pool {
         // The pool handle lives as long as the child: a child keeps its
         // pool (and runner) up.
         let pool = self.clone();
-        let task = tokio::spawn(async move {
-            let _pool = pool;
-            let kind = Kind::Call { link: true };
-            let hub = inner.parent.streams.clone();
-            let (bytes, slot) = inner.run(F::NAME, payload, timeout, kind).await?;
-            decode_result::<F>(&hub, &bytes, slot)
-        });
+        let (span, trace) = call_span(&self.inner.config.name, F::NAME, "child");
+        let task = tokio::spawn(
+            async move {
+                let _pool = pool;
+                let kind = Kind::Call { link: true };
+                let hub = inner.parent.streams.clone();
+                let ran = inner.run(F::NAME, payload, timeout, kind, trace).await;
+                let result = ran.and_then(|(bytes, slot)| decode_result::<F>(&hub, &bytes, slot));
+                record_outcome(&Span::current(), result.as_ref().err());
+                result
+            }
+            .instrument(span),
+        );
         Ok(Child {
             task: Some(task),
             link: options.link,

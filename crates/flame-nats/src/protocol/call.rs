@@ -9,6 +9,7 @@
 //! `Nats-Service-Error-Code` headers, empty body) plus a `Flame-Error` header
 //! naming the kind, so the caller can rebuild a typed [`Error`].
 
+use crate::trace::TraceContext;
 use std::time::Duration;
 
 use async_nats::header::HeaderName;
@@ -118,13 +119,15 @@ const FUNCTION: HeaderName = HeaderName::from_static(HEADER_FUNCTION);
 const BUILD: HeaderName = HeaderName::from_static(HEADER_BUILD);
 const TIMEOUT_MS: HeaderName = HeaderName::from_static(HEADER_TIMEOUT_MS);
 const CAST: HeaderName = HeaderName::from_static(HEADER_CAST);
+const TRACEPARENT: HeaderName = HeaderName::from_static(crate::trace::HEADER_TRACEPARENT);
 
-/// Headers of a call request.
+/// Headers of a call request; `trace` is the caller's span, when traced.
 pub(crate) fn request_headers(
     function: &str,
     build: &str,
     remaining: Duration,
     cast: bool,
+    trace: Option<&TraceContext>,
 ) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert(FUNCTION, function);
@@ -133,6 +136,9 @@ pub(crate) fn request_headers(
     h.insert(TIMEOUT_MS, ms.to_string());
     if cast {
         h.insert(CAST, "1");
+    }
+    if let Some(trace) = trace {
+        h.insert(TRACEPARENT, trace.traceparent());
     }
     h
 }
@@ -146,6 +152,7 @@ pub(crate) fn request_headers_max_len(function: &str, build: &str, cast: bool) -
         + field(HEADER_BUILD, build.len())
         + field(HEADER_TIMEOUT_MS, 20)
         + if cast { field(HEADER_CAST, 1) } else { 0 }
+        + field(crate::trace::HEADER_TRACEPARENT, 55)
 }
 
 /// What a reply means.
@@ -290,13 +297,30 @@ mod tests {
 
     #[test]
     fn requests_and_replies_round_trip() {
-        let h = request_headers("m::f", "b1", Duration::from_millis(1500), true);
+        let trace = TraceContext::root();
+        let h = request_headers(
+            "m::f",
+            "b1",
+            Duration::from_millis(1500),
+            true,
+            Some(&trace),
+        );
+        assert_eq!(
+            h.get(crate::trace::HEADER_TRACEPARENT).unwrap().as_str(),
+            trace.traceparent()
+        );
         assert_eq!(h.get(HEADER_FUNCTION).unwrap().as_str(), "m::f");
         assert_eq!(h.get(HEADER_BUILD).unwrap().as_str(), "b1");
         assert_eq!(h.get(HEADER_TIMEOUT_MS).unwrap().as_str(), "1500");
         assert!(h.get(HEADER_CAST).is_some());
         // The bound on the headers' size holds for the longest timeout.
-        let longest = request_headers("m::f", "b1", Duration::from_millis(u64::MAX), true);
+        let longest = request_headers(
+            "m::f",
+            "b1",
+            Duration::from_millis(u64::MAX),
+            true,
+            Some(&trace),
+        );
         let wire_len: usize = 12
             + longest
                 .iter()

@@ -17,10 +17,12 @@ use futures::FutureExt;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::field::Empty;
+use tracing::{debug, warn, Instrument, Span};
 
 use super::Runner;
 use crate::protocol::call::{self as wire, error_headers, ErrorKind};
+use crate::trace::{self, TraceContext};
 
 /// A first poll longer than this marks a function as doing CPU work before
 /// its first await; its calls are then always spawned.
@@ -113,7 +115,11 @@ impl Runner {
         let inline = inline_name
             .and_then(|name| runner.slow_polls.get(name))
             .filter(|strikes| strikes.load(Ordering::Relaxed) < SLOW_STRIKES);
-        let mut work = Box::pin(async move {
+        let (span, trace) = match &checked {
+            Ok(call) => self.run_span(call.function, call.trace),
+            Err(_) => (Span::none(), None),
+        };
+        let work = async move {
             let Checked {
                 function,
                 handler,
@@ -180,18 +186,28 @@ impl Runner {
                         self.failed(function, cast, &message);
                         self.respond_error(&request, ErrorKind::ResultTooLarge, message, &extra)
                             .await;
-                    } else if request.message.reply.is_some() {
-                        if let Err(e) = request.respond(Ok(Bytes::from(bytes))).await {
-                            debug!("cannot send reply: {e}");
+                    } else {
+                        if !Span::current().is_disabled() {
+                            Span::current().record("outcome", "ok");
+                        }
+                        if request.message.reply.is_some() {
+                            if let Err(e) = request.respond(Ok(Bytes::from(bytes))).await {
+                                debug!("cannot send reply: {e}");
+                            }
                         }
                     }
                 }
                 Err((kind, message)) => {
+                    if !Span::current().is_disabled() {
+                        Span::current().record("outcome", kind.as_str());
+                    }
                     self.failed(function, cast, &message);
                     self.respond_error(&request, kind, message, &[]).await;
                 }
             }
-        });
+        };
+        // Calls the function makes continue its trace.
+        let mut work = Box::pin(trace::scope(trace, work.instrument(span)));
         if let Some(strikes) = inline {
             // CPU time, not wall time: being preempted on a busy machine
             // must not mark a quick function as slow.
@@ -255,6 +271,7 @@ impl Runner {
             handler,
             timeout: Duration::from_millis(timeout_ms),
             cast: get(wire::HEADER_CAST).is_some(),
+            trace: get(trace::HEADER_TRACEPARENT).and_then(TraceContext::parse),
         })
     }
 
@@ -323,10 +340,14 @@ impl Runner {
             }
             Invocation::Blocking(f) => {
                 let transport = self.transport.clone();
+                let (span, trace) = (Span::current(), trace::current());
                 let mut work = tokio::task::spawn_blocking(move || {
-                    with_transport(&transport, || match hold {
-                        Some(h) => holding(h, f),
-                        None => f(),
+                    let _entered = span.enter();
+                    trace::blocking_scope(trace, || {
+                        with_transport(&transport, || match hold {
+                            Some(h) => holding(h, f),
+                            None => f(),
+                        })
                     })
                 });
                 match tokio::time::timeout_at(deadline, &mut work).await {
@@ -348,6 +369,39 @@ impl Runner {
             InvokeError::EncodeResult(m) => (ErrorKind::EncodeResult, m),
             InvokeError::MissingState(state) => (ErrorKind::MissingState, state.to_string()),
         })
+    }
+
+    /// The span a call runs in, and the trace context of its work: a child
+    /// of the caller's span when the call carried one, else a new trace if
+    /// anyone listens to the span.
+    fn run_span(
+        &self,
+        function: &'static str,
+        caller: Option<TraceContext>,
+    ) -> (Span, Option<TraceContext>) {
+        let span = tracing::info_span!(
+            "flame.run",
+            pool = %self.info.pool,
+            runner = %self.info.runner_id,
+            function,
+            outcome = Empty,
+            trace_id = Empty,
+            span_id = Empty,
+            parent_span_id = Empty,
+        );
+        let ctx = match caller {
+            Some(caller) => Some(caller.child()),
+            None if !span.is_disabled() => Some(TraceContext::root()),
+            None => None,
+        };
+        if let (Some(ctx), false) = (&ctx, span.is_disabled()) {
+            span.record("trace_id", ctx.trace_hex());
+            span.record("span_id", ctx.span_hex());
+            if let Some(caller) = caller {
+                span.record("parent_span_id", caller.span_hex());
+            }
+        }
+        (span, ctx)
     }
 
     fn failed(&self, function: &str, cast: bool, message: &str) {
@@ -421,6 +475,8 @@ struct Checked {
     handler: Handler,
     timeout: Duration,
     cast: bool,
+    /// The caller's span, from `traceparent`.
+    trace: Option<TraceContext>,
 }
 
 /// Why a request was refused: kind, message, extra reply headers.

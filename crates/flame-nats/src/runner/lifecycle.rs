@@ -15,7 +15,7 @@ use bytes::Bytes;
 use flame_core::{codec, Error};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, warn, Instrument};
 
 use super::{Runner, Stop};
 use crate::protocol::call as wire;
@@ -34,25 +34,31 @@ pub(super) async fn heartbeat(runner: Arc<Runner>) {
         // Each on its own task, so that a slow answer never delays the next
         // beat: the parent counts a silent runner as down after two.
         let r = runner.clone();
-        tokio::spawn(async move {
-            let answer = if r.info.shared {
-                r.ask_any_parent(heartbeat).await
-            } else {
-                r.ask_parent(ParentEvent::Ping, 0, heartbeat).await
-            };
-            match answer {
-                Some(true) => r.heard_parent(),
-                Some(false) => r.parent_refused.store(true, Ordering::SeqCst),
-                None => {}
+        tokio::spawn(
+            async move {
+                let answer = if r.info.shared {
+                    r.ask_any_parent(heartbeat).await
+                } else {
+                    r.ask_parent(ParentEvent::Ping, 0, heartbeat).await
+                };
+                match answer {
+                    Some(true) => r.heard_parent(),
+                    Some(false) => r.parent_refused.store(true, Ordering::SeqCst),
+                    None => {}
+                }
             }
-        });
+            .in_current_span(),
+        );
         if runner.info.shared {
             let r = runner.clone();
-            tokio::spawn(async move {
-                if !r.renew_lease().await {
-                    r.lease_lost.store(true, Ordering::SeqCst);
+            tokio::spawn(
+                async move {
+                    if !r.renew_lease().await {
+                        r.lease_lost.store(true, Ordering::SeqCst);
+                    }
                 }
-            });
+                .in_current_span(),
+            );
         }
     }
 }
@@ -105,7 +111,7 @@ pub(super) async fn watch(runner: Arc<Runner>) -> Stop {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 last_dirty_write = Instant::now();
                 let r = runner.clone();
-                tokio::spawn(async move { r.renew_lease().await });
+                tokio::spawn(async move { r.renew_lease().await }.in_current_span());
             }
             Some(idle_for) = left_rx.recv() => {
                 return Stop::Drain(format!("idle for {idle_for:?}"));
@@ -126,7 +132,7 @@ pub(super) async fn watch(runner: Arc<Runner>) -> Stop {
                     if let Some(idle_for) = r.may_leave(idle_after, heartbeat).await {
                         let _ = tx.send(idle_for).await;
                     }
-                }));
+                }.in_current_span()));
             }
         }
     }

@@ -32,7 +32,7 @@ use flame_core::Error;
 use futures::StreamExt;
 use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::build_id::build_id;
 use crate::connect::{connect_watched, Outages};
@@ -62,7 +62,9 @@ pub(crate) async fn serve(
     options: async_nats::ConnectOptions,
 ) -> i32 {
     let runner = info.runner_id.clone();
-    match run(info, states, options).await {
+    // Every line the runner logs names its pool and runner.
+    let span = tracing::info_span!("flame.runner", pool = %info.pool, runner = %info.runner_id);
+    match run(info, states, options).instrument(span).await {
         Ok(reason) => {
             info!(%runner, "runner stopping: {reason}");
             0
@@ -247,8 +249,8 @@ async fn run(
     }
     debug!(runner = %runner.info.runner_id, "runner ready");
 
-    let heartbeat = tokio::spawn(lifecycle::heartbeat(runner.clone()));
-    let mut watch = tokio::spawn(lifecycle::watch(runner.clone()));
+    let heartbeat = tokio::spawn(lifecycle::heartbeat(runner.clone()).in_current_span());
+    let mut watch = tokio::spawn(lifecycle::watch(runner.clone()).in_current_span());
 
     let mut cancellable = Cancellable::default();
     let stop_reason;
