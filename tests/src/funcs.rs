@@ -392,6 +392,17 @@ pub mod streams {
     use flame::Stream;
     use futures::StreamExt;
 
+    /// Works through `steps` steps of `ms` each, reporting each one on
+    /// `progress` as it is done; returns the number of steps.
+    #[flame::remote]
+    pub async fn with_progress(steps: u32, ms: u64, progress: flame::Sender<String>) -> u32 {
+        for step in 1..=steps {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            let _ = progress.send(format!("step {step} of {steps}")).await;
+        }
+        steps
+    }
+
     /// Reads a byte stream to its end: its length and the sum of its bytes,
     /// or the error that ended it.
     #[flame::remote]

@@ -226,3 +226,31 @@ async fn a_runner_that_stops_reading_stops_the_parents_stream() {
     })
     .await;
 }
+
+/// A remote function reports progress on a `Sender` it was given; the
+/// caller sees the reports while the call still runs.
+#[tokio::test]
+async fn a_call_reports_progress_while_it_runs() {
+    let env = TestEnv::start().await;
+    let pool = pool(&env, "progress").await;
+    let (progress, mut reports) = flame::channel::<String>();
+    let call = flame::call!(pool, with_progress(3, 300, progress));
+    tokio::pin!(call);
+    let mut seen = Vec::new();
+    let result = loop {
+        tokio::select! {
+            report = reports.next() => {
+                seen.push(report.expect("a report").expect("no error"));
+            }
+            result = &mut call => break result,
+        }
+    };
+    // Steps 1 and 2 were reported a step (300 ms) before the call ended;
+    // the last report may come just after the result.
+    assert!(seen.len() >= 2, "{seen:?}");
+    assert_eq!(result.unwrap(), 3);
+    while let Some(report) = reports.next().await {
+        seen.push(report.expect("no error"));
+    }
+    assert_eq!(seen, ["step 1 of 3", "step 2 of 3", "step 3 of 3"]);
+}
