@@ -250,6 +250,15 @@ async fn main() -> anyhow::Result<()> {
         .timeout(Duration::from_secs(300))
         .idle_shutdown_after(Duration::from_secs(5))
         .backend(backend)
+        // Show the wait for a runner as it happens.
+        .on_grow_start(|e| println!("booting a runner ({} in the pool)", e.runners()))
+        .on_grow_end(|e| match e {
+            flame::PoolEvent::GrowEnd { result: Ok(()), .. } => println!("runner ready"),
+            flame::PoolEvent::GrowEnd { result: Err(err), .. } => {
+                println!("runner failed to boot: {err}")
+            }
+            _ => {}
+        })
         .start()
         .await?;
 
