@@ -254,7 +254,9 @@ async fn main() -> anyhow::Result<()> {
         .on_grow_start(|e| println!("booting a runner ({} in the pool)", e.runners()))
         .on_grow_end(|e| match e {
             flame::PoolEvent::GrowEnd { result: Ok(()), .. } => println!("runner ready"),
-            flame::PoolEvent::GrowEnd { result: Err(err), .. } => {
+            flame::PoolEvent::GrowEnd {
+                result: Err(err), ..
+            } => {
                 println!("runner failed to boot: {err}")
             }
             _ => {}

@@ -144,6 +144,16 @@ pub struct Peak {
     pub peak: usize,
 }
 
+/// `x * x`, except that it panics for every `x` with `x % 7 == 3`: a
+/// function that fails for some items of a `map`.
+#[flame::remote]
+pub async fn square_unless_3_mod_7(x: u64) -> u64 {
+    if x % 7 == 3 {
+        panic!("{x} is 3 mod 7");
+    }
+    x * x
+}
+
 /// A per-runner sequence number: the order in which calls reached it.
 #[flame::remote]
 pub async fn next_seq() -> u64 {

@@ -5,6 +5,7 @@
 //! - [`model`]: the placement rules, pure state without I/O;
 //! - [`call`]: one call or cast, from checkout to reply;
 //! - [`child`]: long-lived children placed on runners;
+//! - `map`: many calls of one function, with bounded work in flight;
 //! - [`runners`]: the runners' lives as the parent sees them (boot, ready,
 //!   gone, heartbeats, limits, close);
 //! - [`events`]: answering the events runners of a private pool send;
@@ -18,6 +19,7 @@ pub(crate) mod builder;
 pub(crate) mod call;
 pub(crate) mod child;
 mod events;
+mod map;
 pub(crate) mod model;
 mod orphans;
 mod runners;
