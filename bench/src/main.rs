@@ -28,6 +28,18 @@ async fn echo(data: ByteBuf) -> ByteBuf {
     data
 }
 
+/// Echoes a plain `Vec<u8>`, as users write it.
+#[flame::remote]
+async fn echo_vec(data: Vec<u8>) -> Vec<u8> {
+    data
+}
+
+/// Echoes `bytes::Bytes`.
+#[flame::remote]
+async fn echo_bytes(data: Bytes) -> Bytes {
+    data
+}
+
 /// Sleeps, standing in for a piece of work.
 #[flame::remote]
 async fn work(ms: u64) {
@@ -238,6 +250,11 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("child message round trips...");
     let child_rt = child_round_trip(&flame, s.sequential).await?;
 
+    eprintln!("payload sizes...");
+    let payloads = payload_latencies(&flame, &raw, &s).await?;
+    eprintln!("map over 10,000 items...");
+    let (map_time, loop_time) = map_against_loop(&flame).await?;
+
     eprintln!("shared pool: 1 parent, then 4 parents...");
     let shared_secs = if quick { 1 } else { 3 };
     let one = shared_throughput(&url, "bench-shared-1", 1, shared_secs).await?;
@@ -321,6 +338,24 @@ async fn main() -> anyhow::Result<()> {
         ),
     ));
 
+    for p in &payloads {
+        rows.push((
+            format!("{} sequential p50: Vec<u8> / Bytes", p.label),
+            us(p.raw),
+            format!("{} / {}", us(p.vec), us(p.bytes)),
+            format!(
+                "{} / {}",
+                ratio(p.vec.as_secs_f64(), p.raw.as_secs_f64(), ""),
+                ratio(p.bytes.as_secs_f64(), p.raw.as_secs_f64(), "≤ 1.2x")
+            ),
+        ));
+    }
+    rows.push((
+        "10,000 calls (100 B): loop of 128 callers / pool.map, 128 in flight".into(),
+        ms(loop_time),
+        ms(map_time),
+        ratio(map_time.as_secs_f64(), loop_time.as_secs_f64(), "≤ 1.1x"),
+    ));
     rows.push((
         "place_child message round trip p50 (100 B, sequential)".into(),
         us(raw_seq.p50),
@@ -600,6 +635,110 @@ fn ratio(flame: f64, raw: f64, target: &str) -> String {
     } else {
         format!("{r:.2}x (target {target})")
     }
+}
+
+/// Sequential p50 of one payload size: raw request/reply, and flame with a
+/// `Vec<u8>` and with `Bytes`.
+struct PayloadLatency {
+    label: String,
+    raw: Duration,
+    vec: Duration,
+    bytes: Duration,
+}
+
+async fn payload_latencies(
+    flame: &flame::Flame,
+    raw: &async_nats::Client,
+    s: &Settings,
+) -> anyhow::Result<Vec<PayloadLatency>> {
+    let pool = flame.pool("bench-payload").min(1).max(1).start().await?;
+    let mut out = Vec::new();
+    for (label, size) in [
+        ("100 B", 100usize),
+        ("10 KiB", 10 << 10),
+        ("512 KiB", 512 << 10),
+    ] {
+        let data = Bytes::from(vec![0xABu8; size]);
+        let n = if size > 100_000 {
+            (s.sequential / 25).max(20)
+        } else {
+            (s.sequential / 5).max(50)
+        };
+        let raw_l = sequential(n, || {
+            let (raw, p) = (raw.clone(), data.clone());
+            async move {
+                raw.request("bench.raw.echo.0", p).await?;
+                Ok(())
+            }
+        })
+        .await?;
+        let vec_l = sequential(n, || {
+            let (pool, d) = (pool.clone(), data.to_vec());
+            async move {
+                flame::call!(pool, echo_vec(d)).await?;
+                Ok(())
+            }
+        })
+        .await?;
+        let bytes_l = sequential(n, || {
+            let (pool, d) = (pool.clone(), data.clone());
+            async move {
+                flame::call!(pool, echo_bytes(d)).await?;
+                Ok(())
+            }
+        })
+        .await?;
+        out.push(PayloadLatency {
+            label: label.into(),
+            raw: raw_l.p50,
+            vec: vec_l.p50,
+            bytes: bytes_l.p50,
+        });
+    }
+    pool.shutdown().await;
+    Ok(out)
+}
+
+/// 10,000 calls through `pool.map` with 128 in flight, against a loop of
+/// 128 callers sharing the same 10,000 calls.
+async fn map_against_loop(flame: &flame::Flame) -> anyhow::Result<(Duration, Duration)> {
+    const CALLS: usize = 10_000;
+    const IN_FLIGHT: usize = 128;
+    let pool = flame
+        .pool("bench-map")
+        .min(2)
+        .max(2)
+        .max_concurrency(64)
+        .start()
+        .await?;
+    let payload = vec![0xABu8; 100];
+    let t = Instant::now();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let callers: Vec<_> = (0..IN_FLIGHT)
+        .map(|_| {
+            let (pool, next, payload) = (pool.clone(), next.clone(), payload.clone());
+            tokio::spawn(async move {
+                while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < CALLS {
+                    flame::call!(pool, echo_vec(payload.clone())).await?;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for c in callers {
+        c.await??;
+    }
+    let loop_time = t.elapsed();
+    let t = Instant::now();
+    let ok = pool
+        .map::<echo_vec, _>((0..CALLS).map(|_| (payload.clone(),)), IN_FLIGHT)
+        .filter(|r| futures::future::ready(r.is_ok()))
+        .count()
+        .await;
+    let map_time = t.elapsed();
+    anyhow::ensure!(ok == CALLS, "{} of {CALLS} mapped calls failed", CALLS - ok);
+    pool.shutdown().await;
+    Ok((map_time, loop_time))
 }
 
 struct Latency {

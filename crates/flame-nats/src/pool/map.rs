@@ -11,6 +11,9 @@ impl Pool {
     /// the items (a slow item holds back the results after it; see
     /// [`Pool::map_unordered`]).
     ///
+    /// The stream lives as long as `items` does (a `'static` iterator, e.g.
+    /// one that owns its data, makes a stream that can be spawned).
+    ///
     /// Lazy: calls start as the stream is polled, so a consumer that reads
     /// slowly holds back new calls too. Each item has its own result: one
     /// failed call does not end the stream. Dropping the stream cancels the
@@ -35,11 +38,11 @@ impl Pool {
         &self,
         items: I,
         in_flight: usize,
-    ) -> impl Stream<Item = Result<F::Output, Error>> + Send + 'static
+    ) -> impl Stream<Item = Result<F::Output, Error>> + Send
     where
         F: RemoteFn,
         I: IntoIterator<Item = F::Args>,
-        I::IntoIter: Send + 'static,
+        I::IntoIter: Send,
     {
         let pool = self.clone();
         stream::iter(items)
@@ -56,11 +59,11 @@ impl Pool {
         &self,
         items: I,
         in_flight: usize,
-    ) -> impl Stream<Item = (usize, Result<F::Output, Error>)> + Send + 'static
+    ) -> impl Stream<Item = (usize, Result<F::Output, Error>)> + Send
     where
         F: RemoteFn,
         I: IntoIterator<Item = F::Args>,
-        I::IntoIter: Send + 'static,
+        I::IntoIter: Send,
     {
         let pool = self.clone();
         stream::iter(items)
