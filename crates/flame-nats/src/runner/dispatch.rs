@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +31,49 @@ const SLOW_FIRST_POLL: Duration = Duration::from_millis(1);
 /// Slow first polls in a row after which a function's calls are always
 /// spawned.
 const SLOW_STRIKES: u8 = 3;
+
+/// Fast first polls in a row after which a function's first polls are
+/// timed only now and then: timing takes two syscalls per call.
+const TRUST_AFTER: u32 = 32;
+
+/// A trusted function's first polls are timed once in this many calls.
+const SAMPLE_EVERY: u32 = 16;
+
+/// How a function's first polls went: its slow ones in a row, its fast
+/// ones in a row, and its calls.
+#[derive(Debug, Default)]
+pub(super) struct PollWatch {
+    strikes: AtomicU8,
+    fast_in_row: AtomicU32,
+    calls: AtomicU32,
+}
+
+impl PollWatch {
+    /// Whether this call's first poll may run inline.
+    fn inline(&self) -> bool {
+        self.strikes.load(Ordering::Relaxed) < SLOW_STRIKES
+    }
+
+    /// Whether to time this call's first poll: always until the function
+    /// is trusted, then once in [`SAMPLE_EVERY`] calls.
+    fn time_this_one(&self) -> bool {
+        let n = self.calls.fetch_add(1, Ordering::Relaxed);
+        self.fast_in_row.load(Ordering::Relaxed) < TRUST_AFTER || n.is_multiple_of(SAMPLE_EVERY)
+    }
+
+    /// Notes a timed first poll; true when it made the function's calls
+    /// spawned from now on.
+    fn timed(&self, took: Duration) -> bool {
+        if took <= SLOW_FIRST_POLL {
+            self.strikes.store(0, Ordering::Relaxed);
+            self.fast_in_row.fetch_add(1, Ordering::Relaxed);
+            false
+        } else {
+            self.fast_in_row.store(0, Ordering::Relaxed);
+            self.strikes.fetch_add(1, Ordering::Relaxed) + 1 == SLOW_STRIKES
+        }
+    }
+}
 
 /// Counts a call as in flight while alive, holding its permit; both are
 /// given back when the call's task is aborted (cancelled by its caller).
@@ -105,6 +148,8 @@ impl Runner {
     /// [`SLOW_STRIKES`] times in a row (CPU work before its first await) is
     /// always spawned from then on, so it can hold up the serve loop only a
     /// few times; a one-off slow poll (first-use costs) does not count.
+    /// Once a function's first polls were fast [`TRUST_AFTER`] times in a
+    /// row, only one call in [`SAMPLE_EVERY`] is timed.
     pub(super) fn dispatch(self: Arc<Self>, request: service::Request) -> Dispatched {
         let checked = self.check(&request);
         let inline_name = checked.as_ref().ok().map(|call| call.function);
@@ -114,7 +159,7 @@ impl Runner {
         let runner = self.clone();
         let inline = inline_name
             .and_then(|name| runner.slow_polls.get(name))
-            .filter(|strikes| strikes.load(Ordering::Relaxed) < SLOW_STRIKES);
+            .filter(|watch| watch.inline());
         let (span, trace) = match &checked {
             Ok(call) => self.run_span(call.function, call.trace),
             Err(_) => (Span::none(), None),
@@ -208,17 +253,20 @@ impl Runner {
         };
         // Calls the function makes continue its trace.
         let mut work = Box::pin(trace::scope(trace, work.instrument(span)));
-        if let Some(strikes) = inline {
+        if let Some(watch) = inline {
             // CPU time, not wall time: being preempted on a busy machine
             // must not mark a quick function as slow.
-            let started = thread_cpu_time();
-            let done = (&mut work).now_or_never().is_some();
-            let took = thread_cpu_time().saturating_sub(started);
-            if took <= SLOW_FIRST_POLL {
-                strikes.store(0, Ordering::Relaxed);
-            } else if strikes.fetch_add(1, Ordering::Relaxed) + 1 == SLOW_STRIKES {
-                debug!(function = ?inline_name, ?took, "CPU work before the first await; spawning its calls from now on");
-            }
+            let done = if watch.time_this_one() {
+                let started = thread_cpu_time();
+                let done = (&mut work).now_or_never().is_some();
+                let took = thread_cpu_time().saturating_sub(started);
+                if watch.timed(took) {
+                    debug!(function = ?inline_name, ?took, "CPU work before the first await; spawning its calls from now on");
+                }
+                done
+            } else {
+                (&mut work).now_or_never().is_some()
+            };
             if done {
                 return Dispatched {
                     accepted,
@@ -502,5 +550,33 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
         s.clone()
     } else {
         "panic with a non-string payload".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_polls_are_timed_until_trusted_then_sampled() {
+        let watch = PollWatch::default();
+        let fast = Duration::from_micros(10);
+        for _ in 0..TRUST_AFTER {
+            assert!(watch.time_this_one());
+            assert!(!watch.timed(fast));
+        }
+        let timed = (0..SAMPLE_EVERY * 4)
+            .filter(|_| watch.time_this_one())
+            .count();
+        assert_eq!(timed, 4);
+        // Slow three times in a row (as sampled): spawned from then on.
+        let slow = SLOW_FIRST_POLL * 2;
+        assert!(!watch.timed(slow));
+        assert!(!watch.timed(slow));
+        assert!(watch.inline());
+        assert!(watch.timed(slow));
+        assert!(!watch.inline());
+        // A slow one resets the trust: timed every call again.
+        assert!((0..3).all(|_| watch.time_this_one()));
     }
 }

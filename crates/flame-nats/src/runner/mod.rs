@@ -20,7 +20,7 @@ mod lease;
 mod lifecycle;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -94,9 +94,8 @@ struct Runner {
     /// When the runner last started or finished work, in milliseconds since
     /// `started` (an atomic: this is touched twice per call).
     last_active_ms: AtomicU64,
-    /// Per function, how many of its latest first polls in a row were slow
-    /// (see [`Runner::dispatch`]).
-    slow_polls: HashMap<&'static str, AtomicU8>,
+    /// Per function, how its first polls went (see [`Runner::dispatch`]).
+    slow_polls: HashMap<&'static str, dispatch::PollWatch>,
     /// Set while stopping; only then do finished calls wake the drain.
     draining: AtomicBool,
     /// Woken when in-flight work finishes during the drain.
@@ -222,7 +221,7 @@ async fn run(
         slow_polls: registry
             .names()
             .into_iter()
-            .map(|name| (name, AtomicU8::new(0)))
+            .map(|name| (name, dispatch::PollWatch::default()))
             .collect(),
         started: Instant::now(),
         transport: streams.clone(),
