@@ -332,10 +332,7 @@ async fn main() -> anyhow::Result<()> {
         "scaler failover: leader killed to first boot by the new one".into(),
         "-".into(),
         ms(failover),
-        format!(
-            "heartbeat {} ms, lease period 3 heartbeats",
-            SHARED_HEARTBEAT.as_millis()
-        ),
+        format!("target ≤ 1 heartbeat ({} ms)", SHARED_HEARTBEAT.as_millis()),
     ));
 
     for p in &payloads {

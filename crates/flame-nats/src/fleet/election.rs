@@ -36,6 +36,9 @@ impl Fleet {
             if (renew_due || changed) && self.renew_parent(waiting).await {
                 last_renewal = Instant::now();
             }
+            if renew_due && !self.is_leading() {
+                self.check_scaler_present().await;
+            }
             if renew_due || !demand {
                 self.elect().await;
             }
@@ -86,14 +89,38 @@ impl Fleet {
         }
     }
 
+    /// Asks the scaler of this build whether it is still there. A
+    /// no-responders answer means its connection is gone (the process died,
+    /// or lost NATS): the next election round takes over at once. A slow or
+    /// missing answer proves nothing; the lease's staleness decides then.
+    async fn check_scaler_present(&self) {
+        let scaler = self.state.lock().unwrap().scaler.clone();
+        let Some(scaler) = scaler else {
+            return;
+        };
+        if scaler.value.parent == self.parent.parent_id {
+            return;
+        }
+        let subject = subjects::parent_present(&self.config.name, &scaler.value.parent);
+        let request = async_nats::Request::new()
+            .payload(bytes::Bytes::new())
+            .timeout(Some(self.config.heartbeat / 2));
+        if let Err(e) = self.parent.client.send_request(subject, request).await {
+            if e.kind() == async_nats::client::RequestErrorKind::NoResponders {
+                info!(pool = %self.config.name, scaler = %scaler.value.parent, "the scaler's connection is gone; taking over");
+                self.state.lock().unwrap().scaler_gone = Some(scaler.revision);
+            }
+        }
+    }
+
     /// One round of the election of this build's scaler: renew the term if
     /// leading, else take over a missing or dead scaler by compare-and-set.
     async fn elect(&self) {
         let pool = &self.config.name;
-        let (leading, scaler, stalled) = {
+        let (leading, scaler, stalled, gone) = {
             let st = self.state.lock().unwrap();
             let stalled = st.mirror_stalled(self.config.heartbeat);
-            (st.leading, st.scaler.clone(), stalled)
+            (st.leading, st.scaler.clone(), stalled, st.scaler_gone)
         };
         let lease = |beat: u64| ScalerLease {
             parent: self.parent.parent_id.clone(),
@@ -103,6 +130,7 @@ impl Fleet {
         let (value, revision) = match (leading, scaler) {
             (Some(term), _) => (lease(term + 1), Some(term)),
             (None, None) => (lease(0), None),
+            (None, Some(s)) if gone == Some(s.revision) => (lease(0), Some(s.revision)),
             // A stalled watch makes the scaler look silent: wait for it.
             (None, Some(s)) if s.changed.elapsed() > self.stale_after() && !stalled => {
                 info!(%pool, old = %s.value.parent, "scaler silent for {:?}; taking over", s.changed.elapsed());

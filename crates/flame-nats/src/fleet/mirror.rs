@@ -50,6 +50,9 @@ pub(super) struct FleetState {
     pub(super) echo: Option<(u64, Instant)>,
     /// When this scaler last looked for runners without a lease.
     pub(super) last_scan: Option<Instant>,
+    /// The revision of the scaler key whose parent was found gone (its
+    /// presence subject had no responders): taken over without waiting.
+    pub(super) scaler_gone: Option<u64>,
 }
 
 impl FleetState {

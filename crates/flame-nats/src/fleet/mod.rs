@@ -133,6 +133,16 @@ impl Fleet {
             )
             .await
             .map_err(|e| Error::nats("cannot subscribe to the pool's alive subject", e))?;
+        let present = self
+            .parent
+            .client
+            .subscribe(subjects::parent_present(
+                &self.config.name,
+                &self.parent.parent_id,
+            ))
+            .await
+            .map_err(|e| Error::nats("cannot subscribe to the parent's presence subject", e))?;
+        tokio::spawn(self.clone().answer_present(present));
         // Read the bucket before answering: the answer depends on the
         // parents seen in it.
         let watch = self.first_read(&port).await?;
@@ -290,6 +300,23 @@ impl Fleet {
             };
             if let Some(reply) = msg.reply {
                 let _ = self.parent.client.publish(reply, answer.into()).await;
+            }
+        }
+        let _ = requests.unsubscribe().await;
+    }
+
+    /// Answers `present` requests while the pool is open.
+    async fn answer_present(self: Arc<Self>, mut requests: async_nats::Subscriber) {
+        loop {
+            let msg = tokio::select! {
+                _ = self.closed.cancelled() => break,
+                msg = requests.next() => match msg {
+                    Some(msg) => msg,
+                    None => break,
+                },
+            };
+            if let Some(reply) = msg.reply {
+                let _ = self.parent.client.publish(reply, "yes".into()).await;
             }
         }
         let _ = requests.unsubscribe().await;

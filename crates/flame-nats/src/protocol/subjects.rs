@@ -72,6 +72,14 @@ pub(crate) fn alive(pool: &str) -> String {
     format!("{ROOT}.{pool}.alive")
 }
 
+/// Subject every parent of a shared pool answers on while its connection
+/// lives: a parent whose scaler is silent asks the scaler's, and a
+/// no-responders answer means the scaler is gone, so it takes over at once
+/// instead of waiting out the lease.
+pub(crate) fn parent_present(pool: &str, parent_id: &str) -> String {
+    format!("{ROOT}.{pool}.parent.{parent_id}.present")
+}
+
 /// Queue group of the parents answering [`alive`].
 pub(crate) const ALIVE_QUEUE: &str = "parents";
 
