@@ -252,6 +252,9 @@ async fn main() -> anyhow::Result<()> {
 
     eprintln!("payload sizes...");
     let payloads = payload_latencies(&flame, &raw, &s).await?;
+    eprintln!("burst with and without hot start...");
+    let burst_cold = burst_p99(&flame, false).await?;
+    let burst_hot = burst_p99(&flame, true).await?;
     eprintln!("map over 10,000 items...");
     let (map_time, loop_time) = map_against_loop(&flame).await?;
 
@@ -347,6 +350,12 @@ async fn main() -> anyhow::Result<()> {
             ),
         ));
     }
+    rows.push((
+        "burst of 16 calls on a busy pool (work 50 ms): p99 without / with hot_start(0.5)".into(),
+        ms(burst_cold),
+        ms(burst_hot),
+        ratio(burst_hot.as_secs_f64(), burst_cold.as_secs_f64(), "< 1x"),
+    ));
     rows.push((
         "10,000 calls (100 B): loop of 128 callers / pool.map, 128 in flight".into(),
         ms(loop_time),
@@ -694,6 +703,60 @@ async fn payload_latencies(
     }
     pool.shutdown().await;
     Ok(out)
+}
+
+/// p99 latency of a burst of 16 calls (50 ms of work each) on a pool of
+/// up to 4 runners of 8 slots whose one runner is already 6/8 busy: the
+/// burst needs more runners. With hot start the second one is up already.
+async fn burst_p99(flame: &flame::Flame, hot: bool) -> anyhow::Result<Duration> {
+    let mut builder = flame
+        .pool(if hot {
+            "bench-burst-hot"
+        } else {
+            "bench-burst-cold"
+        })
+        .min(1)
+        .max(4)
+        .max_concurrency(8);
+    if hot {
+        builder = builder.hot_start(0.5);
+    }
+    let pool = builder.start().await?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let steady: Vec<_> = (0..6)
+        .map(|_| {
+            let (pool, stop) = (pool.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    flame::call!(pool, work(50)).await?;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    // Let the steady load (and a hot start) settle.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let burst: Vec<_> = (0..16)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let t = Instant::now();
+                flame::call!(pool, work(50)).await?;
+                anyhow::Ok(t.elapsed())
+            })
+        })
+        .collect();
+    let mut times = Vec::new();
+    for b in burst {
+        times.push(b.await??);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in steady {
+        s.await??;
+    }
+    pool.shutdown().await;
+    times.sort();
+    Ok(times[times.len() * 99 / 100])
 }
 
 /// 10,000 calls through `pool.map` with 128 in flight, against a loop of

@@ -523,3 +523,50 @@ async fn exact_counting_under_1000_concurrent_callers() {
     );
     assert!(pids.len() <= counting.boots());
 }
+
+/// Hot start: once the ready runner is half busy, a second one boots
+/// although no caller waits; without it the pool stays at one runner.
+#[tokio::test]
+async fn hot_start_boots_a_runner_before_anyone_waits() {
+    let env = TestEnv::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    for (name, hot) in [("cold", false), ("hot", true)] {
+        let mut builder = env.pool(name).max(2).max_concurrency(4).timeout(LONG);
+        if hot {
+            builder = builder.hot_start(0.5);
+        }
+        let pool = builder.start().await.unwrap();
+        // Two long calls on the first runner: half its capacity.
+        let release = path_in(&dir, &format!("release-{name}"));
+        let calls: Vec<_> = (0..2)
+            .map(|_| {
+                let (pool, release) = (pool.clone(), release.clone());
+                tokio::spawn(async move {
+                    pool.call_with::<wait_for_file>((release, 60_000), CallOptions::new())
+                        .await
+                })
+            })
+            .collect();
+        wait_in_flight(&env, name, 2, LONG).await;
+        let status = pool.status();
+        assert_eq!(status.waiting, 0, "{status:?}");
+        if hot {
+            wait_for("a second runner, booted ahead", LONG, || async {
+                (pool.status().ready == 2).then_some(())
+            })
+            .await;
+        } else {
+            // Nothing waits, so nothing boots.
+            assert_eq!(status.ready + status.booting, 1, "{status:?}");
+        }
+        std::fs::write(&release, "go").unwrap();
+        for c in calls {
+            assert!(c.await.unwrap().unwrap());
+        }
+        let status = pool.status();
+        if !hot {
+            assert_eq!(status.ready + status.booting, 1, "{status:?}");
+        }
+        pool.shutdown().await;
+    }
+}

@@ -58,6 +58,12 @@ pub struct PoolConfig {
     /// what survives the loss of any one server). A bucket that exists
     /// already is used as it is. Default 1.
     pub kv_replicas: usize,
+    /// Hot start: when the calls on the ready runners reach this percentage
+    /// of their capacity (`max_concurrency` each) and no runner is booting,
+    /// one more is booted before anyone has to wait (within `max`). Set
+    /// with `PoolBuilder::hot_start`. Default `None` (boot only for callers
+    /// already waiting).
+    pub hot_start_percent: Option<u8>,
 }
 
 impl PoolConfig {
@@ -81,6 +87,7 @@ impl PoolConfig {
             idle_shutdown_check: None,
             shared: false,
             kv_replicas: 1,
+            hot_start_percent: None,
         }
     }
 
@@ -115,6 +122,9 @@ impl PoolConfig {
                 "kv_replicas must be 1 to 5 (JetStream's limit), not {}",
                 self.kv_replicas
             ));
+        }
+        if self.hot_start_percent.is_some_and(|p| p == 0 || p > 100) {
+            return bad("hot_start must be above 0 and at most 1".into());
         }
         for var in &self.forward_env {
             if var.is_empty() || var.contains('=') || var.contains('\0') {

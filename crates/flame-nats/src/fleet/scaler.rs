@@ -96,6 +96,7 @@ impl Fleet {
             max_concurrency: self.config.max_concurrency,
             idle_shutdown_after: self.config.idle_shutdown_after,
             min_idle_shutdown_after: self.config.min_idle_shutdown_after,
+            hot_start_percent: self.config.hot_start_percent,
         };
         let mut reap: Vec<(String, String, String)> = Vec::new();
         let mut dead_parents = Vec::new();

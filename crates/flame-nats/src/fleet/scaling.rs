@@ -19,6 +19,8 @@ pub(super) struct ScalingRules {
     pub(super) idle_shutdown_after: Duration,
     /// The same for the `min` runners; `None` keeps them.
     pub(super) min_idle_shutdown_after: Option<Duration>,
+    /// Boot one more runner once the ready ones are this busy (percent).
+    pub(super) hot_start_percent: Option<u8>,
 }
 
 /// What the scaler should do now.
@@ -53,7 +55,17 @@ pub(super) fn plan(
     let for_min = rules.min.saturating_sub(booting + ready);
     let for_demand = demand.saturating_sub(booting * mc).div_ceil(mc);
     let room = rules.max.saturating_sub(slots.max(runners.len()));
-    let boot = for_min.max(for_demand).min(room);
+    let ahead = rules.hot_start_percent.is_some_and(|percent| {
+        let capacity = ready * mc;
+        let busy: usize = runners
+            .iter()
+            .filter(|r| r.state == LeaseState::Ready)
+            .map(|r| r.load + r.queued)
+            .sum::<usize>()
+            + waiting;
+        booting == 0 && capacity > 0 && busy * 100 >= capacity * percent as usize
+    });
+    let boot = for_min.max(for_demand).max(usize::from(ahead)).min(room);
 
     let mut retire = Vec::new();
     if demand == 0 && boot == 0 {
@@ -117,6 +129,7 @@ mod tests {
             max_concurrency: 2,
             idle_shutdown_after: Duration::from_secs(1),
             min_idle_shutdown_after: None,
+            hot_start_percent: None,
         }
     }
 
@@ -132,6 +145,25 @@ mod tests {
         // Never past max, counting slots of runners without a lease yet.
         assert_eq!(plan(&rules(0, 2), &booting, 2, 100).boot, 0);
         assert_eq!(plan(&rules(0, 3), &booting, 1, 100).boot, 2);
+    }
+
+    #[test]
+    fn hot_start_boots_one_ahead_of_demand() {
+        let mut r = rules(0, 3);
+        r.hot_start_percent = Some(50);
+        let one = [lease("a", LeaseState::Ready, 1, 0)];
+        // Half of two slots busy: one more runner, though nobody waits.
+        assert_eq!(plan(&r, &one, 1, 0).boot, 1);
+        assert_eq!(plan(&rules(0, 3), &one, 1, 0).boot, 0);
+        // Less busy, or a runner already booting, or no room: none.
+        let idle = [lease("a", LeaseState::Ready, 0, 0)];
+        assert_eq!(plan(&r, &idle, 1, 0).boot, 0);
+        let booting = [
+            lease("a", LeaseState::Ready, 2, 0),
+            lease("b", LeaseState::Booting, 0, 0),
+        ];
+        assert_eq!(plan(&r, &booting, 2, 0).boot, 0);
+        assert_eq!(plan(&r, &one, 3, 0).boot, 0);
     }
 
     #[test]

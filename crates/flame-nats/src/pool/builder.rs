@@ -122,6 +122,22 @@ impl PoolBuilder {
         self
     }
 
+    /// Hot start: boots one more runner (within `max`) as soon as the calls
+    /// on the ready runners reach `fraction` of their capacity, so that a
+    /// burst finds a runner ready instead of waiting for a cold start.
+    /// `0.75` boots the next runner when the pool is three quarters busy.
+    /// Must be above 0 and at most 1 (checked by `start`). Default: off.
+    pub fn hot_start(mut self, fraction: f64) -> Self {
+        let percent = (fraction * 100.0).round();
+        self.config.hot_start_percent =
+            Some(if percent.is_finite() && (0.0..=255.0).contains(&percent) {
+                percent as u8
+            } else {
+                0
+            });
+        self
+    }
+
     /// Copies an environment variable of the parent into every runner.
     pub fn forward_env(mut self, var: impl Into<String>) -> Self {
         self.config.forward_env.push(var.into());
@@ -200,7 +216,8 @@ impl PoolBuilder {
         } else {
             None
         };
-        let mut model = PoolModel::new(config.min, config.max, config.max_concurrency);
+        let mut model = PoolModel::new(config.min, config.max, config.max_concurrency)
+            .hot_start(config.hot_start_percent);
         if config.single_use {
             model = model.single_use();
         }

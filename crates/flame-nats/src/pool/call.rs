@@ -463,6 +463,11 @@ impl PoolInner {
             st.next_waiter += 1;
             match st.model.checkout(waiter) {
                 Checkout::Placed(id) => {
+                    if self.fleet.is_none() && st.model.boots_ahead() {
+                        // Hot start: this call may have made the pool
+                        // busy enough to boot ahead of demand.
+                        self.boot_locked(&mut st);
+                    }
                     let link = st.runners[&id].link.clone();
                     return Ok(Slot {
                         pool: self.clone(),

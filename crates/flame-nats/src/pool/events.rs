@@ -81,6 +81,11 @@ impl PoolInner {
                     .into_iter()
                     .filter_map(|(w, r)| st.slot_for(self, w, &r))
                     .collect();
+                if st.model.boots_ahead() {
+                    // Hot start: the callers it took may make it busy
+                    // enough to boot the next one already.
+                    self.boot_locked(&mut st);
+                }
                 drop(st);
                 super::call::deliver(handoffs);
                 self.changed.notify_waiters();

@@ -59,6 +59,8 @@ pub(crate) struct PoolModel {
     min_suspended: bool,
     runners: BTreeMap<RunnerId, Runner>,
     waiters: VecDeque<WaiterId>,
+    /// Boot one more runner when the ready ones are this busy (percent).
+    hot_start: Option<u8>,
 }
 
 impl PoolModel {
@@ -72,7 +74,20 @@ impl PoolModel {
             min_suspended: false,
             runners: BTreeMap::new(),
             waiters: VecDeque::new(),
+            hot_start: None,
         }
+    }
+
+    /// Boots a runner ahead of demand once the ready ones are `percent`
+    /// busy (see [`PoolModel::boots_needed`]).
+    pub(crate) fn hot_start(mut self, percent: Option<u8>) -> PoolModel {
+        self.hot_start = percent;
+        self
+    }
+
+    /// Whether a placement may call for a boot (hot start is on).
+    pub(crate) fn boots_ahead(&self) -> bool {
+        self.hot_start.is_some()
     }
 
     /// Makes every runner take exactly one call, then drain.
@@ -215,7 +230,21 @@ impl PoolModel {
             .len()
             .saturating_sub(booting * self.max_concurrency);
         let for_demand = uncovered.div_ceil(self.max_concurrency);
-        for_min.max(for_demand).min(self.max.saturating_sub(total))
+        let ahead = self.hot_start.is_some_and(|percent| {
+            let capacity = ready * self.max_concurrency;
+            let busy: usize = self
+                .runners
+                .values()
+                .filter(|r| r.state == RunnerState::Ready)
+                .map(|r| r.load + r.others)
+                .sum::<usize>()
+                + self.waiters.len();
+            booting == 0 && capacity > 0 && busy * 100 >= capacity * percent as usize
+        });
+        for_min
+            .max(for_demand)
+            .max(usize::from(ahead))
+            .min(self.max.saturating_sub(total))
     }
 
     /// A runner idle for `idle_for` asks to stop. Granted (and the runner
@@ -361,6 +390,28 @@ mod tests {
         assert_eq!(m.checkin(&id("b")), Some((5, id("b"))));
         assert_eq!(m.checkin(&id("b")), None);
         assert_eq!(m.runner(&id("b")), Some((RunnerState::Ready, 1)));
+    }
+
+    #[test]
+    fn hot_start_boots_one_runner_ahead_of_demand() {
+        let mut m = PoolModel::new(0, 3, 4).hot_start(Some(50));
+        m.add_booting(id("a"));
+        m.runner_ready(&id("a"));
+        assert_eq!(m.checkout(1), Checkout::Placed(id("a")));
+        assert_eq!(m.boots_needed(), 0, "a quarter busy");
+        assert_eq!(m.checkout(2), Checkout::Placed(id("a")));
+        assert_eq!(m.boots_needed(), 1, "half busy: one ahead");
+        m.add_booting(id("b"));
+        assert_eq!(m.checkout(3), Checkout::Placed(id("a")));
+        assert_eq!(m.boots_needed(), 0, "one is booting already");
+        // Off by default.
+        let mut plain = PoolModel::new(0, 3, 4);
+        plain.add_booting(id("a"));
+        plain.runner_ready(&id("a"));
+        for w in 0..4 {
+            plain.checkout(w);
+        }
+        assert_eq!(plain.boots_needed(), 0);
     }
 
     #[test]
