@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use flame::{Error, RunnerState};
 use flame_tests::funcs::*;
 use flame_tests::harness::TestEnv;
@@ -40,12 +39,16 @@ fn error_of(msg: &async_nats::Message) -> (String, String) {
     )
 }
 
-fn headers(function: &str, build: &str) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert("Flame-Fn", function);
-    h.insert("Flame-Build", build);
-    h.insert("Flame-Timeout-Ms", "5000");
-    h
+/// A request body as PROTOCOL.md 4.1 describes it: the envelope (version
+/// 0xF1, no flags, a 5000 ms timeout in LEB128, the build and the function
+/// with their lengths), then `args`.
+fn body(function: &str, build: &str, args: &[u8]) -> bytes::Bytes {
+    let mut b = vec![0xF1, 0x00, 0x88, 0x27, build.len() as u8];
+    b.extend_from_slice(build.as_bytes());
+    b.extend_from_slice(&(function.len() as u16).to_be_bytes());
+    b.extend_from_slice(function.as_bytes());
+    b.extend_from_slice(args);
+    b.into()
 }
 
 #[tokio::test]
@@ -56,41 +59,33 @@ async fn runner_answers_garbage_with_errors_and_keeps_serving() {
     let subject = runner_subject(&env, "garbage").await;
     let raw = env.client().await;
 
-    // No headers at all.
+    // No envelope at all.
     let msg = raw
         .request(subject.clone(), "\u{0}\u{1}garbage".into())
         .await
         .unwrap();
     assert_eq!(error_of(&msg), ("malformed".into(), "400".into()));
 
-    // Headers present but the timeout is not a number.
-    let mut h = headers("x", TEST_BUILD);
-    h.insert("Flame-Timeout-Ms", "soon");
-    let msg = raw
-        .request_with_headers(subject.clone(), h, "".into())
-        .await
-        .unwrap();
-    assert_eq!(error_of(&msg).0, "malformed");
+    // An envelope cut short, and one whose timeout is zero.
+    for cut in [&b"\xf1\x00\x88"[..], b"\xf1\x00\x00\x01b\x00\x01f"] {
+        let msg = raw
+            .request(subject.clone(), bytes::Bytes::copy_from_slice(cut))
+            .await
+            .unwrap();
+        assert_eq!(error_of(&msg).0, "malformed");
+    }
 
     // A real function with a body that is not its arguments.
     let add_name = <add as flame::RemoteFn>::NAME;
     let msg = raw
-        .request_with_headers(
-            subject.clone(),
-            headers(add_name, TEST_BUILD),
-            "\u{c1}".into(),
-        )
+        .request(subject.clone(), body(add_name, TEST_BUILD, b"\xc1"))
         .await
         .unwrap();
     assert_eq!(error_of(&msg), ("decode-args".into(), "400".into()));
 
     // Unknown function, named in the reply.
     let msg = raw
-        .request_with_headers(
-            subject.clone(),
-            headers("no::such::fn", TEST_BUILD),
-            "".into(),
-        )
+        .request(subject.clone(), body("no::such::fn", TEST_BUILD, b""))
         .await
         .unwrap();
     assert_eq!(error_of(&msg), ("unknown-function".into(), "404".into()));
@@ -105,11 +100,7 @@ async fn runner_answers_garbage_with_errors_and_keeps_serving() {
     // Another build is refused, and the reply names the runner's build.
     let args = rmp_serde::to_vec_named(&(1i64, 2i64)).unwrap();
     let msg = raw
-        .request_with_headers(
-            subject.clone(),
-            headers(add_name, "some-other-build"),
-            args.into(),
-        )
+        .request(subject.clone(), body(add_name, "some-other-build", &args))
         .await
         .unwrap();
     assert_eq!(error_of(&msg), ("build-mismatch".into(), "409".into()));

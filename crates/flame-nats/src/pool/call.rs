@@ -338,8 +338,13 @@ impl PoolInner {
         let deadline = started + timeout;
         let cast = kind == Kind::Cast;
         let linked = kind == Kind::Call { link: true };
-        let size =
-            payload.len() + wire::request_headers_max_len(function, &self.parent.build_id, cast);
+        let size = payload.len()
+            + wire::envelope_max_len(function, &self.parent.build_id)
+            + if trace.is_some() {
+                wire::request_headers_max_len()
+            } else {
+                0
+            };
         let max = self.parent.client.max_payload();
         if size > max {
             return Err(Error::PayloadTooLarge {
@@ -358,13 +363,9 @@ impl PoolInner {
                     timeout,
                 });
             }
-            let headers = wire::request_headers(
-                function,
-                &self.parent.build_id,
-                remaining,
-                cast,
-                trace.as_ref(),
-            );
+            let body =
+                wire::request_body(function, &self.parent.build_id, remaining, cast, &payload);
+            let headers = wire::request_headers(trace.as_ref());
             let runner = slot.runner.clone();
             let span = Span::current();
             let sent = Instant::now();
@@ -382,18 +383,17 @@ impl PoolInner {
                 reply,
                 cancel: false,
             };
-            self.parent
-                .client
-                .publish_with_reply_and_headers(
-                    runner.subject.clone(),
-                    call.reply.clone(),
-                    headers,
-                    payload.clone(),
-                )
-                .await
-                .map_err(|e| {
-                    Error::nats(format!("cannot send the call to runner {}", runner.id), e)
-                })?;
+            let client = &self.parent.client;
+            let (subject, reply) = (runner.subject.clone(), call.reply.clone());
+            match headers {
+                Some(headers) => {
+                    client
+                        .publish_with_reply_and_headers(subject, reply, headers, body)
+                        .await
+                }
+                None => client.publish_with_reply(subject, reply, body).await,
+            }
+            .map_err(|e| Error::nats(format!("cannot send the call to runner {}", runner.id), e))?;
             call.cancel = linked;
             let outcome = tokio::time::timeout_at(deadline, answer).await;
             call.cancel = false;

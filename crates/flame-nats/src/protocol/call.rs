@@ -1,9 +1,12 @@
 //! Calls and casts on the wire: the request a parent sends and the reply a
 //! runner answers with.
 //!
-//! A call is one NATS request on the runner's subject. Metadata rides in
-//! headers so that `nats sub 'flame.>'` shows it legibly; the body is the
-//! encoding of the argument tuple ([`flame_core::codec`]). A successful
+//! A call is one NATS request on the runner's subject. Its body is a small
+//! binary envelope (function, build, deadline, cast flag) followed by the
+//! encoding of the argument tuple ([`flame_core::codec`]): no headers, which
+//! every hop (parent, server, runner) would parse into a map, so a call costs
+//! little more than a raw request. A traced call adds one header, the W3C
+//! `traceparent`, so that other NATS services can join its trace. A successful
 //! reply's body is the encoding of the function's return value. A failed
 //! reply follows the NATS micro convention (`Nats-Service-Error` and
 //! `Nats-Service-Error-Code` headers, empty body) plus a `Flame-Error` header
@@ -17,15 +20,15 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use flame_core::Error;
 
-/// Header: registered name of the function to run.
-pub(crate) const HEADER_FUNCTION: &str = "Flame-Fn";
-/// Header: build id of the caller; the runner refuses other builds.
+/// Header with a build id: on `alive` requests (the runner's build).
 pub(crate) const HEADER_BUILD: &str = "Flame-Build";
-/// Header: milliseconds the runner has left to finish the call.
-pub(crate) const HEADER_TIMEOUT_MS: &str = "Flame-Timeout-Ms";
-/// Header: present (value `1`) when the work is a cast, whose failures are
-/// logged and counted on the runner.
-pub(crate) const HEADER_CAST: &str = "Flame-Cast";
+
+/// First byte of a request body: the envelope, version 1.
+pub(crate) const ENVELOPE_V1: u8 = 0xF1;
+
+/// Envelope flag: the work is a cast, whose failures are logged and counted
+/// on the runner.
+const FLAG_CAST: u8 = 0b0000_0001;
 /// Header on error replies: the kind of error, see [`ErrorKind`].
 pub(crate) const HEADER_ERROR: &str = "Flame-Error";
 /// Header on build-mismatch replies: the runner's own build id.
@@ -114,45 +117,128 @@ impl ErrorKind {
     }
 }
 
-// Static names: no validation or allocation per call.
-const FUNCTION: HeaderName = HeaderName::from_static(HEADER_FUNCTION);
-const BUILD: HeaderName = HeaderName::from_static(HEADER_BUILD);
-const TIMEOUT_MS: HeaderName = HeaderName::from_static(HEADER_TIMEOUT_MS);
-const CAST: HeaderName = HeaderName::from_static(HEADER_CAST);
+// A static name: no validation or allocation per call.
 const TRACEPARENT: HeaderName = HeaderName::from_static(crate::trace::HEADER_TRACEPARENT);
 
-/// Headers of a call request; `trace` is the caller's span, when traced.
-pub(crate) fn request_headers(
+/// The body of a call request: the envelope, then the encoded arguments.
+///
+/// ```text
+/// F1                    envelope version 1
+/// flags                 bit 0: cast
+/// timeout_ms            unsigned LEB128, at least 1
+/// build_len  build      1 byte, then that many bytes of UTF-8
+/// fn_len     function   2 bytes big endian, then that many bytes of UTF-8
+/// args                  the rest: the MessagePack argument tuple
+/// ```
+pub(crate) fn request_body(
     function: &str,
     build: &str,
     remaining: Duration,
     cast: bool,
-    trace: Option<&TraceContext>,
-) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert(FUNCTION, function);
-    h.insert(BUILD, build);
-    let ms = remaining.as_millis().max(1) as u64;
-    h.insert(TIMEOUT_MS, ms.to_string());
-    if cast {
-        h.insert(CAST, "1");
+    args: &[u8],
+) -> Bytes {
+    let mut body = Vec::with_capacity(envelope_max_len(function, build) + args.len());
+    body.push(ENVELOPE_V1);
+    body.push(if cast { FLAG_CAST } else { 0 });
+    let mut ms = remaining.as_millis().clamp(1, u64::MAX as u128) as u64;
+    loop {
+        let byte = (ms & 0x7f) as u8;
+        ms >>= 7;
+        if ms == 0 {
+            body.push(byte);
+            break;
+        }
+        body.push(byte | 0x80);
     }
-    if let Some(trace) = trace {
-        h.insert(TRACEPARENT, trace.traceparent());
-    }
-    h
+    // Lengths were checked when the pool started (build) and when the
+    // function was registered (its name); truncating would only refuse the
+    // call on the runner.
+    let build = &build.as_bytes()[..build.len().min(u8::MAX as usize)];
+    body.push(build.len() as u8);
+    body.extend_from_slice(build);
+    let function = &function.as_bytes()[..function.len().min(u16::MAX as usize)];
+    body.extend_from_slice(&(function.len() as u16).to_be_bytes());
+    body.extend_from_slice(function);
+    body.extend_from_slice(args);
+    Bytes::from(body)
 }
 
-/// Most bytes [`request_headers`] take on the wire; the server counts
-/// headers and body together against max_payload.
-pub(crate) fn request_headers_max_len(function: &str, build: &str, cast: bool) -> usize {
-    let field = |name: &str, value_len: usize| name.len() + 2 + value_len + 2;
-    // "NATS/1.0\r\n" + fields + "\r\n"; a u64 has at most 20 digits.
-    12 + field(HEADER_FUNCTION, function.len())
-        + field(HEADER_BUILD, build.len())
-        + field(HEADER_TIMEOUT_MS, 20)
-        + if cast { field(HEADER_CAST, 1) } else { 0 }
-        + field(crate::trace::HEADER_TRACEPARENT, 55)
+/// Most bytes the envelope of [`request_body`] takes.
+pub(crate) fn envelope_max_len(function: &str, build: &str) -> usize {
+    // version, flags, a u64 in LEB128 (10 bytes), two lengths.
+    2 + 10 + 1 + build.len() + 2 + function.len()
+}
+
+/// The headers of a call request: none, unless it is traced.
+pub(crate) fn request_headers(trace: Option<&TraceContext>) -> Option<HeaderMap> {
+    trace.map(|trace| {
+        let mut h = HeaderMap::new();
+        h.insert(TRACEPARENT, trace.traceparent());
+        h
+    })
+}
+
+/// Most bytes [`request_headers`] take on the wire (the server counts
+/// headers and body together against max_payload).
+pub(crate) fn request_headers_max_len() -> usize {
+    // "NATS/1.0\r\n" + "traceparent: " + 55 + "\r\n" + "\r\n".
+    12 + crate::trace::HEADER_TRACEPARENT.len() + 2 + 55 + 2
+}
+
+/// A request's envelope, as the runner reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Envelope<'a> {
+    pub(crate) function: &'a str,
+    pub(crate) build: &'a str,
+    pub(crate) timeout: Duration,
+    pub(crate) cast: bool,
+    /// Where the arguments start in the body.
+    pub(crate) args_at: usize,
+}
+
+/// Reads the envelope at the start of a request body. The error says what
+/// is wrong, for a `malformed` reply.
+pub(crate) fn read_envelope(body: &[u8]) -> Result<Envelope<'_>, &'static str> {
+    let mut at = 0;
+    let mut take = |n: usize| -> Result<&[u8], &'static str> {
+        let bytes = body
+            .get(at..at + n)
+            .ok_or("the request's envelope is cut short")?;
+        at += n;
+        Ok(bytes)
+    };
+    if take(1)?[0] != ENVELOPE_V1 {
+        return Err("the request has no flame envelope (version 1, first byte 0xF1)");
+    }
+    let flags = take(1)?[0];
+    let mut ms: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let byte = take(1)?[0];
+        ms |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            break;
+        }
+        if shift >= 63 {
+            return Err("the request's timeout is not a valid number");
+        }
+    }
+    if ms == 0 {
+        return Err("the request's timeout is zero");
+    }
+    let build_len = usize::from(take(1)?[0]);
+    let build =
+        std::str::from_utf8(take(build_len)?).map_err(|_| "the request's build id is not UTF-8")?;
+    let fn_len = take(2)?;
+    let fn_len = usize::from(u16::from_be_bytes([fn_len[0], fn_len[1]]));
+    let function = std::str::from_utf8(take(fn_len)?)
+        .map_err(|_| "the request's function name is not UTF-8")?;
+    Ok(Envelope {
+        function,
+        build,
+        timeout: Duration::from_millis(ms),
+        cast: flags & FLAG_CAST != 0,
+        args_at: at,
+    })
 }
 
 /// What a reply means.
@@ -298,39 +384,56 @@ mod tests {
     #[test]
     fn requests_and_replies_round_trip() {
         let trace = TraceContext::root();
-        let h = request_headers(
-            "m::f",
-            "b1",
-            Duration::from_millis(1500),
-            true,
-            Some(&trace),
-        );
+        let h = request_headers(Some(&trace)).unwrap();
         assert_eq!(
             h.get(crate::trace::HEADER_TRACEPARENT).unwrap().as_str(),
             trace.traceparent()
         );
-        assert_eq!(h.get(HEADER_FUNCTION).unwrap().as_str(), "m::f");
-        assert_eq!(h.get(HEADER_BUILD).unwrap().as_str(), "b1");
-        assert_eq!(h.get(HEADER_TIMEOUT_MS).unwrap().as_str(), "1500");
-        assert!(h.get(HEADER_CAST).is_some());
-        // The bound on the headers' size holds for the longest timeout.
-        let longest = request_headers(
-            "m::f",
-            "b1",
-            Duration::from_millis(u64::MAX),
-            true,
-            Some(&trace),
-        );
+        assert!(request_headers(None).is_none());
         let wire_len: usize = 12
-            + longest
-                .iter()
+            + h.iter()
                 .map(|(k, vs)| {
                     vs.iter()
                         .map(|v| k.to_string().len() + 4 + v.as_str().len())
                         .sum::<usize>()
                 })
                 .sum::<usize>();
-        assert!(wire_len <= request_headers_max_len("m::f", "b1", true));
+        assert!(wire_len <= request_headers_max_len());
+
+        // The envelope round trips, and its bound holds for the longest
+        // timeout.
+        for (ms, cast) in [(1500u64, true), (1, false), (u64::MAX, false)] {
+            let body = request_body(
+                "m::f",
+                "b1",
+                Duration::from_millis(ms),
+                cast,
+                b"\x92\x01\x02",
+            );
+            assert!(body.len() <= envelope_max_len("m::f", "b1") + 3);
+            let env = read_envelope(&body).unwrap();
+            assert_eq!(
+                (env.function, env.build, env.timeout, env.cast),
+                ("m::f", "b1", Duration::from_millis(ms), cast)
+            );
+            assert_eq!(&body[env.args_at..], b"\x92\x01\x02");
+        }
+        // 1500 ms in LEB128 is dc 0b.
+        let body = request_body("f", "b", Duration::from_millis(1500), false, b"");
+        assert_eq!(&body[..], b"\xf1\x00\xdc\x0b\x01b\x00\x01f");
+        for bad in [
+            &b""[..],
+            b"\x00",
+            b"\xf1",
+            b"\xf1\x00\x00\x01b\x00\x01f",
+            b"\xf1\x00\x80",
+            b"\xf1\x00\x05\x05b",
+            b"\xf1\x00\x05\x01b\x00\x09f",
+            b"\xf1\x00\x05\x01\xff\x00\x01f",
+            b"\xf1\x00\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01",
+        ] {
+            assert!(read_envelope(bad).is_err(), "{bad:?}");
+        }
 
         let t = Duration::from_secs(1);
         let ok = read_reply(message(None, b"\x01"), "f", "r", "b", t);

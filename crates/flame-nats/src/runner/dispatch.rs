@@ -170,6 +170,7 @@ impl Runner {
                 handler,
                 timeout,
                 cast,
+                args,
                 ..
             } = match checked {
                 Ok(ok) => ok,
@@ -211,7 +212,7 @@ impl Runner {
             let outcome = self
                 .execute_holding(
                     handler,
-                    request.message.payload.clone(),
+                    args,
                     deadline.saturating_duration_since(Instant::now()),
                     Some(in_flight.clone()),
                 )
@@ -283,43 +284,38 @@ impl Runner {
 
     fn check(&self, request: &service::Request) -> Result<Checked, Refusal> {
         let malformed = |m: &str| (ErrorKind::Malformed, m.to_string(), Vec::new());
-        let headers = request
-            .message
-            .headers
-            .as_ref()
-            .ok_or_else(|| malformed("request has no flame headers"))?;
-        let get = |name: &str| headers.get(name).map(|v| v.as_str());
-        let function = get(wire::HEADER_FUNCTION)
-            .ok_or_else(|| malformed("request has no Flame-Fn header"))?;
-        let build = get(wire::HEADER_BUILD)
-            .ok_or_else(|| malformed("request has no Flame-Build header"))?;
-        let timeout_ms: u64 = get(wire::HEADER_TIMEOUT_MS)
-            .ok_or_else(|| malformed("request has no Flame-Timeout-Ms header"))?
-            .parse()
-            .map_err(|_| malformed("Flame-Timeout-Ms is not a number of milliseconds"))?;
-        if build != self.build {
+        let body = &request.message.payload;
+        let envelope = wire::read_envelope(body).map_err(malformed)?;
+        if envelope.build != self.build {
             return Err((
                 ErrorKind::BuildMismatch,
                 format!(
-                    "caller is build {build}, this runner is build {}",
-                    self.build
+                    "caller is build {}, this runner is build {}",
+                    envelope.build, self.build
                 ),
                 vec![(wire::HEADER_RUNNER_BUILD, self.build.to_string())],
             ));
         }
-        let (function, handler) = self.registry.lookup(function).ok_or_else(|| {
+        let (function, handler) = self.registry.lookup(envelope.function).ok_or_else(|| {
             (
                 ErrorKind::UnknownFunction,
-                format!("no function named `{function}` is registered"),
+                format!("no function named `{}` is registered", envelope.function),
                 Vec::new(),
             )
         })?;
+        let trace = request
+            .message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(trace::HEADER_TRACEPARENT))
+            .and_then(|v| TraceContext::parse(v.as_str()));
         Ok(Checked {
             function,
             handler,
-            timeout: Duration::from_millis(timeout_ms),
-            cast: get(wire::HEADER_CAST).is_some(),
-            trace: get(trace::HEADER_TRACEPARENT).and_then(TraceContext::parse),
+            timeout: envelope.timeout,
+            cast: envelope.cast,
+            trace,
+            args: body.slice(envelope.args_at..),
         })
     }
 
@@ -525,6 +521,8 @@ struct Checked {
     cast: bool,
     /// The caller's span, from `traceparent`.
     trace: Option<TraceContext>,
+    /// The encoded arguments (the body after the envelope).
+    args: Bytes,
 }
 
 /// Why a request was refused: kind, message, extra reply headers.
