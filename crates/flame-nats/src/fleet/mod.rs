@@ -46,12 +46,14 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::announce::{Counts, Outgoing, PoolAnnouncer};
 use crate::boot::Booter;
 use crate::config::PoolConfig;
 use crate::kv;
 use crate::parent::ParentContext;
 use crate::protocol::call as wire;
 use crate::protocol::lease::{LeaseState, RunnerLease};
+use crate::protocol::pool_events::{EventKind, Reason};
 use crate::protocol::subjects;
 use mirror::FleetState;
 
@@ -86,6 +88,9 @@ pub(crate) struct Fleet {
     /// Becomes true once this parent has left the pool (at the end of its
     /// parent loop, so that no renewal of its lease can follow the leave).
     left: watch::Sender<bool>,
+    /// Publishes the pool's events: runner events while this parent is
+    /// the scaler of its build, from the mirror.
+    events: PoolAnnouncer,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -105,6 +110,7 @@ impl Fleet {
         closed: CancellationToken,
     ) -> Result<Fleet, Error> {
         Ok(Fleet {
+            events: parent.announcer.for_pool(&config.name),
             store: kv::open_bucket(&parent.client, &config.name, config.kv_replicas).await?,
             scaler_key: subjects::scaler_key(&parent.build_id),
             parent,
@@ -148,6 +154,22 @@ impl Fleet {
 
     fn is_leading(&self) -> bool {
         self.state.lock().unwrap().leading.is_some()
+    }
+
+    /// Whether this parent is the scaler of its build now.
+    pub(crate) fn is_scaler(&self) -> bool {
+        self.is_leading()
+    }
+
+    /// The pool's numbers as the bucket says (every build's runners; the
+    /// waiting callers of every live parent).
+    pub(crate) fn counts(&self) -> Counts {
+        self.state.lock().unwrap().counts(self.stale_after())
+    }
+
+    /// Publishes a runner event with the pool's numbers now.
+    fn announce(&self, st: &FleetState, event: impl FnOnce(Counts) -> Outgoing) {
+        self.events.send(event(st.counts(self.stale_after())));
     }
 
     /// Waits until this parent has left the pool, which its parent loop
@@ -194,18 +216,44 @@ impl Fleet {
         // build (runners of other builds are their parents' business).
         let ids: Vec<String> = {
             let st = self.state.lock().unwrap();
-            st.runners
+            let ids: Vec<String> = st
+                .runners
                 .iter()
                 .filter(|(_, seen)| *seen.value.build == *self.parent.build_id)
                 .map(|(id, _)| id.clone())
-                .collect()
+                .collect();
+            for id in &ids {
+                self.announce(&st, |c| {
+                    Outgoing::new(EventKind::RunnerRetiring, c)
+                        .runner(id.as_str())
+                        .reason(Reason::Shutdown)
+                });
+            }
+            ids
         };
         for id in &ids {
             self.send_retire(id).await;
         }
         let _ = self.parent.client.flush().await;
         let grace = self.config.shutdown_timeout;
-        let stops: Vec<_> = owned.iter().map(|(_, s)| s.stop(grace)).collect();
+        let stops: Vec<_> = owned
+            .iter()
+            .map(|(id, s)| {
+                let stop = s.stop(grace);
+                let events = self.events.clone();
+                let id = id.clone();
+                async move {
+                    stop.await;
+                    const SHUT_DOWN: &str = "the pool was shut down";
+                    events.send(
+                        Outgoing::new(EventKind::RunnerGone, Counts::default())
+                            .runner(id)
+                            .reason(Reason::Shutdown)
+                            .detail(SHUT_DOWN),
+                    );
+                }
+            })
+            .collect();
         futures::future::join_all(stops).await;
     }
 

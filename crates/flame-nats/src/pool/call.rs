@@ -122,9 +122,12 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let handoff = {
             let mut st = self.pool.state.lock().unwrap();
-            st.model
+            let handoff = st
+                .model
                 .checkin(&self.runner.id)
-                .and_then(|(w, r)| st.slot_for(&self.pool, w, &r))
+                .and_then(|(w, r)| st.slot_for(&self.pool, w, &r));
+            self.pool.idle_if_last(&st, &self.runner.id);
+            handoff
         };
         deliver(handoff);
     }
@@ -384,6 +387,7 @@ impl PoolInner {
             match st.model.checkout(waiter) {
                 Checkout::Placed(id) => {
                     let link = st.runners[&id].link.clone();
+                    self.busy_if_first(&st, &id);
                     return Ok(Slot {
                         pool: self.clone(),
                         runner: link,
