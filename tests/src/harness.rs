@@ -28,6 +28,20 @@ pub fn testapp() -> PathBuf {
     app
 }
 
+/// Path of the `flame` command, built by cargo beside the tests (by
+/// `cargo build -p flame-cli`).
+pub fn flame_cli() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let cli = dir.join("flame");
+    assert!(
+        cli.exists(),
+        "{} is missing: build it with `cargo build -p flame-cli`",
+        cli.display()
+    );
+    cli
+}
+
 fn log_filter() -> tracing_subscriber::EnvFilter {
     tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "flame_nats=debug,flame_core=debug,warn".into())
