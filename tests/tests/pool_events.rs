@@ -282,3 +282,58 @@ async fn a_killed_shared_runner_is_announced_as_crashed() {
         Some("runner process was killed by signal 9")
     );
 }
+
+#[tokio::test]
+async fn the_last_parent_out_announces_the_end_of_runners_it_did_not_boot() {
+    let env = TestEnv::start().await;
+    let second = flame_tests::harness::builder()
+        .nats_url(env.server.url())
+        .init()
+        .await
+        .unwrap();
+    let events = EventLog::subscribe(&env, "ev-last").await;
+    let a = shared_pool(&env.flame, "ev-last")
+        .min(1)
+        .max(1)
+        .start()
+        .await
+        .unwrap();
+    let ready = events.wait(EventKind::RunnerReady, LONG, |_| true).await;
+    let b = shared_pool(&second, "ev-last")
+        .min(1)
+        .max(1)
+        .start()
+        .await
+        .unwrap();
+    wait_for("the second parent to see the runner", LONG, || async {
+        (b.status().ready == 1).then_some(())
+    })
+    .await;
+    // The scaler that booted the runner leaves first: the runner stays
+    // for the other parent, and nothing is announced of it.
+    a.shutdown().await;
+    assert!(
+        events.of(EventKind::RunnerRetiring).is_empty(),
+        "{:?}",
+        events.kinds()
+    );
+    b.shutdown().await;
+    let retiring = events.wait(EventKind::RunnerRetiring, LONG, |_| true).await;
+    assert_eq!(
+        (
+            retiring.runner.clone(),
+            retiring.reason,
+            retiring.parent.as_str()
+        ),
+        (
+            ready.runner.clone(),
+            Some(Reason::Shutdown),
+            second.parent_id()
+        )
+    );
+    let gone = events.wait(EventKind::RunnerGone, LONG, |_| true).await;
+    assert_eq!(
+        (gone.runner, gone.reason),
+        (ready.runner, Some(Reason::Shutdown))
+    );
+}

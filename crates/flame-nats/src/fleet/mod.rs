@@ -41,6 +41,7 @@ use std::time::Duration;
 use async_nats::jetstream::kv::Store;
 use flame_core::backend::StopRunner;
 use flame_core::Error;
+use futures::future::BoxFuture;
 use futures::StreamExt;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -236,24 +237,42 @@ impl Fleet {
         }
         let _ = self.parent.client.flush().await;
         let grace = self.config.shutdown_timeout;
-        let stops: Vec<_> = owned
+        let gone = |id: String| {
+            const SHUT_DOWN: &str = "the pool was shut down";
+            Outgoing::new(EventKind::RunnerGone, Counts::default())
+                .runner(id)
+                .reason(Reason::Shutdown)
+                .detail(SHUT_DOWN)
+        };
+        let mut stops: Vec<BoxFuture<'_, ()>> = owned
             .iter()
             .map(|(id, s)| {
                 let stop = s.stop(grace);
-                let events = self.events.clone();
                 let id = id.clone();
-                async move {
+                Box::pin(async move {
                     stop.await;
-                    const SHUT_DOWN: &str = "the pool was shut down";
-                    events.send(
-                        Outgoing::new(EventKind::RunnerGone, Counts::default())
-                            .runner(id)
-                            .reason(Reason::Shutdown)
-                            .detail(SHUT_DOWN),
-                    );
-                }
+                    self.events.send(gone(id));
+                }) as BoxFuture<'_, ()>
             })
             .collect();
+        // Runners another parent booted: gone once their lease is (they
+        // remove it when they exit), within the same grace.
+        for id in ids
+            .into_iter()
+            .filter(|id| !owned.iter().any(|(o, _)| o == id))
+        {
+            stops.push(Box::pin(async move {
+                let key = subjects::runner_key(&id);
+                let deadline = tokio::time::Instant::now() + grace;
+                while tokio::time::Instant::now() < deadline {
+                    if let Ok(None) = self.store.get(&key).await {
+                        self.events.send(gone(id));
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }));
+        }
         futures::future::join_all(stops).await;
     }
 
