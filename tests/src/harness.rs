@@ -801,6 +801,23 @@ pub async fn run_testapp(args: &[&str], limit: Duration) -> std::process::Output
         .expect("test app output")
 }
 
+/// Returns once the server has processed everything `client` sent so far
+/// (a flush only writes it out): a message to a fresh inbox of its own
+/// has come back.
+pub async fn round_trip(client: &async_nats::Client) {
+    use futures::StreamExt;
+    let inbox = client.new_inbox();
+    let mut echo = client.subscribe(inbox.clone()).await.expect("subscribe");
+    client
+        .publish(inbox, bytes::Bytes::new())
+        .await
+        .expect("publish");
+    tokio::time::timeout(Duration::from_secs(30), echo.next())
+        .await
+        .expect("the server echoes within 30 s")
+        .expect("an echo");
+}
+
 /// Every pool event published on `flame.<pool>.events.>` (`*` for every
 /// pool) since it was made, read by a plain NATS subscription.
 pub struct EventLog {
@@ -824,7 +841,7 @@ impl EventLog {
             .subscribe(flame::ops::events_wildcard(pool))
             .await
             .expect("subscribe to pool events");
-        client.flush().await.expect("flush");
+        round_trip(&client).await;
         let events: Arc<Mutex<Vec<_>>> = Arc::default();
         let log = events.clone();
         let task = tokio::spawn(async move {

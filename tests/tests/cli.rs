@@ -165,7 +165,7 @@ async fn runners_lists_each_runner_with_its_load() {
     let busy = start_marked_call(&pool, &dir, "m", 60_000, CallOptions::new()).await;
     wait_in_flight(&env, "cli-run", 1, LONG).await;
     let id = pool.runners()[0].id.clone();
-    let out = flame(&env, &["runners", "cli-run"]).await;
+    let out = flame(&env, &["runners", "cli-run", "--wait", "1s"]).await;
     assert!(out.status.success(), "{out:?}");
     let cells = row(&out.stdout, &id);
     assert_eq!(cells[1..4], ["ready", "flame-test-b", "1/4"], "{cells:?}");
@@ -184,7 +184,7 @@ async fn runners_lists_each_runner_with_its_load() {
         .await
         .unwrap();
     let id = shared.runners()[0].id.clone();
-    let out = flame(&env, &["runners", "cli-run-shared"]).await;
+    let out = flame(&env, &["runners", "cli-run-shared", "--wait", "1s"]).await;
     assert!(out.status.success(), "{out:?}");
     let cells = row(&out.stdout, &id);
     assert_eq!(cells[1..4], ["ready", "flame-test-b", "0/100"], "{cells:?}");

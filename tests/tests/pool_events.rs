@@ -8,7 +8,7 @@ use flame::ops::{EventKind, PoolEventMessage, Reason};
 use flame::{CallOptions, Flame};
 use flame_tests::funcs::*;
 use flame_tests::harness::{
-    kill9, runner_backend, runner_pids, wait_for, EventLog, FailingFirst, NoExitNotice, TestEnv,
+    kill9, runner_backend, wait_for, EventLog, FailingFirst, NoExitNotice, TestEnv,
 };
 use flame_tests::TEST_BUILD;
 
@@ -20,6 +20,16 @@ fn position(events: &[PoolEventMessage], kind: EventKind, runner: &str) -> usize
         .iter()
         .position(|e| e.kind() == Some(kind) && e.runner.as_deref() == Some(runner))
         .unwrap_or_else(|| panic!("no {} for {runner}", kind.as_str()))
+}
+
+/// Pid of the pool's one runner, from its backend handle (`pid 4242`).
+async fn runner_pid(pool: &flame::Pool) -> u32 {
+    wait_for("the runner's pid", LONG, || async {
+        let runners = pool.runners();
+        let handle = runners.first()?.handle.clone()?;
+        handle.strip_prefix("pid ")?.parse().ok()
+    })
+    .await
 }
 
 fn is_time(t: &str) -> bool {
@@ -124,11 +134,9 @@ async fn a_failed_boot_is_announced_with_its_reason_and_retried() {
 async fn a_killed_runner_is_announced_as_crashed() {
     let env = TestEnv::start().await;
     let events = EventLog::subscribe(&env, "ev-crash").await;
-    let _pool = env.pool("ev-crash").min(1).max(1).start().await.unwrap();
+    let pool = env.pool("ev-crash").min(1).max(1).start().await.unwrap();
     let ready = events.wait(EventKind::RunnerReady, LONG, |_| true).await;
-    let pids = runner_pids("ev-crash");
-    assert_eq!(pids.len(), 1, "{pids:?}");
-    kill9(pids[0]);
+    kill9(runner_pid(&pool).await);
     let gone = events.wait(EventKind::RunnerGone, LONG, |_| true).await;
     assert_eq!(gone.runner, ready.runner);
     assert_eq!(gone.reason, Some(Reason::Crashed), "{gone:?}");
@@ -146,7 +154,7 @@ async fn a_killed_runner_is_announced_as_crashed() {
 async fn a_silent_runner_is_announced_as_heartbeat_lost() {
     let env = TestEnv::start().await;
     let events = EventLog::subscribe(&env, "ev-silent").await;
-    let _pool = env
+    let pool = env
         .flame
         .pool("ev-silent")
         .min(1)
@@ -157,7 +165,7 @@ async fn a_silent_runner_is_announced_as_heartbeat_lost() {
         .await
         .unwrap();
     let ready = events.wait(EventKind::RunnerReady, LONG, |_| true).await;
-    kill9(runner_pids("ev-silent")[0]);
+    kill9(runner_pid(&pool).await);
     let gone = events.wait(EventKind::RunnerGone, LONG, |_| true).await;
     assert_eq!(gone.runner, ready.runner);
     assert_eq!(gone.reason, Some(Reason::HeartbeatLost), "{gone:?}");
@@ -262,18 +270,14 @@ async fn a_shared_pool_announces_each_change_once_from_its_scaler() {
 async fn a_killed_shared_runner_is_announced_as_crashed() {
     let env = TestEnv::start().await;
     let events = EventLog::subscribe(&env, "ev-shared-crash").await;
-    let _pool = shared_pool(&env.flame, "ev-shared-crash")
+    let pool = shared_pool(&env.flame, "ev-shared-crash")
         .min(1)
         .max(1)
         .start()
         .await
         .unwrap();
     let ready = events.wait(EventKind::RunnerReady, LONG, |_| true).await;
-    let pid = wait_for("the runner's process", LONG, || async {
-        runner_pids("ev-shared-crash").first().copied()
-    })
-    .await;
-    kill9(pid);
+    kill9(runner_pid(&pool).await);
     let gone = events.wait(EventKind::RunnerGone, LONG, |_| true).await;
     assert_eq!(gone.runner, ready.runner);
     assert_eq!(gone.reason, Some(Reason::Crashed), "{gone:?}");

@@ -47,3 +47,24 @@ pub(crate) fn decoded<T: serde::de::DeserializeOwned>(messages: &[async_nats::Me
         .filter_map(|m| serde_json::from_slice(&m.payload).ok())
         .collect()
 }
+
+/// Returns once the server has processed everything `client` sent so far
+/// (a flush only writes it out): a message to a fresh inbox of its own has
+/// come back. After it, a subscription made before misses nothing.
+pub(crate) async fn round_trip(client: &async_nats::Client) -> Result<(), CliError> {
+    let inbox = client.new_inbox();
+    let mut echo = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| CliError::nats("cannot subscribe to an inbox", e))?;
+    client
+        .publish(inbox, bytes::Bytes::new())
+        .await
+        .map_err(|e| CliError::nats("cannot reach the server", e))?;
+    match tokio::time::timeout(Duration::from_secs(10), echo.next()).await {
+        Ok(Some(_)) => Ok(()),
+        _ => Err(CliError::Failed(
+            "the NATS server did not answer within 10 s".into(),
+        )),
+    }
+}

@@ -55,10 +55,9 @@ pub(crate) async fn run(
         .subscribe(subject.clone())
         .await
         .map_err(|e| CliError::nats(&format!("cannot subscribe to {subject}"), e))?;
-    client
-        .flush()
-        .await
-        .map_err(|e| CliError::nats(&format!("cannot subscribe to {subject}"), e))?;
+    // Said only once the server has the subscription: nothing published
+    // after the line is missed.
+    crate::gather::round_trip(client).await?;
     eprintln!(
         "watching {subject} on {} (Ctrl-C stops)",
         flame_nats::ops::without_credentials(url)
