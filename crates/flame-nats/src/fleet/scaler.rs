@@ -353,9 +353,12 @@ impl Fleet {
             let mut st = self.state.lock().unwrap();
             // Why, for the event the lease's removal brings.
             let told = st.retiring.remove(id).map(|(_, why)| why);
-            let reason = gone_reason(why, told);
-            st.gone_causes
-                .insert(id.to_string(), (reason, why.to_string()));
+            // (Its lease already gone from the mirror: it was announced.)
+            if st.runners.contains_key(id) {
+                let reason = gone_reason(why, told);
+                st.gone_causes
+                    .insert(id.to_string(), (reason, why.to_string()));
+            }
             let handle = st
                 .runners
                 .get(id)
