@@ -28,6 +28,20 @@ pub fn testapp() -> PathBuf {
     app
 }
 
+/// Path of the `flame` command, built by cargo beside the tests (by
+/// `cargo build -p flame-cli`).
+pub fn flame_cli() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let cli = dir.join("flame");
+    assert!(
+        cli.exists(),
+        "{} is missing: build it with `cargo build -p flame-cli`",
+        cli.display()
+    );
+    cli
+}
+
 fn log_filter() -> tracing_subscriber::EnvFilter {
     tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "flame_nats=debug,flame_core=debug,warn".into())
@@ -807,4 +821,129 @@ pub async fn run_testapp(args: &[&str], limit: Duration) -> std::process::Output
         .await
         .unwrap_or_else(|_| panic!("flame-testapp {args:?} did not exit within {limit:?}"))
         .expect("test app output")
+}
+
+/// Returns once the server has processed everything `client` sent so far
+/// (a flush only writes it out): a message to a fresh inbox of its own
+/// has come back.
+pub async fn round_trip(client: &async_nats::Client) {
+    use futures::StreamExt;
+    let inbox = client.new_inbox();
+    let mut echo = client.subscribe(inbox.clone()).await.expect("subscribe");
+    client
+        .publish(inbox, bytes::Bytes::new())
+        .await
+        .expect("publish");
+    tokio::time::timeout(Duration::from_secs(30), echo.next())
+        .await
+        .expect("the server echoes within 30 s")
+        .expect("an echo");
+}
+
+/// Every pool event published on `flame.<pool>.events.>` (`*` for every
+/// pool) since it was made, read by a plain NATS subscription.
+pub struct EventLog {
+    events: Arc<Mutex<Vec<(String, flame::ops::PoolEventMessage)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for EventLog {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl EventLog {
+    /// Subscribes (and flushes, so nothing published after this returns
+    /// is missed).
+    pub async fn subscribe(env: &TestEnv, pool: &str) -> EventLog {
+        use futures::StreamExt;
+        let client = env.client().await;
+        let mut sub = client
+            .subscribe(flame::ops::events_wildcard(pool))
+            .await
+            .expect("subscribe to pool events");
+        round_trip(&client).await;
+        let events: Arc<Mutex<Vec<_>>> = Arc::default();
+        let log = events.clone();
+        let task = tokio::spawn(async move {
+            let _client = client;
+            while let Some(msg) = sub.next().await {
+                let event: flame::ops::PoolEventMessage = serde_json::from_slice(&msg.payload)
+                    .unwrap_or_else(|e| {
+                        panic!(
+                            "not a pool event on {}: {e}: {}",
+                            msg.subject,
+                            String::from_utf8_lossy(&msg.payload)
+                        )
+                    });
+                log.lock().unwrap().push((msg.subject.to_string(), event));
+            }
+        });
+        EventLog { events, task }
+    }
+
+    /// Everything so far, in order of arrival.
+    pub fn all(&self) -> Vec<flame::ops::PoolEventMessage> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+
+    /// Events of `kind` so far, checking each came on its kind's subject.
+    pub fn of(&self, kind: flame::ops::EventKind) -> Vec<flame::ops::PoolEventMessage> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, e)| e.kind() == Some(kind))
+            .inspect(|(subject, e)| {
+                assert_eq!(*subject, flame::ops::event_subject(&e.pool, kind));
+            })
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+
+    /// Waits (at most `limit`) for an event of `kind` that `matches`.
+    pub async fn wait(
+        &self,
+        kind: flame::ops::EventKind,
+        limit: Duration,
+        matches: impl Fn(&flame::ops::PoolEventMessage) -> bool,
+    ) -> flame::ops::PoolEventMessage {
+        let found = tokio::time::timeout(limit, async {
+            loop {
+                if let Some(e) = self.of(kind).into_iter().find(|e| matches(e)) {
+                    return e;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| {
+            panic!(
+                "timed out after {limit:?} waiting for a {} event; seen: {:?}",
+                kind.as_str(),
+                self.kinds()
+            )
+        })
+    }
+
+    /// The kinds seen so far, with their runner and reason, for messages.
+    pub fn kinds(&self) -> Vec<String> {
+        self.all()
+            .iter()
+            .map(|e| {
+                let kind = e.event_type.rsplit('.').next().unwrap_or("?");
+                let runner = e.runner.as_deref().map_or("", |r| &r[..8.min(r.len())]);
+                match e.reason {
+                    Some(reason) => format!("{kind} {runner} {}", reason.as_str()),
+                    None => format!("{kind} {runner}"),
+                }
+            })
+            .collect()
+    }
 }

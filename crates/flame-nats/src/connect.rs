@@ -57,7 +57,10 @@ pub type ConnectHook =
 /// | `NATS_TLS_FIRST` | `true`: TLS handshake before the NATS greeting |
 ///
 /// Values are never logged or put in error messages; paths are.
-pub(crate) async fn options_from_env() -> Result<async_nats::ConnectOptions, Error> {
+///
+/// Public (as [`crate::ops::connect_options_from_env`]) so that tools such
+/// as the `flame` command connect the way parents and runners do.
+pub async fn options_from_env() -> Result<async_nats::ConnectOptions, Error> {
     let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let mut options = async_nats::ConnectOptions::new();
     if let Some(path) = var("NATS_CREDS") {
@@ -133,7 +136,7 @@ fn readable(var: &str, path: &str) -> Result<std::path::PathBuf, Error> {
 
 /// `url` with any `user:password@` or `token@` taken out, for logs,
 /// errors and what runners are told.
-pub(crate) fn without_credentials(url: &str) -> String {
+pub fn without_credentials(url: &str) -> String {
     server_list(url)
         .iter()
         .map(|server| match (server.find("://"), server.rfind('@')) {
@@ -272,6 +275,19 @@ async fn connect_with(
         .await
         .map_err(|_| unreachable(format!("no connection within {timeout:?}"), None))?
         .map_err(|e| unreachable(e.to_string(), Some(Source::new(e))))
+}
+
+/// Connects a tool (not a parent, not a runner) to `url`, one server or a
+/// comma-separated list, with the options of the conventional environment
+/// (see [`options_from_env`]), within `timeout`. Fails with
+/// [`Error::NatsUnreachable`] naming the URL without credentials.
+pub async fn connect_tool(
+    url: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<async_nats::Client, Error> {
+    let options = options_from_env().await?;
+    connect_with(url, name.to_string(), timeout, options).await
 }
 
 /// Pause before a connection attempt: none for the first, then 100 ms more

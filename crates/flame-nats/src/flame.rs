@@ -277,8 +277,14 @@ impl FlameBuilder {
             explicit: given.is_some(),
             url: without_credentials(given.as_deref().unwrap_or(&nats_url)),
         };
+        let announcer = crate::announce::Announcer::start(
+            client.clone(),
+            parent_id.as_str().into(),
+            build_id.clone(),
+        );
         Ok(Flame {
             parent: Arc::new(ParentContext {
+                announcer,
                 client,
                 runner_nats_url,
                 nats_url,

@@ -23,6 +23,7 @@ compile_error!(
      stops orphaned runners with PR_SET_PDEATHSIG and inspects /proc"
 );
 
+mod announce;
 mod boot;
 mod build_id;
 mod config;
@@ -39,6 +40,20 @@ mod replies;
 mod runner;
 mod streams;
 mod trace;
+
+/// What operators' tools use: the pool events parents publish on
+/// `flame.<pool>.events.<kind>`, the answers to `flame.pools.info`, and
+/// connecting the way parents and runners do (section 11 of
+/// `PROTOCOL.md`). The `flame` command is built on it.
+pub mod ops {
+    pub use crate::connect::{
+        connect_tool, options_from_env as connect_options_from_env, without_credentials,
+    };
+    pub use crate::protocol::pool_events::{
+        classify_gone, event_subject, events_wildcard, format_time, gone_reason, EventKind,
+        PoolEventMessage, PoolInfo, Reason, EVENT_TYPE_PREFIX, POOLS_INFO_SUBJECT,
+    };
+}
 
 pub use build_id::{build_id, BUILD_ID_ENV};
 pub use config::PoolConfig;

@@ -24,6 +24,8 @@ pub(crate) struct ParentContext {
     pub(crate) streams: Arc<crate::streams::StreamHub>,
     /// The private nats-server this parent started, if any; stopped with it.
     pub(crate) embedded: std::sync::Mutex<Option<NatsServer>>,
+    /// Publishes its pools' events.
+    pub(crate) announcer: crate::announce::Announcer,
 }
 
 /// The NATS URL runners connect to (never with credentials).

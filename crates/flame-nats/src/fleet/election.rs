@@ -7,8 +7,10 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::{Fleet, PoolPort};
+use crate::announce::Outgoing;
 use crate::kv::{self, Cas};
 use crate::protocol::lease::{ParentLease, ScalerLease};
+use crate::protocol::pool_events::EventKind;
 use crate::protocol::subjects;
 
 impl Fleet {
@@ -144,6 +146,7 @@ impl Fleet {
             Ok(Cas::Written(revision)) => {
                 if st.leading.is_none() {
                     info!(%pool, build = %self.parent.build_id, "this parent is now the pool's scaler for its build");
+                    self.announce(&st, |c| Outgoing::new(EventKind::ScalerElected, c));
                 }
                 st.leading = Some(revision);
             }

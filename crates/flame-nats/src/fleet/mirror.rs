@@ -12,8 +12,10 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::{Fleet, Owned, PoolPort};
+use crate::announce::{Counts, Outgoing};
 use crate::boot::RetryGate;
 use crate::protocol::lease::{LeaseState, ParentLease, RunnerLease, ScalerLease, Slots};
+use crate::protocol::pool_events::{EventKind, Reason};
 use crate::protocol::subjects;
 
 /// What this parent knows of the pool: the bucket as last seen, and its
@@ -34,8 +36,11 @@ pub(super) struct FleetState {
     pub(super) pending: HashSet<String>,
     /// Runners this scaler booted and can stop directly.
     pub(super) owned: Owned,
-    /// Runners told to retire, and when.
-    pub(super) retiring: HashMap<String, Instant>,
+    /// Runners told to retire, when, and why.
+    pub(super) retiring: HashMap<String, (Instant, Reason)>,
+    /// Why this scaler removed a runner's lease (reaped, failed boot), for
+    /// the event its removal brings: the reason and its words.
+    pub(super) gone_causes: HashMap<String, (Reason, String)>,
     /// Slot ids without a lease, and since when.
     pub(super) orphan_slots: HashMap<String, Instant>,
     pub(super) retry: RetryGate,
@@ -82,6 +87,30 @@ impl FleetState {
     /// a stalled mirror makes every lease look silent.
     pub(super) fn mirror_stalled(&self, limit: Duration) -> bool {
         self.echo.is_some_and(|(_, at)| at.elapsed() > limit)
+    }
+
+    /// The pool's numbers for events and `flame.pools.info`: every lease
+    /// (all builds) and boot under way, and the callers every live parent
+    /// and runner has waiting.
+    pub(super) fn counts(&self, stale_after: Duration) -> Counts {
+        let leases = || self.runners.values().map(|s| &s.value);
+        let booting = self
+            .pending
+            .iter()
+            .filter(|id| !self.runners.contains_key(*id))
+            .count();
+        let waiting: usize = self
+            .parents
+            .values()
+            .filter(|p| p.changed.elapsed() <= stale_after)
+            .map(|p| p.value.waiting)
+            .sum();
+        Counts {
+            runners: self.runners.len() + booting,
+            ready: leases().filter(|l| l.state == LeaseState::Ready).count(),
+            load: leases().map(|l| l.load).sum(),
+            waiting: waiting + leases().map(|l| l.queued).sum::<usize>(),
+        }
     }
 
     /// Counts every lease and the scaler as just seen.
@@ -206,6 +235,91 @@ impl Fleet {
         }
     }
 
+    /// Publishes what a runner's new lease says changed: booted, ready,
+    /// busy, idle, or draining on its own.
+    fn announce_change(
+        &self,
+        st: &FleetState,
+        before: Option<(LeaseState, usize)>,
+        lease: &RunnerLease,
+    ) {
+        let id = lease.runner.as_str();
+        let load = lease.load + lease.queued;
+        let runner_event = |kind: EventKind| move |c: Counts| Outgoing::new(kind, c).runner(id);
+        match (before, lease.state) {
+            (None, LeaseState::Booting) => {
+                self.announce(st, runner_event(EventKind::RunnerBooting));
+            }
+            (None | Some((LeaseState::Booting, _)), LeaseState::Ready) => {
+                self.announce(st, runner_event(EventKind::RunnerReady));
+                if load > 0 {
+                    self.announce(st, runner_event(EventKind::RunnerBusy));
+                }
+            }
+            (Some((LeaseState::Ready, was)), LeaseState::Ready) => {
+                if was == 0 && load > 0 {
+                    self.announce(st, runner_event(EventKind::RunnerBusy));
+                } else if was > 0 && load == 0 {
+                    self.announce(st, runner_event(EventKind::RunnerIdle));
+                }
+            }
+            // Retired by this scaler: announced when it sent `retire`.
+            (Some((state, _)), LeaseState::Draining)
+                if state != LeaseState::Draining && !st.retiring.contains_key(id) =>
+            {
+                let reason = self.own_stop_reason();
+                self.announce(st, |c| {
+                    Outgoing::new(EventKind::RunnerRetiring, c)
+                        .runner(id)
+                        .reason(reason)
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// Publishes a runner's end, when its lease is removed: `runner_gone`,
+    /// or `runner_boot_failed` for a runner that never became ready.
+    /// `retired`: why this scaler told it to stop; `cause`: why this
+    /// scaler removed the lease. Otherwise the runner removed it itself.
+    fn announce_end(
+        &self,
+        st: &FleetState,
+        id: &str,
+        last: &RunnerLease,
+        retired: Option<Reason>,
+        cause: Option<(Reason, String)>,
+    ) {
+        let (reason, detail) = cause.unwrap_or_else(|| {
+            let reason = match (retired, last.state) {
+                (Some(why), _) => why,
+                (None, LeaseState::Draining) => self.own_stop_reason(),
+                (None, _) => Reason::LeaseLost,
+            };
+            (reason, "its lease was removed".to_string())
+        });
+        let kind = if last.state == LeaseState::Booting {
+            EventKind::RunnerBootFailed
+        } else {
+            EventKind::RunnerGone
+        };
+        self.announce(st, |c| {
+            Outgoing::new(kind, c)
+                .runner(id)
+                .reason(reason)
+                .detail(detail)
+        });
+    }
+
+    /// Why a runner that stops on its own stops.
+    pub(super) fn own_stop_reason(&self) -> Reason {
+        if self.config.single_use {
+            Reason::SingleUse
+        } else {
+            Reason::Stopped
+        }
+    }
+
     fn apply(&self, port: &Arc<dyn PoolPort>, entry: Entry) {
         let deleted = entry.operation != Operation::Put;
         let mut st = self.state.lock().unwrap();
@@ -221,10 +335,23 @@ impl Fleet {
             }
         }
         if let Some(id) = entry.key.strip_prefix("runners.") {
+            // Only the scaler of a build announces its runners, so that
+            // each change is published once, not by every parent.
+            let announce = st.leading.is_some();
+            let build = &*self.parent.build_id;
             if deleted {
-                st.runners.remove(id);
+                let last = st.runners.remove(id);
                 st.pending.remove(id);
-                st.retiring.remove(id);
+                let retired = st.retiring.remove(id).map(|(_, why)| why);
+                let cause = st.gone_causes.remove(id);
+                // (Runners of a build nobody uses any more are announced by
+                // the scaler that retired them.)
+                let ours = |l: &Seen<RunnerLease>| {
+                    l.value.build == build || retired == Some(Reason::BuildGone)
+                };
+                if let Some(last) = last.filter(|l| announce && ours(l)) {
+                    self.announce_end(&st, id, &last.value, retired, cause);
+                }
                 let owned = st.owned.remove(id);
                 drop(st);
                 port.clone().lease_gone(id, "its lease was removed");
@@ -235,6 +362,10 @@ impl Fleet {
                 return;
             };
             st.pending.remove(id);
+            let before = st
+                .runners
+                .get(id)
+                .map(|s| (s.value.state, s.value.load + s.value.queued));
             let became_ready = lease.state == LeaseState::Ready
                 && st
                     .runners
@@ -243,6 +374,9 @@ impl Fleet {
             let mine = lease.booted_by == self.parent.parent_id;
             st.runners
                 .insert(id.to_string(), Seen::new(lease.clone(), entry.revision));
+            if announce && lease.build == build {
+                self.announce_change(&st, before, &lease);
+            }
             let count = st.runners.len();
             drop(st);
             port.clone().lease_seen(&lease);

@@ -41,17 +41,20 @@ use std::time::Duration;
 use async_nats::jetstream::kv::Store;
 use flame_core::backend::StopRunner;
 use flame_core::Error;
+use futures::future::BoxFuture;
 use futures::StreamExt;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::announce::{Counts, Outgoing, PoolAnnouncer};
 use crate::boot::Booter;
 use crate::config::PoolConfig;
 use crate::kv;
 use crate::parent::ParentContext;
 use crate::protocol::call as wire;
 use crate::protocol::lease::{LeaseState, RunnerLease};
+use crate::protocol::pool_events::{EventKind, Reason};
 use crate::protocol::subjects;
 use mirror::FleetState;
 
@@ -86,6 +89,9 @@ pub(crate) struct Fleet {
     /// Becomes true once this parent has left the pool (at the end of its
     /// parent loop, so that no renewal of its lease can follow the leave).
     left: watch::Sender<bool>,
+    /// Publishes the pool's events: runner events while this parent is
+    /// the scaler of its build, from the mirror.
+    events: PoolAnnouncer,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -105,6 +111,7 @@ impl Fleet {
         closed: CancellationToken,
     ) -> Result<Fleet, Error> {
         Ok(Fleet {
+            events: parent.announcer.for_pool(&config.name),
             store: kv::open_bucket(&parent.client, &config.name, config.kv_replicas).await?,
             scaler_key: subjects::scaler_key(&parent.build_id),
             parent,
@@ -160,6 +167,22 @@ impl Fleet {
         self.state.lock().unwrap().leading.is_some()
     }
 
+    /// Whether this parent is the scaler of its build now.
+    pub(crate) fn is_scaler(&self) -> bool {
+        self.is_leading()
+    }
+
+    /// The pool's numbers as the bucket says (every build's runners; the
+    /// waiting callers of every live parent).
+    pub(crate) fn counts(&self) -> Counts {
+        self.state.lock().unwrap().counts(self.stale_after())
+    }
+
+    /// Publishes a runner event with the pool's numbers now.
+    fn announce(&self, st: &FleetState, event: impl FnOnce(Counts) -> Outgoing) {
+        self.events.send(event(st.counts(self.stale_after())));
+    }
+
     /// Waits until this parent has left the pool, which its parent loop
     /// does once the pool closes.
     pub(crate) async fn left(&self) {
@@ -204,18 +227,62 @@ impl Fleet {
         // build (runners of other builds are their parents' business).
         let ids: Vec<String> = {
             let st = self.state.lock().unwrap();
-            st.runners
+            let ids: Vec<String> = st
+                .runners
                 .iter()
                 .filter(|(_, seen)| *seen.value.build == *self.parent.build_id)
                 .map(|(id, _)| id.clone())
-                .collect()
+                .collect();
+            for id in &ids {
+                self.announce(&st, |c| {
+                    Outgoing::new(EventKind::RunnerRetiring, c)
+                        .runner(id.as_str())
+                        .reason(Reason::Shutdown)
+                });
+            }
+            ids
         };
         for id in &ids {
             self.send_retire(id).await;
         }
         let _ = self.parent.client.flush().await;
         let grace = self.config.shutdown_timeout;
-        let stops: Vec<_> = owned.iter().map(|(_, s)| s.stop(grace)).collect();
+        let gone = |id: String| {
+            const SHUT_DOWN: &str = "the pool was shut down";
+            Outgoing::new(EventKind::RunnerGone, Counts::default())
+                .runner(id)
+                .reason(Reason::Shutdown)
+                .detail(SHUT_DOWN)
+        };
+        let mut stops: Vec<BoxFuture<'_, ()>> = owned
+            .iter()
+            .map(|(id, s)| {
+                let stop = s.stop(grace);
+                let id = id.clone();
+                Box::pin(async move {
+                    stop.await;
+                    self.events.send(gone(id));
+                }) as BoxFuture<'_, ()>
+            })
+            .collect();
+        // Runners another parent booted: gone once their lease is (they
+        // remove it when they exit), within the same grace.
+        for id in ids
+            .into_iter()
+            .filter(|id| !owned.iter().any(|(o, _)| o == id))
+        {
+            stops.push(Box::pin(async move {
+                let key = subjects::runner_key(&id);
+                let deadline = tokio::time::Instant::now() + grace;
+                while tokio::time::Instant::now() < deadline {
+                    if let Ok(None) = self.store.get(&key).await {
+                        self.events.send(gone(id));
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }));
+        }
         futures::future::join_all(stops).await;
     }
 

@@ -13,9 +13,12 @@ use tracing::{debug, info, warn};
 
 use super::scaling::{self, ScalingRules};
 use super::{Fleet, PoolPort};
+use crate::announce::Outgoing;
 use crate::kv;
+use crate::pool::info::boot_failure_reason;
 use crate::protocol::events::ParentEvent;
 use crate::protocol::lease::{LeaseState, RunnerLease};
+use crate::protocol::pool_events::{gone_reason, EventKind, Reason};
 use crate::protocol::subjects;
 
 /// How often a scaler asks the backend for the pool's runners that have no
@@ -111,10 +114,9 @@ impl Fleet {
                     LeaseState::Booting => silent > self.config.boot_timeout,
                     _ => silent > stale_after,
                 };
-                let retire_overdue = st
-                    .retiring
-                    .get(id)
-                    .is_some_and(|at| at.elapsed() > self.config.shutdown_timeout + stale_after);
+                let retire_overdue = st.retiring.get(id).is_some_and(|(at, _)| {
+                    at.elapsed() > self.config.shutdown_timeout + stale_after
+                });
                 if dead || retire_overdue {
                     let why = if seen.value.state == LeaseState::Booting {
                         format!("did not become ready within {:?}", self.config.boot_timeout)
@@ -213,11 +215,7 @@ impl Fleet {
         }
 
         for (id, old) in abandoned {
-            self.state
-                .lock()
-                .unwrap()
-                .retiring
-                .insert(id.clone(), Instant::now());
+            self.retiring(&id, Reason::BuildGone);
             info!(%pool, runner = %id, build = %old, "retiring a runner of a build no parent uses any more");
             self.send_retire(&id).await;
         }
@@ -231,28 +229,50 @@ impl Fleet {
             }
         }
         for id in plan.retire {
-            let first = self
-                .state
-                .lock()
-                .unwrap()
-                .retiring
-                .insert(id.clone(), Instant::now())
-                .is_none();
-            if first {
+            if self.retiring(&id, Reason::Idle) {
                 debug!(%pool, runner = %id, "retiring idle runner");
                 self.send_retire(&id).await;
             }
         }
     }
 
+    /// Notes that `id` is told to retire, and why, and announces it the
+    /// first time. False when it was told already.
+    fn retiring(&self, id: &str, why: Reason) -> bool {
+        let mut st = self.state.lock().unwrap();
+        if st.retiring.contains_key(id) {
+            return false;
+        }
+        st.retiring.insert(id.to_string(), (Instant::now(), why));
+        self.announce(&st, |c| {
+            Outgoing::new(EventKind::RunnerRetiring, c)
+                .runner(id)
+                .reason(why)
+        });
+        true
+    }
+
     /// Boots one runner: slot first (compare-and-set against `max`), then
     /// the lease, then the backend.
     async fn boot(self: Arc<Self>, port: Arc<dyn PoolPort>, id: String, max: usize) {
         let pool = &self.config.name;
-        let fail = |e: Error| {
+        // `leased`: the lease was written, so its removal announces the
+        // failure; else it is announced here.
+        let fail = |e: Error, leased: bool| {
             let mut st = self.state.lock().unwrap();
             st.pending.remove(&id);
             st.retry.failed();
+            let (reason, detail) = (boot_failure_reason(&e), e.to_string());
+            if leased {
+                st.gone_causes.insert(id.clone(), (reason, detail));
+            } else {
+                self.announce(&st, |c| {
+                    Outgoing::new(EventKind::RunnerBootFailed, c)
+                        .runner(id.as_str())
+                        .reason(reason)
+                        .detail(detail)
+                });
+            }
             let runners = st.runners.len();
             drop(st);
             self.booter.grow_end(runners, Err(e));
@@ -266,7 +286,7 @@ impl Fleet {
             }
             Err(e) => {
                 warn!(%pool, "cannot take a slot: {e}");
-                fail(e);
+                fail(e, false);
                 return;
             }
         }
@@ -275,7 +295,7 @@ impl Fleet {
         if let Err(e) = kv::compare_and_set(&self.store, &key, &lease, None).await {
             warn!(%pool, "cannot write the lease of a new runner: {e}");
             let _ = kv::free_slot(&self.store, &id).await;
-            fail(e);
+            fail(e, false);
             return;
         }
         let runners = self.state.lock().unwrap().runners.len() + 1;
@@ -310,9 +330,10 @@ impl Fleet {
                 }
             }
             Err(e) => {
+                // (The cause first: the lease's removal announces it.)
+                fail(e, true);
                 let _ = self.store.delete(&key).await;
                 let _ = kv::free_slot(&self.store, &id).await;
-                fail(e);
             }
         }
     }
@@ -331,7 +352,14 @@ impl Fleet {
         let pool = &self.config.name;
         let (owned, handle) = {
             let mut st = self.state.lock().unwrap();
-            st.retiring.remove(id);
+            // Why, for the event the lease's removal brings.
+            let told = st.retiring.remove(id).map(|(_, why)| why);
+            // (Its lease already gone from the mirror: it was announced.)
+            if st.runners.contains_key(id) {
+                let reason = gone_reason(why, told);
+                st.gone_causes
+                    .insert(id.to_string(), (reason, why.to_string()));
+            }
             let handle = st
                 .runners
                 .get(id)

@@ -16,6 +16,7 @@ use crate::config::PoolConfig;
 use crate::fleet::Fleet;
 use crate::hooks::{Hooks, PoolEvent};
 use crate::parent::ParentContext;
+use crate::protocol::pool_events::{format_time, POOLS_INFO_SUBJECT};
 use crate::protocol::subjects;
 
 /// Builds and starts a [`Pool`]. Get one from [`crate::Flame::pool`].
@@ -236,6 +237,8 @@ impl PoolBuilder {
             closed,
             listening: CancellationToken::new(),
             changed: Notify::new(),
+            events: self.parent.announcer.for_pool(&config.name),
+            started: format_time(std::time::SystemTime::now()),
             parent: self.parent,
             config,
         });
@@ -247,6 +250,15 @@ impl PoolBuilder {
         if let Some(fleet) = &fleet {
             fleet.start(inner.clone()).await?;
         }
+        // Every started pool answers operators' discovery requests (no
+        // queue group: each parent answers for its own view).
+        let info = inner
+            .parent
+            .client
+            .subscribe(POOLS_INFO_SUBJECT)
+            .await
+            .map_err(|e| Error::nats("cannot subscribe to the pools info subject", e))?;
+        tokio::spawn(inner.clone().answer_info(info));
         let pool = Pool {
             inner: inner.clone(),
             _owner: Arc::new(Owner(inner.clone())),

@@ -185,9 +185,12 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let handoff = {
             let mut st = self.pool.state.lock().unwrap();
-            st.model
+            let handoff = st
+                .model
                 .checkin(&self.runner.id)
-                .and_then(|(w, r)| st.slot_for(&self.pool, w, &r))
+                .and_then(|(w, r)| st.slot_for(&self.pool, w, &r));
+            self.pool.idle_if_last(&st, &self.runner.id);
+            handoff
         };
         deliver(handoff);
     }
@@ -469,6 +472,7 @@ impl PoolInner {
                         self.boot_locked(&mut st);
                     }
                     let link = st.runners[&id].link.clone();
+                    self.busy_if_first(&st, &id);
                     return Ok(Slot {
                         pool: self.clone(),
                         runner: link,

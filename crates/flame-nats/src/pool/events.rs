@@ -11,7 +11,9 @@ use tracing::debug;
 use super::call::Handoff;
 use super::model::RunnerId;
 use super::PoolInner;
+use crate::announce::Outgoing;
 use crate::protocol::events::{ParentAnswer, ParentEvent, RunnerEvent};
+use crate::protocol::pool_events::{EventKind, Reason};
 
 impl PoolInner {
     /// Answers runner events until the pool's runners are stopped (not
@@ -81,6 +83,14 @@ impl PoolInner {
                     .into_iter()
                     .filter_map(|(w, r)| st.slot_for(self, w, &r))
                     .collect();
+                self.announce(&st, |c| {
+                    Outgoing::new(EventKind::RunnerReady, c).runner(id.clone())
+                });
+                if st.model.runner(&id).is_some_and(|(_, load)| load > 0) {
+                    self.announce(&st, |c| {
+                        Outgoing::new(EventKind::RunnerBusy, c).runner(id.clone())
+                    });
+                }
                 if st.model.boots_ahead() {
                     // Hot start: the callers it took may make it busy
                     // enough to boot the next one already.
@@ -99,11 +109,32 @@ impl PoolInner {
                 );
                 if ok {
                     debug!(pool = %self.config.name, runner = %id, "runner may leave");
+                    if let Some(entry) = st.runners.get_mut(&id) {
+                        entry.drain_cause = Some(Reason::Idle);
+                    }
+                    self.announce(&st, |c| {
+                        Outgoing::new(EventKind::RunnerRetiring, c)
+                            .runner(id.clone())
+                            .reason(Reason::Idle)
+                    });
                 }
                 ParentAnswer::answer(ok)
             }
             ParentEvent::Stopping => {
+                // Stopping on its own (SIGTERM, single use): announced now;
+                // stopping because this parent said so: announced then.
+                let own = entry.drain_cause.is_none().then(|| self.own_stop_reason());
+                if own.is_some() {
+                    entry.drain_cause = own;
+                }
                 st.stopping(&id);
+                if let Some(reason) = own {
+                    self.announce(&st, |c| {
+                        Outgoing::new(EventKind::RunnerRetiring, c)
+                            .runner(id.clone())
+                            .reason(reason)
+                    });
+                }
                 debug!(pool = %self.config.name, runner = %id, "runner is stopping");
                 ParentAnswer::answer(true)
             }

@@ -9,7 +9,8 @@
 //! - [`runners`]: the runners' lives as the parent sees them (boot, ready,
 //!   gone, heartbeats, limits, close);
 //! - [`events`]: answering the events runners of a private pool send;
-//! - [`orphans`]: terminating runners that dead parents left behind.
+//! - [`orphans`]: terminating runners that dead parents left behind;
+//! - [`info`]: pool events for operators, and `flame.pools.info`.
 //!
 //! The lock is never held across an await, and slots handed to waiting
 //! callers are delivered after it is released (a dropped slot checks itself
@@ -19,6 +20,7 @@ pub(crate) mod builder;
 pub(crate) mod call;
 pub(crate) mod child;
 mod events;
+pub(crate) mod info;
 mod map;
 pub(crate) mod model;
 mod orphans;
@@ -87,6 +89,10 @@ pub(crate) struct PoolInner {
     listening: CancellationToken,
     /// Woken when a runner becomes ready or fails to boot.
     changed: Notify,
+    /// Publishes the pool's events.
+    events: crate::announce::PoolAnnouncer,
+    /// When the pool started (RFC 3339), for `flame.pools.info`.
+    started: String,
 }
 
 #[derive(Debug)]

@@ -340,6 +340,16 @@ impl PoolModel {
         self.waiters.len()
     }
 
+    /// The numbers pool events report: runners, ready, load, waiting.
+    pub(crate) fn counts(&self) -> crate::announce::Counts {
+        crate::announce::Counts {
+            runners: self.runners.len(),
+            ready: self.count(RunnerState::Ready),
+            load: self.runners.values().map(|r| r.load).sum(),
+            waiting: self.waiters.len(),
+        }
+    }
+
     /// State and load of a runner.
     pub(crate) fn runner(&self, runner: &RunnerId) -> Option<(RunnerState, usize)> {
         self.runners.get(runner).map(|r| (r.state, r.load))
@@ -352,6 +362,21 @@ mod tests {
 
     fn id(s: &str) -> RunnerId {
         Arc::from(s)
+    }
+
+    #[test]
+    fn counts_sum_the_load_of_every_runner() {
+        let mut m = PoolModel::new(0, 3, 2);
+        for r in ["a", "b", "c"] {
+            m.add_booting(id(r));
+        }
+        m.runner_ready(&id("a")).unwrap();
+        m.runner_ready(&id("b")).unwrap();
+        for w in 0..5 {
+            m.checkout(w);
+        }
+        let c = m.counts();
+        assert_eq!((c.runners, c.ready, c.load, c.waiting), (3, 2, 4, 1));
     }
 
     #[test]

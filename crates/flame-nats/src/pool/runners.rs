@@ -13,12 +13,15 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::call::{deliver, Handoff};
+use super::info::boot_failure_reason;
 use super::model::{RunnerId, RunnerState};
 use super::{PoolInner, State};
+use crate::announce::{Counts, Outgoing};
 use crate::boot::BOOT_RETRY_DEBOUNCE;
 use crate::fleet::PoolPort;
 use crate::protocol::events::{EventKey, ReplayWindow};
 use crate::protocol::lease::{LeaseState, RunnerLease};
+use crate::protocol::pool_events::{gone_reason, EventKind, Reason};
 use crate::protocol::subjects;
 use crate::replies::Replies;
 
@@ -46,6 +49,9 @@ pub(super) struct RunnerEntry {
     /// Outages of its NATS connection its lease reported last (shared
     /// pools).
     outages_seen: Option<u64>,
+    /// Why it drains, when this parent decided it (private pools): its
+    /// `runner_retiring` was published then, and its `runner_gone` says it.
+    pub(super) drain_cause: Option<Reason>,
 }
 
 impl RunnerEntry {
@@ -65,6 +71,7 @@ impl RunnerEntry {
             key,
             replays: ReplayWindow::default(),
             outages_seen: None,
+            drain_cause: None,
         }
     }
 
@@ -183,6 +190,9 @@ impl PoolInner {
                 RunnerEntry::new(&self.config.name, &id, Some(ready_tx), Some(key.clone())),
             );
             let runners = st.model.len();
+            self.announce(st, |c| {
+                Outgoing::new(EventKind::RunnerBooting, c).runner(id.clone())
+            });
             tokio::spawn(self.clone().boot(id, key, ready_rx, runners));
         }
     }
@@ -265,6 +275,12 @@ impl PoolInner {
                         entry.link.fail(&self.parent.replies, e.to_string());
                         entry.stopper
                     });
+                    self.announce(&st, |c| {
+                        Outgoing::new(EventKind::RunnerBootFailed, c)
+                            .runner(id.clone())
+                            .reason(boot_failure_reason(&e))
+                            .detail(e.to_string())
+                    });
                     (stopper, st.model.len())
                 };
                 self.changed.notify_waiters();
@@ -287,10 +303,21 @@ impl PoolInner {
     pub(super) fn runner_gone(self: &Arc<Self>, id: &RunnerId, reason: String) {
         let (entry, state, runners) = {
             let mut st = self.state.lock().unwrap();
+            let served = st.served(id);
             let state = st.model.remove(id);
             let entry = st.runners.remove(id);
             if state == Some(RunnerState::Ready) {
                 info!(pool = %self.config.name, runner = %id, "runner gone: {reason}");
+            }
+            if served {
+                let cause = entry.as_ref().and_then(|e| e.drain_cause);
+                let why = gone_reason(&reason, cause.or(Some(self.own_stop_reason())));
+                self.announce(&st, |c| {
+                    Outgoing::new(EventKind::RunnerGone, c)
+                        .runner(id.clone())
+                        .reason(why)
+                        .detail(reason.clone())
+                });
             }
             let runners = st.model.len();
             self.boot_locked(&mut st);
@@ -389,12 +416,22 @@ impl PoolInner {
             retire
                 .into_iter()
                 .map(|id| {
-                    let stopper = st.runners.get_mut(&id).and_then(|e| e.stopper.take());
+                    let stopper = st.runners.get_mut(&id).and_then(|e| {
+                        e.drain_cause = Some(Reason::Retired);
+                        e.stopper.take()
+                    });
+                    self.announce(&st, |c| {
+                        Outgoing::new(EventKind::RunnerRetiring, c)
+                            .runner(id.clone())
+                            .reason(Reason::Retired)
+                    });
                     (id, stopper)
                 })
                 .collect()
         };
         info!(pool = %self.config.name, min, max, retired = retired.len(), "limits changed");
+        self.events
+            .send(Outgoing::new(EventKind::LimitsChanged, self.counts_now()).limits(min, max));
         let grace = self.config.shutdown_timeout;
         for (id, stopper) in retired {
             debug!(pool = %self.config.name, runner = %id, "retiring runner");
@@ -447,13 +484,37 @@ impl PoolInner {
             (entries, waiters)
         };
         drop(waiters);
+        // Private pools announce their runners' end; a shared pool's last
+        // parent out does (see `Fleet::leave`).
+        let events = self.fleet.is_none().then(|| self.events.clone());
         entries
             .into_iter()
-            .filter_map(|(_, entry)| {
-                entry
-                    .link
-                    .fail(&self.parent.replies, "the pool was shut down".into());
-                entry.stopper.map(|s| s.stop(grace))
+            .map(|(id, entry)| {
+                const SHUT_DOWN: &str = "the pool was shut down";
+                entry.link.fail(&self.parent.replies, SHUT_DOWN.into());
+                if let Some(events) = &events {
+                    events.send(
+                        Outgoing::new(EventKind::RunnerRetiring, Counts::default())
+                            .runner(id.clone())
+                            .reason(Reason::Shutdown),
+                    );
+                }
+                let events = events.clone();
+                let stop = entry.stopper.map(|s| s.stop(grace));
+                let announced = async move {
+                    if let Some(stop) = stop {
+                        stop.await;
+                    }
+                    if let Some(events) = events {
+                        events.send(
+                            Outgoing::new(EventKind::RunnerGone, Counts::default())
+                                .runner(id)
+                                .reason(Reason::Shutdown)
+                                .detail(SHUT_DOWN),
+                        );
+                    }
+                };
+                Box::pin(announced) as BoxFuture<'static, ()>
             })
             .collect()
     }

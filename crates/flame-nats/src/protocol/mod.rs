@@ -7,5 +7,6 @@ pub(crate) mod bootstrap;
 pub(crate) mod call;
 pub(crate) mod events;
 pub(crate) mod lease;
+pub(crate) mod pool_events;
 pub(crate) mod stream;
 pub(crate) mod subjects;

@@ -1,0 +1,150 @@
+//! What a pool tells operators: the events of its runners (private pools;
+//! a shared pool's runner events come from its scaler, see
+//! `fleet::mirror`), its limits, and its answer to `flame.pools.info`.
+
+use std::sync::Arc;
+
+use flame_core::Error;
+use futures::StreamExt;
+use tracing::debug;
+
+use super::model::{RunnerId, RunnerState};
+use super::{PoolInner, State};
+use crate::announce::{Counts, Outgoing};
+use crate::protocol::pool_events::{EventKind, PoolInfo, Reason};
+
+impl PoolInner {
+    /// Publishes a runner event of a private pool, with the pool's numbers
+    /// after the change. Shared pools publish nothing here: their scaler
+    /// does, from the bucket, so that parents do not each publish the same.
+    pub(super) fn announce(&self, st: &State, event: impl FnOnce(Counts) -> Outgoing) {
+        if self.fleet.is_none() {
+            self.events.send(event(st.model.counts()));
+        }
+    }
+
+    /// A call was placed on `id`: `runner_busy` if it was the first.
+    pub(super) fn busy_if_first(&self, st: &State, id: &RunnerId) {
+        if st.model.runner(id).is_some_and(|(_, load)| load == 1) {
+            self.announce(st, |c| {
+                Outgoing::new(EventKind::RunnerBusy, c).runner(id.clone())
+            });
+        }
+    }
+
+    /// A call on `id` ended: `runner_idle` if it was the last.
+    pub(super) fn idle_if_last(&self, st: &State, id: &RunnerId) {
+        if st.model.runner(id).is_some_and(|(_, load)| load == 0) {
+            self.announce(st, |c| {
+                Outgoing::new(EventKind::RunnerIdle, c).runner(id.clone())
+            });
+        }
+    }
+
+    /// Why a runner that stops on its own stops, when the parent did not
+    /// decide it.
+    pub(super) fn own_stop_reason(&self) -> Reason {
+        if self.config.single_use {
+            Reason::SingleUse
+        } else {
+            Reason::Stopped
+        }
+    }
+
+    /// The pool as this parent sees it, for `flame.pools.info`.
+    pub(super) fn info(&self) -> PoolInfo {
+        let (counts, (min, max)) = {
+            let st = self.state.lock().unwrap();
+            (st.model.counts(), st.model.limits())
+        };
+        // (The fleet's lock is never taken under the pool's.)
+        let (counts, scaler) = match &self.fleet {
+            Some(fleet) => {
+                let fleet_counts = fleet.counts();
+                (
+                    Counts {
+                        waiting: counts.waiting,
+                        ..fleet_counts
+                    },
+                    fleet.is_scaler(),
+                )
+            }
+            None => (counts, false),
+        };
+        PoolInfo {
+            pool: self.config.name.clone(),
+            parent: self.parent.parent_id.clone(),
+            build: self.parent.build_id.to_string(),
+            shared: self.config.shared,
+            min,
+            max,
+            max_concurrency: self.config.max_concurrency,
+            runners: counts.runners,
+            ready: counts.ready,
+            load: counts.load,
+            waiting: counts.waiting,
+            scaler,
+            started: self.started.clone(),
+        }
+    }
+
+    /// Answers `flame.pools.info` until the pool closes.
+    pub(super) async fn answer_info(self: Arc<Self>, mut requests: async_nats::Subscriber) {
+        loop {
+            let msg = tokio::select! {
+                _ = self.closed.cancelled() => break,
+                msg = requests.next() => match msg {
+                    Some(msg) => msg,
+                    None => break,
+                },
+            };
+            let Some(reply) = msg.reply else {
+                continue;
+            };
+            let body = serde_json::to_vec(&self.info()).unwrap_or_default();
+            if let Err(e) = self.parent.client.publish(reply, body.into()).await {
+                debug!("cannot answer a pools info request: {e}");
+            }
+        }
+        let _ = requests.unsubscribe().await;
+    }
+
+    /// The numbers of the pool after a change, for events published
+    /// outside the pool's lock (a shared pool's come from its bucket).
+    pub(super) fn counts_now(&self) -> Counts {
+        match &self.fleet {
+            Some(fleet) => fleet.counts(),
+            None => self.state.lock().unwrap().model.counts(),
+        }
+    }
+}
+
+impl State {
+    /// True for runners that served (ready or draining): their end is a
+    /// `runner_gone`; a booting runner's is a failed boot.
+    pub(super) fn served(&self, id: &RunnerId) -> bool {
+        matches!(
+            self.model.runner(id),
+            Some((RunnerState::Ready | RunnerState::Draining, _))
+        )
+    }
+}
+
+/// The machine-readable reason of a failed boot.
+pub(crate) fn boot_failure_reason(e: &Error) -> Reason {
+    match e {
+        Error::BootTimeout { .. } => Reason::BootTimeout,
+        Error::BuildMismatch { .. } => Reason::BuildMismatch,
+        // The runner was refused when it reported another build.
+        Error::BootFailed { reason, .. } if reason.starts_with("build mismatch") => {
+            Reason::BuildMismatch
+        }
+        // It started, then exited (or went silent) before it was ready.
+        Error::BootFailed {
+            source: None,
+            reason,
+            ..
+        } => crate::protocol::pool_events::classify_gone(reason),
+        _ => Reason::BackendError,
+    }
+}
