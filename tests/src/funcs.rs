@@ -154,6 +154,15 @@ pub async fn square_unless_3_mod_7(x: u64) -> u64 {
     x * x
 }
 
+/// Allocates `mb` MiB and touches every page; returns `mb`. Under a
+/// memory limit smaller than that, the runner runs out of memory.
+#[flame::remote]
+pub fn allocate_mb(mb: usize) -> usize {
+    let block = vec![1u8; mb << 20];
+    std::hint::black_box(&block);
+    block.len() >> 20
+}
+
 /// A per-runner sequence number: the order in which calls reached it.
 #[flame::remote]
 pub async fn next_seq() -> u64 {

@@ -341,3 +341,43 @@ async fn the_last_parent_out_announces_the_end_of_runners_it_did_not_boot() {
         (ready.runner, Some(Reason::Shutdown))
     );
 }
+
+/// A runner that allocates past the memory limit set on it (`RLIMIT_AS`
+/// through `LocalBackend::memory_limit_mb`) is reported as out of memory:
+/// to the call it ran, and as `runner_gone` with reason `out_of_memory`.
+/// The pool boots a new runner for the next call.
+#[tokio::test]
+async fn a_runner_out_of_memory_is_reported_as_such() {
+    let env = TestEnv::start().await;
+    let events = EventLog::subscribe(&env, "ev-oom").await;
+    let pool = env
+        .pool("ev-oom")
+        .max(1)
+        .timeout(LONG)
+        .backend(runner_backend().memory_limit_mb(1024))
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(flame::call!(pool, allocate_mb(16)).await.unwrap(), 16);
+    let err = flame::call!(pool, allocate_mb(4096)).await.unwrap_err();
+    match &err {
+        flame::Error::RunnerDown { reason, .. } => {
+            assert!(reason.contains("out of memory"), "{reason}");
+            assert!(reason.contains("1024 MiB"), "{reason}");
+        }
+        other => panic!("expected RunnerDown, got {other:?}"),
+    }
+    let gone = events
+        .wait(EventKind::RunnerGone, LONG, |e| {
+            e.reason == Some(Reason::OutOfMemory)
+        })
+        .await;
+    assert!(
+        gone.detail
+            .as_deref()
+            .unwrap_or("")
+            .contains("out of memory"),
+        "{gone:?}"
+    );
+    assert_eq!(flame::call!(pool, allocate_mb(16)).await.unwrap(), 16);
+}

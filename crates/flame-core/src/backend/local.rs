@@ -34,6 +34,7 @@ pub struct LocalBackend {
     args: Option<Vec<OsString>>,
     clear_env: bool,
     extra_env: Vec<(String, String)>,
+    memory_limit_mb: Option<u64>,
 }
 
 impl LocalBackend {
@@ -73,6 +74,16 @@ impl LocalBackend {
         self
     }
 
+    /// Limits each runner's memory to `mb` MiB of address space
+    /// (`RLIMIT_AS`, as `prlimit --as` sets it; glibc is asked for two
+    /// malloc arenas so that threads do not reserve the limit away). A
+    /// runner that allocates past it aborts, and the pool reports it as out
+    /// of memory to the calls it was running and in its events.
+    pub fn memory_limit_mb(mut self, mb: u64) -> Self {
+        self.memory_limit_mb = Some(mb);
+        self
+    }
+
     fn command(&self) -> std::io::Result<Command> {
         let program = match &self.program {
             Some(p) => p.clone(),
@@ -90,6 +101,24 @@ impl LocalBackend {
             }
         }
         cmd.envs(self.extra_env.iter().map(|(k, v)| (k, v)));
+        if let Some(mb) = self.memory_limit_mb {
+            let bytes = mb.saturating_mul(1 << 20);
+            cmd.env("MALLOC_ARENA_MAX", "2");
+            // SAFETY: setrlimit is async-signal-safe and touches no memory
+            // of the parent; the closure allocates nothing.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: bytes as libc::rlim_t,
+                        rlim_max: bytes as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         Ok(cmd)
     }
 }
@@ -97,6 +126,7 @@ impl LocalBackend {
 impl Backend for LocalBackend {
     fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Booted, BoxError>> {
         let cmd = self.command();
+        let self_memory_limit = self.memory_limit_mb;
         async move {
             let mut cmd = cmd.map_err(|e| with_context("cannot find the executable to run", e))?;
             // Killed on drop by our own guard below, which can be detached.
@@ -107,6 +137,10 @@ impl Backend for LocalBackend {
                 .spawn()
                 .map_err(|e| with_context("cannot start runner process", e))?;
             let pid = child.id().unwrap_or(0);
+            // The OOM killer's count in the runner's memory cgroup, to tell
+            // its SIGKILL from any other.
+            let oom_kills_before = oom_kills(pid);
+            let memory_limit_mb = self_memory_limit;
             tracing::debug!(pool = %spec.pool, runner = %spec.runner_id, pid, "runner process started");
 
             let (exit_tx, exit_rx) = oneshot::channel::<String>();
@@ -153,7 +187,12 @@ impl Backend for LocalBackend {
                 // Reaped: its pid may be reused, so never signal it again.
                 guard.attached.store(false, Ordering::SeqCst);
                 let reason = match status {
-                    Ok(s) => describe_exit(s),
+                    Ok(s) => {
+                        let oom_killed = oom_kills_before
+                            .zip(oom_kills(std::process::id()))
+                            .is_some_and(|(before, after)| after > before);
+                        describe_exit(s, oom_killed, memory_limit_mb)
+                    }
                     Err(e) => format!("cannot wait for runner process: {e}"),
                 };
                 let _ = exit_tx.send(reason);
@@ -280,11 +319,51 @@ fn signal(pid: u32, sig: libc::c_int) {
     }
 }
 
-fn describe_exit(status: std::process::ExitStatus) -> String {
+/// A runner process's end in words. Out of memory is said as such: killed
+/// (SIGKILL) while the OOM killer's count of its memory cgroup went up, or
+/// aborted (SIGABRT, what Rust does when an allocation fails) under a
+/// [`LocalBackend::memory_limit_mb`].
+fn describe_exit(
+    status: std::process::ExitStatus,
+    oom_killed: bool,
+    memory_limit_mb: Option<u64>,
+) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("runner process exited with code {code}"),
+        (None, Some(libc::SIGKILL)) if oom_killed => {
+            "runner process ran out of memory: killed by the kernel's OOM killer (signal 9)"
+                .to_string()
+        }
+        (None, Some(libc::SIGABRT)) if memory_limit_mb.is_some() => format!(
+            "runner process ran out of memory: an allocation failed at its memory limit of {} MiB (aborted, signal 6)",
+            memory_limit_mb.unwrap_or_default()
+        ),
         (None, Some(sig)) => format!("runner process was killed by signal {sig}"),
         _ => "runner process exited".to_string(),
     }
+}
+
+/// How many times the OOM killer struck in the memory cgroup of `pid`
+/// (cgroup v2 `memory.events`, or v1 `memory.oom_control`); `None` where
+/// that cannot be read.
+fn oom_kills(pid: u32) -> Option<u64> {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let mut files = Vec::new();
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if controllers.is_empty() {
+            files.push(format!("/sys/fs/cgroup{path}/memory.events"));
+            files.push(format!("/sys/fs/cgroup/unified{path}/memory.events"));
+        } else if controllers.split(',').any(|c| c == "memory") {
+            files.push(format!("/sys/fs/cgroup/memory{path}/memory.oom_control"));
+        }
+    }
+    files.iter().find_map(|f| {
+        let text = std::fs::read_to_string(f).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|n| n.trim().parse().ok())
+    })
 }
