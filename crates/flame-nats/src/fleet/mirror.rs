@@ -58,6 +58,10 @@ pub(super) struct FleetState {
     /// The revision of the scaler key whose parent was found gone (its
     /// presence subject had no responders): taken over without waiting.
     pub(super) scaler_gone: Option<u64>,
+    /// Quiet runners being asked whether their connection lives.
+    pub(super) probing: HashSet<String>,
+    /// Runners found without a connection: reaped at the next round.
+    pub(super) runners_gone: HashSet<String>,
 }
 
 impl FleetState {
@@ -341,6 +345,7 @@ impl Fleet {
             let build = &*self.parent.build_id;
             if deleted {
                 let last = st.runners.remove(id);
+                st.runners_gone.remove(id);
                 st.pending.remove(id);
                 let retired = st.retiring.remove(id).map(|(_, why)| why);
                 let cause = st.gone_causes.remove(id);

@@ -106,20 +106,32 @@ impl Fleet {
         let mut free_slots = Vec::new();
         let build = &*self.parent.build_id;
         let mut abandoned = Vec::new();
+        let mut suspects = Vec::new();
         let (leases, slots, waiting, retry_blocked) = {
             let mut st = self.state.lock().unwrap();
             for (id, seen) in &st.runners {
                 let silent = seen.changed.elapsed();
+                let gone = st.runners_gone.contains(id);
                 let dead = match seen.value.state {
                     LeaseState::Booting => silent > self.config.boot_timeout,
-                    _ => silent > stale_after,
+                    _ => gone || silent > stale_after,
                 };
+                if !dead
+                    && seen.value.state != LeaseState::Booting
+                    && silent > self.config.heartbeat
+                    && !st.probing.contains(id)
+                {
+                    suspects.push(id.clone());
+                }
                 let retire_overdue = st.retiring.get(id).is_some_and(|(at, _)| {
                     at.elapsed() > self.config.shutdown_timeout + stale_after
                 });
                 if dead || retire_overdue {
                     let why = if seen.value.state == LeaseState::Booting {
                         format!("did not become ready within {:?}", self.config.boot_timeout)
+                    } else if gone {
+                        "its lease went quiet and its connection to NATS is gone (no responders)"
+                            .to_string()
                     } else if dead {
                         format!("its lease has not changed for {silent:?}")
                     } else {
@@ -127,6 +139,9 @@ impl Fleet {
                     };
                     reap.push((id.clone(), seen.value.handle.clone(), why));
                 }
+            }
+            for id in &suspects {
+                st.probing.insert(id.clone());
             }
             let me = &self.parent.parent_id;
             for (id, seen) in &st.parents {
@@ -200,6 +215,9 @@ impl Fleet {
             let blocked = !st.retry.is_open();
             (leases, slots.len(), waiting, blocked)
         };
+        for id in suspects {
+            tokio::spawn(self.clone().probe_runner(id));
+        }
         for (id, handle, why) in reap {
             warn!(%pool, runner = %id, "reaping runner: {why}");
             self.reap(port, &id, &handle, &why, false).await;
@@ -250,6 +268,28 @@ impl Fleet {
                 .reason(why)
         });
         true
+    }
+
+    /// Asks a runner whose lease went quiet for a heartbeat whether its
+    /// connection lives: a request on its control subject, which a live
+    /// runner ignores (no answer) and NATS answers with no responders for a
+    /// dead one. A dead one is reaped at the next round instead of after
+    /// three heartbeats.
+    async fn probe_runner(self: Arc<Self>, id: String) {
+        let subject = subjects::runner_control(&self.config.name, &id);
+        let request = async_nats::Request::new()
+            .payload(bytes::Bytes::from_static(b"ping"))
+            .timeout(Some(self.config.heartbeat / 2));
+        let gone = matches!(
+            self.parent.client.send_request(subject, request).await,
+            Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders
+        );
+        let mut st = self.state.lock().unwrap();
+        st.probing.remove(&id);
+        if gone && st.runners.contains_key(&id) {
+            debug!(pool = %self.config.name, runner = %id, "a quiet runner's connection is gone");
+            st.runners_gone.insert(id);
+        }
     }
 
     /// Boots one runner: slot first (compare-and-set against `max`), then
