@@ -21,7 +21,12 @@ async fn a_shared_pool_survives_losing_any_one_node_of_three() {
     let urls = cluster.urls();
     let sampler = RunnerSampler::start("clustered");
     let (max, mc, callers) = (2, 4, 6);
-    let env = [("FLAME_TEST_KV_REPLICAS", "3")];
+    // A 1 s heartbeat: a lease counts as dead after 3 s, well past the
+    // bucket's leader election on a loaded machine.
+    let env = [
+        ("FLAME_TEST_KV_REPLICAS", "3"),
+        ("FLAME_TEST_HEARTBEAT_MS", "1000"),
+    ];
     let mut parents = Vec::new();
     for _ in 0..2 {
         parents
