@@ -303,7 +303,8 @@ fn respond(result: Result<JobSummary, String>) -> Response {
 }
 
 /// `GET /events`: the page's server-sent events: `hello` (the settings),
-/// then `runner` (the runners panel), `job` and `thumb`.
+/// then `runner` (the runners panel), `pool` (its counts), `job` and
+/// `thumb`.
 async fn event_stream(AxumState(app): AxumState<App>) -> impl IntoResponse {
     // Subscribe before the snapshot, so that no change falls in between
     // (the page takes a repeated event in its stride).
@@ -315,6 +316,7 @@ async fn event_stream(AxumState(app): AxumState<App>) -> impl IntoResponse {
             .iter()
             .map(|e| PageEvent::new("runner", e)),
     );
+    first.extend(app.panel.status().map(|s| PageEvent::new("pool", &s)));
     let live = futures::stream::unfold(rx, |mut rx| async move {
         loop {
             match rx.recv().await {
@@ -526,14 +528,25 @@ async fn run() -> anyhow::Result<()> {
         parent: flame.parent_id()[..8].to_string(),
         stopping: CancellationToken::new(),
     };
-    // The runners panel: one source of runner events, to the page.
+    // The runners panel: one source of runner events, and the pool's
+    // counts, to the page.
     let relay = {
         let app = app.clone();
         let mut runner_events = Box::pin(panel::runner_events(pool.clone(), signals));
+        let mut status = Box::pin(panel::status_changes(pool.clone()));
         tokio::spawn(async move {
-            while let Some(event) = runner_events.next().await {
-                app.panel.apply(&event);
-                app.send(PageEvent::new("runner", &event));
+            loop {
+                tokio::select! {
+                    Some(event) = runner_events.next() => {
+                        app.panel.apply(&event);
+                        app.send(PageEvent::new("runner", &event));
+                    }
+                    Some(counts) = status.next() => {
+                        app.panel.set_status(counts);
+                        app.send(PageEvent::new("pool", &counts));
+                    }
+                    else => break,
+                }
             }
         })
     };

@@ -169,6 +169,9 @@ struct Log {
     booted: BTreeSet<String>,
     max_active: usize,
     thumbs: BTreeMap<String, usize>,
+    waiting: u64,
+    /// Runners last seen idle.
+    idle: BTreeSet<String>,
 }
 
 impl Log {
@@ -179,6 +182,8 @@ impl Log {
             booted: BTreeSet::new(),
             max_active: 0,
             thumbs: BTreeMap::new(),
+            waiting: 0,
+            idle: BTreeSet::new(),
         }
     }
 
@@ -189,6 +194,12 @@ impl Log {
             "runner" => {
                 let runner = s("runner");
                 let kind = s("kind");
+                let was_idle = self.idle.contains(&runner);
+                if kind == "runner_idle" || kind == "runner_ready" {
+                    self.idle.insert(runner.clone());
+                } else if kind != "runner_draining" {
+                    self.idle.remove(&runner);
+                }
                 if kind == "runner_gone" {
                     self.active.remove(&runner);
                 } else if kind != "boot_failed" {
@@ -202,6 +213,7 @@ impl Log {
                     "runner_busy" => format!("busy ({} running)", d["load"]),
                     "runner_idle" => "idle".to_string(),
                     "runner_draining" => "leaving".to_string(),
+                    "runner_gone" if was_idle => format!("idled down ({})", s("reason")),
                     "runner_gone" => format!("gone ({})", s("reason")),
                     _ => format!("boot failed: {}", s("reason")),
                 };
@@ -222,6 +234,14 @@ impl Log {
                     ),
                     _ => format!("{job}  failed: {}", s("error")),
                 }
+            }
+            "pool" => {
+                let waiting = d["waiting"].as_u64().unwrap_or(0);
+                if waiting == self.waiting {
+                    return;
+                }
+                self.waiting = waiting;
+                format!("pool: {waiting} upload(s) waiting for a runner")
             }
             "thumb" => {
                 let job = s("job");

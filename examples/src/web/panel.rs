@@ -9,7 +9,8 @@
 //! runner), read on every hook and a few times a second for load changes.
 //! Switching to the event subject means replacing [`runner_events`] alone:
 //! subscribe to `flame.<pool>.events.>` and map each JSON message to a
-//! [`RunnerEvent`].
+//! [`RunnerEvent`]. The pool's counts (uploads waiting for a runner among
+//! them) come from [`flame::Pool::status`] ([`status_changes`]).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -133,6 +134,38 @@ pub(crate) fn runner_events(
     )
 }
 
+/// The pool's counts, as [`flame::Pool::status`] gives them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub(crate) struct StatusView {
+    /// Runners booting.
+    pub(crate) booting: usize,
+    /// Runners taking calls.
+    pub(crate) ready: usize,
+    /// Runners stopping.
+    pub(crate) draining: usize,
+    /// Uploads waiting for a runner (the pool is at its max, all busy).
+    pub(crate) waiting: usize,
+}
+
+/// The pool's counts each time they change (read a few times a second).
+pub(crate) fn status_changes(pool: flame::Pool) -> impl Stream<Item = StatusView> + Send + 'static {
+    futures::stream::unfold((pool, None), |(pool, last)| async move {
+        loop {
+            let s = pool.status();
+            let now = StatusView {
+                booting: s.booting,
+                ready: s.ready,
+                draining: s.draining,
+                waiting: s.waiting,
+            };
+            if last != Some(now) {
+                return Some((now, (pool, Some(now))));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    })
+}
+
 /// The runners as last seen, to turn snapshots into changes.
 #[derive(Debug, Default)]
 struct Diff {
@@ -196,13 +229,25 @@ impl Diff {
 }
 
 /// The runners as the page should see them now: the last event of each
-/// runner still in the pool, replayed to a page that connects.
+/// runner still in the pool, and the pool's counts, replayed to a page
+/// that connects.
 #[derive(Debug, Default)]
 pub(crate) struct Panel {
     runners: Mutex<BTreeMap<String, RunnerEvent>>,
+    status: Mutex<Option<StatusView>>,
 }
 
 impl Panel {
+    /// Records the pool's counts.
+    pub(crate) fn set_status(&self, status: StatusView) {
+        *self.status.lock().unwrap() = Some(status);
+    }
+
+    /// The pool's counts, as last recorded.
+    pub(crate) fn status(&self) -> Option<StatusView> {
+        *self.status.lock().unwrap()
+    }
+
     /// Records an event.
     pub(crate) fn apply(&self, event: &RunnerEvent) {
         let mut runners = self.runners.lock().unwrap();
