@@ -1,3 +1,4 @@
 //! Pieces the examples share (and the integration tests use too).
 
 pub mod postgres;
+pub mod video;

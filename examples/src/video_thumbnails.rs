@@ -18,40 +18,12 @@
 //! MPEG-TS, Matroska/WebM, or MP4 with its index at the front
 //! (`ffmpeg -i in.mp4 -movflags +faststart out.mp4`).
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flame::{State, Stream};
+use flame_examples::video::{self, Db, Thumbnail};
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// The app's database: a connection pool, built once in `main` in parent
-/// and runners alike.
-#[derive(Clone)]
-struct Db(deadpool_postgres::Pool);
-
-impl Db {
-    fn connect(url: &str) -> anyhow::Result<Db> {
-        let config: tokio_postgres::Config = url.parse()?;
-        let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
-        Ok(Db(deadpool_postgres::Pool::builder(manager)
-            .max_size(4)
-            .build()?))
-    }
-}
-
-/// One thumbnail, as the runner sends it back.
-#[derive(Debug, Serialize, Deserialize)]
-struct Thumbnail {
-    /// Position in the video, in seconds.
-    at_secs: u32,
-    /// The JPEG.
-    jpeg: Bytes,
-    /// The runner that made it.
-    runner: String,
-}
 
 /// Cuts a thumbnail every `every` seconds out of `video` while it arrives,
 /// and stores a row for each. Runs on a runner.
@@ -62,140 +34,7 @@ async fn thumbnails(
     name: String,
     every: u32,
 ) -> Stream<Thumbnail> {
-    Stream::try_new(cut_thumbnails(db, video, name, every))
-}
-
-fn cut_thumbnails(
-    db: Db,
-    mut video: Stream<Bytes>,
-    name: String,
-    every: u32,
-) -> impl futures::Stream<Item = Result<Thumbnail, String>> + Send {
-    let runner = flame::parent().map(|p| p.runner_id).unwrap_or_default();
-    async_stream(move |tx| async move {
-        let mut ffmpeg = tokio::process::Command::new("ffmpeg")
-            .args(["-hide_banner", "-loglevel", "error", "-i", "pipe:0"])
-            .args(["-vf", &format!("fps=1/{every},scale=160:-1")])
-            .args(["-f", "image2pipe", "-c:v", "mjpeg", "pipe:1"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                format!("cannot run ffmpeg on the runner ({e}); install it: apt-get install ffmpeg")
-            })?;
-        let mut stdin = ffmpeg.stdin.take().expect("piped");
-        let mut stdout = ffmpeg.stdout.take().expect("piped");
-        // Feed ffmpeg as the video arrives...
-        let feeding = tokio::spawn(async move {
-            while let Some(chunk) = video.next().await {
-                let chunk = chunk.map_err(|e| e.to_string())?;
-                if stdin.write_all(&chunk).await.is_err() {
-                    break; // ffmpeg stopped reading; its exit says why
-                }
-            }
-            Ok::<(), String>(())
-        });
-        // ...and send each JPEG back the moment ffmpeg writes it.
-        let client = db.0.get().await.map_err(|e| format!("database: {e}"))?;
-        let mut jpegs = JpegSplitter::default();
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut index = 0u32;
-        loop {
-            let n = stdout.read(&mut buf).await.map_err(|e| e.to_string())?;
-            if n == 0 {
-                break;
-            }
-            for jpeg in jpegs.push(&buf[..n]) {
-                let at_secs = index * every;
-                index += 1;
-                client
-                    .execute(
-                        "INSERT INTO thumbnails (video, at_secs, bytes, made_by) VALUES ($1, $2, $3, $4)",
-                        &[&name, &(at_secs as i32), &(jpeg.len() as i32), &runner],
-                    )
-                    .await
-                    .map_err(|e| format!("database: {e}"))?;
-                let thumb = Thumbnail {
-                    at_secs,
-                    jpeg,
-                    runner: runner.clone(),
-                };
-                if tx.send(Ok(thumb)).await.is_err() {
-                    return Ok(()); // the caller stopped reading
-                }
-            }
-        }
-        feeding.await.map_err(|e| e.to_string())??;
-        let status = ffmpeg.wait().await.map_err(|e| e.to_string())?;
-        if !status.success() {
-            let mut err = String::new();
-            if let Some(mut stderr) = ffmpeg.stderr.take() {
-                let _ = stderr.read_to_string(&mut err).await;
-            }
-            return Err(format!("ffmpeg failed ({status}): {}", err.trim()));
-        }
-        Ok(())
-    })
-}
-
-/// A stream fed by a task through a channel: the task's `Err` becomes the
-/// stream's last item.
-fn async_stream<T, F, Fut>(body: F) -> impl futures::Stream<Item = Result<T, String>> + Send
-where
-    T: Send + 'static,
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<T, String>>) -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
-{
-    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-    let work = body(tx.clone());
-    let task = tokio::spawn(async move {
-        if let Err(e) = work.await {
-            let _ = tx.send(Err(e)).await;
-        }
-    });
-    let guard = AbortOnDrop(task);
-    futures::stream::poll_fn(move |cx| {
-        let _ = &guard;
-        rx.poll_recv(cx)
-    })
-}
-
-/// Stops the producing task when the stream is dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Cuts a byte stream of concatenated JPEGs (ffmpeg's image2pipe) into
-/// images, at the end-of-image marker.
-#[derive(Default)]
-struct JpegSplitter {
-    pending: Vec<u8>,
-}
-
-impl JpegSplitter {
-    fn push(&mut self, data: &[u8]) -> Vec<Bytes> {
-        self.pending.extend_from_slice(data);
-        let mut images = Vec::new();
-        let mut start = 0;
-        let mut i = 1;
-        while i < self.pending.len() {
-            if self.pending[i - 1] == 0xFF && self.pending[i] == 0xD9 {
-                images.push(Bytes::copy_from_slice(&self.pending[start..=i]));
-                start = i + 1;
-                i += 2;
-            } else {
-                i += 1;
-            }
-        }
-        self.pending.drain(..start);
-        images
-    }
+    Stream::try_new(video::cut_thumbnails(db, video, name, every))
 }
 
 #[tokio::main]
@@ -223,7 +62,7 @@ async fn main() -> anyhow::Result<()> {
     let work = tempfile::tempdir()?;
     let video = match args.first() {
         Some(path) => std::path::PathBuf::from(path),
-        None => make_test_video(work.path()).await?,
+        None => video::make_test_video(work.path(), 20).await?,
     };
     let (_pg, database_url) = match database_url {
         Some(url) => (None, url),
@@ -236,11 +75,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let (db, connection) = tokio_postgres::connect(&database_url, tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
-    db.batch_execute(
-        "CREATE TABLE IF NOT EXISTS thumbnails (id serial PRIMARY KEY, video text NOT NULL, \
-         at_secs int NOT NULL, bytes int NOT NULL, made_by text NOT NULL)",
-    )
-    .await?;
+    video::create_schema(&db).await?;
 
     let flame = app(&database_url)?.connect().await?;
     let backend = flame::LocalBackend::new().env("DATABASE_URL", &database_url);
@@ -315,22 +150,4 @@ async fn main() -> anyhow::Result<()> {
     pool.shutdown().await;
     flame.close().await;
     Ok(())
-}
-
-/// A 20-second 320x240 test video (ffmpeg's testsrc), as MPEG-TS so that it
-/// can be read from a pipe.
-async fn make_test_video(dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
-    let path = dir.join("testsrc.ts");
-    let status = tokio::process::Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-f", "lavfi"])
-        .args(["-i", "testsrc=duration=20:size=320x240:rate=25"])
-        .args(["-c:v", "mpeg2video", "-q:v", "4", "-f", "mpegts"])
-        .arg(&path)
-        .status()
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!("cannot run ffmpeg ({e}); install it: apt-get install ffmpeg")
-        })?;
-    anyhow::ensure!(status.success(), "ffmpeg could not make a test video");
-    Ok(path)
 }

@@ -51,3 +51,46 @@ async fn video_thumbnails_streams_a_video_and_stores_a_row_per_thumbnail() {
         .count();
     assert_eq!(rows, 10, "one row per thumbnail: {stdout}");
 }
+
+/// The web demo's `--once`: two generated samples uploaded over HTTP at
+/// once, thumbnails relayed to the page's event stream, a row per
+/// thumbnail, and the pool back to zero runners, on a private nats-server
+/// and PostgreSQL.
+#[tokio::test]
+async fn web_thumbnails_once_runs_two_uploads_end_to_end() {
+    let child = tokio::process::Command::new(example("web_thumbnails"))
+        .arg("--once")
+        .env_remove("NATS_URL")
+        .env_remove("DATABASE_URL")
+        .env_remove("LISTEN")
+        .env_remove(flame::PARENT_ENV)
+        .env("THUMBS_IDLE_SECS", "2")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run the example");
+    let out = tokio::time::timeout(Duration::from_secs(180), child.wait_with_output())
+        .await
+        .expect("the example finished in time")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let thumbs = stdout
+        .lines()
+        .filter(|l| l.contains("thumbnail at"))
+        .count();
+    assert_eq!(thumbs, 20, "{stdout}");
+    assert!(
+        stdout.contains("ok: 2 uploads, 20 thumbnails, 20 rows"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("pool back to 0 runners"), "{stdout}");
+    assert_eq!(
+        stdout.lines().filter(|l| l.contains(": 10 rows")).count(),
+        2,
+        "{stdout}"
+    );
+}
