@@ -156,6 +156,18 @@ pub enum Error {
         source: Option<Source>,
     },
 
+    /// The NATS server refused a publish or a subscription that flame needs:
+    /// the connection's user lacks a permission. `reason` is the server's
+    /// own words, e.g. `Permissions Violation for Subscription to
+    /// "flame.thumbs.parent.<id>.*"`; it names the subject, never a
+    /// credential. The README's "Least privilege" section lists what a
+    /// parent and a runner need.
+    #[error("the NATS server denied a permission flame needs: {reason}")]
+    PermissionDenied {
+        /// What the server said.
+        reason: String,
+    },
+
     /// Something went wrong talking to NATS after connecting: `context`
     /// says what flame was doing, `source` what the client reported.
     #[error("{context}: {source}")]
@@ -295,6 +307,7 @@ impl Error {
             Error::Protocol { .. } => "protocol",
             Error::Stream(_) => "stream",
             Error::PoolClosed(_) => "pool_closed",
+            Error::PermissionDenied { .. } => "permission_denied",
         }
     }
 

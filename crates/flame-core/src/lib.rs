@@ -20,7 +20,9 @@ pub mod registry;
 pub mod state;
 pub mod stream;
 
-pub use backend::{Backend, BootSpec, Booted, Listed, LocalBackend, StopRunner};
+pub use backend::{
+    Backend, BootSpec, Booted, Listed, LocalBackend, StopRunner, RUNNER_FAILURE_PREFIX,
+};
 pub use error::{BoxError, Error, Result, Source};
 pub use registry::{Registration, Registry, RemoteFn};
 pub use state::{State, States};

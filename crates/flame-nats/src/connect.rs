@@ -150,6 +150,218 @@ pub fn without_credentials(url: &str) -> String {
         .join(",")
 }
 
+/// How many permission violations [`Permissions`] keeps.
+const KEEP_VIOLATIONS: usize = 16;
+
+/// The permission violations the NATS server reported on one connection
+/// (`-ERR 'Permissions Violation for ...'`). The server reports them
+/// asynchronously, and the client only through its event callback, so a
+/// refused subscription or publish shows here, not where it was made.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Permissions {
+    inner: Arc<PermissionsInner>,
+}
+
+#[derive(Debug, Default)]
+struct PermissionsInner {
+    /// How many violations so far, and the latest ones, numbered from 1.
+    seen: Mutex<(u64, std::collections::VecDeque<(u64, String)>)>,
+    /// How many times the connection was lost (or dropped on purpose).
+    disconnects: std::sync::atomic::AtomicU64,
+    /// Woken on every violation and every disconnection.
+    reported: Notify,
+}
+
+impl Permissions {
+    /// Takes note of a connection event: a permission violation, or a
+    /// disconnection.
+    fn record(&self, event: &async_nats::Event) {
+        match event {
+            async_nats::Event::ServerError(error) => self.record_error(error),
+            async_nats::Event::Disconnected => {
+                self.inner.disconnects.fetch_add(1, Ordering::SeqCst);
+                self.inner.reported.notify_waiters();
+            }
+            _ => {}
+        }
+    }
+
+    /// Records a server error if it is a permission violation.
+    fn record_error(&self, error: &async_nats::ServerError) {
+        let async_nats::ServerError::Other(text) = error else {
+            return;
+        };
+        if !text
+            .to_ascii_lowercase()
+            .starts_with("permissions violation")
+        {
+            return;
+        }
+        {
+            let mut seen = self.inner.seen.lock().unwrap();
+            seen.0 += 1;
+            let n = seen.0;
+            seen.1.push_back((n, text.clone()));
+            if seen.1.len() > KEEP_VIOLATIONS {
+                seen.1.pop_front();
+            }
+        }
+        self.inner.reported.notify_waiters();
+        tracing::warn!("the NATS server refused: {text}");
+    }
+
+    /// A mark for the violations reported from now on that name one of
+    /// `about` (parts of subjects, e.g. `flame.thumbs.`): what concerns an
+    /// operation starting now, not a late report of an earlier one.
+    pub(crate) fn mark_about(&self, about: Vec<String>) -> Mark {
+        Mark {
+            after: self.inner.seen.lock().unwrap().0,
+            about,
+        }
+    }
+
+    /// The first violation that `mark` covers, as an error.
+    pub(crate) fn since(&self, mark: &Mark) -> Option<Error> {
+        let seen = self.inner.seen.lock().unwrap();
+        seen.1
+            .iter()
+            .find(|(n, text)| mark.covers(*n, text))
+            .map(|(_, reason)| Error::PermissionDenied {
+                reason: reason.clone(),
+            })
+    }
+
+    /// Resolves with the first violation that `mark` covers.
+    async fn violated(&self, mark: &Mark) -> Error {
+        loop {
+            let reported = self.inner.reported.notified();
+            tokio::pin!(reported);
+            reported.as_mut().enable();
+            if let Some(e) = self.since(mark) {
+                return e;
+            }
+            reported.await;
+        }
+    }
+
+    /// Runs `work`, but fails at once with [`Error::PermissionDenied`] when
+    /// the server reports a violation after `mark` meanwhile (a refused
+    /// request would otherwise only time out).
+    pub(crate) async fn guard<T>(
+        &self,
+        mark: &Mark,
+        work: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        tokio::select! {
+            biased;
+            e = self.violated(mark) => Err(e),
+            result = work => result,
+        }
+    }
+
+    /// A request to a fresh inbox of `client`'s own, answered by the
+    /// server's no-responders status. The server deals with a client's
+    /// messages in order, so once it is answered, the server has reported
+    /// every violation of what was sent before, and the client has read
+    /// those reports.
+    async fn round_trip(
+        &self,
+        client: &async_nats::Client,
+        mark: &Mark,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let probe = async {
+            let request = async_nats::Request::new().timeout(Some(timeout));
+            // No responders is the expected answer; any answer will do.
+            let _ = client.send_request(client.new_inbox(), request).await;
+            Ok(())
+        };
+        self.guard(mark, probe).await
+    }
+
+    /// Fails with the first violation after `mark` that the server
+    /// reported for what was sent on `client` so far, if the client has
+    /// passed it on by the end of two round trips (the client hands reports
+    /// to the event callback on a task of its own, which may run late on a
+    /// busy machine: a report that comes later is still logged, and still
+    /// fails a [`Permissions::guard`] in progress).
+    pub(crate) async fn check(
+        &self,
+        client: &async_nats::Client,
+        mark: &Mark,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        for _ in 0..2 {
+            self.round_trip(client, mark, timeout).await?;
+        }
+        match self.since(mark) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Like [`Permissions::check`], but certain to see every violation of
+    /// what was sent on `client` so far: after a round trip it drops the
+    /// connection and waits for the client to report that, which the
+    /// client does after every report it read before (its events come in
+    /// order). The client reconnects at once and makes its subscriptions
+    /// again, before anything sent later. Costs a reconnection: for a
+    /// runner's start, where a refused subscription would leave a runner
+    /// its parents cannot reach.
+    pub(crate) async fn settle(
+        &self,
+        client: &async_nats::Client,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), Error> {
+        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+        let all = Mark::default();
+        self.round_trip(client, &all, left().min(Duration::from_secs(2)))
+            .await?;
+        let disconnects = self.inner.disconnects.load(Ordering::SeqCst);
+        client
+            .force_reconnect()
+            .await
+            .map_err(|e| Error::nats("cannot reconnect to NATS", e))?;
+        let dropped = async {
+            loop {
+                let reported = self.inner.reported.notified();
+                tokio::pin!(reported);
+                reported.as_mut().enable();
+                if self.inner.disconnects.load(Ordering::SeqCst) > disconnects {
+                    return Ok(());
+                }
+                reported.await;
+            }
+        };
+        tokio::time::timeout(left(), self.guard(&all, dropped))
+            .await
+            .map_err(|_| {
+                Error::RunnerStart("failsafe: the NATS client did not reconnect in time".into())
+            })??;
+        match self.since(&all) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Which violations an operation counts as its own (see
+/// [`Permissions::mark_about`]). The default covers every violation of the
+/// connection.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Mark {
+    /// Violations numbered higher than this.
+    after: u64,
+    /// Naming one of these; all when empty.
+    about: Vec<String>,
+}
+
+impl Mark {
+    fn covers(&self, n: u64, text: &str) -> bool {
+        n > self.after && (self.about.is_empty() || self.about.iter().any(|a| text.contains(a)))
+    }
+}
+
 /// What a parent learns about its connection.
 #[derive(Debug, Clone)]
 pub(crate) struct ConnectionEvents {
@@ -164,6 +376,8 @@ pub(crate) struct ConnectionEvents {
     pub(crate) closing: Arc<AtomicBool>,
     /// When the connection was last (re)established.
     pub(crate) last_connected: Arc<Mutex<Option<Instant>>>,
+    /// Subscriptions and publishes the server refused.
+    pub(crate) permissions: Permissions,
     /// Outages of the connection so far.
     pub(crate) outages: Arc<Mutex<Outages>>,
 }
@@ -189,7 +403,8 @@ pub(crate) fn server_list(url: &str) -> Vec<String> {
 }
 
 /// Connects with `options`, turning failures into
-/// [`Error::NatsUnreachable`], and reports connection events.
+/// [`Error::NatsUnreachable`]; reports connection events and outages, and
+/// watches for permission violations.
 pub(crate) async fn connect_watched(
     url: &str,
     name: String,
@@ -201,9 +416,12 @@ pub(crate) async fn connect_watched(
     let closing = Arc::new(AtomicBool::new(false));
     let last_connected = Arc::new(Mutex::new(None));
     let outages = Arc::new(Mutex::new(Outages::default()));
+    let permissions = Permissions::default();
     let (notify, quiet, at) = (connected.clone(), closing.clone(), last_connected.clone());
     let outs = outages.clone();
+    let watch = permissions.clone();
     let options = options.event_callback(move |event| {
+        watch.record(&event);
         let (tx, notify, quiet, at) = (tx.clone(), notify.clone(), quiet.clone(), at.clone());
         let outs = outs.clone();
         async move {
@@ -244,6 +462,7 @@ pub(crate) async fn connect_watched(
             closing,
             last_connected,
             outages,
+            permissions,
         },
     ))
 }

@@ -31,6 +31,20 @@ pub struct NatsServerBuilder {
     jetstream: bool,
     server_name: Option<String>,
     args: Vec<String>,
+    env: ServerEnv,
+}
+
+/// Variables set for the server process; `Debug` shows their names only
+/// (a config may take passwords from them).
+#[derive(Clone, Default)]
+struct ServerEnv(Vec<(String, String)>);
+
+impl std::fmt::Debug for ServerEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(name, _)| name))
+            .finish()
+    }
 }
 
 impl NatsServerBuilder {
@@ -61,6 +75,14 @@ impl NatsServerBuilder {
     /// Extra command-line arguments, e.g. cluster settings.
     pub fn arg(mut self, arg: impl Into<String>) -> Self {
         self.args.push(arg.into());
+        self
+    }
+
+    /// Sets a variable in the server's environment, e.g. one a config file
+    /// (`-c`) refers to as `$NAME`. Its value is never shown (`Debug` names
+    /// the variable only).
+    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.0.push((name.into(), value.into()));
         self
     }
 
@@ -162,6 +184,7 @@ impl NatsServer {
             cmd.arg("-n").arg(name);
         }
         cmd.args(&self.builder.args);
+        cmd.envs(self.builder.env.0.iter().map(|(k, v)| (k, v)));
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

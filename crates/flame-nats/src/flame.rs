@@ -7,13 +7,14 @@ use flame_core::{Error, Registry, States};
 
 use crate::build_id::build_id;
 use crate::connect::{
-    connect_watched, options_from_env, without_credentials, ConnectHook, NATS_URL_ENV,
+    connect_watched, options_from_env, without_credentials, ConnectHook, Mark, NATS_URL_ENV,
     RUNNER_NATS_URL_ENV,
 };
 use crate::embedded::NatsServer;
 use crate::parent::{ParentContext, RunnerUrl};
 use crate::pool::builder::PoolBuilder;
 use crate::protocol::bootstrap::{ParentInfo, PARENT_ENV};
+use crate::protocol::subjects;
 use crate::replies::Replies;
 use crate::streams::StreamHub;
 
@@ -146,8 +147,15 @@ impl FlameBuilder {
     }
 
     /// The options to connect with: the environment's, then the hook.
-    async fn connect_options(&self) -> Result<async_nats::ConnectOptions, Error> {
-        let options = options_from_env().await?;
+    /// The environment's options, `inbox_prefix` if given, then the hook.
+    async fn connect_options(
+        &self,
+        inbox_prefix: Option<String>,
+    ) -> Result<async_nats::ConnectOptions, Error> {
+        let mut options = options_from_env().await?;
+        if let Some(prefix) = inbox_prefix {
+            options = options.custom_inbox_prefix(prefix);
+        }
         Ok(match &self.nats_options {
             Some(hook) => hook(options),
             None => options,
@@ -202,16 +210,34 @@ impl FlameBuilder {
     /// [`serve_if_runner`] with this builder's state: serves as a runner
     /// if this process is one (and never returns), else returns `Ok(())`.
     pub async fn serve_if_runner(&self) -> Result<(), Error> {
-        // Refuse duplicate names and missing state before anything runs, in
-        // parent and runner.
-        Registry::global()?.check_states(&self.states)?;
-        if let Ok(value) = std::env::var(PARENT_ENV) {
+        let Ok(value) = std::env::var(PARENT_ENV) else {
+            // Refuse duplicate names and missing state before anything runs,
+            // in parent and runner.
+            Registry::global()?.check_states(&self.states)?;
+            return Ok(());
+        };
+        let prepared = async {
+            Registry::global()?.check_states(&self.states)?;
             let info = ParentInfo::from_env_value(&value)?;
-            let options = self.connect_options().await?;
-            let code = crate::runner::serve(info, self.states.clone(), options).await;
-            std::process::exit(code);
+            // The runner's own inboxes (replies to its requests, its
+            // streams) are under a prefix of its pool, so that a runner's
+            // NATS user can be allowed to read those and no other replies.
+            let inbox = subjects::runner_inbox_prefix(&info.pool);
+            let options = self.connect_options(Some(inbox)).await?;
+            Ok::<_, Error>((info, options))
+        };
+        match prepared.await {
+            Ok((info, options)) => {
+                let code = crate::runner::serve(info, self.states.clone(), options).await;
+                std::process::exit(code);
+            }
+            Err(e) => {
+                // Whatever the app does with the error, the parent learns
+                // why this runner did not start.
+                crate::runner::report_start_failure(&e);
+                Err(e)
+            }
         }
-        Ok(())
     }
 
     /// Connects as a parent. A runner must call [`serve_if_runner`] (or
@@ -226,7 +252,7 @@ impl FlameBuilder {
             )));
         }
         let timeout = self.connect_timeout.unwrap_or(Duration::from_secs(5));
-        let options = self.connect_options().await?;
+        let options = self.connect_options(None).await?;
         let (nats_url, embedded) = match self
             .nats_url
             .or_else(|| std::env::var(NATS_URL_ENV).ok().filter(|u| !u.is_empty()))
@@ -267,6 +293,16 @@ impl FlameBuilder {
         )
         .await?;
         let streams = StreamHub::start(&client).await?;
+        // The server took both subscriptions (a user without them would
+        // get no reply to any call).
+        events
+            .permissions
+            .check(
+                &client,
+                &Mark::default(),
+                timeout.min(Duration::from_secs(2)),
+            )
+            .await?;
         flame_core::stream::set_default_transport(streams.clone());
         let given = self.runner_nats_url.or_else(|| {
             std::env::var(RUNNER_NATS_URL_ENV)

@@ -12,7 +12,7 @@ use futures::FutureExt;
 use tokio::process::Command;
 use tokio::sync::{oneshot, watch};
 
-use super::{Backend, BootSpec, Booted, StopRunner};
+use super::{Backend, BootSpec, Booted, StopRunner, RUNNER_FAILURE_PREFIX};
 use crate::BoxError;
 
 /// Set in every runner process this backend starts, to the runner id, so
@@ -28,6 +28,11 @@ const RUNNER_ID_ENV: &str = "FLAME_RUNNER_ID";
 /// immediately. Children are killed when the pool is dropped; if the parent is
 /// killed outright, runners notice their parent is gone and exit after the
 /// pool's `parent_grace`.
+///
+/// A runner's stderr goes to the parent's stderr, line by line, through the
+/// parent: when a runner exits, its last [`super::RUNNER_FAILURE_PREFIX`]
+/// line (why it could not start) becomes part of the exit reason, and so of
+/// the pool's `Error::BootFailed`.
 #[derive(Debug, Clone, Default)]
 pub struct LocalBackend {
     program: Option<PathBuf>,
@@ -132,7 +137,9 @@ impl Backend for LocalBackend {
             // Killed on drop by our own guard below, which can be detached.
             cmd.envs(spec.env.iter().map(|(k, v)| (k, v)))
                 .env(RUNNER_ID_ENV, &spec.runner_id)
-                .stdin(Stdio::null());
+                .stdin(Stdio::null())
+                // Read (and passed on) for the runner's failure line.
+                .stderr(Stdio::piped());
             let mut child = cmd
                 .spawn()
                 .map_err(|e| with_context("cannot start runner process", e))?;
@@ -142,6 +149,7 @@ impl Backend for LocalBackend {
             let oom_kills_before = oom_kills(pid);
             let memory_limit_mb = self_memory_limit;
             tracing::debug!(pool = %spec.pool, runner = %spec.runner_id, pid, "runner process started");
+            let failure = child.stderr.take().map(|stderr| tokio::spawn(pass_on(stderr)));
 
             let (exit_tx, exit_rx) = oneshot::channel::<String>();
             let (stop_tx, mut stop_rx) = watch::channel::<Option<Duration>>(None);
@@ -186,7 +194,7 @@ impl Backend for LocalBackend {
                 };
                 // Reaped: its pid may be reused, so never signal it again.
                 guard.attached.store(false, Ordering::SeqCst);
-                let reason = match status {
+                let mut reason = match status {
                     Ok(s) => {
                         let oom_killed = oom_kills_before
                             .zip(oom_kills(std::process::id()))
@@ -195,6 +203,15 @@ impl Backend for LocalBackend {
                     }
                     Err(e) => format!("cannot wait for runner process: {e}"),
                 };
+                // The pipe ends with the process, unless something it
+                // started still holds it: then go on without the line.
+                if let Some(failure) = failure {
+                    if let Ok(Ok(Some(line))) =
+                        tokio::time::timeout(STDERR_END_WAIT, failure).await
+                    {
+                        reason = format!("{reason}: {line}");
+                    }
+                }
                 let _ = exit_tx.send(reason);
             });
             let exited = async move {
@@ -259,6 +276,44 @@ impl Backend for LocalBackend {
             Ok(())
         }
         .boxed()
+    }
+}
+
+/// How long, after a runner process exits, its stderr may take to end.
+const STDERR_END_WAIT: Duration = Duration::from_millis(500);
+
+/// Longest failure line kept (the rest is cut).
+const MAX_FAILURE_LINE: usize = 2048;
+
+/// Passes a runner's stderr on to the parent's, line by line, and returns
+/// the reason of its last failure line ([`RUNNER_FAILURE_PREFIX`]), if any.
+async fn pass_on(stderr: tokio::process::ChildStderr) -> Option<String> {
+    use std::io::Write;
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(stderr);
+    let mut line = Vec::new();
+    let mut failure = None;
+    loop {
+        line.clear();
+        match lines.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return failure,
+            Ok(_) => {}
+        }
+        // Whole lines, so that lines of several runners do not mix.
+        let _ = std::io::stderr().lock().write_all(&line);
+        let text = String::from_utf8_lossy(&line);
+        if let Some(reason) = text.trim_end().strip_prefix(RUNNER_FAILURE_PREFIX) {
+            let mut reason = reason.to_string();
+            if reason.len() > MAX_FAILURE_LINE {
+                let mut cut = MAX_FAILURE_LINE;
+                while !reason.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                reason.truncate(cut);
+                reason.push('…');
+            }
+            failure = Some(reason);
+        }
     }
 }
 

@@ -14,6 +14,14 @@ use crate::BoxError;
 
 pub use local::LocalBackend;
 
+/// Start of the line a runner writes on its stderr when it cannot start
+/// serving (bad credentials, a missing NATS permission, no parent...),
+/// followed by the reason, just before it exits with code 1. The reason
+/// names no secret. [`LocalBackend`] reads its runners' stderr and puts the
+/// last such line into the exit reason, which the pool reports as the boot
+/// failure; other backends can do the same with the logs they collect.
+pub const RUNNER_FAILURE_PREFIX: &str = "flame runner failed to start: ";
+
 /// What a backend needs to start one runner.
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]

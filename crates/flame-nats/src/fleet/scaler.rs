@@ -352,6 +352,7 @@ impl Fleet {
                     let id = id.clone();
                     tokio::spawn(async move {
                         let reason = exited.await;
+                        me.exited_booting(&id, &reason);
                         me.reap(&port, &id, "", &reason, true).await;
                     });
                 }
@@ -376,6 +377,32 @@ impl Fleet {
                 let _ = kv::free_slot(&self.store, &id).await;
             }
         }
+    }
+
+    /// A runner this scaler booted exited before it was ready: its boot
+    /// failed, for the reason the backend gives (a local runner's last
+    /// words, say a refused NATS permission).
+    fn exited_booting(&self, id: &str, reason: &str) {
+        let mut st = self.state.lock().unwrap();
+        let booting = st
+            .runners
+            .get(id)
+            .is_none_or(|s| s.value.state == LeaseState::Booting);
+        if !booting {
+            return;
+        }
+        st.retry.failed();
+        let runners = st.runners.len();
+        drop(st);
+        let pool = self.config.name.clone();
+        self.booter.grow_end(
+            runners,
+            Err(Error::BootFailed {
+                pool,
+                reason: reason.to_string(),
+                source: None,
+            }),
+        );
     }
 
     /// Removes a runner for good: its lease (which fails calls on it in

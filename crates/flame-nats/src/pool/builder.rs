@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_nats::client::RequestErrorKind;
 use flame_core::{Backend, Error, LocalBackend, RemoteFn};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -16,8 +17,13 @@ use crate::config::PoolConfig;
 use crate::fleet::Fleet;
 use crate::hooks::{Hooks, PoolEvent};
 use crate::parent::ParentContext;
+use crate::protocol::events::ParentEvent;
 use crate::protocol::pool_events::{format_time, POOLS_INFO_SUBJECT};
 use crate::protocol::subjects;
+
+/// Longest wait for the server's answer when checking that it took the
+/// pool's subscriptions.
+const PERMISSION_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Builds and starts a [`Pool`]. Get one from [`crate::Flame::pool`].
 #[derive(Debug)]
@@ -185,22 +191,30 @@ impl PoolBuilder {
             self.hooks,
             forwarded,
         ));
+        // A subscription or request the server refuses fails the start
+        // with Error::PermissionDenied, saying which, rather than leaving a
+        // pool whose runners can never report (or a request to time out).
+        let permissions = self.parent.events.permissions.clone();
+        let pool = &config.name;
+        let mark = permissions.mark_about(vec![
+            format!("\"flame.{pool}."),
+            format!("KV_flame-{pool}\""),
+            format!("KV_flame-{pool}."),
+            format!("$KV.flame-{pool}."),
+            "\"$JS.API.INFO\"".to_string(),
+        ]);
+        let client = self.parent.client.clone();
         // Runners of a private pool report to this parent; those of a
         // shared pool send no events (they keep a lease in the KV bucket),
         // so a shared pool does not listen for any.
         let events = if config.shared {
             None
         } else {
-            let client = &self.parent.client;
             let events = client
                 .subscribe(subjects::parent_events(
                     &config.name,
                     &self.parent.parent_id,
                 ))
-                .await
-                .map_err(|e| Error::nats("cannot subscribe to runner events", e))?;
-            client
-                .flush()
                 .await
                 .map_err(|e| Error::nats("cannot subscribe to runner events", e))?;
             Some(events)
@@ -213,7 +227,7 @@ impl PoolBuilder {
                 booter.clone(),
                 closed.clone(),
             );
-            Some(Arc::new(fleet.await?))
+            Some(Arc::new(permissions.guard(&mark, fleet).await?))
         } else {
             None
         };
@@ -246,9 +260,36 @@ impl PoolBuilder {
             tokio::spawn(inner.clone().listen(events));
             tokio::spawn(inner.clone().watch_heartbeats());
             tokio::spawn(inner.clone().reap_orphans());
+            let subject = subjects::parent_event(
+                &inner.config.name,
+                &inner.parent.parent_id,
+                ParentEvent::Ping,
+            );
+            // No refusal reported for anything sent so far, and this
+            // parent answers on its events subject.
+            let listening = permissions.guard(&mark, async {
+                permissions
+                    .check(&client, &mark, PERMISSION_CHECK_TIMEOUT)
+                    .await?;
+                own_events_answer(&client, subject).await
+            });
+            if let Err(e) = listening.await {
+                inner.closed.cancel();
+                inner.listening.cancel();
+                return Err(e);
+            }
         }
         if let Some(fleet) = &fleet {
-            fleet.start(inner.clone()).await?;
+            let started = async {
+                fleet.start(inner.clone()).await?;
+                permissions
+                    .check(&client, &mark, PERMISSION_CHECK_TIMEOUT)
+                    .await
+            };
+            if let Err(e) = permissions.guard(&mark, started).await {
+                inner.closed.cancel();
+                return Err(e);
+            }
         }
         // Every started pool answers operators' discovery requests (no
         // queue group: each parent answers for its own view).
@@ -269,5 +310,33 @@ impl PoolBuilder {
         }
         info!(pool = %inner.config.name, min = inner.config.min, max = inner.config.max, "pool started");
         Ok(pool)
+    }
+}
+
+/// Makes sure this parent's runners can reach it: asks its own event
+/// subject, where its listener answers anything (a refusal, for a message
+/// that is no runner event). Nobody there means the server did not take
+/// the subscription (a missing permission, whose report
+/// [`crate::connect::Permissions::guard`] then turns into the error).
+async fn own_events_answer(client: &async_nats::Client, subject: String) -> Result<(), Error> {
+    let request = async_nats::Request::new()
+        .payload(bytes::Bytes::new())
+        .timeout(Some(PERMISSION_CHECK_TIMEOUT));
+    match client.send_request(subject.clone(), request).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == RequestErrorKind::NoResponders => {
+            // The violation report normally wins the race; this is for a
+            // report that comes late.
+            Err(Error::PermissionDenied {
+                reason: format!(
+                    "the NATS server did not take this parent's subscription to {subject}"
+                ),
+            })
+        }
+        // Slow, not refused: the pool can start.
+        Err(e) => {
+            tracing::debug!("no answer on {subject} at pool start: {e}");
+            Ok(())
+        }
     }
 }

@@ -208,6 +208,14 @@ impl PoolInner {
     ) {
         let started = Instant::now();
         let pool = self.config.name.clone();
+        // Kept: it tells why the runner went down after its entry is gone.
+        let link = self
+            .state
+            .lock()
+            .unwrap()
+            .runners
+            .get(&id)
+            .map(|e| e.link.clone());
         let outcome = tokio::time::timeout(self.config.boot_timeout, async {
             let booted = self.booter.start(&id, Some(&key), runners).await?;
             let unwanted = {
@@ -235,13 +243,9 @@ impl PoolInner {
                 });
             }
             ready.await.map_err(|_| {
-                let reason = self
-                    .state
-                    .lock()
-                    .unwrap()
-                    .runners
-                    .get(&id)
-                    .map(|e| e.link.reason())
+                let reason = link
+                    .as_ref()
+                    .map(|link| link.reason())
                     .unwrap_or_else(|| "runner stopped before it was ready".into());
                 Error::BootFailed {
                     pool: pool.clone(),

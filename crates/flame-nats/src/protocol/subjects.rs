@@ -141,6 +141,14 @@ pub(crate) fn parent_event(pool: &str, parent_id: &str, event: ParentEvent) -> S
     format!("{ROOT}.{pool}.parent.{parent_id}.{}", event.as_str())
 }
 
+/// Inbox prefix of a runner's connection: the subjects of replies to its
+/// own requests and of the streams it sends and receives start with it.
+/// Of its pool, so that a runner's NATS user can be allowed to read these
+/// and no other replies on the account (parents keep the usual `_INBOX`).
+pub(crate) fn runner_inbox_prefix(pool: &str) -> String {
+    format!("_INBOX.{ROOT}-{pool}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::client::RequestErrorKind;
 use bytes::Bytes;
 use flame_core::{codec, Error};
 use tokio::sync::mpsc;
@@ -223,25 +224,29 @@ impl Runner {
 
     /// Tells the parent we are ready; retried until the failsafe deadline.
     pub(super) async fn announce_ready(&self, deadline: Instant) -> Result<(), Error> {
+        let mut last_failure = String::from("no attempt finished");
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(Error::RunnerStart(format!(
-                    "failsafe: parent {} did not acknowledge this runner within {} ms",
+                    "failsafe: parent {} did not acknowledge this runner within {} ms ({last_failure})",
                     self.info.parent_id, self.info.failsafe_timeout_ms
                 )));
             }
             match self
-                .ask_parent(ParentEvent::Ready, 0, left.min(Duration::from_secs(2)))
+                .request_parent(ParentEvent::Ready, 0, left.min(Duration::from_secs(2)))
                 .await
             {
-                Some(true) => return Ok(()),
-                Some(false) => {
+                Ok(true) => return Ok(()),
+                Ok(false) => {
                     return Err(Error::RunnerStart(
                         "the parent refused this runner (it gave up on it)".into(),
                     ))
                 }
-                None => tokio::time::sleep(Duration::from_millis(50).min(left)).await,
+                Err(why) => {
+                    last_failure = why;
+                    tokio::time::sleep(Duration::from_millis(50).min(left)).await
+                }
             }
         }
     }
@@ -253,21 +258,40 @@ impl Runner {
         idle_ms: u64,
         timeout: Duration,
     ) -> Option<bool> {
-        let key = self.event_key.as_ref()?;
+        self.request_parent(event, idle_ms, timeout).await.ok()
+    }
+
+    /// [`Runner::ask_parent`], saying why there was no answer.
+    async fn request_parent(
+        &self,
+        event: ParentEvent,
+        idle_ms: u64,
+        timeout: Duration,
+    ) -> Result<bool, String> {
+        let key = self
+            .event_key
+            .as_ref()
+            .ok_or_else(|| "no event key".to_string())?;
         let subject = subjects::parent_event(&self.info.pool, &self.info.parent_id, event);
         let seq = self.event_seq.fetch_add(1, Ordering::SeqCst) + 1;
         let body = RunnerEvent::signed(key, event, &self.info.runner_id, self.build, idle_ms, seq);
-        let body = serde_json::to_vec(&body).ok()?;
+        let body = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
         let request = async_nats::Request::new()
             .payload(body.into())
             .timeout(Some(timeout));
-        match self.client.send_request(subject, request).await {
+        match self.client.send_request(subject.clone(), request).await {
             Ok(msg) => serde_json::from_slice::<ParentAnswer>(&msg.payload)
-                .ok()
-                .map(|a| a.ok),
+                .map(|a| a.ok)
+                .map_err(|e| format!("unreadable answer on {subject}: {e}")),
             Err(e) => {
                 debug!(event = event.as_str(), "parent did not answer: {e}");
-                None
+                Err(match e.kind() {
+                    RequestErrorKind::NoResponders => format!(
+                        "nobody listens on {subject}: the parent is gone, or this runner's \
+                         NATS user is not in the parent's account"
+                    ),
+                    _ => format!("no answer on {subject}: {e}"),
+                })
             }
         }
     }

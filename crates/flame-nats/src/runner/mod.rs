@@ -1,12 +1,14 @@
 //! The runner side: a copy of the app that serves calls for one pool.
 //!
 //! Life of a runner: connect to NATS, start a micro service with one
-//! endpoint on its own subject, flush, tell the parent it is ready (a
-//! private pool) or mark its lease ready (a shared pool), serve. It stops
-//! when it has been idle long enough and the parent agrees (and the pool's
-//! idle check, if any, agrees too), after its one call if the pool is
-//! single-use, when retired, or on SIGTERM; stopping unsubscribes first
-//! (new calls go elsewhere) and then drains in-flight work up to the
+//! endpoint on its own subject, make sure the server took every
+//! subscription (a missing permission fails the start, saying which: the
+//! runner's last line on stderr tells its parent), tell the parent it is
+//! ready (a private pool) or mark its lease ready (a shared pool), serve.
+//! It stops when it has been idle long enough and the parent agrees (and
+//! the pool's idle check, if any, agrees too), after its one call if the
+//! pool is single-use, when retired, or on SIGTERM; stopping unsubscribes
+//! first (new calls go elsewhere) and then drains in-flight work up to the
 //! shutdown timeout, still beating its heart. When it has not heard from
 //! its parent (or NATS) for the grace period it exits at once: nobody is
 //! left to receive the results.
@@ -28,14 +30,14 @@ use async_nats::service::ServiceExt;
 use flame_core::registry::Registry;
 use flame_core::state::States;
 use flame_core::stream::StreamTransport;
-use flame_core::Error;
+use flame_core::{Error, RUNNER_FAILURE_PREFIX};
 use futures::StreamExt;
 use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::build_id::build_id;
-use crate::connect::{connect_watched, Outages};
+use crate::connect::{connect_watched, Mark, Outages};
 use crate::protocol::bootstrap::ParentInfo;
 use crate::protocol::call::ErrorKind;
 use crate::protocol::events::{EventKey, ParentEvent};
@@ -71,9 +73,21 @@ pub(crate) async fn serve(
         }
         Err(e) => {
             tracing::error!(%runner, "runner failed: {e}");
+            report_start_failure(&e);
             1
         }
     }
+}
+
+/// Writes the one line that tells the backend (and whoever reads the
+/// runner's logs) why this runner could not start: [`RUNNER_FAILURE_PREFIX`]
+/// and the error, on stderr. Errors name no secret (URLs are shown without
+/// credentials).
+pub(crate) fn report_start_failure(error: &Error) {
+    use std::io::Write;
+    let reason = error.to_string().replace(['\r', '\n'], " ");
+    // Nobody may be reading any more (the parent died): nothing to do then.
+    let _ = writeln!(std::io::stderr().lock(), "{RUNNER_FAILURE_PREFIX}{reason}");
 }
 
 /// Counters kept on the runner, shown by `nats micro stats` as endpoint data.
@@ -148,6 +162,7 @@ async fn run(
         options,
     )
     .await?;
+    let permissions = connection.permissions.clone();
     let build = build.await.unwrap_or("unknown");
     let event_key = info.event_key();
     if !info.shared && event_key.is_none() {
@@ -157,60 +172,72 @@ async fn run(
         )));
     }
 
-    let streams = StreamHub::start(&client).await?;
-    flame_core::stream::set_default_transport(streams.clone());
     let counters = Arc::new(Counters::default());
     let stats_counters = counters.clone();
-    let mut metadata = HashMap::new();
-    metadata.insert("pool".to_string(), info.pool.clone());
-    metadata.insert("runner".to_string(), info.runner_id.clone());
-    metadata.insert("parent".to_string(), info.parent_id.clone());
-    metadata.insert("build".to_string(), build.to_string());
     let max_concurrency = info.max_concurrency;
-    let service = client
-        .service_builder()
-        .description(format!("flame runner of pool {}", info.pool))
-        .metadata(metadata)
-        .stats_handler(move |_endpoint, _stats| {
-            serde_json::json!({
-                "in_flight": stats_counters.in_flight.load(Ordering::Relaxed),
-                "max_in_flight": stats_counters.max_in_flight.load(Ordering::Relaxed),
-                "max_concurrency": max_concurrency,
-                "casts_failed": stats_counters.casts_failed.load(Ordering::Relaxed),
+    // Every subscription and request of the start, raced against the
+    // server's permission violations: a missing permission fails the start
+    // at once, saying which, instead of a request timing out (or a refused
+    // subscription leaving a runner nobody can reach).
+    let setup = async {
+        let streams = StreamHub::start(&client).await?;
+        let mut metadata = HashMap::new();
+        metadata.insert("pool".to_string(), info.pool.clone());
+        metadata.insert("runner".to_string(), info.runner_id.clone());
+        metadata.insert("parent".to_string(), info.parent_id.clone());
+        metadata.insert("build".to_string(), build.to_string());
+        let service = client
+            .service_builder()
+            .description(format!("flame runner of pool {}", info.pool))
+            .metadata(metadata)
+            .stats_handler(move |_endpoint, _stats| {
+                serde_json::json!({
+                    "in_flight": stats_counters.in_flight.load(Ordering::Relaxed),
+                    "max_in_flight": stats_counters.max_in_flight.load(Ordering::Relaxed),
+                    "max_concurrency": max_concurrency,
+                    "casts_failed": stats_counters.casts_failed.load(Ordering::Relaxed),
+                })
             })
-        })
-        .start(format!("flame-{}", info.pool), env!("CARGO_PKG_VERSION"))
-        .await
-        .map_err(|e| Error::nats("cannot start the micro service", e))?;
-    let mut endpoint = service
-        .endpoint_builder()
-        .name("call")
-        .add(subjects::runner(&info.pool, &info.runner_id))
-        .await
-        .map_err(|e| Error::nats("cannot subscribe to the runner's subjects", e))?;
-    let mut cancels = client
-        .subscribe(subjects::runner_cancel(&info.pool, &info.runner_id))
-        .await
-        .map_err(|e| Error::nats("cannot subscribe to the runner's subjects", e))?;
-    let mut control = client
-        .subscribe(subjects::runner_control(&info.pool, &info.runner_id))
-        .await
-        .map_err(|e| Error::nats("cannot subscribe to the runner's subjects", e))?;
-    let lease = if info.shared {
-        let keeper = tokio::time::timeout_at(failsafe_deadline, LeaseKeeper::open(&client, &info))
+            .start(format!("flame-{}", info.pool), env!("CARGO_PKG_VERSION"))
             .await
-            .map_err(|_| {
-                Error::RunnerStart("failsafe: cannot read this runner's lease".into())
-            })??;
-        Some(keeper)
-    } else {
-        None
+            .map_err(|e| Error::nats("cannot start the micro service", e))?;
+        let endpoint = service
+            .endpoint_builder()
+            .name("call")
+            .add(subjects::runner(&info.pool, &info.runner_id))
+            .await
+            .map_err(|e| Error::nats("cannot subscribe to the runner's subjects", e))?;
+        let cancels = client
+            .subscribe(subjects::runner_cancel(&info.pool, &info.runner_id))
+            .await
+            .map_err(|e| Error::nats("cannot subscribe to the runner's subjects", e))?;
+        let control = client
+            .subscribe(subjects::runner_control(&info.pool, &info.runner_id))
+            .await
+            .map_err(|e| Error::nats("cannot subscribe to the runner's subjects", e))?;
+        let lease = if info.shared {
+            let keeper =
+                tokio::time::timeout_at(failsafe_deadline, LeaseKeeper::open(&client, &info))
+                    .await
+                    .map_err(|_| {
+                        Error::RunnerStart("failsafe: cannot read this runner's lease".into())
+                    })??;
+            Some(keeper)
+        } else {
+            None
+        };
+        // Subscribed, and the server took every subscription (no call can
+        // miss us), before announcing. Settling drops the connection on
+        // purpose: not worth a warning.
+        connection.closing.store(true, Ordering::SeqCst);
+        let settled = permissions.settle(&client, failsafe_deadline).await;
+        connection.closing.store(false, Ordering::SeqCst);
+        settled?;
+        Ok::<_, Error>((streams, service, endpoint, cancels, control, lease))
     };
-    // Subscribed and flushed before announcing: no call can miss us.
-    client
-        .flush()
-        .await
-        .map_err(|e| Error::nats("cannot flush the runner's subscriptions", e))?;
+    let (streams, service, mut endpoint, mut cancels, mut control, lease) =
+        permissions.guard(&Mark::default(), setup).await?;
+    flame_core::stream::set_default_transport(streams.clone());
 
     let runner = Arc::new(Runner {
         info,
@@ -241,11 +268,14 @@ async fn run(
         lease: tokio::sync::Mutex::new(lease),
         outages: connection.outages.clone(),
     });
-    if runner.info.shared {
-        runner.announce_ready_in_lease().await?;
-    } else {
-        runner.announce_ready(failsafe_deadline).await?;
-    }
+    let announce = async {
+        if runner.info.shared {
+            runner.announce_ready_in_lease().await
+        } else {
+            runner.announce_ready(failsafe_deadline).await
+        }
+    };
+    permissions.guard(&Mark::default(), announce).await?;
     debug!(runner = %runner.info.runner_id, "runner ready");
 
     let heartbeat = tokio::spawn(lifecycle::heartbeat(runner.clone()).in_current_span());
