@@ -1,0 +1,662 @@
+//! Least privilege: pools run on a nats-server started from the repository's
+//! `deploy/nats/least-privilege.conf`, parents and runners connecting as
+//! different users with only the permissions flame documents. A user of
+//! another account sees nothing; wrong credentials and missing permissions
+//! give typed errors that say why (for runners: at boot, reported by the
+//! pool), without the secret.
+//!
+//! "Missing permission" cases start the server from that same file with one
+//! permission line taken out (written to the test's own directory), which
+//! also shows that the line is needed.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use flame::{Error, Flame, LocalBackend, NatsServer, PoolEvent, Stream};
+use flame_tests::funcs::streams::{count_bytes, numbers};
+use flame_tests::funcs::{add, write_file};
+use flame_tests::harness::{builder, init_tracing, runner_backend, wait_for, HookLog};
+use futures::StreamExt;
+
+/// The configuration under test, as shipped.
+const CONFIG: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../deploy/nats/least-privilege.conf"
+);
+
+/// The pool the configuration is written for.
+const POOL: &str = "thumbs";
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// A nats-server started from the configuration (or a copy with lines
+/// taken out), with fresh passwords.
+struct Secured {
+    server: NatsServer,
+    parent_password: String,
+    runner_password: String,
+    outsider_password: String,
+    /// The server's log.
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Which block of the configuration a line is taken out of.
+#[derive(Clone, Copy)]
+enum Block {
+    ParentPublish,
+    ParentSubscribe,
+    RunnerPublish,
+    RunnerSubscribe,
+}
+
+impl Secured {
+    /// The configuration as shipped.
+    fn start() -> Secured {
+        Secured::without(&[])
+    }
+
+    /// The configuration without the given lines, each in its block.
+    fn without(lines: &[(Block, &str)]) -> Secured {
+        init_tracing();
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = std::fs::read_to_string(CONFIG).unwrap();
+        let path = if lines.is_empty() {
+            std::path::PathBuf::from(CONFIG)
+        } else {
+            for (block, line) in lines {
+                config = take_out(&config, *block, line);
+            }
+            let path = dir.path().join("least-privilege.conf");
+            std::fs::write(&path, &config).unwrap();
+            path
+        };
+        let password = || uuid::Uuid::new_v4().simple().to_string();
+        let (parent_password, runner_password, outsider_password) =
+            (password(), password(), password());
+        let log = dir.path().join("nats-server.log");
+        let server = NatsServer::builder()
+            .arg("-c")
+            .arg(path.to_string_lossy())
+            .arg("-l")
+            .arg(log.to_string_lossy())
+            .env("FLAME_PARENT_PASSWORD", &parent_password)
+            .env("FLAME_RUNNER_PASSWORD", &runner_password)
+            .env("OUTSIDER_PASSWORD", &outsider_password)
+            .start()
+            .expect("nats-server starts from the config");
+        Secured {
+            server,
+            parent_password,
+            runner_password,
+            outsider_password,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// The permission violations the server logged so far.
+    fn violations(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("Violation"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// A parent connected as `flame-parent`.
+    async fn parent(&self) -> Flame {
+        let password = self.parent_password.clone();
+        builder()
+            .nats_url(self.server.url())
+            .nats_options(move |o| o.user_and_password("flame-parent".into(), password.clone()))
+            .init()
+            .await
+            .expect("the parent connects as flame-parent")
+    }
+
+    /// Runners connecting as `user` with `password`, with nothing else of
+    /// the parent's environment: only what the backend passes on is used.
+    fn runners_as(&self, user: &str, password: &str) -> LocalBackend {
+        runner_backend()
+            .clear_env(true)
+            .env("NATS_USER", user)
+            .env("NATS_PASSWORD", password)
+    }
+
+    /// Runners connecting as `flame-runner`.
+    fn runners(&self) -> LocalBackend {
+        self.runners_as("flame-runner", &self.runner_password)
+    }
+
+    /// A plain client, and what the server refuses it.
+    async fn client(&self, user: &str, password: &str) -> (async_nats::Client, Refusals) {
+        let refusals = Refusals::default();
+        let seen = refusals.clone();
+        let client =
+            async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+                .event_callback(move |event| {
+                    if let async_nats::Event::ServerError(e) = event {
+                        seen.0.lock().unwrap().push(e.to_string());
+                    }
+                    async {}
+                })
+                .connect(self.server.url())
+                .await
+                .expect("a plain client connects");
+        (client, refusals)
+    }
+}
+
+/// `config` without `line` (compared trimmed, quotes included) in `block`.
+fn take_out(config: &str, block: Block, line: &str) -> String {
+    let (section, list) = match block {
+        Block::ParentPublish => ("PARENT_PERMISSIONS", "publish"),
+        Block::ParentSubscribe => ("PARENT_PERMISSIONS", "subscribe"),
+        Block::RunnerPublish => ("RUNNER_PERMISSIONS", "publish"),
+        Block::RunnerSubscribe => ("RUNNER_PERMISSIONS", "subscribe"),
+    };
+    let wanted = format!("\"{line}\"");
+    let mut out = Vec::new();
+    let (mut in_section, mut in_list, mut removed) = (false, false, false);
+    for l in config.lines() {
+        let t = l.trim();
+        if t.starts_with(&format!("{section}:")) {
+            in_section = true;
+        } else if in_section && t.starts_with(&format!("{list}:")) {
+            in_list = true;
+        } else if in_list && t == "}" {
+            in_list = false;
+            in_section = false;
+        }
+        if in_list && !removed && t == wanted {
+            removed = true;
+            continue;
+        }
+        out.push(l);
+    }
+    assert!(removed, "{line} not found in {section}.{list}");
+    out.join("\n")
+}
+
+/// Server errors a plain client was sent.
+#[derive(Debug, Clone, Default)]
+struct Refusals(Arc<Mutex<Vec<String>>>);
+
+impl Refusals {
+    fn all(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// Waits until the server has refused something on `subject`.
+    async fn wait_for(&self, subject: &str) {
+        let quoted = format!("\"{subject}\"");
+        wait_for(&format!("a refusal of {subject}"), LONG, || {
+            let found = self.all().iter().any(|e| e.contains(&quoted));
+            async move { found.then_some(()) }
+        })
+        .await;
+    }
+}
+
+/// Everything a client of another account receives while `work` runs,
+/// up to a marker of its own published afterwards (so the subscription
+/// demonstrably works and the server delivered whatever it had).
+async fn seen_by_outsider<F: std::future::Future<Output = ()>>(
+    secured: &Secured,
+    work: F,
+) -> Vec<String> {
+    let (outsider, _) = secured.client("outsider", &secured.outsider_password).await;
+    let mut all = outsider.subscribe(">").await.unwrap();
+    outsider.flush().await.unwrap();
+    work.await;
+    let marker = format!("outsider.marker.{}", uuid::Uuid::new_v4().simple());
+    outsider
+        .publish(marker.clone(), Bytes::new())
+        .await
+        .unwrap();
+    outsider.flush().await.unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let msg = tokio::time::timeout(LONG, all.next())
+            .await
+            .expect("the outsider's own marker arrives")
+            .expect("the subscription stays open");
+        if msg.subject.as_str() == marker {
+            return seen;
+        }
+        seen.push(msg.subject.to_string());
+    }
+}
+
+/// Calls, a cast and streams both ways on `pool`.
+async fn exercise(pool: &flame::Pool) {
+    assert_eq!(flame::call!(pool, add(2, 3)).await.unwrap(), 5);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cast-ran");
+    let p = path.to_string_lossy().into_owned();
+    flame::cast!(pool, write_file(p, "from a cast".into())).unwrap();
+    wait_for("the cast's file", LONG, || {
+        let done = std::fs::read_to_string(&path).ok();
+        async move { done }
+    })
+    .await;
+    // Runner to parent.
+    let got: Vec<u32> = flame::call!(pool, numbers(300))
+        .await
+        .unwrap()
+        .map(|n| n.unwrap())
+        .collect()
+        .await;
+    assert_eq!(got, (1..=300).collect::<Vec<_>>());
+    // Parent to runner.
+    let chunks: Vec<Bytes> = (0..40u8).map(|i| Bytes::from(vec![i; 4096])).collect();
+    let sum = chunks
+        .iter()
+        .flat_map(|c| c.iter())
+        .fold(0u64, |s, b| s + *b as u64);
+    let counted = flame::call!(
+        pool,
+        count_bytes(Stream::new(futures::stream::iter(chunks)))
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(counted, (40 * 4096, sum));
+}
+
+/// Waits until a runner of the pool left it (idled down).
+async fn idled_down(hooks: &HookLog) {
+    wait_for("a runner to idle down", LONG, || {
+        let gone = hooks
+            .events()
+            .iter()
+            .any(|e| matches!(e, PoolEvent::Shrink { .. }));
+        async move { gone.then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_private_pool_runs_with_least_privilege_users() {
+    let secured = Secured::start();
+    let seen = seen_by_outsider(&secured, async {
+        let flame = secured.parent().await;
+        let hooks = HookLog::default();
+        let pool = hooks
+            .attach(flame.pool(POOL))
+            .backend(secured.runners())
+            .max(2)
+            .timeout(LONG)
+            // Pings, then `leave` and `stopping`, within the test.
+            .heartbeat(Duration::from_millis(200))
+            .idle_shutdown_after(Duration::from_secs(1))
+            .start()
+            .await
+            .unwrap();
+        exercise(&pool).await;
+        idled_down(&hooks).await;
+        pool.shutdown().await;
+        flame.close().await;
+    })
+    .await;
+    assert!(seen.is_empty(), "another account saw {seen:?}");
+    assert_eq!(secured.violations(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_shared_pool_runs_with_least_privilege_users() {
+    let secured = Secured::start();
+    let seen = seen_by_outsider(&secured, async {
+        let (first, second) = (secured.parent().await, secured.parent().await);
+        let hooks = HookLog::default();
+        let shared = |flame: &Flame| {
+            hooks
+                .attach(flame.pool(POOL))
+                .shared(true)
+                .backend(secured.runners())
+                .max(2)
+                .timeout(LONG)
+                // Lease renewals, `alive`, then `retire` within the test.
+                .heartbeat(Duration::from_millis(300))
+                .idle_shutdown_after(Duration::from_secs(1))
+        };
+        let a = shared(&first).start().await.unwrap();
+        let b = shared(&second).start().await.unwrap();
+        exercise(&a).await;
+        exercise(&b).await;
+        idled_down(&hooks).await;
+        b.shutdown().await;
+        a.shutdown().await;
+        first.close().await;
+        second.close().await;
+    })
+    .await;
+    assert!(seen.is_empty(), "another account saw {seen:?}");
+    assert_eq!(secured.violations(), Vec::<String>::new());
+}
+
+/// The shipped permissions are tight: each user is refused what flame does
+/// not need (and, being refused in order after what it needs, is refused
+/// nothing else).
+#[tokio::test]
+async fn each_user_may_do_only_what_flame_needs() {
+    let secured = Secured::start();
+
+    let (runner, refusals) = secured
+        .client("flame-runner", &secured.runner_password)
+        .await;
+    let mut subs = Vec::new();
+    for allowed in [
+        "flame.thumbs.runner.r1",
+        "flame.thumbs.runner.r1.cancel",
+        "flame.thumbs.runner.r1.control",
+        "$SRV.PING",
+        "$SRV.INFO.flame-thumbs",
+        "$SRV.STATS.flame-thumbs.id1",
+        "_INBOX.flame-thumbs.abc.*",
+    ] {
+        subs.push(runner.subscribe(allowed).await.unwrap());
+    }
+    let mut denied = Vec::new();
+    for refused in [
+        "flame.thumbs.parent.p1.*",
+        "_INBOX.abc.*",
+        "flame.other.runner.r1",
+        "$KV.flame-thumbs.>",
+    ] {
+        subs.push(runner.subscribe(refused).await.unwrap());
+        refusals.wait_for(refused).await;
+        denied.push(refused);
+    }
+    for refused in [
+        "flame.thumbs.runner.r2",
+        "$KV.flame-thumbs.scaler",
+        "$JS.API.STREAM.DELETE.KV_flame-thumbs",
+        "flame.other.parent.p1.ready",
+    ] {
+        runner.publish(refused, Bytes::new()).await.unwrap();
+        refusals.wait_for(refused).await;
+        denied.push(refused);
+    }
+    assert_eq!(refusals.all().len(), denied.len(), "{:?}", refusals.all());
+
+    let (parent, refusals) = secured
+        .client("flame-parent", &secured.parent_password)
+        .await;
+    for allowed in ["flame.thumbs.parent.p1.*", "_INBOX.abc.*"] {
+        subs.push(parent.subscribe(allowed).await.unwrap());
+    }
+    subs.push(
+        parent
+            .queue_subscribe("flame.thumbs.alive", "parents".into())
+            .await
+            .unwrap(),
+    );
+    let mut denied = Vec::new();
+    for refused in [
+        "flame.thumbs.runner.r1",
+        "flame.other.parent.p1.*",
+        "$SRV.PING",
+    ] {
+        subs.push(parent.subscribe(refused).await.unwrap());
+        refusals.wait_for(refused).await;
+        denied.push(refused);
+    }
+    for refused in ["flame.thumbs.parent.p1.ready", "flame.other.runner.r1"] {
+        parent.publish(refused, Bytes::new()).await.unwrap();
+        refusals.wait_for(refused).await;
+        denied.push(refused);
+    }
+    assert_eq!(refusals.all().len(), denied.len(), "{:?}", refusals.all());
+}
+
+/// Starts a private pool that waits for one runner of `backend`, which
+/// must fail; returns the error and how long it took.
+async fn failed_start(flame: &Flame, backend: LocalBackend) -> (Error, Duration) {
+    let started = tokio::time::Instant::now();
+    let err = flame
+        .pool(POOL)
+        .backend(backend)
+        .min(1)
+        .max(1)
+        .boot_timeout(LONG)
+        .start()
+        .await
+        .expect_err("the runner cannot start");
+    (err, started.elapsed())
+}
+
+/// The boot failure's reason, checked to be quick and to carry no secret.
+fn boot_reason(err: &Error, took: Duration, secret: &str) -> String {
+    // Fast: the runner said why and exited; its failsafe (20 s) and the
+    // boot timeout (60 s) played no part.
+    assert!(took < Duration::from_secs(15), "took {took:?}: {err}");
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains(secret), "{shown}");
+    match err {
+        Error::BootFailed { pool, reason, .. } => {
+            assert_eq!(pool, POOL);
+            assert!(reason.contains("exited with code 1"), "{reason}");
+            reason.clone()
+        }
+        other => panic!("expected BootFailed, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn runners_with_bad_credentials_fail_their_boot_saying_so() {
+    let secured = Secured::start();
+    let flame = secured.parent().await;
+
+    let wrong = format!("{}-wrong", secured.runner_password);
+    let (err, took) = failed_start(&flame, secured.runners_as("flame-runner", &wrong)).await;
+    let reason = boot_reason(&err, took, &wrong);
+    assert!(reason.contains("authorization violation"), "{reason}");
+
+    let (err, took) = failed_start(&flame, secured.runners_as("nobody", &wrong)).await;
+    let reason = boot_reason(&err, took, &wrong);
+    assert!(reason.contains("authorization violation"), "{reason}");
+
+    // A call waiting for a runner gets the same reason, at its own
+    // deadline, long before the boot timeout.
+    let pool = flame
+        .pool(POOL)
+        .backend(secured.runners_as("nobody", &wrong))
+        .max(1)
+        .boot_timeout(LONG)
+        .timeout(Duration::from_secs(4))
+        .start()
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let err = flame::call!(pool, add(1, 1)).await.unwrap_err();
+    let reason = boot_reason(&err, started.elapsed(), &wrong);
+    assert!(reason.contains("authorization violation"), "{reason}");
+}
+
+#[tokio::test]
+async fn a_runner_without_its_subscriptions_fails_its_boot_naming_the_subject() {
+    let secured = Secured::without(&[(Block::RunnerSubscribe, "flame.thumbs.runner.*")]);
+    let flame = secured.parent().await;
+    let (err, took) = failed_start(&flame, secured.runners()).await;
+    let reason = boot_reason(&err, took, &secured.runner_password);
+    assert!(
+        reason.contains("Permissions Violation for Subscription to \"flame.thumbs.runner."),
+        "{reason}"
+    );
+}
+
+#[tokio::test]
+async fn a_runner_that_may_not_report_fails_its_boot_naming_the_subject() {
+    let secured = Secured::without(&[(Block::RunnerPublish, "flame.thumbs.parent.*.*")]);
+    let flame = secured.parent().await;
+    let (err, took) = failed_start(&flame, secured.runners()).await;
+    let reason = boot_reason(&err, took, &secured.runner_password);
+    assert!(
+        reason.contains("Permissions Violation for Publish to \"flame.thumbs.parent."),
+        "{reason}"
+    );
+}
+
+#[tokio::test]
+async fn a_shared_pool_runner_without_its_lease_permission_fails_naming_it() {
+    let secured = Secured::without(&[(Block::RunnerPublish, "$KV.flame-thumbs.runners.*")]);
+    let flame = secured.parent().await;
+    let hooks = HookLog::default();
+    let pool = hooks
+        .attach(flame.pool(POOL))
+        .shared(true)
+        .heartbeat(Duration::from_millis(500))
+        .backend(secured.runners())
+        .max(1)
+        .boot_timeout(LONG)
+        .timeout(LONG)
+        .start()
+        .await
+        .unwrap();
+    // A call makes the scaler boot a runner, which cannot mark its lease
+    // ready: the boot fails with the runner's reason, long before the
+    // boot timeout.
+    let call = tokio::spawn({
+        let pool = pool.clone();
+        async move { flame::call!(pool, add(1, 1)).await }
+    });
+    let started = tokio::time::Instant::now();
+    let err = wait_for("a failed boot", LONG, || {
+        let found = hooks.events().iter().find_map(|e| match e {
+            PoolEvent::GrowEnd { result: Err(e), .. } => Some(e.clone()),
+            _ => None,
+        });
+        async move { found }
+    })
+    .await;
+    let reason = boot_reason(&err, started.elapsed(), &secured.runner_password);
+    assert!(
+        reason.contains("Permissions Violation for Publish to \"$KV.flame-thumbs.runners."),
+        "{reason}"
+    );
+    call.abort();
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_runner_of_another_account_says_nobody_listens() {
+    let secured = Secured::start();
+    let flame = secured.parent().await;
+    let started = tokio::time::Instant::now();
+    let err = flame
+        .pool(POOL)
+        .backend(secured.runners_as("outsider", &secured.outsider_password))
+        .min(1)
+        .max(1)
+        .failsafe_timeout(Duration::from_secs(3))
+        .boot_timeout(LONG)
+        .start()
+        .await
+        .expect_err("the runner cannot reach its parent");
+    let reason = boot_reason(&err, started.elapsed(), &secured.outsider_password);
+    assert!(
+        reason.contains("nobody listens on flame.thumbs.parent."),
+        "{reason}"
+    );
+}
+
+#[tokio::test]
+async fn parents_with_bad_credentials_or_missing_permissions_get_clear_errors() {
+    let secured = Secured::start();
+    for user in ["flame-parent", "nobody"] {
+        let err = builder()
+            .nats_url(secured.server.url())
+            .nats_options(|o| o.user_and_password(user.into(), "wrong-pw".into()))
+            .connect_timeout(Duration::from_secs(5))
+            .init()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::NatsUnreachable { .. }), "{err:?}");
+        let shown = format!("{err} {err:?}");
+        assert!(err.to_string().contains("authorization violation"), "{err}");
+        assert!(!shown.contains("wrong-pw"), "{shown}");
+    }
+
+    // Pools the parent's user has no permissions for: the event
+    // subscription (private) or the bucket (shared) is refused.
+    let flame = secured.parent().await;
+    let err = flame
+        .pool("other")
+        .backend(secured.runners())
+        .start()
+        .await
+        .unwrap_err();
+    match &err {
+        Error::PermissionDenied { reason } => assert!(
+            reason.contains("Subscription to \"flame.other.parent."),
+            "{reason}"
+        ),
+        other => panic!("expected PermissionDenied, got {other:?}"),
+    }
+    let err = flame
+        .pool("elsewhere")
+        .shared(true)
+        .backend(secured.runners())
+        .start()
+        .await
+        .unwrap_err();
+    match &err {
+        Error::PermissionDenied { reason } => {
+            assert!(reason.contains("KV_flame-elsewhere"), "{reason}")
+        }
+        other => panic!("expected PermissionDenied, got {other:?}"),
+    }
+    // The pool it may use still works.
+    let pool = flame
+        .pool(POOL)
+        .backend(secured.runners())
+        .max(1)
+        .timeout(LONG)
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(flame::call!(pool, add(20, 22)).await.unwrap(), 42);
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_parent_without_its_event_subscription_gets_a_permission_error() {
+    let secured = Secured::without(&[(Block::ParentSubscribe, "flame.thumbs.parent.*.*")]);
+    let flame = secured.parent().await;
+    let err = flame
+        .pool(POOL)
+        .backend(secured.runners())
+        .start()
+        .await
+        .unwrap_err();
+    match &err {
+        Error::PermissionDenied { reason } => assert!(
+            reason.contains("Subscription to \"flame.thumbs.parent."),
+            "{reason}"
+        ),
+        other => panic!("expected PermissionDenied, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_parent_that_may_not_create_the_bucket_gets_a_permission_error() {
+    let secured = Secured::without(&[(Block::ParentPublish, "$JS.API.INFO")]);
+    let flame = secured.parent().await;
+    let err = flame
+        .pool(POOL)
+        .shared(true)
+        .backend(secured.runners())
+        .start()
+        .await
+        .unwrap_err();
+    match &err {
+        Error::PermissionDenied { reason } => {
+            assert!(reason.contains("Publish to \"$JS.API.INFO\""), "{reason}")
+        }
+        other => panic!("expected PermissionDenied, got {other:?}"),
+    }
+}
