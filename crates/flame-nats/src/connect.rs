@@ -422,16 +422,22 @@ pub(crate) async fn connect_watched(
     let watch = permissions.clone();
     let options = options.event_callback(move |event| {
         watch.record(&event);
-        let (tx, notify, quiet, at) = (tx.clone(), notify.clone(), quiet.clone(), at.clone());
+        // Read now, not in the future below: a reconnection made on purpose
+        // (the runner's start) clears the flag as soon as it is reported.
+        let on_purpose = quiet.load(Ordering::SeqCst);
+        if matches!(event, async_nats::Event::Disconnected) && !on_purpose {
+            // Not an outage when dropped on purpose: calls were not lost.
+            outs.lock()
+                .unwrap()
+                .down_since
+                .get_or_insert_with(Instant::now);
+        }
+        let (tx, notify, at) = (tx.clone(), notify.clone(), at.clone());
         let outs = outs.clone();
         async move {
             match event {
                 async_nats::Event::Disconnected => {
-                    outs.lock()
-                        .unwrap()
-                        .down_since
-                        .get_or_insert_with(Instant::now);
-                    if quiet.load(Ordering::SeqCst) {
+                    if on_purpose {
                         tracing::debug!("disconnected from NATS");
                     } else {
                         tracing::warn!("lost the connection to NATS; reconnecting");
