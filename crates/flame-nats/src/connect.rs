@@ -421,10 +421,10 @@ pub(crate) async fn connect_watched(
     let outs = outages.clone();
     let watch = permissions.clone();
     let options = options.event_callback(move |event| {
-        watch.record(&event);
-        // Read now, not in the future below: a reconnection made on purpose
-        // (the runner's start) clears the flag as soon as it is reported.
+        // Read first, before the event is recorded: a reconnection made on
+        // purpose (the runner's start) clears the flag as soon as it is.
         let on_purpose = quiet.load(Ordering::SeqCst);
+        watch.record(&event);
         if matches!(event, async_nats::Event::Disconnected) && !on_purpose {
             // Not an outage when dropped on purpose: calls were not lost.
             outs.lock()
