@@ -126,6 +126,11 @@ impl TestEnv {
         self.flame.pool(name).backend(runner_backend())
     }
 
+    /// A second parent on the same server.
+    pub async fn another_parent(&self) -> Flame {
+        builder().nats_url(self.server.url()).init().await.unwrap()
+    }
+
     /// A plain NATS client on the same server.
     pub async fn client(&self) -> async_nats::Client {
         async_nats::connect(self.server.url())
@@ -251,6 +256,15 @@ pub async fn runner_stats(env: &TestEnv, pool: &str) -> Option<serde_json::Value
         .ok()?;
     let stats: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
     Some(stats["endpoints"][0]["data"].clone())
+}
+
+/// A shared pool of test runners on `flame`, with 500 ms heartbeats.
+pub fn shared_pool(flame: &Flame, name: &str) -> PoolBuilder {
+    flame
+        .pool(name)
+        .shared(true)
+        .heartbeat(Duration::from_millis(500))
+        .backend(runner_backend())
 }
 
 /// The local backend running `flame-testapp` with the test build id.

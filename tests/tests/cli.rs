@@ -7,7 +7,7 @@ use std::time::Duration;
 use flame::{CallOptions, Flame};
 use flame_tests::funcs::*;
 use flame_tests::harness::{
-    flame_cli, free_port, runner_backend, start_marked_call, wait_for, wait_in_flight, TestEnv,
+    flame_cli, free_port, shared_pool, start_marked_call, wait_for, wait_in_flight, TestEnv,
 };
 use tokio::io::AsyncBufReadExt;
 
@@ -67,26 +67,10 @@ fn row(stdout: &[u8], first: &str) -> Vec<String> {
         .unwrap_or_else(|| panic!("no row for {first} in:\n{text}"))
 }
 
-fn shared_pool(flame: &Flame, name: &str) -> flame::PoolBuilder {
-    flame
-        .pool(name)
-        .shared(true)
-        .heartbeat(Duration::from_millis(500))
-        .backend(runner_backend())
-}
-
-async fn another_parent(env: &TestEnv) -> Flame {
-    flame_tests::harness::builder()
-        .nats_url(env.server.url())
-        .init()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn pools_lists_a_private_and_a_shared_pool() {
     let env = TestEnv::start().await;
-    let second = another_parent(&env).await;
+    let second = env.another_parent().await;
     let _private = env
         .pool("cli-priv")
         .min(1)

@@ -8,7 +8,7 @@ use flame::ops::{EventKind, PoolEventMessage, Reason};
 use flame::{CallOptions, Flame};
 use flame_tests::funcs::*;
 use flame_tests::harness::{
-    kill9, runner_backend, wait_for, EventLog, FailingFirst, NoExitNotice, TestEnv,
+    kill9, runner_backend, shared_pool, wait_for, EventLog, FailingFirst, NoExitNotice, TestEnv,
 };
 use flame_tests::TEST_BUILD;
 
@@ -197,15 +197,6 @@ async fn new_limits_and_a_shutdown_are_announced() {
         (gone.runner.clone(), gone.reason),
         (ready.runner.clone(), Some(Reason::Shutdown))
     );
-}
-
-/// A shared pool of test runners, with 500 ms heartbeats.
-fn shared_pool(flame: &Flame, name: &str) -> flame::PoolBuilder {
-    flame
-        .pool(name)
-        .shared(true)
-        .heartbeat(Duration::from_millis(500))
-        .backend(runner_backend())
 }
 
 #[tokio::test]

@@ -6,33 +6,16 @@ use std::time::Duration;
 use flame::{CallOptions, Flame};
 use flame_tests::funcs::*;
 use flame_tests::harness::{
-    error_within, kill9, process_alive, runner_backend, runner_pids, start_marked_call, wait_for,
-    MarkedCall, NoExitNotice, RunnerSampler, SharedParent, TestEnv,
+    error_within, kill9, process_alive, runner_backend, runner_pids, shared_pool,
+    start_marked_call, wait_for, MarkedCall, NoExitNotice, RunnerSampler, SharedParent, TestEnv,
 };
 
 const LONG: Duration = Duration::from_secs(60);
 
-/// A shared pool of test runners, with 500 ms heartbeats.
-fn shared_pool(flame: &Flame, name: &str) -> flame::PoolBuilder {
-    flame
-        .pool(name)
-        .shared(true)
-        .heartbeat(Duration::from_millis(500))
-        .backend(runner_backend())
-}
-
-async fn another_parent(env: &TestEnv) -> Flame {
-    flame_tests::harness::builder()
-        .nats_url(env.server.url())
-        .init()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn two_parents_share_one_pool() {
     let env = TestEnv::start().await;
-    let second = another_parent(&env).await;
+    let second = env.another_parent().await;
     let a = shared_pool(&env.flame, "together")
         .max(2)
         .max_concurrency(2)
@@ -226,7 +209,7 @@ async fn runner_outlives_its_booting_parent_while_another_parent_lives() {
 #[tokio::test]
 async fn dead_runner_fails_calls_in_every_parent_and_its_lease_is_reaped() {
     let env = TestEnv::start().await;
-    let second = another_parent(&env).await;
+    let second = env.another_parent().await;
     let build = |flame: &Flame| shared_pool(flame, "reap").min(1).max(1);
     let a = build(&env.flame).start().await.unwrap();
     let b = build(&second).start().await.unwrap();

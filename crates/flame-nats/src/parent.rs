@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::connect::ConnectionEvents;
 use crate::embedded::NatsServer;
@@ -72,15 +73,18 @@ impl std::fmt::Debug for ParentContext {
 }
 
 impl ParentContext {
-    /// Whether anyone answers a request on `subject` within 2 s. Used to
-    /// ask whether a parent still lives: a private pool's parent answers
-    /// anything on its event subjects, a shared pool's parents answer on
-    /// `alive`, and nobody answers for a parent that is gone. Unsure (a
-    /// slow network) counts as yes.
-    pub(crate) async fn anyone_answers(&self, subject: String) -> bool {
+    /// Whether anyone may still listen on `subject`: false only when NATS
+    /// answers a request there with "no responders", which it does at once
+    /// for a process whose connection is gone. Used to ask whether a parent
+    /// or runner still lives: a private pool's parent answers anything on
+    /// its event subjects, shared-pool parents answer on `alive` and
+    /// `present`, and a runner subscribes to its control subject (it
+    /// ignores the request, so a live one just lets it time out). Unsure (a
+    /// timeout, a slow network) counts as yes.
+    pub(crate) async fn anyone_answers(&self, subject: String, timeout: Duration) -> bool {
         let request = async_nats::Request::new()
             .payload(bytes::Bytes::new())
-            .timeout(Some(std::time::Duration::from_secs(2)));
+            .timeout(Some(timeout));
         match self.client.send_request(subject, request).await {
             Ok(_) => true,
             Err(e) => e.kind() != async_nats::client::RequestErrorKind::NoResponders,

@@ -104,14 +104,10 @@ impl Fleet {
             return;
         }
         let subject = subjects::parent_present(&self.config.name, &scaler.value.parent);
-        let request = async_nats::Request::new()
-            .payload(bytes::Bytes::new())
-            .timeout(Some(self.config.heartbeat / 2));
-        if let Err(e) = self.parent.client.send_request(subject, request).await {
-            if e.kind() == async_nats::client::RequestErrorKind::NoResponders {
-                info!(pool = %self.config.name, scaler = %scaler.value.parent, "the scaler's connection is gone; taking over");
-                self.state.lock().unwrap().scaler_gone = Some(scaler.revision);
-            }
+        let heartbeat = self.config.heartbeat;
+        if !self.parent.anyone_answers(subject, heartbeat / 2).await {
+            info!(pool = %self.config.name, scaler = %scaler.value.parent, "the scaler's connection is gone; taking over");
+            self.state.lock().unwrap().scaler_gone = Some(scaler.revision);
         }
     }
 

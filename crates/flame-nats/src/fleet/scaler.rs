@@ -58,7 +58,12 @@ impl Fleet {
             }
             let theirs = &runner.parent_id;
             let events = subjects::parent_event(pool, theirs, ParentEvent::Ping);
-            if !theirs.is_empty() && self.parent.anyone_answers(events).await {
+            if !theirs.is_empty()
+                && self
+                    .parent
+                    .anyone_answers(events, Duration::from_secs(2))
+                    .await
+            {
                 continue;
             }
             warn!(%pool, runner = %id, handle = %runner.handle, "terminating a runner without a lease");
@@ -277,13 +282,10 @@ impl Fleet {
     /// three heartbeats.
     async fn probe_runner(self: Arc<Self>, id: String) {
         let subject = subjects::runner_control(&self.config.name, &id);
-        let request = async_nats::Request::new()
-            .payload(bytes::Bytes::from_static(b"ping"))
-            .timeout(Some(self.config.heartbeat / 2));
-        let gone = matches!(
-            self.parent.client.send_request(subject, request).await,
-            Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders
-        );
+        let gone = !self
+            .parent
+            .anyone_answers(subject, self.config.heartbeat / 2)
+            .await;
         let mut st = self.state.lock().unwrap();
         st.probing.remove(&id);
         if gone && st.runners.contains_key(&id) {

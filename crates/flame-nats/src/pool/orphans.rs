@@ -12,6 +12,9 @@ use super::PoolInner;
 use crate::protocol::events::ParentEvent;
 use crate::protocol::subjects;
 
+/// How long a parent of a left-over runner has to answer.
+const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How often a pool looks for runners left behind.
 const SCAN_EVERY: Duration = Duration::from_secs(30);
 
@@ -43,7 +46,7 @@ impl PoolInner {
             if others.is_empty()
                 || self
                     .parent
-                    .anyone_answers(subjects::alive(&self.config.name))
+                    .anyone_answers(subjects::alive(&self.config.name), ASK_TIMEOUT)
                     .await
             {
                 continue;
@@ -51,7 +54,7 @@ impl PoolInner {
             for runner in others {
                 let theirs = &runner.parent_id;
                 let events = subjects::parent_event(&self.config.name, theirs, ParentEvent::Ping);
-                if self.parent.anyone_answers(events).await {
+                if self.parent.anyone_answers(events, ASK_TIMEOUT).await {
                     continue;
                 }
                 warn!(pool = %self.config.name, runner = %runner.runner_id, handle = %runner.handle, parent = %theirs, "terminating a runner its parent left behind");
