@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use flame::{Error, Flame, LocalBackend, NatsServer, PoolEvent, Stream};
+use flame::{CallOptions, Error, Flame, LocalBackend, NatsServer, PoolEvent, Stream};
 use flame_tests::funcs::streams::{count_bytes, numbers};
 use flame_tests::funcs::{add, write_file};
 use flame_tests::harness::{builder, init_tracing, runner_backend, wait_for, HookLog};
@@ -538,7 +538,37 @@ async fn a_shared_pool_runner_without_its_lease_permission_fails_naming_it() {
         reason.contains("Permissions Violation for Publish to \"$KV.flame-thumbs.runners."),
         "{reason}"
     );
+    // Callers waiting for a runner end with that reason at their deadline,
+    // not a bare timeout: in the scaler's parent, and in another parent of
+    // the pool, which learns it from the failed runner's lease.
+    let other = secured.parent().await;
+    let other_pool = other
+        .pool(POOL)
+        .shared(true)
+        .heartbeat(Duration::from_millis(500))
+        .backend(secured.runners())
+        .max(1)
+        .boot_timeout(LONG)
+        .start()
+        .await
+        .unwrap();
+    for (who, pool) in [
+        ("the scaler's parent", &pool),
+        ("another parent", &other_pool),
+    ] {
+        let started = tokio::time::Instant::now();
+        let err = pool
+            .call_with::<add>((1, 1), CallOptions::new().timeout(Duration::from_secs(8)))
+            .await
+            .unwrap_err();
+        let reason = boot_reason(&err, started.elapsed(), &secured.runner_password);
+        assert!(
+            reason.contains("Permissions Violation for Publish to \"$KV.flame-thumbs.runners."),
+            "{who}: {reason}"
+        );
+    }
     call.abort();
+    other_pool.shutdown().await;
     pool.shutdown().await;
 }
 

@@ -406,6 +406,7 @@ impl Fleet {
             outages: 0,
             outage_ms: 0,
             since_outage_ms: 0,
+            boot_failure: None,
         }
     }
 }

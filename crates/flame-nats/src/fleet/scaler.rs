@@ -354,7 +354,9 @@ impl Fleet {
                     let id = id.clone();
                     tokio::spawn(async move {
                         let reason = exited.await;
-                        me.exited_booting(&id, &reason);
+                        if me.exited_booting(&id, &reason) {
+                            me.record_boot_failure(&id, reason.clone()).await;
+                        }
                         me.reap(&port, &id, "", &reason, true).await;
                     });
                 }
@@ -373,8 +375,10 @@ impl Fleet {
                 }
             }
             Err(e) => {
+                let words = failure_words(&e);
                 // (The cause first: the lease's removal announces it.)
                 fail(e, true);
+                self.record_boot_failure(&id, words).await;
                 let _ = self.store.delete(&key).await;
                 let _ = kv::free_slot(&self.store, &id).await;
             }
@@ -384,14 +388,15 @@ impl Fleet {
     /// A runner this scaler booted exited before it was ready: its boot
     /// failed, for the reason the backend gives (a local runner's last
     /// words, say a refused NATS permission).
-    fn exited_booting(&self, id: &str, reason: &str) {
+    /// Returns whether it was still booting.
+    fn exited_booting(&self, id: &str, reason: &str) -> bool {
         let mut st = self.state.lock().unwrap();
         let booting = st
             .runners
             .get(id)
             .is_none_or(|s| s.value.state == LeaseState::Booting);
         if !booting {
-            return;
+            return false;
         }
         st.retry.failed();
         let runners = st.runners.len();
@@ -405,6 +410,26 @@ impl Fleet {
                 source: None,
             }),
         );
+        true
+    }
+
+    /// Writes why a runner's boot failed into its lease, which is about to
+    /// be removed: every parent of the build sees it through its watch, so
+    /// its callers waiting for a runner end with this reason.
+    async fn record_boot_failure(&self, id: &str, words: String) {
+        let key = subjects::runner_key(id);
+        let recorded = kv::update(
+            &self.store,
+            &key,
+            || None,
+            |l: &mut RunnerLease| {
+                l.boot_failure = Some(words.clone());
+                true
+            },
+        );
+        if let Err(e) = recorded.await {
+            debug!(pool = %self.config.name, runner = %id, "cannot record why the boot failed: {e}");
+        }
     }
 
     /// Removes a runner for good: its lease (which fails calls on it in
@@ -462,5 +487,14 @@ impl Fleet {
         if gone {
             let _ = kv::free_slot(&self.store, id).await;
         }
+    }
+}
+
+/// A boot error in the words a caller's `Error::BootFailed` carries (not
+/// wrapped twice in "could not boot a runner").
+fn failure_words(e: &Error) -> String {
+    match e {
+        Error::BootFailed { reason, .. } => reason.clone(),
+        other => other.to_string(),
     }
 }

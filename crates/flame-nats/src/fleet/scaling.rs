@@ -119,6 +119,7 @@ mod tests {
             outages: 0,
             outage_ms: 0,
             since_outage_ms: 0,
+            boot_failure: None,
         }
     }
 

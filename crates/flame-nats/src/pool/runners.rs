@@ -557,6 +557,19 @@ impl PoolPort for PoolInner {
                 // Its own parents and scaler look after it.
                 return;
             }
+            if let Some(words) = &lease.boot_failure {
+                // Its boot failed (the scaler says why just before it removes
+                // the lease): callers still waiting for a runner when their
+                // deadline comes end with this reason, as in a private pool.
+                if st.model.count(RunnerState::Ready) == 0 {
+                    st.last_boot_error = Some(Error::BootFailed {
+                        pool: self.config.name.clone(),
+                        reason: words.clone(),
+                        source: None,
+                    });
+                }
+                return;
+            }
             if !st.runners.contains_key(&id) {
                 if lease.state == LeaseState::Draining {
                     return;
@@ -577,13 +590,15 @@ impl PoolPort for PoolInner {
             st.model.set_reported_load(&id, lease.load + lease.queued);
             match lease.state {
                 LeaseState::Booting => Vec::new(),
-                LeaseState::Ready => st
-                    .model
-                    .runner_ready(&id)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter_map(|(w, r)| st.slot_for(&self, w, &r))
-                    .collect(),
+                LeaseState::Ready => {
+                    st.last_boot_error = None;
+                    st.model
+                        .runner_ready(&id)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter_map(|(w, r)| st.slot_for(&self, w, &r))
+                        .collect()
+                }
                 LeaseState::Draining => {
                     st.stopping(&id);
                     Vec::new()

@@ -56,6 +56,12 @@ pub(crate) struct RunnerLease {
     /// Milliseconds from the end of the last outage to this write.
     #[serde(default)]
     pub(crate) since_outage_ms: u64,
+    /// Why its boot failed, in the backend's words (a local runner's last
+    /// line, a machine's failure). Written by the scaler just before it
+    /// removes the lease, so every parent's waiting callers can end with
+    /// the reason rather than a bare timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) boot_failure: Option<String>,
 }
 
 /// A parent's lease (`parents.<id>`), renewed every heartbeat and whenever its
@@ -115,6 +121,7 @@ mod tests {
             outages: 0,
             outage_ms: 0,
             since_outage_ms: 0,
+            boot_failure: None,
         };
         let json = serde_json::to_string(&lease).unwrap();
         assert!(json.contains(r#""state":"draining""#), "{json}");
