@@ -155,3 +155,156 @@ async fn calls_run_over_tls_with_client_certificates() {
     .await;
     pool.shutdown().await;
 }
+
+/// Decentralized auth (operator mode, as `nsc` sets up): parent and runners
+/// connect with `.creds` files; an expired user is refused with an error
+/// that says so, in a parent and in a runner's boot.
+#[tokio::test]
+async fn users_of_an_operator_connect_with_creds_and_expired_ones_are_refused() {
+    use std::time::SystemTime;
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let operator = flame_tests::jwt::Operator::new();
+    let config = operator.server_config(dir.path());
+    let server = NatsServer::builder()
+        .arg("-c")
+        .arg(config.to_str().unwrap())
+        .start()
+        .unwrap();
+    let write = |name: &str, creds: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, creds).unwrap();
+        path
+    };
+    let parent_creds = operator.user_creds("parent", None);
+    let runner_creds = write("runner.creds", operator.user_creds("runner", None));
+    let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    let expired_text = operator.user_creds("expired", Some(an_hour_ago));
+    let expired = write("expired.creds", expired_text.clone());
+    let seed = expired_text
+        .lines()
+        .find(|l| l.starts_with("SU"))
+        .unwrap()
+        .to_string();
+
+    let flame = builder()
+        .nats_url(server.url())
+        .nats_options(move |o| o.credentials(&parent_creds).expect("valid creds"))
+        .init()
+        .await
+        .expect("the parent connects with its user's creds");
+    // A shared pool: JetStream in the operator's account works too.
+    let pool = flame
+        .pool("jwt")
+        .shared(true)
+        .backend(runner_backend().env("NATS_CREDS", runner_creds.to_str().unwrap()))
+        .max(1)
+        .timeout(LONG)
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(flame::call!(pool, add(2, 3)).await.unwrap(), 5);
+    pool.shutdown().await;
+
+    // Runners whose user has expired fail their boot, and say why.
+    let err = flame
+        .pool("jwt-expired")
+        .backend(runner_backend().env("NATS_CREDS", expired.to_str().unwrap()))
+        .min(1)
+        .max(1)
+        .boot_timeout(LONG)
+        .start()
+        .await
+        .unwrap_err();
+    let Error::BootFailed { reason, .. } = &err else {
+        panic!("expected BootFailed, got {err:?}");
+    };
+    assert!(reason.contains("expired"), "{reason}");
+    assert!(reason.contains("expired.creds"), "{reason}");
+    assert!(!format!("{err} {err:?}").contains(&seed), "{err:?}");
+
+    // A parent with an expired user: the server refuses it.
+    let err = refused(&server, move |o| {
+        o.credentials(&expired_text).expect("valid creds")
+    })
+    .await;
+    assert!(err.to_string().contains("authorization violation"), "{err}");
+    assert!(!format!("{err} {err:?}").contains(&seed), "{err:?}");
+}
+
+/// A token (`NATS_TOKEN`) and an NKey seed (`NATS_NKEY`, the seed itself or
+/// a file holding it) reach runners from the environment.
+#[tokio::test]
+async fn runners_connect_with_a_token_or_an_nkey_from_the_environment() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::builder()
+        .arg("--auth")
+        .arg("s3cret-token")
+        .start()
+        .unwrap();
+    let flame = builder()
+        .nats_url(server.url())
+        .nats_options(|o| o.token("s3cret-token".into()))
+        .init()
+        .await
+        .unwrap();
+    let pool = flame
+        .pool("token")
+        .backend(runner_backend().env("NATS_TOKEN", "s3cret-token"))
+        .max(1)
+        .timeout(LONG)
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(flame::call!(pool, add(1, 2)).await.unwrap(), 3);
+    pool.shutdown().await;
+    let err = refused(&server, |o| o.token("wrong-token".into())).await;
+    assert!(!format!("{err} {err:?}").contains("wrong-token"), "{err:?}");
+
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().unwrap();
+    let config = dir.path().join("nkey.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "authorization {{ users = [ {{ nkey: {} }} ] }}\n",
+            user.public_key()
+        ),
+    )
+    .unwrap();
+    let server = NatsServer::builder()
+        .arg("-c")
+        .arg(config.to_str().unwrap())
+        .start()
+        .unwrap();
+    let parent_seed = seed.clone();
+    let flame = builder()
+        .nats_url(server.url())
+        .nats_options(move |o| o.nkey(parent_seed.clone()))
+        .init()
+        .await
+        .unwrap();
+    let seed_file = dir.path().join("user.nk");
+    std::fs::write(&seed_file, format!("{seed}\n")).unwrap();
+    for (name, value) in [
+        ("nkey-seed", seed.clone()),
+        ("nkey-file", seed_file.display().to_string()),
+    ] {
+        let pool = flame
+            .pool(name)
+            .backend(runner_backend().env("NATS_NKEY", value))
+            .max(1)
+            .timeout(LONG)
+            .start()
+            .await
+            .unwrap();
+        assert_eq!(flame::call!(pool, add(2, 2)).await.unwrap(), 4, "{name}");
+        pool.shutdown().await;
+    }
+    // Another user's seed is refused, and the error does not show it.
+    let stranger = nkeys::KeyPair::new_user().seed().unwrap();
+    let shown = stranger.clone();
+    let err = refused(&server, move |o| o.nkey(stranger.clone())).await;
+    assert!(!format!("{err} {err:?}").contains(&shown), "{err:?}");
+}
