@@ -690,3 +690,31 @@ async fn a_parent_that_may_not_create_the_bucket_gets_a_permission_error() {
         other => panic!("expected PermissionDenied, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_parent_that_may_not_publish_calls_gets_a_permission_error_not_a_timeout() {
+    let secured = Secured::without(&[(Block::ParentPublish, "flame.thumbs.runner.>")]);
+    let flame = secured.parent().await;
+    let pool = flame
+        .pool(POOL)
+        .backend(secured.runners())
+        .max(1)
+        .boot_timeout(LONG)
+        .timeout(LONG)
+        .start()
+        .await
+        .unwrap();
+    // The runner boots (nothing the parent publishes to it is needed for
+    // that); the call to it is refused by the server.
+    let started = tokio::time::Instant::now();
+    let err = flame::call!(pool, add(1, 1)).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(20), "{err}");
+    match &err {
+        Error::PermissionDenied { reason } => assert!(
+            reason.contains("Publish to \"flame.thumbs.runner."),
+            "{reason}"
+        ),
+        other => panic!("expected PermissionDenied, got {other:?}"),
+    }
+    pool.shutdown().await;
+}

@@ -162,7 +162,7 @@ pub(crate) struct Permissions {
     inner: Arc<PermissionsInner>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct PermissionsInner {
     /// How many violations so far, and the latest ones, numbered from 1.
     seen: Mutex<(u64, std::collections::VecDeque<(u64, String)>)>,
@@ -170,6 +170,17 @@ struct PermissionsInner {
     disconnects: std::sync::atomic::AtomicU64,
     /// Woken on every violation and every disconnection.
     reported: Notify,
+    /// Told of every violation as it is reported (see
+    /// [`Permissions::on_violation`]).
+    listeners: Mutex<Vec<Box<dyn Fn(&str) + Send + Sync>>>,
+}
+
+impl std::fmt::Debug for PermissionsInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PermissionsInner")
+            .field("seen", &self.seen)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Permissions {
@@ -208,6 +219,19 @@ impl Permissions {
         }
         self.inner.reported.notify_waiters();
         tracing::warn!("the NATS server refused: {text}");
+        for listener in self.inner.listeners.lock().unwrap().iter() {
+            listener(text);
+        }
+    }
+
+    /// Calls `listener` with the text of every violation reported from now
+    /// on (on the client's event task: it must not block).
+    pub(crate) fn on_violation(&self, listener: impl Fn(&str) + Send + Sync + 'static) {
+        self.inner
+            .listeners
+            .lock()
+            .unwrap()
+            .push(Box::new(listener));
     }
 
     /// A mark for the violations reported from now on that name one of

@@ -292,6 +292,12 @@ impl FlameBuilder {
             events.disconnects.clone(),
         )
         .await?;
+        let refused = Arc::downgrade(&replies);
+        events.permissions.on_violation(move |violation| {
+            if let Some(replies) = refused.upgrade() {
+                replies.publish_refused(violation);
+            }
+        });
         let streams = StreamHub::start(&client).await?;
         // The server took both subscriptions (a user without them would
         // get no reply to any call).

@@ -211,6 +211,34 @@ impl Replies {
         n
     }
 
+    /// The server refused a publish (`-ERR 'Permissions Violation for
+    /// Publish to "<subject>"'`): when the subject is a runner's call
+    /// subject, the calls waiting on that runner were refused too (the
+    /// permission does not change), so they fail now with
+    /// [`Error::PermissionDenied`] instead of at their deadline.
+    pub(crate) fn publish_refused(&self, violation: &str) {
+        let Some(runner) = refused_runner(violation) else {
+            return;
+        };
+        let failed: Vec<Waiting> = {
+            let mut waiting = self.waiting.lock().unwrap();
+            let tokens: Vec<u64> = waiting
+                .iter()
+                .filter(|(_, w)| &*w.runner == runner)
+                .map(|(t, _)| *t)
+                .collect();
+            tokens
+                .into_iter()
+                .filter_map(|t| waiting.remove(&t))
+                .collect()
+        };
+        for w in failed {
+            let _ = w.tx.send(Err(Error::PermissionDenied {
+                reason: violation.to_string(),
+            }));
+        }
+    }
+
     fn fail_all(&self, error: impl Fn() -> Error) {
         let all: Vec<Waiting> = self
             .waiting
@@ -222,5 +250,33 @@ impl Replies {
         for w in all {
             let _ = w.tx.send(Err(error()));
         }
+    }
+}
+
+/// The runner whose call subject (`flame.<pool>.runner.<id>`) a publish
+/// violation names, if it names one.
+fn refused_runner(violation: &str) -> Option<&str> {
+    let (_, rest) = violation.split_once("Publish to \"")?;
+    let subject = rest.split('"').next()?;
+    match subject.split('.').collect::<Vec<_>>()[..] {
+        [root, _pool, "runner", id] if root == crate::protocol::subjects::ROOT => Some(id),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_call_subject_names_its_runner() {
+        let v = r#"Permissions Violation for Publish to "flame.thumbs.runner.3f2a""#;
+        assert_eq!(refused_runner(v), Some("3f2a"));
+        let cancel = r#"Permissions Violation for Publish to "flame.thumbs.runner.3f2a.cancel""#;
+        assert_eq!(refused_runner(cancel), None);
+        let sub = r#"Permissions Violation for Subscription to "flame.thumbs.runner.3f2a""#;
+        assert_eq!(refused_runner(sub), None);
+        let other = r#"Permissions Violation for Publish to "$KV.flame-thumbs.parents.x""#;
+        assert_eq!(refused_runner(other), None);
     }
 }
