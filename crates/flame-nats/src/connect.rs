@@ -172,8 +172,11 @@ struct PermissionsInner {
     reported: Notify,
     /// Told of every violation as it is reported (see
     /// [`Permissions::on_violation`]).
-    listeners: Mutex<Vec<Box<dyn Fn(&str) + Send + Sync>>>,
+    listeners: Mutex<Vec<ViolationListener>>,
 }
+
+/// See [`Permissions::on_violation`].
+type ViolationListener = Box<dyn Fn(&str) + Send + Sync>;
 
 impl std::fmt::Debug for PermissionsInner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
