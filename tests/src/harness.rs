@@ -60,7 +60,15 @@ pub fn init_tracing() {
 pub fn init_tracing_stderr() {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
+    // Spans go over OTLP too when a collector is named (tests/tests/otel.rs).
+    let otel = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").map(|_| {
+        let (layer, guard) = flame::otel::layer().expect("OpenTelemetry export");
+        // Runners end with `exit`; flame flushes the spans before it.
+        std::mem::forget(guard);
+        layer
+    });
     let _ = tracing_subscriber::registry()
+        .with(otel)
         .with(log_filter())
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .with(crate::spans::SpanLog::from_env())

@@ -229,6 +229,9 @@ impl FlameBuilder {
         match prepared.await {
             Ok((info, options)) => {
                 let code = crate::runner::serve(info, self.states.clone(), options).await;
+                // `exit` runs no destructor: send the spans still buffered.
+                #[cfg(feature = "otel")]
+                crate::otel::flush();
                 std::process::exit(code);
             }
             Err(e) => {

@@ -33,6 +33,8 @@ mod flame;
 mod fleet;
 mod hooks;
 mod kv;
+#[cfg(feature = "otel")]
+pub mod otel;
 mod parent;
 mod pool;
 mod protocol;

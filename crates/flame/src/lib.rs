@@ -68,6 +68,9 @@ pub use flame_macros::remote;
 /// your app. See `flame_fly::FlyBackend`.
 #[cfg(feature = "fly")]
 pub use flame_fly as fly;
+/// OpenTelemetry export (cargo feature `otel`); see the README's "Traces".
+#[cfg(feature = "otel")]
+pub use flame_nats::otel;
 pub use flame_nats::{
     build_id, embedded, init, ops, parent, serve_if_runner, CallOptions, Child, ChildExit,
     ChildOptions, Flame, FlameBuilder, NatsServer, ParentInfo, Pool, PoolBuilder, PoolConfig,

@@ -152,11 +152,20 @@ pub(super) fn call_span(
         parent_span_id = Empty,
     );
     let inherited = trace::current();
-    let trace = match inherited {
+    #[allow(unused_mut)] // (changed only with OpenTelemetry)
+    let mut trace = match inherited {
         Some(parent) => Some(parent.child()),
         None if !span.is_disabled() => Some(TraceContext::root()),
         None => None,
     };
+    #[cfg(feature = "otel")]
+    if !span.is_disabled() {
+        // OpenTelemetry made the span a child of the caller's own span (a
+        // request's, say): send its ids, so the trace goes on.
+        if let Some(ctx) = crate::otel::adopt(&span, None) {
+            trace = Some(ctx);
+        }
+    }
     if let (Some(ctx), false) = (&trace, span.is_disabled()) {
         span.record("trace_id", ctx.trace_hex());
         span.record("span_id", ctx.span_hex());
