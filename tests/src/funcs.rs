@@ -12,6 +12,12 @@ pub async fn echo(data: Vec<u8>) -> Vec<u8> {
     data
 }
 
+/// Logs `text` at WARN with a field `n = 7` (tests/tests/runner_logs.rs).
+#[flame::remote]
+pub async fn log_line(text: String) {
+    tracing::warn!(n = 7, "{text}");
+}
+
 /// Adds two numbers (a plain, non-async function).
 #[flame::remote]
 pub fn add(a: i64, b: i64) -> i64 {

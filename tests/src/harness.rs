@@ -72,6 +72,8 @@ pub fn init_tracing_stderr() {
         .with(log_filter())
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .with(crate::spans::SpanLog::from_env())
+        // Lines go to the parent too when the pool asks for them.
+        .with(flame::runner_log_layer())
         .try_init();
 }
 

@@ -55,6 +55,7 @@ impl Booter {
             single_use: config.single_use,
             idle_shutdown_check: config.idle_shutdown_check.map(str::to_string),
             shared: config.shared,
+            forward_logs: config.forward_runner_logs,
             event_key: String::new(),
         };
         Booter {

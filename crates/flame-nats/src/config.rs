@@ -64,6 +64,11 @@ pub struct PoolConfig {
     /// with `PoolBuilder::hot_start`. Default `None` (boot only for callers
     /// already waiting).
     pub hot_start_percent: Option<u8>,
+    /// Runners send their log lines to this parent, which logs them in its
+    /// own subscriber (target `flame::runner`). Needs the app to add
+    /// `runner_log_layer()` to its subscriber. Private pools only. Set with
+    /// `PoolBuilder::forward_runner_logs`. Default false.
+    pub forward_runner_logs: bool,
 }
 
 impl PoolConfig {
@@ -88,6 +93,7 @@ impl PoolConfig {
             shared: false,
             kv_replicas: 1,
             hot_start_percent: None,
+            forward_runner_logs: false,
         }
     }
 
@@ -98,6 +104,12 @@ impl PoolConfig {
         validate_limits(&self.name, self.min, self.max)?;
         if self.max_concurrency == 0 {
             return bad("max_concurrency must be at least 1".into());
+        }
+        if self.shared && self.forward_runner_logs {
+            return bad(
+                "forward_runner_logs works for private pools only (a shared pool's runners serve every parent)"
+                    .into(),
+            );
         }
         for (what, d) in [
             ("timeout", self.timeout),

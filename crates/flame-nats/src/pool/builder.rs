@@ -145,6 +145,20 @@ impl PoolBuilder {
         self
     }
 
+    /// Runners send their log lines to this parent, which logs each in its
+    /// own subscriber as an event of target `flame::runner` at the line's
+    /// level, with fields `pool`, `runner` and `from` (the line's own
+    /// target): one stream for local development, or runner logs from Fly
+    /// next to the parent's. The app must add [`crate::runner_log_layer`]
+    /// to its subscriber (it forwards what that subscriber lets through).
+    /// Lines are signed with the runner's event key; forged ones are
+    /// dropped. Private pools only (`start` refuses it on a shared pool).
+    /// Default false.
+    pub fn forward_runner_logs(mut self, on: bool) -> Self {
+        self.config.forward_runner_logs = on;
+        self
+    }
+
     /// Copies an environment variable of the parent into every runner.
     pub fn forward_env(mut self, var: impl Into<String>) -> Self {
         self.config.forward_env.push(var.into());

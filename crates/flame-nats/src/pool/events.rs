@@ -1,5 +1,6 @@
 //! Answering the events runners of a private pool send their parent:
-//! ready, leave, ping and stopping, each signed with the runner's key.
+//! ready, leave, ping and stopping, each signed with the runner's key (and
+//! taking the log lines they forward, see `pool/logs.rs`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use super::model::RunnerId;
 use super::PoolInner;
 use crate::announce::Outgoing;
 use crate::protocol::events::{ParentAnswer, ParentEvent, RunnerEvent};
+use crate::protocol::logs::LOGS_TOKEN;
 use crate::protocol::pool_events::{EventKind, Reason};
 
 impl PoolInner {
@@ -27,6 +29,11 @@ impl PoolInner {
                     None => break,
                 },
             };
+            // Forwarded log lines: published, not requests.
+            if msg.subject.rsplit('.').next() == Some(LOGS_TOKEN) {
+                self.runner_logs(&msg);
+                continue;
+            }
             let Some(reply) = msg.reply.clone() else {
                 continue;
             };

@@ -21,6 +21,7 @@ pub(crate) mod call;
 pub(crate) mod child;
 mod events;
 pub(crate) mod info;
+mod logs;
 mod map;
 pub(crate) mod model;
 mod orphans;

@@ -46,6 +46,8 @@ pub(super) struct RunnerEntry {
     pub(super) key: Option<EventKey>,
     /// Sequence numbers of its events accepted so far.
     pub(super) replays: ReplayWindow,
+    /// Sequence number of its last batch of log lines.
+    pub(super) log_seq: u64,
     /// Outages of its NATS connection its lease reported last (shared
     /// pools).
     outages_seen: Option<u64>,
@@ -70,6 +72,7 @@ impl RunnerEntry {
             last_heard: Instant::now(),
             key,
             replays: ReplayWindow::default(),
+            log_seq: 0,
             outages_seen: None,
             drain_cause: None,
         }

@@ -55,6 +55,10 @@ pub struct ParentInfo {
     /// bucket, serves any parent of the pool, and is retired by the scaler.
     #[serde(default)]
     pub shared: bool,
+    /// The runner sends its log lines to the parent (through the layer of
+    /// `runner_log_layer`), as `PoolBuilder::forward_runner_logs` asks.
+    #[serde(default)]
+    pub forward_logs: bool,
     /// Signs the runner's events to its parent (64 hex digits); see
     /// `PROTOCOL.md`. Secret.
     #[serde(default)]
@@ -77,6 +81,7 @@ impl fmt::Debug for ParentInfo {
             .field("single_use", &self.single_use)
             .field("idle_shutdown_check", &self.idle_shutdown_check)
             .field("shared", &self.shared)
+            .field("forward_logs", &self.forward_logs)
             .field("event_key", &"<redacted>")
             .finish()
     }
@@ -141,6 +146,7 @@ mod tests {
             single_use: true,
             idle_shutdown_check: Some("app::may_stop".into()),
             shared: false,
+            forward_logs: false,
             event_key: key.to_hex(),
         };
         let back = ParentInfo::from_env_value(&info.to_env_value()).unwrap();

@@ -85,7 +85,12 @@ impl EventKey {
             body.idle_ms,
             body.seq
         );
-        blake3::keyed_hash(&self.0, text.as_bytes())
+        self.keyed(text.as_bytes())
+    }
+
+    /// The keyed BLAKE3 hash of `bytes`.
+    pub(super) fn keyed(&self, bytes: &[u8]) -> blake3::Hash {
+        blake3::keyed_hash(&self.0, bytes)
     }
 }
 

@@ -136,6 +136,14 @@ pub(crate) fn parent_events(pool: &str, parent_id: &str) -> String {
     format!("{ROOT}.{pool}.parent.{parent_id}.*")
 }
 
+/// Subject a runner of a private pool forwards its log lines on.
+pub(crate) fn parent_logs(pool: &str, parent_id: &str) -> String {
+    format!(
+        "{ROOT}.{pool}.parent.{parent_id}.{}",
+        super::logs::LOGS_TOKEN
+    )
+}
+
 /// Subject of one parent event.
 pub(crate) fn parent_event(pool: &str, parent_id: &str, event: ParentEvent) -> String {
     format!("{ROOT}.{pool}.parent.{parent_id}.{}", event.as_str())

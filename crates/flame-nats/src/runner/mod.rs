@@ -15,11 +15,13 @@
 //!
 //! - [`dispatch`]: one request, from checks to reply;
 //! - [`lifecycle`]: the heartbeat, and the watch that decides to stop;
-//! - [`lease`]: a shared pool runner's lease in the KV bucket.
+//! - [`lease`]: a shared pool runner's lease in the KV bucket;
+//! - [`logs`]: forwarding its log lines to the parent, when asked.
 
 mod dispatch;
 mod lease;
 mod lifecycle;
+pub(crate) mod logs;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -171,6 +173,17 @@ async fn run(
             crate::protocol::bootstrap::PARENT_ENV
         )));
     }
+
+    // From here on, the app's log lines go to the parent too, if it asked.
+    let forwarder = match (&event_key, info.forward_logs && !info.shared) {
+        (Some(key), true) => logs::Forwarder::start(
+            client.clone(),
+            subjects::parent_logs(&info.pool, &info.parent_id),
+            info.runner_id.clone(),
+            key.clone(),
+        ),
+        _ => None,
+    };
 
     let counters = Arc::new(Counters::default());
     let stats_counters = counters.clone();
@@ -372,6 +385,9 @@ async fn run(
         .await;
     }
     heartbeat.abort();
+    if let Some(forwarder) = forwarder {
+        forwarder.finish().await;
+    }
     let _ = tokio::time::timeout(Duration::from_secs(1), runner.client.flush()).await;
     Ok(reason)
 }
