@@ -4,7 +4,11 @@
 //! that ends is a destroyed Machine (`auto_destroy`). The token `bad-token`
 //! is refused with 401, as Fly refuses an unknown one, and an image whose
 //! name holds `invalid` with 422, as Fly refuses a config it cannot run; a
-//! Machine of an image whose name holds `broken` fails to start.
+//! Machine of an image whose name holds `broken` fails to start. A Machine
+//! of an image whose name holds `memory-limited` gets its `guest.memory_mb`
+//! as its process's address-space limit, and running out of it is reported
+//! as Fly does: an `exit` event with `oom_killed: true` on `GET` of the
+//! Machine.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -40,6 +44,12 @@ struct Inner {
     metadata: HashMap<String, Value>,
     /// Machines that failed to start.
     failed: Vec<String>,
+    /// How each Machine's process ended (exit code, signal).
+    exits: HashMap<String, (Option<i32>, Option<i32>)>,
+    /// Machines with a memory limit (`memory-limited` images).
+    limited: Vec<String>,
+    /// Machines stopped or destroyed through the API.
+    stopped: Vec<String>,
 }
 
 /// The fake API; stops its server and kills its machines on drop.
@@ -162,6 +172,28 @@ async fn create(
     }
     cmd.env("FLY_MACHINE_ID", &id)
         .stdin(std::process::Stdio::null());
+    let limit_mb = body["config"]["image"]
+        .as_str()
+        .filter(|i| i.contains("memory-limited"))
+        .and_then(|_| body["config"]["guest"]["memory_mb"].as_u64());
+    if let Some(mb) = limit_mb {
+        use std::os::unix::process::CommandExt;
+        let bytes = mb << 20;
+        // SAFETY: setrlimit is async-signal-safe and touches no memory of
+        // the parent.
+        unsafe {
+            cmd.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: bytes,
+                    rlim_max: bytes,
+                };
+                if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     let child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -172,13 +204,23 @@ async fn create(
         }
     };
     let pid = child.id();
-    // Reap it when it exits (auto_destroy).
+    // Reap it when it exits (auto_destroy), keeping how it ended.
+    let (exits, machine) = (s.0.clone(), id.clone());
     std::thread::spawn(move || {
+        use std::os::unix::process::ExitStatusExt;
         let mut child = child;
-        let _ = child.wait();
+        if let Ok(status) = child.wait() {
+            let mut inner = exits.lock().unwrap();
+            inner
+                .exits
+                .insert(machine, (status.code(), status.signal()));
+        }
     });
     {
         let mut inner = s.lock().unwrap();
+        if limit_mb.is_some() {
+            inner.limited.push(id.clone());
+        }
         inner.machines.insert(id.clone(), pid);
         inner
             .metadata
@@ -239,10 +281,35 @@ async fn show(s: Shared, headers: HeaderMap, Path(id): Path<String>) -> (StatusC
         }
         Some(_) => (
             StatusCode::OK,
-            Json(json!({"id": id, "state": "destroyed"})),
+            Json(json!({"id": id, "state": "destroyed", "events": exit_events(&s, &id)})),
         ),
         None => (StatusCode::NOT_FOUND, Json(json!({"error": "not found"}))),
     }
+}
+
+/// A destroyed Machine's events as Fly lists them (newest first): its
+/// `exit`, with the exit code (128 + signal when killed) and whether the
+/// kernel's OOM killer ended it, then `destroy`. A process at its memory
+/// limit that was killed, or aborted on a failed allocation, is what the
+/// Machine's kernel would have OOM-killed.
+fn exit_events(s: &Shared, id: &str) -> Value {
+    let inner = s.lock().unwrap();
+    let Some(&(code, signal)) = inner.exits.get(id) else {
+        return json!([]);
+    };
+    let oom = inner.limited.iter().any(|m| m == id)
+        && matches!(signal, Some(libc::SIGKILL | libc::SIGABRT));
+    let exit_code = code.unwrap_or_else(|| 128 + signal.unwrap_or(0));
+    let requested = inner.stopped.iter().any(|m| m == id);
+    json!([
+        {"type": "destroy", "status": "destroyed", "source": "flyd", "timestamp": 2},
+        {"type": "exit", "status": "stopped", "source": "flyd", "timestamp": 1,
+         "request": {"exit_event": {
+            "exit_code": if oom { 137 } else { exit_code },
+            "oom_killed": oom,
+            "requested_stop": requested,
+            "exited_at": "2026-11-22T00:00:00Z"}}}
+    ])
 }
 
 async fn stop(
@@ -260,6 +327,7 @@ async fn stop(
     );
     match pid_of(&s, &id) {
         Some(pid) if process_alive(pid) => {
+            s.lock().unwrap().stopped.push(id.clone());
             crate::harness::sigterm(pid);
             (StatusCode::OK, Json(json!({"ok": true})))
         }
@@ -331,6 +399,7 @@ async fn destroy(
                         Json(json!({"error": "machine still running"})),
                     );
                 }
+                s.lock().unwrap().stopped.push(id.clone());
                 crate::harness::kill9(pid);
             }
             (StatusCode::OK, Json(json!({"ok": true})))

@@ -455,3 +455,58 @@ async fn a_machine_that_cannot_start_fails_the_boot_at_once() {
         "the failed Machine was destroyed before the failure"
     );
 }
+
+/// A runner that runs out of its Machine's memory is reported as such,
+/// from the Machine's `exit` event (`oom_killed`): to the call it ran, and
+/// as `runner_gone` with reason `out_of_memory`.
+#[tokio::test]
+async fn a_machine_out_of_memory_is_reported_as_such() {
+    let env = TestEnv::start().await;
+    let events = flame_tests::harness::EventLog::subscribe(&env, "flyoom").await;
+    let fly = FakeFly::start("flame-test").await;
+    let backend = FlyBackend::builder()
+        .api_url(&fly.url)
+        .token("test-token")
+        .app("flame-test")
+        .image("registry.example/flame-test:memory-limited")
+        .region("local")
+        .cpu_kind("shared")
+        .cpus(1)
+        .memory_mb(1024)
+        .env(flame::BUILD_ID_ENV, TEST_BUILD)
+        .build()
+        .unwrap();
+    let pool = env
+        .flame
+        .pool("flyoom")
+        .max(1)
+        .timeout(LONG)
+        // Heartbeats would take 30 s: the API tells first.
+        .heartbeat(Duration::from_secs(15))
+        .parent_grace(Duration::from_secs(45))
+        .backend(backend)
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(flame::call!(pool, allocate_mb(16)).await.unwrap(), 16);
+    let started = tokio::time::Instant::now();
+    let err = flame::call!(pool, allocate_mb(4096)).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(20), "{err}");
+    match &err {
+        Error::RunnerDown { reason, .. } => {
+            assert!(reason.contains("Fly Machine"), "{reason}");
+            assert!(reason.contains("ran out of memory"), "{reason}");
+        }
+        other => panic!("expected RunnerDown, got {other:?}"),
+    }
+    let gone = events
+        .wait(flame::ops::EventKind::RunnerGone, LONG, |e| {
+            e.reason == Some(flame::ops::Reason::OutOfMemory)
+        })
+        .await;
+    assert!(
+        gone.detail.as_deref().unwrap_or("").contains("Fly Machine"),
+        "{gone:?}"
+    );
+    pool.shutdown().await;
+}

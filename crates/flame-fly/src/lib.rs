@@ -686,7 +686,10 @@ impl Api {
                 .await;
             match waited.map(|r| r.status()) {
                 Ok(s) if s.is_success() => {
-                    break format!("Fly Machine {id} was destroyed (its runner exited)")
+                    break match self.exit_of(&id).await {
+                        Some(exit) => exit,
+                        None => format!("Fly Machine {id} was destroyed (its runner exited)"),
+                    }
                 }
                 Ok(StatusCode::NOT_FOUND) => break format!("Fly Machine {id} is gone"),
                 // 408: still running after the wait's limit; wait again.
@@ -706,6 +709,32 @@ impl Api {
             warn!(machine = %id, "cannot destroy Fly Machine: {e}");
         }
         reason
+    }
+
+    /// How the Machine's runner ended, from its latest `exit` event (`GET`
+    /// of the Machine lists its events): out of memory when the kernel's
+    /// OOM killer ended it, else its exit code. `None` when the API does
+    /// not say.
+    async fn exit_of(&self, id: &str) -> Option<String> {
+        let shown = self
+            .send(|http, base| http.get(format!("{base}/{id}")))
+            .await
+            .ok()?;
+        let machine: serde_json::Value = shown.json().await.ok()?;
+        let exit = machine["events"]
+            .as_array()?
+            .iter()
+            .filter(|e| e["type"] == "exit")
+            .max_by_key(|e| e["timestamp"].as_i64().unwrap_or(0))?;
+        let exit = &exit["request"]["exit_event"];
+        let code = exit["exit_code"].as_i64().unwrap_or(0);
+        Some(if exit["oom_killed"].as_bool() == Some(true) {
+            format!(
+                "Fly Machine {id}: runner process ran out of memory (killed by the OOM killer, exit code {code})"
+            )
+        } else {
+            format!("Fly Machine {id}: runner process exited with code {code}")
+        })
     }
 
     /// Destroys a Machine, running or not. Gone already counts as done.
