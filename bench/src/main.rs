@@ -21,6 +21,8 @@ use futures::StreamExt;
 use serde_bytes::ByteBuf;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
+mod cpu;
+
 /// Echoes its argument. `ByteBuf` makes serde encode the bytes as one blob
 /// (a plain `Vec<u8>` is encoded element by element).
 #[flame::remote]
@@ -31,6 +33,12 @@ async fn echo(data: ByteBuf) -> ByteBuf {
 /// Echoes a plain `Vec<u8>`, as users write it.
 #[flame::remote]
 async fn echo_vec(data: Vec<u8>) -> Vec<u8> {
+    data
+}
+
+/// Echoes its argument, as a plain (blocking-pool) function.
+#[flame::remote]
+fn echo_plain(data: ByteBuf) -> ByteBuf {
     data
 }
 
@@ -133,9 +141,10 @@ async fn main() -> anyhow::Result<()> {
         return shared_parent(&flame, &args[1], args[2].parse()?, args[3].parse()?).await;
     }
     let quick = args.iter().any(|a| a == "--quick");
-    // `--profile-flame-throughput`: only the flame throughput phase, for 10 s
-    // (to attach a profiler to).
-    if args.iter().any(|a| a == "--profile-flame-throughput") {
+    // `--profile-flame-throughput [callers]`: only the flame throughput
+    // phase (64 callers unless given), for 10 s (to attach a profiler to).
+    if let Some(at) = args.iter().position(|a| a == "--profile-flame-throughput") {
+        let callers: usize = args.get(at + 1).and_then(|n| n.parse().ok()).unwrap_or(64);
         let pool = flame
             .pool("bench")
             .min(2)
@@ -144,7 +153,7 @@ async fn main() -> anyhow::Result<()> {
             .start()
             .await?;
         let payload = vec![0xABu8; 100];
-        let rate = throughput(64, Duration::from_secs(10), move |_| {
+        let rate = throughput(callers, Duration::from_secs(10), move |_| {
             echo_once(pool.clone(), payload.clone())
         })
         .await?;
@@ -170,7 +179,7 @@ async fn main() -> anyhow::Result<()> {
         if quick { "quick" } else { "full" }
     );
     let payload = vec![0xABu8; 100];
-    let mut rows: Vec<(String, String, String, String)> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
 
     // Baseline: raw request/reply to echo processes.
     let raw = async_nats::connect(&url).await?;
@@ -188,18 +197,6 @@ async fn main() -> anyhow::Result<()> {
         }
     })
     .await?;
-    eprintln!("raw throughput...");
-    let (raw2, payload2) = (raw.clone(), payload.clone());
-    let raw_tput = throughput(64, s.throughput_for, move |i| {
-        let raw = raw2.clone();
-        let p = Bytes::from(payload2.clone());
-        async move {
-            raw.request(format!("bench.raw.echo.{}", i % 2), p).await?;
-            Ok(())
-        }
-    })
-    .await?;
-
     // flame: a warm pool of 2 runners.
     let pool = flame
         .pool("bench")
@@ -210,18 +207,89 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     eprintln!("flame sequential...");
     let fl_seq = sequential(s.sequential, || echo_once(pool.clone(), payload.clone())).await?;
-    eprintln!("flame throughput...");
-    let (pool2, payload2) = (pool.clone(), payload.clone());
-    let fl_tput = throughput(64, s.throughput_for, move |_| {
-        echo_once(pool2.clone(), payload2.clone())
-    })
-    .await?;
+    eprintln!("throughput at 1, 8, 64 and 256 callers...");
+    let nats_pids = cpu::children_named("nats-server");
+    let echo_pids: Vec<u32> = _echoes.iter().filter_map(|c| c.id()).collect();
+    let runner_pids: Vec<u32> = pool
+        .runners()
+        .iter()
+        .filter_map(|r| r.handle.as_deref()?.strip_prefix("pid ")?.parse().ok())
+        .collect();
+    let me = std::process::id();
+    let mut loads = Vec::new();
+    for callers in [1usize, 8, 64, 256] {
+        let (raw2, payload2) = (raw.clone(), payload.clone());
+        let pids: Vec<u32> = [me]
+            .iter()
+            .chain(&nats_pids)
+            .chain(&echo_pids)
+            .copied()
+            .collect();
+        let (raw_rate, raw_cpu) = throughput_cpu(
+            callers,
+            s.throughput_for,
+            move |i| {
+                let raw = raw2.clone();
+                let p = Bytes::from(payload2.clone());
+                async move {
+                    raw.request(format!("bench.raw.echo.{}", i % 2), p).await?;
+                    Ok(())
+                }
+            },
+            &pids,
+        )
+        .await?;
+        let (pool2, payload2) = (pool.clone(), payload.clone());
+        let pids: Vec<u32> = [me]
+            .iter()
+            .chain(&nats_pids)
+            .chain(&runner_pids)
+            .copied()
+            .collect();
+        let (flame_rate, flame_cpu) = throughput_cpu(
+            callers,
+            s.throughput_for,
+            move |_| echo_once(pool2.clone(), payload2.clone()),
+            &pids,
+        )
+        .await?;
+        let (pool2, payload2) = (pool.clone(), payload.clone());
+        let plain_rate = throughput(callers, s.throughput_for, move |_| {
+            let pool = pool2.clone();
+            let p = ByteBuf::from(payload2.clone());
+            async move {
+                flame::call!(pool, echo_plain(p)).await?;
+                Ok(())
+            }
+        })
+        .await?;
+        loads.push(Load {
+            callers,
+            raw: raw_rate,
+            flame: flame_rate,
+            plain: plain_rate,
+            // parent, nats-server(s), then the two responders or runners.
+            raw_cpu: split_cpu(&raw_cpu, nats_pids.len()),
+            flame_cpu: split_cpu(&flame_cpu, nats_pids.len()),
+        });
+    }
+
+    // `--load`: only the sequential and throughput rows (to iterate on).
+    let only_load = args.iter().any(|a| a == "--load");
 
     // Idle runner memory, after the load above and a moment of rest.
     let runner_pid = flame::call!(pool, pid()).await?;
     tokio::time::sleep(Duration::from_secs(if quick { 1 } else { 3 })).await;
     let rss_kib = rss_kib(runner_pid)?;
     pool.shutdown().await;
+
+    if only_load {
+        let mut rows = Vec::new();
+        latency_rows(&mut rows, &raw_seq, &fl_seq);
+        load_rows(&mut rows, &loads);
+        print_rows(rows);
+        return Ok(());
+    }
 
     // Cold start: empty pool, first call (process spawn included).
     eprintln!("cold starts...");
@@ -266,28 +334,8 @@ async fn main() -> anyhow::Result<()> {
     let failover = scaler_failover(&flame, &url).await?;
 
     let us = |d: Duration| format!("{:.0} µs", d.as_secs_f64() * 1e6);
-    rows.push((
-        "warm call p50 (100 B, sequential)".into(),
-        us(raw_seq.p50),
-        us(fl_seq.p50),
-        ratio(
-            fl_seq.p50.as_secs_f64(),
-            raw_seq.p50.as_secs_f64(),
-            "≤ 1.3x",
-        ),
-    ));
-    rows.push((
-        "warm call p99 (100 B, sequential)".into(),
-        us(raw_seq.p99),
-        us(fl_seq.p99),
-        ratio(fl_seq.p99.as_secs_f64(), raw_seq.p99.as_secs_f64(), ""),
-    ));
-    rows.push((
-        "throughput, 64 callers over 2 runners".into(),
-        format!("{:.0}/s", raw_tput),
-        format!("{:.0}/s", fl_tput),
-        ratio(fl_tput, raw_tput, "≥ 1.0x"),
-    ));
+    latency_rows(&mut rows, &raw_seq, &fl_seq);
+    load_rows(&mut rows, &loads);
     rows.push((
         format!("cold start p50 (spawn to result, {} runs)", cold.len()),
         "-".into(),
@@ -396,12 +444,80 @@ async fn main() -> anyhow::Result<()> {
         "target: a few MB, whatever the size".into(),
     ));
 
+    print_rows(rows);
+    Ok(())
+}
+
+type Row = (String, String, String, String);
+
+fn print_rows(rows: Vec<Row>) {
     println!("| measure | raw async-nats | flame | flame vs raw |");
     println!("|---|---|---|---|");
     for (a, b, c, d) in rows {
         println!("| {a} | {b} | {c} | {d} |");
     }
-    Ok(())
+}
+
+fn latency_rows(rows: &mut Vec<Row>, raw_seq: &Latency, fl_seq: &Latency) {
+    let us = |d: Duration| format!("{:.0} µs", d.as_secs_f64() * 1e6);
+    rows.push((
+        "warm call p50 (100 B, sequential)".into(),
+        us(raw_seq.p50),
+        us(fl_seq.p50),
+        ratio(
+            fl_seq.p50.as_secs_f64(),
+            raw_seq.p50.as_secs_f64(),
+            "≤ 1.1x",
+        ),
+    ));
+    rows.push((
+        "warm call p99 (100 B, sequential)".into(),
+        us(raw_seq.p99),
+        us(fl_seq.p99),
+        ratio(fl_seq.p99.as_secs_f64(), raw_seq.p99.as_secs_f64(), ""),
+    ));
+}
+
+fn load_rows(rows: &mut Vec<Row>, loads: &[Load]) {
+    for l in loads {
+        let target = if l.callers >= 64 { "≥ 1.0x" } else { "" };
+        rows.push((
+            format!("throughput, {} callers over 2 runners", l.callers),
+            format!("{:.0}/s", l.raw),
+            format!("{:.0}/s", l.flame),
+            ratio(l.flame, l.raw, target),
+        ));
+        rows.push((
+            format!(
+                "throughput, {} callers, plain (blocking-pool) function",
+                l.callers
+            ),
+            format!("{:.0}/s", l.raw),
+            format!("{:.0}/s", l.plain),
+            ratio(l.plain, l.raw, ""),
+        ));
+    }
+    for l in loads.iter().filter(|l| l.callers >= 64) {
+        let show = |c: &[f64; 3]| {
+            format!(
+                "{:.0} µs (parent {:.0}, nats-server {:.0}, responders {:.0})",
+                c.iter().sum::<f64>(),
+                c[0],
+                c[1],
+                c[2]
+            )
+        };
+        rows.push((
+            format!("CPU per call at {} callers (all processes)", l.callers),
+            show(&l.raw_cpu),
+            show(&l.flame_cpu),
+            ratio(
+                l.flame_cpu.iter().sum::<f64>(),
+                l.raw_cpu.iter().sum::<f64>(),
+                "",
+            ),
+        ));
+    }
 }
 
 const SHARED_HEARTBEAT: Duration = Duration::from_millis(1500);
@@ -806,6 +922,26 @@ struct Latency {
     p99: Duration,
 }
 
+/// Throughput at one number of callers, and CPU per call at it.
+struct Load {
+    callers: usize,
+    raw: f64,
+    flame: f64,
+    plain: f64,
+    /// µs per call: parent, nats-server, responders (raw echoes or runners).
+    raw_cpu: [f64; 3],
+    flame_cpu: [f64; 3],
+}
+
+/// CPU per call of [parent, servers..., responders...] as [parent,
+/// servers, responders].
+fn split_cpu(per_pid: &[f64], servers: usize) -> [f64; 3] {
+    let parent = per_pid.first().copied().unwrap_or(0.0);
+    let server = per_pid.iter().skip(1).take(servers).sum();
+    let responders = per_pid.iter().skip(1 + servers).sum();
+    [parent, server, responders]
+}
+
 async fn sequential<F, Fut>(n: usize, mut op: F) -> anyhow::Result<Latency>
 where
     F: FnMut() -> Fut,
@@ -834,6 +970,21 @@ where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
 {
+    Ok(throughput_cpu(callers, dur, op, &[]).await?.0)
+}
+
+/// [`throughput`], and the CPU time each of `pids` spent per request
+/// meanwhile, in microseconds.
+async fn throughput_cpu<F, Fut>(
+    callers: usize,
+    dur: Duration,
+    op: F,
+    pids: &[u32],
+) -> anyhow::Result<(f64, Vec<f64>)>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
     let op = Arc::new(op);
     let done = Arc::new(AtomicU64::new(0));
     let counting = Arc::new(AtomicBool::new(false));
@@ -855,15 +1006,22 @@ where
         .collect();
     tokio::time::sleep(dur / 5).await;
     counting.store(true, Ordering::Relaxed);
+    let cpu_before: Vec<u64> = pids.iter().map(|p| cpu::cpu_us(*p)).collect();
     let t = Instant::now();
     tokio::time::sleep(dur).await;
     let n = done.load(Ordering::Relaxed);
     let elapsed = t.elapsed();
+    let cpu_after: Vec<u64> = pids.iter().map(|p| cpu::cpu_us(*p)).collect();
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
         task.await??;
     }
-    Ok(n as f64 / elapsed.as_secs_f64())
+    let per_call = cpu_before
+        .iter()
+        .zip(&cpu_after)
+        .map(|(b, a)| a.saturating_sub(*b) as f64 / n.max(1) as f64)
+        .collect();
+    Ok((n as f64 / elapsed.as_secs_f64(), per_call))
 }
 
 /// A raw echo responder in its own process, killed on drop.

@@ -13,11 +13,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::Message;
+use async_nats::{Message, StatusCode};
 use flame_core::Error;
 use futures::StreamExt;
 use tokio::sync::oneshot;
 use tracing::debug;
+
+use crate::protocol::batch::{read_reply_batch, BATCH_REPLY_TOKEN};
 
 /// What a waiting call receives: the runner's reply, or why none will come.
 pub(crate) type Outcome = Result<Message, Error>;
@@ -29,6 +31,9 @@ struct Waiting {
     at: Instant,
     /// The runner the call went to, so that its failure reaches the call.
     runner: Arc<str>,
+    /// The other calls of the batch this call's reply subject carried: a
+    /// no-responders status for this call is theirs too.
+    followers: Vec<u64>,
 }
 
 /// The reply multiplexer of one parent connection.
@@ -117,9 +122,13 @@ impl Replies {
                 function,
                 at: Instant::now(),
                 runner,
+                followers: Vec::new(),
             },
         );
-        (token, format!("{}{token}", self.prefix).into(), rx)
+        let mut reply = String::with_capacity(self.prefix.len() + 20);
+        reply.push_str(&self.prefix);
+        push_decimal(&mut reply, token);
+        (token, reply.into(), rx)
     }
 
     /// Forgets a call (answered, timed out or dropped). True if it was
@@ -128,16 +137,83 @@ impl Replies {
         self.waiting.lock().unwrap().remove(&token).is_some()
     }
 
+    /// A batch goes out with the reply subject of call `first`; `others`
+    /// are the tokens of the other calls in it.
+    pub(crate) fn batch_sent(&self, first: u64, others: Vec<u64>) {
+        if let Some(w) = self.waiting.lock().unwrap().get_mut(&first) {
+            w.followers = others;
+        }
+    }
+
     fn deliver(&self, msg: Message) {
-        let token = msg
-            .subject
-            .strip_prefix(self.prefix.as_str())
-            .and_then(|t| t.parse::<u64>().ok());
-        let Some(waiting) = token.and_then(|t| self.waiting.lock().unwrap().remove(&t)) else {
+        let Some(token) = msg.subject.strip_prefix(self.prefix.as_str()) else {
+            return;
+        };
+        if token == BATCH_REPLY_TOKEN {
+            return self.deliver_batch(&msg);
+        }
+        let Some(token) = token.parse::<u64>().ok() else {
             debug!(subject = %msg.subject, "reply for a call nobody waits for");
             return;
         };
+        let Some(waiting) = self.waiting.lock().unwrap().remove(&token) else {
+            debug!("reply for a call nobody waits for");
+            return;
+        };
+        if msg.status == Some(StatusCode::NO_RESPONDERS) {
+            // Nobody took the batch: none of its calls was received.
+            for &other in &waiting.followers {
+                self.deliver_to(other, msg.clone());
+            }
+        }
         let _ = waiting.tx.send(Ok(msg));
+    }
+
+    /// Hands `msg` to call `token`; false if nobody waits for it.
+    fn deliver_to(&self, token: u64, msg: Message) -> bool {
+        let Some(waiting) = self.waiting.lock().unwrap().remove(&token) else {
+            return false;
+        };
+        let _ = waiting.tx.send(Ok(msg));
+        true
+    }
+
+    /// The replies of a batch (see `protocol/batch.rs`), each to its call
+    /// as if it came alone.
+    fn deliver_batch(&self, msg: &Message) {
+        let replies = match read_reply_batch(&msg.payload) {
+            Ok(replies) => replies,
+            Err(e) => {
+                debug!("ignoring a batch of replies: {e}");
+                return;
+            }
+        };
+        for (suffix, value) in replies {
+            let Ok(token) = suffix.parse::<u64>() else {
+                continue;
+            };
+            let reply = Message {
+                subject: format!("{}{suffix}", self.prefix).into(),
+                reply: None,
+                length: value.len(),
+                payload: value,
+                headers: None,
+                status: None,
+                description: None,
+            };
+            self.deliver_to(token, reply);
+        }
+    }
+
+    /// Fails the calls `tokens` that still wait, with `error`.
+    pub(crate) fn fail_tokens(&self, tokens: &[u64], error: impl Fn() -> Error) {
+        let failed: Vec<Waiting> = {
+            let mut waiting = self.waiting.lock().unwrap();
+            tokens.iter().filter_map(|t| waiting.remove(t)).collect()
+        };
+        for w in failed {
+            let _ = w.tx.send(Err(error()));
+        }
     }
 
     /// Fails the calls waiting on `runner`, now or, with `grace`, after
@@ -264,6 +340,22 @@ fn refused_runner(violation: &str) -> Option<&str> {
     }
 }
 
+/// Appends `n` in decimal (without the formatting machinery: once per call).
+fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // (ASCII digits.)
+    out.push_str(std::str::from_utf8(&digits[i..]).unwrap_or_default());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,5 +370,14 @@ mod tests {
         assert_eq!(refused_runner(sub), None);
         let other = r#"Permissions Violation for Publish to "$KV.flame-thumbs.parents.x""#;
         assert_eq!(refused_runner(other), None);
+    }
+
+    #[test]
+    fn decimals() {
+        for n in [0u64, 7, 10, 12345, u64::MAX] {
+            let mut s = String::from("x.");
+            push_decimal(&mut s, n);
+            assert_eq!(s, format!("x.{n}"));
+        }
     }
 }

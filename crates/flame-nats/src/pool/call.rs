@@ -12,6 +12,7 @@ use tracing::field::Empty;
 use tracing::{debug, warn, Instrument, Span};
 
 use super::model::{Checkout, RunnerId, RunnerState, WaiterId};
+use super::outbox;
 use super::runners::RunnerLink;
 use super::{Pool, PoolInner, State};
 use crate::protocol::call::{self as wire, Reply};
@@ -247,7 +248,7 @@ pub(super) enum Kind {
 /// runner to cancel it, naming it by its reply subject.
 struct InFlightCall<'a> {
     client: &'a async_nats::Client,
-    replies: &'a Replies,
+    replies: &'a Arc<Replies>,
     runner: &'a RunnerLink,
     token: u64,
     reply: async_nats::Subject,
@@ -257,6 +258,7 @@ struct InFlightCall<'a> {
 
 impl Drop for InFlightCall<'_> {
     fn drop(&mut self) {
+        self.runner.outbox.call_ended();
         let waiting = self.replies.forget(self.token);
         if !(waiting && self.cancel) {
             return;
@@ -377,16 +379,17 @@ impl PoolInner {
             }
             let body =
                 wire::request_body(function, &self.parent.build_id, remaining, cast, &payload);
-            let headers = wire::request_headers(trace.as_ref());
             let runner = slot.runner.clone();
             let span = Span::current();
-            let sent = Instant::now();
-            if !span.is_disabled() {
+            // (Read only for the span: a clock read less per untraced call.)
+            let sent = (!span.is_disabled()).then(Instant::now);
+            if let Some(sent) = sent {
                 span.record("runner", &*runner.id);
                 span.record("wait_ms", (sent - started).as_millis() as u64);
             }
             let replies = &self.parent.replies;
             let (token, reply, answer) = replies.register(function, runner.id.clone());
+            runner.outbox.call_started();
             let mut call = InFlightCall {
                 client: &self.parent.client,
                 replies,
@@ -396,21 +399,23 @@ impl PoolInner {
                 cancel: false,
             };
             let client = &self.parent.client;
-            let (subject, reply) = (runner.subject.clone(), call.reply.clone());
-            match headers {
-                Some(headers) => {
-                    client
-                        .publish_with_reply_and_headers(subject, reply, headers, body)
-                        .await
-                }
-                None => client.publish_with_reply(subject, reply, body).await,
-            }
-            .map_err(|e| Error::nats(format!("cannot send the call to runner {}", runner.id), e))?;
+            // Sent at once, with the calls to the same runner that are
+            // ready meanwhile (coalescing, see `outbox.rs`).
+            outbox::send_call(
+                &runner,
+                client,
+                replies,
+                token,
+                call.reply.clone(),
+                trace.as_ref(),
+                body,
+            )
+            .await?;
             call.cancel = linked;
             let outcome = tokio::time::timeout_at(deadline, answer).await;
             call.cancel = false;
             drop(call);
-            if !span.is_disabled() {
+            if let Some(sent) = sent {
                 span.record("run_ms", sent.elapsed().as_millis() as u64);
             }
             let msg = match outcome {

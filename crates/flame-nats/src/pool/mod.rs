@@ -25,6 +25,7 @@ mod logs;
 mod map;
 pub(crate) mod model;
 mod orphans;
+mod outbox;
 mod runners;
 
 use std::collections::HashMap;

@@ -117,6 +117,8 @@ pub(crate) struct RunnerLink {
     stopping: AtomicBool,
     /// Why it went down, once it did.
     down_reason: OnceLock<String>,
+    /// Calls waiting to go to it together (call coalescing).
+    pub(super) outbox: super::outbox::Outbox,
 }
 
 impl RunnerLink {
@@ -127,6 +129,7 @@ impl RunnerLink {
             cancel_subject: subjects::runner_cancel(pool, id),
             stopping: AtomicBool::new(false),
             down_reason: OnceLock::new(),
+            outbox: Default::default(),
         }
     }
 

@@ -39,6 +39,8 @@ pub(crate) const HEADER_SIZE: &str = "Flame-Size";
 pub(crate) const HEADER_MAX: &str = "Flame-Max";
 /// Micro-service error header (status text), set by async-nats.
 pub(crate) const HEADER_SERVICE_ERROR: &str = "Nats-Service-Error";
+/// Micro-service error header (status code), set by async-nats.
+pub(crate) const HEADER_SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
 
 /// The kinds of error a runner can reply with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,6 +3,7 @@
 //! and the records of a shared pool's KV bucket. `PROTOCOL.md` at the
 //! repository root describes all of it for implementers in other languages.
 
+pub(crate) mod batch;
 pub(crate) mod bootstrap;
 pub(crate) mod call;
 pub(crate) mod events;

@@ -20,8 +20,10 @@ use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::{debug, warn, Instrument, Span};
 
+use super::request::{CallRequest, ReplyBatch};
 use super::Runner;
-use crate::protocol::call::{self as wire, error_headers, ErrorKind};
+use crate::protocol::batch::{read_batch, BATCH_V1};
+use crate::protocol::call::{self as wire, ErrorKind};
 use crate::trace::{self, TraceContext};
 
 /// A first poll longer than this marks a function as doing CPU work before
@@ -129,12 +131,13 @@ impl Cancellable {
     }
 }
 
-/// What became of one request.
+/// What became of one request (a call, or a batch of them).
+#[derive(Default)]
 pub(super) struct Dispatched {
     /// It was valid work (not refused).
     pub(super) accepted: bool,
-    /// A call still running in its own task, by its reply subject.
-    pub(super) cancellable: Option<(String, AbortHandle)>,
+    /// Calls still running in their own tasks, by their reply subjects.
+    pub(super) cancellable: Vec<(String, AbortHandle)>,
 }
 
 impl Runner {
@@ -151,10 +154,84 @@ impl Runner {
     /// Once a function's first polls were fast [`TRUST_AFTER`] times in a
     /// row, only one call in [`SAMPLE_EVERY`] is timed.
     pub(super) fn dispatch(self: Arc<Self>, request: service::Request) -> Dispatched {
+        if request.message.payload.first() == Some(&BATCH_V1) {
+            return self.dispatch_batch(request);
+        }
+        self.dispatch_call(CallRequest::single(request))
+    }
+
+    /// The calls of a batch, each as if it came alone; the replies of those
+    /// that finish right away go back together.
+    fn dispatch_batch(self: Arc<Self>, request: service::Request) -> Dispatched {
+        let calls = match read_batch(&request.message.payload) {
+            Ok(calls) => calls,
+            Err(message) => {
+                warn!(runner = %self.info.runner_id, "refused request: {message}");
+                // (Answered on the batch's reply subject: its first call's.)
+                let call = CallRequest::single(request);
+                let me = self.clone();
+                tokio::spawn(async move {
+                    call.respond_error(
+                        &me.client,
+                        &me.counters,
+                        ErrorKind::Malformed,
+                        message.to_string(),
+                        &[],
+                    )
+                    .await;
+                });
+                return Dispatched::default();
+            }
+        };
+        let batch = ReplyBatch::open();
+        let mut out = Dispatched::default();
+        for call in calls {
+            let call = CallRequest::batched(call, &batch);
+            if out.accepted && self.info.single_use {
+                // A single-use runner takes one call; the others go elsewhere.
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let why = "the runner is stopping; nothing ran".to_string();
+                    call.respond_error(&me.client, &me.counters, ErrorKind::Draining, why, &[])
+                        .await;
+                });
+                continue;
+            }
+            let done = self.clone().dispatch_call(call);
+            out.accepted |= done.accepted;
+            out.cancellable.extend(done.cancellable);
+        }
+        batch.close(&self.client);
+        out
+    }
+
+    /// Refuses a request (a call, or each call of a batch): the runner is
+    /// stopping, say.
+    pub(super) async fn refuse(&self, request: service::Request, kind: ErrorKind, why: &str) {
+        if request.message.payload.first() != Some(&BATCH_V1) {
+            let call = CallRequest::single(request);
+            call.respond_error(&self.client, &self.counters, kind, why.to_string(), &[])
+                .await;
+            return;
+        }
+        let Ok(calls) = read_batch(&request.message.payload) else {
+            return;
+        };
+        let closed = ReplyBatch::open();
+        closed.close(&self.client);
+        for call in calls {
+            let call = CallRequest::batched(call, &closed);
+            call.respond_error(&self.client, &self.counters, kind, why.to_string(), &[])
+                .await;
+        }
+    }
+
+    /// One call: checked, then run (see [`Runner::dispatch`]).
+    fn dispatch_call(self: Arc<Self>, request: CallRequest) -> Dispatched {
         let checked = self.check(&request);
         let inline_name = checked.as_ref().ok().map(|call| call.function);
         // A caller that stops waiting names its call by the reply subject.
-        let reply = request.message.reply.clone();
+        let reply = request.reply.clone();
         let accepted = checked.is_ok();
         let runner = self.clone();
         let inline = inline_name
@@ -210,12 +287,7 @@ impl Runner {
             // before answering.
             let in_flight = Arc::new(self.begin(permit));
             let outcome = self
-                .execute_holding(
-                    handler,
-                    args,
-                    deadline.saturating_duration_since(Instant::now()),
-                    Some(in_flight.clone()),
-                )
+                .execute_holding(handler, args, timeout, deadline, Some(in_flight.clone()))
                 .await;
             match outcome {
                 Ok(bytes) => {
@@ -236,11 +308,9 @@ impl Runner {
                         if !Span::current().is_disabled() {
                             Span::current().record("outcome", "ok");
                         }
-                        if request.message.reply.is_some() {
-                            if let Err(e) = request.respond(Ok(Bytes::from(bytes))).await {
-                                debug!("cannot send reply: {e}");
-                            }
-                        }
+                        request
+                            .respond_ok(&self.client, &self.counters, Bytes::from(bytes))
+                            .await;
                     }
                 }
                 Err((kind, message)) => {
@@ -271,20 +341,20 @@ impl Runner {
             if done {
                 return Dispatched {
                     accepted,
-                    cancellable: None,
+                    cancellable: Vec::new(),
                 };
             }
         }
         let task = tokio::spawn(work).abort_handle();
         Dispatched {
             accepted,
-            cancellable: reply.map(|r| (r.to_string(), task)),
+            cancellable: reply.map(|r| (r.to_string(), task)).into_iter().collect(),
         }
     }
 
-    fn check(&self, request: &service::Request) -> Result<Checked, Refusal> {
+    fn check(&self, request: &CallRequest) -> Result<Checked, Refusal> {
         let malformed = |m: &str| (ErrorKind::Malformed, m.to_string(), Vec::new());
-        let body = &request.message.payload;
+        let body = &request.body;
         let envelope = wire::read_envelope(body).map_err(malformed)?;
         if envelope.build != self.build {
             return Err((
@@ -304,7 +374,6 @@ impl Runner {
             )
         })?;
         let trace = request
-            .message
             .headers
             .as_ref()
             .and_then(|h| h.get(trace::HEADER_TRACEPARENT))
@@ -328,7 +397,9 @@ impl Runner {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Vec<u8>, (ErrorKind, String)> {
-        self.execute_holding(handler, payload, timeout, None).await
+        let deadline = Instant::now() + timeout;
+        self.execute_holding(handler, payload, timeout, deadline, None)
+            .await
     }
 
     /// [`Runner::execute`], keeping `hold` alive as long as the work runs: a
@@ -339,9 +410,9 @@ impl Runner {
         handler: Handler,
         payload: Bytes,
         timeout: Duration,
+        deadline: Instant,
         hold: Option<Arc<InFlight>>,
     ) -> Result<Vec<u8>, (ErrorKind, String)> {
-        let deadline = Instant::now() + timeout;
         let timed_out = || {
             (
                 ErrorKind::Timeout,
@@ -466,24 +537,14 @@ impl Runner {
 
     pub(super) async fn respond_error(
         &self,
-        request: &service::Request,
+        request: &CallRequest,
         kind: ErrorKind,
         message: String,
         extra: &[(&str, String)],
     ) {
-        if request.message.reply.is_none() {
-            return;
-        }
-        let err = service::error::Error {
-            status: wire::header_safe(&message),
-            code: kind.code(),
-        };
-        if let Err(e) = request
-            .respond_with_headers(Err(err), error_headers(kind, extra))
-            .await
-        {
-            debug!("cannot send error reply: {e}");
-        }
+        request
+            .respond_error(&self.client, &self.counters, kind, message, extra)
+            .await;
     }
 
     fn touch(&self) {
@@ -492,7 +553,11 @@ impl Runner {
     }
 
     pub(super) fn idle_for(&self) -> Duration {
-        // An open stream is work too (a result still being read, say).
+        // Work in flight, or an open stream (a result still being read,
+        // say), is not idleness.
+        if self.counters.in_flight.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
         if self.streams.active() > 0 {
             self.touch();
             return Duration::ZERO;
@@ -504,7 +569,8 @@ impl Runner {
     fn begin(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> InFlight {
         let now = self.counters.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.counters.max_in_flight.fetch_max(now, Ordering::SeqCst);
-        self.touch();
+        // (No touch: a runner with work in flight is not idle, see
+        // `idle_for`; the end of the work touches.)
         InFlight {
             runner: self.clone(),
             _permit: permit,

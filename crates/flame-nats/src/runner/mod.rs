@@ -14,6 +14,7 @@
 //! left to receive the results.
 //!
 //! - [`dispatch`]: one request, from checks to reply;
+//! - [`request`]: a call alone or in a batch, and how it is answered;
 //! - [`lifecycle`]: the heartbeat, and the watch that decides to stop;
 //! - [`lease`]: a shared pool runner's lease in the KV bucket;
 //! - [`logs`]: forwarding its log lines to the parent, when asked.
@@ -22,6 +23,7 @@ mod dispatch;
 mod lease;
 mod lifecycle;
 pub(crate) mod logs;
+mod request;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -98,6 +100,10 @@ struct Counters {
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
     casts_failed: AtomicU64,
+    /// Calls answered (alone or in batches), and those answered with an
+    /// error: the micro service's own counts miss batched calls.
+    calls: AtomicU64,
+    errors: AtomicU64,
 }
 
 struct Runner {
@@ -209,6 +215,8 @@ async fn run(
                     "max_in_flight": stats_counters.max_in_flight.load(Ordering::Relaxed),
                     "max_concurrency": max_concurrency,
                     "casts_failed": stats_counters.casts_failed.load(Ordering::Relaxed),
+                    "calls": stats_counters.calls.load(Ordering::Relaxed),
+                    "errors": stats_counters.errors.load(Ordering::Relaxed),
                 })
             })
             .start(format!("flame-{}", info.pool), env!("CARGO_PKG_VERSION"))
@@ -317,7 +325,7 @@ async fn run(
             request = endpoint.next() => match request {
                 Some(request) => {
                     let done = runner.clone().dispatch(request);
-                    if let Some((reply, task)) = done.cancellable {
+                    for (reply, task) in done.cancellable {
                         cancellable.insert(reply, task);
                     }
                     if done.accepted && runner.info.single_use {
@@ -344,9 +352,12 @@ async fn run(
     while let Ok(Some(request)) =
         tokio::time::timeout(Duration::from_millis(100), endpoint.next()).await
     {
-        let why = "the runner is stopping; nothing ran".to_string();
         runner
-            .respond_error(&request, ErrorKind::Draining, why, &[])
+            .refuse(
+                request,
+                ErrorKind::Draining,
+                "the runner is stopping; nothing ran",
+            )
             .await;
     }
     let _ = service.stop().await;

@@ -1,0 +1,282 @@
+//! Call coalescing: calls to one runner that are ready to go while another
+//! call to it is being sent go together, in one NATS message (see
+//! `protocol/batch.rs`).
+//!
+//! No call ever waits to be batched. The caller that finds the runner's
+//! outbox idle sends its own call at once, and becomes the sender: calls
+//! that arrive meanwhile queue behind it, and it sends them, as one batch,
+//! as soon as its own send is out. Only when the runner already has other
+//! calls of this parent in flight (under load, when replies come back in
+//! bursts and wake many callers together) does the sender first yield
+//! once, so that the callers woken with it can queue their calls and leave
+//! in the same message. Per-call deadlines, cancellation and errors are
+//! untouched: each call keeps its own envelope and reply subject.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_nats::Subject;
+use bytes::Bytes;
+use flame_core::Error;
+use tracing::debug;
+
+use super::runners::RunnerLink;
+use crate::protocol::batch::{batch_body, split_reply, BatchedCall, PER_CALL_OVERHEAD};
+use crate::protocol::call as wire;
+use crate::replies::Replies;
+use crate::trace::TraceContext;
+
+/// Calls larger than this go alone: batching saves per-message work,
+/// which large calls do not spend most of their time on.
+const MAX_COALESCED_CALL: usize = 16 * 1024;
+
+/// Most bytes of calls in one batch (and never more than the server's
+/// max_payload).
+const MAX_BATCH: usize = 256 * 1024;
+
+/// A runner's outbox: the calls waiting to go while another is sent.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    state: Mutex<OutboxState>,
+    /// This parent's calls on the runner that were sent (or queued) and are
+    /// not over: more than one means the runner is busy.
+    in_flight: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct OutboxState {
+    /// A caller is sending; new calls queue.
+    sending: bool,
+    queued: Vec<Queued>,
+}
+
+#[derive(Debug)]
+struct Queued {
+    token: u64,
+    reply: Subject,
+    /// Where the call is in its trace, for a traced call.
+    trace: Option<TraceContext>,
+    body: Bytes,
+}
+
+impl Outbox {
+    /// A call starts (see [`Outbox::call_ended`]).
+    pub(crate) fn call_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A call is over: answered, failed, timed out or dropped.
+    pub(crate) fn call_ended(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Undoes the sender's role if its caller goes away mid-send: whatever
+/// queued behind it is sent by a task of its own.
+struct Sending {
+    link: Arc<RunnerLink>,
+    client: async_nats::Client,
+    replies: Arc<Replies>,
+    done: bool,
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let (link, client, replies) =
+            (self.link.clone(), self.client.clone(), self.replies.clone());
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    let _ = send_queued(&link, &client, &replies, None).await;
+                });
+            }
+            Err(_) => {
+                // No runtime left: the queued calls cannot go; they fail.
+                let queued = {
+                    let mut st = link.outbox.state.lock().unwrap();
+                    st.sending = false;
+                    std::mem::take(&mut st.queued)
+                };
+                let tokens: Vec<u64> = queued.iter().map(|q| q.token).collect();
+                replies.fail_tokens(&tokens, || {
+                    Error::PoolClosed("the runtime stopped before the call was sent".into())
+                });
+            }
+        }
+    }
+}
+
+/// Sends one call to the runner, with the calls queued behind it, or queues
+/// it behind the call being sent.
+pub(crate) async fn send_call(
+    link: &Arc<RunnerLink>,
+    client: &async_nats::Client,
+    replies: &Arc<Replies>,
+    token: u64,
+    reply: Subject,
+    trace: Option<&TraceContext>,
+    body: Bytes,
+) -> Result<(), Error> {
+    let trace = trace.copied();
+    // Large calls gain nothing from company: they go alone, at once.
+    if body.len() > MAX_COALESCED_CALL {
+        let one = Queued {
+            token,
+            reply,
+            trace,
+            body,
+        };
+        return send_alone(link, client, &one)
+            .await
+            .map_err(|e| Error::nats(format!("cannot send the call to runner {}", link.id), e));
+    }
+    {
+        let mut st = link.outbox.state.lock().unwrap();
+        if st.sending {
+            st.queued.push(Queued {
+                token,
+                reply,
+                trace,
+                body,
+            });
+            return Ok(());
+        }
+        st.sending = true;
+    }
+    let mut sending = Sending {
+        link: link.clone(),
+        client: client.clone(),
+        replies: replies.clone(),
+        done: false,
+    };
+    if link.outbox.in_flight.load(Ordering::Relaxed) > 1 {
+        // Busy: let the callers woken with this one queue behind it.
+        tokio::task::yield_now().await;
+    }
+    let own = Queued {
+        token,
+        reply,
+        trace,
+        body,
+    };
+    let result = send_queued(link, client, replies, Some(own)).await;
+    sending.done = true;
+    result
+}
+
+/// Sends `own` and everything queued, in batches, until the queue is empty;
+/// then the outbox is idle again. Fails only if `own` could not be sent
+/// (queued calls that cannot be sent fail through `replies`).
+async fn send_queued(
+    link: &Arc<RunnerLink>,
+    client: &async_nats::Client,
+    replies: &Arc<Replies>,
+    mut own: Option<Queued>,
+) -> Result<(), Error> {
+    let own_token = own.as_ref().map(|q| q.token);
+    let limit = client.max_payload().min(MAX_BATCH);
+    let mut result = Ok(());
+    loop {
+        let mut calls: Vec<Queued> = own.take().into_iter().collect();
+        {
+            let mut st = link.outbox.state.lock().unwrap();
+            let mut size: usize = calls.iter().map(weight).sum();
+            let mut take = 0;
+            for q in &st.queued {
+                let w = weight(q);
+                // (At least one call goes, whatever its size.)
+                if (take > 0 || !calls.is_empty()) && size + w > limit {
+                    break;
+                }
+                size += w;
+                take += 1;
+            }
+            calls.extend(st.queued.drain(..take));
+            if calls.is_empty() {
+                st.sending = false;
+                return result;
+            }
+        }
+        if let Err(e) = publish(link, client, replies, &calls).await {
+            debug!(runner = %link.id, "cannot send calls: {e}");
+            let others: Vec<u64> = calls
+                .iter()
+                .map(|q| q.token)
+                .filter(|t| Some(*t) != own_token)
+                .collect();
+            let text = e.to_string();
+            replies.fail_tokens(&others, || {
+                Error::nats(
+                    format!("cannot send the call to runner {}", link.id),
+                    text.clone(),
+                )
+            });
+            if calls.iter().any(|q| Some(q.token) == own_token) {
+                result = Err(Error::nats(
+                    format!("cannot send the call to runner {}", link.id),
+                    e,
+                ));
+            }
+        }
+    }
+}
+
+/// Bytes a call takes in a batch.
+fn weight(q: &Queued) -> usize {
+    // (A `traceparent` is 55 bytes.)
+    q.body.len() + q.reply.len() + q.trace.map_or(0, |_| 55) + PER_CALL_OVERHEAD
+}
+
+/// One call in a message of its own: its trace context, if any, in the
+/// `traceparent` header.
+async fn send_alone(
+    link: &RunnerLink,
+    client: &async_nats::Client,
+    call: &Queued,
+) -> Result<(), async_nats::PublishError> {
+    let subject = link.subject.clone();
+    let (reply, body) = (call.reply.clone(), call.body.clone());
+    match wire::request_headers(call.trace.as_ref()) {
+        Some(headers) => {
+            client
+                .publish_with_reply_and_headers(subject, reply, headers, body)
+                .await
+        }
+        None => client.publish_with_reply(subject, reply, body).await,
+    }
+}
+
+/// One call as it is, or several as a batch. A batch goes with the first
+/// call's reply subject, so that a no-responders status reaches it, and
+/// from it the others (see [`Replies::batch_sent`]).
+async fn publish(
+    link: &RunnerLink,
+    client: &async_nats::Client,
+    replies: &Replies,
+    calls: &[Queued],
+) -> Result<(), async_nats::PublishError> {
+    if let [one] = calls {
+        return send_alone(link, client, one).await;
+    }
+    let subject = link.subject.clone();
+    let (prefix, _) = split_reply(&calls[0].reply);
+    let traces: Vec<Option<String>> = calls
+        .iter()
+        .map(|q| q.trace.as_ref().map(TraceContext::traceparent))
+        .collect();
+    let body = batch_body(
+        prefix,
+        calls.iter().zip(&traces).map(|(q, trace)| BatchedCall {
+            reply: q.reply.as_str(),
+            trace: trace.as_deref(),
+            body: &q.body,
+        }),
+    );
+    replies.batch_sent(calls[0].token, calls[1..].iter().map(|q| q.token).collect());
+    client
+        .publish_with_reply(subject, calls[0].reply.clone(), body)
+        .await
+}
