@@ -12,6 +12,18 @@ pub async fn echo(data: Vec<u8>) -> Vec<u8> {
     data
 }
 
+/// `data` reversed, or an error for empty data: a `Vec<u8>` argument and
+/// a `Result<Vec<u8>, _>` result, which travel as blocks of bytes.
+#[flame::remote]
+pub fn reversed(data: Vec<u8>, tag: u8) -> Result<Vec<u8>, String> {
+    if data.is_empty() {
+        return Err(format!("nothing to reverse (tag {tag})"));
+    }
+    let mut data = data;
+    data.reverse();
+    Ok(data)
+}
+
 /// Logs `text` at WARN with a field `n = 7` (tests/tests/runner_logs.rs).
 #[flame::remote]
 pub async fn log_line(text: String) {

@@ -365,3 +365,20 @@ async fn connect_in_a_runner_process_is_a_config_error() {
         "{stdout}"
     );
 }
+
+/// `Vec<u8>` arguments and results (alone or in a `Result`) travel as one
+/// block of bytes (MessagePack bin), both ways, at any size.
+#[tokio::test]
+async fn byte_vectors_travel_whole_in_arguments_and_results() {
+    let env = TestEnv::start().await;
+    let pool = env.pool("bytevecs").max(1).start().await.unwrap();
+    let data: Vec<u8> = (0..(512usize << 10)).map(|i| (i * 7 % 251) as u8).collect();
+    let back = flame::call!(pool, reversed(data.clone(), 1)).await.unwrap();
+    let mut expected = data.clone();
+    expected.reverse();
+    assert_eq!(back, Ok(expected));
+    let empty = flame::call!(pool, reversed(Vec::new(), 2)).await.unwrap();
+    assert_eq!(empty, Err("nothing to reverse (tag 2)".to_string()));
+    let echoed = flame::call!(pool, echo(data.clone())).await.unwrap();
+    assert_eq!(echoed, data);
+}

@@ -102,8 +102,20 @@ impl Runner {
                 .as_ref()
                 .and_then(|s| since(&s.started))
                 .unwrap_or_else(dash),
-            endpoint.map_or_else(dash, |e| e.num_requests.to_string()),
-            endpoint.map_or_else(dash, |e| e.num_errors.to_string()),
+            // The runner's own counts take in the calls that came in
+            // batches, which the micro service does not see one by one.
+            endpoint.map_or_else(dash, |e| {
+                e.data["calls"]
+                    .as_u64()
+                    .unwrap_or(e.num_requests)
+                    .to_string()
+            }),
+            endpoint.map_or_else(dash, |e| {
+                e.data["errors"]
+                    .as_u64()
+                    .unwrap_or(e.num_errors)
+                    .to_string()
+            }),
         ]
     }
 }

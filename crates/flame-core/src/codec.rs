@@ -20,8 +20,11 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, rmp_serde::en
     Ok(buf)
 }
 
+/// Why bytes did not decode (MessagePack).
+pub type DecodeError = rmp_serde::decode::Error;
+
 /// Decodes a value.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, rmp_serde::decode::Error> {
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
     rmp_serde::from_slice(bytes)
 }
 

@@ -28,6 +28,13 @@ pub trait RemoteFn {
     type Args: Serialize + DeserializeOwned + Send + 'static;
     /// The return value (often a `Result<T, E>` of the function's own).
     type Output: Serialize + DeserializeOwned + Send + 'static;
+
+    /// Decodes the return value the runner sent. `#[flame::remote]`
+    /// overrides it for a `Vec<u8>` (or `Result<Vec<u8>, E>`) result, which
+    /// then decodes as one block of bytes rather than byte by byte.
+    fn decode_output(bytes: &[u8]) -> Result<Self::Output, codec::DecodeError> {
+        codec::decode(bytes)
+    }
 }
 
 /// Why a registered function could not run or answer.

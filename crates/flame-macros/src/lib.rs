@@ -60,6 +60,8 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     // Shipped arguments (types and bindings), state parameters (types and
     // bindings), and what the function is called with, in order.
     let mut types = Vec::new();
+    // The types the runner decodes the arguments as.
+    let mut wire_types: Vec<Type> = Vec::new();
     let mut bindings = Vec::new();
     let mut state_types = Vec::new();
     let mut state_bindings = Vec::new();
@@ -81,7 +83,15 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
                     state_bindings.push(binding);
                 } else {
                     let binding = format_ident!("__flame_arg{}", i);
-                    call_args.push(quote! { #binding });
+                    // A `Vec<u8>` decodes as one block of bytes (serde
+                    // reads a `Vec<u8>` byte by byte).
+                    if is_byte_vec(&pt.ty) {
+                        call_args.push(quote! { #binding.into_vec() });
+                        wire_types.push(syn::parse_quote!(::flame::__private::ByteBuf));
+                    } else {
+                        call_args.push(quote! { #binding });
+                        wire_types.push((*pt.ty).clone());
+                    }
                     types.push((*pt.ty).clone());
                     bindings.push(binding);
                 }
@@ -105,13 +115,13 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     // blocking pool, where CPU-heavy code belongs.
     let invoke = if sig.asyncness.is_some() {
         quote! {
-            ::flame::__private::invoke_async(args, move |(#(#bindings,)*): (#(#types,)*)| async move {
+            ::flame::__private::invoke_async(args, move |(#(#bindings,)*): (#(#wire_types,)*)| async move {
                 #name(#(#call_args),*).await
             })
         }
     } else {
         quote! {
-            ::flame::__private::invoke_blocking(args, move |(#(#bindings,)*): (#(#types,)*)| {
+            ::flame::__private::invoke_blocking(args, move |(#(#bindings,)*): (#(#wire_types,)*)| {
                 #name(#(#call_args),*)
             })
         }
@@ -133,6 +143,23 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
         ReturnType::Type(_, ty) => ty.span(),
     };
     let out_ty = quote_spanned!(out_span=> #output);
+    // A `Vec<u8>` result, alone or as the `Ok` of a `Result`, decodes as one
+    // block of bytes on the caller's side.
+    let decode_output = match byte_vec_result(&output) {
+        ByteVecResult::No => quote! {},
+        ByteVecResult::Plain => quote! {
+            fn decode_output(bytes: &[u8]) -> ::core::result::Result<Self::Output, ::flame::__private::DecodeError> {
+                ::flame::__private::decode::<::flame::__private::ByteBuf>(bytes)
+                    .map(::flame::__private::ByteBuf::into_vec)
+            }
+        },
+        ByteVecResult::Ok(err) => quote! {
+            fn decode_output(bytes: &[u8]) -> ::core::result::Result<Self::Output, ::flame::__private::DecodeError> {
+                ::flame::__private::decode::<::core::result::Result<::flame::__private::ByteBuf, #err>>(bytes)
+                    .map(|r| r.map(::flame::__private::ByteBuf::into_vec))
+            }
+        },
+    };
     Ok(quote! {
         #func
 
@@ -146,6 +173,7 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
             const NAME: &'static str = ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#name));
             type Args = #args_ty;
             type Output = #out_ty;
+            #decode_output
         }
 
         const _: () = {
@@ -205,4 +233,64 @@ fn reject_borrowed(ty: &Type) -> syn::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Whether `ty` is written `Vec<u8>` (or a path ending in `Vec<u8>`).
+fn is_byte_vec(ty: &Type) -> bool {
+    let Some(inner) = single_generic(ty, "Vec") else {
+        return false;
+    };
+    matches!(inner, Type::Path(p) if p.qself.is_none() && p.path.is_ident("u8"))
+}
+
+/// The only generic type argument of `ty` when `ty` is `<name><T>`.
+fn single_generic<'a>(ty: &'a Type, name: &str) -> Option<&'a Type> {
+    let args = generics_of(ty, name)?;
+    match (args.len(), args.first()) {
+        (1, Some(syn::GenericArgument::Type(inner))) => Some(inner),
+        _ => None,
+    }
+}
+
+fn generics_of<'a>(
+    ty: &'a Type,
+    name: &str,
+) -> Option<&'a syn::punctuated::Punctuated<syn::GenericArgument, syn::token::Comma>> {
+    let Type::Path(path) = ty else {
+        return None;
+    };
+    let last = path.path.segments.last()?;
+    if last.ident != name {
+        return None;
+    }
+    match &last.arguments {
+        syn::PathArguments::AngleBracketed(args) => Some(&args.args),
+        _ => None,
+    }
+}
+
+/// How a result type holds a byte vector.
+enum ByteVecResult<'a> {
+    No,
+    /// `Vec<u8>`.
+    Plain,
+    /// `Result<Vec<u8>, E>`, with `E`.
+    Ok(&'a Type),
+}
+
+fn byte_vec_result(ty: &Type) -> ByteVecResult<'_> {
+    if is_byte_vec(ty) {
+        return ByteVecResult::Plain;
+    }
+    match generics_of(ty, "Result").map(|a| a.iter().collect::<Vec<_>>()) {
+        Some(args) => match args[..] {
+            [syn::GenericArgument::Type(ok), syn::GenericArgument::Type(err)]
+                if is_byte_vec(ok) =>
+            {
+                ByteVecResult::Ok(err)
+            }
+            _ => ByteVecResult::No,
+        },
+        None => ByteVecResult::No,
+    }
 }

@@ -288,7 +288,7 @@ pub(super) fn decode_result<F: RemoteFn>(
 ) -> Result<F::Output, Error> {
     let transport: Arc<dyn StreamTransport> = streams.clone();
     let hold: Arc<dyn std::any::Any + Send + Sync> = Arc::new(slot);
-    with_transport(&transport, || holding(hold, || codec::decode(bytes))).map_err(|e| {
+    with_transport(&transport, || holding(hold, || F::decode_output(bytes))).map_err(|e| {
         Error::Decode {
             function: F::NAME.to_string(),
             what: "result",
