@@ -24,6 +24,13 @@ pub fn reversed(data: Vec<u8>, tag: u8) -> Result<Vec<u8>, String> {
     Ok(data)
 }
 
+/// Blocks its thread for `ms` (a plain function that may block).
+#[flame::remote]
+pub fn nap(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
 /// Logs `text` at WARN with a field `n = 7` (tests/tests/runner_logs.rs).
 #[flame::remote]
 pub async fn log_line(text: String) {

@@ -382,3 +382,36 @@ async fn byte_vectors_travel_whole_in_arguments_and_results() {
     let echoed = flame::call!(pool, echo(data.clone())).await.unwrap();
     assert_eq!(echoed, data);
 }
+
+/// A plain function that proved short runs inline on the runner; once it
+/// blocks for long, it goes back to the blocking pool, so a long run does
+/// not hold up other calls.
+#[tokio::test]
+async fn a_plain_function_that_starts_blocking_leaves_the_serve_loop() {
+    let env = TestEnv::start().await;
+    let pool = env
+        .pool("naps")
+        .max(1)
+        .timeout(Duration::from_secs(60))
+        .start()
+        .await
+        .unwrap();
+    // Short: trusted to run inline.
+    for _ in 0..40 {
+        assert_eq!(flame::call!(pool, nap(0)).await.unwrap(), 0);
+    }
+    // Long, inline, three times: back to the pool.
+    for _ in 0..3 {
+        assert_eq!(flame::call!(pool, nap(20)).await.unwrap(), 20);
+    }
+    // A long nap now runs on a thread of its own: another call is answered
+    // while it sleeps.
+    let long = tokio::spawn({
+        let pool = pool.clone();
+        async move { flame::call!(pool, nap(5_000)).await }
+    });
+    wait_in_flight(&env, "naps", 1, Duration::from_secs(30)).await;
+    assert_eq!(flame::call!(pool, add(1, 2)).await.unwrap(), 3);
+    assert!(!long.is_finished(), "the long nap held up the other call");
+    assert_eq!(long.await.unwrap().unwrap(), 5_000);
+}

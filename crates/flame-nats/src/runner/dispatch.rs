@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +41,19 @@ const TRUST_AFTER: u32 = 32;
 /// A trusted function's first polls are timed once in this many calls.
 const SAMPLE_EVERY: u32 = 16;
 
+/// A plain function whose runs on the blocking pool all took less than
+/// this ...
+const FAST_PLAIN: Duration = Duration::from_micros(200);
+
+/// ... this many times in a row runs inline from then on: handing a short
+/// call to the blocking pool and back costs more than the call.
+const TRUST_PLAIN_AFTER: u32 = 32;
+
+/// A plain function that ran longer than this inline [`SLOW_STRIKES`]
+/// times in a row goes back to the blocking pool for good (it held up the
+/// runner's serve loop; one slow run may be a preemption on a busy machine).
+const SLOW_INLINE_PLAIN: Duration = Duration::from_millis(1);
+
 /// How a function's first polls went: its slow ones in a row, its fast
 /// ones in a row, and its calls.
 #[derive(Debug, Default)]
@@ -48,6 +61,12 @@ pub(super) struct PollWatch {
     strikes: AtomicU8,
     fast_in_row: AtomicU32,
     calls: AtomicU32,
+    /// Plain functions: fast runs on the blocking pool in a row.
+    plain_fast_in_row: AtomicU32,
+    /// Plain functions: slow inline runs in a row.
+    plain_strikes: AtomicU8,
+    /// Plain functions: ran long inline too often; never inline again.
+    plain_banned: AtomicBool,
 }
 
 impl PollWatch {
@@ -61,6 +80,31 @@ impl PollWatch {
     fn time_this_one(&self) -> bool {
         let n = self.calls.fetch_add(1, Ordering::Relaxed);
         self.fast_in_row.load(Ordering::Relaxed) < TRUST_AFTER || n.is_multiple_of(SAMPLE_EVERY)
+    }
+
+    /// Whether a call of this plain function may run inline (see
+    /// [`TRUST_PLAIN_AFTER`]).
+    fn plain_inline(&self) -> bool {
+        !self.plain_banned.load(Ordering::Relaxed)
+            && self.plain_fast_in_row.load(Ordering::Relaxed) >= TRUST_PLAIN_AFTER
+    }
+
+    /// Notes how long a run of this plain function took, inline or on the
+    /// blocking pool; true when it sent the function back to the pool.
+    fn plain_ran(&self, took: Duration, inline: bool) -> bool {
+        if inline {
+            if took <= SLOW_INLINE_PLAIN {
+                self.plain_strikes.store(0, Ordering::Relaxed);
+            } else if self.plain_strikes.fetch_add(1, Ordering::Relaxed) + 1 >= SLOW_STRIKES {
+                self.plain_banned.store(true, Ordering::Relaxed);
+                return true;
+            }
+        } else if took <= FAST_PLAIN {
+            self.plain_fast_in_row.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.plain_fast_in_row.store(0, Ordering::Relaxed);
+        }
+        false
     }
 
     /// Notes a timed first poll; true when it made the function's calls
@@ -287,7 +331,14 @@ impl Runner {
             // before answering.
             let in_flight = Arc::new(self.begin(permit));
             let outcome = self
-                .execute_holding(handler, args, timeout, deadline, Some(in_flight.clone()))
+                .execute_holding(
+                    Some(function),
+                    handler,
+                    args,
+                    timeout,
+                    deadline,
+                    Some(in_flight.clone()),
+                )
                 .await;
             match outcome {
                 Ok(bytes) => {
@@ -398,15 +449,19 @@ impl Runner {
         timeout: Duration,
     ) -> Result<Vec<u8>, (ErrorKind, String)> {
         let deadline = Instant::now() + timeout;
-        self.execute_holding(handler, payload, timeout, deadline, None)
+        self.execute_holding(None, handler, payload, timeout, deadline, None)
             .await
     }
 
     /// [`Runner::execute`], keeping `hold` alive as long as the work runs: a
     /// plain function keeps its thread (and its in-flight count) even when
     /// the caller is gone, since a thread cannot be stopped from outside.
+    ///
+    /// A plain function (`function`, when given) that proved short runs
+    /// inline, on the serve loop: see [`TRUST_PLAIN_AFTER`].
     async fn execute_holding(
         &self,
+        function: Option<&'static str>,
         handler: Handler,
         payload: Bytes,
         timeout: Duration,
@@ -454,27 +509,54 @@ impl Runner {
                 }
             }
             Invocation::Blocking(f) => {
-                let transport = self.transport.clone();
-                let (span, trace) = (Span::current(), trace::current());
-                let mut work = tokio::task::spawn_blocking(move || {
-                    let _entered = span.enter();
-                    trace::blocking_scope(trace, || {
-                        with_transport(&transport, || match hold {
+                let watch = function.and_then(|name| self.slow_polls.get(name));
+                if watch.is_some_and(PollWatch::plain_inline) {
+                    // Trusted short: no hand-off to a thread and back.
+                    let started = Instant::now();
+                    let ran = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        with_transport(&self.transport, || match hold {
                             Some(h) => holding(h, f),
                             None => f(),
                         })
-                    })
-                });
-                match tokio::time::timeout_at(deadline, &mut work).await {
-                    Ok(Ok(result)) => result,
-                    Ok(Err(join)) => {
-                        return Err((ErrorKind::Panicked, panic_message(join.into_panic())))
+                    }));
+                    let took = started.elapsed();
+                    if watch.is_some_and(|w| w.plain_ran(took, true)) {
+                        debug!(?function, ?took, "a plain function ran long inline; running it on the blocking pool from now on");
                     }
-                    Err(_) => {
-                        // A thread cannot be stopped from outside; the slot
-                        // stays counted until the function returns.
-                        let _ = work.await;
-                        return Err(timed_out());
+                    match ran {
+                        Ok(result) => result,
+                        Err(panic) => return Err((ErrorKind::Panicked, panic_message(panic))),
+                    }
+                } else {
+                    let transport = self.transport.clone();
+                    let (span, trace) = (Span::current(), trace::current());
+                    let mut work = tokio::task::spawn_blocking(move || {
+                        let _entered = span.enter();
+                        let started = Instant::now();
+                        let result = trace::blocking_scope(trace, || {
+                            with_transport(&transport, || match hold {
+                                Some(h) => holding(h, f),
+                                None => f(),
+                            })
+                        });
+                        (result, started.elapsed())
+                    });
+                    match tokio::time::timeout_at(deadline, &mut work).await {
+                        Ok(Ok((result, took))) => {
+                            if let Some(w) = watch {
+                                w.plain_ran(took, false);
+                            }
+                            result
+                        }
+                        Ok(Err(join)) => {
+                            return Err((ErrorKind::Panicked, panic_message(join.into_panic())))
+                        }
+                        Err(_) => {
+                            // A thread cannot be stopped from outside; the
+                            // slot stays counted until the function returns.
+                            let _ = work.await;
+                            return Err(timed_out());
+                        }
                     }
                 }
             }
@@ -649,5 +731,34 @@ mod tests {
         assert!(!watch.inline());
         // A slow one resets the trust: timed every call again.
         assert!((0..3).all(|_| watch.time_this_one()));
+    }
+
+    #[test]
+    fn short_plain_functions_go_inline_and_slow_ones_back_to_the_pool() {
+        let w = PollWatch::default();
+        for _ in 0..TRUST_PLAIN_AFTER - 1 {
+            assert!(!w.plain_inline());
+            w.plain_ran(Duration::from_micros(50), false);
+        }
+        // A slow run on the pool starts the count again.
+        w.plain_ran(Duration::from_millis(5), false);
+        assert!(!w.plain_inline());
+        for _ in 0..TRUST_PLAIN_AFTER {
+            w.plain_ran(Duration::from_micros(50), false);
+        }
+        assert!(w.plain_inline());
+        // Slow inline runs: a hiccup is forgiven, a habit is not.
+        assert!(!w.plain_ran(Duration::from_millis(5), true));
+        assert!(!w.plain_ran(Duration::from_micros(10), true));
+        assert!(w.plain_inline());
+        for i in 1..=SLOW_STRIKES {
+            let banned = w.plain_ran(Duration::from_millis(5), true);
+            assert_eq!(banned, i == SLOW_STRIKES);
+        }
+        assert!(!w.plain_inline());
+        for _ in 0..2 * TRUST_PLAIN_AFTER {
+            w.plain_ran(Duration::from_micros(50), false);
+        }
+        assert!(!w.plain_inline());
     }
 }
