@@ -11,7 +11,7 @@ use rmp_serde::config::BytesMode;
 use serde::{de::DeserializeOwned, Serialize};
 
 /// Encodes a value.
-pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, rmp_serde::encode::Error> {
+pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, EncodeError> {
     let mut buf = Vec::new();
     let mut serializer = rmp_serde::Serializer::new(&mut buf)
         .with_struct_map()
@@ -19,6 +19,9 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, rmp_serde::en
     value.serialize(&mut serializer)?;
     Ok(buf)
 }
+
+/// Why a value did not encode (MessagePack).
+pub type EncodeError = rmp_serde::encode::Error;
 
 /// Why bytes did not decode (MessagePack).
 pub type DecodeError = rmp_serde::decode::Error;

@@ -35,6 +35,13 @@ pub trait RemoteFn {
     fn decode_output(bytes: &[u8]) -> Result<Self::Output, codec::DecodeError> {
         codec::decode(bytes)
     }
+
+    /// Encodes the arguments for the runner. `#[flame::remote]` overrides
+    /// it when a parameter is a `Vec<u8>`, which then encodes as one block
+    /// of bytes rather than byte by byte.
+    fn encode_args(args: &Self::Args) -> Result<Vec<u8>, codec::EncodeError> {
+        codec::encode(args)
+    }
 }
 
 /// Why a registered function could not run or answer.

@@ -62,6 +62,8 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     let mut types = Vec::new();
     // The types the runner decodes the arguments as.
     let mut wire_types: Vec<Type> = Vec::new();
+    // How the parent encodes each argument (`args.<i>`).
+    let mut encoded = Vec::new();
     let mut bindings = Vec::new();
     let mut state_types = Vec::new();
     let mut state_bindings = Vec::new();
@@ -85,12 +87,15 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
                     let binding = format_ident!("__flame_arg{}", i);
                     // A `Vec<u8>` decodes as one block of bytes (serde
                     // reads a `Vec<u8>` byte by byte).
+                    let index = syn::Index::from(types.len());
                     if is_byte_vec(&pt.ty) {
                         call_args.push(quote! { #binding.into_vec() });
                         wire_types.push(syn::parse_quote!(::flame::__private::ByteBuf));
+                        encoded.push(quote! { ::flame::__private::ByteSlice::new(&args.#index) });
                     } else {
                         call_args.push(quote! { #binding });
                         wire_types.push((*pt.ty).clone());
+                        encoded.push(quote! { &args.#index });
                     }
                     types.push((*pt.ty).clone());
                     bindings.push(binding);
@@ -113,16 +118,27 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     };
     // Async functions run on the runner's runtime; plain functions on its
     // blocking pool, where CPU-heavy code belongs.
+    // A byte-vector result is handed back as a `ByteBuf` (no copy), which
+    // encodes as one block of bytes.
+    let to_wire = match byte_vec_result(&output) {
+        ByteVecResult::No => quote! {},
+        ByteVecResult::Plain => quote! { let out = ::flame::__private::ByteBuf::from(out); },
+        ByteVecResult::Ok(_) => quote! { let out = out.map(::flame::__private::ByteBuf::from); },
+    };
     let invoke = if sig.asyncness.is_some() {
         quote! {
             ::flame::__private::invoke_async(args, move |(#(#bindings,)*): (#(#wire_types,)*)| async move {
-                #name(#(#call_args),*).await
+                let out: #output = #name(#(#call_args),*).await;
+                #to_wire
+                out
             })
         }
     } else {
         quote! {
             ::flame::__private::invoke_blocking(args, move |(#(#bindings,)*): (#(#wire_types,)*)| {
-                #name(#(#call_args),*)
+                let out: #output = #name(#(#call_args),*);
+                #to_wire
+                out
             })
         }
     };
@@ -145,6 +161,16 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     let out_ty = quote_spanned!(out_span=> #output);
     // A `Vec<u8>` result, alone or as the `Ok` of a `Result`, decodes as one
     // block of bytes on the caller's side.
+    let any_byte_vec = types.iter().any(is_byte_vec);
+    let encode_args = if any_byte_vec {
+        quote! {
+            fn encode_args(args: &Self::Args) -> ::core::result::Result<::std::vec::Vec<u8>, ::flame::__private::EncodeError> {
+                ::flame::__private::encode(&(#(#encoded,)*))
+            }
+        }
+    } else {
+        quote! {}
+    };
     let decode_output = match byte_vec_result(&output) {
         ByteVecResult::No => quote! {},
         ByteVecResult::Plain => quote! {
@@ -174,6 +200,7 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
             type Args = #args_ty;
             type Output = #out_ty;
             #decode_output
+            #encode_args
         }
 
         const _: () = {

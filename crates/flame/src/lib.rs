@@ -248,11 +248,11 @@ macro_rules! __flame_inline {
 #[doc(hidden)]
 pub mod __private {
     pub use bytes::Bytes;
-    pub use flame_core::codec::{decode, DecodeError};
+    pub use flame_core::codec::{decode, encode, DecodeError, EncodeError};
     pub use flame_core::inventory;
     pub use flame_core::registry::{
         invoke_async, invoke_blocking, state, Invocation, Registration,
     };
     pub use flame_core::state::{StateKey, States};
-    pub use serde_bytes::ByteBuf;
+    pub use serde_bytes::{ByteBuf, Bytes as ByteSlice};
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use flame_core::stream::{with_transport, StreamTransport};
-use flame_core::{codec, Error, RemoteFn};
+use flame_core::{Error, RemoteFn};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::field::Empty;
@@ -310,7 +310,7 @@ pub(super) fn encode_args<F: RemoteFn>(
     streams: &Arc<dyn StreamTransport>,
     args: &F::Args,
 ) -> Result<Bytes, Error> {
-    with_transport(streams, || codec::encode(args))
+    with_transport(streams, || F::encode_args(args))
         .map(Bytes::from)
         .map_err(|e| Error::Encode {
             function: F::NAME.to_string(),
