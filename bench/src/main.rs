@@ -497,7 +497,7 @@ fn load_rows(rows: &mut Vec<Row>, loads: &[Load]) {
             ratio(l.plain, l.raw, ""),
         ));
     }
-    for l in loads.iter().filter(|l| l.callers >= 64) {
+    for l in loads.iter().filter(|l| l.callers != 8) {
         let show = |c: &[f64; 3]| {
             format!(
                 "{:.0} µs (parent {:.0}, nats-server {:.0}, responders {:.0})",

@@ -199,7 +199,7 @@ impl Drop for Slot {
                 .model
                 .checkin(&self.runner.id)
                 .and_then(|(w, r)| st.slot_for(&self.pool, w, &r));
-            self.pool.idle_if_last(&st, &self.runner.id);
+            self.pool.idle_if_last(&mut st, &self.runner.id);
             handoff
         };
         deliver(handoff);
@@ -486,7 +486,7 @@ impl PoolInner {
                         self.boot_locked(&mut st);
                     }
                     let link = st.runners[&id].link.clone();
-                    self.busy_if_first(&st, &id);
+                    self.busy_if_first(&mut st, &id);
                     return Ok(Slot {
                         pool: self.clone(),
                         runner: link,

@@ -94,9 +94,7 @@ impl PoolInner {
                     Outgoing::new(EventKind::RunnerReady, c).runner(id.clone())
                 });
                 if st.model.runner(&id).is_some_and(|(_, load)| load > 0) {
-                    self.announce(&st, |c| {
-                        Outgoing::new(EventKind::RunnerBusy, c).runner(id.clone())
-                    });
+                    self.busy_if_first(&mut st, &id);
                 }
                 if st.model.boots_ahead() {
                     // Hot start: the callers it took may make it busy
@@ -119,6 +117,7 @@ impl PoolInner {
                     if let Some(entry) = st.runners.get_mut(&id) {
                         entry.drain_cause = Some(Reason::Idle);
                     }
+                    self.settle_idle(&mut st, &id);
                     self.announce(&st, |c| {
                         Outgoing::new(EventKind::RunnerRetiring, c)
                             .runner(id.clone())
@@ -136,6 +135,7 @@ impl PoolInner {
                 }
                 st.stopping(&id);
                 if let Some(reason) = own {
+                    self.settle_idle(&mut st, &id);
                     self.announce(&st, |c| {
                         Outgoing::new(EventKind::RunnerRetiring, c)
                             .runner(id.clone())

@@ -3,8 +3,10 @@
 //! `fleet::mirror`), its limits, and its answer to `flame.pools.info`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use flame_core::Error;
+use tokio::time::Instant;
 use futures::StreamExt;
 use tracing::debug;
 
@@ -12,6 +14,11 @@ use super::model::{RunnerId, RunnerState};
 use super::{PoolInner, State};
 use crate::announce::{Counts, Outgoing};
 use crate::protocol::pool_events::{EventKind, PoolInfo, Reason};
+
+/// How long a runner stays idle before `runner_idle` says so: a runner
+/// between two calls of a steady caller is not announced idle and busy
+/// again for every call (that would cost a published event per call).
+pub(super) const IDLE_QUIET: Duration = Duration::from_millis(200);
 
 impl PoolInner {
     /// Publishes a runner event of a private pool, with the pool's numbers
@@ -23,21 +30,62 @@ impl PoolInner {
         }
     }
 
-    /// A call was placed on `id`: `runner_busy` if it was the first.
-    pub(super) fn busy_if_first(&self, st: &State, id: &RunnerId) {
-        if st.model.runner(id).is_some_and(|(_, load)| load == 1) {
-            self.announce(st, |c| {
-                Outgoing::new(EventKind::RunnerBusy, c).runner(id.clone())
-            });
+    /// A call was placed on `id`: `runner_busy`, unless the runner is
+    /// busy as far as the last events said (it was idle for less than
+    /// [`IDLE_QUIET`]: events follow the pool's state, not every call).
+    pub(super) fn busy_if_first(&self, st: &mut State, id: &RunnerId) {
+        if self.fleet.is_some() {
+            return;
+        }
+        let counts = st.model.counts();
+        let Some(entry) = st.runners.get_mut(id) else {
+            return;
+        };
+        entry.idle_since = None;
+        if !entry.announced_busy {
+            entry.announced_busy = true;
+            self.events
+                .send(Outgoing::new(EventKind::RunnerBusy, counts).runner(id.clone()));
         }
     }
 
-    /// A call on `id` ended: `runner_idle` if it was the last.
-    pub(super) fn idle_if_last(&self, st: &State, id: &RunnerId) {
-        if st.model.runner(id).is_some_and(|(_, load)| load == 0) {
-            self.announce(st, |c| {
-                Outgoing::new(EventKind::RunnerIdle, c).runner(id.clone())
-            });
+    /// A call on `id` ended: if it was the last, the runner's idleness
+    /// starts, which `runner_idle` announces once it lasted [`IDLE_QUIET`]
+    /// (see [`PoolInner::announce_idle`]).
+    pub(super) fn idle_if_last(&self, st: &mut State, id: &RunnerId) {
+        if self.fleet.is_some() || !st.model.runner(id).is_some_and(|(_, load)| load == 0) {
+            return;
+        }
+        if let Some(entry) = st.runners.get_mut(id).filter(|e| e.announced_busy) {
+            entry.idle_since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// A runner announced busy, now idle, is retiring: its `runner_idle`
+    /// now, so that its events read busy, idle, retiring, gone.
+    pub(super) fn settle_idle(&self, st: &mut State, id: &RunnerId) {
+        let counts = st.model.counts();
+        if let Some(entry) = st.runners.get_mut(id) {
+            if entry.announced_busy && entry.idle_since.is_some() {
+                entry.idle_since = None;
+                entry.announced_busy = false;
+                self.events
+                    .send(Outgoing::new(EventKind::RunnerIdle, counts).runner(id.clone()));
+            }
+        }
+    }
+
+    /// `runner_idle` for the runners idle for [`IDLE_QUIET`] since they
+    /// were announced busy. Called every quarter heartbeat.
+    pub(super) fn announce_idle(&self, st: &mut State) {
+        let counts = st.model.counts();
+        for (id, entry) in st.runners.iter_mut() {
+            if entry.idle_since.is_some_and(|at| at.elapsed() >= IDLE_QUIET) {
+                entry.idle_since = None;
+                entry.announced_busy = false;
+                self.events
+                    .send(Outgoing::new(EventKind::RunnerIdle, counts).runner(id.clone()));
+            }
         }
     }
 

@@ -54,6 +54,10 @@ pub(super) struct RunnerEntry {
     /// Why it drains, when this parent decided it (private pools): its
     /// `runner_retiring` was published then, and its `runner_gone` says it.
     pub(super) drain_cause: Option<Reason>,
+    /// The last of its events said busy (private pools).
+    pub(super) announced_busy: bool,
+    /// Since when it has had no call, while announced busy.
+    pub(super) idle_since: Option<Instant>,
 }
 
 impl RunnerEntry {
@@ -75,6 +79,8 @@ impl RunnerEntry {
             log_seq: 0,
             outages_seen: None,
             drain_cause: None,
+            announced_busy: false,
+            idle_since: None,
         }
     }
 
@@ -314,6 +320,9 @@ impl PoolInner {
         let (entry, state, runners) = {
             let mut st = self.state.lock().unwrap();
             let served = st.served(id);
+            if served {
+                self.settle_idle(&mut st, id);
+            }
             let state = st.model.remove(id);
             let entry = st.runners.remove(id);
             if state == Some(RunnerState::Ready) {
@@ -364,6 +373,7 @@ impl PoolInner {
                 _ = tick.tick() => {}
             }
             let reconnected = disconnects.has_changed().unwrap_or(false);
+            self.announce_idle(&mut self.state.lock().unwrap());
             if !self.parent.connected() {
                 continue;
             }
@@ -430,6 +440,7 @@ impl PoolInner {
                         e.drain_cause = Some(Reason::Retired);
                         e.stopper.take()
                     });
+                    self.settle_idle(&mut st, &id);
                     self.announce(&st, |c| {
                         Outgoing::new(EventKind::RunnerRetiring, c)
                             .runner(id.clone())
