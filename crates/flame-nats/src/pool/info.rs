@@ -53,7 +53,7 @@ impl PoolInner {
     /// starts, which `runner_idle` announces once it lasted [`IDLE_QUIET`]
     /// (see [`PoolInner::announce_idle`]).
     pub(super) fn idle_if_last(&self, st: &mut State, id: &RunnerId) {
-        if self.fleet.is_some() || !st.model.runner(id).is_some_and(|(_, load)| load == 0) {
+        if self.fleet.is_some() || st.model.runner(id).is_none_or(|(_, load)| load != 0) {
             return;
         }
         if let Some(entry) = st.runners.get_mut(id).filter(|e| e.announced_busy) {
