@@ -38,7 +38,9 @@ impl Fleet {
             if (renew_due || changed) && self.renew_parent(waiting).await {
                 last_renewal = Instant::now();
             }
-            if renew_due && !self.is_leading() {
+            if !self.is_leading() {
+                // Every round: a dead scaler is found within a third of a
+                // heartbeat (a cheap request, answered at once either way).
                 self.check_scaler_present().await;
             }
             if renew_due || !demand {
@@ -143,6 +145,10 @@ impl Fleet {
                 if st.leading.is_none() {
                     info!(%pool, build = %self.parent.build_id, "this parent is now the pool's scaler for its build");
                     self.announce(&st, |c| Outgoing::new(EventKind::ScalerElected, c));
+                    // The old scaler may have died with runners (a machine
+                    // lost): ask every runner at once rather than wait for
+                    // their leases to go quiet.
+                    st.probe_all = true;
                 }
                 st.leading = Some(revision);
             }

@@ -60,6 +60,8 @@ pub(super) struct FleetState {
     pub(super) scaler_gone: Option<u64>,
     /// Quiet runners being asked whether their connection lives.
     pub(super) probing: HashSet<String>,
+    /// Probe every runner at the next scaling round (just elected).
+    pub(super) probe_all: bool,
     /// Runners found without a connection: reaped at the next round.
     pub(super) runners_gone: HashSet<String>,
 }

@@ -114,6 +114,7 @@ impl Fleet {
         let mut suspects = Vec::new();
         let (leases, slots, waiting, retry_blocked) = {
             let mut st = self.state.lock().unwrap();
+            let probe_all = std::mem::take(&mut st.probe_all);
             for (id, seen) in &st.runners {
                 let silent = seen.changed.elapsed();
                 let gone = st.runners_gone.contains(id);
@@ -123,7 +124,7 @@ impl Fleet {
                 };
                 if !dead
                     && seen.value.state != LeaseState::Booting
-                    && silent > self.config.heartbeat
+                    && (probe_all || silent > self.config.heartbeat)
                     && !st.probing.contains(id)
                 {
                     suspects.push(id.clone());
@@ -291,6 +292,9 @@ impl Fleet {
         if gone && st.runners.contains_key(&id) {
             debug!(pool = %self.config.name, runner = %id, "a quiet runner's connection is gone");
             st.runners_gone.insert(id);
+            drop(st);
+            // Reap it (and boot a replacement) now, not at the next round.
+            self.demand_changed.notify_one();
         }
     }
 
