@@ -174,6 +174,15 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let url = flame.nats_url().to_string();
+    // `--payloads`: only the payload-size rows.
+    if args.iter().any(|a| a == "--payloads") {
+        let _echo = spawn_raw_echo(&url, "bench.raw.echo.0").await?;
+        let raw = async_nats::connect(&url).await?;
+        let mut rows = Vec::new();
+        payload_rows(&mut rows, &payload_latencies(&flame, &raw, &s).await?);
+        print_rows(rows);
+        return Ok(());
+    }
     eprintln!(
         "benchmarking on {url} ({})",
         if quick { "quick" } else { "full" }
@@ -386,18 +395,7 @@ async fn main() -> anyhow::Result<()> {
         format!("target ≤ 1 heartbeat ({} ms)", SHARED_HEARTBEAT.as_millis()),
     ));
 
-    for p in &payloads {
-        rows.push((
-            format!("{} sequential p50: Vec<u8> / Bytes", p.label),
-            us(p.raw),
-            format!("{} / {}", us(p.vec), us(p.bytes)),
-            format!(
-                "{} / {}",
-                ratio(p.vec.as_secs_f64(), p.raw.as_secs_f64(), ""),
-                ratio(p.bytes.as_secs_f64(), p.raw.as_secs_f64(), "≤ 1.2x")
-            ),
-        ));
-    }
+    payload_rows(&mut rows, &payloads);
     rows.push((
         "burst of 16 calls on a busy pool (work 50 ms): p99 without / with hot_start(0.5)".into(),
         ms(burst_cold),
@@ -455,6 +453,22 @@ fn print_rows(rows: Vec<Row>) {
     println!("|---|---|---|---|");
     for (a, b, c, d) in rows {
         println!("| {a} | {b} | {c} | {d} |");
+    }
+}
+
+fn payload_rows(rows: &mut Vec<Row>, payloads: &[PayloadLatency]) {
+    let us = |d: Duration| format!("{:.0} µs", d.as_secs_f64() * 1e6);
+    for p in payloads {
+        rows.push((
+            format!("{} sequential p50: Vec<u8> / Bytes", p.label),
+            us(p.raw),
+            format!("{} / {}", us(p.vec), us(p.bytes)),
+            format!(
+                "{} / {}",
+                ratio(p.vec.as_secs_f64(), p.raw.as_secs_f64(), ""),
+                ratio(p.bytes.as_secs_f64(), p.raw.as_secs_f64(), "≤ 1.2x")
+            ),
+        ));
     }
 }
 

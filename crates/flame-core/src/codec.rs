@@ -20,6 +20,15 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, EncodeError> 
     Ok(buf)
 }
 
+/// Encodes a value like [`encode`], appending to `out` (which may already
+/// hold, say, room for a header).
+pub fn encode_into<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    let mut serializer = rmp_serde::Serializer::new(out)
+        .with_struct_map()
+        .with_bytes(BytesMode::ForceIterables);
+    value.serialize(&mut serializer)
+}
+
 /// Why a value did not encode (MessagePack).
 pub type EncodeError = rmp_serde::encode::Error;
 

@@ -36,11 +36,11 @@ pub trait RemoteFn {
         codec::decode(bytes)
     }
 
-    /// Encodes the arguments for the runner. `#[flame::remote]` overrides
-    /// it when a parameter is a `Vec<u8>`, which then encodes as one block
-    /// of bytes rather than byte by byte.
-    fn encode_args(args: &Self::Args) -> Result<Vec<u8>, codec::EncodeError> {
-        codec::encode(args)
+    /// Encodes the arguments for the runner, appending to `out`.
+    /// `#[flame::remote]` overrides it when a parameter is a `Vec<u8>`,
+    /// which then encodes as one block of bytes rather than byte by byte.
+    fn encode_args(args: &Self::Args, out: &mut Vec<u8>) -> Result<(), codec::EncodeError> {
+        codec::encode_into(args, out)
     }
 }
 

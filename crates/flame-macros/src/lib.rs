@@ -164,8 +164,8 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     let any_byte_vec = types.iter().any(is_byte_vec);
     let encode_args = if any_byte_vec {
         quote! {
-            fn encode_args(args: &Self::Args) -> ::core::result::Result<::std::vec::Vec<u8>, ::flame::__private::EncodeError> {
-                ::flame::__private::encode(&(#(#encoded,)*))
+            fn encode_args(args: &Self::Args, out: &mut ::std::vec::Vec<u8>) -> ::core::result::Result<(), ::flame::__private::EncodeError> {
+                ::flame::__private::encode_into(&(#(#encoded,)*), out)
             }
         }
     } else {

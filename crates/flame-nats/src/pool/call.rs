@@ -300,23 +300,34 @@ pub(super) fn decode_result<F: RemoteFn>(
 impl Pool {
     /// Encodes a call's arguments; streams among them are offered through
     /// this parent's hub.
-    fn encode_args<F: RemoteFn>(&self, args: &F::Args) -> Result<Bytes, Error> {
+    fn encode_args<F: RemoteFn>(&self, args: &F::Args) -> Result<Payload, Error> {
         let streams: Arc<dyn StreamTransport> = self.inner.parent.streams.clone();
-        encode_args::<F>(&streams, args)
+        encode_args::<F>(&streams, args, &self.inner.parent.build_id)
     }
+}
+
+/// A call's encoded arguments, after room for its envelope (written once
+/// the call is placed, when its remaining time is known): the arguments
+/// are not copied on their way out.
+pub(crate) struct Payload {
+    buf: Vec<u8>,
+    /// Where the arguments start.
+    head: usize,
 }
 
 pub(super) fn encode_args<F: RemoteFn>(
     streams: &Arc<dyn StreamTransport>,
     args: &F::Args,
-) -> Result<Bytes, Error> {
-    with_transport(streams, || F::encode_args(args))
-        .map(Bytes::from)
-        .map_err(|e| Error::Encode {
-            function: F::NAME.to_string(),
-            what: "arguments",
-            reason: e.to_string(),
-        })
+    build: &str,
+) -> Result<Payload, Error> {
+    let head = wire::envelope_max_len(F::NAME, build);
+    let mut buf = vec![0; head];
+    with_transport(streams, || F::encode_args(args, &mut buf)).map_err(|e| Error::Encode {
+        function: F::NAME.to_string(),
+        what: "arguments",
+        reason: e.to_string(),
+    })?;
+    Ok(Payload { buf, head })
 }
 
 /// Removes a queued caller that stopped waiting (timed out or dropped).
@@ -343,7 +354,7 @@ impl PoolInner {
     pub(super) async fn run(
         self: Arc<Self>,
         function: &'static str,
-        payload: Bytes,
+        payload: Payload,
         timeout: Duration,
         kind: Kind,
         trace: Option<TraceContext>,
@@ -352,7 +363,8 @@ impl PoolInner {
         let deadline = started + timeout;
         let cast = kind == Kind::Cast;
         let linked = kind == Kind::Call { link: true };
-        let size = payload.len()
+        let args_len = payload.buf.len() - payload.head;
+        let size = args_len
             + wire::envelope_max_len(function, &self.parent.build_id)
             + if trace.is_some() {
                 wire::request_headers_max_len()
@@ -368,6 +380,10 @@ impl PoolInner {
                 max,
             });
         }
+        // The arguments: in `fresh` until the first send, then kept (shared
+        // with that send's body) in case the call must be placed again.
+        let mut fresh = Some(payload);
+        let mut args = Bytes::new();
         loop {
             let slot = self.checkout(deadline, function, timeout).await?;
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -377,8 +393,18 @@ impl PoolInner {
                     timeout,
                 });
             }
-            let body =
-                wire::request_body(function, &self.parent.build_id, remaining, cast, &payload);
+            let build = &self.parent.build_id;
+            // The first send writes the envelope in front of the arguments;
+            // a call placed again (rare) copies them.
+            let body = match fresh.take() {
+                Some(Payload { buf, head }) => {
+                    let body =
+                        wire::request_body_in_place(buf, head, function, build, remaining, cast);
+                    args = body.slice(body.len() - args_len..);
+                    body
+                }
+                None => wire::request_body(function, build, remaining, cast, &args),
+            };
             let runner = slot.runner.clone();
             let span = Span::current();
             // (Read only for the span: a clock read less per untraced call.)

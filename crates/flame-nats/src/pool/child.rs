@@ -153,7 +153,7 @@ impl Pool {
         }
         let streams: Arc<dyn StreamTransport> = self.inner.parent.streams.clone();
         // Encoded now, so that its channels are set up before this returns.
-        let payload = encode_args::<F>(&streams, &args)?;
+        let payload = encode_args::<F>(&streams, &args, &self.inner.parent.build_id)?;
         drop(streams);
         let timeout = options.timeout.unwrap_or(NO_LIMIT);
         let inner = self.inner.clone();

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flame_core::Error;
-use tokio::time::Instant;
 use futures::StreamExt;
+use tokio::time::Instant;
 use tracing::debug;
 
 use super::model::{RunnerId, RunnerState};
@@ -80,7 +80,10 @@ impl PoolInner {
     pub(super) fn announce_idle(&self, st: &mut State) {
         let counts = st.model.counts();
         for (id, entry) in st.runners.iter_mut() {
-            if entry.idle_since.is_some_and(|at| at.elapsed() >= IDLE_QUIET) {
+            if entry
+                .idle_since
+                .is_some_and(|at| at.elapsed() >= IDLE_QUIET)
+            {
                 entry.idle_since = None;
                 entry.announced_busy = false;
                 self.events

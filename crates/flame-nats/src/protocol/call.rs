@@ -140,6 +140,37 @@ pub(crate) fn request_body(
     args: &[u8],
 ) -> Bytes {
     let mut body = Vec::with_capacity(envelope_max_len(function, build) + args.len());
+    write_envelope(&mut body, function, build, remaining, cast);
+    body.extend_from_slice(args);
+    Bytes::from(body)
+}
+
+/// A request body from arguments encoded after `head` bytes of room
+/// (`envelope_max_len`) in `buf`: the envelope is written into the room,
+/// right before the arguments, so they are not copied.
+pub(crate) fn request_body_in_place(
+    mut buf: Vec<u8>,
+    head: usize,
+    function: &str,
+    build: &str,
+    remaining: Duration,
+    cast: bool,
+) -> Bytes {
+    let mut envelope = Vec::with_capacity(head);
+    write_envelope(&mut envelope, function, build, remaining, cast);
+    let start = head - envelope.len();
+    buf[start..head].copy_from_slice(&envelope);
+    Bytes::from(buf).slice(start..)
+}
+
+/// Appends the envelope of a request (see [`request_body`]).
+fn write_envelope(
+    body: &mut Vec<u8>,
+    function: &str,
+    build: &str,
+    remaining: Duration,
+    cast: bool,
+) {
     body.push(ENVELOPE_V1);
     body.push(if cast { FLAG_CAST } else { 0 });
     let mut ms = remaining.as_millis().clamp(1, u64::MAX as u128) as u64;
@@ -161,8 +192,6 @@ pub(crate) fn request_body(
     let function = &function.as_bytes()[..function.len().min(u16::MAX as usize)];
     body.extend_from_slice(&(function.len() as u16).to_be_bytes());
     body.extend_from_slice(function);
-    body.extend_from_slice(args);
-    Bytes::from(body)
 }
 
 /// Most bytes the envelope of [`request_body`] takes.
