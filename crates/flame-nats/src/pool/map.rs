@@ -17,10 +17,7 @@ impl Pool {
     /// Lazy: calls start as the stream is polled, so a consumer that reads
     /// slowly holds back new calls too. Each item has its own result: one
     /// failed call does not end the stream. Dropping the stream cancels the
-    /// calls under way (as dropping a call does) and starts no more. Each
-    /// call runs on a task of its own (spread over the runtime's threads, as
-    /// independent callers are), so the stream must be polled inside a
-    /// Tokio runtime.
+    /// calls under way (as dropping a call does) and starts no more.
     ///
     /// Set `in_flight` to the work the pool can take at once
     /// (`max × max_concurrency`) to keep it busy; more just queues in the
@@ -51,7 +48,7 @@ impl Pool {
         stream::iter(items)
             .map(move |args| {
                 let pool = pool.clone();
-                Spawned(tokio::spawn(async move { pool.call::<F>(args).await }))
+                async move { pool.call::<F>(args).await }
             })
             .buffered(in_flight.max(1))
     }
@@ -73,40 +70,8 @@ impl Pool {
             .enumerate()
             .map(move |(i, args)| {
                 let pool = pool.clone();
-                Spawned(tokio::spawn(async move { (i, pool.call::<F>(args).await) }))
+                async move { (i, pool.call::<F>(args).await) }
             })
             .buffer_unordered(in_flight.max(1))
-    }
-}
-
-/// A call on a task of its own, so that the calls of a `map` spread over
-/// the runtime's threads like independent callers (one task polling them
-/// all would do every call's work on one thread). Dropping it (the stream
-/// dropped) aborts the task, which cancels the call.
-struct Spawned<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for Spawned<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-impl<T> std::future::Future for Spawned<T> {
-    type Output = T;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<T> {
-        match std::pin::Pin::new(&mut self.0).poll(cx) {
-            std::task::Poll::Pending => std::task::Poll::Pending,
-            std::task::Poll::Ready(Ok(value)) => std::task::Poll::Ready(value),
-            // A call does not panic (its errors are values); pass one on.
-            std::task::Poll::Ready(Err(e)) if e.is_panic() => {
-                std::panic::resume_unwind(e.into_panic())
-            }
-            // Aborted only by our own drop, after which nobody polls.
-            std::task::Poll::Ready(Err(_)) => std::task::Poll::Pending,
-        }
     }
 }
