@@ -45,3 +45,29 @@ pub(crate) fn children_named(name: &str) -> Vec<u32> {
         })
         .collect()
 }
+
+/// The machine's CPU time so far (all CPUs, in clock ticks), and the part
+/// of it stolen by the hypervisor (`/proc/stat`, first line).
+pub(crate) fn machine_ticks() -> (u64, u64) {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return (0, 0);
+    };
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let total = fields.iter().take(8).sum();
+    (total, fields.get(7).copied().unwrap_or(0))
+}
+
+/// Steal time since `before` (from [`machine_ticks`]), in percent.
+pub(crate) fn steal_since(before: (u64, u64)) -> f64 {
+    let now = machine_ticks();
+    let total = now.0.saturating_sub(before.0).max(1);
+    100.0 * now.1.saturating_sub(before.1) as f64 / total as f64
+}

@@ -140,6 +140,7 @@ async fn main() -> anyhow::Result<()> {
     if args.first().map(String::as_str) == Some("shared-parent") {
         return shared_parent(&flame, &args[1], args[2].parse()?, args[3].parse()?).await;
     }
+    START_TICKS.get_or_init(cpu::machine_ticks);
     let quick = args.iter().any(|a| a == "--quick");
     // `--profile-flame-throughput [callers]`: only the flame throughput
     // phase (64 callers unless given), for 10 s (to attach a profiler to).
@@ -454,7 +455,13 @@ fn print_rows(rows: Vec<Row>) {
     for (a, b, c, d) in rows {
         println!("| {a} | {b} | {c} | {d} |");
     }
+    // A noisy neighbour shows as steal time: rows mean little when high.
+    let steal = cpu::steal_since(*START_TICKS.get_or_init(cpu::machine_ticks));
+    println!("\nsteal time during the run: {steal:.1}% of CPU time");
 }
+
+/// The machine's CPU ticks when the run started.
+static START_TICKS: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
 
 fn payload_rows(rows: &mut Vec<Row>, payloads: &[PayloadLatency]) {
     let us = |d: Duration| format!("{:.0} µs", d.as_secs_f64() * 1e6);

@@ -50,6 +50,35 @@ where
     panic!("no call was ever batched");
 }
 
+/// Warms `pool` up until its calls batch, then starts 64 calls that sleep
+/// 30 s and waits until all run on the runner.
+async fn long_batched_calls(
+    env: &TestEnv,
+    pool: &flame::Pool,
+    name: &str,
+) -> Vec<tokio::task::JoinHandle<Result<u64, Error>>> {
+    until_batched(env, name, 64, |i| {
+        let pool = pool.clone();
+        async move { flame::call!(pool, add(i as i64, 1)).await.unwrap() }
+    })
+    .await;
+    let calls: Vec<_> = (0..64)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                pool.call_with::<sleep_then_mark>((30_000, String::new()), CallOptions::new())
+                    .await
+            })
+        })
+        .collect();
+    wait_for("the calls to run", LONG, || async {
+        let stats = flame_tests::harness::runner_stats(env, name).await?;
+        (stats["in_flight"] == 64).then_some(())
+    })
+    .await;
+    calls
+}
+
 #[tokio::test]
 async fn batched_calls_each_get_their_own_result_and_error() {
     let env = TestEnv::start().await;
@@ -135,27 +164,9 @@ async fn a_dropped_caller_cancels_its_batched_call() {
         .start()
         .await
         .unwrap();
-    // Warm up until calls batch.
-    until_batched(&env, "coalesce-cancel", 64, |i| {
-        let pool = pool.clone();
-        async move { flame::call!(pool, add(i as i64, 1)).await.unwrap() }
-    })
-    .await;
-    // 64 long calls at once; all but one are dropped as soon as they run.
-    let calls: Vec<_> = (0..64)
-        .map(|_| {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                pool.call_with::<sleep_then_mark>((30_000, String::new()), CallOptions::new())
-                    .await
-            })
-        })
-        .collect();
-    wait_for("the calls to run", LONG, || async {
-        let stats = flame_tests::harness::runner_stats(&env, "coalesce-cancel").await?;
-        (stats["in_flight"] == 64).then_some(())
-    })
-    .await;
+    // 64 long calls at once (batched); all but one are dropped as soon
+    // as they run.
+    let calls = long_batched_calls(&env, &pool, "coalesce-cancel").await;
     for call in &calls[1..] {
         call.abort();
     }
@@ -177,26 +188,8 @@ async fn a_runner_dying_under_batched_calls_fails_each_of_them_at_once() {
         .start()
         .await
         .unwrap();
-    until_batched(&env, "coalesce-kill", 64, |i| {
-        let pool = pool.clone();
-        async move { flame::call!(pool, add(i as i64, 1)).await.unwrap() }
-    })
-    .await;
     let pid = flame::call!(pool, whereabouts()).await.unwrap().pid;
-    let calls: Vec<_> = (0..64)
-        .map(|_| {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                pool.call_with::<sleep_then_mark>((30_000, String::new()), CallOptions::new())
-                    .await
-            })
-        })
-        .collect();
-    wait_for("the calls to run", LONG, || async {
-        let stats = flame_tests::harness::runner_stats(&env, "coalesce-kill").await?;
-        (stats["in_flight"] == 64).then_some(())
-    })
-    .await;
+    let calls = long_batched_calls(&env, &pool, "coalesce-kill").await;
     let killed = tokio::time::Instant::now();
     kill9(pid);
     for call in calls {

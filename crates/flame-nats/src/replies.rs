@@ -237,11 +237,28 @@ impl Replies {
     }
 
     fn fail_runner_now(&self, runner: &str, reason: &str) {
+        self.fail_where(
+            |w| &*w.runner == runner,
+            |w| Error::RunnerDown {
+                function: w.function.to_string(),
+                runner: runner.to_string(),
+                reason: reason.to_string(),
+            },
+        );
+    }
+
+    /// Fails the waiting calls `which` picks, each with its `error`;
+    /// returns how many.
+    fn fail_where(
+        &self,
+        which: impl Fn(&Waiting) -> bool,
+        error: impl Fn(&Waiting) -> Error,
+    ) -> usize {
         let failed: Vec<Waiting> = {
             let mut waiting = self.waiting.lock().unwrap();
             let tokens: Vec<u64> = waiting
                 .iter()
-                .filter(|(_, w)| &*w.runner == runner)
+                .filter(|(_, w)| which(w))
                 .map(|(t, _)| *t)
                 .collect();
             tokens
@@ -249,13 +266,12 @@ impl Replies {
                 .filter_map(|t| waiting.remove(&t))
                 .collect()
         };
+        let n = failed.len();
         for w in failed {
-            let _ = w.tx.send(Err(Error::RunnerDown {
-                function: w.function.to_string(),
-                runner: runner.to_string(),
-                reason: reason.to_string(),
-            }));
+            let e = error(&w);
+            let _ = w.tx.send(Err(e));
         }
+        n
     }
 
     /// Fails the calls sent to `runner` between `from` and `to` with
@@ -268,23 +284,10 @@ impl Replies {
         to: Instant,
         error: impl Fn() -> Error,
     ) -> usize {
-        let failed: Vec<Waiting> = {
-            let mut waiting = self.waiting.lock().unwrap();
-            let tokens: Vec<u64> = waiting
-                .iter()
-                .filter(|(_, w)| &*w.runner == runner && w.at >= from && w.at <= to)
-                .map(|(t, _)| *t)
-                .collect();
-            tokens
-                .into_iter()
-                .filter_map(|t| waiting.remove(&t))
-                .collect()
-        };
-        let n = failed.len();
-        for w in failed {
-            let _ = w.tx.send(Err(error()));
-        }
-        n
+        self.fail_where(
+            |w| &*w.runner == runner && w.at >= from && w.at <= to,
+            |_| error(),
+        )
     }
 
     /// The server refused a publish (`-ERR 'Permissions Violation for
@@ -296,23 +299,12 @@ impl Replies {
         let Some(runner) = refused_runner(violation) else {
             return;
         };
-        let failed: Vec<Waiting> = {
-            let mut waiting = self.waiting.lock().unwrap();
-            let tokens: Vec<u64> = waiting
-                .iter()
-                .filter(|(_, w)| &*w.runner == runner)
-                .map(|(t, _)| *t)
-                .collect();
-            tokens
-                .into_iter()
-                .filter_map(|t| waiting.remove(&t))
-                .collect()
-        };
-        for w in failed {
-            let _ = w.tx.send(Err(Error::PermissionDenied {
+        self.fail_where(
+            |w| &*w.runner == runner,
+            |_| Error::PermissionDenied {
                 reason: violation.to_string(),
-            }));
-        }
+            },
+        );
     }
 
     fn fail_all(&self, error: impl Fn() -> Error) {

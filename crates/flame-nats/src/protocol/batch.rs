@@ -30,8 +30,9 @@ pub(crate) const REPLY_BATCH_V1: u8 = 0xF3;
 /// Last token of the subject batched replies go to (call tokens start at 1).
 pub(crate) const BATCH_REPLY_TOKEN: &str = "0";
 
-/// Appends `n` as unsigned LEB128.
-pub(crate) fn put_uvarint(out: &mut BytesMut, mut n: u64) {
+/// Appends `n` as unsigned LEB128 (7 bits a byte, low bits first, the
+/// high bit set on every byte but the last).
+pub(crate) fn put_uvarint(out: &mut impl BufMut, mut n: u64) {
     loop {
         let byte = (n & 0x7f) as u8;
         n >>= 7;

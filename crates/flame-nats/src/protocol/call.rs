@@ -173,16 +173,8 @@ fn write_envelope(
 ) {
     body.push(ENVELOPE_V1);
     body.push(if cast { FLAG_CAST } else { 0 });
-    let mut ms = remaining.as_millis().clamp(1, u64::MAX as u128) as u64;
-    loop {
-        let byte = (ms & 0x7f) as u8;
-        ms >>= 7;
-        if ms == 0 {
-            body.push(byte);
-            break;
-        }
-        body.push(byte | 0x80);
-    }
+    let ms = remaining.as_millis().clamp(1, u64::MAX as u128) as u64;
+    super::batch::put_uvarint(body, ms);
     // Lengths were checked when the pool started (build) and when the
     // function was registered (its name); truncating would only refuse the
     // call on the runner.
