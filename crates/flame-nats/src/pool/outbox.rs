@@ -71,13 +71,26 @@ impl Outbox {
     }
 }
 
-/// Undoes the sender's role if its caller goes away mid-send: whatever
-/// queued behind it is sent by a task of its own.
+/// The sender's role. If its caller goes away mid-send, the calls it had
+/// taken for the message being sent (a send that did not finish sent
+/// nothing: the client's queue takes a message whole or not at all) and
+/// those queued behind it are sent by a task of its own.
 struct Sending {
     link: Arc<RunnerLink>,
     client: async_nats::Client,
     replies: Arc<Replies>,
+    /// The calls of the message being sent.
+    taken: Vec<Queued>,
+    /// The sender's own call (not sent again for a caller that left).
+    own: Option<u64>,
     done: bool,
+}
+
+impl Sending {
+    /// The queue is sent: nothing left to hand on.
+    fn finish(&mut self) {
+        self.done = true;
+    }
 }
 
 impl Drop for Sending {
@@ -85,23 +98,34 @@ impl Drop for Sending {
         if self.done {
             return;
         }
-        let (link, client, replies) =
-            (self.link.clone(), self.client.clone(), self.replies.clone());
+        let own = self.own;
+        let mut taken = std::mem::take(&mut self.taken);
+        taken.retain(|q| Some(q.token) != own);
+        let mut heir = Sending {
+            link: self.link.clone(),
+            client: self.client.clone(),
+            replies: self.replies.clone(),
+            taken,
+            own: None,
+            done: false,
+        };
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
-                    let _ = send_queued(&link, &client, &replies, None).await;
+                    let _ = send_queued(&mut heir).await;
+                    heir.finish();
                 });
             }
             Err(_) => {
-                // No runtime left: the queued calls cannot go; they fail.
+                // No runtime left: the calls cannot go; they fail.
+                heir.done = true;
                 let queued = {
-                    let mut st = link.outbox.state.lock().unwrap();
+                    let mut st = heir.link.outbox.state.lock().unwrap();
                     st.sending = false;
                     std::mem::take(&mut st.queued)
                 };
-                let tokens: Vec<u64> = queued.iter().map(|q| q.token).collect();
-                replies.fail_tokens(&tokens, || {
+                let tokens: Vec<u64> = queued.iter().chain(&heir.taken).map(|q| q.token).collect();
+                heir.replies.fail_tokens(&tokens, || {
                     Error::PoolClosed("the runtime stopped before the call was sent".into())
                 });
             }
@@ -150,37 +174,39 @@ pub(crate) async fn send_call(
         link: link.clone(),
         client: client.clone(),
         replies: replies.clone(),
+        taken: vec![Queued {
+            token,
+            reply,
+            trace,
+            body,
+        }],
+        own: Some(token),
         done: false,
     };
     if link.outbox.in_flight.load(Ordering::Relaxed) > 1 {
         // Busy: let the callers woken with this one queue behind it.
         tokio::task::yield_now().await;
     }
-    let own = Queued {
-        token,
-        reply,
-        trace,
-        body,
-    };
-    let result = send_queued(link, client, replies, Some(own)).await;
-    sending.done = true;
+    let result = send_queued(&mut sending).await;
+    sending.finish();
     result
 }
 
-/// Sends `own` and everything queued, in batches, until the queue is empty;
-/// then the outbox is idle again. Fails only if `own` could not be sent
-/// (queued calls that cannot be sent fail through `replies`).
-async fn send_queued(
-    link: &Arc<RunnerLink>,
-    client: &async_nats::Client,
-    replies: &Arc<Replies>,
-    mut own: Option<Queued>,
-) -> Result<(), Error> {
-    let own_token = own.as_ref().map(|q| q.token);
+/// Sends the calls taken and everything queued, in batches, until the
+/// queue is empty; then the outbox is idle again. Fails only if the
+/// sender's own call could not be sent (other calls that cannot be sent
+/// fail through `replies`).
+async fn send_queued(sending: &mut Sending) -> Result<(), Error> {
+    let (link, client, replies) = (
+        sending.link.clone(),
+        sending.client.clone(),
+        sending.replies.clone(),
+    );
+    let own_token = sending.own;
     let limit = client.max_payload().min(MAX_BATCH);
     let mut result = Ok(());
     loop {
-        let mut calls: Vec<Queued> = own.take().into_iter().collect();
+        let mut calls = std::mem::take(&mut sending.taken);
         {
             let mut st = link.outbox.state.lock().unwrap();
             let mut size: usize = calls.iter().map(weight).sum();
@@ -200,7 +226,11 @@ async fn send_queued(
                 return result;
             }
         }
-        if let Err(e) = publish(link, client, replies, &calls).await {
+        // Held by the sender while the message goes out (see `Sending`).
+        sending.taken = calls;
+        let sent = publish(&link, &client, &replies, &sending.taken).await;
+        let calls = std::mem::take(&mut sending.taken);
+        if let Err(e) = sent {
             debug!(runner = %link.id, "cannot send calls: {e}");
             let others: Vec<u64> = calls
                 .iter()
