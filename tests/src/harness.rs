@@ -16,16 +16,28 @@ use crate::TEST_BUILD;
 
 /// Path of the runner binary, built by cargo beside the tests.
 pub fn testapp() -> PathBuf {
+    binary_beside_tests("flame-testapp", "flame-tests")
+}
+
+/// Path of an example binary (`web_thumbnails`, ...), built beside the
+/// tests (`cargo build -p flame-examples --bins`).
+pub fn example(name: &str) -> PathBuf {
+    binary_beside_tests(name, "flame-examples")
+}
+
+/// A binary of `package` in the test's own target directory; panics, saying
+/// how to build it, when it is missing.
+fn binary_beside_tests(name: &str, package: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> -> target/<profile>/flame-testapp
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let app = dir.join("flame-testapp");
+    let path = dir.join(name);
     assert!(
-        app.exists(),
-        "{} is missing: build it with `cargo build -p flame-tests --bins`",
-        app.display()
+        path.exists(),
+        "{} is missing: build it with `cargo build -p {package} --bins`",
+        path.display()
     );
-    app
+    path
 }
 
 /// Path of the `flame` command, built by cargo beside the tests (by

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use fantoccini::{Client, Locator};
 use flame_examples::postgres::PgServer;
+use flame_tests::harness::example;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// Settles most waits; a loaded 2-core machine is slow, not stuck.
@@ -22,20 +23,6 @@ const DEADLINE: Duration = Duration::from_secs(120);
 
 /// Runners idle down after this long in the app under test.
 const IDLE_SECS: u64 = 3;
-
-/// Path of an example binary, built beside the tests
-/// (`cargo build -p flame-examples --bins`).
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build it with `cargo build -p flame-examples --bins`",
-        path.display()
-    );
-    path
-}
 
 /// Where screenshots go.
 fn output_dir() -> PathBuf {

@@ -2,26 +2,13 @@
 
 use std::time::Duration;
 
-/// Path of an example binary, built beside the tests
-/// (`cargo build -p flame-examples --bins`).
-fn example(name: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build it with `cargo build -p flame-examples --bins`",
-        path.display()
-    );
-    path
-}
+use flame_tests::harness::example;
 
-/// The seed's flow: a video streamed to a runner, thumbnails back as they
-/// are made, a row per thumbnail in PostgreSQL (a private server the
-/// example starts), on a private nats-server.
-#[tokio::test]
-async fn video_thumbnails_streams_a_video_and_stores_a_row_per_thumbnail() {
-    let child = tokio::process::Command::new(example("video_thumbnails"))
+/// Runs an example on the embedded defaults (no NATS URL, no database
+/// URL given), killed if the test ends first; asserts it exits 0 within
+/// 3 minutes and returns its standard output.
+async fn run_to_success(command: &mut tokio::process::Command) -> String {
+    let child = command
         .env_remove("NATS_URL")
         .env_remove("DATABASE_URL")
         .env_remove(flame::PARENT_ENV)
@@ -35,9 +22,19 @@ async fn video_thumbnails_streams_a_video_and_stores_a_row_per_thumbnail() {
         .await
         .expect("the example finished in time")
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
+    stdout
+}
+
+/// The seed's flow: a video streamed to a runner, thumbnails back as they
+/// are made, a row per thumbnail in PostgreSQL (a private server the
+/// example starts), on a private nats-server.
+#[tokio::test]
+async fn video_thumbnails_streams_a_video_and_stores_a_row_per_thumbnail() {
+    let mut command = tokio::process::Command::new(example("video_thumbnails"));
+    let stdout = run_to_success(&mut command).await;
     // A 20 s test video, a thumbnail every 2 s.
     let thumbs = stdout
         .lines()
@@ -58,26 +55,12 @@ async fn video_thumbnails_streams_a_video_and_stores_a_row_per_thumbnail() {
 /// and PostgreSQL.
 #[tokio::test]
 async fn web_thumbnails_once_runs_two_uploads_end_to_end() {
-    let child = tokio::process::Command::new(example("web_thumbnails"))
+    let mut command = tokio::process::Command::new(example("web_thumbnails"));
+    command
         .arg("--once")
-        .env_remove("NATS_URL")
-        .env_remove("DATABASE_URL")
         .env_remove("LISTEN")
-        .env_remove(flame::PARENT_ENV)
-        .env("THUMBS_IDLE_SECS", "2")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("run the example");
-    let out = tokio::time::timeout(Duration::from_secs(180), child.wait_with_output())
-        .await
-        .expect("the example finished in time")
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+        .env("THUMBS_IDLE_SECS", "2");
+    let stdout = run_to_success(&mut command).await;
     let thumbs = stdout
         .lines()
         .filter(|l| l.contains("thumbnail at"))

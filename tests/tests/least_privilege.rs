@@ -477,28 +477,34 @@ async fn runners_with_bad_credentials_fail_their_boot_saying_so() {
     assert!(reason.contains("authorization violation"), "{reason}");
 }
 
-#[tokio::test]
-async fn a_runner_without_its_subscriptions_fails_its_boot_naming_the_subject() {
-    let secured = Secured::without(&[(Block::RunnerSubscribe, "flame.thumbs.runner.*")]);
+/// A private pool whose runners lack the permission `line` of `block`
+/// fails to start with the runner's reason, which must contain `names`.
+async fn boot_refused_without(block: Block, line: &str, names: &str) {
+    let secured = Secured::without(&[(block, line)]);
     let flame = secured.parent().await;
     let (err, took) = failed_start(&flame, secured.runners()).await;
     let reason = boot_reason(&err, took, &secured.runner_password);
-    assert!(
-        reason.contains("Permissions Violation for Subscription to \"flame.thumbs.runner."),
-        "{reason}"
-    );
+    assert!(reason.contains(names), "{reason}");
+}
+
+#[tokio::test]
+async fn a_runner_without_its_subscriptions_fails_its_boot_naming_the_subject() {
+    boot_refused_without(
+        Block::RunnerSubscribe,
+        "flame.thumbs.runner.*",
+        "Permissions Violation for Subscription to \"flame.thumbs.runner.",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn a_runner_that_may_not_report_fails_its_boot_naming_the_subject() {
-    let secured = Secured::without(&[(Block::RunnerPublish, "flame.thumbs.parent.*.*")]);
-    let flame = secured.parent().await;
-    let (err, took) = failed_start(&flame, secured.runners()).await;
-    let reason = boot_reason(&err, took, &secured.runner_password);
-    assert!(
-        reason.contains("Permissions Violation for Publish to \"flame.thumbs.parent."),
-        "{reason}"
-    );
+    boot_refused_without(
+        Block::RunnerPublish,
+        "flame.thumbs.parent.*.*",
+        "Permissions Violation for Publish to \"flame.thumbs.parent.",
+    )
+    .await;
 }
 
 #[tokio::test]

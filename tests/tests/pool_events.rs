@@ -32,6 +32,27 @@ async fn runner_pid(pool: &flame::Pool) -> u32 {
     .await
 }
 
+/// Asserts that `runner`'s events in `all` tell its whole life in order:
+/// booting, ready, busy, idle, retiring, gone.
+fn assert_whole_life(all: &[PoolEventMessage], runner: &str, events: &EventLog) {
+    let order: Vec<usize> = [
+        EventKind::RunnerBooting,
+        EventKind::RunnerReady,
+        EventKind::RunnerBusy,
+        EventKind::RunnerIdle,
+        EventKind::RunnerRetiring,
+        EventKind::RunnerGone,
+    ]
+    .into_iter()
+    .map(|k| position(all, k, runner))
+    .collect();
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "{:?}",
+        events.kinds()
+    );
+}
+
 fn is_time(t: &str) -> bool {
     // 2026-11-22T08:00:00.123Z
     t.len() == 24 && t.ends_with('Z') && &t[10..11] == "T" && &t[19..20] == "."
@@ -63,22 +84,7 @@ async fn a_private_runner_is_followed_from_boot_to_idle_exit() {
         .clone()
         .expect("a runner event names its runner");
     let all = events.all();
-    let order: Vec<usize> = [
-        EventKind::RunnerBooting,
-        EventKind::RunnerReady,
-        EventKind::RunnerBusy,
-        EventKind::RunnerIdle,
-        EventKind::RunnerRetiring,
-        EventKind::RunnerGone,
-    ]
-    .into_iter()
-    .map(|k| position(&all, k, &runner))
-    .collect();
-    assert!(
-        order.windows(2).all(|w| w[0] < w[1]),
-        "{:?}",
-        events.kinds()
-    );
+    assert_whole_life(&all, &runner, &events);
     for e in &all {
         assert!(e.event_type.starts_with("io.flame.pool.v1."), "{e:?}");
         assert_eq!(e.id.len(), 32, "{e:?}");
@@ -228,22 +234,7 @@ async fn a_shared_pool_announces_each_change_once_from_its_scaler() {
         .await;
     let runner = gone.runner.clone().unwrap();
     let all = events.all();
-    let order: Vec<usize> = [
-        EventKind::RunnerBooting,
-        EventKind::RunnerReady,
-        EventKind::RunnerBusy,
-        EventKind::RunnerIdle,
-        EventKind::RunnerRetiring,
-        EventKind::RunnerGone,
-    ]
-    .into_iter()
-    .map(|k| position(&all, k, &runner))
-    .collect();
-    assert!(
-        order.windows(2).all(|w| w[0] < w[1]),
-        "{:?}",
-        events.kinds()
-    );
+    assert_whole_life(&all, &runner, &events);
     for e in all.iter().filter(|e| e.runner.is_some()) {
         assert_eq!(e.parent, env.flame.parent_id(), "only the scaler: {e:?}");
     }

@@ -348,14 +348,7 @@ impl Fleet {
     /// or `no` when the runner's build (its `Flame-Build` header) has no
     /// live parent left.
     async fn answer_alive(self: Arc<Self>, mut requests: async_nats::Subscriber) {
-        loop {
-            let msg = tokio::select! {
-                _ = self.closed.cancelled() => break,
-                msg = requests.next() => match msg {
-                    Some(msg) => msg,
-                    None => break,
-                },
-            };
+        while let Some(Some(msg)) = self.closed.run_until_cancelled(requests.next()).await {
             let build = msg
                 .headers
                 .as_ref()
@@ -374,14 +367,7 @@ impl Fleet {
 
     /// Answers `present` requests while the pool is open.
     async fn answer_present(self: Arc<Self>, mut requests: async_nats::Subscriber) {
-        loop {
-            let msg = tokio::select! {
-                _ = self.closed.cancelled() => break,
-                msg = requests.next() => match msg {
-                    Some(msg) => msg,
-                    None => break,
-                },
-            };
+        while let Some(Some(msg)) = self.closed.run_until_cancelled(requests.next()).await {
             if let Some(reply) = msg.reply {
                 let _ = self.parent.client.publish(reply, "yes".into()).await;
             }

@@ -21,14 +21,7 @@ impl PoolInner {
     /// Answers runner events until the pool's runners are stopped (not
     /// merely until it closes: a stopping runner must get its answer).
     pub(super) async fn listen(self: Arc<Self>, mut events: async_nats::Subscriber) {
-        loop {
-            let msg = tokio::select! {
-                _ = self.listening.cancelled() => break,
-                msg = events.next() => match msg {
-                    Some(msg) => msg,
-                    None => break,
-                },
-            };
+        while let Some(Some(msg)) = self.listening.run_until_cancelled(events.next()).await {
             // Forwarded log lines: published, not requests.
             if msg.subject.rsplit('.').next() == Some(LOGS_TOKEN) {
                 self.runner_logs(&msg);

@@ -37,13 +37,14 @@ impl PoolInner {
         if self.fleet.is_some() {
             return;
         }
-        let counts = st.model.counts();
         let Some(entry) = st.runners.get_mut(id) else {
             return;
         };
         entry.idle_since = None;
         if !entry.announced_busy {
             entry.announced_busy = true;
+            // (Counted only when announcing: this runs on every call.)
+            let counts = st.model.counts();
             self.events
                 .send(Outgoing::new(EventKind::RunnerBusy, counts).runner(id.clone()));
         }
@@ -141,14 +142,7 @@ impl PoolInner {
 
     /// Answers `flame.pools.info` until the pool closes.
     pub(super) async fn answer_info(self: Arc<Self>, mut requests: async_nats::Subscriber) {
-        loop {
-            let msg = tokio::select! {
-                _ = self.closed.cancelled() => break,
-                msg = requests.next() => match msg {
-                    Some(msg) => msg,
-                    None => break,
-                },
-            };
+        while let Some(Some(msg)) = self.closed.run_until_cancelled(requests.next()).await {
             let Some(reply) = msg.reply else {
                 continue;
             };

@@ -35,7 +35,7 @@ const MAX_COALESCED_CALL: usize = 16 * 1024;
 const MAX_BATCH: usize = 256 * 1024;
 
 /// A runner's outbox: the calls waiting to go while another is sent.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Outbox {
     state: Mutex<OutboxState>,
     /// This parent's calls on the runner that were sent (or queued) and are
@@ -43,14 +43,24 @@ pub(crate) struct Outbox {
     in_flight: AtomicUsize,
 }
 
-#[derive(Debug, Default)]
+// (No `Debug`: queued calls hold the app's arguments.)
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let queued = self.state.lock().map_or(0, |st| st.queued.len());
+        f.debug_struct("Outbox")
+            .field("queued", &queued)
+            .field("in_flight", &self.in_flight.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+#[derive(Default)]
 struct OutboxState {
     /// A caller is sending; new calls queue.
     sending: bool,
     queued: Vec<Queued>,
 }
 
-#[derive(Debug)]
 struct Queued {
     token: u64,
     reply: Subject,
