@@ -75,9 +75,15 @@ async fn a_shared_pool_survives_losing_any_one_node_of_three() {
     }
     for p in &mut parents {
         let report = p.done(LONG).await;
-        // At most the calls in flight on a lost connection fail: each kill
-        // costs a parent at most its callers' calls.
-        assert!(report.failed <= callers * cluster.nodes.len(), "{report:?}");
+        // At most the calls in flight on a lost connection fail. A kill can
+        // cost a parent its callers' calls twice: once on its own
+        // connection, and once more (those placed again) on a runner's
+        // connection to the same node, which the parent learns of later
+        // from the runner's lease.
+        assert!(
+            report.failed <= 2 * callers * cluster.nodes.len(),
+            "{report:?}"
+        );
         for kind in &report.failure_kinds {
             assert_eq!(kind, "NatsUnreachable", "{report:?}");
         }

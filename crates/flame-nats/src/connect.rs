@@ -410,14 +410,51 @@ pub(crate) struct ConnectionEvents {
 }
 
 /// A connection's outages: how many, and the last one.
-#[derive(Debug, Clone, Copy, Default)]
+///
+/// An outage ends when the connection's owner says the server has its
+/// subscriptions again ([`Outages::resubscribed`]), not when the
+/// connection is back: the client sends its subscriptions after
+/// reconnecting, and messages published to them before the server has
+/// them are dropped. A connection whose owner never says so (a parent's)
+/// counts no outage.
+#[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Outages {
-    /// Outages that ended (the connection came back).
+    /// Outages that ended.
     pub(crate) count: u64,
     /// The last one that ended: when it started and when it ended.
     pub(crate) last: Option<(Instant, Instant)>,
-    /// When the current one started, while the connection is down.
+    /// When the current one started, while it lasts.
     pub(crate) down_since: Option<Instant>,
+    /// Whether the connection is back (its subscriptions on their way).
+    back: bool,
+}
+
+impl Outages {
+    fn disconnected(&mut self) {
+        self.back = false;
+        self.down_since.get_or_insert_with(Instant::now);
+    }
+
+    fn reconnected(&mut self) {
+        self.back = self.down_since.is_some();
+    }
+
+    /// The server has this connection's subscriptions (a flush after the
+    /// reconnection came back): the current outage, if any, ends `at`.
+    pub(crate) fn resubscribed(&mut self, at: Instant) {
+        if !std::mem::take(&mut self.back) {
+            return;
+        }
+        if let Some(since) = self.down_since.take() {
+            self.count += 1;
+            self.last = Some((since, at));
+        }
+    }
+
+    /// Whether an outage is over but for its subscriptions.
+    pub(crate) fn awaiting_subscriptions(&self) -> bool {
+        self.back
+    }
 }
 
 /// The servers of a URL list: `nats://a:4222, nats://b:4222`.
@@ -454,10 +491,7 @@ pub(crate) async fn connect_watched(
         watch.record(&event);
         if matches!(event, async_nats::Event::Disconnected) && !on_purpose {
             // Not an outage when dropped on purpose: calls were not lost.
-            outs.lock()
-                .unwrap()
-                .down_since
-                .get_or_insert_with(Instant::now);
+            outs.lock().unwrap().disconnected();
         }
         let (tx, notify, at) = (tx.clone(), notify.clone(), at.clone());
         let outs = outs.clone();
@@ -475,11 +509,7 @@ pub(crate) async fn connect_watched(
                     tracing::info!("connected to NATS");
                     let now = Instant::now();
                     *at.lock().unwrap() = Some(now);
-                    let mut o = outs.lock().unwrap();
-                    if let Some(since) = o.down_since.take() {
-                        o.count += 1;
-                        o.last = Some((since, now));
-                    }
+                    outs.lock().unwrap().reconnected();
                     notify.notify_waiters();
                 }
                 _ => {}

@@ -545,9 +545,11 @@ impl PoolInner {
 /// their way to it when it lost its connection.
 const OUTAGE_LEAD: Duration = Duration::from_millis(250);
 
-/// ... and this long after it ended (the lease's timing is the runner's,
-/// read here a little later).
-const OUTAGE_TRAIL: Duration = Duration::from_millis(50);
+/// ... and this long after it ended. The runner ends an outage when its
+/// own server has its subscriptions again; in a cluster, the other servers
+/// learn of them a little later, and calls they route before then are lost
+/// too.
+const OUTAGE_TRAIL: Duration = Duration::from_millis(100);
 
 /// When, on this parent's clock, the runner's last outage was, as its
 /// lease reports it, widened by [`OUTAGE_LEAD`] and [`OUTAGE_TRAIL`].

@@ -23,6 +23,43 @@ use crate::protocol::call as wire;
 use crate::protocol::events::{ParentAnswer, ParentEvent, RunnerEvent};
 use crate::protocol::subjects;
 
+/// Ends each outage of the runner's connection once the server has its
+/// subscriptions again, until aborted. After a reconnection the client
+/// sends its subscriptions first; a flush that comes back after that means
+/// the server took them. Calls sent before then were dropped, so the lease
+/// must report the outage as lasting until now (see
+/// [`Outages`](crate::connect::Outages)).
+pub(super) async fn confirm_resubscriptions(
+    runner: Arc<Runner>,
+    connected: Arc<tokio::sync::Notify>,
+) {
+    let heartbeat = Duration::from_millis(runner.info.heartbeat_ms);
+    // Registered before each flush, so that a reconnection during one is
+    // not missed.
+    let mut next = std::pin::pin!(connected.notified());
+    next.as_mut().enable();
+    loop {
+        next.as_mut().await;
+        next.set(connected.notified());
+        next.as_mut().enable();
+        while runner.outages.lock().unwrap().awaiting_subscriptions() {
+            match tokio::time::timeout(heartbeat, runner.client.flush()).await {
+                Ok(Ok(())) => {
+                    runner
+                        .outages
+                        .lock()
+                        .unwrap()
+                        .resubscribed(std::time::Instant::now());
+                    debug!(runner = %runner.info.runner_id, "subscriptions back after an outage");
+                }
+                // Lost again (the next reconnection wakes us) or slow: try
+                // again unless the connection went meanwhile.
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+}
+
 /// Pings the parent (a private pool) or any parent and renews the lease (a
 /// shared pool) every heartbeat, until aborted. What it learns is left in
 /// the runner's flags for [`watch`].

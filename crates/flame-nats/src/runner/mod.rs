@@ -300,6 +300,10 @@ async fn run(
     debug!(runner = %runner.info.runner_id, "runner ready");
 
     let heartbeat = tokio::spawn(lifecycle::heartbeat(runner.clone()).in_current_span());
+    let resubscribed = tokio::spawn(
+        lifecycle::confirm_resubscriptions(runner.clone(), connection.connected.clone())
+            .in_current_span(),
+    );
     let mut watch = tokio::spawn(lifecycle::watch(runner.clone()).in_current_span());
 
     let mut cancellable = Cancellable::default();
@@ -396,6 +400,7 @@ async fn run(
         .await;
     }
     heartbeat.abort();
+    resubscribed.abort();
     if let Some(forwarder) = forwarder {
         forwarder.finish().await;
     }
