@@ -239,9 +239,12 @@ async fn a_call_reports_progress_while_it_runs() {
     let mut seen = Vec::new();
     let result = loop {
         tokio::select! {
-            report = reports.next() => {
-                seen.push(report.expect("a report").expect("no error"));
-            }
+            report = reports.next() => match report {
+                Some(report) => seen.push(report.expect("no error")),
+                // The stream's end (the function returned and dropped its
+                // sender) may come before the call's result.
+                None => break call.await,
+            },
             result = &mut call => break result,
         }
     };
