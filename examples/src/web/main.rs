@@ -37,7 +37,7 @@ mod once;
 mod panel;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -55,7 +55,7 @@ use flame::{State, Stream};
 use flame_examples::video::{self, Db, Thumbnail};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 /// Cuts a thumbnail every `every` seconds out of `video` while it arrives,
@@ -137,6 +137,11 @@ struct App {
     events: broadcast::Sender<PageEvent>,
     panel: Arc<panel::Panel>,
     jobs: Arc<AtomicU64>,
+    /// This parent's uploads waiting for a runner.
+    waiting: Arc<AtomicUsize>,
+    /// Woken when one of this parent's uploads got its runner or ended:
+    /// the runners' loads changed.
+    loads_changed: Arc<tokio::sync::Notify>,
     /// Short id of this parent, to tell the jobs of several apart.
     parent: String,
     /// Cancelled when the app stops: ends the event streams.
@@ -185,6 +190,18 @@ impl App {
         let _ = self.events.send(event);
     }
 
+    /// Tells the page how many uploads wait for a runner.
+    fn waiting_changed(&self, by: isize) {
+        let now = if by > 0 {
+            self.waiting.fetch_add(1, Ordering::SeqCst) + 1
+        } else {
+            self.waiting.fetch_sub(1, Ordering::SeqCst) - 1
+        };
+        let status = panel::StatusView { waiting: now };
+        self.panel.set_status(status);
+        self.send(PageEvent::new("pool", &status));
+    }
+
     /// Streams `video` to a runner and relays its thumbnails to the page.
     async fn process(&self, name: String, video: Stream<Bytes>) -> Result<JobSummary, String> {
         let n = self.jobs.fetch_add(1, Ordering::Relaxed) + 1;
@@ -209,6 +226,7 @@ impl App {
             }
         }
         self.send(PageEvent::new("job", &progress));
+        self.loads_changed.notify_one();
         let runners = result?;
         Ok(JobSummary {
             job,
@@ -227,9 +245,13 @@ impl App {
         progress: &mut JobEvent,
     ) -> Result<Vec<String>, String> {
         let every = self.settings.every;
-        let mut thumbs = flame::call!(self.pool, thumbnails(video, job.to_string(), every))
-            .await
-            .map_err(|e| e.to_string())?;
+        // Waiting from now until a runner took the upload (it answers with
+        // the stream of thumbnails at once).
+        self.waiting_changed(1);
+        let call = flame::call!(self.pool, thumbnails(video, job.to_string(), every)).await;
+        self.waiting_changed(-1);
+        self.loads_changed.notify_one();
+        let mut thumbs = call.map_err(|e| e.to_string())?;
         let mut runners = Vec::new();
         while let Some(thumb) = thumbs.next().await {
             let thumb = thumb.map_err(|e| e.to_string())?;
@@ -504,7 +526,6 @@ async fn run() -> anyhow::Result<()> {
     video::create_schema(&*db.0.get().await?).await?;
 
     let flame = app_builder(&database_url)?.connect().await?;
-    let (signals_tx, signals) = mpsc::unbounded_channel();
     let builder = flame
         .pool(POOL)
         .max(settings.max)
@@ -515,7 +536,9 @@ async fn run() -> anyhow::Result<()> {
         .idle_shutdown_after(Duration::from_secs(settings.idle_secs))
         .shutdown_timeout(Duration::from_secs(10))
         .backend(flame::LocalBackend::new().env("DATABASE_URL", &database_url));
-    let pool = panel::with_hooks(builder, signals_tx).start().await?;
+    // Subscribed before the pool starts: the panel misses no runner.
+    let pool_events = panel::pool_events(flame.client(), POOL).await?;
+    let pool = builder.start().await?;
 
     let (events, _) = broadcast::channel(1024);
     let app = App {
@@ -525,27 +548,41 @@ async fn run() -> anyhow::Result<()> {
         events,
         panel: Arc::default(),
         jobs: Arc::default(),
+        waiting: Arc::default(),
+        loads_changed: Arc::default(),
         parent: flame.parent_id()[..8].to_string(),
         stopping: CancellationToken::new(),
     };
-    // The runners panel: one source of runner events, and the pool's
-    // counts, to the page.
+    // The runners panel: the pool's events, with the runners' loads read
+    // when they come and when an upload gets its runner or ends.
     let relay = {
         let app = app.clone();
-        let mut runner_events = Box::pin(panel::runner_events(pool.clone(), signals));
-        let mut status = Box::pin(panel::status_changes(pool.clone()));
+        let pool = pool.clone();
+        let mut pool_events = Box::pin(pool_events);
         tokio::spawn(async move {
+            let mut loads = panel::Loads::default();
+            let show = |event: panel::RunnerEvent| {
+                app.panel.apply(&event);
+                app.send(PageEvent::new("runner", &event));
+            };
+            for event in panel::present(&pool) {
+                show(loads.fill(&pool, event));
+            }
             loop {
                 tokio::select! {
-                    Some(event) = runner_events.next() => {
-                        app.panel.apply(&event);
-                        app.send(PageEvent::new("runner", &event));
+                    message = pool_events.next() => match message {
+                        Some(message) => {
+                            if let Some(event) = panel::runner_event(&message) {
+                                show(loads.fill(&pool, event));
+                            }
+                        }
+                        None => break,
+                    },
+                    _ = app.loads_changed.notified() => {
+                        for event in loads.changed(&pool) {
+                            show(event);
+                        }
                     }
-                    Some(counts) = status.next() => {
-                        app.panel.set_status(counts);
-                        app.send(PageEvent::new("pool", &counts));
-                    }
-                    else => break,
                 }
             }
         })

@@ -200,9 +200,9 @@ impl Log {
                 } else if kind != "runner_draining" {
                     self.idle.remove(&runner);
                 }
-                if kind == "runner_gone" {
+                if kind == "runner_gone" || kind == "boot_failed" {
                     self.active.remove(&runner);
-                } else if kind != "boot_failed" {
+                } else {
                     self.active.insert(runner.clone());
                     self.booted.insert(runner.clone());
                 }

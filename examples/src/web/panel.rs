@@ -1,28 +1,24 @@
 //! The runners panel: what the page is told about the pool's runners.
 //!
-//! The page only ever sees [`RunnerEvent`]s, named like the pool events
-//! flame may publish later on `flame.<pool>.events.<kind>`
-//! (`runner_booting`, `runner_ready`, `runner_busy`, `runner_idle`,
-//! `runner_draining`, `runner_gone`). Today they are derived from what the
-//! library offers: the pool's grow and shrink hooks (which wake the
-//! watcher at once) and [`flame::Pool::runners`] (state and load of each
-//! runner), read on every hook and a few times a second for load changes.
-//! Switching to the event subject means replacing [`runner_events`] alone:
-//! subscribe to `flame.<pool>.events.>` and map each JSON message to a
-//! [`RunnerEvent`]. The pool's counts (uploads waiting for a runner among
-//! them) come from [`flame::Pool::status`] ([`status_changes`]).
+//! It follows the pool's events on NATS (`flame.<pool>.events.>`, the
+//! subject `flame watch` reads): a private pool's parent publishes them, a
+//! shared pool's scaler does for every parent, so each parent's page shows
+//! the whole pool. Nothing here polls. Each event becomes a
+//! [`RunnerEvent`] for the page (`runner_booting`, `runner_ready`,
+//! `runner_busy`, `runner_idle`, `runner_draining`, `runner_gone`,
+//! `boot_failed`).
+//!
+//! Events say when a runner turns busy, not how busy: its load (this
+//! parent's uploads on it) is read from [`flame::Pool::runners`] when an
+//! event comes and when one of this parent's uploads starts or ends
+//! ([`Loads`]), the only moments it changes here.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::time::Duration;
 
-use flame::{PoolEvent, RunnerState};
-use futures::Stream;
+use flame::ops::{events_wildcard, EventKind, PoolEventMessage};
+use futures::{Stream, StreamExt};
 use serde::Serialize;
-use tokio::sync::mpsc;
-
-/// How often the watcher reads the runners' loads between hooks.
-const POLL: Duration = Duration::from_millis(200);
 
 /// What happened to one runner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -40,7 +36,7 @@ pub(crate) enum Kind {
     RunnerDraining,
     /// Left the pool.
     RunnerGone,
-    /// A boot failed (no runner id: the hook does not say which).
+    /// A boot failed.
     BootFailed,
 }
 
@@ -49,183 +45,137 @@ pub(crate) enum Kind {
 pub(crate) struct RunnerEvent {
     /// What happened.
     pub(crate) kind: Kind,
-    /// The runner's id (empty for [`Kind::BootFailed`]).
+    /// The runner's id.
     pub(crate) runner: String,
-    /// Calls running there now (this parent's in a private pool; every
-    /// parent's in a shared one).
+    /// Calls running there now, as far as this parent knows (its own in a
+    /// shared pool).
     pub(crate) load: usize,
     /// Why it left, or why a boot failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) reason: Option<String>,
 }
 
-/// What a pool hook tells the watcher.
-#[derive(Debug)]
-pub(crate) enum Signal {
-    /// Something changed: read the runners now.
-    Changed,
-    /// A runner left, for this reason.
-    Shrunk(String),
-    /// A boot failed, for this reason.
-    BootFailed(String),
-}
-
-/// Installs the hooks that wake the watcher; `signals` goes to
-/// [`runner_events`].
-pub(crate) fn with_hooks(
-    builder: flame::PoolBuilder,
-    signals: mpsc::UnboundedSender<Signal>,
-) -> flame::PoolBuilder {
-    let (start, end, shrink) = (signals.clone(), signals.clone(), signals);
-    builder
-        .on_grow_start(move |_| {
-            let _ = start.send(Signal::Changed);
-        })
-        .on_grow_end(move |e| {
-            let signal = match e {
-                PoolEvent::GrowEnd { result: Err(e), .. } => Signal::BootFailed(e.to_string()),
-                _ => Signal::Changed,
-            };
-            let _ = end.send(signal);
-        })
-        .on_shrink(move |e| {
-            let reason = match e {
-                PoolEvent::Shrink { reason, .. } => reason.clone(),
-                _ => String::new(),
-            };
-            let _ = shrink.send(Signal::Shrunk(reason));
-        })
-}
-
-/// The pool's runner events, as they happen: the one source of the panel.
-/// Ends when the hooks are gone (the pool was dropped).
-pub(crate) fn runner_events(
-    pool: flame::Pool,
-    signals: mpsc::UnboundedReceiver<Signal>,
-) -> impl Stream<Item = RunnerEvent> + Send + 'static {
-    let state = (pool, signals, Diff::default(), Vec::<RunnerEvent>::new());
-    futures::stream::unfold(
-        state,
-        |(pool, mut signals, mut diff, mut queue)| async move {
-            loop {
-                if !queue.is_empty() {
-                    let event = queue.remove(0);
-                    return Some((event, (pool, signals, diff, queue)));
-                }
-                match tokio::time::timeout(POLL, signals.recv()).await {
-                    Ok(None) => return None,
-                    Ok(Some(Signal::Shrunk(reason))) => diff.reason = Some(reason),
-                    Ok(Some(Signal::BootFailed(reason))) => queue.push(RunnerEvent {
-                        kind: Kind::BootFailed,
-                        runner: String::new(),
-                        load: 0,
-                        reason: Some(reason),
-                    }),
-                    Ok(Some(Signal::Changed)) | Err(_) => {}
-                }
-                let now: Vec<(String, RunnerState, usize)> = pool
-                    .runners()
-                    .into_iter()
-                    .map(|r| (r.id, r.state, r.load))
-                    .collect();
-                queue.extend(diff.update(now));
-            }
-        },
-    )
-}
-
-/// The pool's counts, as [`flame::Pool::status`] gives them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub(crate) struct StatusView {
-    /// Runners booting.
-    pub(crate) booting: usize,
-    /// Runners taking calls.
-    pub(crate) ready: usize,
-    /// Runners stopping.
-    pub(crate) draining: usize,
-    /// Uploads waiting for a runner (the pool is at its max, all busy).
-    pub(crate) waiting: usize,
-}
-
-/// The pool's counts each time they change (read a few times a second).
-pub(crate) fn status_changes(pool: flame::Pool) -> impl Stream<Item = StatusView> + Send + 'static {
-    futures::stream::unfold((pool, None), |(pool, last)| async move {
-        loop {
-            let s = pool.status();
-            let now = StatusView {
-                booting: s.booting,
-                ready: s.ready,
-                draining: s.draining,
-                waiting: s.waiting,
-            };
-            if last != Some(now) {
-                return Some((now, (pool, Some(now))));
-            }
-            tokio::time::sleep(POLL).await;
-        }
+/// The pool event `message` as the page shows it; `None` for events that
+/// are not about one runner (`scaler_elected`, `limits_changed`) and kinds
+/// this demo does not know.
+pub(crate) fn runner_event(message: &PoolEventMessage) -> Option<RunnerEvent> {
+    let kind = match message.kind()? {
+        EventKind::RunnerBooting => Kind::RunnerBooting,
+        EventKind::RunnerReady => Kind::RunnerReady,
+        EventKind::RunnerBusy => Kind::RunnerBusy,
+        EventKind::RunnerIdle => Kind::RunnerIdle,
+        EventKind::RunnerRetiring => Kind::RunnerDraining,
+        EventKind::RunnerGone => Kind::RunnerGone,
+        EventKind::RunnerBootFailed => Kind::BootFailed,
+        _ => return None,
+    };
+    // The words when there are some ("runner process exited with code
+    // 0"), else the reason's name ("idle").
+    let reason = message
+        .detail
+        .clone()
+        .or_else(|| message.reason.map(|r| r.as_str().to_string()));
+    Some(RunnerEvent {
+        kind,
+        runner: message.runner.clone().unwrap_or_default(),
+        load: usize::from(kind == Kind::RunnerBusy),
+        reason,
     })
 }
 
-/// The runners as last seen, to turn snapshots into changes.
-#[derive(Debug, Default)]
-struct Diff {
-    seen: BTreeMap<String, (RunnerState, usize)>,
-    /// The reason of the last shrink, for the next runner seen gone.
-    reason: Option<String>,
-}
-
-impl Diff {
-    fn update(&mut self, now: Vec<(String, RunnerState, usize)>) -> Vec<RunnerEvent> {
-        let mut events = Vec::new();
-        let event = |kind, runner: &str, load| RunnerEvent {
-            kind,
-            runner: runner.to_string(),
-            load,
-            reason: None,
-        };
-        for (id, state, load) in &now {
-            let before = self.seen.get(id).copied();
-            let kind = match (before, state) {
-                (Some((RunnerState::Draining, _)), _) => None,
-                (_, RunnerState::Draining) => Some(Kind::RunnerDraining),
-                (None, RunnerState::Booting) => Some(Kind::RunnerBooting),
-                (Some((RunnerState::Booting, _)), RunnerState::Booting) => None,
-                (Some((RunnerState::Ready, before)), RunnerState::Ready) if before == *load => None,
-                (Some((RunnerState::Ready, _)), RunnerState::Ready) if *load == 0 => {
-                    Some(Kind::RunnerIdle)
-                }
-                (_, RunnerState::Ready) if *load > 0 => {
-                    if !matches!(before, Some((RunnerState::Ready, _))) {
-                        events.push(event(Kind::RunnerReady, id, 0));
-                    }
-                    Some(Kind::RunnerBusy)
-                }
-                (_, RunnerState::Ready) => Some(Kind::RunnerReady),
-                // A state this demo does not know (the enum may grow).
-                _ => None,
-            };
-            if let Some(kind) = kind {
-                events.push(event(kind, id, *load));
+/// The pool's events, as they happen: the one source of the panel. The
+/// subscription is made (and the server has it) when this returns, so
+/// that no event of a later upload is missed.
+pub(crate) async fn pool_events(
+    client: &async_nats::Client,
+    pool: &str,
+) -> anyhow::Result<impl Stream<Item = PoolEventMessage> + Send + 'static> {
+    let subscription = client.subscribe(events_wildcard(pool)).await?;
+    client.flush().await?;
+    Ok(subscription.filter_map(|message| async move {
+        match serde_json::from_slice::<PoolEventMessage>(&message.payload) {
+            Ok(event) => Some(event),
+            Err(e) => {
+                tracing::warn!(subject = %message.subject, "not a pool event: {e}");
+                None
             }
         }
-        let gone: Vec<String> = self
-            .seen
-            .keys()
-            .filter(|id| !now.iter().any(|(n, _, _)| n == *id))
-            .cloned()
-            .collect();
-        for id in gone {
-            self.seen.remove(&id);
-            events.push(RunnerEvent {
-                reason: Some(self.reason.take().unwrap_or_else(|| "left the pool".into())),
-                ..event(Kind::RunnerGone, &id, 0)
-            });
+    }))
+}
+
+/// The runners already in the pool when the page's source starts (a
+/// parent joining a shared pool late), as events.
+pub(crate) fn present(pool: &flame::Pool) -> Vec<RunnerEvent> {
+    pool.runners()
+        .into_iter()
+        .map(|r| RunnerEvent {
+            kind: match r.state {
+                flame::RunnerState::Booting => Kind::RunnerBooting,
+                flame::RunnerState::Draining => Kind::RunnerDraining,
+                _ if r.load > 0 => Kind::RunnerBusy,
+                _ => Kind::RunnerIdle,
+            },
+            runner: r.id,
+            load: r.load,
+            reason: None,
+        })
+        .collect()
+}
+
+/// The load of each busy runner as the page was last told it, to tell it
+/// again when it changes.
+#[derive(Debug, Default)]
+pub(crate) struct Loads {
+    busy: BTreeMap<String, usize>,
+}
+
+impl Loads {
+    /// `event` with the runner's load as `pool` has it now (at least 1
+    /// when busy: another parent's call counts too); remembers it.
+    pub(crate) fn fill(&mut self, pool: &flame::Pool, mut event: RunnerEvent) -> RunnerEvent {
+        if event.kind == Kind::RunnerBusy {
+            let load = pool
+                .runners()
+                .into_iter()
+                .find(|r| r.id == event.runner)
+                .map_or(0, |r| r.load);
+            event.load = load.max(1);
+            self.busy.insert(event.runner.clone(), event.load);
+        } else {
+            self.busy.remove(&event.runner);
         }
-        for (id, state, load) in now {
-            self.seen.insert(id, (state, load));
+        event
+    }
+
+    /// After one of this parent's uploads started or ended: a
+    /// `runner_busy` with the new load of each busy runner whose load
+    /// changed.
+    pub(crate) fn changed(&mut self, pool: &flame::Pool) -> Vec<RunnerEvent> {
+        let now: BTreeMap<String, usize> =
+            pool.runners().into_iter().map(|r| (r.id, r.load)).collect();
+        let mut events = Vec::new();
+        for (runner, shown) in self.busy.iter_mut() {
+            let load = now.get(runner).copied().unwrap_or(0).max(1);
+            if load != *shown {
+                *shown = load;
+                events.push(RunnerEvent {
+                    kind: Kind::RunnerBusy,
+                    runner: runner.clone(),
+                    load,
+                    reason: None,
+                });
+            }
         }
         events
     }
+}
+
+/// The pool's counts the page shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub(crate) struct StatusView {
+    /// This parent's uploads waiting for a runner (booting, or the pool at
+    /// its max with every runner busy).
+    pub(crate) waiting: usize,
 }
 
 /// The runners as the page should see them now: the last event of each
@@ -252,8 +202,7 @@ impl Panel {
     pub(crate) fn apply(&self, event: &RunnerEvent) {
         let mut runners = self.runners.lock().unwrap();
         match event.kind {
-            Kind::BootFailed => {}
-            Kind::RunnerGone => {
+            Kind::BootFailed | Kind::RunnerGone => {
                 runners.remove(&event.runner);
             }
             _ => {
@@ -272,40 +221,49 @@ impl Panel {
 mod tests {
     use super::*;
 
-    fn kinds(events: &[RunnerEvent]) -> Vec<(Kind, usize)> {
-        events.iter().map(|e| (e.kind, e.load)).collect()
+    fn message(json: serde_json::Value) -> PoolEventMessage {
+        let mut event = serde_json::json!({
+            "id": "e1", "time": "2026-11-22T08:00:00.000Z", "pool": "thumbs",
+            "parent": "p", "build": "b", "runners": 1, "ready": 1, "load": 0, "waiting": 0,
+        });
+        event
+            .as_object_mut()
+            .unwrap()
+            .extend(json.as_object().unwrap().clone());
+        serde_json::from_value(event).unwrap()
     }
 
     #[test]
-    fn a_runner_boots_works_idles_and_leaves() {
-        let mut d = Diff::default();
-        let r = |s, l| vec![("a".to_string(), s, l)];
+    fn pool_events_become_the_panels_runner_events() {
+        let kind = |t: &str| {
+            runner_event(&message(serde_json::json!({
+                "type": format!("io.flame.pool.v1.{t}"), "runner": "r1",
+            })))
+            .map(|e| (e.kind, e.load))
+        };
+        assert_eq!(kind("runner_booting"), Some((Kind::RunnerBooting, 0)));
+        assert_eq!(kind("runner_ready"), Some((Kind::RunnerReady, 0)));
+        assert_eq!(kind("runner_busy"), Some((Kind::RunnerBusy, 1)));
+        assert_eq!(kind("runner_idle"), Some((Kind::RunnerIdle, 0)));
+        assert_eq!(kind("runner_retiring"), Some((Kind::RunnerDraining, 0)));
+        assert_eq!(kind("scaler_elected"), None);
+        assert_eq!(kind("runner_from_the_future"), None);
+        let gone = runner_event(&message(serde_json::json!({
+            "type": "io.flame.pool.v1.runner_gone", "runner": "r1",
+            "reason": "idle", "detail": "runner process exited with code 0",
+        })))
+        .unwrap();
+        assert_eq!(gone.kind, Kind::RunnerGone);
+        assert_eq!(gone.runner, "r1");
         assert_eq!(
-            kinds(&d.update(r(RunnerState::Booting, 0))),
-            [(Kind::RunnerBooting, 0)]
+            gone.reason.as_deref(),
+            Some("runner process exited with code 0")
         );
-        assert_eq!(
-            kinds(&d.update(r(RunnerState::Ready, 1))),
-            [(Kind::RunnerReady, 0), (Kind::RunnerBusy, 1)]
-        );
-        assert!(d.update(r(RunnerState::Ready, 1)).is_empty());
-        assert_eq!(
-            kinds(&d.update(r(RunnerState::Ready, 2))),
-            [(Kind::RunnerBusy, 2)]
-        );
-        assert_eq!(
-            kinds(&d.update(r(RunnerState::Ready, 0))),
-            [(Kind::RunnerIdle, 0)]
-        );
-        assert_eq!(
-            kinds(&d.update(r(RunnerState::Draining, 0))),
-            [(Kind::RunnerDraining, 0)]
-        );
-        assert!(d.update(r(RunnerState::Draining, 0)).is_empty());
-        d.reason = Some("idle".into());
-        let gone = d.update(vec![]);
-        assert_eq!(kinds(&gone), [(Kind::RunnerGone, 0)]);
-        assert_eq!(gone[0].reason.as_deref(), Some("idle"));
+        let retiring = runner_event(&message(serde_json::json!({
+            "type": "io.flame.pool.v1.runner_retiring", "runner": "r1", "reason": "idle",
+        })))
+        .unwrap();
+        assert_eq!(retiring.reason.as_deref(), Some("idle"));
     }
 
     #[test]
