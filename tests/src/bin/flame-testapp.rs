@@ -216,7 +216,7 @@ async fn shared_parent(flame: flame::Flame) {
                             ok.fetch_add(1, Ordering::SeqCst) + 1
                         }
                         Err(e) => {
-                            eprintln!("call failed: {e}");
+                            tracing::warn!("call failed: {e}");
                             let debug = format!("{e:?}");
                             let kind: String = debug
                                 .chars()

@@ -328,6 +328,7 @@ impl Fleet {
 
     fn apply(&self, port: &Arc<dyn PoolPort>, entry: Entry) {
         let deleted = entry.operation != Operation::Put;
+        let age = write_age(entry.created.unix_timestamp_nanos());
         let mut st = self.state.lock().unwrap();
         st.last_revision = st.last_revision.max(entry.revision);
         if let Some((written, _)) = st.echo {
@@ -386,7 +387,7 @@ impl Fleet {
             }
             let count = st.runners.len();
             drop(st);
-            port.clone().lease_seen(&lease);
+            port.clone().lease_seen(&lease, age);
             if became_ready && mine && self.is_leading() {
                 self.booter.grow_end(count, Ok(()));
             }
@@ -413,4 +414,15 @@ impl Fleet {
             };
         }
     }
+}
+
+/// How long ago a write the bucket stamped `created_ns` (nanoseconds since
+/// the Unix epoch, the server's clock) was made, by this host's clock; zero
+/// when the stamp is ahead of it.
+fn write_age(created_ns: i128) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as i128;
+    Duration::from_nanos((now - created_ns).clamp(0, u64::MAX as i128) as u64)
 }

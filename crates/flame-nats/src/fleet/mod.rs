@@ -63,8 +63,10 @@ const STALE_BEATS: u32 = 3;
 
 /// What the fleet tells its pool, and asks of it.
 pub(crate) trait PoolPort: Send + Sync + 'static {
-    /// A runner lease appeared or changed.
-    fn lease_seen(self: Arc<Self>, lease: &RunnerLease);
+    /// A runner lease appeared or changed; `age`: how long ago it was
+    /// written, by the bucket's timestamp of the write (zero if that is
+    /// ahead of this host's clock).
+    fn lease_seen(self: Arc<Self>, lease: &RunnerLease, age: Duration);
     /// A runner is gone (its lease removed), for this reason.
     fn lease_gone(self: Arc<Self>, runner: &str, why: &str);
     /// Callers of this parent waiting for a slot.

@@ -446,10 +446,11 @@ impl PoolInner {
             }
             let msg = match outcome {
                 Err(_) => {
+                    debug!(pool = %self.config.name, runner = %runner.id, "no reply before the deadline");
                     return Err(Error::Timeout {
                         function: function.to_string(),
                         timeout,
-                    })
+                    });
                 }
                 Ok(Err(_)) => {
                     return Err(Error::NatsUnreachable {
@@ -548,10 +549,13 @@ impl PoolInner {
                 let no_runner = st.model.count(RunnerState::Ready) == 0;
                 match (&st.last_boot_error, no_runner) {
                     (Some(e), true) => Err(e.clone()),
-                    _ => Err(Error::Timeout {
-                        function: function.to_string(),
-                        timeout,
-                    }),
+                    _ => {
+                        debug!(pool = %self.config.name, "no runner had room before the deadline");
+                        Err(Error::Timeout {
+                            function: function.to_string(),
+                            timeout,
+                        })
+                    }
                 }
             }
         }

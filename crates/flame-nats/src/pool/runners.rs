@@ -552,18 +552,26 @@ const OUTAGE_LEAD: Duration = Duration::from_millis(250);
 const OUTAGE_TRAIL: Duration = Duration::from_millis(100);
 
 /// When, on this parent's clock, the runner's last outage was, as its
-/// lease reports it, widened by [`OUTAGE_LEAD`] and [`OUTAGE_TRAIL`].
-fn outage_window(lease: &RunnerLease) -> Option<(std::time::Instant, std::time::Instant)> {
+/// lease written `age` ago reports it, widened by [`OUTAGE_LEAD`] and
+/// [`OUTAGE_TRAIL`].
+///
+/// The write's age comes from the bucket's timestamp, so that a lease read
+/// late (a watch resumed after a server restart) still places the outage
+/// right: read-time alone would move the window later by the delay.
+fn outage_window(
+    lease: &RunnerLease,
+    age: Duration,
+) -> Option<(std::time::Instant, std::time::Instant)> {
     // The reply table's clock.
     let now = std::time::Instant::now();
-    let ended = now.checked_sub(Duration::from_millis(lease.since_outage_ms))?;
+    let ended = now.checked_sub(age + Duration::from_millis(lease.since_outage_ms))?;
     let began = ended.checked_sub(Duration::from_millis(lease.outage_ms) + OUTAGE_LEAD)?;
     Some((began, ended + OUTAGE_TRAIL))
 }
 
 /// What a shared pool's fleet tells the pool.
 impl PoolPort for PoolInner {
-    fn lease_seen(self: Arc<Self>, lease: &RunnerLease) {
+    fn lease_seen(self: Arc<Self>, lease: &RunnerLease, age: Duration) {
         let id: RunnerId = Arc::from(lease.runner.as_str());
         let mut lost = None;
         let handoffs: Vec<Handoff> = {
@@ -601,9 +609,14 @@ impl PoolPort for PoolInner {
             }
             if let Some(entry) = st.runners.get_mut(&id) {
                 entry.handle = Some(lease.handle.clone()).filter(|h| !h.is_empty());
-                let seen = entry.outages_seen.replace(lease.outages);
-                if seen.is_some_and(|n| lease.outages > n) {
-                    lost = outage_window(lease);
+                // A write older than a few heartbeats (an old value a watch
+                // delivers late, or clocks far apart) cannot place the
+                // outage: the runner's next write will.
+                if age <= self.config.heartbeat * 3 {
+                    let seen = entry.outages_seen.replace(lease.outages);
+                    if seen.is_some_and(|n| lease.outages > n) {
+                        lost = outage_window(lease, age);
+                    }
                 }
             }
             st.model.set_reported_load(&id, lease.load + lease.queued);
@@ -657,5 +670,37 @@ impl PoolPort for PoolInner {
 
     fn limits(&self) -> (usize, usize) {
         PoolInner::limits(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(outage_ms: u64, since_outage_ms: u64) -> RunnerLease {
+        serde_json::from_value(serde_json::json!({
+            "runner": "r1", "pool": "p", "state": "ready", "build": "b",
+            "capacity": 1, "load": 0, "queued": 0, "idle_ms": 0, "handle": "",
+            "booted_by": "x", "beat": 1, "outages": 1,
+            "outage_ms": outage_ms, "since_outage_ms": since_outage_ms,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn an_outage_read_late_is_placed_by_the_age_of_its_write() {
+        let now = std::time::Instant::now();
+        let ms = |d: Duration| d.as_millis() as i64;
+        let ago = |t: std::time::Instant| {
+            ms(now.saturating_duration_since(t)) - ms(t.saturating_duration_since(now))
+        };
+        // Ended 1 s before the write, lasted 100 ms; read promptly.
+        let (from, to) = outage_window(&lease(100, 1000), Duration::ZERO).unwrap();
+        assert!((1340..1360).contains(&ago(from)), "{}", ago(from));
+        assert!((890..910).contains(&ago(to)), "{}", ago(to));
+        // The same write read 2 s after it was made: 2 s further back.
+        let (from, to) = outage_window(&lease(100, 1000), Duration::from_secs(2)).unwrap();
+        assert!((3340..3360).contains(&ago(from)), "{}", ago(from));
+        assert!((2890..2910).contains(&ago(to)), "{}", ago(to));
     }
 }
