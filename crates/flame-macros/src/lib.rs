@@ -116,15 +116,17 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
             (**ty).clone()
         }
     };
-    // Async functions run on the runner's runtime; plain functions on its
-    // blocking pool, where CPU-heavy code belongs.
     // A byte-vector result is handed back as a `ByteBuf` (no copy), which
     // encodes as one block of bytes.
-    let to_wire = match byte_vec_result(&output) {
+    let byte_result = byte_vec_result(&output);
+    let to_wire = match byte_result {
         ByteVecResult::No => quote! {},
         ByteVecResult::Plain => quote! { let out = ::flame::__private::ByteBuf::from(out); },
         ByteVecResult::Ok(_) => quote! { let out = out.map(::flame::__private::ByteBuf::from); },
     };
+    // Async functions run on the runner's runtime; plain functions on its
+    // blocking pool, where CPU-heavy code belongs (or inline once they
+    // proved short, which the runner decides).
     let invoke = if sig.asyncness.is_some() {
         quote! {
             ::flame::__private::invoke_async(args, move |(#(#bindings,)*): (#(#wire_types,)*)| async move {
@@ -171,7 +173,7 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     } else {
         quote! {}
     };
-    let decode_output = match byte_vec_result(&output) {
+    let decode_output = match byte_result {
         ByteVecResult::No => quote! {},
         ByteVecResult::Plain => quote! {
             fn decode_output(bytes: &[u8]) -> ::core::result::Result<Self::Output, ::flame::__private::DecodeError> {

@@ -193,7 +193,9 @@ impl Replies {
                 continue;
             };
             let reply = Message {
-                subject: format!("{}{suffix}", self.prefix).into(),
+                // (The batch's: nobody reads a reply's subject, and a
+                // subject per call would cost an allocation each.)
+                subject: msg.subject.clone(),
                 reply: None,
                 length: value.len(),
                 payload: value,

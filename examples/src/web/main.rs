@@ -190,9 +190,10 @@ impl App {
         let _ = self.events.send(event);
     }
 
-    /// Tells the page how many uploads wait for a runner.
-    fn waiting_changed(&self, by: isize) {
-        let now = if by > 0 {
+    /// An upload starts (`true`) or stops (`false`) waiting for a runner:
+    /// tells the page how many wait.
+    fn upload_waits(&self, waits: bool) {
+        let now = if waits {
             self.waiting.fetch_add(1, Ordering::SeqCst) + 1
         } else {
             self.waiting.fetch_sub(1, Ordering::SeqCst) - 1
@@ -247,9 +248,9 @@ impl App {
         let every = self.settings.every;
         // Waiting from now until a runner took the upload (it answers with
         // the stream of thumbnails at once).
-        self.waiting_changed(1);
+        self.upload_waits(true);
         let call = flame::call!(self.pool, thumbnails(video, job.to_string(), every)).await;
-        self.waiting_changed(-1);
+        self.upload_waits(false);
         self.loads_changed.notify_one();
         let mut thumbs = call.map_err(|e| e.to_string())?;
         let mut runners = Vec::new();

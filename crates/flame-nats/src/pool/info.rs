@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::model::{RunnerId, RunnerState};
+use super::runners::RunnerEntry;
 use super::{PoolInner, State};
 use crate::announce::{Counts, Outgoing};
 use crate::protocol::pool_events::{EventKind, PoolInfo, Reason};
@@ -68,10 +69,7 @@ impl PoolInner {
         let counts = st.model.counts();
         if let Some(entry) = st.runners.get_mut(id) {
             if entry.announced_busy && entry.idle_since.is_some() {
-                entry.idle_since = None;
-                entry.announced_busy = false;
-                self.events
-                    .send(Outgoing::new(EventKind::RunnerIdle, counts).runner(id.clone()));
+                self.idle_now(entry, id, counts);
             }
         }
     }
@@ -85,12 +83,17 @@ impl PoolInner {
                 .idle_since
                 .is_some_and(|at| at.elapsed() >= IDLE_QUIET)
             {
-                entry.idle_since = None;
-                entry.announced_busy = false;
-                self.events
-                    .send(Outgoing::new(EventKind::RunnerIdle, counts).runner(id.clone()));
+                self.idle_now(entry, id, counts);
             }
         }
+    }
+
+    /// Announces `id` idle: its next call announces it busy again.
+    fn idle_now(&self, entry: &mut RunnerEntry, id: &RunnerId, counts: Counts) {
+        entry.idle_since = None;
+        entry.announced_busy = false;
+        self.events
+            .send(Outgoing::new(EventKind::RunnerIdle, counts).runner(id.clone()));
     }
 
     /// Why a runner that stops on its own stops, when the parent did not

@@ -43,7 +43,7 @@ pub(crate) struct Outbox {
     in_flight: AtomicUsize,
 }
 
-// (No `Debug`: queued calls hold the app's arguments.)
+// (Counts only: queued calls hold the app's arguments.)
 impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let queued = self.state.lock().map_or(0, |st| st.queued.len());
@@ -165,7 +165,7 @@ pub(crate) async fn send_call(
         };
         return send_alone(link, client, &one)
             .await
-            .map_err(|e| Error::nats(format!("cannot send the call to runner {}", link.id), e));
+            .map_err(|e| not_sent(link, e));
     }
     {
         let mut st = link.outbox.state.lock().unwrap();
@@ -248,20 +248,17 @@ async fn send_queued(sending: &mut Sending) -> Result<(), Error> {
                 .filter(|t| Some(*t) != own_token)
                 .collect();
             let text = e.to_string();
-            replies.fail_tokens(&others, || {
-                Error::nats(
-                    format!("cannot send the call to runner {}", link.id),
-                    text.clone(),
-                )
-            });
+            replies.fail_tokens(&others, || not_sent(&link, text.clone()));
             if calls.iter().any(|q| Some(q.token) == own_token) {
-                result = Err(Error::nats(
-                    format!("cannot send the call to runner {}", link.id),
-                    e,
-                ));
+                result = Err(not_sent(&link, e));
             }
         }
     }
+}
+
+/// The error of a call that could not be sent to `link`'s runner.
+fn not_sent(link: &RunnerLink, e: impl Into<flame_core::BoxError>) -> Error {
+    Error::nats(format!("cannot send the call to runner {}", link.id), e)
 }
 
 /// Bytes a call takes in a batch.

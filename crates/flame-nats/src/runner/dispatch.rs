@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_nats::service;
 use bytes::Bytes;
 use flame_core::registry::{Handler, Invocation, InvokeError};
-use flame_core::stream::with_transport;
+use flame_core::stream::{with_transport, StreamTransport};
 
 use crate::streams::holding;
 use futures::FutureExt;
@@ -53,6 +53,10 @@ const TRUST_PLAIN_AFTER: u32 = 32;
 /// times in a row goes back to the blocking pool for good (it held up the
 /// runner's serve loop; one slow run may be a preemption on a busy machine).
 const SLOW_INLINE_PLAIN: Duration = Duration::from_millis(1);
+
+/// What a caller of a stopping runner is told: it may place the call
+/// elsewhere at once.
+pub(super) const NOTHING_RAN: &str = "the runner is stopping; nothing ran";
 
 /// How a function's first polls went: its slow ones in a row, its fast
 /// ones in a row, and its calls.
@@ -215,14 +219,8 @@ impl Runner {
                 let call = CallRequest::single(request);
                 let me = self.clone();
                 tokio::spawn(async move {
-                    call.respond_error(
-                        &me.client,
-                        &me.counters,
-                        ErrorKind::Malformed,
-                        message.to_string(),
-                        &[],
-                    )
-                    .await;
+                    me.respond_error(&call, ErrorKind::Malformed, message.to_string(), &[])
+                        .await;
                 });
                 return Dispatched::default();
             }
@@ -235,8 +233,7 @@ impl Runner {
                 // A single-use runner takes one call; the others go elsewhere.
                 let me = self.clone();
                 tokio::spawn(async move {
-                    let why = "the runner is stopping; nothing ran".to_string();
-                    call.respond_error(&me.client, &me.counters, ErrorKind::Draining, why, &[])
+                    me.respond_error(&call, ErrorKind::Draining, NOTHING_RAN.into(), &[])
                         .await;
                 });
                 continue;
@@ -254,8 +251,7 @@ impl Runner {
     pub(super) async fn refuse(&self, request: service::Request, kind: ErrorKind, why: &str) {
         if request.message.payload.first() != Some(&BATCH_V1) {
             let call = CallRequest::single(request);
-            call.respond_error(&self.client, &self.counters, kind, why.to_string(), &[])
-                .await;
+            self.respond_error(&call, kind, why.to_string(), &[]).await;
             return;
         }
         let Ok(calls) = read_batch(&request.message.payload) else {
@@ -265,8 +261,7 @@ impl Runner {
         closed.close(&self.client);
         for call in calls {
             let call = CallRequest::batched(call, &closed);
-            call.respond_error(&self.client, &self.counters, kind, why.to_string(), &[])
-                .await;
+            self.respond_error(&call, kind, why.to_string(), &[]).await;
         }
     }
 
@@ -514,10 +509,7 @@ impl Runner {
                     // Trusted short: no hand-off to a thread and back.
                     let started = Instant::now();
                     let ran = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        with_transport(&self.transport, || match hold {
-                            Some(h) => holding(h, f),
-                            None => f(),
-                        })
+                        run_plain(&self.transport, hold, f)
                     }));
                     let took = started.elapsed();
                     if watch.is_some_and(|w| w.plain_ran(took, true)) {
@@ -533,12 +525,8 @@ impl Runner {
                     let mut work = tokio::task::spawn_blocking(move || {
                         let _entered = span.enter();
                         let started = Instant::now();
-                        let result = trace::blocking_scope(trace, || {
-                            with_transport(&transport, || match hold {
-                                Some(h) => holding(h, f),
-                                None => f(),
-                            })
-                        });
+                        let result =
+                            trace::blocking_scope(trace, || run_plain(&transport, hold, f));
                         (result, started.elapsed())
                     });
                     match tokio::time::timeout_at(deadline, &mut work).await {
@@ -704,6 +692,20 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     } else {
         "panic with a non-string payload".to_string()
     }
+}
+
+/// Runs a plain function with the runner's stream hub current (streams in
+/// its result are offered through it), keeping `hold` alive until it
+/// returns.
+fn run_plain(
+    transport: &Arc<dyn StreamTransport>,
+    hold: Option<Arc<InFlight>>,
+    f: Box<dyn FnOnce() -> Result<Vec<u8>, InvokeError> + Send>,
+) -> Result<Vec<u8>, InvokeError> {
+    with_transport(transport, || match hold {
+        Some(h) => holding(h, f),
+        None => f(),
+    })
 }
 
 #[cfg(test)]

@@ -357,11 +357,7 @@ async fn run(
         tokio::time::timeout(Duration::from_millis(100), endpoint.next()).await
     {
         runner
-            .refuse(
-                request,
-                ErrorKind::Draining,
-                "the runner is stopping; nothing ran",
-            )
+            .refuse(request, ErrorKind::Draining, dispatch::NOTHING_RAN)
             .await;
     }
     let _ = service.stop().await;
