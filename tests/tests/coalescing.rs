@@ -10,10 +10,18 @@ use std::time::Duration;
 
 use flame::{CallOptions, Error};
 use flame_tests::funcs::*;
-use flame_tests::harness::{kill9, wait_for, TestEnv};
+use flame_tests::harness::{kill9, wait_in_flight, TestEnv};
 use futures::future::join_all;
 
 const LONG: Duration = Duration::from_secs(60);
+
+/// A server, and a pool `name` of one runner whose calls time out after
+/// [`LONG`].
+async fn one_runner(name: &str) -> (TestEnv, flame::Pool) {
+    let env = TestEnv::start().await;
+    let pool = env.pool(name).max(1).timeout(LONG).start().await.unwrap();
+    (env, pool)
+}
 
 /// Calls answered by the pool's runner (`calls`), and those that came alone
 /// (`num_requests`).
@@ -71,24 +79,13 @@ async fn long_batched_calls(
             })
         })
         .collect();
-    wait_for("the calls to run", LONG, || async {
-        let stats = flame_tests::harness::runner_stats(env, name).await?;
-        (stats["in_flight"] == 64).then_some(())
-    })
-    .await;
+    wait_in_flight(env, name, 64, LONG).await;
     calls
 }
 
 #[tokio::test]
 async fn batched_calls_each_get_their_own_result_and_error() {
-    let env = TestEnv::start().await;
-    let pool = env
-        .pool("coalesce")
-        .max(1)
-        .timeout(LONG)
-        .start()
-        .await
-        .unwrap();
+    let (env, pool) = one_runner("coalesce").await;
     // Every seventh item panics on the runner.
     let outcomes = until_batched(&env, "coalesce", 64, |i| {
         let pool = pool.clone();
@@ -114,14 +111,7 @@ async fn batched_calls_each_get_their_own_result_and_error() {
 
 #[tokio::test]
 async fn a_batched_call_keeps_its_own_deadline_and_is_cancelled_at_it() {
-    let env = TestEnv::start().await;
-    let pool = env
-        .pool("coalesce-deadline")
-        .max(1)
-        .timeout(LONG)
-        .start()
-        .await
-        .unwrap();
+    let (env, pool) = one_runner("coalesce-deadline").await;
     // Every eighth call sleeps 30 s with a 300 ms deadline; the others are
     // quick. They share batches.
     let outcomes = until_batched(&env, "coalesce-deadline", 48, |i| {
@@ -147,47 +137,26 @@ async fn a_batched_call_keeps_its_own_deadline_and_is_cancelled_at_it() {
         }
     }
     // The runner dropped the slow calls at their deadlines.
-    wait_for("no call left in flight", LONG, || async {
-        let stats = flame_tests::harness::runner_stats(&env, "coalesce-deadline").await?;
-        (stats["in_flight"] == 0).then_some(())
-    })
-    .await;
+    wait_in_flight(&env, "coalesce-deadline", 0, LONG).await;
 }
 
 #[tokio::test]
 async fn a_dropped_caller_cancels_its_batched_call() {
-    let env = TestEnv::start().await;
-    let pool = env
-        .pool("coalesce-cancel")
-        .max(1)
-        .timeout(LONG)
-        .start()
-        .await
-        .unwrap();
+    let (env, pool) = one_runner("coalesce-cancel").await;
     // 64 long calls at once (batched); all but one are dropped as soon
     // as they run.
     let calls = long_batched_calls(&env, &pool, "coalesce-cancel").await;
     for call in &calls[1..] {
         call.abort();
     }
-    wait_for("63 calls cancelled on the runner", LONG, || async {
-        let stats = flame_tests::harness::runner_stats(&env, "coalesce-cancel").await?;
-        (stats["in_flight"] == 1).then_some(())
-    })
-    .await;
+    // 63 calls cancelled on the runner.
+    wait_in_flight(&env, "coalesce-cancel", 1, LONG).await;
     calls[0].abort();
 }
 
 #[tokio::test]
 async fn a_runner_dying_under_batched_calls_fails_each_of_them_at_once() {
-    let env = TestEnv::start().await;
-    let pool = env
-        .pool("coalesce-kill")
-        .max(1)
-        .timeout(LONG)
-        .start()
-        .await
-        .unwrap();
+    let (env, pool) = one_runner("coalesce-kill").await;
     let pid = flame::call!(pool, whereabouts()).await.unwrap().pid;
     let calls = long_batched_calls(&env, &pool, "coalesce-kill").await;
     let killed = tokio::time::Instant::now();
@@ -204,14 +173,7 @@ async fn a_runner_dying_under_batched_calls_fails_each_of_them_at_once() {
 /// subject, and the runner serves on.
 #[tokio::test]
 async fn a_malformed_batch_is_refused_and_the_runner_serves_on() {
-    let env = TestEnv::start().await;
-    let pool = env
-        .pool("coalesce-bad")
-        .max(1)
-        .timeout(LONG)
-        .start()
-        .await
-        .unwrap();
+    let (env, pool) = one_runner("coalesce-bad").await;
     assert_eq!(flame::call!(pool, add(1, 1)).await.unwrap(), 2);
     let runner = pool.runners()[0].id.clone();
     let client = env.client().await;

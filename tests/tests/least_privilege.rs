@@ -477,6 +477,15 @@ async fn runners_with_bad_credentials_fail_their_boot_saying_so() {
     assert!(reason.contains("authorization violation"), "{reason}");
 }
 
+/// Asserts that `err` is a `PermissionDenied` whose reason contains
+/// `names`.
+fn assert_permission_denied(err: &Error, names: &str) {
+    match err {
+        Error::PermissionDenied { reason } => assert!(reason.contains(names), "{reason}"),
+        other => panic!("expected PermissionDenied, got {other:?}"),
+    }
+}
+
 /// A private pool whose runners lack the permission `line` of `block`
 /// fails to start with the runner's reason, which must contain `names`.
 async fn boot_refused_without(block: Block, line: &str, names: &str) {
@@ -626,13 +635,7 @@ async fn parents_with_bad_credentials_or_missing_permissions_get_clear_errors() 
         .start()
         .await
         .unwrap_err();
-    match &err {
-        Error::PermissionDenied { reason } => assert!(
-            reason.contains("Subscription to \"flame.other.parent."),
-            "{reason}"
-        ),
-        other => panic!("expected PermissionDenied, got {other:?}"),
-    }
+    assert_permission_denied(&err, "Subscription to \"flame.other.parent.");
     let err = flame
         .pool("elsewhere")
         .shared(true)
@@ -640,12 +643,7 @@ async fn parents_with_bad_credentials_or_missing_permissions_get_clear_errors() 
         .start()
         .await
         .unwrap_err();
-    match &err {
-        Error::PermissionDenied { reason } => {
-            assert!(reason.contains("KV_flame-elsewhere"), "{reason}")
-        }
-        other => panic!("expected PermissionDenied, got {other:?}"),
-    }
+    assert_permission_denied(&err, "KV_flame-elsewhere");
     // The pool it may use still works.
     let pool = flame
         .pool(POOL)
@@ -669,13 +667,7 @@ async fn a_parent_without_its_event_subscription_gets_a_permission_error() {
         .start()
         .await
         .unwrap_err();
-    match &err {
-        Error::PermissionDenied { reason } => assert!(
-            reason.contains("Subscription to \"flame.thumbs.parent."),
-            "{reason}"
-        ),
-        other => panic!("expected PermissionDenied, got {other:?}"),
-    }
+    assert_permission_denied(&err, "Subscription to \"flame.thumbs.parent.");
 }
 
 #[tokio::test]
@@ -689,12 +681,7 @@ async fn a_parent_that_may_not_create_the_bucket_gets_a_permission_error() {
         .start()
         .await
         .unwrap_err();
-    match &err {
-        Error::PermissionDenied { reason } => {
-            assert!(reason.contains("Publish to \"$JS.API.INFO\""), "{reason}")
-        }
-        other => panic!("expected PermissionDenied, got {other:?}"),
-    }
+    assert_permission_denied(&err, "Publish to \"$JS.API.INFO\"");
 }
 
 #[tokio::test]
@@ -715,12 +702,6 @@ async fn a_parent_that_may_not_publish_calls_gets_a_permission_error_not_a_timeo
     let started = tokio::time::Instant::now();
     let err = flame::call!(pool, add(1, 1)).await.unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(20), "{err}");
-    match &err {
-        Error::PermissionDenied { reason } => assert!(
-            reason.contains("Publish to \"flame.thumbs.runner."),
-            "{reason}"
-        ),
-        other => panic!("expected PermissionDenied, got {other:?}"),
-    }
+    assert_permission_denied(&err, "Publish to \"flame.thumbs.runner.");
     pool.shutdown().await;
 }

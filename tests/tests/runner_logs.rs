@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use flame::{Error, NatsServer};
 use flame_tests::funcs::log_line;
-use flame_tests::harness::{builder, runner_backend, wait_for};
+use flame_tests::harness::{builder, round_trip, runner_backend, wait_for};
 use tracing::field::{Field, Visit};
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 
-/// An event of target `flame::runner`, as the parent's subscriber saw it.
+/// An event of target `flame::runner` (or of the parent's log forwarding
+/// itself), as the parent's subscriber saw it.
 #[derive(Debug, Clone, Default)]
 struct Seen {
     level: String,
@@ -47,7 +48,8 @@ impl Visit for Seen {
 
 impl<S: tracing::Subscriber> Layer<S> for Capture {
     fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
-        if event.metadata().target() != "flame::runner" {
+        let target = event.metadata().target();
+        if target != "flame::runner" && target != "flame_nats::pool::logs" {
             return;
         }
         let mut seen = Seen {
@@ -122,7 +124,9 @@ async fn a_runners_log_lines_reach_the_parents_subscriber_and_forged_ones_do_not
         )
         .await
         .unwrap();
-    client.flush().await.unwrap();
+    // The server has it (and sent it on to the parent) before the runner
+    // logs its next line.
+    round_trip(&client).await;
     flame::call!(pool, log_line("second line".to_string()))
         .await
         .unwrap();
@@ -132,6 +136,12 @@ async fn a_runners_log_lines_reach_the_parents_subscriber_and_forged_ones_do_not
     })
     .await;
     assert!(capture.with("forged line").is_none());
+    // It did reach the parent, which dropped it.
+    wait_for("the parent to drop the forged batch", long, || {
+        let seen = capture.with("not signed by the runner");
+        async move { seen }
+    })
+    .await;
     pool.shutdown().await;
 
     let err = flame

@@ -5,11 +5,36 @@
 use std::path::Path;
 use std::time::Duration;
 
-use flame::{Error, NatsServer};
+use flame::{Error, Flame, LocalBackend, NatsServer, Pool, PoolBuilder};
 use flame_tests::funcs::add;
 use flame_tests::harness::{builder, init_tracing, runner_backend};
 
 const LONG: Duration = Duration::from_secs(30);
+
+/// Connects a parent to `server` with `options`, which the server must
+/// accept.
+async fn connected(
+    server: &NatsServer,
+    options: impl Fn(async_nats::ConnectOptions) -> async_nats::ConnectOptions + Send + Sync + 'static,
+) -> Flame {
+    builder()
+        .nats_url(server.url())
+        .nats_options(options)
+        .init()
+        .await
+        .expect("the server accepts the parent")
+}
+
+/// Starts `pool` with runners of `backend`, at most one, and calls that
+/// time out after [`LONG`].
+async fn one_runner(pool: PoolBuilder, backend: LocalBackend) -> Pool {
+    pool.backend(backend)
+        .max(1)
+        .timeout(LONG)
+        .start()
+        .await
+        .unwrap()
+}
 
 /// Connects a parent to `server` with `options`, which the server must
 /// refuse: returns the error, a `NatsUnreachable`.
@@ -38,24 +63,15 @@ async fn user_and_password_from_the_hook_and_the_environment() {
         .arg("s3cret-pw")
         .start()
         .unwrap();
-    let flame = builder()
-        .nats_url(server.url())
-        .nats_options(|o| o.user_and_password("flame".into(), "s3cret-pw".into()))
-        .init()
-        .await
-        .expect("the parent connects with the hook's credentials");
+    let flame = connected(&server, |o| {
+        o.user_and_password("flame".into(), "s3cret-pw".into())
+    })
+    .await;
     // Runners read NATS_USER and NATS_PASSWORD.
     let backend = runner_backend()
         .env("NATS_USER", "flame")
         .env("NATS_PASSWORD", "s3cret-pw");
-    let pool = flame
-        .pool("authed")
-        .backend(backend)
-        .max(1)
-        .timeout(LONG)
-        .start()
-        .await
-        .unwrap();
+    let pool = one_runner(flame.pool("authed"), backend).await;
     assert_eq!(flame::call!(pool, add(2, 3)).await.unwrap(), 5);
 
     // A wrong password is refused, and the error does not show it.
@@ -120,32 +136,21 @@ async fn calls_run_over_tls_with_client_certificates() {
         .start()
         .unwrap();
     let (ca, cert, key) = (path("ca.pem"), path("client.pem"), path("client.key"));
-    let flame = builder()
-        .nats_url(server.url())
-        .nats_options({
-            let (ca, cert, key) = (ca.clone(), cert.clone(), key.clone());
-            move |o| {
-                o.add_root_certificates(ca.clone().into())
-                    .add_client_certificate(cert.clone().into(), key.clone().into())
-                    .require_tls(true)
-            }
-        })
-        .init()
-        .await
-        .expect("the parent connects over TLS");
+    let flame = connected(&server, {
+        let (ca, cert, key) = (ca.clone(), cert.clone(), key.clone());
+        move |o| {
+            o.add_root_certificates(ca.clone().into())
+                .add_client_certificate(cert.clone().into(), key.clone().into())
+                .require_tls(true)
+        }
+    })
+    .await;
     // Runners read NATS_CA, NATS_CERT and NATS_KEY.
     let backend = runner_backend()
         .env("NATS_CA", &ca)
         .env("NATS_CERT", &cert)
         .env("NATS_KEY", &key);
-    let pool = flame
-        .pool("tls")
-        .backend(backend)
-        .max(1)
-        .timeout(LONG)
-        .start()
-        .await
-        .unwrap();
+    let pool = one_runner(flame.pool("tls"), backend).await;
     assert_eq!(flame::call!(pool, add(20, 22)).await.unwrap(), 42);
 
     // Without a client certificate the server refuses the connection.
@@ -187,22 +192,13 @@ async fn users_of_an_operator_connect_with_creds_and_expired_ones_are_refused() 
         .unwrap()
         .to_string();
 
-    let flame = builder()
-        .nats_url(server.url())
-        .nats_options(move |o| o.credentials(&parent_creds).expect("valid creds"))
-        .init()
-        .await
-        .expect("the parent connects with its user's creds");
+    let flame = connected(&server, move |o| {
+        o.credentials(&parent_creds).expect("valid creds")
+    })
+    .await;
     // A shared pool: JetStream in the operator's account works too.
-    let pool = flame
-        .pool("jwt")
-        .shared(true)
-        .backend(runner_backend().env("NATS_CREDS", runner_creds.to_str().unwrap()))
-        .max(1)
-        .timeout(LONG)
-        .start()
-        .await
-        .unwrap();
+    let backend = runner_backend().env("NATS_CREDS", runner_creds.to_str().unwrap());
+    let pool = one_runner(flame.pool("jwt").shared(true), backend).await;
     assert_eq!(flame::call!(pool, add(2, 3)).await.unwrap(), 5);
     pool.shutdown().await;
 
@@ -243,20 +239,9 @@ async fn runners_connect_with_a_token_or_an_nkey_from_the_environment() {
         .arg("s3cret-token")
         .start()
         .unwrap();
-    let flame = builder()
-        .nats_url(server.url())
-        .nats_options(|o| o.token("s3cret-token".into()))
-        .init()
-        .await
-        .unwrap();
-    let pool = flame
-        .pool("token")
-        .backend(runner_backend().env("NATS_TOKEN", "s3cret-token"))
-        .max(1)
-        .timeout(LONG)
-        .start()
-        .await
-        .unwrap();
+    let flame = connected(&server, |o| o.token("s3cret-token".into())).await;
+    let backend = runner_backend().env("NATS_TOKEN", "s3cret-token");
+    let pool = one_runner(flame.pool("token"), backend).await;
     assert_eq!(flame::call!(pool, add(1, 2)).await.unwrap(), 3);
     pool.shutdown().await;
     let err = refused(&server, |o| o.token("wrong-token".into())).await;
@@ -279,26 +264,15 @@ async fn runners_connect_with_a_token_or_an_nkey_from_the_environment() {
         .start()
         .unwrap();
     let parent_seed = seed.clone();
-    let flame = builder()
-        .nats_url(server.url())
-        .nats_options(move |o| o.nkey(parent_seed.clone()))
-        .init()
-        .await
-        .unwrap();
+    let flame = connected(&server, move |o| o.nkey(parent_seed.clone())).await;
     let seed_file = dir.path().join("user.nk");
     std::fs::write(&seed_file, format!("{seed}\n")).unwrap();
     for (name, value) in [
         ("nkey-seed", seed.clone()),
         ("nkey-file", seed_file.display().to_string()),
     ] {
-        let pool = flame
-            .pool(name)
-            .backend(runner_backend().env("NATS_NKEY", value))
-            .max(1)
-            .timeout(LONG)
-            .start()
-            .await
-            .unwrap();
+        let backend = runner_backend().env("NATS_NKEY", value);
+        let pool = one_runner(flame.pool(name), backend).await;
         assert_eq!(flame::call!(pool, add(2, 2)).await.unwrap(), 4, "{name}");
         pool.shutdown().await;
     }
