@@ -67,7 +67,9 @@ pub enum Error {
 
     /// The call did not finish within its timeout. Time spent waiting for a
     /// runner counts against the timeout; work still running on the runner at
-    /// the deadline is cancelled there.
+    /// the deadline is cancelled there. With `RUST_LOG=flame_nats=debug` the
+    /// parent logs which it was: "no runner had room before the deadline",
+    /// or "no reply before the deadline" with the runner's id.
     #[error("`{function}` timed out after {timeout:?}")]
     Timeout {
         /// Registered name of the function.
@@ -197,7 +199,9 @@ pub enum Error {
         source: Option<Source>,
     },
 
-    /// A runner could not be booted.
+    /// A runner could not be booted. Callers still waiting for a runner
+    /// when their deadline comes get this (with the last boot's reason)
+    /// rather than [`Error::Timeout`], in private and shared pools alike.
     #[error("pool `{pool}` could not boot a runner: {reason}")]
     BootFailed {
         /// The pool.

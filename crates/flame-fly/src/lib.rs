@@ -394,7 +394,11 @@ impl Backend for FlyBackend {
             let machine: serde_json::Value = created.json().await.map_err(FlyError::Transport)?;
             let id = machine["id"]
                 .as_str()
-                .ok_or_else(|| FlyError::Unexpected(format!("no machine id in {machine}")))?
+                // (Not the response itself: it holds the Machine's
+                // config, secrets in its environment included.)
+                .ok_or_else(|| {
+                    FlyError::Unexpected("the created Machine's description has no id".into())
+                })?
                 .to_string();
             let instance = machine["instance_id"].as_str().map(str::to_string);
             debug!(pool = %spec.pool, runner = %spec.runner_id, machine = %id, "Fly Machine created");
@@ -727,7 +731,9 @@ impl Api {
             .filter(|e| e["type"] == "exit")
             .max_by_key(|e| e["timestamp"].as_i64().unwrap_or(0))?;
         let exit = &exit["request"]["exit_event"];
-        let code = exit["exit_code"].as_i64().unwrap_or(0);
+        // (No code, no claim: "exited with code 0" would read as a clean
+        // stop.)
+        let code = exit["exit_code"].as_i64()?;
         Some(if exit["oom_killed"].as_bool() == Some(true) {
             format!(
                 "Fly Machine {id}: runner process ran out of memory (killed by the OOM killer, exit code {code})"

@@ -64,6 +64,12 @@ pub async fn options_from_env() -> Result<async_nats::ConnectOptions, Error> {
     let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let mut options = async_nats::ConnectOptions::new();
     if let Some(path) = var("NATS_CREDS") {
+        if !looks_like_a_path(&path) {
+            // The file's contents, say: a secret, not echoed back.
+            return Err(Error::Config(
+                "NATS_CREDS must be the path of a .creds file, not its contents".into(),
+            ));
+        }
         options = options.credentials_file(&path).await.map_err(|e| {
             Error::Config(format!(
                 "NATS_CREDS names {path}, which cannot be used: {e}"
@@ -457,6 +463,12 @@ impl Outages {
     }
 }
 
+/// Whether a variable's value can be a file's path rather than what the
+/// file holds (a JWT, a seed, several lines).
+fn looks_like_a_path(value: &str) -> bool {
+    value.len() <= 4096 && !value.contains('\n') && !value.contains("-----BEGIN")
+}
+
 /// The servers of a URL list: `nats://a:4222, nats://b:4222`.
 pub(crate) fn server_list(url: &str) -> Vec<String> {
     url.split(',')
@@ -666,6 +678,15 @@ mod tests {
         assert_eq!(jwt_expiry(&creds(jwt(r#"{"sub":"U"}"#))), None);
         assert_eq!(jwt_expiry("not a creds file"), None);
         assert_eq!(jwt_expiry(&creds("a.%%%.b".into())), None);
+    }
+
+    #[test]
+    fn a_creds_files_contents_are_not_taken_for_its_path() {
+        assert!(looks_like_a_path("/run/secrets/app.creds"));
+        assert!(!looks_like_a_path(
+            "-----BEGIN NATS USER JWT-----\neyJ0eXAiOiJKV1QifQ.e30.c2ln\n------END NATS USER JWT------"
+        ));
+        assert!(!looks_like_a_path("-----BEGIN NATS USER JWT----- eyJ0eXAi"));
     }
 
     #[test]

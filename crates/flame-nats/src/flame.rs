@@ -332,7 +332,8 @@ impl FlameBuilder {
                 announcer,
                 client,
                 runner_nats_url,
-                nats_url,
+                // (Shown in errors and to the app: never with credentials.)
+                nats_url: without_credentials(&nats_url),
                 parent_id,
                 build_id,
                 events,
@@ -362,8 +363,9 @@ impl Flame {
         &self.parent.client
     }
 
-    /// The NATS server address this parent connected to (runners use it too,
-    /// without credentials, unless `runner_nats_url` says otherwise).
+    /// The NATS server address this parent connected to, without
+    /// credentials (runners use it too, unless `runner_nats_url` says
+    /// otherwise).
     pub fn nats_url(&self) -> &str {
         &self.parent.nats_url
     }

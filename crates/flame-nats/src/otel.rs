@@ -108,7 +108,14 @@ where
 
 fn resource() -> Resource {
     let mut builder = Resource::builder();
-    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+    // The executable's name, unless the standard variables name the
+    // service (later attributes win in the SDK: it would override them).
+    let named = std::env::var_os("OTEL_SERVICE_NAME").is_some()
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|a| {
+            a.split(',')
+                .any(|kv| kv.trim().starts_with("service.name="))
+        });
+    if !named {
         let exe = std::env::current_exe().ok();
         let name = exe
             .as_deref()

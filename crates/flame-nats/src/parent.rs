@@ -12,7 +12,7 @@ use crate::replies::Replies;
 /// One connected parent, shared by its pools.
 pub(crate) struct ParentContext {
     pub(crate) client: async_nats::Client,
-    /// The URL (or list) this parent connected to.
+    /// The URL (or list) this parent connected to, without credentials.
     pub(crate) nats_url: String,
     /// What runners are told to connect to.
     pub(crate) runner_nats_url: RunnerUrl,

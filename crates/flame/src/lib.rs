@@ -55,6 +55,13 @@
 //! JetStream KV bucket; see the README). Runners are local processes by
 //! default ([`LocalBackend`]); the `flame-fly` crate boots them as Fly
 //! Machines.
+//!
+//! Cargo features: `fly` (the Fly Machines backend as `flame::fly`) and
+//! `otel` (spans exported over OpenTelemetry's OTLP, `flame::otel::layer`).
+//! [`runner_log_layer`] sends a private pool's runner log lines to the
+//! parent (with `PoolBuilder::forward_runner_logs`). Set up the tracing
+//! subscriber, with either layer, before [`init`]: in a runner `init`
+//! serves and does not return.
 
 #![warn(missing_docs)]
 

@@ -421,6 +421,9 @@ impl Fleet {
     /// be removed: every parent of the build sees it through its watch, so
     /// its callers waiting for a runner end with this reason.
     async fn record_boot_failure(&self, id: &str, words: String) {
+        // Everyone who may read the bucket reads this: the words, not
+        // whatever else a backend's error may have quoted.
+        let words: String = words.chars().take(BOOT_FAILURE_MAX).collect();
         let key = subjects::runner_key(id);
         let recorded = kv::update(
             &self.store,
@@ -493,6 +496,9 @@ impl Fleet {
         }
     }
 }
+
+/// Most characters of a failed boot's reason a lease carries.
+const BOOT_FAILURE_MAX: usize = 500;
 
 /// A boot error in the words a caller's `Error::BootFailed` carries (not
 /// wrapped twice in "could not boot a runner").
