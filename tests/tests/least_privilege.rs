@@ -657,30 +657,29 @@ async fn parents_with_bad_credentials_or_missing_permissions_get_clear_errors() 
     pool.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_parent_without_its_event_subscription_gets_a_permission_error() {
-    let secured = Secured::without(&[(Block::ParentSubscribe, "flame.thumbs.parent.*.*")]);
+/// Starts the pool (`shared` or not) with a parent that lacks the
+/// permission `line` of `block`; the error it fails with.
+async fn start_refused(without: (Block, &str), shared: bool) -> Error {
+    let secured = Secured::without(&[without]);
     let flame = secured.parent().await;
-    let err = flame
+    flame
         .pool(POOL)
+        .shared(shared)
         .backend(secured.runners())
         .start()
         .await
-        .unwrap_err();
+        .unwrap_err()
+}
+
+#[tokio::test]
+async fn a_parent_without_its_event_subscription_gets_a_permission_error() {
+    let err = start_refused((Block::ParentSubscribe, "flame.thumbs.parent.*.*"), false).await;
     assert_permission_denied(&err, "Subscription to \"flame.thumbs.parent.");
 }
 
 #[tokio::test]
 async fn a_parent_that_may_not_create_the_bucket_gets_a_permission_error() {
-    let secured = Secured::without(&[(Block::ParentPublish, "$JS.API.INFO")]);
-    let flame = secured.parent().await;
-    let err = flame
-        .pool(POOL)
-        .shared(true)
-        .backend(secured.runners())
-        .start()
-        .await
-        .unwrap_err();
+    let err = start_refused((Block::ParentPublish, "$JS.API.INFO"), true).await;
     assert_permission_denied(&err, "Publish to \"$JS.API.INFO\"");
 }
 
