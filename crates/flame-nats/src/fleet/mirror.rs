@@ -152,14 +152,23 @@ impl<T> Seen<T> {
     }
 }
 
+/// How long a pool's start waits for its watch of the bucket.
+const WATCH_START_LIMIT: Duration = Duration::from_secs(10);
+
 impl Fleet {
     /// Reads the bucket once, so the first calls see the runners that are
     /// already up; returns the watch to follow it with.
     pub(super) async fn first_read(&self, port: &Arc<dyn PoolPort>) -> Result<Watch, Error> {
-        let mut watch = self
-            .store
-            .watch_with_history(">")
+        // (Bounded: creating the watch's consumer can hang while the
+        // bucket's stream has no leader.)
+        let mut watch = tokio::time::timeout(WATCH_START_LIMIT, self.store.watch_with_history(">"))
             .await
+            .map_err(|_| {
+                Error::nats(
+                    "cannot watch the pool's bucket",
+                    format!("no answer within {WATCH_START_LIMIT:?}"),
+                )
+            })?
             .map_err(|e| Error::nats("cannot watch the pool's bucket", e))?;
         let initial = tokio::time::timeout(Duration::from_secs(5), async {
             while let Some(Ok(entry)) = watch.next().await {
@@ -217,27 +226,36 @@ impl Fleet {
                     },
                 }
             }
-            // Nothing could change while we were away; restart the clocks so
-            // that no lease or scaler looks dead just for that.
             self.state.lock().unwrap().forget_silence();
-            // Recreate from where we were.
+            // Recreate from where we were. Creating the consumer can hang
+            // while the bucket's stream has no leader (a node of the cluster
+            // died): give each attempt a bound and try again.
             loop {
                 if self.closed.is_cancelled() {
                     return;
                 }
                 let from = self.state.lock().unwrap().last_revision + 1;
-                match self.store.watch_all_from_revision(from).await {
-                    Ok(w) => {
+                let attempt = tokio::time::timeout(
+                    self.config.heartbeat * 2,
+                    self.store.watch_all_from_revision(from),
+                );
+                match attempt.await {
+                    Ok(Ok(w)) => {
                         debug!(from, "KV watch resumed");
                         watch = w;
                         break;
                     }
-                    Err(e) => {
+                    Ok(Err(e)) => {
                         debug!("cannot resume KV watch yet: {e}");
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
+                    Err(_) => debug!("cannot resume KV watch yet: no answer in time"),
                 }
             }
+            // Nothing was seen while we were away (when it was taken, and
+            // again once back): restart the clocks so that no lease or
+            // scaler looks dead just for that.
+            self.state.lock().unwrap().forget_silence();
         }
     }
 

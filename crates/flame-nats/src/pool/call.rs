@@ -446,7 +446,7 @@ impl PoolInner {
             }
             let msg = match outcome {
                 Err(_) => {
-                    debug!(pool = %self.config.name, runner = %runner.id, "no reply before the deadline");
+                    debug!(pool = %self.config.name, runner = %runner.id, token, sent_before = ?remaining, "no reply before the deadline");
                     return Err(Error::Timeout {
                         function: function.to_string(),
                         timeout,

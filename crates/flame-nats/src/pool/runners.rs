@@ -21,7 +21,7 @@ use crate::boot::BOOT_RETRY_DEBOUNCE;
 use crate::fleet::PoolPort;
 use crate::protocol::events::{EventKey, ReplayWindow};
 use crate::protocol::lease::{LeaseState, RunnerLease};
-use crate::protocol::pool_events::{gone_reason, EventKind, Reason};
+use crate::protocol::pool_events::{classify_gone, gone_reason, EventKind, Reason};
 use crate::protocol::subjects;
 use crate::replies::Replies;
 
@@ -140,12 +140,17 @@ impl RunnerLink {
     }
 
     /// Records why the runner is gone and fails the calls waiting on it:
-    /// at once, or, if it said it was stopping (it drained and sent its last
+    /// at once, or, if it stopped cleanly (it drained and sent its last
     /// replies before exiting, which may be read after its exit is seen),
-    /// after a short grace.
+    /// after a short grace. A clean stop is one it said it was making, or
+    /// an exit with code 0 or the removal of its lease: the runner's own
+    /// last steps, which the news of its draining may not have preceded
+    /// (a shared pool's runner says so in the KV bucket, read apart from
+    /// its process's exit and from its replies).
     pub(super) fn fail(&self, replies: &Arc<Replies>, reason: String) {
         let _ = self.down_reason.set(reason.clone());
-        let grace = if self.stopping.load(Ordering::SeqCst) {
+        let clean = matches!(classify_gone(&reason), Reason::Stopped | Reason::LeaseLost);
+        let grace = if clean || self.stopping.load(Ordering::SeqCst) {
             TRAILING_REPLY_GRACE
         } else {
             Duration::ZERO
@@ -617,6 +622,8 @@ impl PoolPort for PoolInner {
                     if seen.is_some_and(|n| lease.outages > n) {
                         lost = outage_window(lease, age);
                     }
+                } else {
+                    debug!(pool = %self.config.name, runner = %id, ?age, outages = lease.outages, "a lease read late cannot place outages");
                 }
             }
             st.model.set_reported_load(&id, lease.load + lease.queued);
@@ -649,6 +656,8 @@ impl PoolPort for PoolInner {
             });
             if failed > 0 {
                 info!(pool = %self.config.name, runner = %id, failed, "calls sent while the runner was away from NATS failed");
+            } else {
+                debug!(pool = %self.config.name, runner = %id, ?age, began_ago = ?from.elapsed(), ended_ago = ?to.elapsed(), "the runner was away from NATS; no call was sent to it meanwhile");
             }
         }
         if !handoffs.is_empty() {
