@@ -9,6 +9,7 @@ pub mod fake_fly;
 pub mod funcs;
 pub mod harness;
 pub mod jwt;
+pub mod nats_proxy;
 pub mod spans;
 
 /// A private PostgreSQL per test (shared with the examples).

@@ -12,6 +12,7 @@ use flame_tests::harness::{
     runner_stats, start_marked_call, testapp, wait_for, wait_in_flight, HookLog, MarkedCall,
     NoExitNotice, TestEnv,
 };
+use flame_tests::nats_proxy::NatsProxy;
 use flame_tests::TEST_BUILD;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -292,6 +293,57 @@ async fn runner_exits_after_losing_nats_for_the_grace_period() {
         || async { (!process_alive(at.pid)).then_some(()) },
     )
     .await;
+}
+
+/// A reply the runner wrote just as its server died is lost with the
+/// server; the runner publishes it again once it is back, so the call ends
+/// with its result rather than at its deadline, however long before the
+/// outage it was sent.
+#[tokio::test]
+async fn a_reply_lost_with_the_runners_connection_is_sent_again() {
+    flame_tests::harness::init_tracing();
+    let server = flame::NatsServer::start().expect("start nats-server");
+    let proxy = NatsProxy::start(format!("127.0.0.1:{}", server.port())).await;
+    let flame = flame_tests::harness::builder()
+        .nats_url(server.url())
+        .runner_nats_url(proxy.url())
+        .init()
+        .await
+        .unwrap();
+    let pool = flame
+        .pool("resent")
+        .backend(runner_backend())
+        .max(1)
+        .timeout(LONG)
+        .start()
+        .await
+        .unwrap();
+    // The runner is up and serving before anything is lost.
+    flame::call!(pool, add(1, 2)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let go = path_in(&dir, "go");
+    let call = tokio::spawn({
+        let (pool, go) = (pool.clone(), go.clone());
+        async move { flame::call!(pool, wait_for_file(go, 60_000)).await }
+    });
+    wait_for("the call on its runner", LONG, || async {
+        pool.runners().iter().any(|r| r.load == 1).then_some(())
+    })
+    .await;
+    // Whatever the runner writes now is lost, the reply included.
+    proxy.lose_writes();
+    std::fs::write(&go, "go").unwrap();
+    wait_for("the reply to be lost", LONG, || async {
+        proxy.lost().contains("PUB _INBOX.").then_some(())
+    })
+    .await;
+    assert!(!call.is_finished(), "the lost reply reached the parent");
+    proxy.cut();
+    let answer = tokio::time::timeout(Duration::from_secs(30), call)
+        .await
+        .expect("the call ended long before its deadline")
+        .unwrap();
+    assert!(answer.unwrap(), "the runner saw the file");
 }
 
 #[tokio::test]

@@ -461,6 +461,13 @@ impl Outages {
     pub(crate) fn awaiting_subscriptions(&self) -> bool {
         self.back
     }
+
+    /// Which stretch of connection this is: the same number before and
+    /// after a round trip means no outage began or ended meanwhile; `None`
+    /// during one.
+    pub(crate) fn stretch(&self) -> Option<u64> {
+        (self.down_since.is_none() && !self.back).then_some(self.count)
+    }
 }
 
 /// Whether a variable's value can be a file's path rather than what the

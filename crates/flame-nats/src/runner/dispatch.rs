@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::{debug, warn, Instrument, Span};
 
-use super::request::{CallRequest, ReplyBatch};
+use super::request::{CallRequest, Replier, ReplyBatch};
 use super::Runner;
 use crate::protocol::batch::{read_batch, BATCH_V1};
 use crate::protocol::call::{self as wire, ErrorKind};
@@ -242,7 +242,7 @@ impl Runner {
             out.accepted |= done.accepted;
             out.cancellable.extend(done.cancellable);
         }
-        batch.close(&self.client);
+        batch.close(self.replier());
         out
     }
 
@@ -258,7 +258,7 @@ impl Runner {
             return;
         };
         let closed = ReplyBatch::open();
-        closed.close(&self.client);
+        closed.close(self.replier());
         for call in calls {
             let call = CallRequest::batched(call, &closed);
             self.respond_error(&call, kind, why.to_string(), &[]).await;
@@ -354,9 +354,7 @@ impl Runner {
                         if !Span::current().is_disabled() {
                             Span::current().record("outcome", "ok");
                         }
-                        request
-                            .respond_ok(&self.client, &self.counters, Bytes::from(bytes))
-                            .await;
+                        request.respond_ok(self.replier(), Bytes::from(bytes)).await;
                     }
                 }
                 Err((kind, message)) => {
@@ -613,8 +611,17 @@ impl Runner {
         extra: &[(&str, String)],
     ) {
         request
-            .respond_error(&self.client, &self.counters, kind, message, extra)
+            .respond_error(self.replier(), kind, message, extra)
             .await;
+    }
+
+    /// What answering a call needs of this runner.
+    fn replier(&self) -> Replier<'_> {
+        Replier {
+            client: &self.client,
+            counters: &self.counters,
+            unconfirmed: &self.unconfirmed,
+        }
     }
 
     fn touch(&self) {

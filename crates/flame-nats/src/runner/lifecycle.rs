@@ -51,6 +51,8 @@ pub(super) async fn confirm_resubscriptions(
                         .unwrap()
                         .resubscribed(std::time::Instant::now());
                     debug!(runner = %runner.info.runner_id, "subscriptions back after an outage");
+                    // What the lost connection took with it, if anything.
+                    runner.unconfirmed.send_again(&runner.client).await;
                 }
                 // Lost again (the next reconnection wakes us) or slow: try
                 // again unless the connection went meanwhile.
@@ -87,6 +89,7 @@ pub(super) async fn heartbeat(runner: Arc<Runner>) {
             }
             .in_current_span(),
         );
+        tokio::spawn(runner.clone().confirm_replies(heartbeat).in_current_span());
         if runner.info.shared {
             let r = runner.clone();
             tokio::spawn(
@@ -217,6 +220,20 @@ impl Runner {
             Err(e) => {
                 debug!("no parent answered: {e}");
                 None
+            }
+        }
+    }
+
+    /// Forgets the replies the server has for sure: those published before
+    /// a round trip (a flush) that came back on the same connection.
+    async fn confirm_replies(self: Arc<Self>, timeout: Duration) {
+        let mark = self.unconfirmed.mark();
+        let Some(before) = self.outages.lock().unwrap().stretch() else {
+            return;
+        };
+        if let Ok(Ok(())) = tokio::time::timeout(timeout, self.client.flush()).await {
+            if self.outages.lock().unwrap().stretch() == Some(before) {
+                self.unconfirmed.confirm(mark);
             }
         }
     }

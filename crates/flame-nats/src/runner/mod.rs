@@ -24,6 +24,7 @@ mod lease;
 mod lifecycle;
 pub(crate) mod logs;
 mod request;
+mod unconfirmed;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -147,6 +148,8 @@ struct Runner {
     /// The outages of this runner's NATS connection, which its lease
     /// reports: calls sent to it during one are lost.
     outages: Arc<std::sync::Mutex<Outages>>,
+    /// Replies the server may not have yet, sent again after an outage.
+    unconfirmed: unconfirmed::Unconfirmed,
     /// Woken when calls start queueing, so the lease shows it soon.
     lease_dirty: Notify,
     /// The runner's lease, in a shared pool.
@@ -288,6 +291,7 @@ async fn run(
         lease_dirty: Notify::new(),
         lease: tokio::sync::Mutex::new(lease),
         outages: connection.outages.clone(),
+        unconfirmed: Default::default(),
     });
     let announce = async {
         if runner.info.shared {

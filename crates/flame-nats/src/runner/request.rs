@@ -10,6 +10,7 @@ use bytes::Bytes;
 use futures::FutureExt;
 use tracing::debug;
 
+use super::unconfirmed::Unconfirmed;
 use super::Counters;
 use crate::protocol::batch::{reply_batch_body, split_reply, ReadCall, BATCH_REPLY_TOKEN};
 use crate::protocol::call::{self as wire, error_headers, ErrorKind};
@@ -62,21 +63,22 @@ impl CallRequest {
     }
 
     /// Sends the function's result.
-    pub(super) async fn respond_ok(
-        &self,
-        client: &async_nats::Client,
-        counters: &Counters,
-        value: Bytes,
-    ) {
+    pub(super) async fn respond_ok(&self, to: Replier<'_>, value: Bytes) {
         let Some(reply) = &self.reply else {
             return;
         };
-        counters.calls.fetch_add(1, Ordering::Relaxed);
+        to.counters.calls.fetch_add(1, Ordering::Relaxed);
         let sent = match &self.answer {
-            Answer::Service(request) => request.respond(Ok(value)).await,
+            Answer::Service(request) => {
+                to.unconfirmed.keep(reply, None, &value);
+                request.respond(Ok(value)).await
+            }
             Answer::Batched(batch) => match batch.join(reply, value) {
                 None => return,
-                Some(value) => client.publish(reply.clone(), value).await,
+                Some(value) => {
+                    to.unconfirmed.keep(reply, None, &value);
+                    to.client.publish(reply.clone(), value).await
+                }
             },
         };
         if let Err(e) = sent {
@@ -88,8 +90,7 @@ impl CallRequest {
     /// headers plus `Flame-Error` naming the kind.
     pub(super) async fn respond_error(
         &self,
-        client: &async_nats::Client,
-        counters: &Counters,
+        to: Replier<'_>,
         kind: ErrorKind,
         message: String,
         extra: &[(&str, String)],
@@ -97,9 +98,18 @@ impl CallRequest {
         let Some(reply) = &self.reply else {
             return;
         };
-        counters.calls.fetch_add(1, Ordering::Relaxed);
-        counters.errors.fetch_add(1, Ordering::Relaxed);
+        to.counters.calls.fetch_add(1, Ordering::Relaxed);
+        to.counters.errors.fetch_add(1, Ordering::Relaxed);
         let status = wire::header_safe(&message);
+        // The headers the micro service adds to an error, written here too
+        // for a batched call's reply and for the copy kept to send again.
+        let mut headers = error_headers(kind, extra);
+        headers.insert(wire::HEADER_SERVICE_ERROR, status.as_str());
+        headers.insert(
+            wire::HEADER_SERVICE_ERROR_CODE,
+            kind.code().to_string().as_str(),
+        );
+        to.unconfirmed.keep(reply, Some(&headers), &Bytes::new());
         let sent = match &self.answer {
             Answer::Service(request) => {
                 let err = service::error::Error {
@@ -111,13 +121,7 @@ impl CallRequest {
                     .await
             }
             Answer::Batched(_) => {
-                let mut headers = error_headers(kind, extra);
-                headers.insert(wire::HEADER_SERVICE_ERROR, status.as_str());
-                headers.insert(
-                    wire::HEADER_SERVICE_ERROR_CODE,
-                    kind.code().to_string().as_str(),
-                );
-                client
+                to.client
                     .publish_with_headers(reply.clone(), headers, Bytes::new())
                     .await
             }
@@ -126,6 +130,15 @@ impl CallRequest {
             debug!("cannot send error reply: {e}");
         }
     }
+}
+
+/// What answering a call needs of its runner.
+#[derive(Clone, Copy)]
+pub(super) struct Replier<'a> {
+    pub(super) client: &'a async_nats::Client,
+    pub(super) counters: &'a Counters,
+    /// Where each reply is kept until the server is known to have it.
+    pub(super) unconfirmed: &'a Unconfirmed,
 }
 
 /// The successful replies of a batch's calls that finish while the batch is
@@ -156,7 +169,7 @@ impl ReplyBatch {
 
     /// Closes the batch and sends what it kept: one message per parent
     /// inbox, to `<inbox>.0`.
-    pub(super) fn close(&self, client: &async_nats::Client) {
+    pub(super) fn close(&self, to: Replier<'_>) {
         let Some(replies) = self.replies.lock().unwrap().take() else {
             return;
         };
@@ -169,9 +182,10 @@ impl ReplyBatch {
             }
         }
         for (prefix, list) in by_inbox {
-            let subject = format!("{prefix}{BATCH_REPLY_TOKEN}");
+            let subject = Subject::from(format!("{prefix}{BATCH_REPLY_TOKEN}"));
             let body = reply_batch_body(list.into_iter());
-            let client = client.clone();
+            to.unconfirmed.keep(&subject, None, &body);
+            let client = to.client.clone();
             let send = async move {
                 if let Err(e) = client.publish(subject, body).await {
                     debug!("cannot send replies: {e}");

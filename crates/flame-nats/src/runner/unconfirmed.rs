@@ -1,0 +1,145 @@
+//! Replies the server may not have got: those published since the last
+//! round trip to the server that came back.
+//!
+//! When a runner's connection drops, the bytes it wrote last can be lost
+//! with the server (killed, or cut off): a reply among them would leave its
+//! call waiting until its deadline, however long ago the call was sent. So
+//! the runner keeps each reply until a later round trip proves the server
+//! read it (every heartbeat asks a parent something, on the same
+//! connection), and publishes what it still keeps again once it is back.
+//! A parent drops a reply for a call that is no longer waiting, so a reply
+//! that did arrive the first time costs nothing more.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
+use tracing::debug;
+
+/// Replies kept at most, in bytes of payload: past this the oldest go
+/// (their calls are then covered only as before, by the outage window).
+const MAX_KEPT_BYTES: usize = 32 << 20;
+
+/// The replies published since the last confirmed round trip.
+#[derive(Default)]
+pub(super) struct Unconfirmed {
+    inner: Mutex<Kept>,
+}
+
+#[derive(Default)]
+struct Kept {
+    /// The number the next reply gets.
+    next: u64,
+    bytes: usize,
+    replies: VecDeque<Reply>,
+}
+
+struct Reply {
+    number: u64,
+    subject: Subject,
+    headers: Option<HeaderMap>,
+    payload: Bytes,
+}
+
+impl Unconfirmed {
+    /// Keeps a reply about to be published.
+    pub(super) fn keep(&self, subject: &Subject, headers: Option<&HeaderMap>, payload: &Bytes) {
+        let mut kept = self.inner.lock().unwrap();
+        let number = kept.next;
+        kept.next += 1;
+        kept.bytes += payload.len();
+        kept.replies.push_back(Reply {
+            number,
+            subject: subject.clone(),
+            headers: headers.cloned(),
+            payload: payload.clone(),
+        });
+        while kept.bytes > MAX_KEPT_BYTES && kept.replies.len() > 1 {
+            if let Some(old) = kept.replies.pop_front() {
+                kept.bytes -= old.payload.len();
+            }
+        }
+    }
+
+    /// Where the replies stand now: pass it to [`Unconfirmed::confirm`]
+    /// once a round trip started after this call comes back.
+    pub(super) fn mark(&self) -> u64 {
+        self.inner.lock().unwrap().next
+    }
+
+    /// The server has every reply published before `mark`: forget them.
+    pub(super) fn confirm(&self, mark: u64) {
+        let mut kept = self.inner.lock().unwrap();
+        while kept.replies.front().is_some_and(|r| r.number < mark) {
+            if let Some(old) = kept.replies.pop_front() {
+                kept.bytes -= old.payload.len();
+            }
+        }
+    }
+
+    /// How many replies are kept.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.inner.lock().unwrap().replies.len()
+    }
+
+    /// Publishes every kept reply again (they stay kept until confirmed).
+    pub(super) async fn send_again(&self, client: &async_nats::Client) {
+        let again: Vec<(Subject, Option<HeaderMap>, Bytes)> = {
+            let kept = self.inner.lock().unwrap();
+            kept.replies
+                .iter()
+                .map(|r| (r.subject.clone(), r.headers.clone(), r.payload.clone()))
+                .collect()
+        };
+        if again.is_empty() {
+            return;
+        }
+        debug!(
+            replies = again.len(),
+            "publishing again the replies the server may have lost"
+        );
+        for (subject, headers, payload) in again {
+            let sent = match headers {
+                Some(headers) => client.publish_with_headers(subject, headers, payload).await,
+                None => client.publish(subject, payload).await,
+            };
+            if let Err(e) = sent {
+                debug!("cannot publish a reply again: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_confirmed_round_trip_forgets_the_replies_before_it() {
+        let u = Unconfirmed::default();
+        let subject = Subject::from("_INBOX.x.1");
+        u.keep(&subject, None, &Bytes::from_static(b"a"));
+        let mark = u.mark();
+        u.keep(&subject, None, &Bytes::from_static(b"b"));
+        u.confirm(mark);
+        assert_eq!(u.len(), 1);
+        u.confirm(u.mark());
+        assert_eq!(u.len(), 0);
+    }
+
+    #[test]
+    fn the_oldest_replies_go_past_the_limit() {
+        let u = Unconfirmed::default();
+        let subject = Subject::from("_INBOX.x.1");
+        let big = Bytes::from(vec![0u8; MAX_KEPT_BYTES / 2 + 1]);
+        u.keep(&subject, None, &big);
+        u.keep(&subject, None, &big);
+        assert_eq!(u.len(), 1);
+        // One reply alone is kept whatever its size.
+        let huge = Bytes::from(vec![0u8; MAX_KEPT_BYTES + 1]);
+        u.keep(&subject, None, &huge);
+        assert_eq!(u.len(), 1);
+    }
+}
