@@ -53,6 +53,9 @@ pub(super) struct FleetState {
     /// The oldest write of this parent's own lease not yet seen coming back
     /// through the watch: its revision, and when it was written.
     pub(super) echo: Option<(u64, Instant)>,
+    /// The watch of the bucket is being recreated: this parent sees no
+    /// change meanwhile, so it judges no lease.
+    pub(super) watch_down: bool,
     /// When this scaler last looked for runners without a lease.
     pub(super) last_scan: Option<Instant>,
     /// The revision of the scaler key whose parent was found gone (its
@@ -87,12 +90,13 @@ impl FleetState {
             .collect()
     }
 
-    /// Whether the watch has fallen behind: this parent's own write has not
-    /// come back through it within `limit`. A watch can stall without an
-    /// error (its consumer lived on a server of the cluster that died), and
-    /// a stalled mirror makes every lease look silent.
+    /// Whether the watch is being recreated, or has fallen behind: this
+    /// parent's own write has not come back through it within `limit`. A
+    /// watch can stall without an error (its consumer lived on a server of
+    /// the cluster that died), and a stalled mirror makes every lease look
+    /// silent.
     pub(super) fn mirror_stalled(&self, limit: Duration) -> bool {
-        self.echo.is_some_and(|(_, at)| at.elapsed() > limit)
+        self.watch_down || self.echo.is_some_and(|(_, at)| at.elapsed() > limit)
     }
 
     /// The pool's numbers for events and `flame.pools.info`: every lease
@@ -226,7 +230,11 @@ impl Fleet {
                     },
                 }
             }
-            self.state.lock().unwrap().forget_silence();
+            {
+                let mut st = self.state.lock().unwrap();
+                st.watch_down = true;
+                st.forget_silence();
+            }
             // Recreate from where we were. Creating the consumer can hang
             // while the bucket's stream has no leader (a node of the cluster
             // died): give each attempt a bound and try again.
@@ -255,7 +263,9 @@ impl Fleet {
             // Nothing was seen while we were away (when it was taken, and
             // again once back): restart the clocks so that no lease or
             // scaler looks dead just for that.
-            self.state.lock().unwrap().forget_silence();
+            let mut st = self.state.lock().unwrap();
+            st.watch_down = false;
+            st.forget_silence();
         }
     }
 

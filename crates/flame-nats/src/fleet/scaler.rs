@@ -26,6 +26,10 @@ use crate::protocol::subjects;
 /// handle, say).
 const SCAN_EVERY: Duration = Duration::from_secs(30);
 
+/// The second ask of a probe comes a heartbeat divided by this after the
+/// first got no responders (see `probe_runner`).
+const RECONNECT_ALLOWANCE: u32 = 4;
+
 impl Fleet {
     /// Terminates the pool's runners that the backend lists but that have
     /// no lease in the bucket: nobody can call them, and a lease is always
@@ -281,12 +285,19 @@ impl Fleet {
     /// runner ignores (no answer) and NATS answers with no responders for a
     /// dead one. A dead one is reaped at the next round instead of after
     /// three heartbeats.
+    ///
+    /// On no responders it asks once more, a quarter of a heartbeat later
+    /// ([`RECONNECT_ALLOWANCE`]): a runner whose server just died (often with the old scaler's,
+    /// which is what prompts a probe of every runner) has no subscription
+    /// anywhere until it has reconnected to another server.
     async fn probe_runner(self: Arc<Self>, id: String) {
         let subject = subjects::runner_control(&self.config.name, &id);
-        let gone = !self
-            .parent
-            .anyone_answers(subject, self.config.heartbeat / 2)
-            .await;
+        let wait = self.config.heartbeat / 2;
+        let mut gone = !self.parent.anyone_answers(subject.clone(), wait).await;
+        if gone {
+            tokio::time::sleep(self.config.heartbeat / RECONNECT_ALLOWANCE).await;
+            gone = !self.parent.anyone_answers(subject, wait).await;
+        }
         let mut st = self.state.lock().unwrap();
         st.probing.remove(&id);
         if gone && st.runners.contains_key(&id) {
