@@ -62,6 +62,19 @@ pub(super) async fn confirm_resubscriptions(
     }
 }
 
+/// Confirms the runner's replies (see `unconfirmed.rs`) every heartbeat,
+/// and sooner when many are kept, until aborted.
+pub(super) async fn confirm_replies(runner: Arc<Runner>) {
+    let heartbeat = Duration::from_millis(runner.info.heartbeat_ms);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(heartbeat) => {}
+            _ = runner.unconfirmed.filled() => {}
+        }
+        runner.confirm_replies(heartbeat).await;
+    }
+}
+
 /// Pings the parent (a private pool) or any parent and renews the lease (a
 /// shared pool) every heartbeat, until aborted. What it learns is left in
 /// the runner's flags for [`watch`].
@@ -89,7 +102,6 @@ pub(super) async fn heartbeat(runner: Arc<Runner>) {
             }
             .in_current_span(),
         );
-        tokio::spawn(runner.clone().confirm_replies(heartbeat).in_current_span());
         if runner.info.shared {
             let r = runner.clone();
             tokio::spawn(
@@ -226,7 +238,7 @@ impl Runner {
 
     /// Forgets the replies the server has for sure: those published before
     /// a round trip (a flush) that came back on the same connection.
-    async fn confirm_replies(self: Arc<Self>, timeout: Duration) {
+    async fn confirm_replies(&self, timeout: Duration) {
         let mark = self.unconfirmed.mark();
         let Some(before) = self.outages.lock().unwrap().stretch() else {
             return;

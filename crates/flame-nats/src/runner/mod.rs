@@ -304,6 +304,7 @@ async fn run(
     debug!(runner = %runner.info.runner_id, "runner ready");
 
     let heartbeat = tokio::spawn(lifecycle::heartbeat(runner.clone()).in_current_span());
+    let confirming = tokio::spawn(lifecycle::confirm_replies(runner.clone()).in_current_span());
     let resubscribed = tokio::spawn(
         lifecycle::confirm_resubscriptions(runner.clone(), connection.connected.clone())
             .in_current_span(),
@@ -400,6 +401,7 @@ async fn run(
         .await;
     }
     heartbeat.abort();
+    confirming.abort();
     resubscribed.abort();
     if let Some(forwarder) = forwarder {
         forwarder.finish().await;

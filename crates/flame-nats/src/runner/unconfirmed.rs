@@ -6,7 +6,8 @@
 //! call waiting until its deadline, however long ago the call was sent. So
 //! the runner keeps each reply until a later round trip proves the server
 //! read it (every heartbeat asks a parent something, on the same
-//! connection), and publishes what it still keeps again once it is back.
+//! connection, and sooner when many replies are kept), and publishes what
+//! it still keeps again once it is back.
 //! A parent drops a reply for a call that is no longer waiting, so a reply
 //! that did arrive the first time costs nothing more.
 
@@ -15,16 +16,27 @@ use std::sync::Mutex;
 
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
+use tokio::sync::Notify;
 use tracing::debug;
 
 /// Replies kept at most, in bytes of payload: past this the oldest go
 /// (their calls are then covered only as before, by the outage window).
 const MAX_KEPT_BYTES: usize = 32 << 20;
 
+/// This many replies kept (or [`CONFIRM_AFTER_BYTES`]) ask for a round trip
+/// before the next heartbeat, so that a busy runner keeps a few thousand
+/// replies, not a heartbeat's worth.
+const CONFIRM_AFTER: usize = 2048;
+
+/// See [`CONFIRM_AFTER`].
+const CONFIRM_AFTER_BYTES: usize = 4 << 20;
+
 /// The replies published since the last confirmed round trip.
 #[derive(Default)]
 pub(super) struct Unconfirmed {
     inner: Mutex<Kept>,
+    /// Woken when enough replies are kept to confirm them early.
+    filled: Notify,
 }
 
 #[derive(Default)]
@@ -33,6 +45,8 @@ struct Kept {
     next: u64,
     bytes: usize,
     replies: VecDeque<Reply>,
+    /// An early round trip was asked for and has not run yet.
+    asked: bool,
 }
 
 struct Reply {
@@ -60,12 +74,25 @@ impl Unconfirmed {
                 kept.bytes -= old.payload.len();
             }
         }
+        let full = kept.replies.len() >= CONFIRM_AFTER || kept.bytes >= CONFIRM_AFTER_BYTES;
+        if full && !kept.asked {
+            kept.asked = true;
+            self.filled.notify_one();
+        }
+    }
+
+    /// Waits until enough replies are kept to confirm them before the next
+    /// heartbeat.
+    pub(super) async fn filled(&self) {
+        self.filled.notified().await;
     }
 
     /// Where the replies stand now: pass it to [`Unconfirmed::confirm`]
     /// once a round trip started after this call comes back.
     pub(super) fn mark(&self) -> u64 {
-        self.inner.lock().unwrap().next
+        let mut kept = self.inner.lock().unwrap();
+        kept.asked = false;
+        kept.next
     }
 
     /// The server has every reply published before `mark`: forget them.
@@ -127,6 +154,25 @@ mod tests {
         assert_eq!(u.len(), 1);
         u.confirm(u.mark());
         assert_eq!(u.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn many_kept_replies_ask_for_a_round_trip_once() {
+        let u = Unconfirmed::default();
+        let subject = Subject::from("_INBOX.x.1");
+        for _ in 0..CONFIRM_AFTER {
+            u.keep(&subject, None, &Bytes::from_static(b"a"));
+        }
+        let quick = std::time::Duration::from_millis(100);
+        assert!(tokio::time::timeout(quick, u.filled()).await.is_ok());
+        // Asked once until the round trip starts.
+        u.keep(&subject, None, &Bytes::from_static(b"a"));
+        assert!(tokio::time::timeout(quick, u.filled()).await.is_err());
+        let mark = u.mark();
+        u.keep(&subject, None, &Bytes::from_static(b"a"));
+        assert!(tokio::time::timeout(quick, u.filled()).await.is_ok());
+        u.confirm(mark);
+        assert_eq!(u.len(), 1);
     }
 
     #[test]
