@@ -230,11 +230,7 @@ impl Fleet {
                     },
                 }
             }
-            {
-                let mut st = self.state.lock().unwrap();
-                st.watch_down = true;
-                st.forget_silence();
-            }
+            self.state.lock().unwrap().watch_down = true;
             // Recreate from where we were. Creating the consumer can hang
             // while the bucket's stream has no leader (a node of the cluster
             // died): give each attempt a bound and try again.
@@ -260,9 +256,8 @@ impl Fleet {
                     Err(_) => debug!("cannot resume KV watch yet: no answer in time"),
                 }
             }
-            // Nothing was seen while we were away (when it was taken, and
-            // again once back): restart the clocks so that no lease or
-            // scaler looks dead just for that.
+            // Nothing was seen (or judged) while we were away: restart the
+            // clocks so that no lease or scaler looks dead just for that.
             let mut st = self.state.lock().unwrap();
             st.watch_down = false;
             st.forget_silence();

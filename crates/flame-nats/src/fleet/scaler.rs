@@ -287,9 +287,10 @@ impl Fleet {
     /// three heartbeats.
     ///
     /// On no responders it asks once more, a quarter of a heartbeat later
-    /// ([`RECONNECT_ALLOWANCE`]): a runner whose server just died (often with the old scaler's,
-    /// which is what prompts a probe of every runner) has no subscription
-    /// anywhere until it has reconnected to another server.
+    /// ([`RECONNECT_ALLOWANCE`]): a runner whose server just died (often
+    /// with the old scaler's, which is what prompts a probe of every
+    /// runner) has no subscription anywhere until it has reconnected to
+    /// another server.
     async fn probe_runner(self: Arc<Self>, id: String) {
         let subject = subjects::runner_control(&self.config.name, &id);
         let wait = self.config.heartbeat / 2;

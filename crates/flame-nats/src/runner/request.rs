@@ -101,28 +101,28 @@ impl CallRequest {
         to.counters.calls.fetch_add(1, Ordering::Relaxed);
         to.counters.errors.fetch_add(1, Ordering::Relaxed);
         let status = wire::header_safe(&message);
-        // The headers the micro service adds to an error, written here too
-        // for a batched call's reply and for the copy kept to send again.
-        let mut headers = error_headers(kind, extra);
-        headers.insert(wire::HEADER_SERVICE_ERROR, status.as_str());
-        headers.insert(
+        // Flame's headers; the micro service adds its two error headers.
+        let ours = error_headers(kind, extra);
+        // All of them, as the micro service sends them: for a batched
+        // call's reply and for the copy kept to send again.
+        let mut all = ours.clone();
+        all.insert(wire::HEADER_SERVICE_ERROR, status.as_str());
+        all.insert(
             wire::HEADER_SERVICE_ERROR_CODE,
             kind.code().to_string().as_str(),
         );
-        to.unconfirmed.keep(reply, Some(&headers), &Bytes::new());
+        to.unconfirmed.keep(reply, Some(&all), &Bytes::new());
         let sent = match &self.answer {
             Answer::Service(request) => {
                 let err = service::error::Error {
                     status,
                     code: kind.code(),
                 };
-                request
-                    .respond_with_headers(Err(err), error_headers(kind, extra))
-                    .await
+                request.respond_with_headers(Err(err), ours).await
             }
             Answer::Batched(_) => {
                 to.client
-                    .publish_with_headers(reply.clone(), headers, Bytes::new())
+                    .publish_with_headers(reply.clone(), all, Bytes::new())
                     .await
             }
         };

@@ -4,12 +4,12 @@
 //! When a runner's connection drops, the bytes it wrote last can be lost
 //! with the server (killed, or cut off): a reply among them would leave its
 //! call waiting until its deadline, however long ago the call was sent. So
-//! the runner keeps each reply until a later round trip proves the server
-//! read it (every heartbeat asks a parent something, on the same
-//! connection, and sooner when many replies are kept), and publishes what
-//! it still keeps again once it is back.
-//! A parent drops a reply for a call that is no longer waiting, so a reply
-//! that did arrive the first time costs nothing more.
+//! the runner keeps each reply until a later round trip on the same
+//! connection (a flush, every heartbeat, and sooner when many replies are
+//! kept) proves the server read it, and publishes what it still keeps
+//! again once it is back. A parent drops a reply for a call that is no
+//! longer waiting, so a reply that did arrive the first time costs nothing
+//! more.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -41,7 +41,8 @@ pub(super) struct Unconfirmed {
 
 #[derive(Default)]
 struct Kept {
-    /// The number the next reply gets.
+    /// How many replies were ever kept: the numbers of those still kept
+    /// run up to this (the oldest is `next - replies.len()`).
     next: u64,
     bytes: usize,
     replies: VecDeque<Reply>,
@@ -49,30 +50,35 @@ struct Kept {
     asked: bool,
 }
 
+#[derive(Clone)]
 struct Reply {
-    number: u64,
     subject: Subject,
     headers: Option<HeaderMap>,
     payload: Bytes,
+}
+
+impl Kept {
+    /// Forgets the `n` oldest replies.
+    fn forget_oldest(&mut self, n: usize) {
+        for old in self.replies.drain(..n.min(self.replies.len())) {
+            self.bytes -= old.payload.len();
+        }
+    }
 }
 
 impl Unconfirmed {
     /// Keeps a reply about to be published.
     pub(super) fn keep(&self, subject: &Subject, headers: Option<&HeaderMap>, payload: &Bytes) {
         let mut kept = self.inner.lock().unwrap();
-        let number = kept.next;
         kept.next += 1;
         kept.bytes += payload.len();
         kept.replies.push_back(Reply {
-            number,
             subject: subject.clone(),
             headers: headers.cloned(),
             payload: payload.clone(),
         });
         while kept.bytes > MAX_KEPT_BYTES && kept.replies.len() > 1 {
-            if let Some(old) = kept.replies.pop_front() {
-                kept.bytes -= old.payload.len();
-            }
+            kept.forget_oldest(1);
         }
         let full = kept.replies.len() >= CONFIRM_AFTER || kept.bytes >= CONFIRM_AFTER_BYTES;
         if full && !kept.asked {
@@ -88,7 +94,9 @@ impl Unconfirmed {
     }
 
     /// Where the replies stand now: pass it to [`Unconfirmed::confirm`]
-    /// once a round trip started after this call comes back.
+    /// once a round trip started after this call comes back. (The round
+    /// trip it is for also answers an early ask, so the next fill may ask
+    /// again.)
     pub(super) fn mark(&self) -> u64 {
         let mut kept = self.inner.lock().unwrap();
         kept.asked = false;
@@ -98,11 +106,8 @@ impl Unconfirmed {
     /// The server has every reply published before `mark`: forget them.
     pub(super) fn confirm(&self, mark: u64) {
         let mut kept = self.inner.lock().unwrap();
-        while kept.replies.front().is_some_and(|r| r.number < mark) {
-            if let Some(old) = kept.replies.pop_front() {
-                kept.bytes -= old.payload.len();
-            }
-        }
+        let oldest = kept.next - kept.replies.len() as u64;
+        kept.forget_oldest(mark.saturating_sub(oldest) as usize);
     }
 
     /// How many replies are kept.
@@ -113,13 +118,7 @@ impl Unconfirmed {
 
     /// Publishes every kept reply again (they stay kept until confirmed).
     pub(super) async fn send_again(&self, client: &async_nats::Client) {
-        let again: Vec<(Subject, Option<HeaderMap>, Bytes)> = {
-            let kept = self.inner.lock().unwrap();
-            kept.replies
-                .iter()
-                .map(|r| (r.subject.clone(), r.headers.clone(), r.payload.clone()))
-                .collect()
-        };
+        let again: Vec<Reply> = self.inner.lock().unwrap().replies.iter().cloned().collect();
         if again.is_empty() {
             return;
         }
@@ -127,7 +126,12 @@ impl Unconfirmed {
             replies = again.len(),
             "publishing again the replies the server may have lost"
         );
-        for (subject, headers, payload) in again {
+        for Reply {
+            subject,
+            headers,
+            payload,
+        } in again
+        {
             let sent = match headers {
                 Some(headers) => client.publish_with_headers(subject, headers, payload).await,
                 None => client.publish(subject, payload).await,
