@@ -8,7 +8,8 @@ use flame::ops::{EventKind, PoolEventMessage, Reason};
 use flame::{CallOptions, Flame};
 use flame_tests::funcs::*;
 use flame_tests::harness::{
-    kill9, runner_backend, shared_pool, wait_for, EventLog, FailingFirst, NoExitNotice, TestEnv,
+    kill9, path_in, runner_backend, shared_pool, wait_for, EventLog, FailingFirst, NoExitNotice,
+    TestEnv,
 };
 use flame_tests::TEST_BUILD;
 
@@ -51,6 +52,15 @@ fn assert_whole_life(all: &[PoolEventMessage], runner: &str, events: &EventLog) 
         "{:?}",
         events.kinds()
     );
+}
+
+/// Another parent on the test's NATS server.
+async fn second_parent(env: &TestEnv) -> Flame {
+    flame_tests::harness::builder()
+        .nats_url(env.server.url())
+        .init()
+        .await
+        .unwrap()
 }
 
 fn is_time(t: &str) -> bool {
@@ -97,9 +107,9 @@ async fn a_private_runner_is_followed_from_boot_to_idle_exit() {
     let ready = &all[position(&all, EventKind::RunnerReady, &runner)];
     assert_eq!((ready.runners, ready.ready), (1, 1), "{ready:?}");
     let busy = &all[position(&all, EventKind::RunnerBusy, &runner)];
-    assert_eq!(busy.load, 1, "{busy:?}");
+    assert_eq!((busy.load, busy.runner_load), (1, Some(1)), "{busy:?}");
     let idle = &all[position(&all, EventKind::RunnerIdle, &runner)];
-    assert_eq!(idle.load, 0, "{idle:?}");
+    assert_eq!((idle.load, idle.runner_load), (0, Some(0)), "{idle:?}");
     let retiring = &all[position(&all, EventKind::RunnerRetiring, &runner)];
     assert_eq!(retiring.reason, Some(Reason::Idle));
     assert_eq!(gone.runners, 0, "{gone:?}");
@@ -109,6 +119,87 @@ async fn a_private_runner_is_followed_from_boot_to_idle_exit() {
     );
     assert!(at.pid > 0);
     assert_eq!(events.of(EventKind::RunnerReady).len(), 1, "booted once");
+}
+
+/// Holds a call of `first` on the pool's one runner, then one of each of
+/// `then`, until released, and checks that the runner's events tell its
+/// load: 1, then all of them, then 0 (`runner_load`). Returns the event
+/// that told all of them.
+async fn assert_load_is_told(
+    events: &EventLog,
+    first: &flame::Pool,
+    then: &[&flame::Pool],
+) -> PoolEventMessage {
+    let dir = tempfile::tempdir().unwrap();
+    let release = path_in(&dir, "release");
+    let hold = |pool: &flame::Pool| {
+        let (pool, release) = (pool.clone(), release.clone());
+        tokio::spawn(async move {
+            pool.call_with::<wait_for_file>((release, 60_000), CallOptions::new().timeout(LONG))
+                .await
+        })
+    };
+    let mut held = vec![hold(first)];
+    let one = events
+        .wait(EventKind::RunnerBusy, LONG, |e| e.runner_load == Some(1))
+        .await;
+    held.extend(then.iter().map(|pool| hold(pool)));
+    let all = 1 + then.len();
+    let full = events
+        .wait(EventKind::RunnerBusy, LONG, |e| e.runner_load == Some(all))
+        .await;
+    std::fs::write(&release, b"go").unwrap();
+    for call in held {
+        assert!(call.await.unwrap().unwrap(), "released, not timed out");
+    }
+    let idle = events
+        .wait(EventKind::RunnerIdle, LONG, |e| e.runner == one.runner)
+        .await;
+    assert_eq!(idle.runner_load, Some(0), "{idle:?}");
+    assert_eq!(full.runner, one.runner, "{:?}", events.kinds());
+    for busy in events.of(EventKind::RunnerBusy) {
+        let load = busy.runner_load.expect("runner_busy says how busy");
+        assert!((1..=all).contains(&load), "{busy:?}");
+    }
+    full
+}
+
+#[tokio::test]
+async fn a_busy_runners_changing_load_is_announced() {
+    let env = TestEnv::start().await;
+    let events = EventLog::subscribe(&env, "ev-load").await;
+    let pool = env
+        .pool("ev-load")
+        .max(1)
+        .max_concurrency(3)
+        .start()
+        .await
+        .unwrap();
+    assert_load_is_told(&events, &pool, &[&pool, &pool]).await;
+}
+
+#[tokio::test]
+async fn a_shared_runners_load_counts_every_parent() {
+    let env = TestEnv::start().await;
+    let second = second_parent(&env).await;
+    let events = EventLog::subscribe(&env, "ev-shared-load").await;
+    let build = |flame: &Flame| {
+        shared_pool(flame, "ev-shared-load")
+            .max(1)
+            .max_concurrency(3)
+    };
+    let a = build(&env.flame).start().await.unwrap();
+    events.wait(EventKind::ScalerElected, LONG, |_| true).await;
+    let b = build(&second).start().await.unwrap();
+    // A call of the parent that is not the scaler, then two of the
+    // scaler's: the runner's lease counts all three.
+    let full = assert_load_is_told(&events, &b, &[&a, &a]).await;
+    assert_eq!(
+        full.parent,
+        env.flame.parent_id(),
+        "published by the scaler"
+    );
+    drop((a, b));
 }
 
 #[tokio::test]
@@ -208,11 +299,7 @@ async fn new_limits_and_a_shutdown_are_announced() {
 #[tokio::test]
 async fn a_shared_pool_announces_each_change_once_from_its_scaler() {
     let env = TestEnv::start().await;
-    let second = flame_tests::harness::builder()
-        .nats_url(env.server.url())
-        .init()
-        .await
-        .unwrap();
+    let second = second_parent(&env).await;
     let events = EventLog::subscribe(&env, "ev-shared").await;
     let build = |flame: &Flame| {
         shared_pool(flame, "ev-shared")
@@ -272,11 +359,7 @@ async fn a_killed_shared_runner_is_announced_as_crashed() {
 #[tokio::test]
 async fn the_last_parent_out_announces_the_end_of_runners_it_did_not_boot() {
     let env = TestEnv::start().await;
-    let second = flame_tests::harness::builder()
-        .nats_url(env.server.url())
-        .init()
-        .await
-        .unwrap();
+    let second = second_parent(&env).await;
     let events = EventLog::subscribe(&env, "ev-last").await;
     let a = shared_pool(&env.flame, "ev-last")
         .min(1)

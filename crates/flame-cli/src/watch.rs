@@ -21,6 +21,9 @@ pub(crate) fn line(e: &PoolEventMessage) -> String {
     if let Some(runner) = &e.runner {
         out.push_str(&format!(" {}…", short(runner, 8)));
     }
+    if let Some(load) = e.runner_load {
+        out.push_str(&format!(" runner_load={load}"));
+    }
     if e.kind() == Some(EventKind::ScalerElected) {
         out.push_str(&format!(" scaler={}…", short(&e.parent, 8)));
     }
@@ -111,6 +114,15 @@ mod tests {
         assert_eq!(
             line(&ready),
             "08:00:00.123 thumbs runner_ready 3f2a9c1e… runners=3 ready=2 load=5"
+        );
+        let busy = event(serde_json::json!({
+            "type": "io.flame.pool.v1.runner_busy", "id": "x", "time": "2026-11-22T08:00:00.500Z",
+            "pool": "thumbs", "runner": "3f2a9c1e8b7d4f60a1c2d3e4f5061728", "parent": "p", "build": "b",
+            "runners": 3, "ready": 3, "load": 5, "waiting": 0, "runner_load": 2
+        }));
+        assert_eq!(
+            line(&busy),
+            "08:00:00.500 thumbs runner_busy 3f2a9c1e… runner_load=2 runners=3 ready=3 load=5"
         );
         let gone = event(serde_json::json!({
             "type": "io.flame.pool.v1.runner_gone", "id": "x", "time": "2026-11-22T08:00:01.000Z",

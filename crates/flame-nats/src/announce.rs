@@ -35,6 +35,7 @@ pub(crate) struct Outgoing {
     at: SystemTime,
     counts: Counts,
     runner: Option<Arc<str>>,
+    runner_load: Option<usize>,
     reason: Option<Reason>,
     detail: Option<String>,
     limits: Option<(usize, usize)>,
@@ -48,6 +49,7 @@ impl Outgoing {
             at: SystemTime::now(),
             counts,
             runner: None,
+            runner_load: None,
             reason: None,
             detail: None,
             limits: None,
@@ -57,6 +59,12 @@ impl Outgoing {
     /// About this runner.
     pub(crate) fn runner(mut self, id: impl Into<Arc<str>>) -> Outgoing {
         self.runner = Some(id.into());
+        self
+    }
+
+    /// With this runner's load (`runner_busy`, `runner_idle`).
+    pub(crate) fn runner_load(mut self, load: usize) -> Outgoing {
+        self.runner_load = Some(load);
         self
     }
 
@@ -108,6 +116,7 @@ impl Announcer {
                     ready: out.counts.ready,
                     load: out.counts.load,
                     waiting: out.counts.waiting,
+                    runner_load: out.runner_load,
                     reason: out.reason,
                     detail: out.detail,
                     min: out.limits.map(|l| l.0),

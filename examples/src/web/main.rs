@@ -139,9 +139,6 @@ struct App {
     jobs: Arc<AtomicU64>,
     /// This parent's uploads waiting for a runner.
     waiting: Arc<AtomicUsize>,
-    /// Woken when one of this parent's uploads got its runner or ended:
-    /// the runners' loads changed.
-    loads_changed: Arc<tokio::sync::Notify>,
     /// Short id of this parent, to tell the jobs of several apart.
     parent: String,
     /// Cancelled when the app stops: ends the event streams.
@@ -227,7 +224,6 @@ impl App {
             }
         }
         self.send(PageEvent::new("job", &progress));
-        self.loads_changed.notify_one();
         let runners = result?;
         Ok(JobSummary {
             job,
@@ -251,7 +247,6 @@ impl App {
         self.upload_waits(true);
         let call = flame::call!(self.pool, thumbnails(video, job.to_string(), every)).await;
         self.upload_waits(false);
-        self.loads_changed.notify_one();
         let mut thumbs = call.map_err(|e| e.to_string())?;
         let mut runners = Vec::new();
         while let Some(thumb) = thumbs.next().await {
@@ -550,40 +545,25 @@ async fn run() -> anyhow::Result<()> {
         panel: Arc::default(),
         jobs: Arc::default(),
         waiting: Arc::default(),
-        loads_changed: Arc::default(),
         parent: flame.parent_id()[..8].to_string(),
         stopping: CancellationToken::new(),
     };
-    // The runners panel: the pool's events, with the runners' loads read
-    // when they come and when an upload gets its runner or ends.
+    // The runners panel: the pool's events, loads included.
     let relay = {
         let app = app.clone();
         let pool = pool.clone();
-        let mut pool_events = Box::pin(pool_events);
         tokio::spawn(async move {
-            let mut loads = panel::Loads::default();
             let show = |event: panel::RunnerEvent| {
                 app.panel.apply(&event);
                 app.send(PageEvent::new("runner", &event));
             };
             for event in panel::present(&pool) {
-                show(loads.fill(&pool, event));
+                show(event);
             }
-            loop {
-                tokio::select! {
-                    message = pool_events.next() => match message {
-                        Some(message) => {
-                            if let Some(event) = panel::runner_event(&message) {
-                                show(loads.fill(&pool, event));
-                            }
-                        }
-                        None => break,
-                    },
-                    _ = app.loads_changed.notified() => {
-                        for event in loads.changed(&pool) {
-                            show(event);
-                        }
-                    }
+            let mut pool_events = std::pin::pin!(pool_events);
+            while let Some(message) = pool_events.next().await {
+                if let Some(event) = panel::runner_event(&message) {
+                    show(event);
                 }
             }
         })

@@ -8,10 +8,9 @@
 //! `runner_busy`, `runner_idle`, `runner_draining`, `runner_gone`,
 //! `boot_failed`).
 //!
-//! Events say when a runner turns busy, not how busy: its load (this
-//! parent's uploads on it) is read from [`flame::Pool::runners`] when an
-//! event comes and when one of this parent's uploads starts or ends
-//! ([`Loads`]), the only moments it changes here.
+//! A runner's load comes with its events (`runner_load`): `runner_busy`
+//! again whenever a busy runner's load changes, counting every parent's
+//! uploads in a shared pool.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -47,8 +46,8 @@ pub(crate) struct RunnerEvent {
     pub(crate) kind: Kind,
     /// The runner's id.
     pub(crate) runner: String,
-    /// Calls running there now, as far as this parent knows (its own in a
-    /// shared pool).
+    /// Uploads running or waiting there now (every parent's in a shared
+    /// pool).
     pub(crate) load: usize,
     /// Why it left, or why a boot failed.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -78,7 +77,11 @@ pub(crate) fn runner_event(message: &PoolEventMessage) -> Option<RunnerEvent> {
     Some(RunnerEvent {
         kind,
         runner: message.runner.clone().unwrap_or_default(),
-        load: usize::from(kind == Kind::RunnerBusy),
+        // At least 1 when busy, should a publisher not say how busy.
+        load: match kind {
+            Kind::RunnerBusy => message.runner_load.unwrap_or(1).max(1),
+            _ => 0,
+        },
         reason,
     })
 }
@@ -104,7 +107,8 @@ pub(crate) async fn pool_events(
 }
 
 /// The runners already in the pool when the page's source starts (a
-/// parent joining a shared pool late), as events.
+/// parent joining a shared pool late), as events. Their load is this
+/// parent's until their next event says every parent's.
 pub(crate) fn present(pool: &flame::Pool) -> Vec<RunnerEvent> {
     pool.runners()
         .into_iter()
@@ -120,54 +124,6 @@ pub(crate) fn present(pool: &flame::Pool) -> Vec<RunnerEvent> {
             reason: None,
         })
         .collect()
-}
-
-/// The load of each busy runner as the page was last told it, to tell it
-/// again when it changes.
-#[derive(Debug, Default)]
-pub(crate) struct Loads {
-    busy: BTreeMap<String, usize>,
-}
-
-impl Loads {
-    /// `event` with the runner's load as `pool` has it now (at least 1
-    /// when busy: another parent's call counts too); remembers it.
-    pub(crate) fn fill(&mut self, pool: &flame::Pool, mut event: RunnerEvent) -> RunnerEvent {
-        if event.kind == Kind::RunnerBusy {
-            let load = pool
-                .runners()
-                .into_iter()
-                .find(|r| r.id == event.runner)
-                .map_or(0, |r| r.load);
-            event.load = load.max(1);
-            self.busy.insert(event.runner.clone(), event.load);
-        } else {
-            self.busy.remove(&event.runner);
-        }
-        event
-    }
-
-    /// After one of this parent's uploads started or ended: a
-    /// `runner_busy` with the new load of each busy runner whose load
-    /// changed.
-    pub(crate) fn changed(&mut self, pool: &flame::Pool) -> Vec<RunnerEvent> {
-        let now: BTreeMap<String, usize> =
-            pool.runners().into_iter().map(|r| (r.id, r.load)).collect();
-        let mut events = Vec::new();
-        for (runner, shown) in self.busy.iter_mut() {
-            let load = now.get(runner).copied().unwrap_or(0).max(1);
-            if load != *shown {
-                *shown = load;
-                events.push(RunnerEvent {
-                    kind: Kind::RunnerBusy,
-                    runner: runner.clone(),
-                    load,
-                    reason: None,
-                });
-            }
-        }
-        events
-    }
 }
 
 /// The pool's counts the page shows.
@@ -244,6 +200,11 @@ mod tests {
         assert_eq!(kind("runner_booting"), Some((Kind::RunnerBooting, 0)));
         assert_eq!(kind("runner_ready"), Some((Kind::RunnerReady, 0)));
         assert_eq!(kind("runner_busy"), Some((Kind::RunnerBusy, 1)));
+        let busy = runner_event(&message(serde_json::json!({
+            "type": "io.flame.pool.v1.runner_busy", "runner": "r1", "runner_load": 3,
+        })))
+        .unwrap();
+        assert_eq!((busy.kind, busy.load), (Kind::RunnerBusy, 3));
         assert_eq!(kind("runner_idle"), Some((Kind::RunnerIdle, 0)));
         assert_eq!(kind("runner_retiring"), Some((Kind::RunnerDraining, 0)));
         assert_eq!(kind("scaler_elected"), None);

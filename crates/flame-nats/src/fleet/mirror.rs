@@ -275,6 +275,8 @@ impl Fleet {
         let id = lease.runner.as_str();
         let load = lease.load + lease.queued;
         let runner_event = |kind: EventKind| move |c: Counts| Outgoing::new(kind, c).runner(id);
+        let with_load =
+            |kind: EventKind| move |c: Counts| Outgoing::new(kind, c).runner(id).runner_load(load);
         match (before, lease.state) {
             (None, LeaseState::Booting) => {
                 self.announce(st, runner_event(EventKind::RunnerBooting));
@@ -282,14 +284,16 @@ impl Fleet {
             (None | Some((LeaseState::Booting, _)), LeaseState::Ready) => {
                 self.announce(st, runner_event(EventKind::RunnerReady));
                 if load > 0 {
-                    self.announce(st, runner_event(EventKind::RunnerBusy));
+                    self.announce(st, with_load(EventKind::RunnerBusy));
                 }
             }
-            (Some((LeaseState::Ready, was)), LeaseState::Ready) => {
-                if was == 0 && load > 0 {
-                    self.announce(st, runner_event(EventKind::RunnerBusy));
-                } else if was > 0 && load == 0 {
-                    self.announce(st, runner_event(EventKind::RunnerIdle));
+            // Busy again when the load changes: leases are renewed once a
+            // heartbeat, so at most that often.
+            (Some((LeaseState::Ready, was)), LeaseState::Ready) if was != load => {
+                if load > 0 {
+                    self.announce(st, with_load(EventKind::RunnerBusy));
+                } else {
+                    self.announce(st, with_load(EventKind::RunnerIdle));
                 }
             }
             // Retired by this scaler: announced when it sent `retire`.

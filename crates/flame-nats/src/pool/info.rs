@@ -10,7 +10,7 @@ use futures::StreamExt;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::model::{RunnerId, RunnerState};
+use super::model::{PoolModel, RunnerId, RunnerState};
 use super::runners::RunnerEntry;
 use super::{PoolInner, State};
 use crate::announce::{Counts, Outgoing};
@@ -20,6 +20,11 @@ use crate::protocol::pool_events::{EventKind, PoolInfo, Reason};
 /// between two calls of a steady caller is not announced idle and busy
 /// again for every call (that would cost a published event per call).
 pub(super) const IDLE_QUIET: Duration = Duration::from_millis(200);
+
+/// This parent's calls on `id` now.
+fn load_on(model: &PoolModel, id: &RunnerId) -> usize {
+    model.runner(id).map_or(0, |(_, load)| load)
+}
 
 impl PoolInner {
     /// Publishes a runner event of a private pool, with the pool's numbers
@@ -33,21 +38,26 @@ impl PoolInner {
 
     /// A call was placed on `id`: `runner_busy`, unless the runner is
     /// busy as far as the last events said (it was idle for less than
-    /// [`IDLE_QUIET`]: events follow the pool's state, not every call).
+    /// [`IDLE_QUIET`]: events follow the pool's state, not every call; a
+    /// changed load is told by [`PoolInner::announce_idle`]).
     pub(super) fn busy_if_first(&self, st: &mut State, id: &RunnerId) {
         if self.fleet.is_some() {
             return;
         }
+        let load = load_on(&st.model, id);
         let Some(entry) = st.runners.get_mut(id) else {
             return;
         };
         entry.idle_since = None;
-        if !entry.announced_busy {
-            entry.announced_busy = true;
+        if entry.announced_load.is_none() {
+            entry.announced_load = Some(load);
             // (Counted only when announcing: this runs on every call.)
             let counts = st.model.counts();
-            self.events
-                .send(Outgoing::new(EventKind::RunnerBusy, counts).runner(id.clone()));
+            self.events.send(
+                Outgoing::new(EventKind::RunnerBusy, counts)
+                    .runner(id.clone())
+                    .runner_load(load),
+            );
         }
     }
 
@@ -58,7 +68,11 @@ impl PoolInner {
         if self.fleet.is_some() || st.model.runner(id).is_none_or(|(_, load)| load != 0) {
             return;
         }
-        if let Some(entry) = st.runners.get_mut(id).filter(|e| e.announced_busy) {
+        if let Some(entry) = st
+            .runners
+            .get_mut(id)
+            .filter(|e| e.announced_load.is_some())
+        {
             entry.idle_since.get_or_insert_with(Instant::now);
         }
     }
@@ -68,14 +82,16 @@ impl PoolInner {
     pub(super) fn settle_idle(&self, st: &mut State, id: &RunnerId) {
         let counts = st.model.counts();
         if let Some(entry) = st.runners.get_mut(id) {
-            if entry.announced_busy && entry.idle_since.is_some() {
+            if entry.announced_load.is_some() && entry.idle_since.is_some() {
                 self.idle_now(entry, id, counts);
             }
         }
     }
 
     /// `runner_idle` for the runners idle for [`IDLE_QUIET`] since they
-    /// were announced busy. Called every quarter heartbeat.
+    /// were announced busy, and `runner_busy` again for the busy ones whose
+    /// load changed since their last event. Called every quarter
+    /// heartbeat, so a busy runner's load is told at most that often.
     pub(super) fn announce_idle(&self, st: &mut State) {
         let counts = st.model.counts();
         for (id, entry) in st.runners.iter_mut() {
@@ -84,6 +100,16 @@ impl PoolInner {
                 .is_some_and(|at| at.elapsed() >= IDLE_QUIET)
             {
                 self.idle_now(entry, id, counts);
+                continue;
+            }
+            let load = load_on(&st.model, id);
+            if load > 0 && entry.announced_load.is_some_and(|told| told != load) {
+                entry.announced_load = Some(load);
+                self.events.send(
+                    Outgoing::new(EventKind::RunnerBusy, counts)
+                        .runner(id.clone())
+                        .runner_load(load),
+                );
             }
         }
     }
@@ -91,9 +117,12 @@ impl PoolInner {
     /// Announces `id` idle: its next call announces it busy again.
     fn idle_now(&self, entry: &mut RunnerEntry, id: &RunnerId, counts: Counts) {
         entry.idle_since = None;
-        entry.announced_busy = false;
-        self.events
-            .send(Outgoing::new(EventKind::RunnerIdle, counts).runner(id.clone()));
+        entry.announced_load = None;
+        self.events.send(
+            Outgoing::new(EventKind::RunnerIdle, counts)
+                .runner(id.clone())
+                .runner_load(0),
+        );
     }
 
     /// Why a runner that stops on its own stops, when the parent did not

@@ -54,8 +54,9 @@ pub(super) struct RunnerEntry {
     /// Why it drains, when this parent decided it (private pools): its
     /// `runner_retiring` was published then, and its `runner_gone` says it.
     pub(super) drain_cause: Option<Reason>,
-    /// The last of its events said busy (private pools).
-    pub(super) announced_busy: bool,
+    /// The load the last of its events told, while they say busy
+    /// (private pools); `None` while idle.
+    pub(super) announced_load: Option<usize>,
     /// Since when it has had no call, while announced busy.
     pub(super) idle_since: Option<Instant>,
 }
@@ -79,7 +80,7 @@ impl RunnerEntry {
             log_seq: 0,
             outages_seen: None,
             drain_cause: None,
-            announced_busy: false,
+            announced_load: None,
             idle_since: None,
         }
     }

@@ -39,7 +39,8 @@ pub enum EventKind {
     /// A boot failed (`reason`, `detail`); the pool retries while callers
     /// wait.
     RunnerBootFailed,
-    /// A runner's load went from 0 to more.
+    /// A runner's load went from 0 to more, or changed while above 0
+    /// (`runner_load`).
     RunnerBusy,
     /// A runner's load went back to 0.
     RunnerIdle,
@@ -236,6 +237,13 @@ pub struct PoolEventMessage {
     pub load: usize,
     /// Callers waiting for a slot, after the change.
     pub waiting: usize,
+    /// `runner_busy` and `runner_idle`: calls running or waiting on this
+    /// runner after the change (0 when idle). A private pool counts its
+    /// parent's calls; a shared pool every parent's, as the runner's lease
+    /// says. A busy runner whose load changes is announced busy again with
+    /// its new load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner_load: Option<usize>,
     /// Why: `runner_boot_failed`, `runner_retiring`, `runner_gone`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<Reason>,
@@ -340,6 +348,7 @@ mod tests {
             ready: 2,
             load: 5,
             waiting: 0,
+            runner_load: None,
             reason: None,
             detail: None,
             min: None,
@@ -361,7 +370,11 @@ mod tests {
         assert_eq!(v["type"], "io.flame.pool.v1.runner_gone");
         assert_eq!(v["reason"], "out_of_memory");
         assert_eq!(v["detail"], "runner process ran out of memory");
-        assert!(v.get("min").is_none());
+        assert!(v.get("min").is_none() && v.get("runner_load").is_none());
+        let mut busy = message(EventKind::RunnerBusy);
+        busy.runner_load = Some(2);
+        let v: serde_json::Value = serde_json::to_value(&busy).unwrap();
+        assert_eq!(v["runner_load"].as_u64(), Some(2));
         let mut limits = message(EventKind::LimitsChanged);
         limits.runner = None;
         limits.min = Some(1);
