@@ -54,15 +54,6 @@ fn assert_whole_life(all: &[PoolEventMessage], runner: &str, events: &EventLog) 
     );
 }
 
-/// Another parent on the test's NATS server.
-async fn second_parent(env: &TestEnv) -> Flame {
-    flame_tests::harness::builder()
-        .nats_url(env.server.url())
-        .init()
-        .await
-        .unwrap()
-}
-
 fn is_time(t: &str) -> bool {
     // 2026-11-22T08:00:00.123Z
     t.len() == 24 && t.ends_with('Z') && &t[10..11] == "T" && &t[19..20] == "."
@@ -181,7 +172,7 @@ async fn a_busy_runners_changing_load_is_announced() {
 #[tokio::test]
 async fn a_shared_runners_load_counts_every_parent() {
     let env = TestEnv::start().await;
-    let second = second_parent(&env).await;
+    let second = env.another_parent().await;
     let events = EventLog::subscribe(&env, "ev-shared-load").await;
     let build = |flame: &Flame| {
         shared_pool(flame, "ev-shared-load")
@@ -299,7 +290,7 @@ async fn new_limits_and_a_shutdown_are_announced() {
 #[tokio::test]
 async fn a_shared_pool_announces_each_change_once_from_its_scaler() {
     let env = TestEnv::start().await;
-    let second = second_parent(&env).await;
+    let second = env.another_parent().await;
     let events = EventLog::subscribe(&env, "ev-shared").await;
     let build = |flame: &Flame| {
         shared_pool(flame, "ev-shared")
@@ -359,7 +350,7 @@ async fn a_killed_shared_runner_is_announced_as_crashed() {
 #[tokio::test]
 async fn the_last_parent_out_announces_the_end_of_runners_it_did_not_boot() {
     let env = TestEnv::start().await;
-    let second = second_parent(&env).await;
+    let second = env.another_parent().await;
     let events = EventLog::subscribe(&env, "ev-last").await;
     let a = shared_pool(&env.flame, "ev-last")
         .min(1)

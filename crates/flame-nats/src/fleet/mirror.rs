@@ -290,11 +290,12 @@ impl Fleet {
             // Busy again when the load changes: leases are renewed once a
             // heartbeat, so at most that often.
             (Some((LeaseState::Ready, was)), LeaseState::Ready) if was != load => {
-                if load > 0 {
-                    self.announce(st, with_load(EventKind::RunnerBusy));
+                let kind = if load > 0 {
+                    EventKind::RunnerBusy
                 } else {
-                    self.announce(st, with_load(EventKind::RunnerIdle));
-                }
+                    EventKind::RunnerIdle
+                };
+                self.announce(st, with_load(kind));
             }
             // Retired by this scaler: announced when it sent `retire`.
             (Some((state, _)), LeaseState::Draining)

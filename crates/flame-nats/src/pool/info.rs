@@ -44,20 +44,14 @@ impl PoolInner {
         if self.fleet.is_some() {
             return;
         }
-        let load = load_on(&st.model, id);
         let Some(entry) = st.runners.get_mut(id) else {
             return;
         };
         entry.idle_since = None;
         if entry.announced_load.is_none() {
-            entry.announced_load = Some(load);
             // (Counted only when announcing: this runs on every call.)
-            let counts = st.model.counts();
-            self.events.send(
-                Outgoing::new(EventKind::RunnerBusy, counts)
-                    .runner(id.clone())
-                    .runner_load(load),
-            );
+            let load = load_on(&st.model, id);
+            self.busy_now(entry, id, load, st.model.counts());
         }
     }
 
@@ -104,14 +98,19 @@ impl PoolInner {
             }
             let load = load_on(&st.model, id);
             if load > 0 && entry.announced_load.is_some_and(|told| told != load) {
-                entry.announced_load = Some(load);
-                self.events.send(
-                    Outgoing::new(EventKind::RunnerBusy, counts)
-                        .runner(id.clone())
-                        .runner_load(load),
-                );
+                self.busy_now(entry, id, load, counts);
             }
         }
+    }
+
+    /// Announces `id` busy with `load` calls.
+    fn busy_now(&self, entry: &mut RunnerEntry, id: &RunnerId, load: usize, counts: Counts) {
+        entry.announced_load = Some(load);
+        self.events.send(
+            Outgoing::new(EventKind::RunnerBusy, counts)
+                .runner(id.clone())
+                .runner_load(load),
+        );
     }
 
     /// Announces `id` idle: its next call announces it busy again.
