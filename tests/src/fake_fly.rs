@@ -1,14 +1,48 @@
-//! A local server that speaks enough of the Fly Machines API for flame's Fly
-//! backend, and really starts a runner process (the test app) for each
-//! Machine it is asked to create. Machines exit like real ones: a process
-//! that ends is a destroyed Machine (`auto_destroy`). The token `bad-token`
-//! is refused with 401, as Fly refuses an unknown one, and an image whose
-//! name holds `invalid` with 422, as Fly refuses a config it cannot run; a
-//! Machine of an image whose name holds `broken` fails to start. A Machine
-//! of an image whose name holds `memory-limited` gets its `guest.memory_mb`
-//! as its process's address-space limit, and running out of it is reported
-//! as Fly does: an `exit` event with `oom_killed: true` on `GET` of the
-//! Machine.
+//! A local stand-in for the Fly Machines API: it speaks what flame's Fly
+//! backend uses and really starts a runner process (the test app) for each
+//! Machine it is asked to create.
+//!
+//! What it models, and from where:
+//! - Create, get, list (filtered by `metadata.<key>`), stop, wait and
+//!   destroy of `/v1/apps/<app>/machines`, as Fly's Machines API reference
+//!   documents them (shared/REFERENCE.md section 3).
+//! - Machines exit like real ones: a process that ends is a destroyed
+//!   Machine (`auto_destroy`), and `GET` of it lists its `exit` event with
+//!   the exit code and `oom_killed` (Fly's machine events).
+//! - Refusals: the token `bad-token` gets 401, as Fly refuses an unknown
+//!   token; an image whose name holds `invalid` gets 422, as Fly refuses a
+//!   config it cannot run.
+//! - Rate limits: [`FakeFly::rate_limit_creates`] answers the next creates
+//!   with 429 and `Retry-After` (Fly documents about 1 request/s per
+//!   action with bursts of 3).
+//! - Machines that never run: an image whose name holds `broken` makes a
+//!   Machine that goes to `failed` at once; one whose name holds `stuck`
+//!   stays `created` for ever (no capacity, an image pull that never ends).
+//!   Neither is destroyed by `auto_destroy` (it destroys Machines whose
+//!   process exited, not ones that never started): both stay, and are
+//!   listed, until deleted.
+//! - A wait for `started` on a Machine that failed: Fly does not document
+//!   the answer (its CLI, `internal/machine/wait.go`, matches the words
+//!   "machine failed to reach desired state"), so each plausible one can be
+//!   chosen with [`FakeFly::failed_wait`]: 400 with those words at once
+//!   (the default), 412 at once, or 408 once the wait's own timeout ran
+//!   out. A wait on a Machine stuck in `created` answers 408 at its
+//!   timeout, as Fly does for any state not reached in time.
+//! - Waits honour their `timeout` (whole seconds; Fly caps it at 60), and
+//!   [`FakeFly::slow_started_wait`] makes a wait for `started` answer late
+//!   (a slow API: the runner may report ready over NATS first).
+//! - Stopping a Machine that is not started answers 409; destroying a
+//!   running one without `force=true` answers 412.
+//! - A runner whose image name holds `exits-early` is the test app started
+//!   in its `no-state` mode: a runner process that exits (code 3) before it
+//!   is ready, as an app missing its configuration does.
+//! - A Machine of an image whose name holds `memory-limited` gets its
+//!   `guest.memory_mb` as its process's address-space limit, and running
+//!   out of it is reported as Fly does: an `exit` event with
+//!   `oom_killed: true`.
+//!
+//! What it does not model: regions, volumes, leases, `suspend`, machine
+//! updates, and `instance_id` checks.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,6 +50,7 @@ use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
@@ -33,6 +68,8 @@ pub struct Recorded {
     pub authorization: String,
     /// JSON body, if any.
     pub body: Value,
+    /// When it came.
+    pub at: tokio::time::Instant,
 }
 
 #[derive(Default)]
@@ -50,6 +87,29 @@ struct Inner {
     limited: Vec<String>,
     /// Machines stopped or destroyed through the API.
     stopped: Vec<String>,
+    /// Machines that stay `created` (image `stuck`), until deleted.
+    stuck: Vec<String>,
+    /// Machines deleted through the API that never ran.
+    deleted: Vec<String>,
+    /// How a wait for `started` on a failed Machine answers.
+    failed_wait: FailedWait,
+    /// Creates still to answer with 429.
+    limited_creates: usize,
+    /// How long a wait for `started` on a started Machine takes to answer.
+    started_wait_delay: Duration,
+}
+
+/// How a wait for `started` answers on a Machine that failed (Fly does not
+/// document it; see the module doc).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FailedWait {
+    /// 400 "machine failed to reach desired state" at once.
+    #[default]
+    Error400,
+    /// 412 at once.
+    Status412,
+    /// 408 when the wait's timeout has run out.
+    Timeout408,
 }
 
 /// The fake API; stops its server and kills its machines on drop.
@@ -77,6 +137,39 @@ impl FakeFly {
             let _ = axum::serve(listener, router).await;
         });
         FakeFly { url, inner, server }
+    }
+
+    /// Chooses how a wait for `started` on a failed Machine answers.
+    pub fn failed_wait(&self, answer: FailedWait) {
+        self.inner.lock().unwrap().failed_wait = answer;
+    }
+
+    /// Answers waits for `started` this much later than the Machine
+    /// started (a slow API): its runner may report ready first.
+    pub fn slow_started_wait(&self, delay: Duration) {
+        self.inner.lock().unwrap().started_wait_delay = delay;
+    }
+
+    /// Answers the next `n` creates with 429 and `Retry-After: 1`.
+    pub fn rate_limit_creates(&self, n: usize) {
+        self.inner.lock().unwrap().limited_creates = n;
+    }
+
+    /// Machines the platform still has: running processes, and Machines
+    /// that failed or are stuck in `created` and were not deleted. What a
+    /// test must see empty once flame is done with a pool.
+    pub fn leftovers(&self) -> Vec<String> {
+        let inner = self.inner.lock().unwrap();
+        let mut left: Vec<String> = inner
+            .machines
+            .iter()
+            .filter(|(_, pid)| process_alive(**pid))
+            .map(|(id, _)| id.clone())
+            .collect();
+        left.extend(inner.failed.iter().cloned());
+        left.extend(inner.stuck.iter().cloned());
+        left.sort();
+        left
     }
 
     /// Every request so far.
@@ -118,14 +211,20 @@ fn record(s: &Shared, method: &'static str, path: String, headers: &HeaderMap, b
         path,
         authorization,
         body,
+        at: tokio::time::Instant::now(),
     });
 }
 
-async fn create(
+async fn create(s: Shared, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    created(s, headers, body).await.into_response()
+}
+
+async fn created(
     s: Shared,
     headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> (StatusCode, Json<Value>) {
+    body: Value,
+) -> (StatusCode, HeaderMap, Json<Value>) {
+    let plain = HeaderMap::new;
     record(&s, "POST", String::new(), &headers, body.clone());
     // A token Fly does not know.
     if headers
@@ -134,6 +233,7 @@ async fn create(
     {
         return (
             StatusCode::UNAUTHORIZED,
+            plain(),
             Json(json!({ "error": "unauthorized" })),
         );
     }
@@ -144,22 +244,50 @@ async fn create(
     {
         return (
             StatusCode::UNPROCESSABLE_ENTITY,
+            plain(),
             Json(json!({ "error": "invalid config: no such image" })),
         );
     }
-    let id = uuid::Uuid::new_v4().simple().to_string()[..14].to_string();
-    // An image that cannot start: the Machine fails at once (no process).
-    if body["config"]["image"]
-        .as_str()
-        .is_some_and(|i| i.contains("broken"))
     {
-        s.lock().unwrap().failed.push(id.clone());
-        return (
-            StatusCode::OK,
-            Json(json!({ "id": id, "instance_id": format!("inst-{id}"), "state": "created" })),
-        );
+        let mut inner = s.lock().unwrap();
+        if inner.limited_creates > 0 {
+            inner.limited_creates -= 1;
+            drop(inner);
+            let mut headers = HeaderMap::new();
+            headers.insert("retry-after", "1".parse().unwrap());
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                headers,
+                Json(json!({ "error": "rate limit exceeded" })),
+            );
+        }
+    }
+    let id = uuid::Uuid::new_v4().simple().to_string()[..14].to_string();
+    let image = body["config"]["image"].as_str().unwrap_or_default();
+    // An image that cannot start: the Machine fails at once (no process);
+    // one that never gets going stays `created`.
+    for (marker, list) in [("broken", true), ("stuck", false)] {
+        if image.contains(marker) {
+            let mut inner = s.lock().unwrap();
+            if list {
+                inner.failed.push(id.clone());
+            } else {
+                inner.stuck.push(id.clone());
+            }
+            inner
+                .metadata
+                .insert(id.clone(), body["config"]["metadata"].clone());
+            return (
+                StatusCode::OK,
+                plain(),
+                Json(json!({ "id": id, "instance_id": format!("inst-{id}"), "state": "created" })),
+            );
+        }
     }
     let mut cmd = std::process::Command::new(testapp());
+    if image.contains("exits-early") {
+        cmd.arg("no-state");
+    }
     // A Machine starts from its image with only the env it was given.
     cmd.env_clear();
     if let Some(path) = std::env::var_os("PATH") {
@@ -199,6 +327,7 @@ async fn create(
         Err(e) => {
             return (
                 StatusCode::INTERNAL_SERVER_ERROR,
+                plain(),
                 Json(json!({ "error": e.to_string() })),
             )
         }
@@ -228,6 +357,7 @@ async fn create(
     }
     (
         StatusCode::OK,
+        plain(),
         Json(json!({
             "id": id,
             "instance_id": format!("inst-{id}"),
@@ -246,20 +376,26 @@ async fn list(
 ) -> (StatusCode, Json<Value>) {
     record(&s, "GET", String::new(), &headers, json!(q));
     let inner = s.lock().unwrap();
-    let machines: Vec<Value> = inner
+    let states = inner
         .machines
         .iter()
-        .filter_map(|(id, pid)| {
-            let metadata = inner.metadata.get(id).cloned().unwrap_or(Value::Null);
-            let wanted = q.iter().all(|(k, v)| {
-                k.strip_prefix("metadata.")
-                    .is_none_or(|key| metadata[key].as_str() == Some(v.as_str()))
-            });
+        .map(|(id, pid)| {
             let state = if process_alive(*pid) {
                 "started"
             } else {
                 "destroyed"
             };
+            (id, state)
+        })
+        .chain(inner.failed.iter().map(|id| (id, "failed")))
+        .chain(inner.stuck.iter().map(|id| (id, "created")));
+    let machines: Vec<Value> = states
+        .filter_map(|(id, state)| {
+            let metadata = inner.metadata.get(id).cloned().unwrap_or(Value::Null);
+            let wanted = q.iter().all(|(k, v)| {
+                k.strip_prefix("metadata.")
+                    .is_none_or(|key| metadata[key].as_str() == Some(v.as_str()))
+            });
             wanted.then(|| json!({"id": id, "state": state, "config": {"metadata": metadata}}))
         })
         .collect();
@@ -272,17 +408,37 @@ fn pid_of(s: &Shared, id: &str) -> Option<u32> {
 
 async fn show(s: Shared, headers: HeaderMap, Path(id): Path<String>) -> (StatusCode, Json<Value>) {
     record(&s, "GET", format!("/{id}"), &headers, Value::Null);
-    if s.lock().unwrap().failed.contains(&id) {
-        return (StatusCode::OK, Json(json!({"id": id, "state": "failed"})));
+    {
+        let inner = s.lock().unwrap();
+        if inner.failed.contains(&id) {
+            return (StatusCode::OK, Json(json!({"id": id, "state": "failed"})));
+        }
+        if inner.stuck.contains(&id) {
+            return (StatusCode::OK, Json(json!({"id": id, "state": "created"})));
+        }
+        if inner.deleted.contains(&id) {
+            return (StatusCode::NOT_FOUND, Json(json!({"error": "not found"})));
+        }
     }
     match pid_of(&s, &id) {
         Some(pid) if process_alive(pid) => {
             (StatusCode::OK, Json(json!({"id": id, "state": "started"})))
         }
-        Some(_) => (
-            StatusCode::OK,
-            Json(json!({"id": id, "state": "destroyed", "events": exit_events(&s, &id)})),
-        ),
+        Some(_) => {
+            // The thread that reaps the process records how it ended a
+            // moment after it is gone: Fly lists the exit event with the
+            // destroyed Machine.
+            for _ in 0..100 {
+                if s.lock().unwrap().exits.contains_key(&id) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (
+                StatusCode::OK,
+                Json(json!({"id": id, "state": "destroyed", "events": exit_events(&s, &id)})),
+            )
+        }
         None => (StatusCode::NOT_FOUND, Json(json!({"error": "not found"}))),
     }
 }
@@ -343,17 +499,52 @@ async fn wait(
     Query(q): Query<HashMap<String, String>>,
 ) -> (StatusCode, Json<Value>) {
     record(&s, "GET", format!("/{id}/wait"), &headers, json!(q));
-    let secs: u64 = q.get("timeout").and_then(|t| t.parse().ok()).unwrap_or(60);
-    if s.lock().unwrap().failed.contains(&id) {
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"error": "machine failed to start: image cannot be run"})),
-        );
+    let secs: u64 = q
+        .get("timeout")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(60)
+        .min(60);
+    let timed_out = || async move {
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        (
+            StatusCode::REQUEST_TIMEOUT,
+            Json(
+                json!({"error": "deadline_exceeded: machine did not reach the desired state in time"}),
+            ),
+        )
+    };
+    let (failed, stuck, answer) = {
+        let inner = s.lock().unwrap();
+        (
+            inner.failed.contains(&id),
+            inner.stuck.contains(&id),
+            inner.failed_wait,
+        )
+    };
+    if failed {
+        return match answer {
+            FailedWait::Error400 => (
+                StatusCode::BAD_REQUEST,
+                Json(
+                    json!({"error": "machine failed to reach desired state, and restart policy was set to no restart"}),
+                ),
+            ),
+            FailedWait::Status412 => (
+                StatusCode::PRECONDITION_FAILED,
+                Json(json!({"error": "machine is in a failed state"})),
+            ),
+            FailedWait::Timeout408 => timed_out().await,
+        };
+    }
+    if stuck {
+        return timed_out().await;
     }
     let Some(pid) = pid_of(&s, &id) else {
         return (StatusCode::NOT_FOUND, Json(json!({"error": "not found"})));
     };
     if q.get("state").map(String::as_str) == Some("started") {
+        let delay = s.lock().unwrap().started_wait_delay;
+        tokio::time::sleep(delay).await;
         return if process_alive(pid) {
             (StatusCode::OK, Json(json!({"ok": true})))
         } else {
@@ -385,8 +576,18 @@ async fn destroy(
     record(&s, "DELETE", format!("/{id}"), &headers, json!(q));
     {
         let mut inner = s.lock().unwrap();
-        if let Some(i) = inner.failed.iter().position(|f| *f == id) {
-            inner.failed.remove(i);
+        let inner = &mut *inner;
+        let never_ran = [&mut inner.failed, &mut inner.stuck]
+            .into_iter()
+            .any(|list| match list.iter().position(|f| *f == id) {
+                Some(i) => {
+                    list.remove(i);
+                    true
+                }
+                None => false,
+            });
+        if never_ran {
+            inner.deleted.push(id.clone());
             return (StatusCode::OK, Json(json!({"ok": true})));
         }
     }
@@ -401,6 +602,14 @@ async fn destroy(
                 }
                 s.lock().unwrap().stopped.push(id.clone());
                 crate::harness::kill9(pid);
+                // Answered once it is gone (a SIGKILLed process takes a
+                // moment to die).
+                for _ in 0..200 {
+                    if !process_alive(pid) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
             }
             (StatusCode::OK, Json(json!({"ok": true})))
         }

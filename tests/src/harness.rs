@@ -16,6 +16,12 @@ use crate::TEST_BUILD;
 
 /// Path of the runner binary, built by cargo beside the tests.
 pub fn testapp() -> PathBuf {
+    // (The test app itself, when it is a parent of its own.)
+    if let Ok(exe) = std::env::current_exe() {
+        if exe.file_name().is_some_and(|n| n == "flame-testapp") {
+            return exe;
+        }
+    }
     binary_beside_tests("flame-testapp", "flame-tests")
 }
 

@@ -10,6 +10,7 @@ pub mod funcs;
 pub mod harness;
 pub mod jwt;
 pub mod nats_proxy;
+pub mod platform;
 pub mod spans;
 
 /// A private PostgreSQL per test (shared with the examples).

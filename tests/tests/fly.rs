@@ -510,3 +510,69 @@ async fn a_machine_out_of_memory_is_reported_as_such() {
     );
     pool.shutdown().await;
 }
+
+/// However the platform answers a wait for `started` on a Machine that
+/// failed (Fly does not document it: an error at once, 412, or 408 once
+/// the wait's own timeout ran out), the boot fails soon with the
+/// Machine's state, long before the boot timeout, and the Machine is
+/// destroyed.
+#[tokio::test]
+async fn a_failed_machine_fails_the_boot_soon_whatever_its_wait_answers() {
+    use flame_tests::fake_fly::FailedWait;
+    let env = TestEnv::start().await;
+    for (i, answer) in [
+        FailedWait::Error400,
+        FailedWait::Status412,
+        FailedWait::Timeout408,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let fly = FakeFly::start("flame-test").await;
+        fly.failed_wait(answer);
+        let started = tokio::time::Instant::now();
+        let err = env
+            .flame
+            .pool(&format!("failedwait{i}"))
+            .min(1)
+            .max(1)
+            .boot_timeout(Duration::from_secs(40))
+            .backend(backend_with(
+                &fly,
+                "test-token",
+                "registry.example/broken:1",
+            ))
+            .start()
+            .await
+            .unwrap_err();
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(15), "{answer:?}: {took:?}");
+        let text = err.to_string();
+        assert!(text.contains("it is failed"), "{answer:?}: {text}");
+        assert_eq!(fly.leftovers(), Vec::<String>::new(), "{answer:?}");
+    }
+}
+
+/// A runner can report ready over NATS before the platform's wait for
+/// `started` has answered: `shutdown()` in that window still stops its
+/// Machine before it returns.
+#[tokio::test]
+async fn shutdown_stops_a_machine_whose_boot_is_still_completing() {
+    let env = TestEnv::start().await;
+    let fly = FakeFly::start("flame-test").await;
+    fly.slow_started_wait(Duration::from_secs(3));
+    let pool = env
+        .flame
+        .pool("flylate")
+        .max(1)
+        .backend(backend(&fly))
+        .start()
+        .await
+        .unwrap();
+    // Served by a runner whose boot has not returned yet.
+    assert_eq!(flame::call!(pool, add(2, 2)).await.unwrap(), 4);
+    let handles: Vec<_> = pool.runners().into_iter().map(|r| r.handle).collect();
+    assert_eq!(handles, vec![None], "the boot had already returned");
+    pool.shutdown().await;
+    assert_eq!(fly.leftovers(), Vec::<String>::new());
+}

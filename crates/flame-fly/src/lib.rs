@@ -23,12 +23,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use flame_core::backend::{Backend, BootSpec, Booted, Listed, StopRunner};
-use flame_core::{BoxError, Error};
+use flame_core::backend::{Backend, BootError, BootSpec, Booted, Listed, StopRunner};
+use flame_core::{Backoff, BoxError, Error};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use reqwest::StatusCode;
 use serde::Serialize;
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 /// Default Machines API endpoint.
@@ -74,15 +75,119 @@ fn pause(attempt: u32, retry_after: Option<Duration>) -> Duration {
     if let Some(wait) = retry_after {
         return wait.min(MAX_PAUSE * 4);
     }
-    let base = FIRST_PAUSE
-        .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)))
-        .min(MAX_PAUSE);
-    // Jitter of up to a quarter, from the clock's low bits.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    base + base / 4 * (nanos % 1000) / 1000
+    Backoff::new(FIRST_PAUSE, MAX_PAUSE).pause(attempt)
+}
+
+/// Time past `shutdown_timeout` before a stopping Machine is destroyed by
+/// force: the runner's own drain takes all of `shutdown_timeout`, and its
+/// exit and the platform's bookkeeping come after it.
+const STOP_MARGIN: Duration = Duration::from_secs(2);
+
+/// Longest single wait for a Machine to start: a Machine that fails
+/// while a wait is held may only be answered at the wait's timeout (Fly
+/// does not document what it answers then), so the state is read at least
+/// this often.
+const WAIT_SLICE: Duration = Duration::from_secs(5);
+
+/// Pause before asking again after a wait that answered at once with an
+/// error (not a timeout).
+const WAIT_AGAIN_PAUSE: Duration = Duration::from_millis(250);
+
+/// Whole seconds for a wait's `timeout` parameter: `left` rounded up (a
+/// wait never ends before what it stands for), within Fly's 1 to 60.
+fn wait_secs(left: Duration) -> u64 {
+    let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+    secs.clamp(1, 60)
+}
+
+/// A failed boot as the pool should take it: the API refusing the request
+/// as such (bad token, no permission, no such app, an invalid config) or a
+/// Machine that failed is permanent; rate limits, no capacity, the API's
+/// own errors and a Machine still on its way when time ran out are
+/// transient.
+fn boot_error(e: FlyError) -> BoxError {
+    let permanent = match &e {
+        FlyError::Api { status, .. } => matches!(status, 400 | 401 | 403 | 404 | 422),
+        FlyError::NotStarted { state, .. } => !matches!(state.as_str(), "created" | "starting"),
+        FlyError::Transport(_) | FlyError::Unexpected(_) => false,
+    };
+    Box::new(if permanent {
+        BootError::permanent(e)
+    } else {
+        BootError::transient(e)
+    })
+}
+
+/// Runs cleanup that must happen even when whoever started it is gone: on
+/// the current runtime, or on a thread of its own when there is none (a
+/// pool dropped after its runtime). Returns a future that resolves when it
+/// is done; dropping that future does not stop the work.
+fn run_detached(
+    work: impl std::future::Future<Output = ()> + Send + 'static,
+) -> BoxFuture<'static, ()> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let work = async move {
+        work.await;
+        let _ = done_tx.send(());
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => {
+            rt.spawn(work);
+        }
+        Err(_) => {
+            std::thread::spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(work),
+                    Err(e) => warn!("cannot clean up a Fly Machine: no runtime ({e})"),
+                }
+            });
+        }
+    }
+    async move {
+        let _ = done_rx.await;
+    }
+    .boxed()
+}
+
+/// Destroys a Machine whose boot did not finish, when dropped armed: a
+/// boot future dropped mid-way (the pool's boot timeout, a closed pool)
+/// still leaves nothing behind.
+struct DestroyOnDrop {
+    api: Api,
+    id: String,
+    armed: bool,
+}
+
+impl DestroyOnDrop {
+    /// Destroys the Machine now and waits for it.
+    async fn destroy_now(mut self) {
+        self.armed = false;
+        if let Err(e) = self.api.destroy(&self.id).await {
+            warn!(machine = %self.id, "cannot destroy a Fly Machine that did not start: {e}");
+        }
+    }
+
+    /// The boot succeeded: the Machine is the runner's now.
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for DestroyOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            let (api, id) = (self.api.clone(), std::mem::take(&mut self.id));
+            debug!(machine = %id, "boot abandoned; destroying its Machine");
+            drop(run_detached(async move {
+                if let Err(e) = api.destroy(&id).await {
+                    warn!(machine = %id, "cannot destroy the Machine of an abandoned boot: {e}");
+                }
+            }));
+        }
+    }
 }
 
 /// Size of a runner Machine.
@@ -387,30 +492,41 @@ impl Backend for FlyBackend {
         };
         let body = serde_json::to_value(&body).expect("machine config serializes");
         let api = self.api.clone();
+        let deadline = spec.boot_timeout.map(|t| Instant::now() + t);
         async move {
             let created = api
-                .send(|http, base| http.post(base).json(&body))
-                .await?;
-            let machine: serde_json::Value = created.json().await.map_err(FlyError::Transport)?;
+                .send_until(|http, base| http.post(base).json(&body), deadline)
+                .await
+                .map_err(boot_error)?;
+            let machine: serde_json::Value = created
+                .json()
+                .await
+                .map_err(|e| boot_error(FlyError::Transport(e)))?;
             let id = machine["id"]
                 .as_str()
                 // (Not the response itself: it holds the Machine's
                 // config, secrets in its environment included.)
                 .ok_or_else(|| {
-                    FlyError::Unexpected("the created Machine's description has no id".into())
+                    boot_error(FlyError::Unexpected(
+                        "the created Machine's description has no id".into(),
+                    ))
                 })?
                 .to_string();
+            let guard = DestroyOnDrop {
+                api: api.clone(),
+                id: id.clone(),
+                armed: true,
+            };
             let instance = machine["instance_id"].as_str().map(str::to_string);
             debug!(pool = %spec.pool, runner = %spec.runner_id, machine = %id, "Fly Machine created");
             // A Machine that cannot start (a broken image, say) fails the
             // boot now, with what the platform says, not at the boot
             // timeout; and it is destroyed before the failure is reported.
-            if let Err(e) = api.wait_started(&id, instance.as_deref()).await {
-                if let Err(destroy) = api.destroy(&id).await {
-                    warn!(machine = %id, "cannot destroy a Fly Machine that did not start: {destroy}");
-                }
-                return Err(e.into());
+            if let Err(e) = api.wait_started(&id, instance.as_deref(), deadline).await {
+                guard.destroy_now().await;
+                return Err(boot_error(e));
             }
+            guard.disarm();
             Ok(Booted {
                 handle: id.clone(),
                 // The pool learns of the Machine's end from the API at once,
@@ -476,7 +592,7 @@ impl StopRunner for FlyStopper {
     /// is done even when the returned future is dropped.
     fn stop(&self, grace: Duration) -> BoxFuture<'static, ()> {
         let (api, id) = (self.api.clone(), self.id.clone());
-        let work = async move {
+        run_detached(async move {
             if !grace.is_zero() {
                 let body = serde_json::json!({
                     "signal": "SIGTERM",
@@ -496,43 +612,15 @@ impl StopRunner for FlyStopper {
                     Err(_) => true,
                 };
                 if stopped.is_ok() && running {
-                    let secs = grace.as_secs().clamp(1, 60);
-                    let _ = api
-                        .send(|http, base| {
-                            http.get(format!("{base}/{id}/wait?state=destroyed&timeout={secs}"))
-                        })
+                    // The whole drain, and a margin, before forcing it.
+                    api.wait_destroyed(&id, Instant::now() + grace + STOP_MARGIN)
                         .await;
                 }
             }
             if let Err(e) = api.destroy(&id).await {
                 warn!(machine = %id, "cannot destroy Fly Machine: {e}");
             }
-        };
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-        let work = async move {
-            work.await;
-            let _ = done_tx.send(());
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn(work);
-            }
-            Err(_) => {
-                std::thread::spawn(move || {
-                    match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
-                        Ok(rt) => rt.block_on(work),
-                        Err(e) => warn!("cannot stop a Fly Machine: no runtime ({e})"),
-                    }
-                });
-            }
-        }
-        async move {
-            let _ = done_rx.await;
-        }
-        .boxed()
+        })
     }
 }
 
@@ -593,81 +681,182 @@ impl Api {
     where
         F: Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
     {
+        self.send_until(make, None).await
+    }
+
+    /// [`Api::send`], retrying only while a pause still ends before
+    /// `until`.
+    async fn send_until<F>(
+        &self,
+        make: F,
+        until: Option<Instant>,
+    ) -> Result<reqwest::Response, FlyError>
+    where
+        F: Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+    {
         let mut attempt = 1;
         loop {
-            let response = make(&self.http, &self.base)
-                .bearer_auth(&self.token)
-                .send()
-                .await;
-            let response = match response {
-                Ok(response) => response,
-                Err(e) if attempt < ATTEMPTS && (e.is_connect() || e.is_timeout()) => {
-                    debug!(attempt, "Machines API unreachable, trying again: {e}");
-                    tokio::time::sleep(pause(attempt, None)).await;
-                    attempt += 1;
-                    continue;
-                }
-                Err(e) => return Err(FlyError::Transport(e)),
+            let (error, retry_after) = match self.once(&make).await {
+                Ok(response) => return Ok(response),
+                Err(failed) => failed,
             };
-            let status = response.status();
-            if status.is_success() {
-                return Ok(response);
+            let worth_it = match &error {
+                FlyError::Transport(e) => e.is_connect() || e.is_timeout(),
+                FlyError::Api { status, .. } => StatusCode::from_u16(*status)
+                    .map(transient)
+                    .unwrap_or(false),
+                _ => false,
+            };
+            let wait = pause(attempt, retry_after);
+            let in_time = until.is_none_or(|at| Instant::now() + wait < at);
+            if !(worth_it && attempt < ATTEMPTS && in_time) {
+                return Err(error);
             }
-            let retry_after = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
-            let text = response.text().await.unwrap_or_default();
-            if transient(status) && attempt < ATTEMPTS {
-                debug!(%status, attempt, "Machines API asks to try again: {text}");
-                tokio::time::sleep(pause(attempt, retry_after)).await;
-                attempt += 1;
-                continue;
-            }
-            return Err(FlyError::Api {
-                status: status.as_u16(),
-                message: text,
-            });
+            debug!(attempt, "Machines API asks to try again: {error}");
+            tokio::time::sleep(wait).await;
+            attempt += 1;
         }
     }
 
-    /// Waits until the Machine has started; an error when it cannot (it
-    /// failed, or was destroyed or stopped first).
-    async fn wait_started(&self, id: &str, instance: Option<&str>) -> Result<(), FlyError> {
+    /// One request: the response when it succeeded, else the error with
+    /// the `Retry-After` the API asked for.
+    async fn once<F>(&self, make: &F) -> Result<reqwest::Response, (FlyError, Option<Duration>)>
+    where
+        F: Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+    {
+        let response = make(&self.http, &self.base)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| (FlyError::Transport(e), None))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let message = response.text().await.unwrap_or_default();
+        Err((
+            FlyError::Api {
+                status: status.as_u16(),
+                message,
+            },
+            retry_after,
+        ))
+    }
+
+    /// The Machine's state (`started`, `failed`, ...), `destroyed` when the
+    /// API no longer knows it.
+    async fn state(&self, id: &str, until: Option<Instant>) -> Result<String, FlyError> {
+        let shown = self
+            .send_until(|http, base| http.get(format!("{base}/{id}")), until)
+            .await;
+        let shown = match shown {
+            Ok(shown) => shown,
+            Err(FlyError::Api { status: 404, .. }) => return Ok("destroyed".into()),
+            Err(e) => return Err(e),
+        };
+        let machine: serde_json::Value = shown.json().await.map_err(FlyError::Transport)?;
+        Ok(machine["state"].as_str().unwrap_or("unknown").to_string())
+    }
+
+    /// Waits until the Machine has started, at most until `deadline`; an
+    /// error when it cannot (it failed, or was destroyed or stopped
+    /// first), or when time runs out while it is still `created` or
+    /// `starting`.
+    ///
+    /// Fly does not document what a wait answers once the Machine has
+    /// failed (its CLI matches the words "machine failed to reach desired
+    /// state"); so after any wait that does not say "started", the Machine
+    /// is read (`GET`) before waiting again, and a Machine in any state
+    /// but `created` or `starting` ends the boot at once.
+    async fn wait_started(
+        &self,
+        id: &str,
+        instance: Option<&str>,
+        deadline: Option<Instant>,
+    ) -> Result<(), FlyError> {
         let instance = instance
             .map(|i| format!("instance_id={i}&"))
             .unwrap_or_default();
         loop {
-            let waited = self
-                .send(|http, base| {
-                    http.get(format!(
-                        "{base}/{id}/wait?{instance}state=started&timeout=60"
-                    ))
-                })
-                .await;
-            let message = match waited {
-                Ok(_) => return Ok(()),
-                // Not started within the wait's limit: wait again (the
-                // pool's boot timeout bounds the whole boot).
-                Err(FlyError::Api { status: 408, .. }) => continue,
-                Err(FlyError::Api { message, .. }) => message,
-                Err(e) => return Err(e),
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let secs = wait_secs(left.unwrap_or(WAIT_SLICE).min(WAIT_SLICE));
+            let asked = Instant::now();
+            let make = |http: &reqwest::Client, base: &str| {
+                http.get(format!(
+                    "{base}/{id}/wait?{instance}state=started&timeout={secs}"
+                ))
             };
-            let shown = self
-                .send(|http, base| http.get(format!("{base}/{id}")))
-                .await?;
-            let machine: serde_json::Value = shown.json().await.map_err(FlyError::Transport)?;
-            let state = machine["state"].as_str().unwrap_or("unknown").to_string();
-            if state == "started" {
-                return Ok(());
+            let wait = self.once(&make);
+            let waited = match deadline {
+                Some(at) => tokio::time::timeout_at(at, wait).await.ok(),
+                None => Some(wait.await),
+            };
+            let message = match waited {
+                Some(Ok(_)) => return Ok(()),
+                Some(Err((e, _))) => e.to_string(),
+                None => "the boot timeout ran out while waiting".to_string(),
+            };
+            let state = self.state(id, deadline).await?;
+            match state.as_str() {
+                "started" => return Ok(()),
+                "created" | "starting" if deadline.is_none_or(|at| Instant::now() < at) => {
+                    debug!(machine = %id, %state, "Machine not started yet: {message}");
+                    // A wait refused at once (a rate limit, say) is not
+                    // asked again in a tight loop.
+                    if asked.elapsed() < WAIT_AGAIN_PAUSE {
+                        tokio::time::sleep(WAIT_AGAIN_PAUSE).await;
+                    }
+                }
+                _ => {
+                    return Err(FlyError::NotStarted {
+                        machine: id.to_string(),
+                        state,
+                        message,
+                    })
+                }
             }
-            return Err(FlyError::NotStarted {
-                machine: id.to_string(),
-                state,
-                message,
-            });
+        }
+    }
+
+    /// Waits until the Machine is destroyed, at most until `until` (a wait
+    /// answered otherwise than "destroyed" or its timeout is followed by a
+    /// read of the Machine's state).
+    async fn wait_destroyed(&self, id: &str, until: Instant) {
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            let secs = wait_secs(left);
+            let asked = Instant::now();
+            let make = |http: &reqwest::Client, base: &str| {
+                http.get(format!("{base}/{id}/wait?state=destroyed&timeout={secs}"))
+            };
+            let wait = self.once(&make);
+            match tokio::time::timeout_at(until, wait).await {
+                Err(_) => return,
+                Ok(Ok(_)) => return,
+                Ok(Err((FlyError::Api { status: 408, .. }, _))) => continue,
+                Ok(Err((FlyError::Api { status: 404, .. }, _))) => return,
+                Ok(Err((e, _))) => {
+                    debug!(machine = %id, "cannot wait for the Machine's end: {e}");
+                    if matches!(
+                        self.state(id, Some(until)).await.as_deref(),
+                        Ok("destroyed" | "destroying")
+                    ) {
+                        return;
+                    }
+                    if asked.elapsed() < WAIT_AGAIN_PAUSE {
+                        tokio::time::sleep(WAIT_AGAIN_PAUSE).await;
+                    }
+                }
+            }
         }
     }
 

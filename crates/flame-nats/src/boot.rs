@@ -1,12 +1,13 @@
 //! Booting runners: the one path private and shared pools share. It builds
 //! the runner's environment, fires the grow hooks, bounds the backend by
-//! the boot timeout, and paces retries after a failure.
+//! the boot timeout, tells permanent failures from transient ones, and
+//! paces retries after a failure.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use flame_core::backend::{Backend, BootSpec, Booted};
-use flame_core::Error;
+use flame_core::backend::{Backend, BootError, BootSpec, Booted};
+use flame_core::{Backoff, Error};
 use tokio::time::Instant;
 
 use crate::config::PoolConfig;
@@ -15,8 +16,47 @@ use crate::parent::ParentContext;
 use crate::protocol::bootstrap::{ParentInfo, PARENT_ENV};
 use crate::protocol::events::EventKey;
 
-/// Pause before booting again after a failed boot, while demand remains.
+/// Pause before booting again after a transient boot failure, while
+/// demand remains; it doubles with each failure in a row (plus jitter), up
+/// to [`BOOT_RETRY_MAX`].
 pub(crate) const BOOT_RETRY_DEBOUNCE: Duration = Duration::from_secs(1);
+
+/// Time a backend is given past the boot timeout to clean up what a boot
+/// that ran out of time made (a machine to destroy) before the pool stops
+/// waiting for it. Backends end their waits by the boot timeout
+/// ([`BootSpec::boot_timeout`]); this only catches one that does not.
+pub(crate) const BOOT_CLEANUP_MARGIN: Duration = Duration::from_secs(3);
+
+/// The longest pause between boots that keep failing transiently.
+pub(crate) const BOOT_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// A boot that did not give a ready runner, and whether booting again
+/// would fail the same way.
+#[derive(Debug)]
+pub(crate) struct BootFailure {
+    pub(crate) error: Error,
+    /// Bad credentials, an invalid configuration, an image that cannot
+    /// start, a runner that exits (or is refused) before it is ready: the
+    /// pool fails its waiting callers at once and cools down. Otherwise the
+    /// pool tries again with backoff.
+    pub(crate) permanent: bool,
+}
+
+impl BootFailure {
+    pub(crate) fn permanent(error: Error) -> BootFailure {
+        BootFailure {
+            error,
+            permanent: true,
+        }
+    }
+
+    pub(crate) fn transient(error: Error) -> BootFailure {
+        BootFailure {
+            error,
+            permanent: false,
+        }
+    }
+}
 
 /// Boots the runners of one pool.
 #[derive(Debug)]
@@ -83,6 +123,7 @@ impl Booter {
         env.extend(self.forwarded.iter().cloned());
         BootSpec::new(self.pool.clone(), runner_id.to_string(), env)
             .parent(&self.template.parent_id)
+            .boot_timeout(self.boot_timeout)
     }
 
     /// Asks the backend for a runner, within the boot timeout. Fires
@@ -93,20 +134,26 @@ impl Booter {
         runner_id: &str,
         key: Option<&EventKey>,
         runners: usize,
-    ) -> Result<Booted, Error> {
+    ) -> Result<Booted, BootFailure> {
         self.hooks.fire(PoolEvent::GrowStart {
             pool: self.pool.clone(),
             runners,
         });
         tracing::debug!(pool = %self.pool, runner = %runner_id, "booting runner");
         let boot = self.backend.boot(self.spec(runner_id, key));
-        match tokio::time::timeout(self.boot_timeout, boot).await {
+        match tokio::time::timeout(self.boot_timeout + BOOT_CLEANUP_MARGIN, boot).await {
             Ok(Ok(booted)) => Ok(booted),
-            Ok(Err(e)) => Err(Error::boot_failed(&self.pool, e)),
-            Err(_) => Err(Error::BootTimeout {
+            Ok(Err(e)) => {
+                let permanent = BootError::is_permanent_error(e.as_ref());
+                Err(BootFailure {
+                    error: Error::boot_failed(&self.pool, e),
+                    permanent,
+                })
+            }
+            Err(_) => Err(BootFailure::transient(Error::BootTimeout {
                 pool: self.pool.clone(),
                 timeout: self.boot_timeout,
-            }),
+            })),
         }
     }
 
@@ -132,16 +179,46 @@ impl Booter {
     }
 }
 
-/// Holds boots back for [`BOOT_RETRY_DEBOUNCE`] after a failure.
-#[derive(Debug, Default)]
+/// Holds boots back after a failure: with exponential backoff after
+/// transient failures, and for the pool's boot cooldown after a permanent
+/// one.
+#[derive(Debug)]
 pub(crate) struct RetryGate {
     closed_until: Option<Instant>,
+    backoff: Backoff,
+    /// Until when a permanent failure holds: calls that would need a boot
+    /// fail at once meanwhile.
+    cooling_until: Option<Instant>,
+}
+
+impl Default for RetryGate {
+    fn default() -> RetryGate {
+        RetryGate {
+            closed_until: None,
+            backoff: Backoff::new(BOOT_RETRY_DEBOUNCE, BOOT_RETRY_MAX),
+            cooling_until: None,
+        }
+    }
 }
 
 impl RetryGate {
-    /// A boot failed: hold the next one back.
-    pub(crate) fn failed(&mut self) {
-        self.closed_until = Some(Instant::now() + BOOT_RETRY_DEBOUNCE);
+    /// A boot failed: hold the next one back. Returns for how long.
+    pub(crate) fn failed(&mut self, permanent: bool, cooldown: Duration) -> Duration {
+        let now = Instant::now();
+        let pause = if permanent {
+            self.cooling_until = Some(now + cooldown);
+            cooldown
+        } else {
+            self.backoff.next_pause()
+        };
+        self.closed_until = Some(now + pause);
+        pause
+    }
+
+    /// A runner booted: the next failure starts the backoff over.
+    pub(crate) fn booted(&mut self) {
+        self.backoff.reset();
+        self.cooling_until = None;
     }
 
     /// True when a boot may start now.
@@ -153,5 +230,35 @@ impl RetryGate {
                 true
             }
         }
+    }
+
+    /// True while a permanent failure's cooldown runs.
+    pub(crate) fn cooling_down(&self) -> bool {
+        self.cooling_until.is_some_and(|at| Instant::now() < at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_failures_back_off_and_a_permanent_one_cools_down() {
+        let cooldown = Duration::from_secs(5);
+        let mut gate = RetryGate::default();
+        let first = gate.failed(false, cooldown);
+        let second = gate.failed(false, cooldown);
+        assert!(first >= BOOT_RETRY_DEBOUNCE && first <= BOOT_RETRY_DEBOUNCE * 5 / 4);
+        assert!(second >= BOOT_RETRY_DEBOUNCE * 2, "{second:?}");
+        assert!(!gate.is_open() && !gate.cooling_down());
+        tokio::time::advance(second).await;
+        assert!(gate.is_open());
+        assert_eq!(gate.failed(true, cooldown), cooldown);
+        assert!(gate.cooling_down() && !gate.is_open());
+        tokio::time::advance(cooldown).await;
+        assert!(gate.is_open() && !gate.cooling_down());
+        gate.booted();
+        let again = gate.failed(false, cooldown);
+        assert!(again <= BOOT_RETRY_DEBOUNCE * 5 / 4, "{again:?}");
     }
 }

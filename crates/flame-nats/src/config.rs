@@ -25,6 +25,12 @@ pub struct PoolConfig {
     pub timeout: Duration,
     /// Limit for a runner to boot and report ready. Default 30 s.
     pub boot_timeout: Duration,
+    /// After a permanent boot failure (bad credentials, an invalid
+    /// configuration, an image that cannot start, a runner that exits
+    /// before it is ready), calls that need a new runner fail at once with
+    /// that error for this long; the first call after it boots again.
+    /// Default 5 s.
+    pub boot_cooldown: Duration,
     /// A runner with no work for this long stops. Default 30 s.
     pub idle_shutdown_after: Duration,
     /// The same for the `min` runners; `None` keeps them up. Default `None`.
@@ -81,6 +87,7 @@ impl PoolConfig {
             max_concurrency: 100,
             timeout: Duration::from_secs(30),
             boot_timeout: Duration::from_secs(30),
+            boot_cooldown: Duration::from_secs(5),
             idle_shutdown_after: Duration::from_secs(30),
             min_idle_shutdown_after: None,
             shutdown_timeout: Duration::from_secs(30),

@@ -38,6 +38,15 @@
 //! - `no-state`: `flame::init()` without the test state the remote functions
 //!   take; prints `error: <message>` (or that it started) and exits 3.
 //!
+//! - `platform-parent <pool> <working|stuck> <hang|start-fails>`: a parent
+//!   on `NATS_URL` of a private pool `<pool>` with `min(1)` on the platform
+//!   of the conformance suite (the Fly stand-in at `FLAME_TEST_FLY_URL`, else
+//!   the local backend), whose runners work or never become ready. `hang`:
+//!   starts the pool in the background (boot timeout 120 s, failsafe 3 s,
+//!   parent grace 2 s), prints `booting` and waits to be killed.
+//!   `start-fails`: starts it with a boot timeout of 2 s, prints `error:
+//!   <message>` (or `started`) and exits at once with `process::exit(0)`.
+//!
 //! Every other mode, and every runner, gives flame the test state first
 //! (`harness::with_test_state`).
 
@@ -103,6 +112,7 @@ async fn main() {
             std::future::pending::<()>().await;
         }
         "shared-parent" => shared_parent(result.expect("init")).await,
+        "platform-parent" => platform_parent(result.expect("init")).await,
         "close-check" | "drop-check" => {
             let flame = result.expect("init");
             let pool = flame
@@ -338,5 +348,45 @@ async fn connect_in_runner() {
             println!("connected");
             std::process::exit(1);
         }
+    }
+}
+
+async fn platform_parent(flame: flame::Flame) {
+    use flame_tests::platform::{backend_for, Platform, Runners};
+    let pool_name: String = arg(2);
+    let runners = match arg::<String>(3).as_str() {
+        "working" => Runners::Working,
+        "stuck" => Runners::Stuck,
+        other => panic!("unknown runners `{other}`"),
+    };
+    let then: String = arg(4);
+    let (kind, url) = Platform::from_env();
+    let backend = backend_for(kind, url.as_deref(), runners).expect("a backend");
+    let pool = flame
+        .pool(pool_name)
+        .min(1)
+        .max(1)
+        .failsafe_timeout(Duration::from_secs(3))
+        .parent_grace(Duration::from_secs(2))
+        .backend(backend);
+    match then.as_str() {
+        "hang" => {
+            let start = pool.boot_timeout(Duration::from_secs(120)).start();
+            tokio::spawn(async move {
+                if let Err(e) = start.await {
+                    eprintln!("cannot start the pool: {e}");
+                }
+            });
+            println!("booting");
+            std::future::pending::<()>().await;
+        }
+        "start-fails" => {
+            match pool.boot_timeout(Duration::from_secs(2)).start().await {
+                Ok(_) => println!("started"),
+                Err(e) => println!("error: {e}"),
+            }
+            std::process::exit(0);
+        }
+        other => panic!("unknown step `{other}`"),
     }
 }

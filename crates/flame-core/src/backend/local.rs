@@ -12,7 +12,7 @@ use futures::FutureExt;
 use tokio::process::Command;
 use tokio::sync::{oneshot, watch};
 
-use super::{Backend, BootSpec, Booted, StopRunner, RUNNER_FAILURE_PREFIX};
+use super::{Backend, BootError, BootSpec, Booted, StopRunner, RUNNER_FAILURE_PREFIX};
 use crate::BoxError;
 
 /// Set in every runner process this backend starts, to the runner id, so
@@ -133,16 +133,16 @@ impl Backend for LocalBackend {
         let cmd = self.command();
         let self_memory_limit = self.memory_limit_mb;
         async move {
-            let mut cmd = cmd.map_err(|e| with_context("cannot find the executable to run", e))?;
+            let mut cmd = cmd.map_err(|e| {
+                BootError::permanent(with_context("cannot find the executable to run", e))
+            })?;
             // Killed on drop by our own guard below, which can be detached.
             cmd.envs(spec.env.iter().map(|(k, v)| (k, v)))
                 .env(RUNNER_ID_ENV, &spec.runner_id)
                 .stdin(Stdio::null())
                 // Read (and passed on) for the runner's failure line.
                 .stderr(Stdio::piped());
-            let mut child = cmd
-                .spawn()
-                .map_err(|e| with_context("cannot start runner process", e))?;
+            let mut child = cmd.spawn().map_err(spawn_failure)?;
             let pid = child.id().unwrap_or(0);
             // The OOM killer's count in the runner's memory cgroup, to tell
             // its SIGKILL from any other.
@@ -315,6 +315,23 @@ async fn pass_on(stderr: tokio::process::ChildStderr) -> Option<String> {
             failure = Some(reason);
         }
     }
+}
+
+/// A runner process that could not be started: permanent when the program
+/// is missing or cannot be run (it will not be there next time either),
+/// transient when the system is short of processes or memory.
+fn spawn_failure(e: std::io::Error) -> BoxError {
+    use std::io::ErrorKind;
+    let lasting = matches!(
+        e.kind(),
+        ErrorKind::NotFound | ErrorKind::PermissionDenied | ErrorKind::InvalidInput
+    ) || e.raw_os_error() == Some(libc::ENOEXEC);
+    let e = with_context("cannot start runner process", e);
+    Box::new(if lasting {
+        BootError::permanent(e)
+    } else {
+        BootError::transient(e)
+    })
 }
 
 /// An I/O error with what was being done, keeping the error as source.

@@ -3,6 +3,7 @@
 //! A backend only starts the runner and can stop it; the runner connects to
 //! NATS and reports ready on its own.
 
+mod boot_error;
 mod local;
 
 use std::fmt;
@@ -12,6 +13,7 @@ use futures::future::BoxFuture;
 
 use crate::BoxError;
 
+pub use boot_error::BootError;
 pub use local::LocalBackend;
 
 /// Start of the line a runner writes on its stderr when it cannot start
@@ -37,6 +39,11 @@ pub struct BootSpec {
     /// (Fly metadata, say) records it, so that [`Backend::list`] tells a
     /// later parent whose runners are left over.
     pub parent_id: String,
+    /// How long the pool gives this runner to boot and report ready,
+    /// counted from the call of [`Backend::boot`]. A backend that waits on
+    /// its platform (a machine to start) never waits longer, and cleans up
+    /// what it made before it returns the failure.
+    pub boot_timeout: Option<Duration>,
 }
 
 impl BootSpec {
@@ -47,7 +54,14 @@ impl BootSpec {
             runner_id,
             env,
             parent_id: String::new(),
+            boot_timeout: None,
         }
+    }
+
+    /// Sets the time the pool gives the boot ([`BootSpec::boot_timeout`]).
+    pub fn boot_timeout(mut self, timeout: Duration) -> BootSpec {
+        self.boot_timeout = Some(timeout);
+        self
     }
 
     /// Names the parent that boots the runner.
@@ -67,6 +81,7 @@ impl fmt::Debug for BootSpec {
             .field("runner_id", &self.runner_id)
             .field("env", &names)
             .field("parent_id", &self.parent_id)
+            .field("boot_timeout", &self.boot_timeout)
             .finish()
     }
 }
@@ -140,7 +155,16 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// runner reports ready over NATS later.
     ///
     /// A failure is reported to the pool's callers and hooks as
-    /// `Error::BootFailed`, with the returned error as its source.
+    /// `Error::BootFailed`, with the returned error as its source. Return a
+    /// [`BootError::permanent`] for a failure that booting again would meet
+    /// too (bad credentials, an invalid configuration, an image that cannot
+    /// start): waiting callers then fail at once. Any other error is
+    /// transient and retried with backoff.
+    ///
+    /// The pool drops this future when its boot timeout passes (or the
+    /// pool closes): whatever the boot made by then must not outlive the
+    /// drop. Clean up from a guard that acts on drop, or from a task of
+    /// your own, never only after an `.await` that may not come.
     fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Booted, BoxError>>;
 
     /// True when the runners run on this machine (so a loopback NATS

@@ -395,6 +395,7 @@ impl Fleet {
             outage_ms: 0,
             since_outage_ms: 0,
             boot_failure: None,
+            boot_failure_permanent: false,
         }
     }
 }

@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 use super::scaling::{self, ScalingRules};
 use super::{Fleet, PoolPort};
 use crate::announce::Outgoing;
+use crate::boot::BootFailure;
 use crate::kv;
 use crate::pool::info::boot_failure_reason;
 use crate::protocol::events::ParentEvent;
@@ -316,10 +317,10 @@ impl Fleet {
         let pool = &self.config.name;
         // `leased`: the lease was written, so its removal announces the
         // failure; else it is announced here.
-        let fail = |e: Error, leased: bool| {
+        let fail = |e: Error, leased: bool, permanent: bool| {
             let mut st = self.state.lock().unwrap();
             st.pending.remove(&id);
-            st.retry.failed();
+            st.retry.failed(permanent, self.config.boot_cooldown);
             let (reason, detail) = (boot_failure_reason(&e), e.to_string());
             if leased {
                 st.gone_causes.insert(id.clone(), (reason, detail));
@@ -344,7 +345,7 @@ impl Fleet {
             }
             Err(e) => {
                 warn!(%pool, "cannot take a slot: {e}");
-                fail(e, false);
+                fail(e, false, false);
                 return;
             }
         }
@@ -353,7 +354,7 @@ impl Fleet {
         if let Err(e) = kv::compare_and_set(&self.store, &key, &lease, None).await {
             warn!(%pool, "cannot write the lease of a new runner: {e}");
             let _ = kv::free_slot(&self.store, &id).await;
-            fail(e, false);
+            fail(e, false, false);
             return;
         }
         let runners = self.state.lock().unwrap().runners.len() + 1;
@@ -371,7 +372,8 @@ impl Fleet {
                     tokio::spawn(async move {
                         let reason = exited.await;
                         if me.exited_booting(&id, &reason) {
-                            me.record_boot_failure(&id, reason.clone()).await;
+                            // (It would exit the same way again.)
+                            me.record_boot_failure(&id, reason.clone(), true).await;
                         }
                         me.reap(&port, &id, "", &reason, true).await;
                     });
@@ -390,11 +392,11 @@ impl Fleet {
                     warn!(%pool, runner = %id, "cannot record the runner's handle: {e}");
                 }
             }
-            Err(e) => {
-                let words = failure_words(&e);
+            Err(BootFailure { error, permanent }) => {
+                let words = failure_words(&error);
                 // (The cause first: the lease's removal announces it.)
-                fail(e, true);
-                self.record_boot_failure(&id, words).await;
+                fail(error, true, permanent);
+                self.record_boot_failure(&id, words, permanent).await;
                 let _ = self.store.delete(&key).await;
                 let _ = kv::free_slot(&self.store, &id).await;
             }
@@ -414,7 +416,7 @@ impl Fleet {
         if !booting {
             return false;
         }
-        st.retry.failed();
+        st.retry.failed(true, self.config.boot_cooldown);
         let runners = st.runners.len();
         drop(st);
         let pool = self.config.name.clone();
@@ -432,7 +434,7 @@ impl Fleet {
     /// Writes why a runner's boot failed into its lease, which is about to
     /// be removed: every parent of the build sees it through its watch, so
     /// its callers waiting for a runner end with this reason.
-    async fn record_boot_failure(&self, id: &str, words: String) {
+    async fn record_boot_failure(&self, id: &str, words: String, permanent: bool) {
         // Everyone who may read the bucket reads this: the words, not
         // whatever else a backend's error may have quoted.
         let words: String = words.chars().take(BOOT_FAILURE_MAX).collect();
@@ -443,6 +445,7 @@ impl Fleet {
             || None,
             |l: &mut RunnerLease| {
                 l.boot_failure = Some(words.clone());
+                l.boot_failure_permanent = permanent;
                 true
             },
         );

@@ -120,6 +120,7 @@ mod tests {
             outage_ms: 0,
             since_outage_ms: 0,
             boot_failure: None,
+            boot_failure_permanent: false,
         }
     }
 

@@ -66,6 +66,10 @@ impl PoolBuilder {
         timeout: Duration,
         /// Limit for a runner to boot and report ready (default 30 s).
         boot_timeout: Duration,
+        /// After a permanent boot failure, calls that need a new runner
+        /// fail at once with it for this long (default 5 s); see
+        /// [`PoolConfig::boot_cooldown`].
+        boot_cooldown: Duration,
         /// A runner with no work for this long stops (default 30 s).
         idle_shutdown_after: Duration,
         /// Drain time for in-flight work when a runner stops (default 30 s).
@@ -267,6 +271,7 @@ impl PoolBuilder {
             changed: Notify::new(),
             events: self.parent.announcer.for_pool(&config.name),
             started: format_time(std::time::SystemTime::now()),
+            boots: tokio_util::task::TaskTracker::new(),
             parent: self.parent,
             config,
         });
@@ -320,7 +325,12 @@ impl PoolBuilder {
         };
         inner.boot_needed();
         if inner.config.min > 0 {
-            inner.wait_min_ready().await?;
+            if let Err(e) = inner.wait_min_ready().await {
+                // Nothing of a pool that did not start may run on, even if
+                // the app exits right after this error.
+                inner.shut_down(Duration::ZERO).await;
+                return Err(e);
+            }
         }
         info!(pool = %inner.config.name, min = inner.config.min, max = inner.config.max, "pool started");
         Ok(pool)

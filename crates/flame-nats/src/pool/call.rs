@@ -520,6 +520,14 @@ impl PoolInner {
                     });
                 }
                 Checkout::Queued => {
+                    if st.retry.cooling_down() && st.no_runner_coming() {
+                        // A boot failed for good moments ago: booting again
+                        // now would fail the same way.
+                        if let Some(e) = st.last_boot_error.clone() {
+                            st.model.cancel(waiter);
+                            return Err(e);
+                        }
+                    }
                     let (tx, rx) = oneshot::channel();
                     st.waiters.insert(waiter, tx);
                     self.boot_locked(&mut st);
@@ -539,7 +547,13 @@ impl PoolInner {
             }
             Ok(Err(_)) => {
                 guard.armed = false;
-                Err(Error::PoolClosed(self.config.name.clone()))
+                // Taken off the queue: the pool closed, or a boot failed for
+                // good with nobody left to serve this caller.
+                let st = self.state.lock().unwrap();
+                match &st.last_boot_error {
+                    Some(e) if !st.closed => Err(e.clone()),
+                    _ => Err(Error::PoolClosed(self.config.name.clone())),
+                }
             }
             Err(_) => {
                 drop(guard);

@@ -95,6 +95,10 @@ pub(crate) struct PoolInner {
     events: crate::announce::PoolAnnouncer,
     /// When the pool started (RFC 3339), for `flame.pools.info`.
     started: String,
+    /// Boots under way (private pools): closing waits for them, since a
+    /// boot the pool no longer wants still has a runner to stop when the
+    /// backend's part returns.
+    boots: tokio_util::task::TaskTracker,
 }
 
 #[derive(Debug)]
@@ -195,12 +199,13 @@ impl Pool {
     ///
     /// In a shared pool this parent leaves it: the runners it booted go on
     /// serving the other parents, or are retired if it was the last.
+    ///
+    /// Boots still under way are waited for (each is bounded by the boot
+    /// timeout), and what they started is stopped too: nothing this parent
+    /// booted runs on after `shutdown` returns.
     pub async fn shutdown(&self) {
-        let stopping = self.inner.close(self.inner.config.shutdown_timeout);
-        if let Some(fleet) = &self.inner.fleet {
-            fleet.left().await;
-        }
-        futures::future::join_all(stopping).await;
-        self.inner.listening.cancel();
+        self.inner
+            .shut_down(self.inner.config.shutdown_timeout)
+            .await;
     }
 }

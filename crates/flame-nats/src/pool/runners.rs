@@ -17,7 +17,7 @@ use super::info::boot_failure_reason;
 use super::model::{RunnerId, RunnerState};
 use super::{PoolInner, State};
 use crate::announce::{Counts, Outgoing};
-use crate::boot::BOOT_RETRY_DEBOUNCE;
+use crate::boot::{BootFailure, BOOT_RETRY_DEBOUNCE};
 use crate::fleet::PoolPort;
 use crate::protocol::events::{EventKey, ReplayWindow};
 use crate::protocol::lease::{LeaseState, RunnerLease};
@@ -168,6 +168,23 @@ impl RunnerLink {
 }
 
 impl State {
+    /// True when no runner is ready or booting: nobody could serve a
+    /// caller waiting for a runner.
+    pub(super) fn no_runner_coming(&self) -> bool {
+        self.model.count(RunnerState::Ready) == 0 && self.model.count(RunnerState::Booting) == 0
+    }
+
+    /// Takes every caller waiting for a runner off the queue. Dropping what
+    /// this returns (after the lock is released) wakes them; they find the
+    /// reason in `last_boot_error`.
+    pub(super) fn fail_waiters(&mut self) -> Vec<oneshot::Sender<super::call::Slot>> {
+        let ids: Vec<_> = self.waiters.keys().copied().collect();
+        for id in ids {
+            self.model.cancel(id);
+        }
+        self.waiters.drain().map(|(_, tx)| tx).collect()
+    }
+
     /// The runner said it is stopping: place nothing new on it, and give
     /// its last replies a moment when its exit is seen.
     pub(super) fn stopping(&mut self, id: &RunnerId) {
@@ -211,7 +228,8 @@ impl PoolInner {
             self.announce(st, |c| {
                 Outgoing::new(EventKind::RunnerBooting, c).runner(id.clone())
             });
-            tokio::spawn(self.clone().boot(id, key, ready_rx, runners));
+            self.boots
+                .spawn(self.clone().boot(id, key, ready_rx, runners));
         }
     }
 
@@ -234,7 +252,10 @@ impl PoolInner {
             .runners
             .get(&id)
             .map(|e| e.link.clone());
-        let outcome = tokio::time::timeout(self.config.boot_timeout, async {
+        let deadline = started + self.config.boot_timeout;
+        // The backend's part is bounded by the booter (the boot timeout,
+        // plus time to clean up); waiting for ready, by the deadline.
+        let outcome = async {
             let booted = self.booter.start(&id, Some(&key), runners).await?;
             let unwanted = {
                 let mut st = self.state.lock().unwrap();
@@ -250,7 +271,7 @@ impl PoolInner {
             };
             if let Some(stopper) = unwanted {
                 stopper.stop(Duration::ZERO).await;
-                return Err(Error::PoolClosed(pool.clone()));
+                return Err(BootFailure::transient(Error::PoolClosed(pool.clone())));
             }
             if let Some(exited) = booted.exited {
                 let me = self.clone();
@@ -260,38 +281,52 @@ impl PoolInner {
                     me.runner_gone(&id, reason);
                 });
             }
-            ready.await.map_err(|_| {
-                let reason = link
-                    .as_ref()
-                    .map(|link| link.reason())
-                    .unwrap_or_else(|| "runner stopped before it was ready".into());
-                Error::BootFailed {
-                    pool: pool.clone(),
-                    reason,
-                    source: None,
+            // A runner that exits, or is refused (another build), before it
+            // is ready would do the same again: same binary, configuration
+            // and environment.
+            match tokio::time::timeout_at(deadline, ready).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => {
+                    let reason = link
+                        .as_ref()
+                        .map(|link| link.reason())
+                        .unwrap_or_else(|| "runner stopped before it was ready".into());
+                    Err(BootFailure::permanent(Error::BootFailed {
+                        pool: pool.clone(),
+                        reason,
+                        source: None,
+                    }))
                 }
-            })
-        })
-        .await
-        .unwrap_or_else(|_| {
-            Err(Error::BootTimeout {
-                pool: pool.clone(),
-                timeout: self.config.boot_timeout,
-            })
-        });
+                Err(_) => Err(BootFailure::transient(Error::BootTimeout {
+                    pool: pool.clone(),
+                    timeout: self.config.boot_timeout,
+                })),
+            }
+        }
+        .await;
 
         match outcome {
             Ok(()) => {
                 info!(%pool, runner = %id, elapsed = ?started.elapsed(), "runner ready");
-                let runners = self.state.lock().unwrap().model.len();
+                let runners = {
+                    let mut st = self.state.lock().unwrap();
+                    st.retry.booted();
+                    st.model.len()
+                };
                 self.booter.grow_end(runners, Ok(()));
             }
-            Err(Error::PoolClosed(_)) => {}
-            Err(e) => {
-                let (stopper, runners) = {
+            Err(BootFailure {
+                error: Error::PoolClosed(_),
+                ..
+            }) => {}
+            Err(BootFailure {
+                error: e,
+                permanent,
+            }) => {
+                let (stopper, runners, pause, failed) = {
                     let mut st = self.state.lock().unwrap();
                     st.last_boot_error = Some(e.clone());
-                    st.retry.failed();
+                    let pause = st.retry.failed(permanent, self.config.boot_cooldown);
                     st.model.remove(&id);
                     let stopper = st.runners.remove(&id).and_then(|entry| {
                         entry.link.fail(&self.parent.replies, e.to_string());
@@ -303,19 +338,32 @@ impl PoolInner {
                             .reason(boot_failure_reason(&e))
                             .detail(e.to_string())
                     });
-                    (stopper, st.model.len())
+                    // Nobody left who could serve them: callers waiting for
+                    // a runner learn now, not at their deadline.
+                    let failed = if permanent && st.no_runner_coming() {
+                        st.fail_waiters()
+                    } else {
+                        Vec::new()
+                    };
+                    (stopper, st.model.len(), pause, failed)
                 };
+                if !failed.is_empty() {
+                    warn!(%pool, callers = failed.len(), "boot failed for good; failing the callers waiting for a runner: {e}");
+                }
+                drop(failed);
                 self.changed.notify_waiters();
                 self.booter.grow_end(runners, Err(e));
                 if let Some(stopper) = stopper {
                     stopper.stop(Duration::ZERO).await;
                 }
-                // Retry after the debounce while demand remains.
-                let me = self.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(BOOT_RETRY_DEBOUNCE).await;
-                    me.boot_needed();
-                });
+                if !permanent {
+                    // Try again after the backoff while demand remains.
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(pause).await;
+                        me.boot_needed();
+                    });
+                }
             }
         }
     }
@@ -345,7 +393,12 @@ impl PoolInner {
                 });
             }
             let runners = st.model.len();
-            self.boot_locked(&mut st);
+            // A private pool's runner that ends while booting is a failed
+            // boot, which its boot task reports and paces (booting again
+            // here would boot twice for one slot).
+            if state != Some(RunnerState::Booting) || self.fleet.is_some() {
+                self.boot_locked(&mut st);
+            }
             (entry, state, runners)
         };
         if let Some(entry) = entry {
@@ -495,6 +548,26 @@ impl PoolInner {
         }
     }
 
+    /// Closes the pool, stops every runner (each drains up to `grace`) and
+    /// waits for boots under way, whose runners are stopped as their boot
+    /// returns.
+    pub(super) async fn shut_down(&self, grace: Duration) {
+        let stopping = self.close(grace);
+        if let Some(fleet) = &self.fleet {
+            fleet.left().await;
+        }
+        futures::future::join_all(stopping).await;
+        self.boots.close();
+        let bound = self.config.boot_timeout + crate::boot::BOOT_CLEANUP_MARGIN;
+        if tokio::time::timeout(bound, self.boots.wait())
+            .await
+            .is_err()
+        {
+            warn!(pool = %self.config.name, "boots still under way after {bound:?}; not waiting any longer");
+        }
+        self.listening.cancel();
+    }
+
     /// Closes the pool: fails queued callers and asks every runner to stop.
     /// Each stop has started when this returns; the futures resolve once
     /// the runners are gone.
@@ -592,15 +665,29 @@ impl PoolPort for PoolInner {
             }
             if let Some(words) = &lease.boot_failure {
                 // Its boot failed (the scaler says why just before it removes
-                // the lease): callers still waiting for a runner when their
-                // deadline comes end with this reason, as in a private pool.
+                // the lease): callers still waiting for a runner end with
+                // this reason, as in a private pool: at once when it would
+                // fail again and nobody else can serve them, else when
+                // their deadline comes.
+                let mut failed = Vec::new();
                 if st.model.count(RunnerState::Ready) == 0 {
                     st.last_boot_error = Some(Error::BootFailed {
                         pool: self.config.name.clone(),
                         reason: words.clone(),
                         source: None,
                     });
+                    if lease.boot_failure_permanent {
+                        st.retry.failed(true, self.config.boot_cooldown);
+                        // (Its own entry, still booting, goes with the lease.)
+                        let others_coming = st.model.count(RunnerState::Booting)
+                            > usize::from(st.runners.contains_key(&id));
+                        if !others_coming {
+                            failed = st.fail_waiters();
+                        }
+                    }
                 }
+                drop(st);
+                drop(failed);
                 return;
             }
             if !st.runners.contains_key(&id) {

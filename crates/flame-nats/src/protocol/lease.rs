@@ -62,6 +62,12 @@ pub(crate) struct RunnerLease {
     /// the reason rather than a bare timeout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) boot_failure: Option<String>,
+    /// The boot failure would happen again (bad credentials, an invalid
+    /// configuration, a runner that exits before it is ready): parents
+    /// fail their callers waiting for a runner at once, not at their
+    /// deadline.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) boot_failure_permanent: bool,
 }
 
 /// A parent's lease (`parents.<id>`), renewed every heartbeat and whenever its
@@ -122,6 +128,7 @@ mod tests {
             outage_ms: 0,
             since_outage_ms: 0,
             boot_failure: None,
+            boot_failure_permanent: false,
         };
         let json = serde_json::to_string(&lease).unwrap();
         assert!(json.contains(r#""state":"draining""#), "{json}");

@@ -1,0 +1,187 @@
+//! The platforms the backend conformance suite runs on: the local backend
+//! (child processes) and the Fly backend against its stand-in
+//! ([`crate::fake_fly`]). Each gives runners that work and runners that
+//! fail in the ways the suite checks, and tells what it still runs of a
+//! pool, so that a test can check that nothing is left.
+
+use flame::backend::Listed;
+use flame::{Backend, BootSpec, Booted, BoxError, LocalBackend};
+use flame_fly::FlyBackend;
+use futures::future::BoxFuture;
+
+use crate::fake_fly::FakeFly;
+use crate::harness::{runner_backend, runner_pids};
+use crate::TEST_BUILD;
+
+/// Which platform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Runners as child processes.
+    Local,
+    /// Runners as Fly Machines of the stand-in.
+    Fly,
+}
+
+/// What the runners of a backend do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runners {
+    /// Boot and serve.
+    Working,
+    /// Start, then exit before they are ready (an app missing its
+    /// configuration: the test app without its state).
+    ExitBeforeReady,
+    /// Cannot be started at all: a program that is not there (local), an
+    /// image whose Machine goes to `failed` (Fly).
+    CannotStart,
+    /// Never become ready: a program that is no runner (local), a Machine
+    /// stuck in `created` (Fly).
+    Stuck,
+    /// Working, with this many MiB of memory.
+    MemoryLimited(u64),
+    /// Refused by the platform's API for bad credentials (Fly only).
+    Unauthorized,
+}
+
+/// A platform for one test; the Fly stand-in stops with it.
+pub struct Platform {
+    /// Which one.
+    pub kind: Kind,
+    /// The Fly stand-in, for [`Kind::Fly`].
+    pub fly: Option<FakeFly>,
+}
+
+impl Platform {
+    /// Starts the platform.
+    pub async fn start(kind: Kind) -> Platform {
+        let fly = match kind {
+            Kind::Local => None,
+            Kind::Fly => Some(FakeFly::start("flame-test").await),
+        };
+        Platform { kind, fly }
+    }
+
+    /// The platform of a parent process the suite starts: from
+    /// [`Platform::env`] (the Fly stand-in's URL).
+    pub fn from_env() -> (Kind, Option<String>) {
+        match std::env::var("FLAME_TEST_FLY_URL") {
+            Ok(url) => (Kind::Fly, Some(url)),
+            Err(_) => (Kind::Local, None),
+        }
+    }
+
+    /// What a parent process needs to use this platform.
+    pub fn env(&self) -> Vec<(String, String)> {
+        self.fly
+            .iter()
+            .map(|fly| ("FLAME_TEST_FLY_URL".to_string(), fly.url.clone()))
+            .collect()
+    }
+
+    /// A backend whose runners do as `runners` says; `None` when the
+    /// platform has no such failure (a local backend has no credentials).
+    pub fn backend(&self, runners: Runners) -> Option<PlatformBackend> {
+        backend_for(
+            self.kind,
+            self.fly.as_ref().map(|f| f.url.as_str()),
+            runners,
+        )
+    }
+
+    /// What the platform still runs (or keeps) of `pool`: live runner
+    /// processes (local), Machines not destroyed (Fly).
+    pub fn leftovers(&self, pool: &str) -> Vec<String> {
+        match &self.fly {
+            None => runner_pids(pool)
+                .iter()
+                .map(|p| format!("pid {p}"))
+                .collect(),
+            Some(fly) => fly.leftovers(),
+        }
+    }
+}
+
+/// The backend of `kind` (with the Fly stand-in at `fly_url`) whose
+/// runners do as `runners` says.
+pub fn backend_for(kind: Kind, fly_url: Option<&str>, runners: Runners) -> Option<PlatformBackend> {
+    match kind {
+        Kind::Local => {
+            let local = match runners {
+                Runners::Working => runner_backend(),
+                Runners::ExitBeforeReady => runner_backend().args(["no-state"]),
+                Runners::CannotStart => runner_backend().program("/nonexistent/flame-runner"),
+                Runners::Stuck => LocalBackend::new().program("sleep").args(["600"]),
+                Runners::MemoryLimited(mb) => runner_backend().memory_limit_mb(mb),
+                Runners::Unauthorized => return None,
+            };
+            Some(PlatformBackend::Local(local))
+        }
+        Kind::Fly => {
+            let url = fly_url.expect("the Fly stand-in's URL");
+            let (token, image) = match runners {
+                Runners::Working => ("test-token", "registry.example/flame-test:1"),
+                Runners::ExitBeforeReady => {
+                    ("test-token", "registry.example/flame-test:exits-early")
+                }
+                Runners::CannotStart => ("test-token", "registry.example/broken:1"),
+                Runners::Stuck => ("test-token", "registry.example/stuck:1"),
+                Runners::MemoryLimited(_) => {
+                    ("test-token", "registry.example/flame-test:memory-limited")
+                }
+                Runners::Unauthorized => ("bad-token", "registry.example/flame-test:1"),
+            };
+            let memory_mb = match runners {
+                Runners::MemoryLimited(mb) => mb.div_ceil(256) as u32 * 256,
+                _ => 512,
+            };
+            let fly = FlyBackend::builder()
+                .api_url(url)
+                .token(token)
+                .app("flame-test")
+                .image(image)
+                .region("local")
+                .cpu_kind("shared")
+                .cpus(1)
+                .memory_mb(memory_mb)
+                .env(flame::BUILD_ID_ENV, TEST_BUILD)
+                .build()
+                .expect("a valid Fly backend");
+            Some(PlatformBackend::Fly(fly))
+        }
+    }
+}
+
+/// A backend of either platform.
+#[derive(Debug, Clone)]
+pub enum PlatformBackend {
+    /// Child processes.
+    Local(LocalBackend),
+    /// Fly Machines.
+    Fly(FlyBackend),
+}
+
+impl PlatformBackend {
+    fn inner(&self) -> &dyn Backend {
+        match self {
+            PlatformBackend::Local(b) => b,
+            PlatformBackend::Fly(b) => b,
+        }
+    }
+}
+
+impl Backend for PlatformBackend {
+    fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Booted, BoxError>> {
+        self.inner().boot(spec)
+    }
+
+    fn runners_are_local(&self) -> bool {
+        self.inner().runners_are_local()
+    }
+
+    fn list(&self, pool: &str) -> BoxFuture<'static, Result<Vec<Listed>, BoxError>> {
+        self.inner().list(pool)
+    }
+
+    fn terminate(&self, handle: &str, runner_id: &str) -> BoxFuture<'static, Result<(), BoxError>> {
+        self.inner().terminate(handle, runner_id)
+    }
+}
