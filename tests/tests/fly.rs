@@ -533,7 +533,7 @@ async fn a_failed_machine_fails_the_boot_soon_whatever_its_wait_answers() {
         let started = tokio::time::Instant::now();
         let err = env
             .flame
-            .pool(&format!("failedwait{i}"))
+            .pool(format!("failedwait{i}"))
             .min(1)
             .max(1)
             .boot_timeout(Duration::from_secs(40))
