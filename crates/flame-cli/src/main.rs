@@ -9,8 +9,9 @@
 //!
 //! It connects like flame's parents and runners do: `--server`, else
 //! `NATS_URL`, else `nats://127.0.0.1:4222`, with credentials and TLS from
-//! `NATS_CREDS`, `NATS_NKEY`, `NATS_USER`/`NATS_PASSWORD`, `NATS_TOKEN`,
-//! `NATS_CA`, `NATS_CERT`/`NATS_KEY`.
+//! the URL (`nats://user:password@host`, `nats://token@host`), `NATS_CREDS`,
+//! `NATS_NKEY`, `NATS_USER`/`NATS_PASSWORD`, `NATS_TOKEN`, `NATS_CA`,
+//! `NATS_CERT`/`NATS_KEY`.
 //!
 //! Exit codes: 0 done, 1 NATS unreachable or another failure, 2 bad usage
 //! or `top` without a terminal.

@@ -59,7 +59,7 @@ pub mod ops {
 
 pub use build_id::{build_id, BUILD_ID_ENV};
 pub use config::PoolConfig;
-pub use connect::{ConnectHook, NATS_URL_ENV, RUNNER_NATS_URL_ENV};
+pub use connect::{ConnectHook, NATS_URL_ENV, RUNNER_NATS_URL_ENV, URL_CREDENTIALS_ENV};
 pub use embedded::{NatsServer, NatsServerBuilder};
 pub use flame::{init, serve_if_runner, Flame, FlameBuilder};
 pub use hooks::PoolEvent;
