@@ -823,8 +823,22 @@ pub async fn connect_tool(
     name: &str,
     timeout: Duration,
 ) -> Result<async_nats::Client, Error> {
+    connect_tool_with(url, name, timeout, |options| options).await
+}
+
+/// [`connect_tool`], with `adjust` applied to the options last, before
+/// flame sets the name, timeouts and reconnect pacing: e.g. an
+/// `event_callback` to learn what the server refuses (the `flame` command
+/// says "permission denied on <subject>" that way), or a
+/// `custom_inbox_prefix`.
+pub async fn connect_tool_with(
+    url: &str,
+    name: &str,
+    timeout: Duration,
+    adjust: impl FnOnce(async_nats::ConnectOptions) -> async_nats::ConnectOptions,
+) -> Result<async_nats::Client, Error> {
     let credentials = UrlCredentials::from_url(url)?;
-    let options = options_from_env_and(credentials.as_ref()).await?;
+    let options = adjust(options_from_env_and(credentials.as_ref()).await?);
     connect_with(
         url,
         name.to_string(),
