@@ -56,8 +56,14 @@ fn runner_environments(pool: &str) -> Vec<String> {
 /// Starts a pool with one runner on `flame`, calls it, and checks that the
 /// runner's `FLAME_PARENT` and every `Debug` output leave `secret` out.
 async fn runs_a_call(flame: &Flame, pool: &str, secret: &str) {
+    runs_a_call_in(flame, pool, secret, false).await
+}
+
+/// [`runs_a_call`], in a shared pool when `shared`.
+async fn runs_a_call_in(flame: &Flame, pool: &str, secret: &str, shared: bool) {
     let pool_handle = flame
         .pool(pool)
+        .shared(shared)
         .backend(bare_runners())
         .min(1)
         .max(1)
@@ -120,6 +126,8 @@ async fn a_token_in_the_url_reaches_parent_and_runners() {
         .await
         .expect("the parent connects with the URL's token");
     runs_a_call(&flame, "url-token", TOKEN).await;
+    // A shared pool's runners, booted by its scaler, get them too.
+    runs_a_call_in(&flame, "url-token-shared", TOKEN, true).await;
     flame.close().await;
 }
 
@@ -228,4 +236,45 @@ async fn the_flame_command_uses_the_urls_credentials() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("came from the URL"), "{stderr}");
     assert!(!stderr.contains("wrong-cli-pw"), "{stderr}");
+}
+
+/// `NATS_URL` with credentials, read by a parent process (the test app),
+/// whose runners are copies of it: the pool boots, calls and closes, and
+/// nothing the parent or its runners log shows the password.
+#[tokio::test]
+async fn nats_url_from_the_environment_with_credentials_and_logs_without_them() {
+    let server = with_user();
+    let url = format!("nats://app:{PASSWORD}@127.0.0.1:{}", server.port());
+    let child = tokio::process::Command::new(flame_tests::harness::testapp())
+        .arg("close-check")
+        .env(flame::NATS_URL_ENV, &url)
+        .env_remove(flame::PARENT_ENV)
+        .env_remove("NATS_USER")
+        .env_remove("NATS_PASSWORD")
+        .env_remove("NATS_TOKEN")
+        .env(flame::BUILD_ID_ENV, flame_tests::TEST_BUILD)
+        .env(
+            "RUST_LOG",
+            "flame_nats=debug,flame_core=debug,async_nats=debug,warn",
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(LONG, child.wait_with_output())
+        .await
+        .expect("the test app exits")
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(stdout.contains("closed"), "{stdout}{stderr}");
+    assert!(stderr.contains("connected to NATS"), "{stderr}");
+    assert!(
+        !stdout.contains(PASSWORD) && !stderr.contains(PASSWORD),
+        "{stdout}{stderr}"
+    );
 }
