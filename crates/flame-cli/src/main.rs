@@ -14,7 +14,7 @@
 //! `NATS_CERT`/`NATS_KEY`.
 //!
 //! When the server refuses the command's user a subject it needs, the
-//! command says "permission denied on <subject>" (exit 1); PROTOCOL.md,
+//! command says `permission denied on <subject>` (exit 1); PROTOCOL.md,
 //! section 9.1, lists what an operator's user needs.
 //!
 //! Exit codes: 0 done, 1 NATS unreachable, a permission denied or another

@@ -4,7 +4,7 @@
 //! client only through its event callback, so a refused request would just
 //! go unanswered ("no pool answered") and a refused subscription stay
 //! silent. Each command runs its work under [`Refusals::guard`] and ends
-//! with "permission denied on <subject>" instead.
+//! with `permission denied on <subject>` instead.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -99,7 +99,7 @@ impl Refusals {
     }
 }
 
-/// "permission denied on <subject>", from the server's words.
+/// `permission denied on <subject>`, from the server's words.
 fn denied(text: &str) -> CliError {
     match quoted_subject(text) {
         Some(subject) => CliError::Failed(format!(

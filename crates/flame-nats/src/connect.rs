@@ -829,7 +829,7 @@ pub async fn connect_tool(
 /// [`connect_tool`], with `adjust` applied to the options last, before
 /// flame sets the name, timeouts and reconnect pacing: e.g. an
 /// `event_callback` to learn what the server refuses (the `flame` command
-/// says "permission denied on <subject>" that way), or a
+/// says `permission denied on <subject>` that way), or a
 /// `custom_inbox_prefix`.
 pub async fn connect_tool_with(
     url: &str,
