@@ -8,6 +8,10 @@
 //! "Missing permission" cases start the server from that same file with one
 //! permission line taken out (written to the test's own directory), which
 //! also shows that the line is needed.
+//!
+//! The file grants exactly the one documented list of permissions
+//! (PROTOCOL.md, section 9.1): [`the_config_grants_exactly_the_documented_list`]
+//! reads both and compares them, so that neither can drift.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,6 +29,9 @@ const CONFIG: &str = concat!(
     "/../deploy/nats/least-privilege.conf"
 );
 
+/// The protocol, whose section 9.1 is the one list of permissions.
+const PROTOCOL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../PROTOCOL.md");
+
 /// The pool the configuration is written for.
 const POOL: &str = "thumbs";
 
@@ -36,6 +43,7 @@ struct Secured {
     server: NatsServer,
     parent_password: String,
     runner_password: String,
+    operator_password: String,
     outsider_password: String,
     /// The server's log.
     log: std::path::PathBuf,
@@ -49,6 +57,8 @@ enum Block {
     ParentSubscribe,
     RunnerPublish,
     RunnerSubscribe,
+    OperatorPublish,
+    OperatorSubscribe,
 }
 
 impl Secured {
@@ -73,8 +83,8 @@ impl Secured {
             path
         };
         let password = || uuid::Uuid::new_v4().simple().to_string();
-        let (parent_password, runner_password, outsider_password) =
-            (password(), password(), password());
+        let (parent_password, runner_password, operator_password, outsider_password) =
+            (password(), password(), password(), password());
         let log = dir.path().join("nats-server.log");
         let server = NatsServer::builder()
             .arg("-c")
@@ -83,6 +93,7 @@ impl Secured {
             .arg(log.to_string_lossy())
             .env("FLAME_PARENT_PASSWORD", &parent_password)
             .env("FLAME_RUNNER_PASSWORD", &runner_password)
+            .env("FLAME_OPERATOR_PASSWORD", &operator_password)
             .env("OUTSIDER_PASSWORD", &outsider_password)
             .start()
             .expect("nats-server starts from the config");
@@ -90,6 +101,7 @@ impl Secured {
             server,
             parent_password,
             runner_password,
+            operator_password,
             outsider_password,
             log,
             _dir: dir,
@@ -157,6 +169,8 @@ fn take_out(config: &str, block: Block, line: &str) -> String {
         Block::ParentSubscribe => ("PARENT_PERMISSIONS", "subscribe"),
         Block::RunnerPublish => ("RUNNER_PERMISSIONS", "publish"),
         Block::RunnerSubscribe => ("RUNNER_PERMISSIONS", "subscribe"),
+        Block::OperatorPublish => ("OPERATOR_PERMISSIONS", "publish"),
+        Block::OperatorSubscribe => ("OPERATOR_PERMISSIONS", "subscribe"),
     };
     let wanted = format!("\"{line}\"");
     let mut out = Vec::new();
@@ -703,4 +717,375 @@ async fn a_parent_that_may_not_publish_calls_gets_a_permission_error_not_a_timeo
     assert!(started.elapsed() < Duration::from_secs(20), "{err}");
     assert_permission_denied(&err, "Publish to \"flame.thumbs.runner.");
     pool.shutdown().await;
+}
+
+/// One permission: who (`parent`, `runner`, `operator`), what
+/// (`publish`, `subscribe`, `allow_responses`) and the subject (for
+/// `allow_responses`: `true`), for the pool [`POOL`].
+type Permission = (String, String, String);
+
+/// The one documented list: the table of PROTOCOL.md, section 9.1, with
+/// `<pool>` = [`POOL`].
+fn documented_permissions() -> std::collections::BTreeSet<Permission> {
+    let protocol = std::fs::read_to_string(PROTOCOL).unwrap();
+    let section = protocol
+        .split("\n### 9.1 Permissions\n")
+        .nth(1)
+        .expect("PROTOCOL.md has a section 9.1 Permissions");
+    let mut list = std::collections::BTreeSet::new();
+    for line in section.lines().skip_while(|l| !l.starts_with("| user |")) {
+        if !line.starts_with('|') {
+            break;
+        }
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let (who, may, subject) = (cells[1], cells[2], cells[3]);
+        if who == "user" || who.starts_with("---") {
+            continue;
+        }
+        assert!(
+            ["parent", "runner", "operator"].contains(&who)
+                && ["publish", "subscribe", "allow_responses"].contains(&may),
+            "a row of PROTOCOL.md 9.1 this test cannot read: {line}"
+        );
+        let subject = subject.trim_matches('`').replace("<pool>", POOL);
+        list.insert((who.to_string(), may.to_string(), subject));
+    }
+    assert!(list.len() > 20, "too few rows read: {list:?}");
+    list
+}
+
+/// What a configuration grants its three flame users.
+fn granted_permissions(config: &str) -> std::collections::BTreeSet<Permission> {
+    let mut list = std::collections::BTreeSet::new();
+    let (mut who, mut may) = (None, None);
+    for line in config.lines() {
+        let t = line.split('#').next().unwrap().trim();
+        if let Some(block) = t.strip_suffix("_PERMISSIONS: {") {
+            who = Some(block.to_ascii_lowercase());
+        } else if who.is_some() && (t == "publish: {" || t == "subscribe: {") {
+            may = Some(t.trim_end_matches(": {").to_string());
+        } else if t == "}" && may.is_some() {
+            may = None;
+        } else if t == "}" {
+            who = None;
+        } else if let (Some(w), Some("true")) = (&who, t.strip_prefix("allow_responses: ")) {
+            list.insert((w.clone(), "allow_responses".into(), "true".into()));
+        } else if let (Some(w), Some(m)) = (&who, &may) {
+            if let Some(subject) = t.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+                list.insert((w.clone(), m.clone(), subject.to_string()));
+            } else {
+                assert!(
+                    t.is_empty() || t == "allow: [" || t == "]",
+                    "a line of the configuration this test cannot read: {line}"
+                );
+            }
+        }
+    }
+    list
+}
+
+/// The shipped configuration grants exactly the documented list, no line
+/// more or less, so that the tests below (which run on that file) test
+/// the list that users read.
+#[test]
+fn the_config_grants_exactly_the_documented_list() {
+    let documented = documented_permissions();
+    let granted = granted_permissions(&std::fs::read_to_string(CONFIG).unwrap());
+    let missing: Vec<_> = documented.difference(&granted).collect();
+    let extra: Vec<_> = granted.difference(&documented).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "deploy/nats/least-privilege.conf and PROTOCOL.md 9.1 differ:\n\
+         documented but not granted: {missing:#?}\ngranted but not documented: {extra:#?}"
+    );
+    for who in ["parent", "runner", "operator"] {
+        assert!(documented.iter().any(|(w, _, _)| w == who), "no {who} rows");
+    }
+}
+
+/// The `flame` command as `flame-operator` (or `user`) on the secured
+/// server, with none of the machine's NATS variables.
+fn operator_command(
+    secured: &Secured,
+    user: &str,
+    password: &str,
+    args: &[&str],
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(flame_tests::harness::flame_cli());
+    cmd.arg("--server")
+        .arg(secured.server.url())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for var in ["NATS_URL", "NATS_CREDS", "NATS_NKEY", "NATS_TOKEN"] {
+        cmd.env_remove(var);
+    }
+    cmd.env("NATS_USER", user).env("NATS_PASSWORD", password);
+    cmd
+}
+
+/// Runs `flame args..` as `flame-operator` to its end: exit code, stdout,
+/// stderr.
+async fn operator(secured: &Secured, args: &[&str]) -> (Option<i32>, String, String) {
+    let cmd = operator_command(secured, "flame-operator", &secured.operator_password, args);
+    finished(cmd, args).await
+}
+
+async fn finished(
+    mut cmd: tokio::process::Command,
+    args: &[&str],
+) -> (Option<i32>, String, String) {
+    let out = tokio::time::timeout(LONG, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("flame {args:?} did not exit"))
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    println!("$ flame {}\n{stdout}{stderr}", args.join(" "));
+    (out.status.code(), stdout, stderr)
+}
+
+/// A running `flame watch` of the operator, its lines gathered.
+struct OperatorWatch {
+    _child: tokio::process::Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl OperatorWatch {
+    async fn start(secured: &Secured, pool: &str) -> OperatorWatch {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = operator_command(
+            secured,
+            "flame-operator",
+            &secured.operator_password,
+            &["watch", pool],
+        )
+        .spawn()
+        .unwrap();
+        let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let first = tokio::time::timeout(LONG, stderr.next_line())
+            .await
+            .expect("flame watch said nothing")
+            .unwrap()
+            .expect("flame watch exited");
+        assert!(first.starts_with("watching flame."), "{first}");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let seen = lines.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stdout.next_line().await {
+                seen.lock().unwrap().push(line);
+            }
+        });
+        OperatorWatch {
+            _child: child,
+            lines,
+        }
+    }
+
+    /// Waits for a line with all of `words`.
+    async fn line_with(&self, words: &[&str]) -> String {
+        wait_for(&format!("a watch line with {words:?}"), LONG, || {
+            let found = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| words.iter().all(|w| l.contains(w)))
+                .cloned();
+            async move { found }
+        })
+        .await
+    }
+}
+
+/// Whether a line of `table` starts with the cells `first`.
+fn has_row(table: &str, first: &[&str]) -> bool {
+    table.lines().any(|l| {
+        l.split_whitespace()
+            .take(first.len())
+            .eq(first.iter().copied())
+    })
+}
+
+/// Everything flame does on the documented permissions: a private pool
+/// (start, calls, casts, streams), then a shared pool of two parents
+/// (scaler election, calls, idle retirement), their events watched by the
+/// operator, and every `flame` command; the violations the server logged.
+async fn full_run(secured: &Secured) -> Vec<String> {
+    let all = OperatorWatch::start(secured, "*").await;
+    let one = OperatorWatch::start(secured, POOL).await;
+
+    let flame = secured.parent().await;
+    let hooks = HookLog::default();
+    let pool = hooks
+        .attach(flame.pool(POOL))
+        .backend(secured.runners())
+        .min(1)
+        .max(2)
+        .timeout(LONG)
+        .heartbeat(Duration::from_millis(200))
+        .idle_shutdown_after(Duration::from_secs(1))
+        .start()
+        .await
+        .unwrap();
+    exercise(&pool).await;
+    let (code, stdout, stderr) = operator(secured, &["pools", "--wait", "1s"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(has_row(&stdout, &[POOL, "private"]), "{stdout}");
+    let runner = pool.runners()[0].id.clone();
+    let (code, stdout, stderr) = operator(secured, &["runners", POOL, "--wait", "1s"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains(&runner), "{stdout}");
+    all.line_with(&["thumbs runner_ready", &runner[..8]]).await;
+    one.line_with(&["thumbs runner_ready", &runner[..8]]).await;
+    pool.shutdown().await;
+    flame.close().await;
+
+    let (first, second) = (secured.parent().await, secured.parent().await);
+    let shared = |flame: &Flame| {
+        hooks
+            .attach(flame.pool(POOL))
+            .shared(true)
+            .backend(secured.runners())
+            .min(1)
+            .max(2)
+            .timeout(LONG)
+            .heartbeat(Duration::from_millis(300))
+            .idle_shutdown_after(Duration::from_secs(1))
+    };
+    let a = shared(&first).start().await.unwrap();
+    let b = shared(&second).start().await.unwrap();
+    all.line_with(&["thumbs scaler_elected"]).await;
+    exercise(&a).await;
+    exercise(&b).await;
+    let (code, stdout, stderr) = operator(secured, &["pools", "--wait", "1s"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(has_row(&stdout, &[POOL, "shared"]), "{stdout}");
+    let (code, stdout, stderr) = operator(secured, &["runners", POOL, "--wait", "1s"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let runner = a.runners()[0].id.clone();
+    assert!(stdout.contains(&runner), "{stdout}");
+    b.shutdown().await;
+    a.shutdown().await;
+    first.close().await;
+    second.close().await;
+    one.line_with(&["thumbs runner_gone", "reason=shutdown"])
+        .await;
+    secured.violations()
+}
+
+#[tokio::test]
+async fn a_full_run_on_the_documented_permissions_has_no_violation() {
+    let secured = Secured::start();
+    let violations = full_run(&secured).await;
+    assert_eq!(violations, Vec::<String>::new());
+}
+
+/// `flame args..` as an operator whose user lacks `line` of `block`: it
+/// must fail (exit 1) with "permission denied on <subject>", quickly.
+async fn cli_refused(without: &[(Block, &str)], args: &[&str], subject: &str) {
+    let secured = Secured::without(without);
+    let started = tokio::time::Instant::now();
+    let (code, _, stderr) = operator(&secured, args).await;
+    let took = started.elapsed();
+    println!("flame {args:?} without {subject}: exit {code:?} after {took:?}");
+    assert!(
+        stderr.contains(&format!("flame: permission denied on {subject} ")),
+        "{stderr}"
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(!stderr.contains(&secured.operator_password), "{stderr}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+#[tokio::test]
+async fn flame_pools_says_permission_denied() {
+    cli_refused(
+        &[(Block::OperatorPublish, "flame.pools.info")],
+        &["pools"],
+        "flame.pools.info",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn flame_runners_says_permission_denied() {
+    cli_refused(
+        &[(Block::OperatorPublish, "$SRV.INFO.flame-thumbs")],
+        &["runners", POOL],
+        "$SRV.INFO.flame-thumbs",
+    )
+    .await;
+    cli_refused(
+        &[(
+            Block::OperatorPublish,
+            "$JS.API.STREAM.INFO.KV_flame-thumbs",
+        )],
+        &["runners", POOL],
+        "$JS.API.STREAM.INFO.KV_flame-thumbs",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn flame_watch_says_permission_denied() {
+    cli_refused(
+        &[(Block::OperatorSubscribe, "flame.*.events.>")],
+        &["watch", "*"],
+        "flame.*.events.>",
+    )
+    .await;
+    // (`flame.*.events.>` grants it too.)
+    cli_refused(
+        &[
+            (Block::OperatorSubscribe, "flame.thumbs.events.>"),
+            (Block::OperatorSubscribe, "flame.*.events.>"),
+        ],
+        &["watch", POOL],
+        "flame.thumbs.events.>",
+    )
+    .await;
+}
+
+/// `flame top` needs a terminal: it runs under `script`, which gives it
+/// one.
+#[tokio::test]
+async fn flame_top_says_permission_denied() {
+    for (without, subject) in [
+        (
+            (Block::OperatorSubscribe, "flame.*.events.>"),
+            "flame.*.events.>",
+        ),
+        (
+            (Block::OperatorPublish, "flame.pools.info"),
+            "flame.pools.info",
+        ),
+    ] {
+        let secured = Secured::without(&[without]);
+        let line = format!(
+            "{} --server {} top",
+            flame_tests::harness::flame_cli().display(),
+            secured.server.url()
+        );
+        let mut cmd = tokio::process::Command::new("script");
+        cmd.args(["-qefc", &line, "/dev/null"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .env("NATS_USER", "flame-operator")
+            .env("NATS_PASSWORD", &secured.operator_password)
+            .env_remove("NATS_URL");
+        let (code, stdout, stderr) = finished(cmd, &["top"]).await;
+        assert!(
+            stdout.contains(&format!("flame: permission denied on {subject} ")),
+            "{stdout}{stderr}"
+        );
+        assert_eq!(code, Some(1), "{stdout}{stderr}");
+    }
 }

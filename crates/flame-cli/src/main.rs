@@ -9,14 +9,20 @@
 //!
 //! It connects like flame's parents and runners do: `--server`, else
 //! `NATS_URL`, else `nats://127.0.0.1:4222`, with credentials and TLS from
-//! `NATS_CREDS`, `NATS_NKEY`, `NATS_USER`/`NATS_PASSWORD`, `NATS_TOKEN`,
-//! `NATS_CA`, `NATS_CERT`/`NATS_KEY`.
+//! the URL (`nats://user:password@host`, `nats://token@host`), `NATS_CREDS`,
+//! `NATS_NKEY`, `NATS_USER`/`NATS_PASSWORD`, `NATS_TOKEN`, `NATS_CA`,
+//! `NATS_CERT`/`NATS_KEY`.
 //!
-//! Exit codes: 0 done, 1 NATS unreachable or another failure, 2 bad usage
-//! or `top` without a terminal.
+//! When the server refuses the command's user a subject it needs, the
+//! command says `permission denied on <subject>` (exit 1); PROTOCOL.md,
+//! section 9.1, lists what an operator's user needs.
+//!
+//! Exit codes: 0 done, 1 NATS unreachable, a permission denied or another
+//! failure, 2 bad usage or `top` without a terminal.
 
 mod gather;
 mod pools;
+mod refusals;
 mod runners;
 mod table;
 mod time;
@@ -27,6 +33,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+
+use crate::refusals::Refusals;
 
 /// Default NATS server, as the `nats` tools assume.
 const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
@@ -113,10 +121,25 @@ fn server_url(flag: Option<String>) -> String {
         .unwrap_or_else(|| DEFAULT_URL.to_string())
 }
 
-async fn connect(url: &str) -> Result<async_nats::Client, CliError> {
-    flame_nats::ops::connect_tool(url, "flame cli", Duration::from_secs(3))
+/// The inbox prefix of the command's connection: its user may be allowed
+/// to read its own replies and no others (PROTOCOL.md, section 9.1).
+pub(crate) const INBOX_PREFIX: &str = "_INBOX.flame-cli";
+
+/// A connection, and what the server refuses it.
+pub(crate) struct Connection {
+    pub(crate) client: async_nats::Client,
+    pub(crate) refusals: Refusals,
+}
+
+async fn connect(url: &str) -> Result<Connection, CliError> {
+    let refusals = Refusals::default();
+    let client =
+        flame_nats::ops::connect_tool_with(url, "flame cli", Duration::from_secs(3), |o| {
+            refusals.watch(o.custom_inbox_prefix(INBOX_PREFIX))
+        })
         .await
-        .map_err(|e| CliError::Failed(e.to_string()))
+        .map_err(|e| CliError::Failed(e.to_string()))?;
+    Ok(Connection { client, refusals })
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {

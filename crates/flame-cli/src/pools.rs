@@ -9,7 +9,7 @@ use flame_nats::ops::{PoolInfo, POOLS_INFO_SUBJECT};
 
 use crate::gather::{decoded, gather};
 use crate::table::{render, short};
-use crate::CliError;
+use crate::{CliError, Connection};
 
 /// Columns of the table.
 pub(crate) const HEADER: [&str; 11] = [
@@ -124,8 +124,12 @@ pub(crate) async fn gather_rows(
 }
 
 /// `flame pools`.
-pub(crate) async fn run(client: &async_nats::Client, wait: Duration) -> Result<(), CliError> {
-    let rows = gather_rows(client, wait).await?;
+pub(crate) async fn run(connection: &Connection, wait: Duration) -> Result<(), CliError> {
+    let client = &connection.client;
+    let rows = connection
+        .refusals
+        .guard(client, gather_rows(client, wait))
+        .await?;
     if rows.is_empty() {
         eprintln!(
             "no pool answered on {POOLS_INFO_SUBJECT} within {wait:?} (no parent with a started pool is connected)"

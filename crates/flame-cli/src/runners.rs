@@ -11,7 +11,7 @@ use serde::Deserialize;
 use crate::gather::{decoded, gather};
 use crate::table::{render, short};
 use crate::time::since;
-use crate::CliError;
+use crate::{CliError, Connection};
 
 /// Columns of the table.
 pub(crate) const HEADER: [&str; 7] = [
@@ -152,18 +152,23 @@ async fn leases(client: &async_nats::Client, pool: &str, wait: Duration) -> Vec<
 
 /// `flame runners <pool>`.
 pub(crate) async fn run(
-    client: &async_nats::Client,
+    connection: &Connection,
     pool: &str,
     wait: Duration,
 ) -> Result<(), CliError> {
+    let client = &connection.client;
     let service = format!("flame-{pool}");
-    let (infos, stats, leases) = tokio::join!(
-        gather(client, format!("$SRV.INFO.{service}"), wait),
-        gather(client, format!("$SRV.STATS.{service}"), wait),
-        leases(client, pool, wait),
-    );
-    let infos: Vec<Info> = decoded(&infos?);
-    let mut stats: HashMap<String, Stats> = decoded::<Stats>(&stats?)
+    let asked = async {
+        let (infos, stats, leases) = tokio::join!(
+            gather(client, format!("$SRV.INFO.{service}"), wait),
+            gather(client, format!("$SRV.STATS.{service}"), wait),
+            leases(client, pool, wait),
+        );
+        Ok((infos?, stats?, leases))
+    };
+    let (infos, stats, leases) = connection.refusals.guard(client, asked).await?;
+    let infos: Vec<Info> = decoded(&infos);
+    let mut stats: HashMap<String, Stats> = decoded::<Stats>(&stats)
         .into_iter()
         .map(|s| (s.id.clone(), s))
         .collect();

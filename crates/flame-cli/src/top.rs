@@ -16,7 +16,7 @@ use ratatui::Frame;
 
 use crate::pools::{gather_rows, PoolRow, HEADER};
 use crate::watch::line;
-use crate::CliError;
+use crate::{CliError, Connection};
 
 /// Events kept for the view.
 const KEPT_EVENTS: usize = 500;
@@ -49,20 +49,35 @@ struct View {
 }
 
 /// `flame top`.
-pub(crate) async fn run(client: &async_nats::Client, url: &str) -> Result<(), CliError> {
+pub(crate) async fn run(connection: &Connection, url: &str) -> Result<(), CliError> {
+    let client = &connection.client;
     let subject = events_wildcard("*");
-    let mut events = client
-        .subscribe(subject.clone())
-        .await
-        .map_err(|e| CliError::nats(&format!("cannot subscribe to {subject}"), e))?;
+    // Before the terminal is taken: a user refused the events or the pools
+    // is told so plainly, and the command ends.
+    let first = async {
+        let events = client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| CliError::nats(&format!("cannot subscribe to {subject}"), e))?;
+        let rows = gather_rows(client, GATHER).await?;
+        Ok((events, rows))
+    };
+    let (mut events, rows) = connection.refusals.guard(client, first).await?;
     let (tx, mut refreshed) = tokio::sync::mpsc::channel(1);
     let refresher = tokio::spawn({
         let client = client.clone();
+        let refusals = connection.refusals.clone();
         async move {
             let mut tick = tokio::time::interval(REFRESH);
+            tick.tick().await;
             loop {
                 tick.tick().await;
                 let rows = gather_rows(&client, GATHER).await;
+                // A permission taken away meanwhile shows in the view.
+                let rows = match refusals.first() {
+                    Some(e) => Err(e),
+                    None => rows,
+                };
                 if tx.send(rows).await.is_err() {
                     return;
                 }
@@ -73,6 +88,8 @@ pub(crate) async fn run(client: &async_nats::Client, url: &str) -> Result<(), Cl
         .map_err(|e| CliError::Failed(format!("cannot set up the terminal: {e}")))?;
     let mut view = View {
         url: flame_nats::ops::without_credentials(url),
+        pools: rows,
+        refreshed: true,
         ..View::default()
     };
     let mut keys = tokio::time::interval(Duration::from_millis(50));

@@ -6,7 +6,7 @@ use flame_nats::ops::{events_wildcard, EventKind, PoolEventMessage};
 use futures::StreamExt;
 
 use crate::table::short;
-use crate::CliError;
+use crate::{CliError, Connection};
 
 /// One event as a line:
 /// `08:00:00.123 thumbs runner_ready 3f2a9c1e… runners=3 ready=2 load=5`.
@@ -48,19 +48,23 @@ pub(crate) fn line(e: &PoolEventMessage) -> String {
 
 /// `flame watch`.
 pub(crate) async fn run(
-    client: &async_nats::Client,
+    connection: &Connection,
     url: &str,
     pool: &str,
     json: bool,
 ) -> Result<(), CliError> {
+    let client = &connection.client;
     let subject = events_wildcard(pool);
-    let mut events = client
-        .subscribe(subject.clone())
-        .await
-        .map_err(|e| CliError::nats(&format!("cannot subscribe to {subject}"), e))?;
-    // Said only once the server has the subscription: nothing published
-    // after the line is missed.
-    crate::gather::round_trip(client).await?;
+    let subscribed = async {
+        client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| CliError::nats(&format!("cannot subscribe to {subject}"), e))
+    };
+    // Said only once the server has the subscription (the guard's round
+    // trip): nothing published after the line is missed; and a refused
+    // subscription is said, not watched in silence.
+    let mut events = connection.refusals.guard(client, subscribed).await?;
     eprintln!(
         "watching {subject} on {} (Ctrl-C stops)",
         flame_nats::ops::without_credentials(url)
@@ -69,6 +73,7 @@ pub(crate) async fn run(
     loop {
         let msg = tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(()),
+            e = connection.refusals.refused() => return Err(e),
             msg = events.next() => match msg {
                 Some(msg) => msg,
                 None => return Err(CliError::Failed("the connection to NATS closed".into())),

@@ -59,7 +59,6 @@ impl BootFailure {
 }
 
 /// Boots the runners of one pool.
-#[derive(Debug)]
 pub(crate) struct Booter {
     pool: String,
     backend: Arc<dyn Backend>,
@@ -67,8 +66,25 @@ pub(crate) struct Booter {
     boot_timeout: Duration,
     /// `FLAME_PARENT` of every runner, but for its id and key.
     template: ParentInfo,
-    /// Variables copied from the parent.
+    /// Variables copied from the parent, and the credentials of the NATS
+    /// URL, if it had any ([`crate::connect::URL_CREDENTIALS_ENV`]).
     forwarded: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for Booter {
+    /// The forwarded variables' names only: their values hold secrets
+    /// (forwarded credentials, the URL's).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let forwarded: Vec<&str> = self.forwarded.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("Booter")
+            .field("pool", &self.pool)
+            .field("backend", &self.backend)
+            .field("hooks", &self.hooks)
+            .field("boot_timeout", &self.boot_timeout)
+            .field("template", &self.template)
+            .field("forwarded", &forwarded)
+            .finish()
+    }
 }
 
 impl Booter {
@@ -83,8 +99,8 @@ impl Booter {
             parent_id: parent.parent_id.clone(),
             pool: config.name.clone(),
             runner_id: String::new(),
-            // Runners connect with credentials of their own (the same
-            // environment variables), never ones taken from the URL.
+            // Never with credentials: those written in a URL go to the
+            // runner in a variable of their own (see `spec`).
             nats_url: parent.runner_nats_url.url.clone(),
             max_concurrency: config.max_concurrency,
             idle_shutdown_after_ms: config.idle_shutdown_after.as_millis() as u64,
@@ -98,6 +114,12 @@ impl Booter {
             forward_logs: config.forward_runner_logs,
             event_key: String::new(),
         };
+        let mut forwarded = forwarded;
+        if let Some(credentials) = &parent.runner_nats_url.credentials {
+            // Last, so that a forwarded variable of the same name (there
+            // should be none) does not replace it.
+            forwarded.push(credentials.handover());
+        }
         Booter {
             pool: config.name.clone(),
             backend,
@@ -113,8 +135,8 @@ impl Booter {
         &self.backend
     }
 
-    /// The environment of a new runner: `FLAME_PARENT` and the forwarded
-    /// variables. Shared runners sign nothing (they send no events).
+    /// The environment of a new runner: `FLAME_PARENT`, the forwarded
+    /// variables and the URL's credentials. Shared runners sign nothing (they send no events).
     fn spec(&self, runner_id: &str, key: Option<&EventKey>) -> BootSpec {
         let mut info = self.template.clone();
         info.runner_id = runner_id.to_string();

@@ -10,7 +10,8 @@ use tokio::sync::{watch, Notify};
 use flame_core::{Error, Source};
 
 /// Environment variable with the NATS server URL (the `nats` CLI's
-/// convention): one URL, or several separated by commas.
+/// convention): one URL, or several separated by commas, which may carry a
+/// user and password or a token (`nats://user:password@host:4222`).
 pub const NATS_URL_ENV: &str = "NATS_URL";
 
 /// Environment variable with the NATS URL runners connect to, when it
@@ -61,6 +62,14 @@ pub type ConnectHook =
 /// Public (as [`crate::ops::connect_options_from_env`]) so that tools such
 /// as the `flame` command connect the way parents and runners do.
 pub async fn options_from_env() -> Result<async_nats::ConnectOptions, Error> {
+    options_from_env_and(None).await
+}
+
+/// [`options_from_env`], with the credentials of a NATS URL, if any, in
+/// place of `NATS_USER`/`NATS_PASSWORD` and `NATS_TOKEN`.
+pub(crate) async fn options_from_env_and(
+    url_credentials: Option<&UrlCredentials>,
+) -> Result<async_nats::ConnectOptions, Error> {
     let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let mut options = async_nats::ConnectOptions::new();
     if let Some(path) = var("NATS_CREDS") {
@@ -93,17 +102,22 @@ pub async fn options_from_env() -> Result<async_nats::ConnectOptions, Error> {
         };
         options = options.nkey(seed);
     }
-    match (var("NATS_USER"), var("NATS_PASSWORD")) {
-        (Some(user), Some(password)) => options = options.user_and_password(user, password),
-        (Some(_), None) => {
-            return Err(Error::Config(
-                "NATS_USER is set but NATS_PASSWORD is not".into(),
-            ))
+    if let Some(credentials) = url_credentials {
+        // As the `nats` tools do: the URL's credentials win.
+        options = credentials.apply(options);
+    } else {
+        match (var("NATS_USER"), var("NATS_PASSWORD")) {
+            (Some(user), Some(password)) => options = options.user_and_password(user, password),
+            (Some(_), None) => {
+                return Err(Error::Config(
+                    "NATS_USER is set but NATS_PASSWORD is not".into(),
+                ))
+            }
+            _ => {}
         }
-        _ => {}
-    }
-    if let Some(token) = var("NATS_TOKEN") {
-        options = options.token(token);
+        if let Some(token) = var("NATS_TOKEN") {
+            options = options.token(token);
+        }
     }
     if let Some(ca) = var("NATS_CA") {
         options = options
@@ -154,6 +168,177 @@ pub fn without_credentials(url: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// Environment variable through which a parent hands its runners the
+/// credentials written in its NATS URL (`user:password` or `token`, as in
+/// the URL), so that `FLAME_PARENT` never carries them. Read by runners
+/// only; a secret.
+pub const URL_CREDENTIALS_ENV: &str = "FLAME_NATS_URL_CREDENTIALS";
+
+/// Credentials written in a NATS URL, `nats://user:password@host` or
+/// `nats://token@host` (the `nats` tools' convention), and where they came
+/// from. `Debug` shows neither secret nor user.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct UrlCredentials {
+    /// As written in the URL (still percent-encoded): what runners are
+    /// handed.
+    written: String,
+    secret: UrlSecret,
+    /// Handed over by a parent ([`URL_CREDENTIALS_ENV`]) rather than read
+    /// from this process's own URL.
+    handed_over: bool,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+enum UrlSecret {
+    UserPassword { user: String, password: String },
+    Token(String),
+}
+
+impl std::fmt::Debug for UrlCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.secret {
+            UrlSecret::UserPassword { .. } => "user and password",
+            UrlSecret::Token(_) => "token",
+        };
+        f.debug_struct("UrlCredentials")
+            .field("kind", &kind)
+            .field("handed_over", &self.handed_over)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UrlCredentials {
+    /// The credentials written in `url` (one server or a comma-separated
+    /// list); `None` when no server carries any. Servers of a list that
+    /// carry credentials must carry the same (one set is used for all,
+    /// and servers without any get it too). Errors name no secret.
+    pub(crate) fn from_url(url: &str) -> Result<Option<UrlCredentials>, Error> {
+        let mut found: Option<UrlCredentials> = None;
+        for server in server_list(url) {
+            let Some(written) = userinfo(&server) else {
+                continue;
+            };
+            let credentials = UrlCredentials::parse(written, false)?;
+            match &found {
+                Some(first) if first.secret != credentials.secret => {
+                    return Err(Error::Config(format!(
+                        "the servers of the NATS URL {} carry different credentials; flame connects to \
+                         every server with one set: write the same `user:password@` (or `token@`) in \
+                         each, or in one only",
+                        without_credentials(url)
+                    )))
+                }
+                Some(_) => {}
+                None => found = Some(credentials),
+            }
+        }
+        if found.is_some() {
+            // Two ways of giving credentials, one of which the server would
+            // ignore: refuse rather than guess.
+            for var in ["NATS_CREDS", "NATS_NKEY"] {
+                if std::env::var(var).is_ok_and(|v| !v.is_empty()) {
+                    return Err(Error::Config(format!(
+                        "the NATS URL {} carries credentials and {var} is set too: give the \
+                         credentials one way",
+                        without_credentials(url)
+                    )));
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// The credentials a parent handed this runner in
+    /// [`URL_CREDENTIALS_ENV`], if any.
+    pub(crate) fn handed_over() -> Result<Option<UrlCredentials>, Error> {
+        match std::env::var(URL_CREDENTIALS_ENV) {
+            Ok(written) if !written.is_empty() => UrlCredentials::parse(&written, true).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// Reads `user:password` or `token` (percent-encoded, as in a URL).
+    fn parse(written: &str, handed_over: bool) -> Result<UrlCredentials, Error> {
+        let decode = |part: &str, what: &str| {
+            percent_encoding::percent_decode_str(part)
+                .decode_utf8()
+                .map(|s| s.into_owned())
+                .map_err(|_| {
+                    Error::Config(format!(
+                        "the {what} in the NATS URL is not valid UTF-8 once its %-escapes are decoded"
+                    ))
+                })
+        };
+        let secret = match written.split_once(':') {
+            Some((user, password)) => {
+                if user.is_empty() {
+                    return Err(Error::Config(
+                        "the NATS URL has a password but no user before it (`nats://user:password@host`)"
+                            .into(),
+                    ));
+                }
+                UrlSecret::UserPassword {
+                    user: decode(user, "user")?,
+                    password: decode(password, "password")?,
+                }
+            }
+            None => UrlSecret::Token(decode(written, "token")?),
+        };
+        Ok(UrlCredentials {
+            written: written.to_string(),
+            secret,
+            handed_over,
+        })
+    }
+
+    /// These credentials, marked as handed over by a parent.
+    pub(crate) fn for_runners(&self) -> UrlCredentials {
+        UrlCredentials {
+            handed_over: true,
+            ..self.clone()
+        }
+    }
+
+    /// The variable and value that hand these credentials to a runner.
+    pub(crate) fn handover(&self) -> (String, String) {
+        (URL_CREDENTIALS_ENV.to_string(), self.written.clone())
+    }
+
+    /// `options` with these credentials (in place of any user, password or
+    /// token set before).
+    fn apply(&self, options: async_nats::ConnectOptions) -> async_nats::ConnectOptions {
+        match &self.secret {
+            UrlSecret::UserPassword { user, password } => {
+                options.user_and_password(user.clone(), password.clone())
+            }
+            UrlSecret::Token(token) => options.token(token.clone()),
+        }
+    }
+
+    /// Where the credentials a server refused came from, for its error.
+    fn origin(&self) -> String {
+        let what = match self.secret {
+            UrlSecret::UserPassword { .. } => "the user and password",
+            UrlSecret::Token(_) => "the token",
+        };
+        if self.handed_over {
+            format!(
+                "{what} came from the URL the parent was given (its NATS URL, or the runners'), \
+                 handed to this runner in {URL_CREDENTIALS_ENV}"
+            )
+        } else {
+            format!("{what} came from the URL")
+        }
+    }
+}
+
+/// The `user:password` or `token` of one server's URL, if it has any.
+fn userinfo(server: &str) -> Option<&str> {
+    let rest = server.split_once("://").map_or(server, |(_, r)| r);
+    let (userinfo, _) = rest.rsplit_once('@')?;
+    (!userinfo.is_empty()).then_some(userinfo)
 }
 
 /// How many permission violations [`Permissions`] keeps.
@@ -493,6 +678,7 @@ pub(crate) async fn connect_watched(
     name: String,
     timeout: Duration,
     options: async_nats::ConnectOptions,
+    url_credentials: Option<&UrlCredentials>,
 ) -> Result<(async_nats::Client, ConnectionEvents), Error> {
     let (tx, disconnects) = watch::channel(0u64);
     let connected = Arc::new(Notify::new());
@@ -535,7 +721,7 @@ pub(crate) async fn connect_watched(
             }
         }
     });
-    let client = connect_with(url, name, timeout, options).await?;
+    let client = connect_with(url, name, timeout, options, url_credentials).await?;
     Ok((
         client,
         ConnectionEvents {
@@ -549,18 +735,23 @@ pub(crate) async fn connect_watched(
     ))
 }
 
+/// `url_credentials`: those `options` hold, if they came from a URL (to
+/// say so when the server refuses them).
 async fn connect_with(
     url: &str,
     name: String,
     timeout: Duration,
     options: async_nats::ConnectOptions,
+    url_credentials: Option<&UrlCredentials>,
 ) -> Result<async_nats::Client, Error> {
     let unreachable = |reason: String, source: Option<Source>| Error::NatsUnreachable {
         url: without_credentials(url),
         reason,
         source,
     };
-    let servers = server_list(url);
+    // The client ignores a URL's credentials (they are in `options`):
+    // keep them out of everything it logs.
+    let servers = server_list(&without_credentials(url));
     if servers.is_empty() {
         return Err(Error::Config(format!(
             "no NATS server in `{url}`; give one URL or a comma-separated list"
@@ -578,9 +769,11 @@ async fn connect_with(
         .map_err(|e| {
             let mut reason = e.to_string();
             if e.kind() == async_nats::ConnectErrorKind::AuthorizationViolation {
-                // The server does not say why; an expired user is the one
-                // cause a client can see for itself.
-                if let Some(expired) = expired_credentials(std::time::SystemTime::now()) {
+                // The server does not say why; where the credentials came
+                // from, or an expired user, the client can say.
+                if let Some(credentials) = url_credentials {
+                    reason = format!("{reason} ({})", credentials.origin());
+                } else if let Some(expired) = expired_credentials(std::time::SystemTime::now()) {
                     reason = format!("{reason} ({expired})");
                 }
             }
@@ -620,15 +813,40 @@ fn jwt_expiry(creds: &str) -> Option<std::time::SystemTime> {
 
 /// Connects a tool (not a parent, not a runner) to `url`, one server or a
 /// comma-separated list, with the options of the conventional environment
-/// (see [`options_from_env`]), within `timeout`. Fails with
-/// [`Error::NatsUnreachable`] naming the URL without credentials.
+/// (see [`options_from_env`]), within `timeout`. Credentials written in
+/// the URL (`user:password@`, `token@`) take the place of `NATS_USER`/
+/// `NATS_PASSWORD` and `NATS_TOKEN`. Fails with [`Error::NatsUnreachable`]
+/// naming the URL without credentials (and, when the server refuses
+/// credentials from the URL, saying that they came from it).
 pub async fn connect_tool(
     url: &str,
     name: &str,
     timeout: Duration,
 ) -> Result<async_nats::Client, Error> {
-    let options = options_from_env().await?;
-    connect_with(url, name.to_string(), timeout, options).await
+    connect_tool_with(url, name, timeout, |options| options).await
+}
+
+/// [`connect_tool`], with `adjust` applied to the options last, before
+/// flame sets the name, timeouts and reconnect pacing: e.g. an
+/// `event_callback` to learn what the server refuses (the `flame` command
+/// says `permission denied on <subject>` that way), or a
+/// `custom_inbox_prefix`.
+pub async fn connect_tool_with(
+    url: &str,
+    name: &str,
+    timeout: Duration,
+    adjust: impl FnOnce(async_nats::ConnectOptions) -> async_nats::ConnectOptions,
+) -> Result<async_nats::Client, Error> {
+    let credentials = UrlCredentials::from_url(url)?;
+    let options = adjust(options_from_env_and(credentials.as_ref()).await?);
+    connect_with(
+        url,
+        name.to_string(),
+        timeout,
+        options,
+        credentials.as_ref(),
+    )
+    .await
 }
 
 /// Pause before a connection attempt: none for the first, then 100 ms more
@@ -703,6 +921,45 @@ mod tests {
             "nats://a:4222,tls://b:4223,nats://c:1"
         );
         assert_eq!(without_credentials("u:p@host:4222"), "host:4222");
+    }
+
+    #[test]
+    fn credentials_are_read_from_urls_and_never_shown() {
+        let read = |url: &str| UrlCredentials::from_url(url).unwrap();
+        assert!(read("nats://a:4222, nats://b:4222").is_none());
+        let user = read("nats://app:p%40ss@a:4222").unwrap();
+        // (Compared with `==`: the secret has no Debug to print.)
+        assert!(
+            user.secret
+                == UrlSecret::UserPassword {
+                    user: "app".into(),
+                    password: "p@ss".into()
+                }
+        );
+        // Handed to runners as written.
+        assert_eq!(
+            user.handover(),
+            (URL_CREDENTIALS_ENV.to_string(), "app:p%40ss".to_string())
+        );
+        let token = read("tls://s3cret@a:4222").unwrap();
+        assert!(token.secret == UrlSecret::Token("s3cret".into()));
+        // A list: one set for all servers, some may leave it out.
+        assert!(
+            read("nats://app:pw@a:1,nats://b:2,app:pw@c:3").map(|c| c.secret)
+                == Some(UrlSecret::UserPassword {
+                    user: "app".into(),
+                    password: "pw".into()
+                })
+        );
+        let err = UrlCredentials::from_url("nats://app:pw1@a:1,nats://app:pw2@b:2").unwrap_err();
+        assert!(matches!(err, Error::Config(_)), "{err:?}");
+        assert!(!err.to_string().contains("pw1") && !err.to_string().contains("pw2"));
+        assert!(err.to_string().contains("nats://a:1,nats://b:2"), "{err}");
+        assert!(UrlCredentials::from_url("nats://:pw@a:1").is_err());
+        let shown = format!("{user:?} {token:?}");
+        assert!(!shown.contains("p@ss") && !shown.contains("p%40ss") && !shown.contains("s3cret"));
+        assert!(user.origin().contains("came from the URL"));
+        assert!(token.for_runners().origin().contains(URL_CREDENTIALS_ENV));
     }
 
     #[test]

@@ -7,8 +7,8 @@ use flame_core::{Error, Registry, States};
 
 use crate::build_id::build_id;
 use crate::connect::{
-    connect_watched, options_from_env, without_credentials, ConnectHook, Mark, NATS_URL_ENV,
-    RUNNER_NATS_URL_ENV,
+    connect_watched, options_from_env_and, without_credentials, ConnectHook, Mark, UrlCredentials,
+    NATS_URL_ENV, RUNNER_NATS_URL_ENV,
 };
 use crate::embedded::NatsServer;
 use crate::parent::{ParentContext, RunnerUrl};
@@ -102,9 +102,12 @@ impl FlameBuilder {
     }
 
     /// Uses this NATS server (overrides `NATS_URL`): one URL, or several
-    /// separated by commas (`nats://a:4222,nats://b:4222`). Runners get the
-    /// same, without credentials, unless [`FlameBuilder::runner_nats_url`]
-    /// says otherwise.
+    /// separated by commas (`nats://a:4222,nats://b:4222`). A user and
+    /// password or a token written in it (`nats://user:password@host`,
+    /// `nats://token@host`) are used in place of `NATS_USER`/
+    /// `NATS_PASSWORD` and `NATS_TOKEN`. Runners get the same URL without
+    /// them, unless [`FlameBuilder::runner_nats_url`] says otherwise, and
+    /// the credentials in [`crate::URL_CREDENTIALS_ENV`].
     pub fn nats_url(mut self, url: impl Into<String>) -> Self {
         self.nats_url = Some(url.into());
         self
@@ -115,7 +118,9 @@ impl FlameBuilder {
     /// the parent's URL). Runners on other machines (a Fly Machine, say)
     /// cannot reach a loopback address: a pool on such a backend refuses
     /// to start when runners would be told one, unless it was set here or
-    /// in `FLAME_RUNNER_NATS_URL` on purpose.
+    /// in `FLAME_RUNNER_NATS_URL` on purpose. Credentials written in it
+    /// are handed to runners (in [`crate::URL_CREDENTIALS_ENV`]) in place
+    /// of the parent URL's.
     pub fn runner_nats_url(mut self, url: impl Into<String>) -> Self {
         self.runner_nats_url = Some(url.into());
         self
@@ -146,13 +151,15 @@ impl FlameBuilder {
         self
     }
 
-    /// The options to connect with: the environment's, then the hook.
-    /// The environment's options, `inbox_prefix` if given, then the hook.
+    /// The options to connect with: the environment's (with the
+    /// credentials of the URL in place of `NATS_USER`/`NATS_PASSWORD` and
+    /// `NATS_TOKEN`), `inbox_prefix` if given, then the hook.
     async fn connect_options(
         &self,
         inbox_prefix: Option<String>,
+        url_credentials: Option<&UrlCredentials>,
     ) -> Result<async_nats::ConnectOptions, Error> {
-        let mut options = options_from_env().await?;
+        let mut options = options_from_env_and(url_credentials).await?;
         if let Some(prefix) = inbox_prefix {
             options = options.custom_inbox_prefix(prefix);
         }
@@ -223,12 +230,20 @@ impl FlameBuilder {
             // streams) are under a prefix of its pool, so that a runner's
             // NATS user can be allowed to read those and no other replies.
             let inbox = subjects::runner_inbox_prefix(&info.pool);
-            let options = self.connect_options(Some(inbox)).await?;
-            Ok::<_, Error>((info, options))
+            // Handed over by the parent, which took them out of the URL.
+            let credentials = match UrlCredentials::handed_over()? {
+                Some(credentials) => Some(credentials),
+                None => UrlCredentials::from_url(&info.nats_url)?,
+            };
+            let options = self
+                .connect_options(Some(inbox), credentials.as_ref())
+                .await?;
+            Ok::<_, Error>((info, options, credentials))
         };
         match prepared.await {
-            Ok((info, options)) => {
-                let code = crate::runner::serve(info, self.states.clone(), options).await;
+            Ok((info, options, credentials)) => {
+                let code =
+                    crate::runner::serve(info, self.states.clone(), options, credentials).await;
                 // `exit` runs no destructor: send the spans still buffered.
                 #[cfg(feature = "otel")]
                 crate::otel::flush();
@@ -255,9 +270,9 @@ impl FlameBuilder {
             )));
         }
         let timeout = self.connect_timeout.unwrap_or(Duration::from_secs(5));
-        let options = self.connect_options(None).await?;
         let (nats_url, embedded) = match self
             .nats_url
+            .clone()
             .or_else(|| std::env::var(NATS_URL_ENV).ok().filter(|u| !u.is_empty()))
         {
             Some(url) => (url, None),
@@ -272,6 +287,8 @@ impl FlameBuilder {
                 (server.url(), Some(server))
             }
         };
+        let credentials = UrlCredentials::from_url(&nats_url)?;
+        let options = self.connect_options(None, credentials.as_ref()).await?;
         let parent_id = uuid::Uuid::new_v4().simple().to_string();
         let build_id: Arc<str> = match self.build_id {
             Some(id) => id.into(),
@@ -287,6 +304,7 @@ impl FlameBuilder {
             format!("flame parent {parent_id}"),
             timeout,
             options,
+            credentials.as_ref(),
         )
         .await?;
         let replies = Replies::start(
@@ -318,9 +336,18 @@ impl FlameBuilder {
                 .ok()
                 .filter(|u| !u.is_empty())
         });
+        // Runners get the runners' URL's credentials, else the parent's,
+        // in a variable of their own: never in FLAME_PARENT.
+        let runner_credentials = match &given {
+            Some(url) => UrlCredentials::from_url(url)?,
+            None => None,
+        }
+        .or(credentials)
+        .map(|c| c.for_runners());
         let runner_nats_url = RunnerUrl {
             explicit: given.is_some(),
             url: without_credentials(given.as_deref().unwrap_or(&nats_url)),
+            credentials: runner_credentials,
         };
         let announcer = crate::announce::Announcer::start(
             client.clone(),

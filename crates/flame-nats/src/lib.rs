@@ -49,7 +49,8 @@ mod trace;
 /// `PROTOCOL.md`). The `flame` command is built on it.
 pub mod ops {
     pub use crate::connect::{
-        connect_tool, options_from_env as connect_options_from_env, without_credentials,
+        connect_tool, connect_tool_with, options_from_env as connect_options_from_env,
+        without_credentials,
     };
     pub use crate::protocol::pool_events::{
         classify_gone, event_subject, events_wildcard, format_time, gone_reason, EventKind,
@@ -59,7 +60,7 @@ pub mod ops {
 
 pub use build_id::{build_id, BUILD_ID_ENV};
 pub use config::PoolConfig;
-pub use connect::{ConnectHook, NATS_URL_ENV, RUNNER_NATS_URL_ENV};
+pub use connect::{ConnectHook, NATS_URL_ENV, RUNNER_NATS_URL_ENV, URL_CREDENTIALS_ENV};
 pub use embedded::{NatsServer, NatsServerBuilder};
 pub use flame::{init, serve_if_runner, Flame, FlameBuilder};
 pub use hooks::PoolEvent;

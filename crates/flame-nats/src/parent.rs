@@ -29,10 +29,13 @@ pub(crate) struct ParentContext {
     pub(crate) announcer: crate::announce::Announcer,
 }
 
-/// The NATS URL runners connect to (never with credentials).
+/// The NATS URL runners connect to (never with credentials), and the
+/// credentials that were written in it (or in the parent's), which runners
+/// are handed in a variable of their own.
 #[derive(Debug, Clone)]
 pub(crate) struct RunnerUrl {
     pub(crate) url: String,
+    pub(crate) credentials: Option<crate::connect::UrlCredentials>,
     /// Set on purpose (`runner_nats_url`, `FLAME_RUNNER_NATS_URL`), not
     /// just the parent's own URL.
     pub(crate) explicit: bool,

@@ -42,7 +42,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::build_id::build_id;
-use crate::connect::{connect_watched, Mark, Outages};
+use crate::connect::{connect_watched, Mark, Outages, UrlCredentials};
 use crate::protocol::bootstrap::ParentInfo;
 use crate::protocol::call::ErrorKind;
 use crate::protocol::events::{EventKey, ParentEvent};
@@ -67,11 +67,15 @@ pub(crate) async fn serve(
     info: ParentInfo,
     states: States,
     options: async_nats::ConnectOptions,
+    url_credentials: Option<UrlCredentials>,
 ) -> i32 {
     let runner = info.runner_id.clone();
     // Every line the runner logs names its pool and runner.
     let span = tracing::info_span!("flame.runner", pool = %info.pool, runner = %info.runner_id);
-    match run(info, states, options).instrument(span).await {
+    match run(info, states, options, url_credentials)
+        .instrument(span)
+        .await
+    {
         Ok(reason) => {
             info!(%runner, "runner stopping: {reason}");
             0
@@ -160,6 +164,7 @@ async fn run(
     info: ParentInfo,
     states: States,
     options: async_nats::ConnectOptions,
+    url_credentials: Option<UrlCredentials>,
 ) -> Result<String, Error> {
     let registry = Registry::global()?;
     let failsafe = Duration::from_millis(info.failsafe_timeout_ms);
@@ -171,6 +176,7 @@ async fn run(
         format!("flame runner {} ({})", info.runner_id, info.pool),
         failsafe,
         options,
+        url_credentials.as_ref(),
     )
     .await?;
     let permissions = connection.permissions.clone();
