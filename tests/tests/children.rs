@@ -148,3 +148,47 @@ async fn the_caller_learns_how_a_child_ended() {
         other => panic!("expected RunnerDown, got {other:?}"),
     }
 }
+
+/// Issue 17: when the local backend sees a runner exit, a channel from a
+/// child on it ends at once with `RunnerDown`, not after the keepalive's
+/// 5 s of silence.
+#[tokio::test]
+async fn a_dead_runners_channels_end_at_once_with_runner_down() {
+    let env = TestEnv::start().await;
+    let pool = env.pool("deadchannels").max(1).start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (ticks, mut from_child) = flame::channel::<u32>();
+    let _child = flame::place_child!(pool, ticker(ticks, path_in(&dir, "m"))).unwrap();
+    let pid = from_child.next().await.unwrap().unwrap();
+    kill9(pid);
+    let killed = std::time::Instant::now();
+    let last = loop {
+        match tokio::time::timeout(LONG, from_child.next()).await {
+            Ok(Some(Ok(_))) => continue,
+            Ok(other) => break other,
+            Err(_) => panic!("the channel did not end within {LONG:?}"),
+        }
+    };
+    let took = killed.elapsed();
+    eprintln!("the channel ended {took:?} after the kill: {last:?}");
+    assert!(
+        matches!(last, Some(Err(Error::RunnerDown { .. }))),
+        "{last:?}"
+    );
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+}
+
+/// Issue 17: `Sender::fail` reaches the reader with its message said once.
+#[tokio::test]
+async fn a_failed_sender_says_why_once() {
+    let env = TestEnv::start().await;
+    let pool = env.pool("givesup").max(1).start().await.unwrap();
+    let (events, mut from_child) = flame::channel::<String>();
+    let child = flame::place_child!(pool, gives_up(events)).unwrap();
+    let got = tokio::time::timeout(LONG, from_child.next()).await.unwrap();
+    match got {
+        Some(Err(e)) => assert_eq!(e.to_string(), "stream ended with an error: child gave up"),
+        other => panic!("expected the child's error, got {other:?}"),
+    }
+    assert!(matches!(child.exit().await, ChildExit::Finished(0)));
+}

@@ -30,8 +30,8 @@ use crate::{codec, Error};
 pub const CHUNK_SIZE: usize = 128 * 1024;
 
 /// Encoded items a producer sends; an `Err` ends the stream with that
-/// message.
-pub type ItemSource = BoxStream<'static, Result<Vec<u8>, String>>;
+/// error (sent on as its message: [`error_message`]).
+pub type ItemSource = BoxStream<'static, Result<Vec<u8>, Error>>;
 
 /// Encoded items a consumer receives.
 pub type ItemSink = BoxStream<'static, Result<Bytes, Error>>;
@@ -39,14 +39,24 @@ pub type ItemSink = BoxStream<'static, Result<Bytes, Error>>;
 /// Encodes one message of a channel. Messages are encoded where they are
 /// read (in the runtime's stream task when the channel's far end is
 /// elsewhere), so that senders inside them use the right connection.
-pub type Encoder = Box<dyn FnOnce() -> Result<Vec<u8>, String> + Send>;
+pub type Encoder = Box<dyn FnOnce() -> Result<Vec<u8>, Error> + Send>;
 
 /// Where a local channel's messages go: a message, or the error that ends
 /// the channel.
-pub type ItemSender = tokio::sync::mpsc::Sender<Result<Encoder, String>>;
+pub type ItemSender = tokio::sync::mpsc::Sender<Result<Encoder, Error>>;
+
+/// What the other side of a stream is told when `error` ends it: an
+/// [`Error::Stream`]'s own message (so that it is not said twice when the
+/// reader gets it as an [`Error::Stream`] again), any other error whole.
+pub fn error_message(error: &Error) -> String {
+    match error {
+        Error::Stream(message) => message.clone(),
+        other => other.to_string(),
+    }
+}
 
 /// The source of a channel's receiving end.
-fn channel_source(mut rx: tokio::sync::mpsc::Receiver<Result<Encoder, String>>) -> ItemSource {
+fn channel_source(mut rx: tokio::sync::mpsc::Receiver<Result<Encoder, Error>>) -> ItemSource {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
         .map(|item| item.and_then(|encode| encode()))
         .boxed()
@@ -116,6 +126,13 @@ fn current_transport() -> Option<Arc<dyn StreamTransport>> {
 ///
 /// A `Stream` can be sent once. Dropping the receiving end stops the
 /// sender.
+///
+/// Across a call: the streams and channels of a call whose runner is known
+/// to be down end at once with [`Error::RunnerDown`] (else after 5 s
+/// without keepalives); those among the arguments of a call that failed
+/// end with its error. The call's timeout bounds the call until its result
+/// arrives; a stream in the result flows past it for as long as it is read
+/// (holding the call's slot until it ends or is dropped).
 pub struct Stream<T> {
     inner: Mutex<Inner>,
     _item: std::marker::PhantomData<fn() -> T>,
@@ -143,8 +160,9 @@ impl<T: Serialize + Send + 'static> Stream<T> {
         items: impl futures::Stream<Item = Result<T, E>> + Send + 'static,
     ) -> Stream<T> {
         let source = items.map(|item| match item {
-            Ok(value) => codec::encode(&value).map_err(|e| format!("cannot encode an item: {e}")),
-            Err(e) => Err(e.to_string()),
+            Ok(value) => codec::encode(&value)
+                .map_err(|e| Error::Stream(format!("cannot encode an item: {e}"))),
+            Err(e) => Err(Error::Stream(e.to_string())),
         });
         Stream {
             inner: Mutex::new(Inner::Local(source.boxed())),
@@ -220,7 +238,8 @@ impl<T: Serialize + Send + 'static> Sender<T> {
             .clone()
             .ok_or_else(|| Error::Stream("this sender was sent away".into()))?;
         let encode: Encoder = Box::new(move || {
-            codec::encode(&message).map_err(|e| format!("cannot encode a message: {e}"))
+            codec::encode(&message)
+                .map_err(|e| Error::Stream(format!("cannot encode a message: {e}")))
         });
         tx.send(Ok(encode))
             .await
@@ -232,7 +251,7 @@ impl<T: Serialize + Send + 'static> Sender<T> {
     pub async fn fail(self, message: impl fmt::Display) {
         let tx = self.tx.lock().unwrap().take();
         if let Some(tx) = tx {
-            let _ = tx.send(Err(message.to_string())).await;
+            let _ = tx.send(Err(Error::Stream(message.to_string()))).await;
         }
     }
 }
@@ -315,8 +334,7 @@ impl<T> Serialize for Stream<T> {
             Inner::Local(source) => source,
             Inner::Remote(sink, _) => {
                 // Passed on: forward what arrives.
-                sink.map(|item| item.map(|b| b.to_vec()).map_err(|e| e.to_string()))
-                    .boxed()
+                sink.map(|item| item.map(|b| b.to_vec())).boxed()
             }
             Inner::Gone => return Err(S::Error::custom("this flame::Stream was already sent")),
         };
@@ -352,7 +370,7 @@ impl<T: DeserializeOwned + Unpin> futures::Stream for Stream<T> {
         let item = match &mut *inner {
             Inner::Local(source) => match source.poll_next_unpin(cx) {
                 Poll::Ready(Some(Ok(bytes))) => Some(decode_item(&bytes)),
-                Poll::Ready(Some(Err(message))) => Some(Err(Error::Stream(message))),
+                Poll::Ready(Some(Err(e))) => Some(Err(e)),
                 Poll::Ready(None) => None,
                 Poll::Pending => return Poll::Pending,
             },

@@ -4,18 +4,19 @@
 //! ([`crate::protocol::stream`]).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use flame_core::stream::{
-    with_transport, Encoder, ItemSender, ItemSink, ItemSource, StreamTransport,
+    error_message, with_transport, Encoder, ItemSender, ItemSink, ItemSource, StreamTransport,
 };
 use flame_core::Error;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::protocol::stream::{
@@ -49,11 +50,164 @@ fn current_hold() -> Option<Hold> {
     HOLD.with(|h| h.borrow().clone())
 }
 
+/// The streams and channels set up for one call (by its arguments, or by
+/// its result): they end together, at once, when the call fails or its
+/// runner is known to be down, instead of when the keepalive goes silent.
+#[derive(Clone)]
+pub(crate) struct CallStreams(Arc<Ending>);
+
+pub(crate) struct Ending {
+    function: &'static str,
+    ended: CancellationToken,
+    why: OnceLock<Error>,
+    /// Some stream or channel took part (most calls have none).
+    used: AtomicBool,
+}
+
+impl CallStreams {
+    pub(crate) fn new(function: &'static str) -> CallStreams {
+        CallStreams(Arc::new(Ending {
+            function,
+            ended: CancellationToken::new(),
+            why: OnceLock::new(),
+            used: AtomicBool::new(false),
+        }))
+    }
+
+    /// Whether any stream or channel was set up in its scope.
+    pub(crate) fn used(&self) -> bool {
+        self.0.used.load(Ordering::Relaxed)
+    }
+
+    /// Ends its streams with `error` (the first error given wins).
+    pub(crate) fn end(&self, error: Error) {
+        let _ = self.0.why.set(error);
+        self.0.ended.cancel();
+    }
+
+    /// Ends its streams: `runner`, where the call ran, is down.
+    pub(crate) fn runner_down(&self, runner: &str, reason: &str) {
+        self.end(Error::RunnerDown {
+            function: self.0.function.to_string(),
+            runner: runner.to_string(),
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Waits for its end; the error it ended with.
+    async fn ended(&self) -> Error {
+        self.0.ended.cancelled().await;
+        self.0
+            .why
+            .get()
+            .cloned()
+            .unwrap_or_else(|| Error::Stream("its call ended".into()))
+    }
+}
+
+/// Waits for `scope`'s end, or for ever without one.
+async fn scope_ended(scope: &Option<CallStreams>) -> Error {
+    match scope {
+        Some(scope) => scope.ended().await,
+        None => std::future::pending().await,
+    }
+}
+
+thread_local! {
+    static SCOPE: std::cell::RefCell<Option<CallStreams>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` so that the streams and channels it sets up end with `scope`.
+pub(crate) fn scoped<R>(scope: Option<CallStreams>, f: impl FnOnce() -> R) -> R {
+    let previous = SCOPE.with(|c| c.replace(scope));
+    struct Restore(Option<CallStreams>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            SCOPE.with(|c| *c.borrow_mut() = previous);
+        }
+    }
+    let _restore = Restore(previous);
+    f()
+}
+
+/// The current scope, marked as used.
+fn current_scope() -> Option<CallStreams> {
+    let scope = SCOPE.with(|c| c.borrow().clone());
+    if let Some(scope) = &scope {
+        scope.0.used.store(true, Ordering::Relaxed);
+    }
+    scope
+}
+
+/// The streams of the calls on one runner: ended at once when the runner
+/// is known to be down.
+#[derive(Default, Clone)]
+pub(crate) struct RunnerStreams(Arc<Mutex<Following>>);
+
+#[derive(Default)]
+struct Following {
+    /// Set once the runner is down: (runner, reason).
+    down: Option<(String, String)>,
+    streams: Vec<Weak<Ending>>,
+    /// Length at which ended scopes are next swept out.
+    sweep_at: usize,
+}
+
+impl std::fmt::Debug for RunnerStreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let following = self.0.lock().unwrap();
+        f.debug_struct("RunnerStreams")
+            .field("following", &following.streams.len())
+            .field("down", &following.down.is_some())
+            .finish()
+    }
+}
+
+impl RunnerStreams {
+    /// `scope`'s streams end when the runner goes down (at once if it is).
+    pub(crate) fn follow(&self, scope: &CallStreams) {
+        let mut following = self.0.lock().unwrap();
+        if let Some((runner, reason)) = &following.down {
+            scope.runner_down(runner, reason);
+            return;
+        }
+        if following.streams.len() >= following.sweep_at {
+            following.streams.retain(|w| w.strong_count() > 0);
+            following.sweep_at = (following.streams.len() * 2).max(16);
+        }
+        following.streams.push(Arc::downgrade(&scope.0));
+    }
+
+    /// Forgets `scope` (its call went to another runner).
+    pub(crate) fn unfollow(&self, scope: &CallStreams) {
+        let target = Arc::as_ptr(&scope.0);
+        self.0
+            .lock()
+            .unwrap()
+            .streams
+            .retain(|w| w.as_ptr() != target);
+    }
+
+    /// The runner is down: ends every stream that follows it.
+    pub(crate) fn down(&self, runner: &str, reason: &str) {
+        let streams = {
+            let mut following = self.0.lock().unwrap();
+            following.down = Some((runner.to_string(), reason.to_string()));
+            std::mem::take(&mut following.streams)
+        };
+        for ending in streams.iter().filter_map(Weak::upgrade) {
+            CallStreams(ending).runner_down(runner, reason);
+        }
+    }
+}
+
 /// Producers by stream id: where control messages for them go.
 type Producers = Mutex<HashMap<u64, mpsc::UnboundedSender<Control>>>;
 
-/// Sinks by id: local channels waiting for the stream of their far end.
-type Sinks = Mutex<HashMap<u64, ItemSender>>;
+/// Sinks by id: local channels waiting for the stream of their far end,
+/// with the scope they end with.
+type Sinks = Mutex<HashMap<u64, (ItemSender, Option<CallStreams>)>>;
 
 /// Streams sent and received over one connection.
 pub(crate) struct StreamHub {
@@ -122,8 +276,8 @@ impl StreamHub {
             (Some(id), Some(Control::Offer { address })) => {
                 let sink = self.sinks.lock().unwrap().remove(&id);
                 match sink {
-                    Some(items) => {
-                        self.forward(address, items);
+                    Some((items, scope)) => {
+                        self.forward(address, items, scope);
                         true
                     }
                     None => false,
@@ -147,13 +301,11 @@ impl StreamHub {
 impl StreamHub {
     /// Opens the stream at `address` and forwards its items into a sink's
     /// local channel.
-    fn forward(&self, address: String, items: ItemSender) {
-        let mut stream = self.consume(address);
+    fn forward(&self, address: String, items: ItemSender, scope: Option<CallStreams>) {
+        let mut stream = self.consume_in(address, scope);
         tokio::spawn(async move {
             while let Some(item) = stream.next().await {
-                let item = item
-                    .map(|bytes| -> Encoder { Box::new(move || Ok(bytes.to_vec())) })
-                    .map_err(|e| e.to_string());
+                let item = item.map(|bytes| -> Encoder { Box::new(move || Ok(bytes.to_vec())) });
                 if items.send(item).await.is_err() {
                     // The local end is gone: dropping `stream` cancels it.
                     return;
@@ -168,14 +320,18 @@ impl StreamTransport for StreamHub {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         self.producers.lock().unwrap().insert(id, tx);
+        let scope = current_scope();
         let source = match self.me.upgrade() {
             // Items are encoded as they are polled: with this hub current,
-            // for senders inside them.
+            // for senders inside them (which end with this stream's scope).
             Some(hub) => {
                 let transport: Arc<dyn StreamTransport> = hub;
                 let mut source = source;
+                let scope = scope.clone();
                 futures::stream::poll_fn(move |cx| {
-                    with_transport(&transport, || source.poll_next_unpin(cx))
+                    with_transport(&transport, || {
+                        scoped(scope.clone(), || source.poll_next_unpin(cx))
+                    })
                 })
                 .boxed()
             }
@@ -186,6 +342,7 @@ impl StreamTransport for StreamHub {
             control: rx,
             source,
             active: Active::new(&self.active),
+            scope,
             _hold: current_hold(),
         };
         // A producer removes its own entry when it ends.
@@ -200,12 +357,49 @@ impl StreamTransport for StreamHub {
     }
 
     fn consume(&self, address: String) -> ItemSink {
+        self.consume_in(address, current_scope())
+    }
+
+    fn sink(&self, items: ItemSender) -> String {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let scope = current_scope();
+        self.sinks
+            .lock()
+            .unwrap()
+            .insert(id, (items, scope.clone()));
+        // A far end that never shows up (its call failed first) must not
+        // leave the local end waiting for ever.
+        let sinks = Arc::downgrade(&self.sinks);
+        tokio::spawn(async move {
+            let why = tokio::select! {
+                _ = tokio::time::sleep(OPEN_WAIT) => Error::Stream(format!(
+                    "the other end of this channel was never opened within {OPEN_WAIT:?} (its call failed?)"
+                )),
+                e = scope_ended(&scope) => e,
+            };
+            let unclaimed = sinks.upgrade().and_then(|s| s.lock().unwrap().remove(&id));
+            if let Some((items, _)) = unclaimed {
+                let _ = items.send(Err(why)).await;
+            }
+        });
+        format!("{}{id}", self.prefix)
+    }
+
+    fn offer(&self, sink_address: String, source: ItemSource) {
+        self.offer_source(sink_address, source)
+    }
+}
+
+impl StreamHub {
+    /// Opens the stream at `address`, ending it with `scope`.
+    fn consume_in(&self, address: String, scope: Option<CallStreams>) -> ItemSink {
         let (tx, rx) = mpsc::channel(WINDOW as usize);
         let consumer = Consumer {
             client: self.client.clone(),
             address,
             tx,
             active: Active::new(&self.active),
+            scope,
         };
         tokio::spawn(consumer.run());
         let hold = current_hold();
@@ -217,26 +411,7 @@ impl StreamTransport for StreamHub {
         .boxed()
     }
 
-    fn sink(&self, items: ItemSender) -> String {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.sinks.lock().unwrap().insert(id, items);
-        // A far end that never shows up (its call failed first) must not
-        // leave the local end waiting for ever.
-        let sinks = Arc::downgrade(&self.sinks);
-        tokio::spawn(async move {
-            tokio::time::sleep(OPEN_WAIT).await;
-            let unclaimed = sinks.upgrade().and_then(|s| s.lock().unwrap().remove(&id));
-            if let Some(items) = unclaimed {
-                let message = format!(
-                    "the other end of this channel was never opened within {OPEN_WAIT:?} (its call failed?)"
-                );
-                let _ = items.send(Err(message)).await;
-            }
-        });
-        format!("{}{id}", self.prefix)
-    }
-
-    fn offer(&self, sink_address: String, source: ItemSource) {
+    fn offer_source(&self, sink_address: String, source: ItemSource) {
         let address = self.produce(source);
         let client = self.client.clone();
         tokio::spawn(async move {
@@ -278,6 +453,8 @@ struct Producer {
     control: mpsc::UnboundedReceiver<Control>,
     source: ItemSource,
     active: Active,
+    /// Ends it early: its call failed, or its runner is down.
+    scope: Option<CallStreams>,
     /// Kept until the stream ends.
     _hold: Option<Hold>,
 }
@@ -287,12 +464,19 @@ impl Producer {
         let _active = &self.active;
         // Wait to be opened.
         let deadline = Instant::now() + OPEN_WAIT;
+        let scope = self.scope.clone();
         let (data, mut credit) = loop {
-            match tokio::time::timeout_at(deadline, self.control.recv()).await {
-                Ok(Some(Control::Open { data, credit })) => break (data, credit),
-                Ok(Some(_)) => continue,
-                Ok(None) | Err(_) => {
-                    debug!("stream never opened; dropped");
+            tokio::select! {
+                control = tokio::time::timeout_at(deadline, self.control.recv()) => match control {
+                    Ok(Some(Control::Open { data, credit })) => break (data, credit),
+                    Ok(Some(_)) => continue,
+                    Ok(None) | Err(_) => {
+                        debug!("stream never opened; dropped");
+                        return;
+                    }
+                },
+                e = scope_ended(&scope) => {
+                    debug!("stream dropped unopened: {e}");
                     return;
                 }
             }
@@ -315,6 +499,12 @@ impl Producer {
                         return;
                     }
                 },
+                e = scope_ended(&scope) => {
+                    // Its reader may still be there (the call failed on
+                    // this side): say why it ends.
+                    send_frame(&self.client, &data, Frame::Error, error_message(&e).into()).await;
+                    return;
+                }
                 item = self.source.next(), if credit > 0 => match item {
                     Some(Ok(bytes)) => {
                         let max = self.client.max_payload();
@@ -332,8 +522,8 @@ impl Producer {
                         }
                         credit -= 1;
                     }
-                    Some(Err(message)) => {
-                        send_frame(&self.client, &data, Frame::Error, message.into()).await;
+                    Some(Err(e)) => {
+                        send_frame(&self.client, &data, Frame::Error, error_message(&e).into()).await;
                         return;
                     }
                     None => {
@@ -371,6 +561,8 @@ struct Consumer {
     address: String,
     tx: mpsc::Sender<Result<Bytes, Error>>,
     active: Active,
+    /// Ends it early: its call failed, or its runner is down.
+    scope: Option<CallStreams>,
 }
 
 impl Consumer {
@@ -392,11 +584,15 @@ impl Consumer {
         let request = async_nats::Request::new()
             .payload(body.into())
             .timeout(Some(SILENCE));
-        match self
-            .client
-            .send_request(self.address.clone(), request)
-            .await
-        {
+        let opened = tokio::select! {
+            opened = self.client.send_request(self.address.clone(), request) => opened,
+            e = scope_ended(&self.scope) => {
+                self.control(Control::Cancel).await;
+                let _ = self.tx.send(Err(e)).await;
+                return;
+            }
+        };
+        match opened {
             Ok(answer) if &answer.payload[..] == b"ok" => {}
             Ok(_) => {
                 return fail("the stream was already read, or its sender gave up on it".into())
@@ -436,6 +632,16 @@ impl Consumer {
                     }
                 }
                 _ = self.tx.closed() => break,
+                e = scope_ended(&self.scope) => {
+                    // Its call failed, or its runner is down: no need to
+                    // wait for the silence.
+                    self.control(Control::Cancel).await;
+                    if let Some(item) = pending.take() {
+                        let _ = self.tx.send(Ok(item)).await;
+                    }
+                    let _ = self.tx.send(Err(e)).await;
+                    return;
+                }
                 _ = tick.tick() => {
                     // Waiting for the sender (not for our reader): count its
                     // silence.
