@@ -6,11 +6,12 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::task::Poll;
 
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use flame_core::stream::{
-    error_message, with_transport, Encoder, ItemSender, ItemSink, ItemSource, StreamTransport,
+    error_message, with_transport, ChannelItem, ItemSender, ItemSink, ItemSource, StreamTransport,
 };
 use flame_core::Error;
 use futures::StreamExt;
@@ -299,19 +300,13 @@ impl StreamHub {
 }
 
 impl StreamHub {
-    /// Opens the stream at `address` and forwards its items into a sink's
-    /// local channel.
+    /// Opens the stream at `address` for a sink's local channel, whose
+    /// reader reads it straight (so that its items wait nowhere else, and
+    /// credit goes back as that reader takes them). If the local end is
+    /// gone, dropping the stream cancels it.
     fn forward(&self, address: String, items: ItemSender, scope: Option<CallStreams>) {
-        let mut stream = self.consume_in(address, scope);
-        tokio::spawn(async move {
-            while let Some(item) = stream.next().await {
-                let item = item.map(|bytes| -> Encoder { Box::new(move || Ok(bytes.to_vec())) });
-                if items.send(item).await.is_err() {
-                    // The local end is gone: dropping `stream` cancels it.
-                    return;
-                }
-            }
-        });
+        let stream = self.consume_in(address, scope);
+        let _ = items.send(ChannelItem::Splice(stream));
     }
 }
 
@@ -379,7 +374,7 @@ impl StreamTransport for StreamHub {
             };
             let unclaimed = sinks.upgrade().and_then(|s| s.lock().unwrap().remove(&id));
             if let Some((items, _)) = unclaimed {
-                let _ = items.send(Err(why)).await;
+                let _ = items.send(ChannelItem::End(why));
             }
         });
         format!("{}{id}", self.prefix)
@@ -393,20 +388,30 @@ impl StreamTransport for StreamHub {
 impl StreamHub {
     /// Opens the stream at `address`, ending it with `scope`.
     fn consume_in(&self, address: String, scope: Option<CallStreams>) -> ItemSink {
-        let (tx, rx) = mpsc::channel(WINDOW as usize);
+        // Room for the whole window and the end.
+        let (tx, rx) = mpsc::channel(WINDOW as usize + 1);
+        let taken = Arc::new(ReadCount::default());
         let consumer = Consumer {
             client: self.client.clone(),
             address,
             tx,
             active: Active::new(&self.active),
             scope,
+            taken: taken.clone(),
         };
         tokio::spawn(consumer.run());
         let hold = current_hold();
         let mut rx = rx;
         futures::stream::poll_fn(move |cx| {
             let _ = &hold;
-            rx.poll_recv(cx)
+            let item = rx.poll_recv(cx);
+            if let Poll::Ready(Some(Ok(_))) = &item {
+                // Credit goes back as the reader takes items, not as they
+                // arrive: nothing more than the window waits unread.
+                taken.count.fetch_add(1, Ordering::SeqCst);
+                taken.wake.notify_one();
+            }
+            item
         })
         .boxed()
     }
@@ -429,6 +434,13 @@ impl StreamHub {
             }
         });
     }
+}
+
+/// Items a consumer's reader took since the consumer last looked.
+#[derive(Default)]
+struct ReadCount {
+    count: std::sync::atomic::AtomicU32,
+    wake: tokio::sync::Notify,
 }
 
 /// Counts a stream as open while alive.
@@ -482,6 +494,7 @@ impl Producer {
             }
         };
         let mut heard = Instant::now();
+        let mut unread = std::collections::VecDeque::new();
         let mut tick = tokio::time::interval(KEEPALIVE);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -490,6 +503,9 @@ impl Producer {
                     Some(Control::Credit { n }) => {
                         credit = credit.saturating_add(n);
                         heard = Instant::now();
+                        // Credit is granted as the reader takes items.
+                        let read = (n as usize).min(unread.len());
+                        unread.drain(..read);
                     }
                     Some(Control::Keepalive | Control::Open { .. } | Control::Offer { .. }) => {
                         heard = Instant::now()
@@ -506,7 +522,7 @@ impl Producer {
                     return;
                 }
                 item = self.source.next(), if credit > 0 => match item {
-                    Some(Ok(bytes)) => {
+                    Some(Ok((bytes, place))) => {
                         let max = self.client.max_payload();
                         if bytes.len() > max {
                             let message = format!(
@@ -521,6 +537,9 @@ impl Producer {
                             return;
                         }
                         credit -= 1;
+                        // A channel's message keeps its place in the
+                        // channel's bound until the reader took it.
+                        unread.push_back(place);
                     }
                     Some(Err(e)) => {
                         send_frame(&self.client, &data, Frame::Error, error_message(&e).into()).await;
@@ -563,6 +582,8 @@ struct Consumer {
     active: Active,
     /// Ends it early: its call failed, or its runner is down.
     scope: Option<CallStreams>,
+    /// What its reader took, to grant as credit.
+    taken: Arc<ReadCount>,
 }
 
 impl Consumer {
@@ -607,10 +628,13 @@ impl Consumer {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                // (Only a producer that sends past its credit fills it.)
                 permit = self.tx.reserve(), if pending.is_some() => {
                     let Ok(permit) = permit else { break };
                     permit.send(Ok(pending.take().expect("pending")));
-                    owed += 1;
+                }
+                _ = self.taken.wake.notified() => {
+                    owed += self.taken.count.swap(0, Ordering::SeqCst);
                     if owed >= WINDOW / 2 {
                         self.control(Control::Credit { n: owed }).await;
                         owed = 0;
@@ -622,7 +646,10 @@ impl Consumer {
                     };
                     heard = Instant::now();
                     match Frame::of(&msg) {
-                        Some(Frame::Item) => pending = Some(msg.payload),
+                        Some(Frame::Item) => match self.tx.try_reserve() {
+                            Ok(permit) => permit.send(Ok(msg.payload)),
+                            Err(_) => pending = Some(msg.payload),
+                        },
                         Some(Frame::Keepalive) => {}
                         Some(Frame::End) => return,
                         Some(Frame::Error) => {
