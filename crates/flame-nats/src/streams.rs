@@ -17,7 +17,6 @@ use flame_core::Error;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::protocol::stream::{
@@ -59,7 +58,10 @@ pub(crate) struct CallStreams(Arc<Ending>);
 
 pub(crate) struct Ending {
     function: &'static str,
-    ended: CancellationToken,
+    /// (One allocation per call and scope, the `Arc`: calls pay for it
+    /// whether they have streams or not.)
+    ended: AtomicBool,
+    wake: tokio::sync::Notify,
     why: OnceLock<Error>,
     /// Some stream or channel took part (most calls have none).
     used: AtomicBool,
@@ -69,7 +71,8 @@ impl CallStreams {
     pub(crate) fn new(function: &'static str) -> CallStreams {
         CallStreams(Arc::new(Ending {
             function,
-            ended: CancellationToken::new(),
+            ended: AtomicBool::new(false),
+            wake: tokio::sync::Notify::const_new(),
             why: OnceLock::new(),
             used: AtomicBool::new(false),
         }))
@@ -83,7 +86,8 @@ impl CallStreams {
     /// Ends its streams with `error` (the first error given wins).
     pub(crate) fn end(&self, error: Error) {
         let _ = self.0.why.set(error);
-        self.0.ended.cancel();
+        self.0.ended.store(true, Ordering::SeqCst);
+        self.0.wake.notify_waiters();
     }
 
     /// Ends its streams: `runner`, where the call ran, is down.
@@ -97,7 +101,15 @@ impl CallStreams {
 
     /// Waits for its end; the error it ended with.
     async fn ended(&self) -> Error {
-        self.0.ended.cancelled().await;
+        loop {
+            let woken = self.0.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if self.0.ended.load(Ordering::SeqCst) {
+                break;
+            }
+            woken.await;
+        }
         self.0
             .why
             .get()
