@@ -530,6 +530,16 @@ pub mod streams {
     pub async fn one_big_item(size: usize) -> Stream<Bytes> {
         Stream::new(futures::stream::iter([Bytes::from(vec![7u8; size])]))
     }
+
+    /// Reads one chunk of `data`, sends this runner's pid on `pid`, then
+    /// waits a minute holding `data` unread.
+    #[flame::remote]
+    pub async fn hold_stream(mut data: Stream<Bytes>, pid: flame::Sender<u32>) -> u64 {
+        let first = data.next().await;
+        let _ = pid.send(std::process::id()).await;
+        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+        first.map_or(0, |c| c.map_or(0, |c| c.len() as u64))
+    }
 }
 
 /// Children: long-lived work on a runner, talking over channels.
@@ -592,6 +602,41 @@ pub mod children {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         i
+    }
+
+    /// Ends `events` with an error at once.
+    #[flame::remote]
+    pub async fn gives_up(events: Sender<String>) -> u32 {
+        events.fail("child gave up").await;
+        0
+    }
+
+    /// Holds `inbox` for `ms` without reading it; returns how many messages
+    /// it then finds waiting.
+    #[flame::remote]
+    pub async fn never_reads(mut inbox: Stream<u32>, ms: u64) -> u32 {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        let mut n = 0;
+        while let Ok(Some(Ok(_))) =
+            tokio::time::timeout(Duration::from_millis(200), inbox.next()).await
+        {
+            n += 1;
+        }
+        n
+    }
+
+    /// Sends 0, 1, 2, ... on `out`, which nobody reads, until a send waits
+    /// for `wait_ms`; returns how many sends completed.
+    #[flame::remote]
+    pub async fn floods(out: Sender<u32>, wait_ms: u64) -> u32 {
+        let mut sent = 0;
+        while sent < 1000 {
+            match tokio::time::timeout(Duration::from_millis(wait_ms), out.send(sent)).await {
+                Ok(Ok(())) => sent += 1,
+                _ => break,
+            }
+        }
+        sent
     }
 
     /// Panics after a moment.

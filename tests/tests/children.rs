@@ -76,6 +76,11 @@ async fn a_child_holds_its_slot_and_keeps_its_runner_up_until_stopped() {
         file_exists(&marker)
     })
     .await;
+    // The ticks it sent wait unread (at most 16), which keeps their stream,
+    // and so the runner, busy: read to the channel's end, they let it go.
+    tokio::time::timeout(LONG, async { while from_child.next().await.is_some() {} })
+        .await
+        .expect("the channel ends after its last tick");
     wait_for("the runner to idle down after its child", LONG, || async {
         (!process_alive(pid)).then_some(())
     })
@@ -147,4 +152,93 @@ async fn the_caller_learns_how_a_child_ended() {
         ChildExit::RunnerDown(_) => {}
         other => panic!("expected RunnerDown, got {other:?}"),
     }
+}
+
+/// Issue 17: when the local backend sees a runner exit, a channel from a
+/// child on it ends at once with `RunnerDown`, not after the keepalive's
+/// 5 s of silence.
+#[tokio::test]
+async fn a_dead_runners_channels_end_at_once_with_runner_down() {
+    let env = TestEnv::start().await;
+    let pool = env.pool("deadchannels").max(1).start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (ticks, mut from_child) = flame::channel::<u32>();
+    let _child = flame::place_child!(pool, ticker(ticks, path_in(&dir, "m"))).unwrap();
+    let pid = from_child.next().await.unwrap().unwrap();
+    kill9(pid);
+    let killed = std::time::Instant::now();
+    let last = loop {
+        match tokio::time::timeout(LONG, from_child.next()).await {
+            Ok(Some(Ok(_))) => continue,
+            Ok(other) => break other,
+            Err(_) => panic!("the channel did not end within {LONG:?}"),
+        }
+    };
+    let took = killed.elapsed();
+    eprintln!("the channel ended {took:?} after the kill: {last:?}");
+    assert!(
+        matches!(last, Some(Err(Error::RunnerDown { .. }))),
+        "{last:?}"
+    );
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+}
+
+/// Issue 17: `Sender::fail` reaches the reader with its message said once.
+#[tokio::test]
+async fn a_failed_sender_says_why_once() {
+    let env = TestEnv::start().await;
+    let pool = env.pool("givesup").max(1).start().await.unwrap();
+    let (events, mut from_child) = flame::channel::<String>();
+    let child = flame::place_child!(pool, gives_up(events)).unwrap();
+    let got = tokio::time::timeout(LONG, from_child.next()).await.unwrap();
+    match got {
+        Some(Err(e)) => assert_eq!(e.to_string(), "stream ended with an error: child gave up"),
+        other => panic!("expected the child's error, got {other:?}"),
+    }
+    assert!(matches!(child.exit().await, ChildExit::Finished(0)));
+}
+
+/// Sends on `tx` until one send waits for a second; how many completed.
+async fn sends_before_one_waits(tx: &flame::Sender<u32>) -> u32 {
+    let mut sent = 0;
+    while sent < 1000 {
+        match tokio::time::timeout(Duration::from_secs(1), tx.send(sent)).await {
+            Ok(Ok(())) => sent += 1,
+            Ok(Err(e)) => panic!("send failed: {e}"),
+            Err(_) => break,
+        }
+    }
+    sent
+}
+
+/// Issue 17: at most 16 messages wait in a channel, as the README says,
+/// wherever its ends are: here, sent to a runner, or sent from one.
+#[tokio::test]
+async fn at_most_16_messages_wait_in_a_channel() {
+    // Both ends here.
+    let (tx, _rx) = flame::channel::<u32>();
+    assert_eq!(sends_before_one_waits(&tx).await, 16, "a local channel");
+
+    let env = TestEnv::start().await;
+    let pool = env
+        .pool("bound")
+        .max(1)
+        .max_concurrency(4)
+        .start()
+        .await
+        .unwrap();
+    // The reading end on a runner that does not read.
+    let (tx, inbox) = flame::channel::<u32>();
+    let child = flame::place_child!(pool, never_reads(inbox, 60_000)).unwrap();
+    let to_runner = sends_before_one_waits(&tx).await;
+    drop(child);
+    // The sending end on a runner, the reading end here, unread.
+    let (out, _unread) = flame::channel::<u32>();
+    let from_runner = flame::call!(pool, floods(out, 1000)).await.unwrap();
+    eprintln!("sends before one waited: to a runner {to_runner}, from a runner {from_runner}");
+    assert_eq!(to_runner, 16, "sends to a runner that does not read");
+    assert_eq!(
+        from_runner, 16,
+        "sends from a runner to a parent that does not read"
+    );
 }

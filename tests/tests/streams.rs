@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use flame::{Error, Stream};
 use flame_tests::funcs::streams::*;
-use flame_tests::harness::{file_exists, path_in, wait_for, TestEnv};
+use flame_tests::harness::{file_exists, kill9, path_in, wait_for, TestEnv};
 use futures::StreamExt;
 
 const LONG: Duration = Duration::from_secs(30);
@@ -154,7 +154,7 @@ async fn a_runner_dying_mid_stream_ends_it_with_an_error() {
         .expect("the stream ends, not hangs");
     assert!(items.len() <= 4, "{items:?}");
     assert!(
-        matches!(items.last(), Some(Err(Error::Stream(_)))),
+        matches!(items.last(), Some(Err(Error::RunnerDown { .. }))),
         "{items:?}"
     );
 }
@@ -256,4 +256,106 @@ async fn a_call_reports_progress_while_it_runs() {
         seen.push(report.expect("no error"));
     }
     assert_eq!(seen, ["step 1 of 3", "step 2 of 3", "step 3 of 3"]);
+}
+
+/// Issue 17: when the local backend sees a runner exit, its result stream
+/// ends at once with `RunnerDown`, as its calls do, not after the
+/// keepalive's 5 s of silence.
+#[tokio::test]
+async fn a_dead_runners_result_stream_ends_at_once_with_runner_down() {
+    let env = TestEnv::start().await;
+    let pool = pool(&env, "deadresult").await;
+    let stream = flame::call!(pool, numbers_then_die(3)).await.unwrap();
+    let returned = std::time::Instant::now();
+    let items: Vec<Result<u32, Error>> = tokio::time::timeout(LONG, stream.collect())
+        .await
+        .expect("the stream ends, not hangs");
+    let took = returned.elapsed();
+    eprintln!(
+        "the result stream ended {took:?} after the call returned: {:?}",
+        items.last()
+    );
+    assert!(
+        matches!(items.last(), Some(Err(Error::RunnerDown { .. }))),
+        "{items:?}"
+    );
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+}
+
+/// Issue 17: the parent's stream feeding a call that failed (its runner
+/// died) is dropped at once, and a channel from that call ends at once.
+#[tokio::test]
+async fn a_failed_calls_argument_stream_is_dropped_at_once() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    struct OnDrop(Arc<AtomicBool>);
+    impl Drop for OnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let env = TestEnv::start().await;
+    let pool = pool(&env, "deadfeed").await;
+    let dropped = Arc::new(AtomicBool::new(false));
+    let guard = OnDrop(dropped.clone());
+    let endless = futures::stream::repeat(Bytes::from_static(b"frame")).map(move |chunk| {
+        let _ = &guard;
+        chunk
+    });
+    let (pid, mut pids) = flame::channel::<u32>();
+    let call = tokio::spawn({
+        let pool = pool.clone();
+        async move { flame::call!(pool, hold_stream(Stream::new(endless), pid)).await }
+    });
+    let runner = pids.next().await.unwrap().unwrap();
+    kill9(runner);
+    let killed = std::time::Instant::now();
+    let result = tokio::time::timeout(LONG, call).await.unwrap().unwrap();
+    assert!(
+        matches!(result, Err(Error::RunnerDown { .. })),
+        "{result:?}"
+    );
+    wait_for("the argument stream to be dropped", LONG, || {
+        let dropped = dropped.clone();
+        async move { dropped.load(Ordering::SeqCst).then_some(()) }
+    })
+    .await;
+    let took = killed.elapsed();
+    let ended = tokio::time::timeout(LONG, pids.next()).await.unwrap();
+    let ended_after = killed.elapsed();
+    eprintln!("after the kill: argument stream dropped after {took:?}, channel ended after {ended_after:?} with {ended:?}");
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    assert!(
+        matches!(ended, Some(Err(Error::RunnerDown { .. }))),
+        "{ended:?}"
+    );
+    assert!(
+        ended_after < Duration::from_millis(1500),
+        "took {ended_after:?}"
+    );
+}
+
+/// Issue 17: a call's timeout bounds the call until its result arrives; a
+/// stream in the result flows on past it for as long as it is read (the
+/// README says so).
+#[tokio::test]
+async fn a_result_stream_flows_past_the_calls_timeout() {
+    let env = TestEnv::start().await;
+    let pool = env.pool("pasttimeout").max(1).start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let timeout = Duration::from_millis(700);
+    let started = std::time::Instant::now();
+    let options = flame::CallOptions::new().timeout(timeout);
+    let mut stream = pool
+        .call_with::<endless>((path_in(&dir, "m"),), options)
+        .await
+        .unwrap();
+    let mut last = 0;
+    while started.elapsed() < timeout * 3 {
+        last = stream.next().await.unwrap().expect("still flowing");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(last > 0);
+    assert_eq!(stream.next().await.unwrap().unwrap(), last + 1);
 }

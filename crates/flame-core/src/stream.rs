@@ -29,9 +29,15 @@ use crate::{codec, Error};
 /// Bytes per chunk of [`Stream::from_reader`]: 128 KiB.
 pub const CHUNK_SIZE: usize = 128 * 1024;
 
-/// Encoded items a producer sends; an `Err` ends the stream with that
-/// message.
-pub type ItemSource = BoxStream<'static, Result<Vec<u8>, String>>;
+/// A message's place in its channel's bound ([`channel`]): given back
+/// when its reader takes the message (dropped), wherever the reader is.
+pub type Taken = tokio::sync::OwnedSemaphorePermit;
+
+/// Encoded items a producer sends, each with its place in a channel's
+/// bound if it came from a channel (the producer keeps it until the reader
+/// on the other side took the item); an `Err` ends the stream with that
+/// error (sent on as its message: [`error_message`]).
+pub type ItemSource = BoxStream<'static, Result<(Vec<u8>, Option<Taken>), Error>>;
 
 /// Encoded items a consumer receives.
 pub type ItemSink = BoxStream<'static, Result<Bytes, Error>>;
@@ -39,17 +45,79 @@ pub type ItemSink = BoxStream<'static, Result<Bytes, Error>>;
 /// Encodes one message of a channel. Messages are encoded where they are
 /// read (in the runtime's stream task when the channel's far end is
 /// elsewhere), so that senders inside them use the right connection.
-pub type Encoder = Box<dyn FnOnce() -> Result<Vec<u8>, String> + Send>;
+pub type Encoder = Box<dyn FnOnce() -> Result<Vec<u8>, Error> + Send>;
 
-/// Where a local channel's messages go: a message, or the error that ends
-/// the channel.
-pub type ItemSender = tokio::sync::mpsc::Sender<Result<Encoder, String>>;
+/// What goes into a local channel.
+pub enum ChannelItem {
+    /// A message sent here, with its place in the channel's bound.
+    Message(Encoder, Taken),
+    /// The error that ends the channel.
+    End(Error),
+    /// The messages of a sender that went elsewhere, arriving from there:
+    /// read straight from the transport, so that they wait nowhere else.
+    Splice(ItemSink),
+}
 
-/// The source of a channel's receiving end.
-fn channel_source(mut rx: tokio::sync::mpsc::Receiver<Result<Encoder, String>>) -> ItemSource {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
-        .map(|item| item.and_then(|encode| encode()))
-        .boxed()
+impl fmt::Debug for ChannelItem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChannelItem::Message(..) => f.write_str("Message"),
+            ChannelItem::End(e) => f.debug_tuple("End").field(e).finish(),
+            ChannelItem::Splice(_) => f.write_str("Splice"),
+        }
+    }
+}
+
+/// Where a local channel's messages go.
+pub type ItemSender = tokio::sync::mpsc::UnboundedSender<ChannelItem>;
+
+/// What the other side of a stream is told when `error` ends it: an
+/// [`Error::Stream`]'s own message (so that it is not said twice when the
+/// reader gets it as an [`Error::Stream`] again), any other error whole.
+pub fn error_message(error: &Error) -> String {
+    match error {
+        Error::Stream(message) => message.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The source of a channel's receiving end: the messages sent here, and
+/// those of its senders that went elsewhere. It ends when every sender is
+/// gone.
+fn channel_source(mut rx: tokio::sync::mpsc::UnboundedReceiver<ChannelItem>) -> ItemSource {
+    let mut here_done = false;
+    let mut spliced: Vec<ItemSink> = Vec::new();
+    futures::stream::poll_fn(move |cx| {
+        while !here_done {
+            match rx.poll_recv(cx) {
+                Poll::Ready(Some(ChannelItem::Message(encode, taken))) => {
+                    return Poll::Ready(Some(encode().map(|bytes| (bytes, Some(taken)))))
+                }
+                Poll::Ready(Some(ChannelItem::End(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(ChannelItem::Splice(sink))) => spliced.push(sink),
+                Poll::Ready(None) => here_done = true,
+                Poll::Pending => break,
+            }
+        }
+        let mut i = 0;
+        while i < spliced.len() {
+            match spliced[i].poll_next_unpin(cx) {
+                Poll::Ready(Some(item)) => {
+                    return Poll::Ready(Some(item.map(|bytes| (bytes.to_vec(), None))))
+                }
+                Poll::Ready(None) => {
+                    drop(spliced.swap_remove(i));
+                }
+                Poll::Pending => i += 1,
+            }
+        }
+        if here_done && spliced.is_empty() {
+            Poll::Ready(None)
+        } else {
+            Poll::Pending
+        }
+    })
+    .boxed()
 }
 
 /// Moves stream items between parent and runner. Implemented by the
@@ -116,6 +184,13 @@ fn current_transport() -> Option<Arc<dyn StreamTransport>> {
 ///
 /// A `Stream` can be sent once. Dropping the receiving end stops the
 /// sender.
+///
+/// Across a call: the streams and channels of a call whose runner is known
+/// to be down end at once with [`Error::RunnerDown`] (else after 5 s
+/// without keepalives); those among the arguments of a call that failed
+/// end with its error. The call's timeout bounds the call until its result
+/// arrives; a stream in the result flows past it for as long as it is read
+/// (holding the call's slot until it ends or is dropped).
 pub struct Stream<T> {
     inner: Mutex<Inner>,
     _item: std::marker::PhantomData<fn() -> T>,
@@ -143,8 +218,10 @@ impl<T: Serialize + Send + 'static> Stream<T> {
         items: impl futures::Stream<Item = Result<T, E>> + Send + 'static,
     ) -> Stream<T> {
         let source = items.map(|item| match item {
-            Ok(value) => codec::encode(&value).map_err(|e| format!("cannot encode an item: {e}")),
-            Err(e) => Err(e.to_string()),
+            Ok(value) => codec::encode(&value)
+                .map(|bytes| (bytes, None))
+                .map_err(|e| Error::Stream(format!("cannot encode an item: {e}"))),
+            Err(e) => Err(Error::Stream(e.to_string())),
         });
         Stream {
             inner: Mutex::new(Inner::Local(source.boxed())),
@@ -172,14 +249,27 @@ impl<T> fmt::Debug for Stream<T> {
     }
 }
 
-/// Items a [`channel`] holds before its sender waits.
+/// Messages sent on a [`channel`] and not yet read before its senders
+/// wait, wherever its ends are.
 const CHANNEL_CAPACITY: usize = 16;
+
+/// A channel's local queue and its bound.
+fn local_channel() -> (ItemSender, Arc<tokio::sync::Semaphore>, ItemSource) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let bound = Arc::new(tokio::sync::Semaphore::new(CHANNEL_CAPACITY));
+    (tx, bound, channel_source(rx))
+}
 
 /// A channel whose ends can be sent to a runner (or back): what one side
 /// sends on the [`Sender`] arrives on the [`Stream`], wherever each end is.
 /// Either end may be an argument of a remote call (the other stays here),
 /// or be sent inside a message on another channel (a reply address for a
-/// request, say). At most 16 messages wait at once; `send` waits for room.
+/// request, say).
+///
+/// At most 16 messages wait at once, wherever the ends are: `send` waits
+/// while 16 messages sent on the channel are not yet read by its receiving
+/// end (those on their way over NATS, or waiting on the other side,
+/// included).
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), flame_core::Error> {
@@ -188,11 +278,10 @@ const CHANNEL_CAPACITY: usize = 16;
 /// # Ok(()) }
 /// ```
 pub fn channel<T>() -> (Sender<T>, Stream<T>) {
-    let (tx, rx) = tokio::sync::mpsc::channel(CHANNEL_CAPACITY);
-    let source = channel_source(rx);
+    let (tx, bound, source) = local_channel();
     (
         Sender {
-            tx: Mutex::new(Some(tx)),
+            tx: Mutex::new(Some((tx, bound))),
             _item: std::marker::PhantomData,
         },
         Stream {
@@ -204,35 +293,43 @@ pub fn channel<T>() -> (Sender<T>, Stream<T>) {
 
 /// The sending end of a [`channel`].
 pub struct Sender<T> {
-    /// `None` once sent away (to a runner, or back).
-    tx: Mutex<Option<ItemSender>>,
+    /// `None` once sent away (to a runner, or back); with the channel's
+    /// bound.
+    tx: Mutex<Option<(ItemSender, Arc<tokio::sync::Semaphore>)>>,
     _item: std::marker::PhantomData<fn(T)>,
 }
 
 impl<T: Serialize + Send + 'static> Sender<T> {
-    /// Sends a message, waiting while 16 are on their way. Fails with
-    /// [`Error::Stream`] when the receiving end is gone.
+    /// Sends a message, waiting while 16 sent messages are not yet read.
+    /// Fails with [`Error::Stream`] when the receiving end is gone.
     pub async fn send(&self, message: T) -> Result<(), Error> {
-        let tx = self
+        let (tx, bound) = self
             .tx
             .lock()
             .unwrap()
             .clone()
             .ok_or_else(|| Error::Stream("this sender was sent away".into()))?;
+        let gone = || Error::Stream("the receiving end of the channel is gone".into());
+        let taken = tokio::select! {
+            taken = bound.acquire_owned() => taken.map_err(|_| gone())?,
+            // (A reader that went away gives every place back, but may
+            // have taken none.)
+            _ = tx.closed() => return Err(gone()),
+        };
         let encode: Encoder = Box::new(move || {
-            codec::encode(&message).map_err(|e| format!("cannot encode a message: {e}"))
+            codec::encode(&message)
+                .map_err(|e| Error::Stream(format!("cannot encode a message: {e}")))
         });
-        tx.send(Ok(encode))
-            .await
-            .map_err(|_| Error::Stream("the receiving end of the channel is gone".into()))
+        tx.send(ChannelItem::Message(encode, taken))
+            .map_err(|_| gone())
     }
 
     /// Ends the channel with an error, which the receiving end reads as its
     /// last item ([`Error::Stream`]).
     pub async fn fail(self, message: impl fmt::Display) {
         let tx = self.tx.lock().unwrap().take();
-        if let Some(tx) = tx {
-            let _ = tx.send(Err(message.to_string())).await;
+        if let Some((tx, _)) = tx {
+            let _ = tx.send(ChannelItem::End(Error::Stream(message.to_string())));
         }
     }
 }
@@ -268,7 +365,7 @@ impl<T> Serialize for Sender<T> {
                 "a flame::Sender can only be sent within a flame call",
             ));
         };
-        let tx = self
+        let (tx, _) = self
             .tx
             .lock()
             .unwrap()
@@ -288,10 +385,10 @@ impl<'de, T> Deserialize<'de> for Sender<T> {
         let transport = current_transport().ok_or_else(|| {
             D::Error::custom("a flame::Sender can only be received within a flame call")
         })?;
-        let (tx, rx) = tokio::sync::mpsc::channel(CHANNEL_CAPACITY);
-        transport.offer(wire.flame_sender, channel_source(rx));
+        let (tx, bound, source) = local_channel();
+        transport.offer(wire.flame_sender, source);
         Ok(Sender {
-            tx: Mutex::new(Some(tx)),
+            tx: Mutex::new(Some((tx, bound))),
             _item: std::marker::PhantomData,
         })
     }
@@ -315,8 +412,7 @@ impl<T> Serialize for Stream<T> {
             Inner::Local(source) => source,
             Inner::Remote(sink, _) => {
                 // Passed on: forward what arrives.
-                sink.map(|item| item.map(|b| b.to_vec()).map_err(|e| e.to_string()))
-                    .boxed()
+                sink.map(|item| item.map(|b| (b.to_vec(), None))).boxed()
             }
             Inner::Gone => return Err(S::Error::custom("this flame::Stream was already sent")),
         };
@@ -351,8 +447,9 @@ impl<T: DeserializeOwned + Unpin> futures::Stream for Stream<T> {
         let mut inner = self.inner.lock().unwrap();
         let item = match &mut *inner {
             Inner::Local(source) => match source.poll_next_unpin(cx) {
-                Poll::Ready(Some(Ok(bytes))) => Some(decode_item(&bytes)),
-                Poll::Ready(Some(Err(message))) => Some(Err(Error::Stream(message))),
+                // Read: its place in a channel's bound is given back.
+                Poll::Ready(Some(Ok((bytes, _taken)))) => Some(decode_item(&bytes)),
+                Poll::Ready(Some(Err(e))) => Some(Err(e)),
                 Poll::Ready(None) => None,
                 Poll::Pending => return Poll::Pending,
             },

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use tokio::sync::{watch, Notify};
 
 use flame_core::{Error, Source};
@@ -477,11 +478,19 @@ impl Permissions {
         }
     }
 
-    /// A request to a fresh inbox of `client`'s own, answered by the
-    /// server's no-responders status. The server deals with a client's
-    /// messages in order, so once it is answered, the server has reported
-    /// every violation of what was sent before, and the client has read
-    /// those reports.
+    /// A request that only this client answers: to a fresh inbox of its
+    /// own, which it subscribes to and answers itself. The server deals
+    /// with a client's messages in order, so once the request comes back,
+    /// the server has reported every violation of what was sent before,
+    /// and the client has read those reports.
+    ///
+    /// Another client of the account subscribed to `_INBOX.>` (or `>`) sees
+    /// the request too, but cannot keep it from coming back, nor answer in
+    /// our place before our own subscription has it: asking for "no
+    /// responders" instead, as this did before, waited the whole timeout
+    /// whenever such a client was there. A connection without echo (a
+    /// hook's `no_echo`) never hears itself: then the server's
+    /// no-responders answer ends the wait, as long as nobody else listens.
     async fn round_trip(
         &self,
         client: &async_nats::Client,
@@ -489,9 +498,26 @@ impl Permissions {
         timeout: Duration,
     ) -> Result<(), Error> {
         let probe = async {
+            let subject = client.new_inbox();
+            let mut own = client
+                .subscribe(subject.clone())
+                .await
+                .map_err(|e| Error::nats("cannot subscribe to this connection's inbox", e))?;
+            let answer = async {
+                while let Some(message) = own.next().await {
+                    if let Some(reply) = message.reply {
+                        let _ = client.publish(reply, bytes::Bytes::new()).await;
+                    }
+                }
+                std::future::pending::<()>().await
+            };
             let request = async_nats::Request::new().timeout(Some(timeout));
-            // No responders is the expected answer; any answer will do.
-            let _ = client.send_request(client.new_inbox(), request).await;
+            tokio::select! {
+                // Any end will do: our own answer, no responders, or the
+                // timeout (a slow server).
+                _ = client.send_request(subject, request) => {}
+                _ = answer => {}
+            }
             Ok(())
         };
         self.guard(mark, probe).await

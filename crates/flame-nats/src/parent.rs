@@ -84,6 +84,13 @@ impl ParentContext {
     /// `present`, and a runner subscribes to its control subject (it
     /// ignores the request, so a live one just lets it time out). Unsure (a
     /// timeout, a slow network) counts as yes.
+    ///
+    /// Only a fast path: another client of the account subscribed to the
+    /// subject (a `nats sub '>'`) keeps NATS from ever answering "no
+    /// responders", so every answer is then "unsure", and what asked falls
+    /// back on what does not need it (a lease going quiet, a runner's own
+    /// parent checks), seconds later instead of at once. Nothing waits on
+    /// this to start or to serve a call.
     pub(crate) async fn anyone_answers(&self, subject: String, timeout: Duration) -> bool {
         let request = async_nats::Request::new()
             .payload(bytes::Bytes::new())

@@ -17,14 +17,18 @@ use super::runners::RunnerLink;
 use super::{Pool, PoolInner, State};
 use crate::protocol::call::{self as wire, Reply};
 use crate::replies::Replies;
-use crate::streams::{holding, StreamHub};
+use crate::streams::{holding, scoped, CallStreams, StreamHub};
 use crate::trace::{self, TraceContext};
 
 /// Options of one call.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct CallOptions {
-    /// Overrides the pool's timeout for this call.
+    /// Overrides the pool's timeout for this call: the whole time until
+    /// its result arrives, waiting for a runner included. A
+    /// [`flame_core::Stream`] in the result is not bound by it: it flows
+    /// for as long as it is read, holding the call's slot until it ends or
+    /// is dropped.
     pub timeout: Option<Duration>,
     /// When true (the default), a caller that stops waiting (its future is
     /// dropped, its task aborted) cancels the remote work. When false, the
@@ -47,7 +51,9 @@ impl CallOptions {
         CallOptions::default()
     }
 
-    /// Sets the whole time the call may take, waiting for a runner included.
+    /// Sets the whole time the call may take until its result arrives,
+    /// waiting for a runner included (see [`CallOptions::timeout`] for
+    /// streams in the result).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
@@ -287,13 +293,22 @@ pub(super) fn decode_result<F: RemoteFn>(
     slot: Slot,
 ) -> Result<F::Output, Error> {
     let transport: Arc<dyn StreamTransport> = streams.clone();
+    let runner = slot.runner.clone();
     let hold: Arc<dyn std::any::Any + Send + Sync> = Arc::new(slot);
-    with_transport(&transport, || holding(hold, || F::decode_output(bytes))).map_err(|e| {
-        Error::Decode {
-            function: F::NAME.to_string(),
-            what: "result",
-            reason: e.to_string(),
-        }
+    // Its streams end as soon as its runner is known to be down.
+    let scope = CallStreams::new(F::NAME);
+    let decoded = with_transport(&transport, || {
+        scoped(Some(scope.clone()), || {
+            holding(hold, || F::decode_output(bytes))
+        })
+    });
+    if scope.used() {
+        runner.streams.follow(&scope);
+    }
+    decoded.map_err(|e| Error::Decode {
+        function: F::NAME.to_string(),
+        what: "result",
+        reason: e.to_string(),
     })
 }
 
@@ -313,6 +328,9 @@ pub(crate) struct Payload {
     buf: Vec<u8>,
     /// Where the arguments start.
     head: usize,
+    /// The streams and channels among the arguments, if any: they end when
+    /// the call fails or its runner goes down.
+    streams: Option<CallStreams>,
 }
 
 pub(super) fn encode_args<F: RemoteFn>(
@@ -322,12 +340,24 @@ pub(super) fn encode_args<F: RemoteFn>(
 ) -> Result<Payload, Error> {
     let head = wire::envelope_max_len(F::NAME, build);
     let mut buf = vec![0; head];
-    with_transport(streams, || F::encode_args(args, &mut buf)).map_err(|e| Error::Encode {
-        function: F::NAME.to_string(),
-        what: "arguments",
-        reason: e.to_string(),
-    })?;
-    Ok(Payload { buf, head })
+    let scope = CallStreams::new(F::NAME);
+    let encoded = with_transport(streams, || {
+        scoped(Some(scope.clone()), || F::encode_args(args, &mut buf))
+    });
+    let streams = scope.used().then_some(scope);
+    if let Err(e) = encoded {
+        if let Some(streams) = &streams {
+            streams.end(Error::Stream(
+                "the call's arguments could not be encoded".into(),
+            ));
+        }
+        return Err(Error::Encode {
+            function: F::NAME.to_string(),
+            what: "arguments",
+            reason: e.to_string(),
+        });
+    }
+    Ok(Payload { buf, head, streams })
 }
 
 /// Removes a queued caller that stopped waiting (timed out or dropped).
@@ -350,14 +380,34 @@ impl Drop for WaitGuard<'_> {
 
 impl PoolInner {
     /// Places and runs one call, retrying elsewhere if the runner turns out
-    /// to be gone before it received the call.
+    /// to be gone before it received the call. When it fails, the streams
+    /// and channels among its arguments end with its error at once.
     pub(super) async fn run(
+        self: Arc<Self>,
+        function: &'static str,
+        mut payload: Payload,
+        timeout: Duration,
+        kind: Kind,
+        trace: Option<TraceContext>,
+    ) -> Result<(Bytes, Slot), Error> {
+        let streams = payload.streams.take();
+        let ran = self
+            .run_placed(function, payload, timeout, kind, trace, streams.as_ref())
+            .await;
+        if let (Err(e), Some(streams)) = (&ran, &streams) {
+            streams.end(e.clone());
+        }
+        ran
+    }
+
+    async fn run_placed(
         self: Arc<Self>,
         function: &'static str,
         payload: Payload,
         timeout: Duration,
         kind: Kind,
         trace: Option<TraceContext>,
+        streams: Option<&CallStreams>,
     ) -> Result<(Bytes, Slot), Error> {
         let started = Instant::now();
         let deadline = started + timeout;
@@ -397,7 +447,7 @@ impl PoolInner {
             // The first send writes the envelope in front of the arguments;
             // a call placed again (rare) copies them.
             let body = match fresh.take() {
-                Some(Payload { buf, head }) => {
+                Some(Payload { buf, head, .. }) => {
                     let body =
                         wire::request_body_in_place(buf, head, function, build, remaining, cast);
                     args = body.slice(body.len() - args_len..);
@@ -406,6 +456,10 @@ impl PoolInner {
                 None => wire::request_body(function, build, remaining, cast, &args),
             };
             let runner = slot.runner.clone();
+            if let Some(streams) = streams {
+                // Its argument streams end when this runner goes down.
+                runner.streams.follow(streams);
+            }
             let span = Span::current();
             // (Read only for the span: a clock read less per untraced call.)
             let sent = (!span.is_disabled()).then(Instant::now);
@@ -469,6 +523,9 @@ impl PoolInner {
                 if self.fleet.is_some() || self.parent.reconnected_within(self.config.heartbeat * 2)
                 {
                     // (A shared pool's leases say what each runner is.)
+                    if let Some(streams) = streams {
+                        runner.streams.unfollow(streams);
+                    }
                     drop(slot);
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
@@ -482,6 +539,10 @@ impl PoolInner {
                     Reply::Failed(e) => return Err(e),
                     Reply::Draining => self.set_draining(&runner.id),
                 }
+            }
+            // Placed again: nothing ran there.
+            if let Some(streams) = streams {
+                runner.streams.unfollow(streams);
             }
             drop(slot);
         }

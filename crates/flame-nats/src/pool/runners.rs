@@ -24,6 +24,7 @@ use crate::protocol::lease::{LeaseState, RunnerLease};
 use crate::protocol::pool_events::{classify_gone, gone_reason, EventKind, Reason};
 use crate::protocol::subjects;
 use crate::replies::Replies;
+use crate::streams::RunnerStreams;
 
 /// How long a call on a runner that stopped on purpose still waits for its
 /// reply after the runner's exit is seen.
@@ -126,6 +127,8 @@ pub(crate) struct RunnerLink {
     down_reason: OnceLock<String>,
     /// Calls waiting to go to it together (call coalescing).
     pub(super) outbox: super::outbox::Outbox,
+    /// The streams and channels of its calls, ended when it goes down.
+    pub(super) streams: RunnerStreams,
 }
 
 impl RunnerLink {
@@ -137,11 +140,13 @@ impl RunnerLink {
             stopping: AtomicBool::new(false),
             down_reason: OnceLock::new(),
             outbox: Default::default(),
+            streams: RunnerStreams::default(),
         }
     }
 
-    /// Records why the runner is gone and fails the calls waiting on it:
-    /// at once, or, if it stopped cleanly (it drained and sent its last
+    /// Records why the runner is gone and fails the calls waiting on it,
+    /// and ends the streams and channels of its calls: at once, or, if it
+    /// stopped cleanly (it drained and sent its last
     /// replies before exiting, which may be read after its exit is seen),
     /// after a short grace. A clean stop is one it said it was making, or
     /// an exit with code 0 or the removal of its lease: the runner's own
@@ -156,7 +161,24 @@ impl RunnerLink {
         } else {
             Duration::ZERO
         };
+        self.end_streams(&reason, grace);
         replies.fail_runner(&self.id, reason, grace);
+    }
+
+    /// Ends the streams of its calls with `RunnerDown`, after `grace`.
+    fn end_streams(&self, reason: &str, grace: Duration) {
+        let rt = tokio::runtime::Handle::try_current();
+        match rt {
+            Ok(rt) if !grace.is_zero() => {
+                let (id, reason) = (self.id.clone(), reason.to_string());
+                let streams = self.streams.clone();
+                rt.spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    streams.down(&id, &reason);
+                });
+            }
+            _ => self.streams.down(&self.id, reason),
+        }
     }
 
     fn reason(&self) -> String {
