@@ -587,3 +587,58 @@ async fn rolling_deploy_from_build_a_to_build_b_fails_no_call() {
         sampler.peak()
     );
 }
+
+/// A rolling deploy where the old build's runner holds the only slot and
+/// the old build's last parent leaves: the new build's waiting caller gets
+/// a runner as soon as the old one has drained and gone (its removed lease
+/// frees its slot at once), not after the wait for a slot whose runner is
+/// unknown (three heartbeats: 4.5 s here).
+#[tokio::test]
+async fn a_new_builds_caller_gets_a_runner_as_soon_as_the_old_build_frees_its_slot() {
+    let env = TestEnv::start().await;
+    let url = env.server.url();
+    let old = [
+        ("FLAME_BUILD_ID", "gap-a"),
+        ("FLAME_TEST_HEARTBEAT_MS", "1500"),
+    ];
+    // One call: its runner holds the only slot.
+    let mut a = SharedParent::start(&url, "gap", (1, 1), (1, 1, 10), &old).await;
+    let report = a.done(LONG).await;
+    assert_eq!((report.ok, report.pids.len()), (1, 1), "{report:?}");
+    let old_runner = report.pids[0];
+    let pool = shared_pool(&env.flame, "gap")
+        .max(1)
+        .heartbeat(Duration::from_millis(1500))
+        .start()
+        .await
+        .unwrap();
+    let call = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            pool.call_with::<whereabouts>((), CallOptions::new().timeout(LONG))
+                .await
+        })
+    };
+    // The old build's last parent leaves: its runner is retired and
+    // nobody of that build is left to see it exit.
+    a.close_stdin();
+    a.line_starting("shut down", LONG).await;
+    wait_for("the old build's runner to be gone", LONG, || async {
+        (!process_alive(old_runner)).then_some(())
+    })
+    .await;
+    let gone = tokio::time::Instant::now();
+    let served = tokio::time::timeout(LONG, call)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let waited = gone.elapsed();
+    println!("the new build's caller waited {waited:?} after the old runner was gone");
+    assert_ne!(served.pid, old_runner);
+    assert!(
+        waited < Duration::from_millis(2500),
+        "the new build's caller waited {waited:?} after the old runner was gone"
+    );
+    pool.shutdown().await;
+}

@@ -43,6 +43,11 @@ pub(super) struct FleetState {
     pub(super) gone_causes: HashMap<String, (Reason, String)>,
     /// Slot ids without a lease, and since when.
     pub(super) orphan_slots: HashMap<String, Instant>,
+    /// Runners that removed their own lease while draining: they have
+    /// finished and are exiting, so their slots are freed at the next
+    /// round rather than after the lease-less wait of an unknown runner
+    /// (which kept a new build's callers waiting after a rolling deploy).
+    pub(super) exited_clean: HashSet<String>,
     pub(super) retry: RetryGate,
     pub(super) my_beat: u64,
     pub(super) my_waiting_sent: Option<usize>,
@@ -380,6 +385,14 @@ impl Fleet {
                 st.pending.remove(id);
                 let retired = st.retiring.remove(id).map(|(_, why)| why);
                 let cause = st.gone_causes.remove(id);
+                // Removed by the runner itself as it finished draining (the
+                // scaler's own removals, reaps and failed boots, have a
+                // cause and free the slot once the runner is stopped).
+                let finished = announce
+                    && cause.is_none()
+                    && last
+                        .as_ref()
+                        .is_some_and(|l| l.value.state == LeaseState::Draining);
                 // (Runners of a build nobody uses any more are announced by
                 // the scaler that retired them.)
                 let ours = |l: &Seen<RunnerLease>| {
@@ -389,9 +402,16 @@ impl Fleet {
                     self.announce_end(&st, id, &last.value, retired, cause);
                 }
                 let owned = st.owned.remove(id);
+                if finished {
+                    st.exited_clean.insert(id.to_string());
+                }
                 drop(st);
                 port.clone().lease_gone(id, "its lease was removed");
                 drop(owned);
+                if finished {
+                    // Its slot may be what waiting callers need.
+                    self.demand_changed.notify_one();
+                }
                 return;
             }
             let Ok(lease) = serde_json::from_slice::<RunnerLease>(&entry.value) else {

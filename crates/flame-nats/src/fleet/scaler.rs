@@ -195,10 +195,11 @@ impl Fleet {
                 .collect();
             st.orphan_slots
                 .retain(|id, _| slots.contains(id) && !live_ids.contains(id));
+            st.exited_clean.retain(|id| slots.contains(id));
             for id in &slots {
                 if !live_ids.contains(id) {
                     let since = *st.orphan_slots.entry(id.clone()).or_insert(now);
-                    if since.elapsed() > stale_after {
+                    if since.elapsed() > stale_after || st.exited_clean.contains(id) {
                         free_slots.push(id.clone());
                     }
                 }
@@ -240,7 +241,9 @@ impl Fleet {
         for id in free_slots {
             debug!(%pool, runner = %id, "freeing the slot of a runner without a lease");
             let _ = kv::free_slot(&self.store, &id).await;
-            self.state.lock().unwrap().orphan_slots.remove(&id);
+            let mut st = self.state.lock().unwrap();
+            st.orphan_slots.remove(&id);
+            st.exited_clean.remove(&id);
         }
 
         for (id, old) in abandoned {
