@@ -14,6 +14,7 @@ compile_error!(
 );
 
 pub mod backend;
+pub mod backoff;
 pub mod codec;
 mod error;
 pub mod registry;
