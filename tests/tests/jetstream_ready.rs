@@ -6,7 +6,8 @@
 //!   leader, and returns once it has;
 //! - a JetStream that never becomes ready (one server of three: no meta
 //!   leader): `start()` fails with `Error::JetStreamNotReady` after the
-//!   pool's boot timeout, saying what it tried;
+//!   pool's boot timeout, saying what it tried; a cluster that loses its
+//!   majority after start fails the callers waiting for a runner with it;
 //! - a parent without permission on the bucket: `start()` fails with
 //!   `Error::PermissionDenied` naming the subject, every time; a permission
 //!   taken away after start (the server's configuration reloaded) fails the
@@ -16,8 +17,10 @@
 use std::time::{Duration, Instant};
 
 use flame::{Error, Flame, NatsServer};
-use flame_tests::funcs::add;
-use flame_tests::harness::{builder, init_tracing, runner_backend, shared_pool, NatsCluster};
+use flame_tests::funcs::{add, nap};
+use flame_tests::harness::{
+    builder, error_within, init_tracing, runner_backend, shared_pool, wait_for, NatsCluster,
+};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -188,7 +191,7 @@ impl Secured {
         .connect(self.server.url())
         .await
         .unwrap();
-        flame_tests::harness::wait_for("the server to reload", LONG, || async {
+        wait_for("the server to reload", LONG, || async {
             let _ = client.publish(probe.to_string(), "".into()).await;
             let _ = client.flush().await;
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -322,51 +325,117 @@ async fn a_parent_that_may_not_watch_the_bucket_fails_start_every_time() {
 }
 
 /// The parent's right to write the bucket is taken away after the pool
-/// started: a caller waiting for a runner (which needs a slot in the
-/// bucket) fails with `PermissionDenied`, not at its deadline with
-/// `Timeout`, and `shutdown()` takes a second or two, not the drain.
+/// started, while a caller waits for the only runner (busy with a long
+/// call, at `max`): that caller fails with `PermissionDenied` naming the
+/// subject, at once, not at its deadline with `Timeout`; a new call
+/// fails the same way; `shutdown()` takes the drain of the busy runner
+/// (here 1 s) and not more.
 #[tokio::test]
 async fn a_bucket_permission_taken_away_after_start_fails_waiting_callers() {
     let mut figures = Vec::new();
     for _ in 0..TRIES / 2 {
         let secured = Secured::start(None);
         let flame = secured.parent().await;
-        let call_timeout = Duration::from_secs(10);
+        let call_timeout = Duration::from_secs(20);
+        let drain = Duration::from_secs(1);
         let pool = flame
             .pool(POOL)
             .shared(true)
             .backend(secured.runners())
             .max(1)
+            .max_concurrency(1)
             .timeout(call_timeout)
+            .shutdown_timeout(drain)
             .heartbeat(Duration::from_millis(500))
             .start()
             .await
             .expect("the pool starts with every permission");
+        assert_eq!(flame::call!(pool, add(1, 1)).await.unwrap(), 2);
+        let busy = {
+            let pool = pool.clone();
+            tokio::spawn(async move { flame::call!(pool, nap(15_000)).await })
+        };
+        wait_for("the runner to be busy", LONG, || async {
+            pool.runners().iter().any(|r| r.load == 1).then_some(())
+        })
+        .await;
+        let waiting = {
+            let pool = pool.clone();
+            tokio::spawn(async move { flame::call!(pool, add(2, 2)).await })
+        };
+        wait_for("a caller to wait", LONG, || async {
+            (pool.status().waiting == 1).then_some(())
+        })
+        .await;
+        let taken = Instant::now();
         secured
             .take_away("$KV.flame-thumbs.>", "$KV.flame-thumbs.probe")
             .await;
-        let called = Instant::now();
-        let err = flame::call!(pool, add(1, 1)).await.unwrap_err();
-        let call_took = called.elapsed();
+        let reloaded = taken.elapsed();
+        let err = error_within(waiting, call_timeout + Duration::from_secs(5)).await;
+        let failed = taken.elapsed();
+        let later = flame::call!(pool, add(3, 3)).await.unwrap_err();
         let closing = Instant::now();
         tokio::time::timeout(LONG, pool.shutdown())
             .await
             .expect("shutdown within a minute");
         let shutdown_took = closing.elapsed();
+        let _ = busy.await;
         figures.push(format!(
-            "call: {} after {call_took:?}; shutdown {shutdown_took:?}",
-            err.kind()
+            "reload seen after {reloaded:?}; waiting call: {} after {failed:?}; new call: {}; shutdown {shutdown_took:?}",
+            err.kind(),
+            later.kind()
         ));
-        eprintln!("{err}");
-        match &err {
-            Error::PermissionDenied { reason } => {
-                assert!(reason.contains("$KV.flame-thumbs."), "{reason}")
+        for err in [&err, &later] {
+            match err {
+                Error::PermissionDenied { reason } => {
+                    assert!(reason.contains("$KV.flame-thumbs."), "{reason}")
+                }
+                other => panic!("expected PermissionDenied, got {other:?} ({figures:#?})"),
             }
-            other => panic!("expected PermissionDenied, got {other:?} ({figures:#?})"),
         }
-        assert!(call_took < Duration::from_secs(5), "{figures:#?}");
-        assert!(shutdown_took < Duration::from_secs(3), "{figures:#?}");
+        assert!(failed < Duration::from_secs(5), "{figures:#?}");
+        assert!(
+            shutdown_took < drain + Duration::from_secs(2),
+            "{figures:#?}"
+        );
         flame.close().await;
     }
     eprintln!("{figures:#?}");
+}
+
+/// After start, the cluster loses its majority (two servers of three):
+/// the bucket cannot be written, so no runner can be booted. A caller
+/// waiting for one fails with `JetStreamNotReady` once the bucket has been
+/// unwritable for the boot timeout, not with `Timeout` at its deadline.
+#[tokio::test]
+async fn a_bucket_that_stays_unwritable_after_start_fails_waiting_callers() {
+    let mut cluster = NatsCluster::start(3).await;
+    let flame = builder().nats_url(cluster.urls()).init().await.unwrap();
+    let boot_timeout = Duration::from_secs(3);
+    let call_timeout = Duration::from_secs(30);
+    let pool = shared_pool(&flame, "quorum")
+        .kv_replicas(3)
+        .max(1)
+        .timeout(call_timeout)
+        .boot_timeout(boot_timeout)
+        .start()
+        .await
+        .unwrap();
+    cluster.nodes[1].stop();
+    cluster.nodes[2].stop();
+    let called = Instant::now();
+    let err = flame::call!(pool, add(1, 1)).await.unwrap_err();
+    let took = called.elapsed();
+    eprintln!("the call failed after {took:?}: {err}");
+    assert!(
+        matches!(err, Error::JetStreamNotReady { .. }),
+        "expected JetStreamNotReady, got {err:?} after {took:?}"
+    );
+    assert!(took < call_timeout / 2, "{took:?}");
+    let closing = Instant::now();
+    pool.shutdown().await;
+    let shutdown_took = closing.elapsed();
+    eprintln!("shutdown() took {shutdown_took:?}");
+    assert!(shutdown_took < Duration::from_secs(5), "{shutdown_took:?}");
 }

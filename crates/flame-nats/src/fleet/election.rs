@@ -15,8 +15,9 @@ use crate::protocol::pool_events::EventKind;
 use crate::protocol::subjects;
 
 /// How long the parent loop's round under way may go on once the pool
-/// closes.
-const CLOSING_ROUND_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// closes: enough for a round's own work (a reap's stop, say), not for a
+/// JetStream that does not answer (each request may take 5 s).
+const CLOSING_ROUND_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Fleet {
     /// Renews this parent's lease, takes part in the scaler election, and
@@ -94,6 +95,7 @@ impl Fleet {
     }
 
     async fn renew_parent(&self, waiting: usize) -> bool {
+        let attempt_started = Instant::now();
         match self.write_parent_lease(waiting).await {
             Ok(()) => true,
             Err(e) => {
@@ -103,9 +105,10 @@ impl Fleet {
                         warn!(pool = %self.config.name, "cannot renew this parent's lease; judging no lease until the bucket can be written: {e}");
                     }
                     st.bucket_unwritable = true;
-                    let (since, attempts) = st
-                        .unwritable_since
-                        .get_or_insert_with(|| (Instant::now(), 0));
+                    // Unwritable since the last write that succeeded (a
+                    // heartbeat before this attempt, at most).
+                    let since = st.last_written.unwrap_or(attempt_started);
+                    let (since, attempts) = st.unwritable_since.get_or_insert((since, 0));
                     *attempts += 1;
                     // Past the bound, the callers waiting for a runner
                     // learn why none comes (renewals go on being tried).
@@ -152,6 +155,7 @@ impl Fleet {
                     st.echo = Some((revision, Instant::now()));
                 }
                 st.unwritable_since = None;
+                st.last_written = Some(Instant::now());
                 self.bucket_ready_again();
                 if st.bucket_unwritable {
                     // Nobody could renew meanwhile: restart the clocks so

@@ -53,6 +53,8 @@ pub(super) struct FleetState {
     /// Since when this parent's lease could not be written, and how many
     /// renewals failed since.
     pub(super) unwritable_since: Option<(Instant, u32)>,
+    /// When this parent's lease was last written.
+    pub(super) last_written: Option<Instant>,
     /// The oldest write of this parent's own lease not yet seen coming back
     /// through the watch: its revision, and when it was written.
     pub(super) echo: Option<(u64, Instant)>,

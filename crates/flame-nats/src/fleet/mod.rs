@@ -268,10 +268,11 @@ impl Fleet {
     pub(crate) async fn troubled(&self) -> Error {
         let mut trouble = self.trouble.subscribe();
         loop {
-            if let Some(e) = self.trouble() {
-                return e;
+            if let Some((e, seen)) = &*trouble.borrow_and_update() {
+                if seen.elapsed() <= self.stale_after() {
+                    return e.clone();
+                }
             }
-            trouble.borrow_and_update();
             if trouble.changed().await.is_err() {
                 return std::future::pending().await;
             }
