@@ -178,6 +178,16 @@ impl NatsCluster {
     /// JetStream on, each with its own store) and waits until JetStream
     /// answers through every one of them.
     pub async fn start(size: usize) -> NatsCluster {
+        let cluster = NatsCluster::launch(size, size);
+        cluster.wait_until_ready().await;
+        cluster
+    }
+
+    /// Starts `running` of the `size` servers of a cluster (the others
+    /// are routed to but never started) without waiting for JetStream: as
+    /// `docker compose up` starts them next to the app. With fewer than a
+    /// majority running, the cluster never elects a JetStream meta leader.
+    pub fn launch(size: usize, running: usize) -> NatsCluster {
         init_tracing();
         let route_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
         let routes = |me: usize| {
@@ -189,7 +199,7 @@ impl NatsCluster {
                 .collect::<Vec<_>>()
                 .join(",")
         };
-        let nodes = (0..size)
+        let nodes = (0..running)
             .map(|i| {
                 NatsServer::builder()
                     .server_name(format!("n{i}"))
@@ -203,7 +213,13 @@ impl NatsCluster {
                     .expect("start a cluster node")
             })
             .collect();
-        let cluster = NatsCluster { nodes };
+        NatsCluster { nodes }
+    }
+
+    /// Waits until JetStream answers through every node.
+    pub async fn wait_until_ready(&self) {
+        let cluster = self;
+        let size = self.nodes.len();
         // Ready when a stream with a replica on every node can be placed:
         // JetStream answers before all peers have joined.
         let client = async_nats::connect(cluster.nodes[0].url())
@@ -227,7 +243,6 @@ impl NatsCluster {
         js.delete_stream("cluster-ready")
             .await
             .expect("delete the readiness stream");
-        cluster
     }
 
     /// Waits until every replica of `stream` is current (after a node came

@@ -189,6 +189,26 @@ pub enum Error {
         pool: String,
     },
 
+    /// A shared pool's JetStream did not answer in time: the server has
+    /// JetStream, but it is not ready (a cluster still electing its meta
+    /// leader, or one without a majority of its servers up, or a bucket
+    /// whose stream has no leader). flame retries such an operation with
+    /// exponential backoff and jitter, each attempt bounded, for at most the
+    /// pool's `boot_timeout` (30 s by default) before giving up with this.
+    #[error("pool `{pool}`: JetStream is not ready: tried to {tried} {attempts} times in {waited:?}; the last attempt: {last}")]
+    JetStreamNotReady {
+        /// The pool.
+        pool: String,
+        /// What flame tried, e.g. "open or create the KV bucket flame-thumbs".
+        tried: String,
+        /// How many attempts were made.
+        attempts: u32,
+        /// How long it kept trying (the bound).
+        waited: Duration,
+        /// What the last attempt got, in words.
+        last: String,
+    },
+
     /// The embedded nats-server could not be started.
     #[error("could not start an embedded nats-server: {reason}")]
     EmbeddedServer {
@@ -301,6 +321,7 @@ impl Error {
             Error::NatsUnreachable { .. } => "nats_unreachable",
             Error::Nats { .. } => "nats",
             Error::JetStreamDisabled { .. } => "jetstream_disabled",
+            Error::JetStreamNotReady { .. } => "jetstream_not_ready",
             Error::EmbeddedServer { .. } => "embedded_server",
             Error::BootFailed { .. } => "boot_failed",
             Error::BootTimeout { .. } => "boot_timeout",

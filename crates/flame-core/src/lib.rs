@@ -14,7 +14,7 @@ compile_error!(
 );
 
 pub mod backend;
-mod backoff;
+pub mod backoff;
 pub mod codec;
 mod error;
 pub mod registry;
@@ -24,7 +24,6 @@ pub mod stream;
 pub use backend::{
     Backend, BootError, BootSpec, Booted, Listed, LocalBackend, StopRunner, RUNNER_FAILURE_PREFIX,
 };
-pub use backoff::Backoff;
 pub use error::{BoxError, Error, Result, Source};
 pub use registry::{Registration, Registry, RemoteFn};
 pub use state::{State, States};

@@ -24,7 +24,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use flame_core::backend::{Backend, BootError, BootSpec, Booted, Listed, StopRunner};
-use flame_core::{Backoff, BoxError, Error};
+use flame_core::backoff::Backoff;
+use flame_core::{BoxError, Error};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use reqwest::StatusCode;

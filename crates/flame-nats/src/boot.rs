@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flame_core::backend::{Backend, BootError, BootSpec, Booted};
-use flame_core::{Backoff, Error};
+use flame_core::backoff::Backoff;
+use flame_core::Error;
 use tokio::time::Instant;
 
 use crate::config::PoolConfig;

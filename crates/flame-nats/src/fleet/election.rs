@@ -3,8 +3,9 @@
 
 use std::sync::Arc;
 
+use flame_core::Error;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{Fleet, PoolPort};
 use crate::announce::Outgoing;
@@ -12,6 +13,11 @@ use crate::kv::{self, Cas};
 use crate::protocol::lease::{ParentLease, ScalerLease};
 use crate::protocol::pool_events::EventKind;
 use crate::protocol::subjects;
+
+/// How long the parent loop's round under way may go on once the pool
+/// closes: enough for a round's own work (a reap's stop, say), not for a
+/// JetStream that does not answer (each request may take 5 s).
+const CLOSING_ROUND_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Fleet {
     /// Renews this parent's lease, takes part in the scaler election, and
@@ -21,6 +27,7 @@ impl Fleet {
         let mut tick = tokio::time::interval(heartbeat / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_renewal = Instant::now() - heartbeat;
+        let permissions = self.parent.events.permissions.clone();
         loop {
             let demand = tokio::select! {
                 _ = self.closed.cancelled() => break,
@@ -32,28 +39,102 @@ impl Fleet {
                 // reap live runners.
                 continue;
             }
-            let waiting = port.waiting();
-            let renew_due = last_renewal.elapsed() >= heartbeat;
-            let changed = self.state.lock().unwrap().my_waiting_sent != Some(waiting);
-            if (renew_due || changed) && self.renew_parent(waiting).await {
-                last_renewal = Instant::now();
-            }
-            if !self.is_leading() {
-                // Every round: a dead scaler is found within a third of a
-                // heartbeat (a cheap request, answered at once either way).
-                self.check_scaler_present().await;
-            }
-            if renew_due || !demand {
-                self.elect().await;
-            }
-            if self.is_leading() {
-                self.scale(&port).await;
+            // A refusal of any of the bucket's subjects ends the round at
+            // once (its operation would only wait for an answer that never
+            // comes); the waiting callers learn of it from the refusal
+            // listener (see `Fleet::start`).
+            let mark = permissions.mark_about(super::bucket_subjects(&self.config.name));
+            let round = async {
+                let waiting = port.waiting();
+                let renew_due = last_renewal.elapsed() >= heartbeat;
+                let changed = self.state.lock().unwrap().my_waiting_sent != Some(waiting);
+                if (renew_due || changed) && self.renew_parent(waiting).await {
+                    last_renewal = Instant::now();
+                }
+                if !self.is_leading() {
+                    // Every round: a dead scaler is found within a third of a
+                    // heartbeat (a cheap request, answered at once either way).
+                    self.check_scaler_present().await;
+                }
+                if renew_due || !demand {
+                    self.elect().await;
+                }
+                if self.is_leading() {
+                    self.scale(&port).await;
+                }
+                Ok(())
+            };
+            tokio::pin!(round);
+            let ended = tokio::select! {
+                ended = permissions.guard(&mark, round.as_mut()) => Some(ended),
+                _ = self.closed.cancelled() => None,
+            };
+            let ended = match ended {
+                Some(ended) => ended,
+                // Closing: let the round finish what it does, but not for
+                // long, so that shutdown stays bounded whatever the server
+                // answers (or does not).
+                None => match tokio::time::timeout(
+                    CLOSING_ROUND_LIMIT,
+                    permissions.guard(&mark, round.as_mut()),
+                )
+                .await
+                {
+                    Ok(ended) => ended,
+                    Err(_) => {
+                        debug!(pool = %self.config.name, "the last round did not end within {CLOSING_ROUND_LIMIT:?} of the close; leaving");
+                        break;
+                    }
+                },
+            };
+            if let Err(e) = ended {
+                debug!(pool = %self.config.name, "a round of the parent loop ended: {e}");
             }
         }
         self.leave().await;
     }
 
     async fn renew_parent(&self, waiting: usize) -> bool {
+        let attempt_started = Instant::now();
+        match self.write_parent_lease(waiting).await {
+            Ok(()) => true,
+            Err(e) => {
+                let not_ready = {
+                    let mut st = self.state.lock().unwrap();
+                    if !st.bucket_unwritable {
+                        warn!(pool = %self.config.name, "cannot renew this parent's lease; judging no lease until the bucket can be written: {e}");
+                    }
+                    st.bucket_unwritable = true;
+                    // Unwritable since the last write that succeeded (a
+                    // heartbeat before this attempt, at most).
+                    let since = st.last_written.unwrap_or(attempt_started);
+                    let (since, attempts) = st.unwritable_since.get_or_insert((since, 0));
+                    *attempts += 1;
+                    // Past the bound, the callers waiting for a runner
+                    // learn why none comes (renewals go on being tried).
+                    (since.elapsed() >= self.config.boot_timeout).then(|| {
+                        Error::JetStreamNotReady {
+                            pool: self.config.name.clone(),
+                            tried: format!(
+                                "write this parent's lease in the KV bucket {}",
+                                subjects::bucket(&self.config.name)
+                            ),
+                            attempts: *attempts,
+                            waited: since.elapsed(),
+                            last: e.to_string(),
+                        }
+                    })
+                };
+                if let Some(e) = not_ready {
+                    self.report_trouble(e);
+                }
+                false
+            }
+        }
+    }
+
+    /// Writes this parent's lease (with `waiting` callers).
+    pub(super) async fn write_parent_lease(&self, waiting: usize) -> Result<(), Error> {
         let beat = {
             let mut st = self.state.lock().unwrap();
             st.my_beat += 1;
@@ -73,6 +154,9 @@ impl Fleet {
                 if st.echo.is_none() && st.last_revision < revision {
                     st.echo = Some((revision, Instant::now()));
                 }
+                st.unwritable_since = None;
+                st.last_written = Some(Instant::now());
+                self.bucket_ready_again();
                 if st.bucket_unwritable {
                     // Nobody could renew meanwhile: restart the clocks so
                     // that no lease looks dead just for that.
@@ -80,16 +164,9 @@ impl Fleet {
                     st.forget_silence();
                     info!(pool = %self.config.name, "the pool's bucket can be written again");
                 }
-                true
+                Ok(())
             }
-            Err(e) => {
-                let mut st = self.state.lock().unwrap();
-                if !st.bucket_unwritable {
-                    warn!(pool = %self.config.name, "cannot renew this parent's lease; judging no lease until the bucket can be written: {e}");
-                }
-                st.bucket_unwritable = true;
-                false
-            }
+            Err(e) => Err(Error::nats("cannot write this parent's lease", e)),
         }
     }
 

@@ -55,6 +55,11 @@ pub(super) struct FleetState {
     /// written (e.g. its stream elects a new leader after a server of the
     /// cluster died), so nobody's lease can change and none is judged.
     pub(super) bucket_unwritable: bool,
+    /// Since when this parent's lease could not be written, and how many
+    /// renewals failed since.
+    pub(super) unwritable_since: Option<(Instant, u32)>,
+    /// When this parent's lease was last written.
+    pub(super) last_written: Option<Instant>,
     /// The oldest write of this parent's own lease not yet seen coming back
     /// through the watch: its revision, and when it was written.
     pub(super) echo: Option<(u64, Instant)>,

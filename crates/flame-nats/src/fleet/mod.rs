@@ -44,8 +44,9 @@ use flame_core::Error;
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::announce::{Counts, Outgoing, PoolAnnouncer};
 use crate::boot::Booter;
@@ -53,7 +54,7 @@ use crate::config::PoolConfig;
 use crate::kv;
 use crate::parent::ParentContext;
 use crate::protocol::call as wire;
-use crate::protocol::lease::{LeaseState, RunnerLease};
+use crate::protocol::lease::{LeaseState, RunnerLease, Slots};
 use crate::protocol::pool_events::{EventKind, Reason};
 use crate::protocol::subjects;
 use mirror::FleetState;
@@ -94,7 +95,29 @@ pub(crate) struct Fleet {
     /// Publishes the pool's events: runner events while this parent is
     /// the scaler of its build, from the mirror.
     events: PoolAnnouncer,
+    /// Why the bucket cannot be used now (a refused permission, or a
+    /// JetStream not ready for longer than the boot timeout), and when
+    /// that was last seen: callers waiting for a runner fail with it.
+    trouble: watch::Sender<Option<(Error, Instant)>>,
+    /// When the pool's start must be done with the bucket by.
+    ready_by: Instant,
 }
+
+/// Parts of the subjects of a pool's bucket, as the NATS server names them
+/// in a permission violation.
+pub(crate) fn bucket_subjects(pool: &str) -> Vec<String> {
+    vec![
+        format!("KV_flame-{pool}\""),
+        format!("KV_flame-{pool}."),
+        format!("$KV.flame-{pool}."),
+        "\"$JS.API.INFO\"".to_string(),
+    ]
+}
+
+/// Longest wait for the bucket while leaving the pool (removing this
+/// parent's lease and scaler term, listing the other parents): shutdown
+/// stays bounded whatever the server answers.
+const LEAVE_BUCKET_LIMIT: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for Fleet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -112,9 +135,18 @@ impl Fleet {
         booter: Arc<Booter>,
         closed: CancellationToken,
     ) -> Result<Fleet, Error> {
+        let ready_by = Instant::now() + config.boot_timeout;
         Ok(Fleet {
             events: parent.announcer.for_pool(&config.name),
-            store: kv::open_bucket(&parent.client, &config.name, config.kv_replicas).await?,
+            store: kv::open_bucket(
+                &parent.client,
+                &config.name,
+                config.kv_replicas,
+                config.boot_timeout,
+            )
+            .await?,
+            trouble: watch::Sender::new(None),
+            ready_by,
             scaler_key: subjects::scaler_key(&parent.build_id),
             parent,
             config,
@@ -152,6 +184,40 @@ impl Fleet {
             .await
             .map_err(|e| Error::nats("cannot subscribe to the parent's presence subject", e))?;
         tokio::spawn(self.clone().answer_present(present));
+        // A refusal of the bucket's subjects from now on, whatever asked,
+        // fails the callers waiting for a runner.
+        let me = Arc::downgrade(self);
+        let about = bucket_subjects(&self.config.name);
+        self.parent.events.permissions.on_violation(move |text| {
+            if let Some(fleet) = me.upgrade() {
+                if !fleet.closed.is_cancelled() && about.iter().any(|a| text.contains(a)) {
+                    fleet.report_trouble(Error::PermissionDenied {
+                        reason: text.to_string(),
+                    });
+                }
+            }
+        });
+        // Write and read the bucket once before answering, so that a
+        // refused permission fails the start (the caller's guard turns the
+        // server's report into the error), and a bucket just created on a
+        // cluster is retried until its stream has a leader.
+        let left = || self.ready_by.saturating_duration_since(Instant::now());
+        let pool = &self.config.name;
+        let bucket = subjects::bucket(pool);
+        kv::when_ready(
+            pool,
+            &format!("write this parent's lease in the KV bucket {bucket}"),
+            left(),
+            || self.write_parent_lease(0),
+        )
+        .await?;
+        kv::when_ready(
+            pool,
+            &format!("read the KV bucket {bucket}"),
+            left(),
+            || kv::read::<Slots>(&self.store, subjects::SLOTS_KEY),
+        )
+        .await?;
         // Read the bucket before answering: the answer depends on the
         // parents seen in it.
         let watch = self.first_read(&port).await?;
@@ -167,6 +233,50 @@ impl Fleet {
 
     fn is_leading(&self) -> bool {
         self.state.lock().unwrap().leading.is_some()
+    }
+
+    /// Records why the bucket cannot be used now.
+    fn report_trouble(&self, error: Error) {
+        self.trouble.send_replace(Some((error, Instant::now())));
+    }
+
+    /// The bucket can be written again: a JetStream that was not ready is
+    /// (a refusal stays until it is no longer reported).
+    fn bucket_ready_again(&self) {
+        self.trouble.send_if_modified(|trouble| {
+            let not_ready = matches!(trouble, Some((Error::JetStreamNotReady { .. }, _)));
+            if not_ready {
+                *trouble = None;
+            }
+            not_ready
+        });
+    }
+
+    /// Why the bucket cannot be used, if that was seen lately (within
+    /// three heartbeats: every round of the parent loop uses the bucket,
+    /// so a lasting refusal is reported again and again).
+    pub(crate) fn trouble(&self) -> Option<Error> {
+        match &*self.trouble.borrow() {
+            Some((e, seen)) if seen.elapsed() <= self.stale_after() => Some(e.clone()),
+            _ => None,
+        }
+    }
+
+    /// Resolves with the next trouble reported (or one reported lately):
+    /// callers waiting for a runner fail with it rather than wait for their
+    /// deadline.
+    pub(crate) async fn troubled(&self) -> Error {
+        let mut trouble = self.trouble.subscribe();
+        loop {
+            if let Some((e, seen)) = &*trouble.borrow_and_update() {
+                if seen.elapsed() <= self.stale_after() {
+                    return e.clone();
+                }
+            }
+            if trouble.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// Whether this parent is the scaler of its build now.
@@ -205,19 +315,39 @@ impl Fleet {
 
     async fn leave_now(&self) {
         let me = self.parent.parent_id.clone();
-        let _ = self.store.delete(subjects::parent_key(&me)).await;
         let (leading, owned) = {
             let mut st = self.state.lock().unwrap();
             let owned: Vec<(String, Box<dyn StopRunner>)> = st.owned.drain().collect();
             (st.leading.take(), owned)
         };
-        if let Some(term) = leading {
-            let _ = self
-                .store
-                .delete_expect_revision(&self.scaler_key, Some(term))
-                .await;
-        }
-        if self.others_of_my_build_remain().await {
+        // Bounded, and cut short by a refusal: a bucket this parent may no
+        // longer use must not hold up its shutdown.
+        let permissions = &self.parent.events.permissions;
+        let mark = permissions.mark_about(bucket_subjects(&self.config.name));
+        let bucket = async {
+            let _ = self.store.delete(subjects::parent_key(&me)).await;
+            if let Some(term) = leading {
+                let _ = self
+                    .store
+                    .delete_expect_revision(&self.scaler_key, Some(term))
+                    .await;
+            }
+            Ok(self.others_of_my_build_remain().await)
+        };
+        let others_remain =
+            tokio::time::timeout(LEAVE_BUCKET_LIMIT, permissions.guard(&mark, bucket)).await;
+        let others_remain = match others_remain {
+            Ok(Ok(others)) => others,
+            Ok(Err(e)) => {
+                warn!(pool = %self.config.name, "leaving the pool without the bucket: {e}");
+                true
+            }
+            Err(_) => {
+                warn!(pool = %self.config.name, "leaving the pool without the bucket: no answer within {LEAVE_BUCKET_LIMIT:?}");
+                true
+            }
+        };
+        if others_remain {
             // The other parents go on using these runners; their scaler
             // stops them when they are no longer wanted.
             for (_, stopper) in &owned {
@@ -273,15 +403,29 @@ impl Fleet {
             .into_iter()
             .filter(|id| !owned.iter().any(|(o, _)| o == id))
         {
+            let mark = mark.clone();
             stops.push(Box::pin(async move {
                 let key = subjects::runner_key(&id);
                 let deadline = tokio::time::Instant::now() + grace;
-                while tokio::time::Instant::now() < deadline {
-                    if let Ok(None) = self.store.get(&key).await {
-                        self.events.send(gone(id));
-                        return;
+                let gone_yet = async {
+                    while tokio::time::Instant::now() < deadline {
+                        match tokio::time::timeout_at(deadline, self.store.get(&key)).await {
+                            Ok(Ok(None)) => return Ok(true),
+                            Ok(Ok(Some(_))) => {}
+                            // The bucket cannot tell: do not wait out the
+                            // grace on it.
+                            Ok(Err(e)) => {
+                                debug!(runner = %id, "cannot read its lease while leaving: {e}");
+                                return Ok(false);
+                            }
+                            Err(_) => return Ok(false),
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Ok(false)
+                };
+                if let Ok(true) = self.parent.events.permissions.guard(&mark, gone_yet).await {
+                    self.events.send(gone(id));
                 }
             }));
         }

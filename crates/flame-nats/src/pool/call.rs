@@ -601,7 +601,27 @@ impl PoolInner {
             waiter,
             armed: true,
         };
-        match tokio::time::timeout_at(deadline, &mut rx).await {
+        // A shared pool whose bucket cannot be used (a refused permission,
+        // a JetStream not ready past the bound) boots no runner: its
+        // callers fail with the reason at once.
+        let troubled = async {
+            match &self.fleet {
+                Some(fleet) => fleet.troubled().await,
+                None => std::future::pending().await,
+            }
+        };
+        let waited = tokio::select! {
+            biased;
+            waited = tokio::time::timeout_at(deadline, &mut rx) => waited,
+            e = troubled => {
+                drop(guard);
+                // A slot handed over just now goes back.
+                drop(rx.try_recv());
+                debug!(pool = %self.config.name, "a waiting caller fails: {e}");
+                return Err(e);
+            }
+        };
+        match waited {
             Ok(Ok(slot)) => {
                 guard.armed = false;
                 Ok(slot)
@@ -622,7 +642,8 @@ impl PoolInner {
                 drop(rx.try_recv());
                 let st = self.state.lock().unwrap();
                 let no_runner = st.model.count(RunnerState::Ready) == 0;
-                match (&st.last_boot_error, no_runner) {
+                let trouble = self.fleet.as_ref().and_then(|f| f.trouble());
+                match (trouble.as_ref().or(st.last_boot_error.as_ref()), no_runner) {
                     (Some(e), true) => Err(e.clone()),
                     _ => {
                         debug!(pool = %self.config.name, "no runner had room before the deadline");

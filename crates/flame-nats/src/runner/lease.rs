@@ -30,7 +30,8 @@ impl LeaseKeeper {
         info: &ParentInfo,
     ) -> Result<LeaseKeeper, Error> {
         // The scaler created the bucket before booting this runner.
-        let store = kv::open_bucket(client, &info.pool, 1).await?;
+        let failsafe = Duration::from_millis(info.failsafe_timeout_ms);
+        let store = kv::open_bucket(client, &info.pool, 1, failsafe).await?;
         let key = subjects::runner_key(&info.runner_id);
         let (lease, revision) = kv::read::<RunnerLease>(&store, &key)
             .await?
