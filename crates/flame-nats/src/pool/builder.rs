@@ -17,8 +17,9 @@ use crate::config::PoolConfig;
 use crate::fleet::Fleet;
 use crate::hooks::{Hooks, PoolEvent};
 use crate::parent::ParentContext;
-use crate::protocol::events::ParentEvent;
+use crate::protocol::events::{EventKey, ParentEvent};
 use crate::protocol::pool_events::{format_time, POOLS_INFO_SUBJECT};
+use crate::protocol::sign::{CallKey, SECRET_ENV};
 use crate::protocol::subjects;
 
 /// Longest wait for the server's answer when checking that it took the
@@ -33,6 +34,18 @@ pub struct PoolBuilder {
     config: PoolConfig,
     backend: Option<Arc<dyn Backend>>,
     hooks: Hooks,
+    /// Shared pools: the secret calls are signed with, instead of
+    /// `FLAME_SECRET`.
+    secret: Option<Secret>,
+}
+
+/// A shared pool's secret; `Debug` does not show it.
+struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 macro_rules! setters {
@@ -52,7 +65,19 @@ impl PoolBuilder {
             config: PoolConfig::new(name),
             backend: None,
             hooks: Hooks::default(),
+            secret: None,
         }
+    }
+
+    /// Shared pools: the secret that signs calls to the pool's runners,
+    /// instead of the `FLAME_SECRET` environment variable. Every parent of
+    /// the pool must use the same one: a parent with another secret cannot
+    /// call the runners that parents with the right one booted (its calls
+    /// fail with `Error::Unauthenticated`). Private pools need none: each
+    /// of their runners gets its own key from its parent. Never logged.
+    pub fn secret(mut self, secret: impl Into<String>) -> Self {
+        self.secret = Some(Secret(secret.into()));
+        self
     }
 
     setters! {
@@ -198,12 +223,18 @@ impl PoolBuilder {
         self.parent
             .runner_nats_url
             .check_reachable_from(&config.name, backend.as_ref())?;
+        let shared_key = if config.shared {
+            shared_pool_key(&config.name, self.secret.map(|s| s.0), &self.parent)
+        } else {
+            None
+        };
         let booter = Arc::new(Booter::new(
             &self.parent,
             &config,
             backend,
             self.hooks,
             forwarded,
+            shared_key,
         ));
         // A subscription or request the server refuses fails the start
         // with Error::PermissionDenied, saying which, rather than leaving a
@@ -325,6 +356,33 @@ impl PoolBuilder {
         info!(pool = %inner.config.name, min = inner.config.min, max = inner.config.max, "pool started");
         Ok(pool)
     }
+}
+
+/// The `event_key` of a shared pool's runners, from which the key that
+/// signs calls to them derives: from the pool's secret (`secret`, else
+/// `FLAME_SECRET`), the same in every parent that has it. Without one, on
+/// the embedded nats-server (no other parent can join the pool) a secret of
+/// this process's own; elsewhere none, and the pool's calls go unsigned,
+/// which a warning says once.
+fn shared_pool_key(pool: &str, secret: Option<String>, parent: &ParentContext) -> Option<EventKey> {
+    static PROCESS_SECRET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let secret = secret
+        .or_else(|| std::env::var(SECRET_ENV).ok())
+        .filter(|s| !s.is_empty());
+    if let Some(secret) = secret {
+        return Some(CallKey::shared_event_key(secret.as_bytes(), pool));
+    }
+    if parent.embedded.lock().unwrap().is_some() {
+        let own = PROCESS_SECRET.get_or_init(|| EventKey::random().to_hex());
+        return Some(CallKey::shared_event_key(own.as_bytes(), pool));
+    }
+    tracing::warn!(
+        pool,
+        "shared pool `{pool}` has no secret ({SECRET_ENV} is not set), so its calls are not signed: \
+         any client of the NATS account that may publish to flame.{pool}.runner.* can run its functions; \
+         set {SECRET_ENV} to the same secret in every parent of the pool"
+    );
+    None
 }
 
 /// Makes sure this parent's runners can reach it: asks its own event
