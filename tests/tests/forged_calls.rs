@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use flame_tests::funcs::*;
-use flame_tests::harness::{file_exists, path_in, runner_stats, wait_for, TestEnv};
+use flame_tests::harness::{file_exists, path_in, round_trip, runner_stats, wait_for, TestEnv};
 use flame_tests::TEST_BUILD;
 use futures::StreamExt;
 
@@ -126,7 +126,7 @@ async fn a_replayed_signed_call_is_refused() {
     // Another client of the account records a real call on the wire...
     let sniffer = env.client().await;
     let mut calls = sniffer.subscribe("flame.replayed.runner.*").await.unwrap();
-    sniffer.flush().await.unwrap();
+    round_trip(&sniffer).await;
     let path = path_in(&dir, "once");
     flame::call!(pool, write_file(path.clone(), "once".to_string()))
         .await
@@ -140,7 +140,7 @@ async fn a_replayed_signed_call_is_refused() {
     // ... and sends it again, as it was, listening for the answer.
     let reply_to = recorded.reply.clone().expect("a call has a reply subject");
     let mut answers = sniffer.subscribe(reply_to.clone()).await.unwrap();
-    sniffer.flush().await.unwrap();
+    round_trip(&sniffer).await;
     sniffer
         .publish_with_reply(recorded.subject.clone(), reply_to, recorded.payload.clone())
         .await
