@@ -75,7 +75,41 @@ async fn a_shared_pool_with_a_secret_works_across_parents_and_a_wrong_secret_can
     // The parents' Debug output does not show it either.
     assert!(!format!("{a:?}").contains(SECRET));
     assert!(!format!("{:?}", shared_pool(&env.flame, "x").secret(SECRET)).contains(SECRET));
+
+    // A plain `retire` from another client is refused too; the runner
+    // serves on.
+    let client = env.client().await;
+    let runner = &a.runners()[0].id;
+    client
+        .publish(
+            format!("flame.secret.runner.{runner}.control"),
+            "retire".into(),
+        )
+        .await
+        .unwrap();
+    wait_for("the forged retire counted", LONG, || async {
+        let stats = runner_stats(&env, "secret").await?;
+        (stats["unauthenticated"] == 2).then_some(())
+    })
+    .await;
+    assert_eq!(flame::call!(b, add(4, 4)).await.unwrap(), 8);
+
+    // The last parent out retires the runner with a signed `retire`: it
+    // exits at once, not after its parent grace (5 s) without parents.
+    let pids = runner_pids("secret");
+    let stopped = std::time::Instant::now();
     c.shutdown().await;
     b.shutdown().await;
     a.shutdown().await;
+    wait_for("the runner retired", LONG, || async {
+        pids.iter()
+            .all(|pid| !flame_tests::harness::process_alive(*pid))
+            .then_some(())
+    })
+    .await;
+    eprintln!(
+        "runner exited {:?} after the parents began to leave",
+        stopped.elapsed()
+    );
+    assert!(stopped.elapsed() < Duration::from_secs(4));
 }

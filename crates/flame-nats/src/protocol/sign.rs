@@ -36,6 +36,9 @@ pub const SECRET_ENV: &str = "FLAME_SECRET";
 /// First byte of a signed call's body.
 pub(crate) const SIGNED_V1: u8 = 0xF4;
 
+/// The control message that tells a runner to drain and exit.
+pub(crate) const RETIRE: &str = super::subjects::CONTROL_RETIRE;
+
 /// Bytes of a tag.
 pub(crate) const TAG_LEN: usize = 32;
 
@@ -153,6 +156,15 @@ impl CallKey {
         body[1..1 + TAG_LEN].copy_from_slice(tag.as_bytes());
     }
 
+    /// The body of a `retire` on the runner's control subject: `retire`, a
+    /// space, and the tag in hex.
+    pub(crate) fn retire_body(&self, control_subject: &str) -> String {
+        format!(
+            "{RETIRE} {}",
+            self.hasher(b'R', control_subject, "").finalize().to_hex()
+        )
+    }
+
     /// The body of a cancellation: the call's reply subject, a space, and
     /// the tag in hex.
     pub(crate) fn cancel_body(&self, cancel_subject: &str, reply: &str) -> String {
@@ -198,9 +210,12 @@ impl<'a> Signed<'a> {
         }
     }
 
-    /// The tag, as the key a runner remembers the call by.
-    pub(crate) fn id(&self) -> u128 {
-        u128::from_le_bytes(self.tag[..16].try_into().expect("16 bytes"))
+    /// The tag, as the key a runner remembers the call by: 64 of its bits
+    /// (a new call's chance to be taken for one of a million remembered
+    /// ones is 1 in 10^13; a runner remembers fewer unless it takes 30000
+    /// calls a second).
+    pub(crate) fn id(&self) -> u64 {
+        u64::from_le_bytes(self.tag[..8].try_into().expect("8 bytes"))
     }
 }
 
@@ -229,6 +244,35 @@ pub(crate) fn read_cancel<'a>(
     }
 }
 
+/// What a runner makes of a message on its control subject: `Ok(true)`
+/// for a `retire` it must obey (signed with its key, or plain when it has
+/// none), `Ok(false)` for anything else (probes have an empty body), and
+/// the refusal for a `retire` without a valid tag.
+pub(crate) fn read_retire(
+    key: Option<&CallKey>,
+    control_subject: &str,
+    body: &[u8],
+) -> Result<bool, Refused> {
+    let Some(rest) = body.strip_prefix(RETIRE.as_bytes()) else {
+        return Ok(false);
+    };
+    let Some(key) = key else {
+        return Ok(rest.is_empty() || rest.first() == Some(&b' '));
+    };
+    let tag = match rest.strip_prefix(b" ") {
+        Some(tag) => tag,
+        None if rest.is_empty() => return Err(Refused::Unsigned),
+        None => return Ok(false),
+    };
+    let tag = std::str::from_utf8(tag).map_err(|_| Refused::Malformed)?;
+    let tag = blake3::Hash::from_hex(tag).map_err(|_| Refused::Malformed)?;
+    if tag == key.hasher(b'R', control_subject, "").finalize() {
+        Ok(true)
+    } else {
+        Err(Refused::BadTag)
+    }
+}
+
 /// Milliseconds since the Unix epoch, by this machine's clock.
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
@@ -241,9 +285,9 @@ pub(crate) fn now_ms() -> u64 {
 /// kept: the window refuses them anyway.
 #[derive(Debug, Default)]
 pub(crate) struct ReplayGuard {
-    seen: HashSet<u128, BuildHasherDefault<TagHasher>>,
+    seen: HashSet<u64, BuildHasherDefault<TagHasher>>,
     /// `(forget after, tag)`, in the order they came.
-    order: VecDeque<(u64, u128)>,
+    order: VecDeque<(u64, u64)>,
 }
 
 impl ReplayGuard {
@@ -257,6 +301,11 @@ impl ReplayGuard {
             }
             self.order.pop_front();
             self.seen.remove(&tag);
+        }
+        // After a burst, give the memory back.
+        if self.seen.capacity() > 4 * self.seen.len() + 4096 {
+            self.seen.shrink_to_fit();
+            self.order.shrink_to_fit();
         }
         let skew_ms = now_ms as i64 - signed.sent_at_ms as i64;
         if skew_ms.unsigned_abs() > window {
@@ -294,8 +343,8 @@ impl Hasher for TagHasher {
         }
     }
 
-    fn write_u128(&mut self, n: u128) {
-        self.0 = n as u64;
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
 }
 
@@ -385,6 +434,27 @@ mod tests {
         // Without a key (a shared pool without a secret): plain bodies.
         assert_eq!(read_cancel(None, "c", b"_INBOX.x.1"), Ok("_INBOX.x.1"));
         assert_eq!(read_cancel(None, "c", body.as_bytes()), Ok("_INBOX.x.1"));
+    }
+
+    #[test]
+    fn retires_are_signed_and_checked() {
+        let key = CallKey::of_runner(&EventKey::random());
+        let body = key.retire_body("flame.p.runner.r.control");
+        let subject = "flame.p.runner.r.control";
+        assert_eq!(read_retire(Some(&key), subject, body.as_bytes()), Ok(true));
+        assert_eq!(
+            read_retire(Some(&key), "flame.p.runner.q.control", body.as_bytes()),
+            Err(Refused::BadTag)
+        );
+        assert_eq!(
+            read_retire(Some(&key), subject, b"retire"),
+            Err(Refused::Unsigned)
+        );
+        // Probes (empty bodies) are no retire.
+        assert_eq!(read_retire(Some(&key), subject, b""), Ok(false));
+        assert_eq!(read_retire(None, subject, b"retire"), Ok(true));
+        assert_eq!(read_retire(None, subject, body.as_bytes()), Ok(true));
+        assert_eq!(read_retire(None, subject, b""), Ok(false));
     }
 
     #[test]

@@ -47,7 +47,7 @@ use crate::protocol::bootstrap::ParentInfo;
 use crate::protocol::call::ErrorKind;
 use crate::protocol::events::{EventKey, ParentEvent};
 use crate::protocol::lease::LeaseState;
-use crate::protocol::sign::{read_cancel, CallKey, ReplayGuard, SECRET_ENV};
+use crate::protocol::sign::{read_cancel, read_retire, CallKey, ReplayGuard, SECRET_ENV};
 use crate::protocol::subjects;
 use crate::streams::StreamHub;
 use dispatch::Cancellable;
@@ -145,6 +145,7 @@ struct Runner {
     /// This runner's call and cancel subjects, which signatures cover.
     call_subject: String,
     cancel_subject: String,
+    control_subject: String,
     /// Numbers the events sent to the parent.
     event_seq: AtomicU64,
     /// Milliseconds since `started` when a parent last answered a ping.
@@ -289,6 +290,7 @@ async fn run(
     let runner = Arc::new(Runner {
         call_subject: subjects::runner(&info.pool, &info.runner_id),
         cancel_subject: subjects::runner_cancel(&info.pool, &info.runner_id),
+        control_subject: subjects::runner_control(&info.pool, &info.runner_id),
         info,
         client,
         registry,
@@ -353,9 +355,16 @@ async fn run(
                 }
             }
             Some(msg) = control.next() => {
-                if &msg.payload[..] == subjects::CONTROL_RETIRE.as_bytes() {
-                    stop_reason = Some(Stop::Drain("retired by the scaler".into()));
-                    break;
+                match read_retire(runner.call_key.as_ref(), &runner.control_subject, &msg.payload) {
+                    Ok(true) => {
+                        stop_reason = Some(Stop::Drain("retired by the scaler".into()));
+                        break;
+                    }
+                    Ok(false) => {}
+                    Err(why) => {
+                        runner.counters.unauthenticated.fetch_add(1, Ordering::Relaxed);
+                        warn!(runner = %runner.info.runner_id, "refused a retire: {why}");
+                    }
                 }
             }
             request = endpoint.next() => match request {
