@@ -365,14 +365,23 @@ impl PoolBuilder {
 /// this process's own; elsewhere none, and the pool's calls go unsigned,
 /// which a warning says once.
 fn shared_pool_key(pool: &str, secret: Option<String>, parent: &ParentContext) -> Option<EventKey> {
+    let embedded = parent.embedded.lock().unwrap().is_some();
+    choose_shared_key(pool, secret, std::env::var(SECRET_ENV).ok(), embedded)
+}
+
+/// [`shared_pool_key`], given the secret set in code, the one in the
+/// environment, and whether the parent runs its own nats-server.
+fn choose_shared_key(
+    pool: &str,
+    secret: Option<String>,
+    env: Option<String>,
+    embedded: bool,
+) -> Option<EventKey> {
     static PROCESS_SECRET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let secret = secret
-        .or_else(|| std::env::var(SECRET_ENV).ok())
-        .filter(|s| !s.is_empty());
-    if let Some(secret) = secret {
+    if let Some(secret) = secret.or(env).filter(|s| !s.is_empty()) {
         return Some(CallKey::shared_event_key(secret.as_bytes(), pool));
     }
-    if parent.embedded.lock().unwrap().is_some() {
+    if embedded {
         let own = PROCESS_SECRET.get_or_init(|| EventKey::random().to_hex());
         return Some(CallKey::shared_event_key(own.as_bytes(), pool));
     }
@@ -410,5 +419,63 @@ async fn own_events_answer(client: &async_nats::Client, subject: String) -> Resu
             tracing::debug!("no answer on {subject} at pool start: {e}");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// What `f` logs, as text.
+    fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || Sink(sink.clone()))
+            .finish();
+        let out = tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
+        (out, text)
+    }
+
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_shared_pool_without_a_secret_says_so_once_and_never_logs_one() {
+        let expected = Some(CallKey::shared_event_key(b"s3cret", "p"));
+        let (key, log) = logged(|| choose_shared_key("p", Some("s3cret".into()), None, false));
+        assert_eq!((key, log.as_str()), (expected.clone(), ""));
+        let (key, log) = logged(|| choose_shared_key("p", None, Some("s3cret".into()), false));
+        assert_eq!((key, log.as_str()), (expected.clone(), ""));
+        // Set in code wins over the environment.
+        let (key, _) =
+            logged(|| choose_shared_key("p", Some("s3cret".into()), Some("x".into()), false));
+        assert_eq!(key, expected);
+        // The embedded server: a secret of the process, the same each time.
+        let (key, log) = logged(|| choose_shared_key("p", None, None, true));
+        assert!(key.is_some() && log.is_empty(), "{log}");
+        assert_eq!(key, choose_shared_key("p", None, None, true));
+        // Elsewhere: unsigned, and one warning naming the variable.
+        let (key, log) = logged(|| choose_shared_key("p", None, Some(String::new()), false));
+        assert_eq!(key, None);
+        assert_eq!(log.lines().count(), 1, "{log}");
+        assert!(
+            log.contains("WARN") && log.contains("FLAME_SECRET is not set"),
+            "{log}"
+        );
+        let builder_debug = format!("{:?}", Secret("s3cret".into()));
+        assert!(!builder_debug.contains("s3cret"));
     }
 }
