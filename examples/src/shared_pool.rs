@@ -11,7 +11,8 @@
 //! ```
 //!
 //! With no `NATS_URL` it starts a private nats-server and hands its URL to
-//! the parents. With your own server, watch the pool while it runs:
+//! the parents, with a `FLAME_SECRET` made up for the run (unless one is
+//! set) so that their calls are signed. With your own server, watch the pool while it runs:
 //! `nats kv watch flame-hashing`, `nats micro ls`, `nats sub 'flame.>'`.
 
 use std::process::Stdio;
@@ -64,6 +65,13 @@ async fn main() -> anyhow::Result<()> {
             url
         }
     };
+    // The parents of a shared pool sign their calls with a key derived from
+    // a secret they all have (FLAME_SECRET): one made up for this run,
+    // unless you set your own.
+    let secret = std::env::var(flame::SECRET_ENV)
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     println!("{PARENTS} parents share the pool `hashing` on {url}");
     let started = Instant::now();
     let mut children = Vec::new();
@@ -71,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
         let mut child = tokio::process::Command::new(std::env::current_exe()?)
             .args(["parent", &n.to_string()])
             .env(flame::NATS_URL_ENV, &url)
+            .env(flame::SECRET_ENV, &secret)
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()?;

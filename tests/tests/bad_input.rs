@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use flame::{Error, RunnerState};
 use flame_tests::funcs::*;
-use flame_tests::harness::TestEnv;
+use flame_tests::harness::{shared_pool, TestEnv};
 use flame_tests::TEST_BUILD;
 
 async fn runner_subject(env: &TestEnv, pool: &str) -> String {
@@ -51,10 +51,17 @@ fn body(function: &str, build: &str, args: &[u8]) -> bytes::Bytes {
     b.into()
 }
 
+/// The checks after the signature's (PROTOCOL.md 4.3): on a shared pool
+/// without a secret, whose runners take unsigned calls (a private pool's
+/// refuse them all as `unauthenticated`, see `forged_calls.rs`).
 #[tokio::test]
 async fn runner_answers_garbage_with_errors_and_keeps_serving() {
     let env = TestEnv::start().await;
-    let pool = env.pool("garbage").max(1).start().await.unwrap();
+    let pool = shared_pool(&env.flame, "garbage")
+        .max(1)
+        .start()
+        .await
+        .unwrap();
     let before = flame::call!(pool, whereabouts()).await.unwrap();
     let subject = runner_subject(&env, "garbage").await;
     let raw = env.client().await;

@@ -286,6 +286,18 @@ pub enum Error {
         message: String,
     },
 
+    /// The runner refused the call because it is not signed with the pool's
+    /// key, or is a replay: nothing ran. In a shared pool this parent's
+    /// `FLAME_SECRET` differs from the one the pool's runners were booted
+    /// with; otherwise someone else sent the call (`PROTOCOL.md` section 9).
+    #[error("runner {runner} refused the call as unauthenticated: {message}")]
+    Unauthenticated {
+        /// The runner.
+        runner: String,
+        /// What it said (never the key).
+        message: String,
+    },
+
     /// A stream broke: its sender failed (the message is the sender's
     /// error), went away (a dead runner or parent), stopped answering, or
     /// an item did not decode. It is the last item of the stream.
@@ -330,6 +342,7 @@ impl Error {
             Error::MissingState { .. } => "missing_state",
             Error::DuplicateFunction { .. } => "duplicate_function",
             Error::Protocol { .. } => "protocol",
+            Error::Unauthenticated { .. } => "unauthenticated",
             Error::Stream(_) => "stream",
             Error::PoolClosed(_) => "pool_closed",
             Error::PermissionDenied { .. } => "permission_denied",

@@ -16,6 +16,7 @@ use crate::hooks::{Hooks, PoolEvent};
 use crate::parent::ParentContext;
 use crate::protocol::bootstrap::{ParentInfo, PARENT_ENV};
 use crate::protocol::events::EventKey;
+use crate::protocol::sign::CallKey;
 
 /// Pause before booting again after a transient boot failure, while
 /// demand remains; it doubles with each failure in a row (plus jitter), up
@@ -70,6 +71,11 @@ pub(crate) struct Booter {
     /// Variables copied from the parent, and the credentials of the NATS
     /// URL, if it had any ([`crate::connect::URL_CREDENTIALS_ENV`]).
     forwarded: Vec<(String, String)>,
+    /// Shared pools with a secret: the `event_key` of every runner, from
+    /// which the key that signs calls to them derives.
+    shared_key: Option<EventKey>,
+    /// That call key.
+    shared_call_key: Option<CallKey>,
 }
 
 impl std::fmt::Debug for Booter {
@@ -95,6 +101,7 @@ impl Booter {
         backend: Arc<dyn Backend>,
         hooks: Hooks,
         forwarded: Vec<(String, String)>,
+        shared_key: Option<EventKey>,
     ) -> Booter {
         let template = ParentInfo {
             parent_id: parent.parent_id.clone(),
@@ -128,7 +135,15 @@ impl Booter {
             boot_timeout: config.boot_timeout,
             template,
             forwarded,
+            shared_call_key: shared_key.as_ref().map(CallKey::of_runner),
+            shared_key,
         }
+    }
+
+    /// The key calls to a shared pool's runners are signed with, if the
+    /// pool has a secret.
+    pub(crate) fn shared_call_key(&self) -> Option<&CallKey> {
+        self.shared_call_key.as_ref()
     }
 
     /// The backend, e.g. to terminate a runner by its handle.
@@ -137,11 +152,16 @@ impl Booter {
     }
 
     /// The environment of a new runner: `FLAME_PARENT`, the forwarded
-    /// variables and the URL's credentials. Shared runners sign nothing (they send no events).
+    /// variables and the URL's credentials. A private pool's runner gets its own key; a shared pool's
+    /// the pool's (derived from its secret, without telling the secret),
+    /// or none without a secret.
     fn spec(&self, runner_id: &str, key: Option<&EventKey>) -> BootSpec {
         let mut info = self.template.clone();
         info.runner_id = runner_id.to_string();
-        info.event_key = key.map(EventKey::to_hex).unwrap_or_default();
+        info.event_key = key
+            .or(self.shared_key.as_ref())
+            .map(EventKey::to_hex)
+            .unwrap_or_default();
         let mut env = vec![(PARENT_ENV.to_string(), info.to_env_value())];
         env.extend(self.forwarded.iter().cloned());
         BootSpec::new(self.pool.clone(), runner_id.to_string(), env)

@@ -70,4 +70,5 @@ pub use pool::child::{Child, ChildExit, ChildOptions};
 pub use pool::model::RunnerState;
 pub use pool::{Pool, PoolStatus, RunnerInfo};
 pub use protocol::bootstrap::{parent, ParentInfo, PARENT_ENV};
+pub use protocol::sign::SECRET_ENV;
 pub use runner::logs::{runner_log_layer, RunnerLogLayer};

@@ -82,7 +82,7 @@ pub use flame_nats::{
     build_id, embedded, init, ops, parent, runner_log_layer, serve_if_runner, CallOptions, Child,
     ChildExit, ChildOptions, Flame, FlameBuilder, NatsServer, ParentInfo, Pool, PoolBuilder,
     PoolConfig, PoolEvent, PoolStatus, RunnerInfo, RunnerLogLayer, RunnerState, BUILD_ID_ENV,
-    NATS_URL_ENV, PARENT_ENV,
+    NATS_URL_ENV, PARENT_ENV, SECRET_ENV,
 };
 
 /// Runs a function or an inline block on a pool and waits for the result.

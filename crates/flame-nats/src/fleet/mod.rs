@@ -480,12 +480,11 @@ impl Fleet {
     /// Tells a runner to drain and exit.
     async fn send_retire(&self, runner: &str) {
         let to = subjects::runner_control(&self.config.name, runner);
-        if let Err(e) = self
-            .parent
-            .client
-            .publish(to, subjects::CONTROL_RETIRE.into())
-            .await
-        {
+        let body = match self.booter.shared_call_key() {
+            Some(key) => key.retire_body(&to),
+            None => subjects::CONTROL_RETIRE.to_string(),
+        };
+        if let Err(e) = self.parent.client.publish(to, body.into()).await {
             debug!(runner, "cannot send retire: {e}");
         }
     }

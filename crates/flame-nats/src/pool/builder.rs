@@ -17,8 +17,9 @@ use crate::config::PoolConfig;
 use crate::fleet::Fleet;
 use crate::hooks::{Hooks, PoolEvent};
 use crate::parent::ParentContext;
-use crate::protocol::events::ParentEvent;
+use crate::protocol::events::{EventKey, ParentEvent};
 use crate::protocol::pool_events::{format_time, POOLS_INFO_SUBJECT};
+use crate::protocol::sign::{CallKey, SECRET_ENV};
 use crate::protocol::subjects;
 
 /// Longest wait for the server's answer when checking that it took the
@@ -33,6 +34,18 @@ pub struct PoolBuilder {
     config: PoolConfig,
     backend: Option<Arc<dyn Backend>>,
     hooks: Hooks,
+    /// Shared pools: the secret calls are signed with, instead of
+    /// `FLAME_SECRET`.
+    secret: Option<Secret>,
+}
+
+/// A shared pool's secret; `Debug` does not show it.
+struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 macro_rules! setters {
@@ -52,7 +65,19 @@ impl PoolBuilder {
             config: PoolConfig::new(name),
             backend: None,
             hooks: Hooks::default(),
+            secret: None,
         }
+    }
+
+    /// Shared pools: the secret that signs calls to the pool's runners,
+    /// instead of the `FLAME_SECRET` environment variable. Every parent of
+    /// the pool must use the same one: a parent with another secret cannot
+    /// call the runners that parents with the right one booted (its calls
+    /// fail with `Error::Unauthenticated`). Private pools need none: each
+    /// of their runners gets its own key from its parent. Never logged.
+    pub fn secret(mut self, secret: impl Into<String>) -> Self {
+        self.secret = Some(Secret(secret.into()));
+        self
     }
 
     setters! {
@@ -202,12 +227,18 @@ impl PoolBuilder {
         self.parent
             .runner_nats_url
             .check_reachable_from(&config.name, backend.as_ref())?;
+        let shared_key = if config.shared {
+            shared_pool_key(&config.name, self.secret.map(|s| s.0), &self.parent)
+        } else {
+            None
+        };
         let booter = Arc::new(Booter::new(
             &self.parent,
             &config,
             backend,
             self.hooks,
             forwarded,
+            shared_key,
         ));
         // A subscription or request the server refuses fails the start
         // with Error::PermissionDenied, saying which, rather than leaving a
@@ -337,6 +368,42 @@ impl PoolBuilder {
     }
 }
 
+/// The `event_key` of a shared pool's runners, from which the key that
+/// signs calls to them derives: from the pool's secret (`secret`, else
+/// `FLAME_SECRET`), the same in every parent that has it. Without one, on
+/// the embedded nats-server (no other parent can join the pool) a secret of
+/// this process's own; elsewhere none, and the pool's calls go unsigned,
+/// which a warning says once.
+fn shared_pool_key(pool: &str, secret: Option<String>, parent: &ParentContext) -> Option<EventKey> {
+    let embedded = parent.embedded.lock().unwrap().is_some();
+    choose_shared_key(pool, secret, std::env::var(SECRET_ENV).ok(), embedded)
+}
+
+/// [`shared_pool_key`], given the secret set in code, the one in the
+/// environment, and whether the parent runs its own nats-server.
+fn choose_shared_key(
+    pool: &str,
+    secret: Option<String>,
+    env: Option<String>,
+    embedded: bool,
+) -> Option<EventKey> {
+    static PROCESS_SECRET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    if let Some(secret) = secret.or(env).filter(|s| !s.is_empty()) {
+        return Some(CallKey::shared_event_key(secret.as_bytes(), pool));
+    }
+    if embedded {
+        let own = PROCESS_SECRET.get_or_init(|| EventKey::random().to_hex());
+        return Some(CallKey::shared_event_key(own.as_bytes(), pool));
+    }
+    tracing::warn!(
+        pool,
+        "shared pool `{pool}` has no secret ({SECRET_ENV} is not set), so its calls are not signed: \
+         any client of the NATS account that may publish to flame.{pool}.runner.* can run its functions; \
+         set {SECRET_ENV} to the same secret in every parent of the pool"
+    );
+    None
+}
+
 /// Makes sure this parent's runners can reach it: asks its own event
 /// subject, where its listener answers anything (a refusal, for a message
 /// that is no runner event). Nobody there means the server did not take
@@ -362,5 +429,63 @@ async fn own_events_answer(client: &async_nats::Client, subject: String) -> Resu
             tracing::debug!("no answer on {subject} at pool start: {e}");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// What `f` logs, as text.
+    fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || Sink(sink.clone()))
+            .finish();
+        let out = tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
+        (out, text)
+    }
+
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_shared_pool_without_a_secret_says_so_once_and_never_logs_one() {
+        let expected = Some(CallKey::shared_event_key(b"s3cret", "p"));
+        let (key, log) = logged(|| choose_shared_key("p", Some("s3cret".into()), None, false));
+        assert_eq!((key, log.as_str()), (expected.clone(), ""));
+        let (key, log) = logged(|| choose_shared_key("p", None, Some("s3cret".into()), false));
+        assert_eq!((key, log.as_str()), (expected.clone(), ""));
+        // Set in code wins over the environment.
+        let (key, _) =
+            logged(|| choose_shared_key("p", Some("s3cret".into()), Some("x".into()), false));
+        assert_eq!(key, expected);
+        // The embedded server: a secret of the process, the same each time.
+        let (key, log) = logged(|| choose_shared_key("p", None, None, true));
+        assert!(key.is_some() && log.is_empty(), "{log}");
+        assert_eq!(key, choose_shared_key("p", None, None, true));
+        // Elsewhere: unsigned, and one warning naming the variable.
+        let (key, log) = logged(|| choose_shared_key("p", None, Some(String::new()), false));
+        assert_eq!(key, None);
+        assert_eq!(log.lines().count(), 1, "{log}");
+        assert!(
+            log.contains("WARN") && log.contains("FLAME_SECRET is not set"),
+            "{log}"
+        );
+        let builder_debug = format!("{:?}", Secret("s3cret".into()));
+        assert!(!builder_debug.contains("s3cret"));
     }
 }

@@ -275,7 +275,10 @@ impl Drop for InFlightCall<'_> {
         debug!(runner = %self.runner.id, "caller stopped waiting; cancelling");
         let client = self.client.clone();
         let subject = self.runner.cancel_subject.clone();
-        let reply = bytes::Bytes::copy_from_slice(self.reply.as_bytes());
+        let reply = match &self.runner.key {
+            Some(key) => bytes::Bytes::from(key.cancel_body(&subject, &self.reply)),
+            None => bytes::Bytes::copy_from_slice(self.reply.as_bytes()),
+        };
         rt.spawn(async move {
             if let Err(e) = client.publish(subject, reply).await {
                 debug!("cannot send cancellation: {e}");
@@ -443,18 +446,6 @@ impl PoolInner {
                     timeout,
                 });
             }
-            let build = &self.parent.build_id;
-            // The first send writes the envelope in front of the arguments;
-            // a call placed again (rare) copies them.
-            let body = match fresh.take() {
-                Some(Payload { buf, head, .. }) => {
-                    let body =
-                        wire::request_body_in_place(buf, head, function, build, remaining, cast);
-                    args = body.slice(body.len() - args_len..);
-                    body
-                }
-                None => wire::request_body(function, build, remaining, cast, &args),
-            };
             let runner = slot.runner.clone();
             if let Some(streams) = streams {
                 // Its argument streams end when this runner goes down.
@@ -469,6 +460,24 @@ impl PoolInner {
             }
             let replies = &self.parent.replies;
             let (token, reply, answer) = replies.register(function, runner.id.clone());
+            // The signature covers the runner and the reply subject.
+            let sign = runner
+                .key
+                .as_ref()
+                .map(|key| (key, runner.subject.as_str(), reply.as_str()));
+            let build = &self.parent.build_id;
+            // The first send writes the envelope (and signature) in front
+            // of the arguments; a call placed again (rare) copies them.
+            let body = match fresh.take() {
+                Some(Payload { buf, head, .. }) => {
+                    let body = wire::request_body_in_place(
+                        buf, head, function, build, remaining, cast, sign,
+                    );
+                    args = body.slice(body.len() - args_len..);
+                    body
+                }
+                None => wire::request_body(function, build, remaining, cast, &args, sign),
+            };
             runner.outbox.call_started();
             let mut call = InFlightCall {
                 client: &self.parent.client,

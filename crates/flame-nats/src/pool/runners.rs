@@ -22,6 +22,7 @@ use crate::fleet::PoolPort;
 use crate::protocol::events::{EventKey, ReplayWindow};
 use crate::protocol::lease::{LeaseState, RunnerLease};
 use crate::protocol::pool_events::{classify_gone, gone_reason, EventKind, Reason};
+use crate::protocol::sign::CallKey;
 use crate::protocol::subjects;
 use crate::replies::Replies;
 use crate::streams::RunnerStreams;
@@ -69,9 +70,10 @@ impl RunnerEntry {
         id: &RunnerId,
         ready: Option<oneshot::Sender<()>>,
         key: Option<EventKey>,
+        call_key: Option<CallKey>,
     ) -> RunnerEntry {
         RunnerEntry {
-            link: Arc::new(RunnerLink::new(pool, id)),
+            link: Arc::new(RunnerLink::new(pool, id, call_key)),
             ready,
             stopper: None,
             handle: None,
@@ -121,6 +123,10 @@ pub(crate) struct RunnerLink {
     /// Built once: cloning a `Subject` is a reference count, not a copy.
     pub(super) subject: async_nats::Subject,
     pub(super) cancel_subject: String,
+    /// Signs the calls to it and their cancellations: a private pool's
+    /// runner has its own, a shared pool's runners share the pool's (none
+    /// without a secret).
+    pub(super) key: Option<CallKey>,
     /// Set when the runner said it is stopping (drains, then exits).
     stopping: AtomicBool,
     /// Why it went down, once it did.
@@ -132,11 +138,12 @@ pub(crate) struct RunnerLink {
 }
 
 impl RunnerLink {
-    fn new(pool: &str, id: &RunnerId) -> RunnerLink {
+    fn new(pool: &str, id: &RunnerId, key: Option<CallKey>) -> RunnerLink {
         RunnerLink {
             id: id.clone(),
             subject: subjects::runner(pool, id).into(),
             cancel_subject: subjects::runner_cancel(pool, id),
+            key,
             stopping: AtomicBool::new(false),
             down_reason: OnceLock::new(),
             outbox: Default::default(),
@@ -244,7 +251,13 @@ impl PoolInner {
             st.model.add_booting(id.clone());
             st.runners.insert(
                 id.clone(),
-                RunnerEntry::new(&self.config.name, &id, Some(ready_tx), Some(key.clone())),
+                RunnerEntry::new(
+                    &self.config.name,
+                    &id,
+                    Some(ready_tx),
+                    Some(key.clone()),
+                    Some(CallKey::of_runner(&key)),
+                ),
             );
             let runners = st.model.len();
             self.announce(st, |c| {
@@ -719,7 +732,13 @@ impl PoolPort for PoolInner {
                 st.model.add_booting(id.clone());
                 st.runners.insert(
                     id.clone(),
-                    RunnerEntry::new(&self.config.name, &id, None, None),
+                    RunnerEntry::new(
+                        &self.config.name,
+                        &id,
+                        None,
+                        None,
+                        self.booter.shared_call_key().cloned(),
+                    ),
                 );
             }
             if let Some(entry) = st.runners.get_mut(&id) {

@@ -15,6 +15,8 @@
 use crate::trace::TraceContext;
 use std::time::Duration;
 
+use super::sign::{now_ms, CallKey, SIGNED_HEAD};
+
 use async_nats::header::HeaderName;
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -68,6 +70,9 @@ pub(crate) enum ErrorKind {
     /// The function takes a type of state the runner's app did not give
     /// flame; the message names the type.
     MissingState,
+    /// The call is not signed with the runner's key, or is a replay
+    /// (`protocol/sign.rs`); nothing ran.
+    Unauthenticated,
 }
 
 impl ErrorKind {
@@ -84,6 +89,7 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout",
             ErrorKind::Draining => "draining",
             ErrorKind::MissingState => "missing-state",
+            ErrorKind::Unauthenticated => "unauthenticated",
         }
     }
 
@@ -100,6 +106,7 @@ impl ErrorKind {
             "timeout" => ErrorKind::Timeout,
             "draining" => ErrorKind::Draining,
             "missing-state" => ErrorKind::MissingState,
+            "unauthenticated" => ErrorKind::Unauthenticated,
             _ => return None,
         })
     }
@@ -109,6 +116,7 @@ impl ErrorKind {
     pub(crate) fn code(self) -> usize {
         match self {
             ErrorKind::Malformed | ErrorKind::DecodeArgs => 400,
+            ErrorKind::Unauthenticated => 401,
             ErrorKind::UnknownFunction => 404,
             ErrorKind::BuildMismatch => 409,
             ErrorKind::ResultTooLarge => 413,
@@ -122,7 +130,12 @@ impl ErrorKind {
 // A static name: no validation or allocation per call.
 const TRACEPARENT: HeaderName = HeaderName::from_static(crate::trace::HEADER_TRACEPARENT);
 
-/// The body of a call request: the envelope, then the encoded arguments.
+/// How to sign a request: the key, the runner's subject and the call's
+/// reply subject (see `protocol/sign.rs`).
+pub(crate) type Signing<'a> = Option<(&'a CallKey, &'a str, &'a str)>;
+
+/// The body of a call request: the envelope, then the encoded arguments;
+/// signed when `sign` is given.
 ///
 /// ```text
 /// F1                    envelope version 1
@@ -138,16 +151,19 @@ pub(crate) fn request_body(
     remaining: Duration,
     cast: bool,
     args: &[u8],
+    sign: Signing<'_>,
 ) -> Bytes {
-    let mut body = Vec::with_capacity(envelope_max_len(function, build) + args.len());
-    write_envelope(&mut body, function, build, remaining, cast);
-    body.extend_from_slice(args);
-    Bytes::from(body)
+    let head = envelope_max_len(function, build);
+    let mut buf = Vec::with_capacity(head + args.len());
+    buf.resize(head, 0);
+    buf.extend_from_slice(args);
+    request_body_in_place(buf, head, function, build, remaining, cast, sign)
 }
 
 /// A request body from arguments encoded after `head` bytes of room
-/// (`envelope_max_len`) in `buf`: the envelope is written into the room,
-/// right before the arguments, so they are not copied.
+/// (`envelope_max_len`) in `buf`: the envelope (and the signature, when
+/// `sign` is given) is written into the room, right before the arguments,
+/// so they are not copied.
 pub(crate) fn request_body_in_place(
     mut buf: Vec<u8>,
     head: usize,
@@ -155,11 +171,16 @@ pub(crate) fn request_body_in_place(
     build: &str,
     remaining: Duration,
     cast: bool,
+    sign: Signing<'_>,
 ) -> Bytes {
     let mut envelope = Vec::with_capacity(head);
     write_envelope(&mut envelope, function, build, remaining, cast);
-    let start = head - envelope.len();
+    let mut start = head - envelope.len();
     buf[start..head].copy_from_slice(&envelope);
+    if let Some((key, subject, reply)) = sign {
+        start -= SIGNED_HEAD;
+        key.sign(&mut buf[start..], subject, reply, now_ms());
+    }
     Bytes::from(buf).slice(start..)
 }
 
@@ -186,10 +207,11 @@ fn write_envelope(
     body.extend_from_slice(function);
 }
 
-/// Most bytes the envelope of [`request_body`] takes.
+/// Most bytes the envelope of [`request_body`] takes, with its signature.
 pub(crate) fn envelope_max_len(function: &str, build: &str) -> usize {
-    // version, flags, a u64 in LEB128 (10 bytes), two lengths.
-    2 + 10 + 1 + build.len() + 2 + function.len()
+    // version, flags, a u64 in LEB128 (10 bytes), two lengths; then the
+    // signature's room (used or not).
+    2 + 10 + 1 + build.len() + 2 + function.len() + SIGNED_HEAD
 }
 
 /// The headers of a call request: none, unless it is traced.
@@ -327,6 +349,7 @@ pub(crate) fn read_reply(
             function,
             state: message,
         },
+        Some(ErrorKind::Unauthenticated) => Error::Unauthenticated { runner, message },
         Some(_) | None => Error::Protocol { runner, message },
     };
     Reply::Failed(err)
@@ -377,6 +400,7 @@ mod tests {
             ErrorKind::Timeout,
             ErrorKind::Draining,
             ErrorKind::MissingState,
+            ErrorKind::Unauthenticated,
         ] {
             assert_eq!(ErrorKind::parse(kind.as_str()), Some(kind));
         }
@@ -432,6 +456,7 @@ mod tests {
                 Duration::from_millis(ms),
                 cast,
                 b"\x92\x01\x02",
+                None,
             );
             assert!(body.len() <= envelope_max_len("m::f", "b1") + 3);
             let env = read_envelope(&body).unwrap();
@@ -442,7 +467,7 @@ mod tests {
             assert_eq!(&body[env.args_at..], b"\x92\x01\x02");
         }
         // 1500 ms in LEB128 is dc 0b.
-        let body = request_body("f", "b", Duration::from_millis(1500), false, b"");
+        let body = request_body("f", "b", Duration::from_millis(1500), false, b"", None);
         assert_eq!(&body[..], b"\xf1\x00\xdc\x0b\x01b\x00\x01f");
         for bad in [
             &b""[..],
@@ -481,6 +506,7 @@ mod tests {
             (ErrorKind::Malformed, vec![]),
             (ErrorKind::Draining, vec![]),
             (ErrorKind::MissingState, vec![]),
+            (ErrorKind::Unauthenticated, vec![]),
         ] {
             let mut h = error_headers(kind, &extra);
             h.insert(HEADER_SERVICE_ERROR, "what happened");
@@ -508,6 +534,10 @@ mod tests {
                 (ErrorKind::MissingState, Reply::Failed(Error::MissingState { state, .. })) => {
                     state == "what happened"
                 }
+                (
+                    ErrorKind::Unauthenticated,
+                    Reply::Failed(Error::Unauthenticated { message, .. }),
+                ) => message == "what happened",
                 _ => false,
             };
             assert!(ok, "{kind:?}");

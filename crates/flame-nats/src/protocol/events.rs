@@ -71,6 +71,16 @@ impl EventKey {
             .map(|h| EventKey(*h.as_bytes()))
     }
 
+    /// A key of these bytes.
+    pub(crate) fn from_bytes(bytes: [u8; 32]) -> EventKey {
+        EventKey(bytes)
+    }
+
+    /// The key's bytes (secret: to derive other keys from).
+    pub(crate) fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// 64 hex digits.
     pub(crate) fn to_hex(&self) -> String {
         blake3::Hash::from_bytes(self.0).to_hex().to_string()

@@ -10,5 +10,6 @@ pub(crate) mod events;
 pub(crate) mod lease;
 pub(crate) mod logs;
 pub(crate) mod pool_events;
+pub(crate) mod sign;
 pub(crate) mod stream;
 pub(crate) mod subjects;

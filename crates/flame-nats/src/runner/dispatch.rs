@@ -24,6 +24,7 @@ use super::request::{CallRequest, Replier, ReplyBatch};
 use super::Runner;
 use crate::protocol::batch::{read_batch, BATCH_V1};
 use crate::protocol::call::{self as wire, ErrorKind};
+use crate::protocol::sign::{now_ms, Refused, Signed, SIGNED_HEAD, SIGNED_V1};
 use crate::trace::{self, TraceContext};
 
 /// A first poll longer than this marks a function as doing CPU work before
@@ -396,10 +397,48 @@ impl Runner {
         }
     }
 
+    /// Checks a call's signature (see `protocol/sign.rs`); returns where
+    /// its plain body (the envelope) starts.
+    fn authenticate(&self, request: &CallRequest) -> Result<usize, Refusal> {
+        let body = &request.body;
+        let signed = body.first() == Some(&SIGNED_V1);
+        let Some(key) = &self.call_key else {
+            // No key to check with (a shared pool without a secret): a
+            // signature is skipped.
+            return Ok(if signed && body.len() >= SIGNED_HEAD {
+                SIGNED_HEAD
+            } else {
+                0
+            });
+        };
+        let refused = |why: Refused| {
+            self.counters
+                .unauthenticated
+                .fetch_add(1, Ordering::Relaxed);
+            (ErrorKind::Unauthenticated, why.to_string(), Vec::new())
+        };
+        if !signed {
+            return Err(refused(Refused::Unsigned));
+        }
+        let call = Signed::read(body).map_err(refused)?;
+        let reply = request.reply.as_deref().unwrap_or("");
+        call.verify(key, &self.call_subject, reply)
+            .map_err(refused)?;
+        // (Only a verified tag is remembered: nobody else can fill the
+        // guard.)
+        self.replays
+            .lock()
+            .unwrap()
+            .admit(&call, now_ms())
+            .map_err(refused)?;
+        Ok(SIGNED_HEAD)
+    }
+
     fn check(&self, request: &CallRequest) -> Result<Checked, Refusal> {
         let malformed = |m: &str| (ErrorKind::Malformed, m.to_string(), Vec::new());
+        let start = self.authenticate(request)?;
         let body = &request.body;
-        let envelope = wire::read_envelope(body).map_err(malformed)?;
+        let envelope = wire::read_envelope(&body[start..]).map_err(malformed)?;
         if envelope.build != self.build {
             return Err((
                 ErrorKind::BuildMismatch,
@@ -428,7 +467,7 @@ impl Runner {
             timeout: envelope.timeout,
             cast: envelope.cast,
             trace,
-            args: body.slice(envelope.args_at..),
+            args: body.slice(start + envelope.args_at..),
         })
     }
 

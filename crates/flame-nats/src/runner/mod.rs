@@ -47,6 +47,7 @@ use crate::protocol::bootstrap::ParentInfo;
 use crate::protocol::call::ErrorKind;
 use crate::protocol::events::{EventKey, ParentEvent};
 use crate::protocol::lease::LeaseState;
+use crate::protocol::sign::{read_cancel, read_retire, CallKey, ReplayGuard, SECRET_ENV};
 use crate::protocol::subjects;
 use crate::streams::StreamHub;
 use dispatch::Cancellable;
@@ -109,6 +110,9 @@ struct Counters {
     /// error: the micro service's own counts miss batched calls.
     calls: AtomicU64,
     errors: AtomicU64,
+    /// Calls and cancellations refused as not signed with the pool's key
+    /// (or replayed).
+    unauthenticated: AtomicU64,
 }
 
 struct Runner {
@@ -135,6 +139,17 @@ struct Runner {
     transport: Arc<dyn StreamTransport>,
     /// Signs events to the parent (private pools).
     event_key: Option<EventKey>,
+    /// Checks the signatures of calls and cancellations: derived from the
+    /// event key (a shared pool's runners get theirs from the pool's
+    /// secret). Without one (a shared pool without a secret) calls are
+    /// taken unsigned.
+    call_key: Option<CallKey>,
+    /// The signed calls accepted lately, to refuse replays.
+    replays: std::sync::Mutex<ReplayGuard>,
+    /// This runner's call and cancel subjects, which signatures cover.
+    call_subject: String,
+    cancel_subject: String,
+    control_subject: String,
     /// Numbers the events sent to the parent.
     event_seq: AtomicU64,
     /// Milliseconds since `started` when a parent last answered a ping.
@@ -226,6 +241,7 @@ async fn run(
                     "casts_failed": stats_counters.casts_failed.load(Ordering::Relaxed),
                     "calls": stats_counters.calls.load(Ordering::Relaxed),
                     "errors": stats_counters.errors.load(Ordering::Relaxed),
+                    "unauthenticated": stats_counters.unauthenticated.load(Ordering::Relaxed),
                 })
             })
             .start(format!("flame-{}", info.pool), env!("CARGO_PKG_VERSION"))
@@ -269,7 +285,18 @@ async fn run(
         permissions.guard(&Mark::default(), setup).await?;
     flame_core::stream::set_default_transport(streams.clone());
 
+    let call_key = event_key.as_ref().map(CallKey::of_runner);
+    if call_key.is_none() {
+        warn!(
+            "calls to this runner are not signed: the parent of shared pool `{}` has no {SECRET_ENV}, \
+             so any client of the NATS account that may publish to its subject can run its functions",
+            info.pool
+        );
+    }
     let runner = Arc::new(Runner {
+        call_subject: subjects::runner(&info.pool, &info.runner_id),
+        cancel_subject: subjects::runner_cancel(&info.pool, &info.runner_id),
+        control_subject: subjects::runner_control(&info.pool, &info.runner_id),
         info,
         client,
         registry,
@@ -285,6 +312,8 @@ async fn run(
         streams,
         states,
         event_key,
+        call_key,
+        replays: Default::default(),
         event_seq: AtomicU64::new(0),
         last_active_ms: AtomicU64::new(0),
         draining: AtomicBool::new(false),
@@ -327,14 +356,21 @@ async fn run(
                 break;
             }
             Some(msg) = cancels.next() => {
-                if cancellable.cancel(&msg.payload) {
+                if runner.cancel(&mut cancellable, &msg.payload) {
                     debug!(runner = %runner.info.runner_id, "call cancelled by its caller");
                 }
             }
             Some(msg) = control.next() => {
-                if &msg.payload[..] == subjects::CONTROL_RETIRE.as_bytes() {
-                    stop_reason = Some(Stop::Drain("retired by the scaler".into()));
-                    break;
+                match read_retire(runner.call_key.as_ref(), &runner.control_subject, &msg.payload) {
+                    Ok(true) => {
+                        stop_reason = Some(Stop::Drain("retired by the scaler".into()));
+                        break;
+                    }
+                    Ok(false) => {}
+                    Err(why) => {
+                        runner.counters.unauthenticated.fetch_add(1, Ordering::Relaxed);
+                        warn!(runner = %runner.info.runner_id, "refused a retire: {why}");
+                    }
                 }
             }
             request = endpoint.next() => match request {
@@ -417,6 +453,21 @@ async fn run(
 }
 
 impl Runner {
+    /// Cancels the call a cancellation names, if it is signed with this
+    /// runner's key (or the runner has none); true if a call was running.
+    fn cancel(&self, cancellable: &mut Cancellable, body: &[u8]) -> bool {
+        match read_cancel(self.call_key.as_ref(), &self.cancel_subject, body) {
+            Ok(reply) => cancellable.cancel(reply.as_bytes()),
+            Err(why) => {
+                self.counters
+                    .unauthenticated
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(runner = %self.info.runner_id, "refused a cancellation: {why}");
+                false
+            }
+        }
+    }
+
     /// Waits for in-flight work, up to the shutdown timeout, still taking
     /// cancellations from callers that stop waiting.
     async fn drain(&self, cancels: &mut async_nats::Subscriber, cancellable: &mut Cancellable) {
@@ -431,7 +482,7 @@ impl Runner {
             tokio::select! {
                 _ = done => {}
                 Some(msg) = cancels.next() => {
-                    cancellable.cancel(&msg.payload);
+                    self.cancel(cancellable, &msg.payload);
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     warn!(
