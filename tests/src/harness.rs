@@ -291,10 +291,16 @@ pub fn free_port() -> u16 {
 /// reports through `$SRV.STATS`; the first runner to answer. `None` while no
 /// runner answers.
 pub async fn runner_stats(env: &TestEnv, pool: &str) -> Option<serde_json::Value> {
+    // A short limit: a runner checks its permissions on a first connection
+    // that it then drops, and a request that reached that one is never
+    // answered (nor refused as having no responders).
+    let request = async_nats::Request::new()
+        .payload("".into())
+        .timeout(Some(Duration::from_millis(500)));
     let reply = env
         .client()
         .await
-        .request(format!("$SRV.STATS.flame-{pool}"), "".into())
+        .send_request(format!("$SRV.STATS.flame-{pool}"), request)
         .await
         .ok()?;
     let stats: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;

@@ -133,18 +133,7 @@ pub fn backend_for(kind: Kind, fly_url: Option<&str>, runners: Runners) -> Optio
                 Runners::MemoryLimited(mb) => mb.div_ceil(256) as u32 * 256,
                 _ => 512,
             };
-            let fly = FlyBackend::builder()
-                .api_url(url)
-                .token(token)
-                .app("flame-test")
-                .image(image)
-                .region("local")
-                .cpu_kind("shared")
-                .cpus(1)
-                .memory_mb(memory_mb)
-                .env(flame::BUILD_ID_ENV, TEST_BUILD)
-                .build()
-                .expect("a valid Fly backend");
+            let fly = fly_backend(url, token, image, memory_mb);
             Some(PlatformBackend::Fly(fly))
         }
     }
@@ -184,4 +173,21 @@ impl Backend for PlatformBackend {
     fn terminate(&self, handle: &str, runner_id: &str) -> BoxFuture<'static, Result<(), BoxError>> {
         self.inner().terminate(handle, runner_id)
     }
+}
+
+/// A Fly backend on the stand-in at `url` for the test app `flame-test`:
+/// shared CPU, one of it, `memory_mb`, the test build id.
+pub fn fly_backend(url: &str, token: &str, image: &str, memory_mb: u32) -> FlyBackend {
+    FlyBackend::builder()
+        .api_url(url)
+        .token(token)
+        .app("flame-test")
+        .image(image)
+        .region("local")
+        .cpu_kind("shared")
+        .cpus(1)
+        .memory_mb(memory_mb)
+        .env(flame::BUILD_ID_ENV, TEST_BUILD)
+        .build()
+        .expect("a valid Fly backend")
 }

@@ -121,6 +121,7 @@ async fn retire_drains_for_exactly_shutdown_timeout(kind: Kind) {
     let asked = Instant::now();
     pool.shutdown().await;
     let took = asked.elapsed();
+    println!("{kind:?}: the stop of a runner with shutdown_timeout {drain:?} took {took:?}");
     nothing_left(&platform, "conf-drain", Duration::from_secs(10)).await;
     assert!(
         std::path::Path::new(&short).exists(),
@@ -160,6 +161,7 @@ async fn killed_runner_fails_its_callers_at_once(kind: Kind) {
     kill9(pids[0]);
     let err = error_within(call, Duration::from_secs(5)).await;
     let after = killed.elapsed();
+    println!("{kind:?}: a caller on a killed runner learnt after {after:?}");
     assert!(
         after < Duration::from_secs(1),
         "the caller learnt after {after:?}"
@@ -226,6 +228,7 @@ async fn fails_callers_at_once(kind: Kind, runners: Runners, pool_name: &str, wo
     let asked = Instant::now();
     let err = flame::call!(pool, add(1, 2)).await.unwrap_err();
     let took = asked.elapsed();
+    println!("{kind:?} {runners:?}: the waiting caller learnt after {took:?}");
     assert!(
         took < Duration::from_secs(5),
         "the caller learnt after {took:?} (its deadline is 30 s)"
@@ -344,6 +347,7 @@ async fn transient_boot_failures_back_off(kind: Kind) {
     let at = starts.lock().unwrap().clone();
     assert_eq!(at.len(), 3, "{:?}", hooks.events());
     let (first, second) = (at[1] - at[0], at[2] - at[1]);
+    println!("{kind:?}: boots retried after {first:?}, then {second:?}");
     assert!(
         first >= Duration::from_secs(1) && second >= Duration::from_secs(2),
         "pauses {first:?}, {second:?}: expected about 1 s, then 2 s"
@@ -402,6 +406,7 @@ async fn boot_cancelled_by_boot_timeout_leaves_nothing(kind: Kind) {
         .await
         .unwrap_err();
     let took = asked.elapsed();
+    println!("{kind:?}: start() with a stuck runner gave up after {took:?}");
     assert!(
         took < Duration::from_secs(8),
         "start() gave up after {took:?} (boot timeout 2 s)"

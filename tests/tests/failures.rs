@@ -113,7 +113,7 @@ async fn unlinked_call_runs_on_after_its_caller_is_gone() {
         let marker = marker.clone();
         async move {
             pool.call_with::<sleep_then_mark>(
-                (300, marker),
+                (2_000, marker),
                 CallOptions::new().timeout(LONG).link(false),
             )
             .await

@@ -24,18 +24,7 @@ fn backend_with_token(fly: &FakeFly, token: &str) -> FlyBackend {
 }
 
 fn backend_with(fly: &FakeFly, token: &str, image: &str) -> FlyBackend {
-    FlyBackend::builder()
-        .api_url(&fly.url)
-        .token(token)
-        .app("flame-test")
-        .image(image)
-        .region("local")
-        .cpu_kind("shared")
-        .cpus(1)
-        .memory_mb(512)
-        .env(flame::BUILD_ID_ENV, TEST_BUILD)
-        .build()
-        .unwrap()
+    flame_tests::platform::fly_backend(&fly.url, token, image, 512)
 }
 
 #[test]
