@@ -33,13 +33,27 @@ const RUNNER_ID_ENV: &str = "FLAME_RUNNER_ID";
 /// parent: when a runner exits, its last [`super::RUNNER_FAILURE_PREFIX`]
 /// line (why it could not start) becomes part of the exit reason, and so of
 /// the pool's `Error::BootFailed`.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct LocalBackend {
     program: Option<PathBuf>,
     args: Option<Vec<OsString>>,
     clear_env: bool,
     extra_env: Vec<(String, String)>,
     memory_limit_mb: Option<u64>,
+}
+
+impl std::fmt::Debug for LocalBackend {
+    /// The extra variables' names only: their values may be secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let env: Vec<&str> = self.extra_env.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("LocalBackend")
+            .field("program", &self.program)
+            .field("args", &self.args)
+            .field("clear_env", &self.clear_env)
+            .field("env", &env)
+            .field("memory_limit_mb", &self.memory_limit_mb)
+            .finish()
+    }
 }
 
 impl LocalBackend {
@@ -438,4 +452,19 @@ fn oom_kills(pid: u32) -> Option<u64> {
             .find_map(|l| l.strip_prefix("oom_kill "))
             .and_then(|n| n.trim().parse().ok())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_variable_names_not_values() {
+        let backend = LocalBackend::new().env("NATS_PASSWORD", "s3cret");
+        let shown = format!("{backend:?}");
+        assert!(
+            shown.contains("NATS_PASSWORD") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+    }
 }
