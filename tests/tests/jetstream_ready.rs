@@ -153,6 +153,7 @@ impl Secured {
             .env("FLAME_PARENT_PASSWORD", &parent_password)
             .env("FLAME_RUNNER_PASSWORD", &runner_password)
             .env("OUTSIDER_PASSWORD", password())
+            .env("FLAME_OPERATOR_PASSWORD", password())
             .start()
             .expect("nats-server starts from the config");
         Secured {
@@ -168,12 +169,6 @@ impl Secured {
     /// server reload its configuration (SIGHUP); returns once the server
     /// refuses that subject to a parent.
     async fn take_away(&self, line: &str, probe: &str) {
-        std::fs::write(&self.config, parent_config_without(Some(line))).unwrap();
-        let pid = self.server.pid().expect("the server runs");
-        // SAFETY: kill(2) has no memory-safety preconditions.
-        unsafe {
-            libc::kill(pid as libc::pid_t, libc::SIGHUP);
-        }
         let refused = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let seen = refused.clone();
         let client = async_nats::ConnectOptions::with_user_and_password(
@@ -191,6 +186,14 @@ impl Secured {
         .connect(self.server.url())
         .await
         .unwrap();
+        // (Connected before the reload: a connection made while the server
+        // reloads its accounts can be refused.)
+        std::fs::write(&self.config, parent_config_without(Some(line))).unwrap();
+        let pid = self.server.pid().expect("the server runs");
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGHUP);
+        }
         wait_for("the server to reload", LONG, || async {
             let _ = client.publish(probe.to_string(), "".into()).await;
             let _ = client.flush().await;
