@@ -105,6 +105,9 @@ async fn retire_drains_for_exactly_shutdown_timeout(kind: Kind) {
         .start()
         .await
         .unwrap();
+    // A runner up and answering first: the calls' run is timed from their
+    // start, so the stop must follow it closely.
+    assert_eq!(flame::call!(pool, add(1, 1)).await.unwrap(), 2);
     let dir = tempfile::tempdir().unwrap();
     let (short, long) = (path_in(&dir, "short"), path_in(&dir, "long"));
     let unlinked = CallOptions::new().link(false);
