@@ -9,6 +9,7 @@ pub mod fake_fly;
 pub mod funcs;
 pub mod harness;
 pub mod jwt;
+pub mod nats_config;
 pub mod nats_proxy;
 pub mod platform;
 pub mod spans;

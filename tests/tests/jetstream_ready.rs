@@ -21,6 +21,7 @@ use flame_tests::funcs::{add, nap};
 use flame_tests::harness::{
     builder, error_within, init_tracing, runner_backend, shared_pool, wait_for, NatsCluster,
 };
+use flame_tests::nats_config::without_line;
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -115,11 +116,8 @@ async fn a_shared_pool_on_a_server_without_jetstream_fails_at_once() {
     flame.close().await;
 }
 
-/// The shipped least-privilege configuration, as in least_privilege.rs.
-const CONFIG: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../deploy/nats/least-privilege.conf"
-);
+/// The configuration under test, as shipped.
+const CONFIG: &str = flame_tests::nats_config::LEAST_PRIVILEGE_CONFIG;
 
 /// The pool that configuration is written for.
 const POOL: &str = "thumbs";
@@ -226,30 +224,10 @@ impl Secured {
 /// The shipped configuration without `line` in PARENT_PERMISSIONS.publish.
 fn parent_config_without(line: Option<&str>) -> String {
     let config = std::fs::read_to_string(CONFIG).unwrap();
-    let Some(line) = line else {
-        return config;
-    };
-    let wanted = format!("\"{line}\"");
-    let (mut in_section, mut in_list, mut removed) = (false, false, false);
-    let mut out = Vec::new();
-    for l in config.lines() {
-        let t = l.trim();
-        if t.starts_with("PARENT_PERMISSIONS:") {
-            in_section = true;
-        } else if in_section && t.starts_with("publish:") {
-            in_list = true;
-        } else if in_list && t == "}" {
-            in_list = false;
-            in_section = false;
-        }
-        if in_list && !removed && t == wanted {
-            removed = true;
-            continue;
-        }
-        out.push(l);
+    match line {
+        Some(line) => without_line(&config, "PARENT_PERMISSIONS", "publish", line),
+        None => config,
     }
-    assert!(removed, "{line} not in the parent's publish permissions");
-    out.join("\n")
 }
 
 /// Starts a shared pool `TRIES` times, each with a new parent, without

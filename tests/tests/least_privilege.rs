@@ -24,10 +24,7 @@ use flame_tests::harness::{builder, init_tracing, runner_backend, wait_for, Hook
 use futures::StreamExt;
 
 /// The configuration under test, as shipped.
-const CONFIG: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../deploy/nats/least-privilege.conf"
-);
+const CONFIG: &str = flame_tests::nats_config::LEAST_PRIVILEGE_CONFIG;
 
 /// The protocol, whose section 9.1 is the one list of permissions.
 const PROTOCOL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../PROTOCOL.md");
@@ -172,27 +169,7 @@ fn take_out(config: &str, block: Block, line: &str) -> String {
         Block::OperatorPublish => ("OPERATOR_PERMISSIONS", "publish"),
         Block::OperatorSubscribe => ("OPERATOR_PERMISSIONS", "subscribe"),
     };
-    let wanted = format!("\"{line}\"");
-    let mut out = Vec::new();
-    let (mut in_section, mut in_list, mut removed) = (false, false, false);
-    for l in config.lines() {
-        let t = l.trim();
-        if t.starts_with(&format!("{section}:")) {
-            in_section = true;
-        } else if in_section && t.starts_with(&format!("{list}:")) {
-            in_list = true;
-        } else if in_list && t == "}" {
-            in_list = false;
-            in_section = false;
-        }
-        if in_list && !removed && t == wanted {
-            removed = true;
-            continue;
-        }
-        out.push(l);
-    }
-    assert!(removed, "{line} not found in {section}.{list}");
-    out.join("\n")
+    flame_tests::nats_config::without_line(config, section, list, line)
 }
 
 /// Server errors a plain client was sent.
