@@ -116,16 +116,17 @@ pub(super) async fn heartbeat(runner: Arc<Runner>) {
     }
 }
 
-/// Watches signals, idleness and the parent; returns why the runner should
-/// stop.
-pub(super) async fn watch(runner: Arc<Runner>) -> Stop {
+/// Watches signals (`sigterm`, installed before the runner served), idleness
+/// and the parent; returns why the runner should stop.
+pub(super) async fn watch(
+    runner: Arc<Runner>,
+    mut sigterm: Option<tokio::signal::unix::Signal>,
+) -> Stop {
     let info = &runner.info;
     let heartbeat = Duration::from_millis(info.heartbeat_ms);
     let grace = Duration::from_millis(info.parent_grace_ms);
     let idle_after = info.idle_shutdown_after();
     let idle_check = (idle_after / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-    let mut sigterm =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let mut check = tokio::time::interval(heartbeat);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut idle = tokio::time::interval(idle_check);

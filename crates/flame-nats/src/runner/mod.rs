@@ -182,6 +182,10 @@ async fn run(
     url_credentials: Option<UrlCredentials>,
 ) -> Result<String, Error> {
     let registry = Registry::global()?;
+    // Taken over from the default action before any call can arrive: a
+    // SIGTERM that comes right after the first call began drains it, rather
+    // than killing the runner before its watch task first ran.
+    let sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let failsafe = Duration::from_millis(info.failsafe_timeout_ms);
     let failsafe_deadline = Instant::now() + failsafe;
     // Hash the executable while we connect.
@@ -344,7 +348,7 @@ async fn run(
         lifecycle::confirm_resubscriptions(runner.clone(), connection.connected.clone())
             .in_current_span(),
     );
-    let mut watch = tokio::spawn(lifecycle::watch(runner.clone()).in_current_span());
+    let mut watch = tokio::spawn(lifecycle::watch(runner.clone(), sigterm).in_current_span());
 
     let mut cancellable = Cancellable::default();
     let stop_reason;
