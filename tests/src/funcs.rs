@@ -447,6 +447,20 @@ pub mod streams {
         steps
     }
 
+    /// Writes a byte stream into a new file `name` in `dir` with
+    /// `tokio::io::copy`, and returns its size: no glue, the way local
+    /// code is written (`into_reader`, and `?` on io errors).
+    #[flame::remote]
+    pub async fn save_to(
+        data: Stream<Bytes>,
+        dir: String,
+        name: String,
+    ) -> Result<u64, flame::RemoteError> {
+        let mut file = tokio::fs::File::create(std::path::Path::new(&dir).join(name)).await?;
+        let size = tokio::io::copy(&mut data.into_reader(), &mut file).await?;
+        Ok(size)
+    }
+
     /// Reads a byte stream to its end: its length and the sum of its bytes,
     /// or the error that ended it.
     #[flame::remote]

@@ -31,6 +31,12 @@ pub fn example(name: &str) -> PathBuf {
     binary_beside_tests(name, "flame-examples")
 }
 
+/// Path of a cargo example of `flame-examples` (`file_flame`, ...), built
+/// beside the tests (`cargo build -p flame-examples --examples`).
+pub fn example_program(name: &str) -> PathBuf {
+    binary_beside_tests(&format!("examples/{name}"), "flame-examples --examples")
+}
+
 /// A binary of `package` in the test's own target directory; panics, saying
 /// how to build it, when it is missing.
 fn binary_beside_tests(name: &str, package: &str) -> PathBuf {

@@ -58,6 +58,43 @@ async fn a_parent_streams_bytes_to_a_runner() {
     assert_eq!(got, (3_000_000, file_sum));
 }
 
+/// A remote function reads a stream as an `AsyncRead` and returns io
+/// errors with `?`: they reach the caller with their message and kind.
+#[tokio::test]
+async fn a_stream_is_read_as_an_async_read_and_io_errors_come_back_typed() {
+    let env = TestEnv::start().await;
+    let pool = pool(&env, "save-to").await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = chunks(24, 100_000);
+    let total = sum(&data);
+    let stream = Stream::new(futures::stream::iter(data));
+    let dir_name = dir.path().to_string_lossy().into_owned();
+    let size = flame::call!(pool, save_to(stream, dir_name, "out.bin".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(size, 2_400_000);
+    let written = std::fs::read(dir.path().join("out.bin")).unwrap();
+    let written_sum = written.iter().fold(0u64, |s, b| s.wrapping_add(*b as u64));
+    assert_eq!((written.len(), written_sum), (2_400_000, total));
+
+    // A directory that is not there: the runner's io::Error, typed.
+    let stream = Stream::new(futures::stream::iter(chunks(1, 10)));
+    let missing = dir.path().join("missing").to_string_lossy().into_owned();
+    let error = flame::call!(pool, save_to(stream, missing, "out.bin".into()))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        error.io_kind(),
+        Some(std::io::ErrorKind::NotFound),
+        "{error:?}"
+    );
+    assert!(error.message().contains("No such file"), "{error:?}");
+    let boxed: Box<dyn std::error::Error + Send + Sync> = error.into();
+    assert!(boxed.to_string().contains("No such file"));
+}
+
 #[tokio::test]
 async fn a_runner_streams_results_back_as_they_are_made() {
     let env = TestEnv::start().await;

@@ -18,6 +18,7 @@ pub mod backoff;
 pub mod codec;
 mod error;
 pub mod registry;
+mod remote_error;
 pub mod state;
 pub mod stream;
 
@@ -26,8 +27,9 @@ pub use backend::{
 };
 pub use error::{BoxError, Error, Result, Source};
 pub use registry::{Registration, Registry, RemoteFn};
+pub use remote_error::RemoteError;
 pub use state::{State, States};
-pub use stream::{channel, Sender, Stream};
+pub use stream::{channel, Reader, Sender, Stream};
 
 #[doc(hidden)]
 pub use inventory;

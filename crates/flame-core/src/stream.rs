@@ -236,6 +236,59 @@ impl Stream<Bytes> {
         let chunks = tokio_util::io::ReaderStream::with_capacity(reader, CHUNK_SIZE);
         Stream::try_new(chunks)
     }
+
+    /// The stream as an `AsyncRead`, so that `tokio::io::copy` (or any
+    /// reader of bytes) can take it whole:
+    ///
+    /// ```no_run
+    /// # async fn demo(video: flame_core::Stream<bytes::Bytes>) -> std::io::Result<()> {
+    /// let mut file = tokio::fs::File::create("/tmp/video.mp4").await?;
+    /// tokio::io::copy(&mut video.into_reader(), &mut file).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// An error that ends the stream (the sender failed or went away, its
+    /// runner is down) is read as an `std::io::Error` of kind `Other`
+    /// whose inner error is the [`Error`] (`io::Error::get_ref` and
+    /// `downcast` reach it).
+    pub fn into_reader(self) -> Reader {
+        let chunks: ByteChunks = Box::pin(self.map(|item| item.map_err(std::io::Error::other)));
+        Reader(tokio_util::io::StreamReader::new(chunks))
+    }
+}
+
+/// The chunks of a [`Stream<Bytes>`] as `Reader` reads them.
+type ByteChunks =
+    Pin<Box<dyn futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static>>;
+
+/// A [`Stream<Bytes>`] read as an `AsyncRead` (and `AsyncBufRead`): made
+/// by [`Stream::into_reader`].
+pub struct Reader(tokio_util::io::StreamReader<ByteChunks, Bytes>);
+
+impl fmt::Debug for Reader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Reader")
+    }
+}
+
+impl tokio::io::AsyncRead for Reader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncBufRead for Reader {
+    fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<&[u8]>> {
+        Pin::new(&mut self.get_mut().0).poll_fill_buf(cx)
+    }
+
+    fn consume(mut self: Pin<&mut Self>, amt: usize) {
+        Pin::new(&mut self.0).consume(amt)
+    }
 }
 
 impl<T> fmt::Debug for Stream<T> {
@@ -516,6 +569,30 @@ mod tests {
             let got: Vec<_> = rx.collect().await;
             assert!(matches!(&got[..], [Err(Error::Stream(m))] if m == "no more"));
         });
+    }
+
+    #[test]
+    fn a_byte_stream_reads_as_an_async_read_with_its_error_last() {
+        use tokio::io::AsyncReadExt;
+        let chunks = vec![
+            Ok(Bytes::from_static(b"hello ")),
+            Ok(Bytes::from_static(b"world")),
+            Err("cut off"),
+        ];
+        let mut reader = Stream::try_new(futures::stream::iter(chunks)).into_reader();
+        let (text, error) = futures::executor::block_on(async {
+            let mut text = vec![0u8; 11];
+            reader.read_exact(&mut text).await.unwrap();
+            let error = reader.read_u8().await.unwrap_err();
+            (text, error)
+        });
+        assert_eq!(text, b"hello world");
+        assert_eq!(error.kind(), std::io::ErrorKind::Other);
+        let inner = error.get_ref().and_then(|e| e.downcast_ref::<Error>());
+        assert!(
+            matches!(inner, Some(Error::Stream(m)) if m == "cut off"),
+            "{error:?}"
+        );
     }
 
     #[test]

@@ -66,8 +66,8 @@
 #![warn(missing_docs)]
 
 pub use flame_core::{
-    backend, channel, Backend, BootSpec, Booted, BoxError, Error, LocalBackend, RemoteFn, Result,
-    Sender, Source, State, StopRunner, Stream,
+    backend, channel, Backend, BootSpec, Booted, BoxError, Error, LocalBackend, Reader,
+    RemoteError, RemoteFn, Result, Sender, Source, State, StopRunner, Stream,
 };
 pub use flame_macros::remote;
 
