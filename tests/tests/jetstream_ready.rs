@@ -100,7 +100,7 @@ async fn a_jetstream_without_a_meta_leader_fails_start_after_the_boot_timeout() 
     let text = err.to_string();
     assert!(text.contains("JetStream is not ready"), "{text}");
     assert!(text.contains("KV bucket flame-alone"), "{text}");
-    assert_eq!(err.kind(), "jetstream_not_ready");
+    assert_eq!(err.kind(), flame::ErrorKind::JetStreamNotReady);
     flame.close().await;
 }
 

@@ -34,7 +34,7 @@ async fn map_keeps_the_order_of_the_items_and_fails_items_alone() {
             }
             Err(e) => {
                 assert_eq!(x % 7, 3, "{e}");
-                assert_eq!(e.kind(), "panicked");
+                assert_eq!(e.kind(), flame::ErrorKind::Panicked);
             }
         }
     }

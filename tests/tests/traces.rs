@@ -45,7 +45,7 @@ async fn a_runners_span_is_a_child_of_the_callers_span() {
     let err = flame::call!(pool, explode("boom".to_string()))
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), "panicked");
+    assert_eq!(err.kind(), flame::ErrorKind::Panicked);
 
     let calls = wait_for("the parent's three call spans", LONG, || async {
         let calls = calls_of(&log, "traced");

@@ -51,6 +51,14 @@ impl std::error::Error for Source {
 /// whatever type it likes (often a `Result<T, MyError>`), and that value comes
 /// back to the caller intact inside `Ok(..)`. This enum is for everything that
 /// stops the value from coming back.
+///
+/// Two families share it, told apart by [`Error::kind`] and
+/// [`ErrorKind::is_setup`]: errors of setting flame up (`Config`,
+/// `MissingState`, `DuplicateFunction`, `EmbeddedServer`,
+/// `JetStreamDisabled`, `RunnerStart`), which `init`, `connect` or a
+/// pool's `start` return and which only a change to the app or its
+/// environment cures; and errors of a call, cast, stream or child and of
+/// the connection they use (the rest), which a caller may retry or report.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -318,34 +326,35 @@ impl Error {
         }
     }
 
-    /// The variant's name in snake case (`timeout`, `runner_down`, ...):
-    /// short, stable, for span fields, metrics and logs.
-    pub fn kind(&self) -> &'static str {
+    /// What kind of error this is, as a `Copy` value to match on, or to
+    /// name in metrics and logs ([`ErrorKind::as_str`]: `timeout`,
+    /// `runner_down`, ...).
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Panicked { .. } => "panicked",
-            Error::Timeout { .. } => "timeout",
-            Error::RunnerDown { .. } => "runner_down",
-            Error::UnknownFunction { .. } => "unknown_function",
-            Error::BuildMismatch { .. } => "build_mismatch",
-            Error::PayloadTooLarge { .. } => "payload_too_large",
-            Error::Encode { .. } => "encode",
-            Error::Decode { .. } => "decode",
-            Error::NatsUnreachable { .. } => "nats_unreachable",
-            Error::Nats { .. } => "nats",
-            Error::JetStreamDisabled { .. } => "jetstream_disabled",
-            Error::JetStreamNotReady { .. } => "jetstream_not_ready",
-            Error::EmbeddedServer { .. } => "embedded_server",
-            Error::BootFailed { .. } => "boot_failed",
-            Error::BootTimeout { .. } => "boot_timeout",
-            Error::Config(_) => "config",
-            Error::RunnerStart(_) => "runner_start",
-            Error::MissingState { .. } => "missing_state",
-            Error::DuplicateFunction { .. } => "duplicate_function",
-            Error::Protocol { .. } => "protocol",
-            Error::Unauthenticated { .. } => "unauthenticated",
-            Error::Stream(_) => "stream",
-            Error::PoolClosed(_) => "pool_closed",
-            Error::PermissionDenied { .. } => "permission_denied",
+            Error::Panicked { .. } => ErrorKind::Panicked,
+            Error::Timeout { .. } => ErrorKind::Timeout,
+            Error::RunnerDown { .. } => ErrorKind::RunnerDown,
+            Error::UnknownFunction { .. } => ErrorKind::UnknownFunction,
+            Error::BuildMismatch { .. } => ErrorKind::BuildMismatch,
+            Error::PayloadTooLarge { .. } => ErrorKind::PayloadTooLarge,
+            Error::Encode { .. } => ErrorKind::Encode,
+            Error::Decode { .. } => ErrorKind::Decode,
+            Error::NatsUnreachable { .. } => ErrorKind::NatsUnreachable,
+            Error::Nats { .. } => ErrorKind::Nats,
+            Error::JetStreamDisabled { .. } => ErrorKind::JetStreamDisabled,
+            Error::JetStreamNotReady { .. } => ErrorKind::JetStreamNotReady,
+            Error::EmbeddedServer { .. } => ErrorKind::EmbeddedServer,
+            Error::BootFailed { .. } => ErrorKind::BootFailed,
+            Error::BootTimeout { .. } => ErrorKind::BootTimeout,
+            Error::Config(_) => ErrorKind::Config,
+            Error::RunnerStart(_) => ErrorKind::RunnerStart,
+            Error::MissingState { .. } => ErrorKind::MissingState,
+            Error::DuplicateFunction { .. } => ErrorKind::DuplicateFunction,
+            Error::Protocol { .. } => ErrorKind::Protocol,
+            Error::Unauthenticated { .. } => ErrorKind::Unauthenticated,
+            Error::Stream(_) => ErrorKind::Stream,
+            Error::PoolClosed(_) => ErrorKind::PoolClosed,
+            Error::PermissionDenied { .. } => ErrorKind::PermissionDenied,
         }
     }
 
@@ -357,6 +366,121 @@ impl Error {
             reason: source.to_string(),
             source: Some(source),
         }
+    }
+}
+
+/// The kind of an [`Error`], one per variant: `Copy`, to match on
+/// without the variant's fields, and named in snake case by
+/// [`ErrorKind::as_str`] (stable: for span fields, metrics and logs).
+///
+/// Set-up errors, which come from `init`, `connect` or a pool's `start`
+/// and mean the app or its environment must change: `Config`,
+/// `MissingState`, `DuplicateFunction`, `EmbeddedServer`,
+/// `JetStreamDisabled`, `RunnerStart`. The others are errors of a call
+/// (or cast, stream or child) and of the connection it uses; among them
+/// `is_setup()` is false.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// [`Error::Panicked`]: `panicked`.
+    Panicked,
+    /// [`Error::Timeout`]: `timeout`.
+    Timeout,
+    /// [`Error::RunnerDown`]: `runner_down`.
+    RunnerDown,
+    /// [`Error::UnknownFunction`]: `unknown_function`.
+    UnknownFunction,
+    /// [`Error::BuildMismatch`]: `build_mismatch`.
+    BuildMismatch,
+    /// [`Error::PayloadTooLarge`]: `payload_too_large`.
+    PayloadTooLarge,
+    /// [`Error::Encode`]: `encode`.
+    Encode,
+    /// [`Error::Decode`]: `decode`.
+    Decode,
+    /// [`Error::NatsUnreachable`]: `nats_unreachable`.
+    NatsUnreachable,
+    /// [`Error::Nats`]: `nats`.
+    Nats,
+    /// [`Error::JetStreamDisabled`]: `jetstream_disabled`.
+    JetStreamDisabled,
+    /// [`Error::JetStreamNotReady`]: `jetstream_not_ready`.
+    JetStreamNotReady,
+    /// [`Error::EmbeddedServer`]: `embedded_server`.
+    EmbeddedServer,
+    /// [`Error::BootFailed`]: `boot_failed`.
+    BootFailed,
+    /// [`Error::BootTimeout`]: `boot_timeout`.
+    BootTimeout,
+    /// [`Error::Config`]: `config`.
+    Config,
+    /// [`Error::RunnerStart`]: `runner_start`.
+    RunnerStart,
+    /// [`Error::MissingState`]: `missing_state`.
+    MissingState,
+    /// [`Error::DuplicateFunction`]: `duplicate_function`.
+    DuplicateFunction,
+    /// [`Error::Protocol`]: `protocol`.
+    Protocol,
+    /// [`Error::Unauthenticated`]: `unauthenticated`.
+    Unauthenticated,
+    /// [`Error::Stream`]: `stream`.
+    Stream,
+    /// [`Error::PoolClosed`]: `pool_closed`.
+    PoolClosed,
+    /// [`Error::PermissionDenied`]: `permission_denied`.
+    PermissionDenied,
+}
+
+impl ErrorKind {
+    /// The kind's name in snake case (`timeout`, `runner_down`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Panicked => "panicked",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::RunnerDown => "runner_down",
+            ErrorKind::UnknownFunction => "unknown_function",
+            ErrorKind::BuildMismatch => "build_mismatch",
+            ErrorKind::PayloadTooLarge => "payload_too_large",
+            ErrorKind::Encode => "encode",
+            ErrorKind::Decode => "decode",
+            ErrorKind::NatsUnreachable => "nats_unreachable",
+            ErrorKind::Nats => "nats",
+            ErrorKind::JetStreamDisabled => "jetstream_disabled",
+            ErrorKind::JetStreamNotReady => "jetstream_not_ready",
+            ErrorKind::EmbeddedServer => "embedded_server",
+            ErrorKind::BootFailed => "boot_failed",
+            ErrorKind::BootTimeout => "boot_timeout",
+            ErrorKind::Config => "config",
+            ErrorKind::RunnerStart => "runner_start",
+            ErrorKind::MissingState => "missing_state",
+            ErrorKind::DuplicateFunction => "duplicate_function",
+            ErrorKind::Protocol => "protocol",
+            ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::Stream => "stream",
+            ErrorKind::PoolClosed => "pool_closed",
+            ErrorKind::PermissionDenied => "permission_denied",
+        }
+    }
+
+    /// True for the errors of setting flame up (see [`ErrorKind`]), which
+    /// retrying will not cure: the app or its environment must change.
+    pub fn is_setup(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::Config
+                | ErrorKind::MissingState
+                | ErrorKind::DuplicateFunction
+                | ErrorKind::EmbeddedServer
+                | ErrorKind::JetStreamDisabled
+                | ErrorKind::RunnerStart
+        )
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -379,7 +503,13 @@ mod tests {
         let boot = Error::boot_failed("p", "machine failed: bad image");
         assert!(boot.to_string().contains("bad image"));
         assert!(boot.source().is_some());
-        assert_eq!(boot.kind(), "boot_failed");
-        assert_eq!(Error::PoolClosed("p".into()).kind(), "pool_closed");
+        assert_eq!(boot.kind(), ErrorKind::BootFailed);
+        assert_eq!(boot.kind().as_str(), "boot_failed");
+        assert_eq!(
+            Error::PoolClosed("p".into()).kind().to_string(),
+            "pool_closed"
+        );
+        assert!(Error::Config("x".into()).kind().is_setup());
+        assert!(!boot.kind().is_setup());
     }
 }

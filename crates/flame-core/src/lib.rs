@@ -25,7 +25,7 @@ pub mod stream;
 pub use backend::{
     Backend, BootError, BootSpec, Booted, Listed, LocalBackend, StopRunner, RUNNER_FAILURE_PREFIX,
 };
-pub use error::{BoxError, Error, Result, Source};
+pub use error::{BoxError, Error, ErrorKind, Result, Source};
 pub use registry::{Registration, Registry, RemoteFn};
 pub use remote_error::RemoteError;
 pub use state::{State, States};

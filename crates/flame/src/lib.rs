@@ -66,7 +66,7 @@
 #![warn(missing_docs)]
 
 pub use flame_core::{
-    backend, channel, Backend, BootSpec, Booted, BoxError, Error, LocalBackend, Reader,
+    backend, channel, Backend, BootSpec, Booted, BoxError, Error, ErrorKind, LocalBackend, Reader,
     RemoteError, RemoteFn, Result, Sender, Source, State, StopRunner, Stream,
 };
 pub use flame_macros::remote;

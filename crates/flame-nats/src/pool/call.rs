@@ -186,7 +186,7 @@ pub(super) fn call_span(
 /// Records how a call ended on its span: `ok`, or the error's kind.
 pub(super) fn record_outcome(span: &Span, error: Option<&Error>) {
     if !span.is_disabled() {
-        span.record("outcome", error.map_or("ok", Error::kind));
+        span.record("outcome", error.map_or("ok", |e| e.kind().as_str()));
     }
 }
 

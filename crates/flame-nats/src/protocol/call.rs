@@ -31,7 +31,7 @@ pub(crate) const ENVELOPE_V1: u8 = 0xF1;
 /// Envelope flag: the work is a cast, whose failures are logged and counted
 /// on the runner.
 const FLAG_CAST: u8 = 0b0000_0001;
-/// Header on error replies: the kind of error, see [`ErrorKind`].
+/// Header on error replies: the kind of error, see [`WireErrorKind`].
 pub(crate) const HEADER_ERROR: &str = "Flame-Error";
 /// Header on build-mismatch replies: the runner's own build id.
 pub(crate) const HEADER_RUNNER_BUILD: &str = "Flame-Runner-Build";
@@ -44,10 +44,12 @@ pub(crate) const HEADER_SERVICE_ERROR: &str = "Nats-Service-Error";
 /// Micro-service error header (status code), set by async-nats.
 pub(crate) const HEADER_SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
 
-/// The kinds of error a runner can reply with.
+/// The kinds of error a runner can reply with, as the `Flame-Error` header
+/// names them on the wire (PROTOCOL.md). Not `flame::ErrorKind`, the kind
+/// of the error a caller gets, which the parent derives from this one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
-pub(crate) enum ErrorKind {
+pub(crate) enum WireErrorKind {
     /// The request lacked required headers or had unreadable ones.
     Malformed,
     /// No function with that name.
@@ -75,38 +77,38 @@ pub(crate) enum ErrorKind {
     Unauthenticated,
 }
 
-impl ErrorKind {
+impl WireErrorKind {
     /// Token used in the `Flame-Error` header.
     pub(crate) fn as_str(self) -> &'static str {
         match self {
-            ErrorKind::Malformed => "malformed",
-            ErrorKind::UnknownFunction => "unknown-function",
-            ErrorKind::BuildMismatch => "build-mismatch",
-            ErrorKind::DecodeArgs => "decode-args",
-            ErrorKind::EncodeResult => "encode-result",
-            ErrorKind::ResultTooLarge => "result-too-large",
-            ErrorKind::Panicked => "panicked",
-            ErrorKind::Timeout => "timeout",
-            ErrorKind::Draining => "draining",
-            ErrorKind::MissingState => "missing-state",
-            ErrorKind::Unauthenticated => "unauthenticated",
+            WireErrorKind::Malformed => "malformed",
+            WireErrorKind::UnknownFunction => "unknown-function",
+            WireErrorKind::BuildMismatch => "build-mismatch",
+            WireErrorKind::DecodeArgs => "decode-args",
+            WireErrorKind::EncodeResult => "encode-result",
+            WireErrorKind::ResultTooLarge => "result-too-large",
+            WireErrorKind::Panicked => "panicked",
+            WireErrorKind::Timeout => "timeout",
+            WireErrorKind::Draining => "draining",
+            WireErrorKind::MissingState => "missing-state",
+            WireErrorKind::Unauthenticated => "unauthenticated",
         }
     }
 
     /// Parses the `Flame-Error` header token.
-    pub(crate) fn parse(s: &str) -> Option<ErrorKind> {
+    pub(crate) fn parse(s: &str) -> Option<WireErrorKind> {
         Some(match s {
-            "malformed" => ErrorKind::Malformed,
-            "unknown-function" => ErrorKind::UnknownFunction,
-            "build-mismatch" => ErrorKind::BuildMismatch,
-            "decode-args" => ErrorKind::DecodeArgs,
-            "encode-result" => ErrorKind::EncodeResult,
-            "result-too-large" => ErrorKind::ResultTooLarge,
-            "panicked" => ErrorKind::Panicked,
-            "timeout" => ErrorKind::Timeout,
-            "draining" => ErrorKind::Draining,
-            "missing-state" => ErrorKind::MissingState,
-            "unauthenticated" => ErrorKind::Unauthenticated,
+            "malformed" => WireErrorKind::Malformed,
+            "unknown-function" => WireErrorKind::UnknownFunction,
+            "build-mismatch" => WireErrorKind::BuildMismatch,
+            "decode-args" => WireErrorKind::DecodeArgs,
+            "encode-result" => WireErrorKind::EncodeResult,
+            "result-too-large" => WireErrorKind::ResultTooLarge,
+            "panicked" => WireErrorKind::Panicked,
+            "timeout" => WireErrorKind::Timeout,
+            "draining" => WireErrorKind::Draining,
+            "missing-state" => WireErrorKind::MissingState,
+            "unauthenticated" => WireErrorKind::Unauthenticated,
             _ => return None,
         })
     }
@@ -115,14 +117,16 @@ impl ErrorKind {
     /// `nats micro stats` shows as the last error.
     pub(crate) fn code(self) -> usize {
         match self {
-            ErrorKind::Malformed | ErrorKind::DecodeArgs => 400,
-            ErrorKind::Unauthenticated => 401,
-            ErrorKind::UnknownFunction => 404,
-            ErrorKind::BuildMismatch => 409,
-            ErrorKind::ResultTooLarge => 413,
-            ErrorKind::Panicked | ErrorKind::EncodeResult | ErrorKind::MissingState => 500,
-            ErrorKind::Draining => 503,
-            ErrorKind::Timeout => 504,
+            WireErrorKind::Malformed | WireErrorKind::DecodeArgs => 400,
+            WireErrorKind::Unauthenticated => 401,
+            WireErrorKind::UnknownFunction => 404,
+            WireErrorKind::BuildMismatch => 409,
+            WireErrorKind::ResultTooLarge => 413,
+            WireErrorKind::Panicked | WireErrorKind::EncodeResult | WireErrorKind::MissingState => {
+                500
+            }
+            WireErrorKind::Draining => 503,
+            WireErrorKind::Timeout => 504,
         }
     }
 }
@@ -312,51 +316,51 @@ pub(crate) fn read_reply(
     };
     let message = status.as_str().to_string();
     let get = |name: &str| headers.get(name).map(|v| v.as_str().to_string());
-    let kind = get(HEADER_ERROR).and_then(|k| ErrorKind::parse(&k));
+    let kind = get(HEADER_ERROR).and_then(|k| WireErrorKind::parse(&k));
     let function = function.to_string();
     let runner = runner.to_string();
     let err = match kind {
-        Some(ErrorKind::Draining) => return Reply::Draining,
-        Some(ErrorKind::UnknownFunction) => Error::UnknownFunction { function, runner },
-        Some(ErrorKind::BuildMismatch) => Error::BuildMismatch {
+        Some(WireErrorKind::Draining) => return Reply::Draining,
+        Some(WireErrorKind::UnknownFunction) => Error::UnknownFunction { function, runner },
+        Some(WireErrorKind::BuildMismatch) => Error::BuildMismatch {
             parent: parent_build.to_string(),
             runner_build: get(HEADER_RUNNER_BUILD).unwrap_or_default(),
             runner,
         },
-        Some(ErrorKind::DecodeArgs) => Error::Decode {
+        Some(WireErrorKind::DecodeArgs) => Error::Decode {
             function,
             what: "arguments",
             reason: message,
         },
-        Some(ErrorKind::EncodeResult) => Error::Encode {
+        Some(WireErrorKind::EncodeResult) => Error::Encode {
             function,
             what: "result",
             reason: message,
         },
-        Some(ErrorKind::ResultTooLarge) => Error::PayloadTooLarge {
+        Some(WireErrorKind::ResultTooLarge) => Error::PayloadTooLarge {
             function,
             what: "result",
             size: get(HEADER_SIZE).and_then(|s| s.parse().ok()).unwrap_or(0),
             max: get(HEADER_MAX).and_then(|s| s.parse().ok()).unwrap_or(0),
         },
-        Some(ErrorKind::Panicked) => Error::Panicked {
+        Some(WireErrorKind::Panicked) => Error::Panicked {
             function,
             runner,
             message,
         },
-        Some(ErrorKind::Timeout) => Error::Timeout { function, timeout },
-        Some(ErrorKind::MissingState) => Error::MissingState {
+        Some(WireErrorKind::Timeout) => Error::Timeout { function, timeout },
+        Some(WireErrorKind::MissingState) => Error::MissingState {
             function,
             state: message,
         },
-        Some(ErrorKind::Unauthenticated) => Error::Unauthenticated { runner, message },
+        Some(WireErrorKind::Unauthenticated) => Error::Unauthenticated { runner, message },
         Some(_) | None => Error::Protocol { runner, message },
     };
     Reply::Failed(err)
 }
 
 /// Error-reply headers for a runner.
-pub(crate) fn error_headers(kind: ErrorKind, extra: &[(&str, String)]) -> HeaderMap {
+pub(crate) fn error_headers(kind: WireErrorKind, extra: &[(&str, String)]) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert(HEADER_ERROR, kind.as_str());
     for (k, v) in extra {
@@ -390,21 +394,21 @@ mod tests {
     #[test]
     fn error_kinds_round_trip() {
         for kind in [
-            ErrorKind::Malformed,
-            ErrorKind::UnknownFunction,
-            ErrorKind::BuildMismatch,
-            ErrorKind::DecodeArgs,
-            ErrorKind::EncodeResult,
-            ErrorKind::ResultTooLarge,
-            ErrorKind::Panicked,
-            ErrorKind::Timeout,
-            ErrorKind::Draining,
-            ErrorKind::MissingState,
-            ErrorKind::Unauthenticated,
+            WireErrorKind::Malformed,
+            WireErrorKind::UnknownFunction,
+            WireErrorKind::BuildMismatch,
+            WireErrorKind::DecodeArgs,
+            WireErrorKind::EncodeResult,
+            WireErrorKind::ResultTooLarge,
+            WireErrorKind::Panicked,
+            WireErrorKind::Timeout,
+            WireErrorKind::Draining,
+            WireErrorKind::MissingState,
+            WireErrorKind::Unauthenticated,
         ] {
-            assert_eq!(ErrorKind::parse(kind.as_str()), Some(kind));
+            assert_eq!(WireErrorKind::parse(kind.as_str()), Some(kind));
         }
-        assert_eq!(ErrorKind::parse("nonsense"), None);
+        assert_eq!(WireErrorKind::parse("nonsense"), None);
     }
 
     #[test]
@@ -487,55 +491,59 @@ mod tests {
         let ok = read_reply(message(None, b"\x01"), "f", "r", "b", t);
         assert!(matches!(ok, Reply::Value(b) if &b[..] == b"\x01"));
         for (kind, extra) in [
-            (ErrorKind::UnknownFunction, vec![]),
+            (WireErrorKind::UnknownFunction, vec![]),
             (
-                ErrorKind::BuildMismatch,
+                WireErrorKind::BuildMismatch,
                 vec![(HEADER_RUNNER_BUILD, "b2".to_string())],
             ),
-            (ErrorKind::DecodeArgs, vec![]),
-            (ErrorKind::EncodeResult, vec![]),
+            (WireErrorKind::DecodeArgs, vec![]),
+            (WireErrorKind::EncodeResult, vec![]),
             (
-                ErrorKind::ResultTooLarge,
+                WireErrorKind::ResultTooLarge,
                 vec![
                     (HEADER_SIZE, "10".to_string()),
                     (HEADER_MAX, "5".to_string()),
                 ],
             ),
-            (ErrorKind::Panicked, vec![]),
-            (ErrorKind::Timeout, vec![]),
-            (ErrorKind::Malformed, vec![]),
-            (ErrorKind::Draining, vec![]),
-            (ErrorKind::MissingState, vec![]),
-            (ErrorKind::Unauthenticated, vec![]),
+            (WireErrorKind::Panicked, vec![]),
+            (WireErrorKind::Timeout, vec![]),
+            (WireErrorKind::Malformed, vec![]),
+            (WireErrorKind::Draining, vec![]),
+            (WireErrorKind::MissingState, vec![]),
+            (WireErrorKind::Unauthenticated, vec![]),
         ] {
             let mut h = error_headers(kind, &extra);
             h.insert(HEADER_SERVICE_ERROR, "what happened");
             let reply = read_reply(message(Some(h), b""), "f", "r", "b", t);
             let ok = match (kind, reply) {
-                (ErrorKind::Draining, Reply::Draining) => true,
-                (ErrorKind::UnknownFunction, Reply::Failed(Error::UnknownFunction { .. })) => true,
+                (WireErrorKind::Draining, Reply::Draining) => true,
+                (WireErrorKind::UnknownFunction, Reply::Failed(Error::UnknownFunction { .. })) => {
+                    true
+                }
                 (
-                    ErrorKind::BuildMismatch,
+                    WireErrorKind::BuildMismatch,
                     Reply::Failed(Error::BuildMismatch { runner_build, .. }),
                 ) => runner_build == "b2",
-                (ErrorKind::DecodeArgs, Reply::Failed(Error::Decode { reason, .. })) => {
+                (WireErrorKind::DecodeArgs, Reply::Failed(Error::Decode { reason, .. })) => {
                     reason == "what happened"
                 }
-                (ErrorKind::EncodeResult, Reply::Failed(Error::Encode { .. })) => true,
+                (WireErrorKind::EncodeResult, Reply::Failed(Error::Encode { .. })) => true,
                 (
-                    ErrorKind::ResultTooLarge,
+                    WireErrorKind::ResultTooLarge,
                     Reply::Failed(Error::PayloadTooLarge { size, max, .. }),
                 ) => (size, max) == (10, 5),
-                (ErrorKind::Panicked, Reply::Failed(Error::Panicked { message, .. })) => {
+                (WireErrorKind::Panicked, Reply::Failed(Error::Panicked { message, .. })) => {
                     message == "what happened"
                 }
-                (ErrorKind::Timeout, Reply::Failed(Error::Timeout { timeout, .. })) => timeout == t,
-                (ErrorKind::Malformed, Reply::Failed(Error::Protocol { .. })) => true,
-                (ErrorKind::MissingState, Reply::Failed(Error::MissingState { state, .. })) => {
+                (WireErrorKind::Timeout, Reply::Failed(Error::Timeout { timeout, .. })) => {
+                    timeout == t
+                }
+                (WireErrorKind::Malformed, Reply::Failed(Error::Protocol { .. })) => true,
+                (WireErrorKind::MissingState, Reply::Failed(Error::MissingState { state, .. })) => {
                     state == "what happened"
                 }
                 (
-                    ErrorKind::Unauthenticated,
+                    WireErrorKind::Unauthenticated,
                     Reply::Failed(Error::Unauthenticated { message, .. }),
                 ) => message == "what happened",
                 _ => false,

@@ -23,7 +23,7 @@ use tracing::{debug, warn, Instrument, Span};
 use super::request::{CallRequest, Replier, ReplyBatch};
 use super::Runner;
 use crate::protocol::batch::{read_batch, BATCH_V1};
-use crate::protocol::call::{self as wire, ErrorKind};
+use crate::protocol::call::{self as wire, WireErrorKind};
 use crate::protocol::sign::{now_ms, Refused, Signed, SIGNED_HEAD, SIGNED_V1};
 use crate::trace::{self, TraceContext};
 
@@ -220,7 +220,7 @@ impl Runner {
                 let call = CallRequest::single(request);
                 let me = self.clone();
                 tokio::spawn(async move {
-                    me.respond_error(&call, ErrorKind::Malformed, message.to_string(), &[])
+                    me.respond_error(&call, WireErrorKind::Malformed, message.to_string(), &[])
                         .await;
                 });
                 return Dispatched::default();
@@ -234,7 +234,7 @@ impl Runner {
                 // A single-use runner takes one call; the others go elsewhere.
                 let me = self.clone();
                 tokio::spawn(async move {
-                    me.respond_error(&call, ErrorKind::Draining, NOTHING_RAN.into(), &[])
+                    me.respond_error(&call, WireErrorKind::Draining, NOTHING_RAN.into(), &[])
                         .await;
                 });
                 continue;
@@ -249,7 +249,7 @@ impl Runner {
 
     /// Refuses a request (a call, or each call of a batch): the runner is
     /// stopping, say.
-    pub(super) async fn refuse(&self, request: service::Request, kind: ErrorKind, why: &str) {
+    pub(super) async fn refuse(&self, request: service::Request, kind: WireErrorKind, why: &str) {
         if request.message.payload.first() != Some(&BATCH_V1) {
             let call = CallRequest::single(request);
             self.respond_error(&call, kind, why.to_string(), &[]).await;
@@ -316,7 +316,7 @@ impl Runner {
                                 "deadline of {timeout:?} passed while waiting for a free slot on the runner"
                             );
                             self.failed(function, cast, &message);
-                            self.respond_error(&request, ErrorKind::Timeout, message, &[])
+                            self.respond_error(&request, WireErrorKind::Timeout, message, &[])
                                 .await;
                             return;
                         }
@@ -349,8 +349,13 @@ impl Runner {
                             (wire::HEADER_MAX, max.to_string()),
                         ];
                         self.failed(function, cast, &message);
-                        self.respond_error(&request, ErrorKind::ResultTooLarge, message, &extra)
-                            .await;
+                        self.respond_error(
+                            &request,
+                            WireErrorKind::ResultTooLarge,
+                            message,
+                            &extra,
+                        )
+                        .await;
                     } else {
                         if !Span::current().is_disabled() {
                             Span::current().record("outcome", "ok");
@@ -415,7 +420,7 @@ impl Runner {
             self.counters
                 .unauthenticated
                 .fetch_add(1, Ordering::Relaxed);
-            (ErrorKind::Unauthenticated, why.to_string(), Vec::new())
+            (WireErrorKind::Unauthenticated, why.to_string(), Vec::new())
         };
         if !signed {
             return Err(refused(Refused::Unsigned));
@@ -435,13 +440,13 @@ impl Runner {
     }
 
     fn check(&self, request: &CallRequest) -> Result<Checked, Refusal> {
-        let malformed = |m: &str| (ErrorKind::Malformed, m.to_string(), Vec::new());
+        let malformed = |m: &str| (WireErrorKind::Malformed, m.to_string(), Vec::new());
         let start = self.authenticate(request)?;
         let body = &request.body;
         let envelope = wire::read_envelope(&body[start..]).map_err(malformed)?;
         if envelope.build != self.build {
             return Err((
-                ErrorKind::BuildMismatch,
+                WireErrorKind::BuildMismatch,
                 format!(
                     "caller is build {}, this runner is build {}",
                     envelope.build, self.build
@@ -451,7 +456,7 @@ impl Runner {
         }
         let (function, handler) = self.registry.lookup(envelope.function).ok_or_else(|| {
             (
-                ErrorKind::UnknownFunction,
+                WireErrorKind::UnknownFunction,
                 format!("no function named `{}` is registered", envelope.function),
                 Vec::new(),
             )
@@ -479,7 +484,7 @@ impl Runner {
         handler: Handler,
         payload: Bytes,
         timeout: Duration,
-    ) -> Result<Vec<u8>, (ErrorKind, String)> {
+    ) -> Result<Vec<u8>, (WireErrorKind, String)> {
         let deadline = Instant::now() + timeout;
         self.execute_holding(None, handler, payload, timeout, deadline, None)
             .await
@@ -499,10 +504,10 @@ impl Runner {
         timeout: Duration,
         deadline: Instant,
         hold: Option<Arc<InFlight>>,
-    ) -> Result<Vec<u8>, (ErrorKind, String)> {
+    ) -> Result<Vec<u8>, (WireErrorKind, String)> {
         let timed_out = || {
             (
-                ErrorKind::Timeout,
+                WireErrorKind::Timeout,
                 format!("deadline of {timeout:?} passed; the work was cancelled"),
             )
         };
@@ -535,7 +540,7 @@ impl Runner {
                 let guarded = std::panic::AssertUnwindSafe(fut).catch_unwind();
                 match tokio::time::timeout_at(deadline, guarded).await {
                     Ok(Ok(result)) => result,
-                    Ok(Err(panic)) => return Err((ErrorKind::Panicked, panic_message(panic))),
+                    Ok(Err(panic)) => return Err((WireErrorKind::Panicked, panic_message(panic))),
                     // Dropping the future cancelled the work.
                     Err(_) => return Err(timed_out()),
                 }
@@ -554,7 +559,7 @@ impl Runner {
                     }
                     match ran {
                         Ok(result) => result,
-                        Err(panic) => return Err((ErrorKind::Panicked, panic_message(panic))),
+                        Err(panic) => return Err((WireErrorKind::Panicked, panic_message(panic))),
                     }
                 } else {
                     let transport = self.transport.clone();
@@ -574,7 +579,7 @@ impl Runner {
                             result
                         }
                         Ok(Err(join)) => {
-                            return Err((ErrorKind::Panicked, panic_message(join.into_panic())))
+                            return Err((WireErrorKind::Panicked, panic_message(join.into_panic())))
                         }
                         Err(_) => {
                             // A thread cannot be stopped from outside; the
@@ -587,9 +592,9 @@ impl Runner {
             }
         };
         result.map_err(|e| match e {
-            InvokeError::DecodeArgs(m) => (ErrorKind::DecodeArgs, m),
-            InvokeError::EncodeResult(m) => (ErrorKind::EncodeResult, m),
-            InvokeError::MissingState(state) => (ErrorKind::MissingState, state.to_string()),
+            InvokeError::DecodeArgs(m) => (WireErrorKind::DecodeArgs, m),
+            InvokeError::EncodeResult(m) => (WireErrorKind::EncodeResult, m),
+            InvokeError::MissingState(state) => (WireErrorKind::MissingState, state.to_string()),
         })
     }
 
@@ -645,7 +650,7 @@ impl Runner {
     pub(super) async fn respond_error(
         &self,
         request: &CallRequest,
-        kind: ErrorKind,
+        kind: WireErrorKind,
         message: String,
         extra: &[(&str, String)],
     ) {
@@ -715,7 +720,7 @@ struct Checked {
 }
 
 /// Why a request was refused: kind, message, extra reply headers.
-type Refusal = (ErrorKind, String, Vec<(&'static str, String)>);
+type Refusal = (WireErrorKind, String, Vec<(&'static str, String)>);
 
 /// CPU time consumed by the calling thread.
 fn thread_cpu_time() -> Duration {

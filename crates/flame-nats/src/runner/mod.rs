@@ -44,7 +44,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::build_id::build_id;
 use crate::connect::{connect_watched, Mark, Outages, UrlCredentials};
 use crate::protocol::bootstrap::ParentInfo;
-use crate::protocol::call::ErrorKind;
+use crate::protocol::call::WireErrorKind;
 use crate::protocol::events::{EventKey, ParentEvent};
 use crate::protocol::lease::LeaseState;
 use crate::protocol::sign::{read_cancel, read_retire, CallKey, ReplayGuard, SECRET_ENV};
@@ -408,7 +408,7 @@ async fn run(
         tokio::time::timeout(Duration::from_millis(100), endpoint.next()).await
     {
         runner
-            .refuse(request, ErrorKind::Draining, dispatch::NOTHING_RAN)
+            .refuse(request, WireErrorKind::Draining, dispatch::NOTHING_RAN)
             .await;
     }
     let _ = service.stop().await;

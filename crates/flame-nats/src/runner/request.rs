@@ -13,7 +13,7 @@ use tracing::debug;
 use super::unconfirmed::Unconfirmed;
 use super::Counters;
 use crate::protocol::batch::{reply_batch_body, split_reply, ReadCall, BATCH_REPLY_TOKEN};
-use crate::protocol::call::{self as wire, error_headers, ErrorKind};
+use crate::protocol::call::{self as wire, error_headers, WireErrorKind};
 
 /// One call to run.
 pub(super) struct CallRequest {
@@ -91,7 +91,7 @@ impl CallRequest {
     pub(super) async fn respond_error(
         &self,
         to: Replier<'_>,
-        kind: ErrorKind,
+        kind: WireErrorKind,
         message: String,
         extra: &[(&str, String)],
     ) {
