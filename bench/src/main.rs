@@ -588,7 +588,7 @@ async fn spawn_shared_parent(
 )> {
     let mut child = tokio::process::Command::new(std::env::current_exe()?)
         .args(["shared-parent", pool, &min.to_string(), &secs.to_string()])
-        .env(flame::NATS_URL_ENV, url)
+        .env(flame::env::NATS_URL, url)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .kill_on_drop(true)

@@ -56,10 +56,10 @@ async fn main() -> anyhow::Result<()> {
 
     // The launcher: a NATS server for everyone, then the parents.
     let _server;
-    let url = match std::env::var(flame::NATS_URL_ENV) {
+    let url = match std::env::var(flame::env::NATS_URL) {
         Ok(url) if !url.is_empty() => url,
         _ => {
-            let server = flame::NatsServer::start()?;
+            let server = flame::embedded::NatsServer::start()?;
             let url = server.url();
             _server = server;
             url
@@ -68,7 +68,7 @@ async fn main() -> anyhow::Result<()> {
     // The parents of a shared pool sign their calls with a key derived from
     // a secret they all have (FLAME_SECRET): one made up for this run,
     // unless you set your own.
-    let secret = std::env::var(flame::SECRET_ENV)
+    let secret = std::env::var(flame::env::SECRET)
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
@@ -78,8 +78,8 @@ async fn main() -> anyhow::Result<()> {
     for n in 0..PARENTS {
         let mut child = tokio::process::Command::new(std::env::current_exe()?)
             .args(["parent", &n.to_string()])
-            .env(flame::NATS_URL_ENV, &url)
-            .env(flame::SECRET_ENV, &secret)
+            .env(flame::env::NATS_URL, &url)
+            .env(flame::env::SECRET, &secret)
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()?;

@@ -7,9 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flame::{
-    Backend, BootSpec, Booted, BoxError, Flame, LocalBackend, NatsServer, PoolBuilder, PoolEvent,
-};
+use flame::embedded::NatsServer;
+use flame::{Backend, BootSpec, Booted, BoxError, Flame, LocalBackend, PoolBuilder, PoolEvent};
 use futures::future::BoxFuture;
 
 use crate::TEST_BUILD;
@@ -327,7 +326,7 @@ pub fn runner_backend() -> LocalBackend {
     LocalBackend::new()
         .program(testapp())
         .args(Vec::<String>::new())
-        .env(flame::BUILD_ID_ENV, TEST_BUILD)
+        .env(flame::env::BUILD_ID, TEST_BUILD)
 }
 
 /// Waits until `check` returns `Some`, polling, or panics after `limit`
@@ -677,8 +676,8 @@ impl SharedParent {
             .arg(pool)
             .args([max, max_concurrency, callers, calls].map(|n| n.to_string()))
             .arg(ms.to_string())
-            .env(flame::NATS_URL_ENV, url)
-            .env(flame::BUILD_ID_ENV, crate::TEST_BUILD)
+            .env(flame::env::NATS_URL, url)
+            .env(flame::env::BUILD_ID, crate::TEST_BUILD)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true);
@@ -876,9 +875,9 @@ impl SharedParent {
 pub async fn run_testapp(args: &[&str], limit: Duration) -> std::process::Output {
     let child = tokio::process::Command::new(testapp())
         .args(args)
-        .env_remove(flame::NATS_URL_ENV)
-        .env_remove(flame::PARENT_ENV)
-        .env(flame::BUILD_ID_ENV, crate::TEST_BUILD)
+        .env_remove(flame::env::NATS_URL)
+        .env_remove(flame::env::PARENT)
+        .env(flame::env::BUILD_ID, crate::TEST_BUILD)
         .env("RUST_LOG", "flame_nats=debug,flame_core=debug,warn")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())

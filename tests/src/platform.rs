@@ -187,7 +187,7 @@ pub fn fly_backend(url: &str, token: &str, image: &str, memory_mb: u32) -> FlyBa
         .cpu_kind("shared")
         .cpus(1)
         .memory_mb(memory_mb)
-        .env(flame::BUILD_ID_ENV, TEST_BUILD)
+        .env(flame::env::BUILD_ID, TEST_BUILD)
         .build()
         .expect("a valid Fly backend")
 }

@@ -433,10 +433,10 @@ async fn parent_killed_mid_boot_leaves_nothing(kind: Kind) {
     };
     let mut parent = tokio::process::Command::new(testapp())
         .args(["platform-parent", "conf-orphan", runners, "hang"])
-        .env(flame::NATS_URL_ENV, env.server.url())
+        .env(flame::env::NATS_URL, env.server.url())
         // Said on purpose: the stand-in's Machines run on this machine.
         .env("FLAME_RUNNER_NATS_URL", env.server.url())
-        .env(flame::BUILD_ID_ENV, TEST_BUILD)
+        .env(flame::env::BUILD_ID, TEST_BUILD)
         .envs(platform.env())
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true)
@@ -469,10 +469,10 @@ async fn start_error_then_exit_leaves_nothing(kind: Kind) {
     let platform = Platform::start(kind).await;
     let out = tokio::process::Command::new(testapp())
         .args(["platform-parent", "conf-exit", "stuck", "start-fails"])
-        .env(flame::NATS_URL_ENV, env.server.url())
+        .env(flame::env::NATS_URL, env.server.url())
         // Said on purpose: the stand-in's Machines run on this machine.
         .env("FLAME_RUNNER_NATS_URL", env.server.url())
-        .env(flame::BUILD_ID_ENV, TEST_BUILD)
+        .env(flame::env::BUILD_ID, TEST_BUILD)
         .envs(platform.env())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)

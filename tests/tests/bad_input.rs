@@ -149,7 +149,7 @@ async fn runner_of_another_build_is_refused() {
         .flame
         .pool("otherbuild")
         .backend(
-            flame_tests::harness::runner_backend().env(flame::BUILD_ID_ENV, "not-the-test-build"),
+            flame_tests::harness::runner_backend().env(flame::env::BUILD_ID, "not-the-test-build"),
         )
         .min(1)
         .max(1)

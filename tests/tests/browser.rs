@@ -50,7 +50,7 @@ impl AppUnderTest {
     async fn start(database_url: &str) -> AppUnderTest {
         let mut child = tokio::process::Command::new(example("web_thumbnails"))
             .env_remove("NATS_URL")
-            .env_remove(flame::PARENT_ENV)
+            .env_remove(flame::env::PARENT)
             .env("DATABASE_URL", database_url)
             .env("LISTEN", format!("127.0.0.1:{}", free_port()))
             .env("THUMBS_MAX", "2")

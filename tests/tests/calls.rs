@@ -284,7 +284,7 @@ async fn unreachable_nats_is_reported() {
 #[tokio::test]
 async fn nats_url_takes_a_comma_separated_server_list() {
     flame_tests::harness::init_tracing();
-    let server = flame::NatsServer::start().unwrap();
+    let server = flame::embedded::NatsServer::start().unwrap();
     let p = server.port();
     let flame = flame_tests::harness::builder()
         .nats_url(format!("nats://127.0.0.1:{p}, nats://localhost:{p}"))

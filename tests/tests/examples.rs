@@ -18,7 +18,7 @@ async fn run_to_success(command: &mut tokio::process::Command) -> String {
     }
     let child = command
         .env_remove("NATS_URL")
-        .env_remove(flame::PARENT_ENV)
+        .env_remove(flame::env::PARENT)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

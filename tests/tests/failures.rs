@@ -221,8 +221,8 @@ async fn pool_timeout_kills_the_work_and_a_call_timeout_overrides_it() {
 /// Starts the test app as a runner by hand, with `info` in its environment.
 fn spawn_runner(info: &ParentInfo) -> tokio::process::Child {
     tokio::process::Command::new(testapp())
-        .env(flame::PARENT_ENV, info.to_env_value())
-        .env(flame::BUILD_ID_ENV, TEST_BUILD)
+        .env(flame::env::PARENT, info.to_env_value())
+        .env(flame::env::BUILD_ID, TEST_BUILD)
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()
@@ -302,7 +302,7 @@ async fn runner_exits_after_losing_nats_for_the_grace_period() {
 #[tokio::test]
 async fn a_reply_lost_with_the_runners_connection_is_sent_again() {
     flame_tests::harness::init_tracing();
-    let server = flame::NatsServer::start().expect("start nats-server");
+    let server = flame::embedded::NatsServer::start().expect("start nats-server");
     let proxy = NatsProxy::start(format!("127.0.0.1:{}", server.port())).await;
     let flame = flame_tests::harness::builder()
         .nats_url(server.url())
@@ -353,8 +353,8 @@ async fn no_orphans_when_the_parent_is_killed() {
     let mut parent = tokio::process::Command::new(testapp())
         .arg("parent")
         .arg(dir.path())
-        .env(flame::NATS_URL_ENV, env.server.url())
-        .env(flame::BUILD_ID_ENV, TEST_BUILD)
+        .env(flame::env::NATS_URL, env.server.url())
+        .env(flame::env::BUILD_ID, TEST_BUILD)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
@@ -398,7 +398,7 @@ async fn runner_env_holds_parent_info_and_forwarded_vars_only() {
         let name = name.to_string();
         async move { flame::call!(pool, env_var(name)).await.unwrap() }
     };
-    let info = ParentInfo::from_env_value(&get(flame::PARENT_ENV).await.unwrap()).unwrap();
+    let info = ParentInfo::from_env_value(&get(flame::env::PARENT).await.unwrap()).unwrap();
     assert_eq!(info.pool, "envvars");
     assert_eq!(info.nats_url, env.server.url());
     assert_eq!(

@@ -335,7 +335,7 @@ async fn left_behind(env: &TestEnv, fly: &FakeFly, pool: &str, runner: &str) -> 
         "heartbeat_ms": 500,
         "event_key": "00".repeat(32),
     });
-    let env_vars = vec![(flame::PARENT_ENV.to_string(), info.to_string())];
+    let env_vars = vec![(flame::env::PARENT.to_string(), info.to_string())];
     let spec = flame::BootSpec::new(pool.into(), runner.into(), env_vars).parent("gone");
     let orphan = backend(fly).boot(spec).await.unwrap();
     let machine = orphan.handle.clone();
@@ -462,7 +462,7 @@ async fn a_machine_out_of_memory_is_reported_as_such() {
         .cpu_kind("shared")
         .cpus(1)
         .memory_mb(1024)
-        .env(flame::BUILD_ID_ENV, TEST_BUILD)
+        .env(flame::env::BUILD_ID, TEST_BUILD)
         .build()
         .unwrap();
     let pool = env

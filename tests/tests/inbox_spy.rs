@@ -5,7 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use flame::{Error, Flame, NatsServer};
+use flame::embedded::NatsServer;
+use flame::{Error, Flame};
 use flame_tests::funcs::*;
 use flame_tests::harness::{builder, init_tracing, runner_backend, shared_pool};
 use futures::StreamExt;
@@ -109,7 +110,7 @@ async fn a_runners_boot_failure_is_reported_at_once_beside_a_spy() {
     // A runner of another build exits before it is ready.
     let err = flame
         .pool("spiedbad")
-        .backend(runner_backend().env(flame::BUILD_ID_ENV, "not-the-test-build"))
+        .backend(runner_backend().env(flame::env::BUILD_ID, "not-the-test-build"))
         .min(1)
         .max(1)
         .boot_timeout(Duration::from_secs(20))

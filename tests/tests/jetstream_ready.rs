@@ -16,7 +16,8 @@
 
 use std::time::{Duration, Instant};
 
-use flame::{Error, Flame, NatsServer};
+use flame::embedded::NatsServer;
+use flame::{Error, Flame};
 use flame_tests::funcs::{add, nap};
 use flame_tests::harness::{
     builder, error_within, init_tracing, runner_backend, shared_pool, wait_for, NatsCluster,

@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use flame::{CallOptions, Error, Flame, LocalBackend, NatsServer, PoolEvent, Stream};
+use flame::embedded::NatsServer;
+use flame::{CallOptions, Error, Flame, LocalBackend, PoolEvent, Stream};
 use flame_tests::funcs::streams::{count_bytes, numbers};
 use flame_tests::funcs::{add, write_file};
 use flame_tests::harness::{builder, init_tracing, runner_backend, wait_for, HookLog};

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::routing::post;
-use flame::NatsServer;
+use flame::embedded::NatsServer;
 use flame_tests::funcs::add;
 use flame_tests::harness::{builder, runner_backend, wait_for};
 use serde_json::Value;

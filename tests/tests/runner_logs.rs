@@ -6,7 +6,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flame::{Error, NatsServer};
+use flame::embedded::NatsServer;
+use flame::Error;
 use flame_tests::funcs::log_line;
 use flame_tests::harness::{builder, round_trip, runner_backend, wait_for};
 use tracing::field::{Field, Visit};

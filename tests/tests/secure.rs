@@ -5,7 +5,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use flame::{Error, Flame, LocalBackend, NatsServer, Pool, PoolBuilder};
+use flame::embedded::NatsServer;
+use flame::{Error, Flame, LocalBackend, Pool, PoolBuilder};
 use flame_tests::funcs::add;
 use flame_tests::harness::{builder, init_tracing, runner_backend};
 

@@ -489,7 +489,7 @@ async fn last_parents_shutting_down_together_retire_the_runners() {
 #[tokio::test]
 async fn shared_pool_without_jetstream_says_so() {
     flame_tests::harness::init_tracing();
-    let server = flame::NatsServer::builder()
+    let server = flame::embedded::NatsServer::builder()
         .jetstream(false)
         .start()
         .unwrap();

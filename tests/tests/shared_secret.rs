@@ -64,7 +64,7 @@ async fn a_shared_pool_with_a_secret_works_across_parents_and_a_wrong_secret_can
         let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
         let environ = String::from_utf8_lossy(&environ);
         assert!(!environ.contains(SECRET), "the secret reached runner {pid}");
-        assert!(!environ.contains(flame::SECRET_ENV));
+        assert!(!environ.contains(flame::env::SECRET));
         let info = environ
             .split('\0')
             .find_map(|v| v.strip_prefix("FLAME_PARENT="))

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use flame::NatsServer;
+use flame::embedded::NatsServer;
 use flame_tests::funcs::{add, echo, explode};
 use flame_tests::harness::{builder, init_tracing_with_spans, runner_backend, wait_for};
 use flame_tests::spans::{CapturedSpan, SpanLog, SPAN_LOG_ENV};

@@ -6,7 +6,8 @@
 
 use std::time::Duration;
 
-use flame::{Error, Flame, LocalBackend, NatsServer};
+use flame::embedded::NatsServer;
+use flame::{Error, Flame, LocalBackend};
 use flame_tests::funcs::add;
 use flame_tests::harness::{builder, flame_cli, init_tracing, runner_backend, runner_pids};
 
@@ -247,12 +248,12 @@ async fn nats_url_from_the_environment_with_credentials_and_logs_without_them() 
     let url = format!("nats://app:{PASSWORD}@127.0.0.1:{}", server.port());
     let child = tokio::process::Command::new(flame_tests::harness::testapp())
         .arg("close-check")
-        .env(flame::NATS_URL_ENV, &url)
-        .env_remove(flame::PARENT_ENV)
+        .env(flame::env::NATS_URL, &url)
+        .env_remove(flame::env::PARENT)
         .env_remove("NATS_USER")
         .env_remove("NATS_PASSWORD")
         .env_remove("NATS_TOKEN")
-        .env(flame::BUILD_ID_ENV, flame_tests::TEST_BUILD)
+        .env(flame::env::BUILD_ID, flame_tests::TEST_BUILD)
         .env(
             "RUST_LOG",
             "flame_nats=debug,flame_core=debug,async_nats=debug,warn",

@@ -134,7 +134,7 @@ pub(crate) struct Connection {
 async fn connect(url: &str) -> Result<Connection, CliError> {
     let refusals = Refusals::default();
     let client =
-        flame_nats::ops::connect_tool_with(url, "flame cli", Duration::from_secs(3), |o| {
+        flame_nats::tool::connect_tool_with(url, "flame cli", Duration::from_secs(3), |o| {
             refusals.watch(o.custom_inbox_prefix(INBOX_PREFIX))
         })
         .await

@@ -87,7 +87,7 @@ pub(crate) async fn run(connection: &Connection, url: &str) -> Result<(), CliErr
     let mut terminal = ratatui::try_init()
         .map_err(|e| CliError::Failed(format!("cannot set up the terminal: {e}")))?;
     let mut view = View {
-        url: flame_nats::ops::without_credentials(url),
+        url: flame_nats::tool::without_credentials(url),
         pools: rows,
         refreshed: true,
         ..View::default()

@@ -67,7 +67,7 @@ pub(crate) async fn run(
     let mut events = connection.refusals.guard(client, subscribed).await?;
     eprintln!(
         "watching {subject} on {} (Ctrl-C stops)",
-        flame_nats::ops::without_credentials(url)
+        flame_nats::tool::without_credentials(url)
     );
     let mut stdout = std::io::stdout();
     loop {

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use crate::config::PoolConfig;
 use crate::hooks::{Hooks, PoolEvent};
 use crate::parent::ParentContext;
-use crate::protocol::bootstrap::{ParentInfo, PARENT_ENV};
+use crate::protocol::bootstrap::ParentInfo;
 use crate::protocol::events::EventKey;
 use crate::protocol::sign::CallKey;
 
@@ -69,7 +69,7 @@ pub(crate) struct Booter {
     /// `FLAME_PARENT` of every runner, but for its id and key.
     template: ParentInfo,
     /// Variables copied from the parent, and the credentials of the NATS
-    /// URL, if it had any ([`crate::connect::URL_CREDENTIALS_ENV`]).
+    /// URL, if it had any ([`crate::env::NATS_URL_CREDENTIALS`]).
     forwarded: Vec<(String, String)>,
     /// Shared pools with a secret: the `event_key` of every runner, from
     /// which the key that signs calls to them derives.
@@ -162,7 +162,7 @@ impl Booter {
             .or(self.shared_key.as_ref())
             .map(EventKey::to_hex)
             .unwrap_or_default();
-        let mut env = vec![(PARENT_ENV.to_string(), info.to_env_value())];
+        let mut env = vec![(crate::env::PARENT.to_string(), info.to_env_value())];
         env.extend(self.forwarded.iter().cloned());
         BootSpec::new(self.pool.clone(), runner_id.to_string(), env)
             .parent(&self.template.parent_id)

@@ -2,10 +2,6 @@
 
 use std::sync::OnceLock;
 
-/// Environment variable that overrides the computed build id, e.g. with a
-/// commit hash from your deploy pipeline.
-pub const BUILD_ID_ENV: &str = "FLAME_BUILD_ID";
-
 /// This process's build id.
 ///
 /// `FLAME_BUILD_ID` when set; otherwise the GNU build-id the linker stamped
@@ -15,7 +11,7 @@ pub const BUILD_ID_ENV: &str = "FLAME_BUILD_ID";
 pub fn build_id() -> &'static str {
     static ID: OnceLock<String> = OnceLock::new();
     ID.get_or_init(|| {
-        if let Ok(id) = std::env::var(BUILD_ID_ENV) {
+        if let Ok(id) = std::env::var(crate::env::BUILD_ID) {
             if !id.is_empty() {
                 return id;
             }

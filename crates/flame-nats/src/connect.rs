@@ -10,15 +10,6 @@ use tokio::sync::{watch, Notify};
 
 use flame_core::{Error, Source};
 
-/// Environment variable with the NATS server URL (the `nats` CLI's
-/// convention): one URL, or several separated by commas, which may carry a
-/// user and password or a token (`nats://user:password@host:4222`).
-pub const NATS_URL_ENV: &str = "NATS_URL";
-
-/// Environment variable with the NATS URL runners connect to, when it
-/// differs from the parent's.
-pub const RUNNER_NATS_URL_ENV: &str = "FLAME_RUNNER_NATS_URL";
-
 /// True when every server of `url` is on this machine (`localhost`,
 /// `127.x.y.z`, `::1`): an address other machines cannot reach.
 pub(crate) fn only_loopback(url: &str) -> bool {
@@ -60,7 +51,7 @@ pub type ConnectHook =
 ///
 /// Values are never logged or put in error messages; paths are.
 ///
-/// Public (as [`crate::ops::connect_options_from_env`]) so that tools such
+/// Public (as [`crate::tool::connect_options_from_env`]) so that tools such
 /// as the `flame` command connect the way parents and runners do.
 pub async fn options_from_env() -> Result<async_nats::ConnectOptions, Error> {
     options_from_env_and(None).await
@@ -171,12 +162,6 @@ pub fn without_credentials(url: &str) -> String {
         .join(",")
 }
 
-/// Environment variable through which a parent hands its runners the
-/// credentials written in its NATS URL (`user:password` or `token`, as in
-/// the URL), so that `FLAME_PARENT` never carries them. Read by runners
-/// only; a secret.
-pub const URL_CREDENTIALS_ENV: &str = "FLAME_NATS_URL_CREDENTIALS";
-
 /// Credentials written in a NATS URL, `nats://user:password@host` or
 /// `nats://token@host` (the `nats` tools' convention), and where they came
 /// from. `Debug` shows neither secret nor user.
@@ -186,7 +171,7 @@ pub(crate) struct UrlCredentials {
     /// handed.
     written: String,
     secret: UrlSecret,
-    /// Handed over by a parent ([`URL_CREDENTIALS_ENV`]) rather than read
+    /// Handed over by a parent ([`crate::env::NATS_URL_CREDENTIALS`]) rather than read
     /// from this process's own URL.
     handed_over: bool,
 }
@@ -252,9 +237,9 @@ impl UrlCredentials {
     }
 
     /// The credentials a parent handed this runner in
-    /// [`URL_CREDENTIALS_ENV`], if any.
+    /// [`crate::env::NATS_URL_CREDENTIALS`], if any.
     pub(crate) fn handed_over() -> Result<Option<UrlCredentials>, Error> {
-        match std::env::var(URL_CREDENTIALS_ENV) {
+        match std::env::var(crate::env::NATS_URL_CREDENTIALS) {
             Ok(written) if !written.is_empty() => UrlCredentials::parse(&written, true).map(Some),
             _ => Ok(None),
         }
@@ -304,7 +289,10 @@ impl UrlCredentials {
 
     /// The variable and value that hand these credentials to a runner.
     pub(crate) fn handover(&self) -> (String, String) {
-        (URL_CREDENTIALS_ENV.to_string(), self.written.clone())
+        (
+            crate::env::NATS_URL_CREDENTIALS.to_string(),
+            self.written.clone(),
+        )
     }
 
     /// `options` with these credentials (in place of any user, password or
@@ -327,7 +315,7 @@ impl UrlCredentials {
         if self.handed_over {
             format!(
                 "{what} came from the URL the parent was given (its NATS URL, or the runners'), \
-                 handed to this runner in {URL_CREDENTIALS_ENV}"
+                 handed to this runner in FLAME_NATS_URL_CREDENTIALS"
             )
         } else {
             format!("{what} came from the URL")
@@ -965,7 +953,10 @@ mod tests {
         // Handed to runners as written.
         assert_eq!(
             user.handover(),
-            (URL_CREDENTIALS_ENV.to_string(), "app:p%40ss".to_string())
+            (
+                crate::env::NATS_URL_CREDENTIALS.to_string(),
+                "app:p%40ss".to_string()
+            )
         );
         let token = read("tls://s3cret@a:4222").unwrap();
         assert!(token.secret == UrlSecret::Token("s3cret".into()));
@@ -985,7 +976,10 @@ mod tests {
         let shown = format!("{user:?} {token:?}");
         assert!(!shown.contains("p@ss") && !shown.contains("p%40ss") && !shown.contains("s3cret"));
         assert!(user.origin().contains("came from the URL"));
-        assert!(token.for_runners().origin().contains(URL_CREDENTIALS_ENV));
+        assert!(token
+            .for_runners()
+            .origin()
+            .contains(crate::env::NATS_URL_CREDENTIALS));
     }
 
     #[test]

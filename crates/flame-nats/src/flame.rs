@@ -8,12 +8,11 @@ use flame_core::{Error, Registry, States};
 use crate::build_id::build_id;
 use crate::connect::{
     connect_watched, options_from_env_and, without_credentials, ConnectHook, Mark, UrlCredentials,
-    NATS_URL_ENV, RUNNER_NATS_URL_ENV,
 };
 use crate::embedded::NatsServer;
 use crate::parent::{ParentContext, RunnerUrl};
 use crate::pool::builder::PoolBuilder;
-use crate::protocol::bootstrap::{ParentInfo, PARENT_ENV};
+use crate::protocol::bootstrap::ParentInfo;
 use crate::protocol::subjects;
 use crate::replies::Replies;
 use crate::streams::StreamHub;
@@ -50,7 +49,7 @@ pub async fn init() -> Result<Flame, Error> {
 /// ```no_run
 /// # async fn app() -> Result<(), flame_core::Error> {
 /// flame_nats::serve_if_runner().await?;            // runners stop here
-/// let server = flame_nats::NatsServer::start()?;   // parent-only setup
+/// let server = flame_nats::embedded::NatsServer::start()?;   // parent-only setup
 /// let flame = flame_nats::FlameBuilder::new()
 ///     .nats_url(server.url())
 ///     .connect()
@@ -107,7 +106,7 @@ impl FlameBuilder {
     /// `nats://token@host`) are used in place of `NATS_USER`/
     /// `NATS_PASSWORD` and `NATS_TOKEN`. Runners get the same URL without
     /// them, unless [`FlameBuilder::runner_nats_url`] says otherwise, and
-    /// the credentials in [`crate::URL_CREDENTIALS_ENV`].
+    /// the credentials in [`crate::env::NATS_URL_CREDENTIALS`].
     pub fn nats_url(mut self, url: impl Into<String>) -> Self {
         self.nats_url = Some(url.into());
         self
@@ -119,7 +118,7 @@ impl FlameBuilder {
     /// cannot reach a loopback address: a pool on such a backend refuses
     /// to start when runners would be told one, unless it was set here or
     /// in `FLAME_RUNNER_NATS_URL` on purpose. Credentials written in it
-    /// are handed to runners (in [`crate::URL_CREDENTIALS_ENV`]) in place
+    /// are handed to runners (in [`crate::env::NATS_URL_CREDENTIALS`]) in place
     /// of the parent URL's.
     pub fn runner_nats_url(mut self, url: impl Into<String>) -> Self {
         self.runner_nats_url = Some(url.into());
@@ -217,7 +216,7 @@ impl FlameBuilder {
     /// [`serve_if_runner`] with this builder's state: serves as a runner
     /// if this process is one (and never returns), else returns `Ok(())`.
     pub async fn serve_if_runner(&self) -> Result<(), Error> {
-        let Ok(value) = std::env::var(PARENT_ENV) else {
+        let Ok(value) = std::env::var(crate::env::PARENT) else {
             // Refuse duplicate names and missing state before anything runs,
             // in parent and runner.
             Registry::global()?.check_states(&self.states)?;
@@ -263,18 +262,19 @@ impl FlameBuilder {
     /// with [`Error::Config`].
     pub async fn connect(self) -> Result<Flame, Error> {
         Registry::global()?.check_states(&self.states)?;
-        if std::env::var_os(PARENT_ENV).is_some() {
-            return Err(Error::Config(format!(
-                "this process is a runner ({PARENT_ENV} is set): call flame::serve_if_runner() \
+        if std::env::var_os(crate::env::PARENT).is_some() {
+            return Err(Error::Config(
+                "this process is a runner (FLAME_PARENT is set): call flame::serve_if_runner() \
                  (or flame::init()) first in main, before connecting as a parent"
-            )));
+                    .into(),
+            ));
         }
         let timeout = self.connect_timeout.unwrap_or(Duration::from_secs(5));
-        let (nats_url, embedded) = match self
-            .nats_url
-            .clone()
-            .or_else(|| std::env::var(NATS_URL_ENV).ok().filter(|u| !u.is_empty()))
-        {
+        let (nats_url, embedded) = match self.nats_url.clone().or_else(|| {
+            std::env::var(crate::env::NATS_URL)
+                .ok()
+                .filter(|u| !u.is_empty())
+        }) {
             Some(url) => (url, None),
             None => {
                 let server = tokio::task::spawn_blocking(NatsServer::start)
@@ -332,7 +332,7 @@ impl FlameBuilder {
             .await?;
         flame_core::stream::set_default_transport(streams.clone());
         let given = self.runner_nats_url.or_else(|| {
-            std::env::var(RUNNER_NATS_URL_ENV)
+            std::env::var(crate::env::RUNNER_NATS_URL)
                 .ok()
                 .filter(|u| !u.is_empty())
         });

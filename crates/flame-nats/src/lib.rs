@@ -29,6 +29,7 @@ mod build_id;
 mod config;
 mod connect;
 pub mod embedded;
+pub mod env;
 mod flame;
 mod fleet;
 mod hooks;
@@ -43,25 +44,30 @@ mod runner;
 mod streams;
 mod trace;
 
-/// What operators' tools use: the pool events parents publish on
-/// `flame.<pool>.events.<kind>`, the answers to `flame.pools.info`, and
-/// connecting the way parents and runners do (section 11 of
-/// `PROTOCOL.md`). The `flame` command is built on it.
+/// Following pools from an app or a tool: the pool events parents publish
+/// on `flame.<pool>.events.<kind>` and the answers to `flame.pools.info`
+/// (section 11 of `PROTOCOL.md`). The `flame` command is built on it.
 pub mod ops {
+    pub use crate::protocol::pool_events::{
+        event_subject, events_wildcard, EventKind, PoolEventMessage, PoolInfo, Reason,
+        EVENT_TYPE_PREFIX, POOLS_INFO_SUBJECT,
+    };
+}
+
+/// Plumbing for operators' tools such as the `flame` command: connecting
+/// to NATS the way parents and runners do (the same environment
+/// variables), and showing a URL without its credentials. Apps do not
+/// need it (the `flame` crate does not re-export it).
+pub mod tool {
     pub use crate::connect::{
         connect_tool, connect_tool_with, options_from_env as connect_options_from_env,
         without_credentials,
     };
-    pub use crate::protocol::pool_events::{
-        classify_gone, event_subject, events_wildcard, format_time, gone_reason, EventKind,
-        PoolEventMessage, PoolInfo, Reason, EVENT_TYPE_PREFIX, POOLS_INFO_SUBJECT,
-    };
 }
 
-pub use build_id::{build_id, BUILD_ID_ENV};
+pub use build_id::build_id;
 pub use config::PoolConfig;
-pub use connect::{ConnectHook, NATS_URL_ENV, RUNNER_NATS_URL_ENV, URL_CREDENTIALS_ENV};
-pub use embedded::{NatsServer, NatsServerBuilder};
+pub use connect::ConnectHook;
 pub use flame::{init, serve_if_runner, Flame, FlameBuilder};
 pub use hooks::PoolEvent;
 pub use pool::builder::PoolBuilder;
@@ -69,6 +75,5 @@ pub use pool::call::CallOptions;
 pub use pool::child::{Child, ChildExit, ChildOptions};
 pub use pool::model::RunnerState;
 pub use pool::{Pool, PoolStatus, RunnerInfo};
-pub use protocol::bootstrap::{parent, ParentInfo, PARENT_ENV};
-pub use protocol::sign::SECRET_ENV;
+pub use protocol::bootstrap::{parent, ParentInfo};
 pub use runner::logs::{runner_log_layer, RunnerLogLayer};

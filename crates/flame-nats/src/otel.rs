@@ -124,7 +124,7 @@ fn resource() -> Resource {
             .unwrap_or_else(|| "flame-app".into());
         builder = builder.with_service_name(name);
     }
-    let runner = std::env::var(crate::protocol::bootstrap::PARENT_ENV)
+    let runner = std::env::var(crate::env::PARENT)
         .ok()
         .and_then(|v| crate::protocol::bootstrap::ParentInfo::from_env_value(&v).ok());
     match runner {

@@ -79,10 +79,9 @@ pub use flame_fly as fly;
 #[cfg(feature = "otel")]
 pub use flame_nats::otel;
 pub use flame_nats::{
-    build_id, embedded, init, ops, parent, runner_log_layer, serve_if_runner, CallOptions, Child,
-    ChildExit, ChildOptions, Flame, FlameBuilder, NatsServer, ParentInfo, Pool, PoolBuilder,
-    PoolConfig, PoolEvent, PoolStatus, RunnerInfo, RunnerLogLayer, RunnerState, BUILD_ID_ENV,
-    NATS_URL_ENV, PARENT_ENV, SECRET_ENV,
+    build_id, embedded, env, init, ops, parent, runner_log_layer, serve_if_runner, CallOptions,
+    Child, ChildExit, ChildOptions, Flame, FlameBuilder, ParentInfo, Pool, PoolBuilder, PoolConfig,
+    PoolEvent, PoolStatus, RunnerInfo, RunnerLogLayer, RunnerState,
 };
 
 /// Runs a function or an inline block on a pool and waits for the result.

@@ -293,7 +293,7 @@ async fn own_server() {
         .serve_if_runner()
         .await
         .expect("serve_if_runner");
-    let server = tokio::task::spawn_blocking(flame::NatsServer::start)
+    let server = tokio::task::spawn_blocking(flame::embedded::NatsServer::start)
         .await
         .expect("join")
         .expect("start nats-server");
@@ -337,7 +337,7 @@ async fn connect_in_runner() {
         "heartbeat_ms": 500,
     }))
     .expect("runner info");
-    std::env::set_var(flame::PARENT_ENV, info.to_env_value());
+    std::env::set_var(flame::env::PARENT, info.to_env_value());
     match with_test_state(flame::FlameBuilder::new()).connect().await {
         Err(flame::Error::Config(message)) => println!("config error: {message}"),
         Err(other) => {

@@ -18,7 +18,7 @@ use crate::BoxError;
 /// Set in every runner process this backend starts, to the runner id, so
 /// that [`LocalBackend::terminate`] kills only that process, never one
 /// that reused its pid.
-const RUNNER_ID_ENV: &str = "FLAME_RUNNER_ID";
+pub const RUNNER_ID_ENV: &str = "FLAME_RUNNER_ID";
 
 /// Boots each runner as a child process: by default the current executable,
 /// with the parent's arguments and environment plus the runner's own

@@ -14,7 +14,7 @@ use futures::future::BoxFuture;
 use crate::BoxError;
 
 pub use boot_error::BootError;
-pub use local::LocalBackend;
+pub use local::{LocalBackend, RUNNER_ID_ENV};
 
 /// Start of the line a runner writes on its stderr when it cannot start
 /// serving (bad credentials, a missing NATS permission, no parent...),

@@ -19,7 +19,7 @@ use crate::hooks::{Hooks, PoolEvent};
 use crate::parent::ParentContext;
 use crate::protocol::events::{EventKey, ParentEvent};
 use crate::protocol::pool_events::{format_time, POOLS_INFO_SUBJECT};
-use crate::protocol::sign::{CallKey, SECRET_ENV};
+use crate::protocol::sign::CallKey;
 use crate::protocol::subjects;
 
 /// Longest wait for the server's answer when checking that it took the
@@ -376,7 +376,12 @@ impl PoolBuilder {
 /// which a warning says once.
 fn shared_pool_key(pool: &str, secret: Option<String>, parent: &ParentContext) -> Option<EventKey> {
     let embedded = parent.embedded.lock().unwrap().is_some();
-    choose_shared_key(pool, secret, std::env::var(SECRET_ENV).ok(), embedded)
+    choose_shared_key(
+        pool,
+        secret,
+        std::env::var(crate::env::SECRET).ok(),
+        embedded,
+    )
 }
 
 /// [`shared_pool_key`], given the secret set in code, the one in the
@@ -397,9 +402,9 @@ fn choose_shared_key(
     }
     tracing::warn!(
         pool,
-        "shared pool `{pool}` has no secret ({SECRET_ENV} is not set), so its calls are not signed: \
+        "shared pool `{pool}` has no secret (FLAME_SECRET is not set), so its calls are not signed: \
          any client of the NATS account that may publish to flame.{pool}.runner.* can run its functions; \
-         set {SECRET_ENV} to the same secret in every parent of the pool"
+         set FLAME_SECRET to the same secret in every parent of the pool"
     );
     None
 }

@@ -8,13 +8,9 @@ use flame_core::Error;
 
 use super::events::EventKey;
 
-/// Environment variable that makes a process a runner. Its value is the JSON
-/// form of [`ParentInfo`].
-pub const PARENT_ENV: &str = "FLAME_PARENT";
-
 /// Everything a runner needs to know about the parent that booted it.
 ///
-/// Serialized as JSON into the [`PARENT_ENV`] environment variable, so it can
+/// Serialized as JSON into the [`crate::env::PARENT`] environment variable, so it can
 /// be read with `ps e` or `/proc/<pid>/environ` when debugging.
 ///
 /// It holds no NATS credentials: runners read those from the conventional
@@ -96,7 +92,7 @@ impl ParentInfo {
     /// Parses the environment variable's value.
     pub fn from_env_value(value: &str) -> Result<ParentInfo, Error> {
         serde_json::from_str(value)
-            .map_err(|e| Error::Config(format!("{PARENT_ENV} is not valid runner info: {e}")))
+            .map_err(|e| Error::Config(format!("FLAME_PARENT is not valid runner info: {e}")))
     }
 
     /// Idle shutdown as a duration.
@@ -121,7 +117,7 @@ impl ParentInfo {
 /// }
 /// ```
 pub fn parent() -> Option<ParentInfo> {
-    let value = std::env::var(PARENT_ENV).ok()?;
+    let value = std::env::var(crate::env::PARENT).ok()?;
     ParentInfo::from_env_value(&value).ok()
 }
 

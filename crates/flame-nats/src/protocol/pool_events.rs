@@ -158,7 +158,7 @@ impl Reason {
 /// as a [`Reason`]. Any text saying "out of memory" is
 /// [`Reason::OutOfMemory`]; a text it does not know is
 /// [`Reason::Crashed`].
-pub fn classify_gone(detail: &str) -> Reason {
+pub(crate) fn classify_gone(detail: &str) -> Reason {
     let text = detail.to_ascii_lowercase();
     let has = |words: &str| text.contains(words);
     if has("out of memory") {
@@ -189,7 +189,7 @@ pub fn classify_gone(detail: &str) -> Reason {
 /// The reason a runner is gone, knowing why it was draining (`cause`, if
 /// the parent or scaler decided it): a clean exit or a removed lease of a
 /// runner told to stop is that cause; a crash stays a crash.
-pub fn gone_reason(detail: &str, cause: Option<Reason>) -> Reason {
+pub(crate) fn gone_reason(detail: &str, cause: Option<Reason>) -> Reason {
     match (classify_gone(detail), cause) {
         (Reason::Stopped | Reason::LeaseLost, Some(cause)) => cause,
         (reason, _) => reason,
@@ -300,7 +300,7 @@ pub struct PoolInfo {
 }
 
 /// `t` as RFC 3339 UTC with milliseconds: `2026-11-22T08:00:00.123Z`.
-pub fn format_time(t: std::time::SystemTime) -> String {
+pub(crate) fn format_time(t: std::time::SystemTime) -> String {
     let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs() as i64;
     let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));

@@ -29,10 +29,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::events::EventKey;
 
-/// Environment variable holding a shared pool's secret: every parent of the
-/// pool must have the same. Never logged.
-pub const SECRET_ENV: &str = "FLAME_SECRET";
-
 /// First byte of a signed call's body.
 pub(crate) const SIGNED_V1: u8 = 0xF4;
 

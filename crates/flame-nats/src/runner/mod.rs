@@ -47,7 +47,7 @@ use crate::protocol::bootstrap::ParentInfo;
 use crate::protocol::call::WireErrorKind;
 use crate::protocol::events::{EventKey, ParentEvent};
 use crate::protocol::lease::LeaseState;
-use crate::protocol::sign::{read_cancel, read_retire, CallKey, ReplayGuard, SECRET_ENV};
+use crate::protocol::sign::{read_cancel, read_retire, CallKey, ReplayGuard};
 use crate::protocol::subjects;
 use crate::streams::StreamHub;
 use dispatch::Cancellable;
@@ -204,7 +204,7 @@ async fn run(
     if !info.shared && event_key.is_none() {
         return Err(Error::RunnerStart(format!(
             "{} has no valid event_key; parent and runner must be the same build",
-            crate::protocol::bootstrap::PARENT_ENV
+            crate::env::PARENT
         )));
     }
 
@@ -292,7 +292,7 @@ async fn run(
     let call_key = event_key.as_ref().map(CallKey::of_runner);
     if call_key.is_none() {
         warn!(
-            "calls to this runner are not signed: the parent of shared pool `{}` has no {SECRET_ENV}, \
+            "calls to this runner are not signed: the parent of shared pool `{}` has no FLAME_SECRET, \
              so any client of the NATS account that may publish to its subject can run its functions",
             info.pool
         );
