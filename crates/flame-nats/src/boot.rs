@@ -16,6 +16,7 @@ use crate::hooks::{Hooks, PoolEvent};
 use crate::parent::ParentContext;
 use crate::protocol::bootstrap::ParentInfo;
 use crate::protocol::events::EventKey;
+use crate::protocol::pool_events::Reason;
 use crate::protocol::sign::CallKey;
 
 /// Pause before booting again after a transient boot failure, while
@@ -278,6 +279,25 @@ impl RetryGate {
     /// True while a permanent failure's cooldown runs.
     pub(crate) fn cooling_down(&self) -> bool {
         self.cooling_until.is_some_and(|at| Instant::now() < at)
+    }
+}
+
+/// The machine-readable reason of a failed boot.
+pub(crate) fn boot_failure_reason(e: &Error) -> Reason {
+    match e {
+        Error::BootTimeout { .. } => Reason::BootTimeout,
+        Error::BuildMismatch { .. } => Reason::BuildMismatch,
+        // The runner was refused when it reported another build.
+        Error::BootFailed { reason, .. } if reason.starts_with("build mismatch") => {
+            Reason::BuildMismatch
+        }
+        // It started, then exited (or went silent) before it was ready.
+        Error::BootFailed {
+            source: None,
+            reason,
+            ..
+        } => crate::protocol::pool_events::classify_gone(reason),
+        _ => Reason::BackendError,
     }
 }
 

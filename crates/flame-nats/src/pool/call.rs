@@ -6,15 +6,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use flame_core::stream::{with_transport, StreamTransport};
 use flame_core::{Error, RemoteFn};
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::{debug, warn, Instrument, Span};
 
-use super::model::{Checkout, RunnerId, RunnerState, WaiterId};
-use super::outbox;
-use super::runners::RunnerLink;
-use super::{Pool, PoolInner, State};
+use super::link::{self, RunnerLink};
+use super::model::RunnerId;
+use super::slot::Slot;
+use super::{Pool, PoolInner};
 use crate::protocol::call::{self as wire, Reply};
 use crate::replies::Replies;
 use crate::streams::{holding, scoped, CallStreams, StreamHub};
@@ -158,28 +157,7 @@ pub(super) fn call_span(
         span_id = Empty,
         parent_span_id = Empty,
     );
-    let inherited = trace::current();
-    #[allow(unused_mut)] // (changed only with OpenTelemetry)
-    let mut trace = match inherited {
-        Some(parent) => Some(parent.child()),
-        None if !span.is_disabled() => Some(TraceContext::root()),
-        None => None,
-    };
-    #[cfg(feature = "otel")]
-    if !span.is_disabled() {
-        // OpenTelemetry made the span a child of the caller's own span (a
-        // request's, say): send its ids, so the trace goes on.
-        if let Some(ctx) = crate::otel::adopt(&span, None) {
-            trace = Some(ctx);
-        }
-    }
-    if let (Some(ctx), false) = (&trace, span.is_disabled()) {
-        span.record("trace_id", ctx.trace_hex());
-        span.record("span_id", ctx.span_hex());
-        if let Some(parent) = inherited {
-            span.record("parent_span_id", parent.span_hex());
-        }
-    }
+    let trace = trace::start(&span, trace::current(), false);
     (span, trace)
 }
 
@@ -187,58 +165,6 @@ pub(super) fn call_span(
 pub(super) fn record_outcome(span: &Span, error: Option<&Error>) {
     if !span.is_disabled() {
         span.record("outcome", error.map_or("ok", |e| e.kind().as_str()));
-    }
-}
-
-/// A slot on a runner. Dropping it gives the slot back.
-#[derive(Debug)]
-pub(crate) struct Slot {
-    pool: Arc<PoolInner>,
-    runner: Arc<RunnerLink>,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let handoff = {
-            let mut st = self.pool.state.lock().unwrap();
-            let handoff = st
-                .model
-                .checkin(&self.runner.id)
-                .and_then(|(w, r)| st.slot_for(&self.pool, w, &r));
-            self.pool.idle_if_last(&mut st, &self.runner.id);
-            handoff
-        };
-        deliver(handoff);
-    }
-}
-
-/// A slot on its way to a queued caller. Sent after the lock is released;
-/// if the caller is gone, the slot drops and goes back.
-pub(super) type Handoff = (oneshot::Sender<Slot>, Slot);
-
-pub(super) fn deliver(handoffs: impl IntoIterator<Item = Handoff>) {
-    for (tx, slot) in handoffs {
-        let _ = tx.send(slot);
-    }
-}
-
-impl State {
-    /// The slot a queued caller was handed, with where to send it.
-    pub(super) fn slot_for(
-        &mut self,
-        pool: &Arc<PoolInner>,
-        waiter: WaiterId,
-        runner: &RunnerId,
-    ) -> Option<Handoff> {
-        let tx = self.waiters.remove(&waiter)?;
-        let link = self.runners.get(runner)?.link.clone();
-        Some((
-            tx,
-            Slot {
-                pool: pool.clone(),
-                runner: link,
-            },
-        ))
     }
 }
 
@@ -363,24 +289,6 @@ pub(super) fn encode_args<F: RemoteFn>(
     Ok(Payload { buf, head, streams })
 }
 
-/// Removes a queued caller that stopped waiting (timed out or dropped).
-struct WaitGuard<'a> {
-    pool: &'a Arc<PoolInner>,
-    waiter: WaiterId,
-    armed: bool,
-}
-
-impl Drop for WaitGuard<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            let mut st = self.pool.state.lock().unwrap();
-            if st.model.cancel(self.waiter) {
-                st.waiters.remove(&self.waiter);
-            }
-        }
-    }
-}
-
 impl PoolInner {
     /// Places and runs one call, retrying elsewhere if the runner turns out
     /// to be gone before it received the call. When it fails, the streams
@@ -489,8 +397,8 @@ impl PoolInner {
             };
             let client = &self.parent.client;
             // Sent at once, with the calls to the same runner that are
-            // ready meanwhile (coalescing, see `outbox.rs`).
-            outbox::send_call(
+            // ready meanwhile (coalescing, see `link.rs`).
+            link::send_call(
                 &runner,
                 client,
                 replies,
@@ -559,110 +467,5 @@ impl PoolInner {
 
     fn set_draining(&self, runner: &RunnerId) {
         self.state.lock().unwrap().model.drain(runner);
-    }
-
-    /// Waits for a slot until the deadline.
-    async fn checkout(
-        self: &Arc<Self>,
-        deadline: Instant,
-        function: &str,
-        timeout: Duration,
-    ) -> Result<Slot, Error> {
-        let (mut rx, waiter) = {
-            let mut st = self.state.lock().unwrap();
-            if st.closed {
-                return Err(Error::PoolClosed(self.config.name.clone()));
-            }
-            let waiter = st.next_waiter;
-            st.next_waiter += 1;
-            match st.model.checkout(waiter) {
-                Checkout::Placed(id) => {
-                    if self.fleet.is_none() && st.model.boots_ahead() {
-                        // Hot start: this call may have made the pool
-                        // busy enough to boot ahead of demand.
-                        self.boot_locked(&mut st);
-                    }
-                    let link = st.runners[&id].link.clone();
-                    self.busy_if_first(&mut st, &id);
-                    return Ok(Slot {
-                        pool: self.clone(),
-                        runner: link,
-                    });
-                }
-                Checkout::Queued => {
-                    if st.retry.cooling_down() && st.no_runner_coming() {
-                        // A boot failed for good moments ago: booting again
-                        // now would fail the same way.
-                        if let Some(e) = st.last_boot_error.clone() {
-                            st.model.cancel(waiter);
-                            return Err(e);
-                        }
-                    }
-                    let (tx, rx) = oneshot::channel();
-                    st.waiters.insert(waiter, tx);
-                    self.boot_locked(&mut st);
-                    (rx, waiter)
-                }
-            }
-        };
-        let mut guard = WaitGuard {
-            pool: self,
-            waiter,
-            armed: true,
-        };
-        // A shared pool whose bucket cannot be used (a refused permission,
-        // a JetStream not ready past the bound) boots no runner: its
-        // callers fail with the reason at once.
-        let troubled = async {
-            match &self.fleet {
-                Some(fleet) => fleet.troubled().await,
-                None => std::future::pending().await,
-            }
-        };
-        let waited = tokio::select! {
-            biased;
-            waited = tokio::time::timeout_at(deadline, &mut rx) => waited,
-            e = troubled => {
-                drop(guard);
-                // A slot handed over just now goes back.
-                drop(rx.try_recv());
-                debug!(pool = %self.config.name, "a waiting caller fails: {e}");
-                return Err(e);
-            }
-        };
-        match waited {
-            Ok(Ok(slot)) => {
-                guard.armed = false;
-                Ok(slot)
-            }
-            Ok(Err(_)) => {
-                guard.armed = false;
-                // Taken off the queue: the pool closed, or a boot failed for
-                // good with nobody left to serve this caller.
-                let st = self.state.lock().unwrap();
-                match &st.last_boot_error {
-                    Some(e) if !st.closed => Err(e.clone()),
-                    _ => Err(Error::PoolClosed(self.config.name.clone())),
-                }
-            }
-            Err(_) => {
-                drop(guard);
-                // A slot may have been handed over just as time ran out.
-                drop(rx.try_recv());
-                let st = self.state.lock().unwrap();
-                let no_runner = st.model.count(RunnerState::Ready) == 0;
-                let trouble = self.fleet.as_ref().and_then(|f| f.trouble());
-                match (trouble.as_ref().or(st.last_boot_error.as_ref()), no_runner) {
-                    (Some(e), true) => Err(e.clone()),
-                    _ => {
-                        debug!(pool = %self.config.name, "no runner had room before the deadline");
-                        Err(Error::Timeout {
-                            function: function.to_string(),
-                            timeout,
-                        })
-                    }
-                }
-            }
-        }
     }
 }

@@ -9,8 +9,8 @@ use flame_core::Error;
 use futures::StreamExt;
 use tracing::debug;
 
-use super::call::Handoff;
 use super::model::RunnerId;
+use super::slot::{deliver, Handoff};
 use super::PoolInner;
 use crate::announce::Outgoing;
 use crate::protocol::events::{ParentAnswer, ParentEvent, RunnerEvent};
@@ -95,7 +95,7 @@ impl PoolInner {
                     self.boot_locked(&mut st);
                 }
                 drop(st);
-                super::call::deliver(handoffs);
+                deliver(handoffs);
                 self.changed.notify_waiters();
                 ParentAnswer::answer(true)
             }

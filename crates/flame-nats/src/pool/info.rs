@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use flame_core::Error;
 use futures::StreamExt;
 use tokio::time::Instant;
 use tracing::debug;
@@ -203,24 +202,5 @@ impl State {
             self.model.runner(id),
             Some((RunnerState::Ready | RunnerState::Draining, _))
         )
-    }
-}
-
-/// The machine-readable reason of a failed boot.
-pub(crate) fn boot_failure_reason(e: &Error) -> Reason {
-    match e {
-        Error::BootTimeout { .. } => Reason::BootTimeout,
-        Error::BuildMismatch { .. } => Reason::BuildMismatch,
-        // The runner was refused when it reported another build.
-        Error::BootFailed { reason, .. } if reason.starts_with("build mismatch") => {
-            Reason::BuildMismatch
-        }
-        // It started, then exited (or went silent) before it was ready.
-        Error::BootFailed {
-            source: None,
-            reason,
-            ..
-        } => crate::protocol::pool_events::classify_gone(reason),
-        _ => Reason::BackendError,
     }
 }

@@ -3,11 +3,17 @@
 //!
 //! - [`builder`]: `PoolBuilder`, the settings and `start`;
 //! - [`model`]: the placement rules, pure state without I/O;
-//! - [`call`]: one call or cast, from checkout to reply;
+//! - [`call`]: one call or cast, from encoding to reply;
+//! - [`slot`]: a slot on a runner, checked out by a call (at once, or
+//!   queued) and back in when it ends;
+//! - [`link`]: the parent's line to one runner (subjects, keys, streams)
+//!   and its outbox, which coalesces calls;
 //! - [`child`]: long-lived children placed on runners;
 //! - `map`: many calls of one function, with bounded work in flight;
-//! - [`runners`]: the runners' lives as the parent sees them (boot, ready,
-//!   gone, heartbeats, limits, close);
+//! - [`booting`]: booting a private pool's runners, and its limits;
+//! - [`runners`]: the runners as the parent sees them (ready, gone,
+//!   heartbeats);
+//! - [`fleet_port`]: what a shared pool's fleet tells the pool;
 //! - [`events`]: answering the events runners of a private pool send;
 //! - [`orphans`]: terminating runners that dead parents left behind;
 //! - [`info`]: pool events for operators, and `flame.pools.info`.
@@ -16,17 +22,20 @@
 //! callers are delivered after it is released (a dropped slot checks itself
 //! back in, which takes the lock).
 
+mod booting;
 pub(crate) mod builder;
 pub(crate) mod call;
 pub(crate) mod child;
 mod events;
+mod fleet_port;
 pub(crate) mod info;
+mod link;
 mod logs;
 mod map;
 pub(crate) mod model;
 mod orphans;
-mod outbox;
 mod runners;
+mod slot;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -35,11 +44,16 @@ use std::time::Duration;
 use flame_core::Error;
 use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
+use futures::future::BoxFuture;
+
+use crate::announce::{Counts, Outgoing};
 use crate::boot::{Booter, RetryGate};
 use crate::config::{validate_limits, PoolConfig};
 use crate::fleet::Fleet;
 use crate::parent::ParentContext;
+use crate::protocol::pool_events::{EventKind, Reason};
 use model::{PoolModel, RunnerId, RunnerState, WaiterId};
 use runners::RunnerEntry;
 
@@ -105,11 +119,84 @@ pub(crate) struct PoolInner {
 struct State {
     model: PoolModel,
     runners: HashMap<RunnerId, RunnerEntry>,
-    waiters: HashMap<WaiterId, oneshot::Sender<call::Slot>>,
+    waiters: HashMap<WaiterId, oneshot::Sender<slot::Slot>>,
     next_waiter: WaiterId,
     last_boot_error: Option<Error>,
     retry: RetryGate,
     closed: bool,
+}
+
+impl PoolInner {
+    /// Closes the pool, stops every runner (each drains up to `grace`) and
+    /// waits for boots under way, whose runners are stopped as their boot
+    /// returns.
+    pub(super) async fn shut_down(&self, grace: Duration) {
+        let stopping = self.close(grace);
+        if let Some(fleet) = &self.fleet {
+            fleet.left().await;
+        }
+        futures::future::join_all(stopping).await;
+        self.boots.close();
+        let bound = self.config.boot_timeout + crate::boot::BOOT_CLEANUP_MARGIN;
+        if tokio::time::timeout(bound, self.boots.wait())
+            .await
+            .is_err()
+        {
+            warn!(pool = %self.config.name, "boots still under way after {bound:?}; not waiting any longer");
+        }
+        self.listening.cancel();
+    }
+
+    /// Closes the pool: fails queued callers and asks every runner to stop.
+    /// Each stop has started when this returns; the futures resolve once
+    /// the runners are gone.
+    pub(super) fn close(&self, grace: Duration) -> Vec<BoxFuture<'static, ()>> {
+        self.closed.cancel();
+        let (entries, waiters) = {
+            let mut st = self.state.lock().unwrap();
+            st.closed = true;
+            let waiters: Vec<_> = st.waiters.drain().collect();
+            let entries: Vec<_> = st.runners.drain().collect();
+            for (id, _) in &entries {
+                st.model.remove(id);
+            }
+            (entries, waiters)
+        };
+        drop(waiters);
+        // Private pools announce their runners' end; a shared pool's last
+        // parent out does (see `Fleet::leave`).
+        let events = self.fleet.is_none().then(|| self.events.clone());
+        entries
+            .into_iter()
+            .map(|(id, entry)| {
+                const SHUT_DOWN: &str = "the pool was shut down";
+                entry.link.fail(&self.parent.replies, SHUT_DOWN.into());
+                if let Some(events) = &events {
+                    events.send(
+                        Outgoing::new(EventKind::RunnerRetiring, Counts::default())
+                            .runner(id.clone())
+                            .reason(Reason::Shutdown),
+                    );
+                }
+                let events = events.clone();
+                let stop = entry.stopper.map(|s| s.stop(grace));
+                let announced = async move {
+                    if let Some(stop) = stop {
+                        stop.await;
+                    }
+                    if let Some(events) = events {
+                        events.send(
+                            Outgoing::new(EventKind::RunnerGone, Counts::default())
+                                .runner(id)
+                                .reason(Reason::Shutdown)
+                                .detail(SHUT_DOWN),
+                        );
+                    }
+                };
+                Box::pin(announced) as BoxFuture<'static, ()>
+            })
+            .collect()
+    }
 }
 
 /// How many runners a pool has, by state, and how many callers wait.

@@ -616,25 +616,7 @@ impl Runner {
             span_id = Empty,
             parent_span_id = Empty,
         );
-        #[allow(unused_mut)] // (changed only with OpenTelemetry)
-        let mut ctx = match caller {
-            Some(caller) => Some(caller.child()),
-            None if !span.is_disabled() => Some(TraceContext::root()),
-            None => None,
-        };
-        #[cfg(feature = "otel")]
-        if !span.is_disabled() {
-            if let Some(otel) = crate::otel::adopt(&span, caller) {
-                ctx = Some(otel);
-            }
-        }
-        if let (Some(ctx), false) = (&ctx, span.is_disabled()) {
-            span.record("trace_id", ctx.trace_hex());
-            span.record("span_id", ctx.span_hex());
-            if let Some(caller) = caller {
-                span.record("parent_span_id", caller.span_hex());
-            }
-        }
+        let ctx = trace::start(&span, caller, true);
         (span, ctx)
     }
 

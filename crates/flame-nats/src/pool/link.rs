@@ -1,3 +1,7 @@
+//! The parent's line to one runner: [`RunnerLink`], what calls to it hold
+//! on to (its subjects, the key calls to it are signed with, the streams
+//! of its calls, why it went down), and its [`Outbox`].
+//!
 //! Call coalescing: calls to one runner that are ready to go while another
 //! call to it is being sent go together, in one NATS message (see
 //! `protocol/batch.rs`).
@@ -12,19 +16,108 @@
 //! in the same message. Per-call deadlines, cancellation and errors are
 //! untouched: each call keeps its own envelope and reply subject.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use async_nats::Subject;
 use bytes::Bytes;
 use flame_core::Error;
 use tracing::debug;
 
-use super::runners::RunnerLink;
+use super::model::RunnerId;
 use crate::protocol::batch::{batch_body, split_reply, BatchedCall, PER_CALL_OVERHEAD};
 use crate::protocol::call as wire;
+use crate::protocol::pool_events::{classify_gone, Reason};
+use crate::protocol::sign::CallKey;
+use crate::protocol::subjects;
 use crate::replies::Replies;
+use crate::streams::RunnerStreams;
 use crate::trace::TraceContext;
+
+/// How long a call on a runner that stopped on purpose still waits for its
+/// reply after the runner's exit is seen.
+const TRAILING_REPLY_GRACE: Duration = Duration::from_millis(500);
+
+/// What a call holds on to while it runs on a runner.
+#[derive(Debug)]
+pub(crate) struct RunnerLink {
+    pub(super) id: RunnerId,
+    /// Built once: cloning a `Subject` is a reference count, not a copy.
+    pub(super) subject: async_nats::Subject,
+    pub(super) cancel_subject: String,
+    /// Signs the calls to it and their cancellations: a private pool's
+    /// runner has its own, a shared pool's runners share the pool's (none
+    /// without a secret).
+    pub(super) key: Option<CallKey>,
+    /// Set when the runner said it is stopping (drains, then exits).
+    pub(super) stopping: AtomicBool,
+    /// Why it went down, once it did.
+    down_reason: OnceLock<String>,
+    /// Calls waiting to go to it together (call coalescing).
+    pub(super) outbox: Outbox,
+    /// The streams and channels of its calls, ended when it goes down.
+    pub(super) streams: RunnerStreams,
+}
+
+impl RunnerLink {
+    pub(super) fn new(pool: &str, id: &RunnerId, key: Option<CallKey>) -> RunnerLink {
+        RunnerLink {
+            id: id.clone(),
+            subject: subjects::runner(pool, id).into(),
+            cancel_subject: subjects::runner_cancel(pool, id),
+            key,
+            stopping: AtomicBool::new(false),
+            down_reason: OnceLock::new(),
+            outbox: Default::default(),
+            streams: RunnerStreams::default(),
+        }
+    }
+
+    /// Records why the runner is gone and fails the calls waiting on it,
+    /// and ends the streams and channels of its calls: at once, or, if it
+    /// stopped cleanly (it drained and sent its last
+    /// replies before exiting, which may be read after its exit is seen),
+    /// after a short grace. A clean stop is one it said it was making, or
+    /// an exit with code 0 or the removal of its lease: the runner's own
+    /// last steps, which the news of its draining may not have preceded
+    /// (a shared pool's runner says so in the KV bucket, read apart from
+    /// its process's exit and from its replies).
+    pub(super) fn fail(&self, replies: &Arc<Replies>, reason: String) {
+        let _ = self.down_reason.set(reason.clone());
+        let clean = matches!(classify_gone(&reason), Reason::Stopped | Reason::LeaseLost);
+        let grace = if clean || self.stopping.load(Ordering::SeqCst) {
+            TRAILING_REPLY_GRACE
+        } else {
+            Duration::ZERO
+        };
+        self.end_streams(&reason, grace);
+        replies.fail_runner(&self.id, reason, grace);
+    }
+
+    /// Ends the streams of its calls with `RunnerDown`, after `grace`.
+    fn end_streams(&self, reason: &str, grace: Duration) {
+        let rt = tokio::runtime::Handle::try_current();
+        match rt {
+            Ok(rt) if !grace.is_zero() => {
+                let (id, reason) = (self.id.clone(), reason.to_string());
+                let streams = self.streams.clone();
+                rt.spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    streams.down(&id, &reason);
+                });
+            }
+            _ => self.streams.down(&self.id, reason),
+        }
+    }
+
+    pub(super) fn reason(&self) -> String {
+        self.down_reason
+            .get()
+            .cloned()
+            .unwrap_or_else(|| "runner went down".to_string())
+    }
+}
 
 /// Calls larger than this go alone: batching saves per-message work,
 /// which large calls do not spend most of their time on.

@@ -11,6 +11,9 @@
 use std::cell::Cell;
 use std::fmt;
 
+mod span;
+pub(crate) use span::start;
+
 /// The `traceparent` request header.
 pub(crate) const HEADER_TRACEPARENT: &str = "traceparent";
 
