@@ -282,7 +282,8 @@ impl Runner {
                     true
                 }
             },
-            Err((_, message)) => {
+            Err(error) => {
+                let message = error.message;
                 warn!(runner = %self.info.runner_id, "idle check `{name}` failed ({message}); stopping anyway");
                 true
             }

@@ -19,12 +19,16 @@
 //! - [`lease`]: a shared pool runner's lease in the KV bucket;
 //! - [`logs`]: forwarding its log lines to the parent, when asked.
 
+mod check;
 mod dispatch;
+mod execute;
+mod inline;
 mod lease;
 mod lifecycle;
 pub(crate) mod logs;
 mod request;
 mod unconfirmed;
+mod work;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -50,8 +54,8 @@ use crate::protocol::lease::LeaseState;
 use crate::protocol::sign::{read_cancel, read_retire, CallKey, ReplayGuard};
 use crate::protocol::subjects;
 use crate::streams::StreamHub;
-use dispatch::Cancellable;
 use lease::LeaseKeeper;
+use work::Cancellable;
 
 /// Why a runner stops; decides whether in-flight work may finish.
 #[derive(Debug)]
@@ -126,7 +130,7 @@ struct Runner {
     /// `started` (an atomic: this is touched twice per call).
     last_active_ms: AtomicU64,
     /// Per function, how its first polls went (see [`Runner::dispatch`]).
-    slow_polls: HashMap<&'static str, dispatch::PollWatch>,
+    slow_polls: HashMap<&'static str, inline::PollWatch>,
     /// Set while stopping; only then do finished calls wake the drain.
     draining: AtomicBool,
     /// Woken when in-flight work finishes during the drain.
@@ -309,7 +313,7 @@ async fn run(
         slow_polls: registry
             .names()
             .into_iter()
-            .map(|name| (name, dispatch::PollWatch::default()))
+            .map(|name| (name, inline::PollWatch::default()))
             .collect(),
         started: Instant::now(),
         transport: streams.clone(),

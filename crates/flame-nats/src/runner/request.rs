@@ -15,6 +15,32 @@ use super::Counters;
 use crate::protocol::batch::{reply_batch_body, split_reply, ReadCall, BATCH_REPLY_TOKEN};
 use crate::protocol::call::{self as wire, error_headers, WireErrorKind};
 
+/// An error reply, as the runner sends it: its kind (the `Flame-Error`
+/// header), its message, and the extra headers some kinds carry (the
+/// runner's build on a build mismatch, the sizes of a result too large).
+#[derive(Debug)]
+pub(super) struct WireError {
+    pub(super) kind: WireErrorKind,
+    pub(super) message: String,
+    pub(super) headers: Vec<(&'static str, String)>,
+}
+
+impl WireError {
+    pub(super) fn new(kind: WireErrorKind, message: impl Into<String>) -> WireError {
+        WireError {
+            kind,
+            message: message.into(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// With an extra header.
+    pub(super) fn header(mut self, name: &'static str, value: impl Into<String>) -> WireError {
+        self.headers.push((name, value.into()));
+        self
+    }
+}
+
 /// One call to run.
 pub(super) struct CallRequest {
     /// The envelope and the arguments.
@@ -88,13 +114,13 @@ impl CallRequest {
 
     /// Sends an error reply (never batched): the micro-service error
     /// headers plus `Flame-Error` naming the kind.
-    pub(super) async fn respond_error(
-        &self,
-        to: Replier<'_>,
-        kind: WireErrorKind,
-        message: String,
-        extra: &[(&str, String)],
-    ) {
+    pub(super) async fn respond_error(&self, to: Replier<'_>, error: WireError) {
+        let WireError {
+            kind,
+            message,
+            headers,
+        } = error;
+        let extra = &headers[..];
         let Some(reply) = &self.reply else {
             return;
         };
