@@ -5,7 +5,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::time::Instant;
 
-use crate::CliError;
+use crate::error::CliError;
 
 /// Publishes an empty request on `subject` and collects every answer that
 /// comes within `wait` (none at all: as soon as the server says nobody

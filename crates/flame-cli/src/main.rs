@@ -20,6 +20,8 @@
 //! Exit codes: 0 done, 1 NATS unreachable, a permission denied or another
 //! failure, 2 bad usage or `top` without a terminal.
 
+mod connection;
+mod error;
 mod gather;
 mod pools;
 mod refusals;
@@ -34,10 +36,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::refusals::Refusals;
-
-/// Default NATS server, as the `nats` tools assume.
-const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
+use crate::connection::{connect, server_url};
+use crate::error::CliError;
 
 /// What the flame pools on a NATS server are doing.
 #[derive(Debug, Parser)]
@@ -80,21 +80,6 @@ enum Command {
     Top,
 }
 
-/// A failure, with the exit code it ends the command with.
-#[derive(Debug)]
-enum CliError {
-    /// NATS cannot be reached, or another failure: exit 1.
-    Failed(String),
-    /// Wrong use: exit 2.
-    Usage(String),
-}
-
-impl CliError {
-    fn nats(what: &str, e: impl std::fmt::Display) -> CliError {
-        CliError::Failed(format!("{what}: {e}"))
-    }
-}
-
 /// `500ms`, `2s`, `1.5s`, or a number of milliseconds.
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -112,34 +97,6 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         .filter(|n| n.is_finite() && *n >= 0.0)
         .map(|n| Duration::from_secs_f64(n * scale))
         .ok_or_else(|| format!("`{text}` is not a duration such as 500ms or 2s"))
-}
-
-/// The server to use: `--server`, `NATS_URL`, or the default.
-fn server_url(flag: Option<String>) -> String {
-    flag.or_else(|| std::env::var("NATS_URL").ok())
-        .filter(|u| !u.trim().is_empty())
-        .unwrap_or_else(|| DEFAULT_URL.to_string())
-}
-
-/// The inbox prefix of the command's connection: its user may be allowed
-/// to read its own replies and no others (PROTOCOL.md, section 9.1).
-pub(crate) const INBOX_PREFIX: &str = "_INBOX.flame-cli";
-
-/// A connection, and what the server refuses it.
-pub(crate) struct Connection {
-    pub(crate) client: async_nats::Client,
-    pub(crate) refusals: Refusals,
-}
-
-async fn connect(url: &str) -> Result<Connection, CliError> {
-    let refusals = Refusals::default();
-    let client =
-        flame_nats::tool::connect_tool_with(url, "flame cli", Duration::from_secs(3), |o| {
-            refusals.watch(o.custom_inbox_prefix(INBOX_PREFIX))
-        })
-        .await
-        .map_err(|e| CliError::Failed(e.to_string()))?;
-    Ok(Connection { client, refusals })
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use flame_nats::ops::{PoolInfo, POOLS_INFO_SUBJECT};
 
+use crate::connection::Connection;
+use crate::error::CliError;
 use crate::gather::{decoded, gather};
 use crate::table::{render, short};
-use crate::{CliError, Connection};
 
 /// Columns of the table.
 pub(crate) const HEADER: [&str; 11] = [

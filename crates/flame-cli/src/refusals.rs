@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use crate::CliError;
+use crate::error::CliError;
 
 /// The permission violations the server reported on the connection.
 #[derive(Debug, Clone, Default)]

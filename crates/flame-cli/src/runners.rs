@@ -8,10 +8,11 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde::Deserialize;
 
+use crate::connection::Connection;
+use crate::error::CliError;
 use crate::gather::{decoded, gather};
 use crate::table::{render, short};
 use crate::time::since;
-use crate::{CliError, Connection};
 
 /// Columns of the table.
 pub(crate) const HEADER: [&str; 7] = [

@@ -14,9 +14,10 @@ use ratatui::text::Line;
 use ratatui::widgets::{Block, Paragraph, Row, Table};
 use ratatui::Frame;
 
+use crate::connection::Connection;
+use crate::error::CliError;
 use crate::pools::{gather_rows, PoolRow, HEADER};
 use crate::watch::line;
-use crate::{CliError, Connection};
 
 /// Events kept for the view.
 const KEPT_EVENTS: usize = 500;

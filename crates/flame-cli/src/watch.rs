@@ -5,8 +5,9 @@ use std::io::Write;
 use flame_nats::ops::{events_wildcard, EventKind, PoolEventMessage};
 use futures::StreamExt;
 
+use crate::connection::Connection;
+use crate::error::CliError;
 use crate::table::short;
-use crate::{CliError, Connection};
 
 /// One event as a line:
 /// `08:00:00.123 thumbs runner_ready 3f2a9c1e… runners=3 ready=2 load=5`.

@@ -19,7 +19,10 @@
 //!   the pool from the old build to the new one;
 //! - the scaler boots and retires runners; a boot first takes a slot in
 //!   `slots` by compare-and-set, so racing scalers can never boot past
-//!   `max` ([`scaler`], with the pure rules in [`scaling`]);
+//!   `max` ([`scaler`], one boot in [`booting`], with the pure rules in
+//!   [`scaling`]);
+//! - a parent leaving removes its lease and hands the scaler role on; the
+//!   last parent of a build retires the build's runners ([`leave`]);
 //! - runners renew their own leases and cap their own concurrency, and ask
 //!   `flame.<pool>.alive`, answered by any parent, whether to keep going.
 //!
@@ -29,7 +32,9 @@
 //!
 //! The fleet talks to its pool only through [`PoolPort`].
 
+mod booting;
 mod election;
+mod leave;
 mod mirror;
 mod scaler;
 mod scaling;
@@ -41,12 +46,11 @@ use std::time::Duration;
 use async_nats::jetstream::kv::Store;
 use flame_core::backend::StopRunner;
 use flame_core::Error;
-use futures::future::BoxFuture;
 use futures::StreamExt;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::announce::{Counts, Outgoing, PoolAnnouncer};
 use crate::boot::Booter;
@@ -54,8 +58,7 @@ use crate::config::PoolConfig;
 use crate::kv;
 use crate::parent::ParentContext;
 use crate::protocol::call as wire;
-use crate::protocol::lease::{LeaseState, RunnerLease, Slots};
-use crate::protocol::pool_events::{EventKind, Reason};
+use crate::protocol::lease::{RunnerLease, Slots};
 use crate::protocol::subjects;
 use mirror::FleetState;
 
@@ -113,11 +116,6 @@ pub(crate) fn bucket_subjects(pool: &str) -> Vec<String> {
         "\"$JS.API.INFO\"".to_string(),
     ]
 }
-
-/// Longest wait for the bucket while leaving the pool (removing this
-/// parent's lease and scaler term, listing the other parents): shutdown
-/// stays bounded whatever the server answers.
-const LEAVE_BUCKET_LIMIT: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for Fleet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -302,169 +300,6 @@ impl Fleet {
         let _ = left.wait_for(|done| *done).await;
     }
 
-    /// Leaves the pool: removes this parent's lease and hands the scaler role
-    /// on. The runners of this parent's build are stopped (draining) when no
-    /// other parent of the build is left to use them. Called by the parent loop as its last
-    /// step only: a renewal still under way would otherwise bring the lease
-    /// back after its removal, and two parents leaving together would each
-    /// see the other and leave the runners behind.
-    async fn leave(&self) {
-        self.leave_now().await;
-        self.left.send_replace(true);
-    }
-
-    async fn leave_now(&self) {
-        let me = self.parent.parent_id.clone();
-        let (leading, owned) = {
-            let mut st = self.state.lock().unwrap();
-            let owned: Vec<(String, Box<dyn StopRunner>)> = st.owned.drain().collect();
-            (st.leading.take(), owned)
-        };
-        // Bounded, and cut short by a refusal: a bucket this parent may no
-        // longer use must not hold up its shutdown.
-        let permissions = &self.parent.events.permissions;
-        let mark = permissions.mark_about(bucket_subjects(&self.config.name));
-        let bucket = async {
-            let _ = self.store.delete(subjects::parent_key(&me)).await;
-            if let Some(term) = leading {
-                let _ = self
-                    .store
-                    .delete_expect_revision(&self.scaler_key, Some(term))
-                    .await;
-            }
-            Ok(self.others_of_my_build_remain().await)
-        };
-        let others_remain =
-            tokio::time::timeout(LEAVE_BUCKET_LIMIT, permissions.guard(&mark, bucket)).await;
-        let others_remain = match others_remain {
-            Ok(Ok(others)) => others,
-            Ok(Err(e)) => {
-                warn!(pool = %self.config.name, "leaving the pool without the bucket: {e}");
-                true
-            }
-            Err(_) => {
-                warn!(pool = %self.config.name, "leaving the pool without the bucket: no answer within {LEAVE_BUCKET_LIMIT:?}");
-                true
-            }
-        };
-        if others_remain {
-            // The other parents go on using these runners; their scaler
-            // stops them when they are no longer wanted.
-            for (_, stopper) in &owned {
-                stopper.detach();
-            }
-            return;
-        }
-        // The last parent of this build out: retire every runner of the
-        // build (runners of other builds are their parents' business).
-        let ids: Vec<String> = {
-            let st = self.state.lock().unwrap();
-            let ids: Vec<String> = st
-                .runners
-                .iter()
-                .filter(|(_, seen)| *seen.value.build == *self.parent.build_id)
-                .map(|(id, _)| id.clone())
-                .collect();
-            for id in &ids {
-                self.announce(&st, |c| {
-                    Outgoing::new(EventKind::RunnerRetiring, c)
-                        .runner(id.as_str())
-                        .reason(Reason::Shutdown)
-                });
-            }
-            ids
-        };
-        for id in &ids {
-            self.send_retire(id).await;
-        }
-        let _ = self.parent.client.flush().await;
-        let grace = self.config.shutdown_timeout;
-        let gone = |id: String| {
-            const SHUT_DOWN: &str = "the pool was shut down";
-            Outgoing::new(EventKind::RunnerGone, Counts::default())
-                .runner(id)
-                .reason(Reason::Shutdown)
-                .detail(SHUT_DOWN)
-        };
-        let mut stops: Vec<BoxFuture<'_, ()>> = owned
-            .iter()
-            .map(|(id, s)| {
-                let stop = s.stop(grace);
-                let id = id.clone();
-                Box::pin(async move {
-                    stop.await;
-                    self.events.send(gone(id));
-                }) as BoxFuture<'_, ()>
-            })
-            .collect();
-        // Runners another parent booted: gone once their lease is (they
-        // remove it when they exit), within the same grace.
-        for id in ids
-            .into_iter()
-            .filter(|id| !owned.iter().any(|(o, _)| o == id))
-        {
-            let mark = mark.clone();
-            stops.push(Box::pin(async move {
-                let key = subjects::runner_key(&id);
-                let deadline = tokio::time::Instant::now() + grace;
-                let gone_yet = async {
-                    while tokio::time::Instant::now() < deadline {
-                        match tokio::time::timeout_at(deadline, self.store.get(&key)).await {
-                            Ok(Ok(None)) => return Ok(true),
-                            Ok(Ok(Some(_))) => {}
-                            // The bucket cannot tell: do not wait out the
-                            // grace on it.
-                            Ok(Err(e)) => {
-                                debug!(runner = %id, "cannot read its lease while leaving: {e}");
-                                return Ok(false);
-                            }
-                            Err(_) => return Ok(false),
-                        }
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    Ok(false)
-                };
-                if let Ok(true) = self.parent.events.permissions.guard(&mark, gone_yet).await {
-                    self.events.send(gone(id));
-                }
-            }));
-        }
-        futures::future::join_all(stops).await;
-    }
-
-    /// After this parent removed its own lease: are other parents of its
-    /// build left?
-    ///
-    /// Asks the bucket itself, not the mirror, so that parents leaving
-    /// together cannot each see the other and leave the runners behind:
-    /// the deletes are ordered in the bucket, and the last to read sees
-    /// none. A parent whose lease this one has seen go silent, or whose
-    /// lease says another build, does not count; one not seen yet does.
-    async fn others_of_my_build_remain(&self) -> bool {
-        let me = subjects::parent_key(&self.parent.parent_id);
-        let keys = match self.store.keys().await {
-            Ok(keys) => keys,
-            Err(e) => {
-                debug!("cannot list the pool's parents: {e}");
-                // Unsure: keep the runners; they stop on their own after
-                // parent_grace if nobody is left.
-                return true;
-            }
-        };
-        let keys: Vec<String> = keys.filter_map(|k| async { k.ok() }).collect().await;
-        let st = self.state.lock().unwrap();
-        let stale_after = self.stale_after();
-        keys.iter()
-            .filter(|k| k.starts_with("parents.") && **k != me)
-            .any(|k| {
-                let id = &k["parents.".len()..];
-                st.parents.get(id).is_none_or(|seen| {
-                    seen.changed.elapsed() <= stale_after
-                        && *seen.value.build == *self.parent.build_id
-                })
-            })
-    }
-
     /// Whether a parent of `build` is alive, as far as this parent knows.
     fn build_has_parent(&self, build: &str) -> bool {
         if build == &*self.parent.build_id {
@@ -518,28 +353,6 @@ impl Fleet {
             }
         }
         let _ = requests.unsubscribe().await;
-    }
-
-    /// The lease of a runner this parent's scaler is about to boot.
-    fn booting_lease(&self, id: &str) -> RunnerLease {
-        RunnerLease {
-            runner: id.to_string(),
-            pool: self.config.name.clone(),
-            state: LeaseState::Booting,
-            build: self.parent.build_id.to_string(),
-            capacity: self.config.max_concurrency,
-            load: 0,
-            queued: 0,
-            idle_ms: 0,
-            handle: String::new(),
-            booted_by: self.parent.parent_id.clone(),
-            beat: 0,
-            outages: 0,
-            outage_ms: 0,
-            since_outage_ms: 0,
-            boot_failure: None,
-            boot_failure_permanent: false,
-        }
     }
 }
 

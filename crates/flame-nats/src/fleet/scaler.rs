@@ -1,21 +1,18 @@
 //! The scaler's work, done by the elected parent of each build only: reap
 //! dead runners, retire the runners of builds no parent uses any more, then
 //! boot or retire the runners of its own build per the plan of
-//! [`super::scaling`].
+//! [`super::scaling`] (booting one runner is [`super::booting`]).
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flame_core::Error;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::scaling::{self, ScalingRules};
 use super::{Fleet, PoolPort};
 use crate::announce::Outgoing;
-use crate::boot::boot_failure_reason;
-use crate::boot::BootFailure;
 use crate::kv;
 use crate::protocol::events::ParentEvent;
 use crate::protocol::lease::{LeaseState, RunnerLease};
@@ -314,153 +311,10 @@ impl Fleet {
         }
     }
 
-    /// Boots one runner: slot first (compare-and-set against `max`), then
-    /// the lease, then the backend.
-    async fn boot(self: Arc<Self>, port: Arc<dyn PoolPort>, id: String, max: usize) {
-        let pool = &self.config.name;
-        // `leased`: the lease was written, so its removal announces the
-        // failure; else it is announced here.
-        let fail = |e: Error, leased: bool, permanent: bool| {
-            let mut st = self.state.lock().unwrap();
-            st.pending.remove(&id);
-            st.retry.failed(permanent, self.config.boot_cooldown);
-            let (reason, detail) = (boot_failure_reason(&e), e.to_string());
-            if leased {
-                st.gone_causes.insert(id.clone(), (reason, detail));
-            } else {
-                self.announce(&st, |c| {
-                    Outgoing::new(EventKind::RunnerBootFailed, c)
-                        .runner(id.as_str())
-                        .reason(reason)
-                        .detail(detail)
-                });
-            }
-            let runners = st.runners.len();
-            drop(st);
-            self.booter.grow_end(runners, Err(e));
-        };
-        match kv::take_slot(&self.store, &id, max).await {
-            Ok(true) => {}
-            Ok(false) => {
-                // Full: another boot won the race.
-                self.state.lock().unwrap().pending.remove(&id);
-                return;
-            }
-            Err(e) => {
-                warn!(%pool, "cannot take a slot: {e}");
-                fail(e, false, false);
-                return;
-            }
-        }
-        let key = subjects::runner_key(&id);
-        let lease = self.booting_lease(&id);
-        if let Err(e) = kv::compare_and_set(&self.store, &key, &lease, None).await {
-            warn!(%pool, "cannot write the lease of a new runner: {e}");
-            let _ = kv::free_slot(&self.store, &id).await;
-            fail(e, false, false);
-            return;
-        }
-        let runners = self.state.lock().unwrap().runners.len() + 1;
-        match self.booter.start(&id, None, runners).await {
-            Ok(booted) => {
-                let handle = booted.handle.clone();
-                self.state
-                    .lock()
-                    .unwrap()
-                    .owned
-                    .insert(id.clone(), booted.stopper);
-                if let Some(exited) = booted.exited {
-                    let me = self.clone();
-                    let id = id.clone();
-                    tokio::spawn(async move {
-                        let reason = exited.await;
-                        if me.exited_booting(&id, &reason) {
-                            // (It would exit the same way again.)
-                            me.record_boot_failure(&id, reason.clone(), true).await;
-                        }
-                        me.reap(&port, &id, "", &reason, true).await;
-                    });
-                }
-                // Record the handle so any later scaler can terminate it.
-                let recorded = kv::update(
-                    &self.store,
-                    &key,
-                    || None,
-                    |l: &mut RunnerLease| {
-                        l.handle = handle.clone();
-                        true
-                    },
-                );
-                if let Err(e) = recorded.await {
-                    warn!(%pool, runner = %id, "cannot record the runner's handle: {e}");
-                }
-            }
-            Err(BootFailure { error, permanent }) => {
-                let words = failure_words(&error);
-                // (The cause first: the lease's removal announces it.)
-                fail(error, true, permanent);
-                self.record_boot_failure(&id, words, permanent).await;
-                let _ = self.store.delete(&key).await;
-                let _ = kv::free_slot(&self.store, &id).await;
-            }
-        }
-    }
-
-    /// A runner this scaler booted exited before it was ready: its boot
-    /// failed, for the reason the backend gives (a local runner's last
-    /// words, say a refused NATS permission).
-    /// Returns whether it was still booting.
-    fn exited_booting(&self, id: &str, reason: &str) -> bool {
-        let mut st = self.state.lock().unwrap();
-        let booting = st
-            .runners
-            .get(id)
-            .is_none_or(|s| s.value.state == LeaseState::Booting);
-        if !booting {
-            return false;
-        }
-        st.retry.failed(true, self.config.boot_cooldown);
-        let runners = st.runners.len();
-        drop(st);
-        let pool = self.config.name.clone();
-        self.booter.grow_end(
-            runners,
-            Err(Error::BootFailed {
-                pool,
-                reason: reason.to_string(),
-                source: None,
-            }),
-        );
-        true
-    }
-
-    /// Writes why a runner's boot failed into its lease, which is about to
-    /// be removed: every parent of the build sees it through its watch, so
-    /// its callers waiting for a runner end with this reason.
-    async fn record_boot_failure(&self, id: &str, words: String, permanent: bool) {
-        // Everyone who may read the bucket reads this: the words, not
-        // whatever else a backend's error may have quoted.
-        let words: String = words.chars().take(BOOT_FAILURE_MAX).collect();
-        let key = subjects::runner_key(id);
-        let recorded = kv::update(
-            &self.store,
-            &key,
-            || None,
-            |l: &mut RunnerLease| {
-                l.boot_failure = Some(words.clone());
-                l.boot_failure_permanent = permanent;
-                true
-            },
-        );
-        if let Err(e) = recorded.await {
-            debug!(pool = %self.config.name, runner = %id, "cannot record why the boot failed: {e}");
-        }
-    }
-
     /// Removes a runner for good: its lease (which fails calls on it in
     /// every parent), its slot, and what is left of it.
     /// `exited`: the backend saw the runner's process end.
-    async fn reap(
+    pub(super) async fn reap(
         &self,
         port: &Arc<dyn PoolPort>,
         id: &str,
@@ -512,17 +366,5 @@ impl Fleet {
         if gone {
             let _ = kv::free_slot(&self.store, id).await;
         }
-    }
-}
-
-/// Most characters of a failed boot's reason a lease carries.
-const BOOT_FAILURE_MAX: usize = 500;
-
-/// A boot error in the words a caller's `Error::BootFailed` carries (not
-/// wrapped twice in "could not boot a runner").
-fn failure_words(e: &Error) -> String {
-    match e {
-        Error::BootFailed { reason, .. } => reason.clone(),
-        other => other.to_string(),
     }
 }

@@ -14,12 +14,14 @@
 //! left to receive the results.
 //!
 //! - [`dispatch`]: one request, from checks to reply;
+//! - [`counters`]: the runner's counters, as `nats micro stats` shows them;
 //! - [`request`]: a call alone or in a batch, and how it is answered;
 //! - [`lifecycle`]: the heartbeat, and the watch that decides to stop;
 //! - [`lease`]: a shared pool runner's lease in the KV bucket;
 //! - [`logs`]: forwarding its log lines to the parent, when asked.
 
 mod check;
+mod counters;
 mod dispatch;
 mod execute;
 mod inline;
@@ -54,6 +56,7 @@ use crate::protocol::lease::LeaseState;
 use crate::protocol::sign::{read_cancel, read_retire, CallKey, ReplayGuard};
 use crate::protocol::subjects;
 use crate::streams::StreamHub;
+use counters::Counters;
 use lease::LeaseKeeper;
 use work::Cancellable;
 
@@ -102,21 +105,6 @@ pub(crate) fn report_start_failure(error: &Error) {
     let reason = error.to_string().replace(['\r', '\n'], " ");
     // Nobody may be reading any more (the parent died): nothing to do then.
     let _ = writeln!(std::io::stderr().lock(), "{RUNNER_FAILURE_PREFIX}{reason}");
-}
-
-/// Counters kept on the runner, shown by `nats micro stats` as endpoint data.
-#[derive(Debug, Default)]
-struct Counters {
-    in_flight: AtomicUsize,
-    max_in_flight: AtomicUsize,
-    casts_failed: AtomicU64,
-    /// Calls answered (alone or in batches), and those answered with an
-    /// error: the micro service's own counts miss batched calls.
-    calls: AtomicU64,
-    errors: AtomicU64,
-    /// Calls and cancellations refused as not signed with the pool's key
-    /// (or replayed).
-    unauthenticated: AtomicU64,
 }
 
 struct Runner {
@@ -241,17 +229,7 @@ async fn run(
             .service_builder()
             .description(format!("flame runner of pool {}", info.pool))
             .metadata(metadata)
-            .stats_handler(move |_endpoint, _stats| {
-                serde_json::json!({
-                    "in_flight": stats_counters.in_flight.load(Ordering::Relaxed),
-                    "max_in_flight": stats_counters.max_in_flight.load(Ordering::Relaxed),
-                    "max_concurrency": max_concurrency,
-                    "casts_failed": stats_counters.casts_failed.load(Ordering::Relaxed),
-                    "calls": stats_counters.calls.load(Ordering::Relaxed),
-                    "errors": stats_counters.errors.load(Ordering::Relaxed),
-                    "unauthenticated": stats_counters.unauthenticated.load(Ordering::Relaxed),
-                })
-            })
+            .stats_handler(move |_endpoint, _stats| stats_counters.stats(max_concurrency))
             .start(format!("flame-{}", info.pool), env!("CARGO_PKG_VERSION"))
             .await
             .map_err(|e| Error::nats("cannot start the micro service", e))?;
