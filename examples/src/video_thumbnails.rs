@@ -88,8 +88,8 @@ async fn main() -> anyhow::Result<()> {
         // Show the wait for a runner as it happens.
         .on_grow_start(|e| println!("booting a runner ({} in the pool)", e.runners()))
         .on_grow_end(|e| match e {
-            flame::PoolEvent::GrowEnd { result: Ok(()), .. } => println!("runner ready"),
-            flame::PoolEvent::GrowEnd {
+            flame::PoolChange::GrowEnd { result: Ok(()), .. } => println!("runner ready"),
+            flame::PoolChange::GrowEnd {
                 result: Err(err), ..
             } => {
                 println!("runner failed to boot: {err}")

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flame::embedded::NatsServer;
-use flame::{Backend, BootSpec, Booted, BoxError, Flame, LocalBackend, PoolBuilder, PoolEvent};
+use flame::{Backend, BootSpec, Booted, BoxError, Flame, LocalBackend, PoolBuilder, PoolChange};
 use futures::future::BoxFuture;
 
 use crate::TEST_BUILD;
@@ -407,7 +407,7 @@ pub fn children_of(pid: u32) -> Vec<u32> {
 
 /// Records what a pool's hooks are told.
 #[derive(Debug, Clone, Default)]
-pub struct HookLog(Arc<Mutex<Vec<PoolEvent>>>);
+pub struct HookLog(Arc<Mutex<Vec<PoolChange>>>);
 
 impl HookLog {
     /// Installs itself as all three hooks of a pool.
@@ -419,7 +419,7 @@ impl HookLog {
     }
 
     /// Everything so far.
-    pub fn events(&self) -> Vec<PoolEvent> {
+    pub fn events(&self) -> Vec<PoolChange> {
         self.0.lock().unwrap().clone()
     }
 
@@ -427,7 +427,7 @@ impl HookLog {
     pub fn grow_starts(&self) -> usize {
         self.events()
             .iter()
-            .filter(|e| matches!(e, PoolEvent::GrowStart { .. }))
+            .filter(|e| matches!(e, PoolChange::GrowStart { .. }))
             .count()
     }
 }

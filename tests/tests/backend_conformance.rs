@@ -31,7 +31,7 @@
 
 use std::time::Duration;
 
-use flame::{CallOptions, Error, PoolEvent};
+use flame::{CallOptions, Error, PoolChange};
 use flame_tests::funcs::*;
 use flame_tests::harness::{
     error_within, kill9, path_in, runner_pids, testapp, wait_for, wait_in_flight, FailingFirst,
@@ -359,7 +359,7 @@ async fn transient_boot_failures_back_off(kind: Kind) {
     let failed = hooks
         .events()
         .iter()
-        .filter(|e| matches!(e, PoolEvent::GrowEnd { result: Err(_), .. }))
+        .filter(|e| matches!(e, PoolChange::GrowEnd { result: Err(_), .. }))
         .count();
     assert_eq!(failed, 2);
     if let Some(fly) = &platform.fly {

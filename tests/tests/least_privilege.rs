@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use flame::embedded::NatsServer;
-use flame::{CallOptions, Error, Flame, LocalBackend, PoolEvent, Stream};
+use flame::{CallOptions, Error, Flame, LocalBackend, PoolChange, Stream};
 use flame_tests::funcs::streams::{count_bytes, numbers};
 use flame_tests::funcs::{add, write_file};
 use flame_tests::harness::{builder, init_tracing, runner_backend, wait_for, HookLog};
@@ -265,7 +265,7 @@ async fn idled_down(hooks: &HookLog) {
         let gone = hooks
             .events()
             .iter()
-            .any(|e| matches!(e, PoolEvent::Shrink { .. }));
+            .any(|e| matches!(e, PoolChange::Shrink { .. }));
         async move { gone.then_some(()) }
     })
     .await;
@@ -534,7 +534,7 @@ async fn a_shared_pool_runner_without_its_lease_permission_fails_naming_it() {
     let started = tokio::time::Instant::now();
     let err = wait_for("a failed boot", LONG, || {
         let found = hooks.events().iter().find_map(|e| match e {
-            PoolEvent::GrowEnd { result: Err(e), .. } => Some(e.clone()),
+            PoolChange::GrowEnd { result: Err(e), .. } => Some(e.clone()),
             _ => None,
         });
         async move { found }

@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use flame::{CallOptions, Error, PoolEvent, RunnerState};
+use flame::{CallOptions, Error, PoolChange, RunnerState};
 use flame_tests::funcs::*;
 use flame_tests::harness::{
     file_exists, kill9, path_in, process_alive, runner_backend, start_marked_call, wait_for,
@@ -127,10 +127,10 @@ async fn min_runners_are_booted_at_start_and_replaced_when_they_die() {
         let events = hooks.events();
         let shrunk = events
             .iter()
-            .any(|e| matches!(e, PoolEvent::Shrink { runners: 1, .. }));
+            .any(|e| matches!(e, PoolChange::Shrink { runners: 1, .. }));
         let regrown = events
             .iter()
-            .filter(|e| matches!(e, PoolEvent::GrowEnd { result: Ok(()), .. }))
+            .filter(|e| matches!(e, PoolChange::GrowEnd { result: Ok(()), .. }))
             .count()
             == 3;
         (shrunk && regrown && pool.status().ready == 2).then_some(())
@@ -316,9 +316,9 @@ async fn failed_boot_is_reported_to_grow_end_retried_and_queued_work_served() {
     let kinds: Vec<String> = events
         .iter()
         .map(|e| match e {
-            PoolEvent::GrowStart { .. } => "start".to_string(),
-            PoolEvent::GrowEnd { result: Ok(()), .. } => "ready".to_string(),
-            PoolEvent::GrowEnd { result: Err(e), .. } => format!("failed: {e}"),
+            PoolChange::GrowStart { .. } => "start".to_string(),
+            PoolChange::GrowEnd { result: Ok(()), .. } => "ready".to_string(),
+            PoolChange::GrowEnd { result: Err(e), .. } => format!("failed: {e}"),
             other => format!("{other:?}"),
         })
         .collect();
@@ -350,19 +350,19 @@ async fn hooks_report_grow_and_shrink_with_runner_counts() {
         let shrunk = hooks
             .events()
             .iter()
-            .any(|e| matches!(e, PoolEvent::Shrink { .. }));
+            .any(|e| matches!(e, PoolChange::Shrink { .. }));
         (shrunk && !process_alive(at.pid)).then_some(())
     })
     .await;
     let events = hooks.events();
     assert!(
-        matches!(&events[0], PoolEvent::GrowStart { pool, runners: 1 } if pool == "hooks"),
+        matches!(&events[0], PoolChange::GrowStart { pool, runners: 1 } if pool == "hooks"),
         "{events:?}"
     );
     assert!(
         matches!(
             &events[1],
-            PoolEvent::GrowEnd {
+            PoolChange::GrowEnd {
                 runners: 1,
                 result: Ok(()),
                 ..
@@ -371,7 +371,7 @@ async fn hooks_report_grow_and_shrink_with_runner_counts() {
         "{events:?}"
     );
     assert!(
-        matches!(&events[2], PoolEvent::Shrink { runners: 0, .. }),
+        matches!(&events[2], PoolChange::Shrink { runners: 0, .. }),
         "{events:?}"
     );
 }

@@ -237,7 +237,7 @@ async fn slow_idle_check_does_not_delay_heartbeats() {
         hooks
             .events()
             .iter()
-            .any(|e| matches!(e, flame::PoolEvent::Shrink { .. }))
+            .any(|e| matches!(e, flame::PoolChange::Shrink { .. }))
     };
     let at = flame::call!(pool, whereabouts()).await.unwrap();
     // Two whole checks, unless the runner is counted out first.
@@ -305,7 +305,7 @@ async fn short_nats_outage_keeps_the_runner_and_serves_calls_made_during_it() {
     let shrinks: Vec<_> = hooks
         .events()
         .into_iter()
-        .filter(|e| matches!(e, flame::PoolEvent::Shrink { .. }))
+        .filter(|e| matches!(e, flame::PoolChange::Shrink { .. }))
         .collect();
     assert!(shrinks.is_empty(), "{shrinks:?}");
     assert!(process_alive(at.pid), "the runner exited");

@@ -12,11 +12,11 @@ use flame_core::Error;
 use tokio::time::Instant;
 
 use crate::config::PoolConfig;
-use crate::hooks::{Hooks, PoolEvent};
+use crate::hooks::{Hooks, PoolChange};
 use crate::parent::ParentContext;
 use crate::protocol::bootstrap::ParentInfo;
-use crate::protocol::events::EventKey;
 use crate::protocol::pool_events::Reason;
+use crate::protocol::reports::ReportKey;
 use crate::protocol::sign::CallKey;
 
 /// Pause before booting again after a transient boot failure, while
@@ -74,7 +74,7 @@ pub(crate) struct Booter {
     forwarded: Vec<(String, String)>,
     /// Shared pools with a secret: the `event_key` of every runner, from
     /// which the key that signs calls to them derives.
-    shared_key: Option<EventKey>,
+    shared_key: Option<ReportKey>,
     /// That call key.
     shared_call_key: Option<CallKey>,
 }
@@ -102,7 +102,7 @@ impl Booter {
         backend: Arc<dyn Backend>,
         hooks: Hooks,
         forwarded: Vec<(String, String)>,
-        shared_key: Option<EventKey>,
+        shared_key: Option<ReportKey>,
     ) -> Booter {
         let template = ParentInfo {
             parent_id: parent.parent_id.clone(),
@@ -156,12 +156,12 @@ impl Booter {
     /// variables and the URL's credentials. A private pool's runner gets its own key; a shared pool's
     /// the pool's (derived from its secret, without telling the secret),
     /// or none without a secret.
-    fn spec(&self, runner_id: &str, key: Option<&EventKey>) -> BootSpec {
+    fn spec(&self, runner_id: &str, key: Option<&ReportKey>) -> BootSpec {
         let mut info = self.template.clone();
         info.runner_id = runner_id.to_string();
         info.event_key = key
             .or(self.shared_key.as_ref())
-            .map(EventKey::to_hex)
+            .map(ReportKey::to_hex)
             .unwrap_or_default();
         let mut env = vec![(crate::env::PARENT.to_string(), info.to_env_value())];
         env.extend(self.forwarded.iter().cloned());
@@ -176,10 +176,10 @@ impl Booter {
     pub(crate) async fn start(
         &self,
         runner_id: &str,
-        key: Option<&EventKey>,
+        key: Option<&ReportKey>,
         runners: usize,
     ) -> Result<Booted, BootFailure> {
-        self.hooks.fire(PoolEvent::GrowStart {
+        self.hooks.fire(PoolChange::GrowStart {
             pool: self.pool.clone(),
             runners,
         });
@@ -206,7 +206,7 @@ impl Booter {
         if let Err(e) = &result {
             tracing::warn!(pool = %self.pool, "boot failed: {e}");
         }
-        self.hooks.fire(PoolEvent::GrowEnd {
+        self.hooks.fire(PoolChange::GrowEnd {
             pool: self.pool.clone(),
             runners,
             result,
@@ -215,7 +215,7 @@ impl Booter {
 
     /// Reports a runner leaving to `on_shrink`.
     pub(crate) fn shrink(&self, runners: usize, reason: String) {
-        self.hooks.fire(PoolEvent::Shrink {
+        self.hooks.fire(PoolChange::Shrink {
             pool: self.pool.clone(),
             runners,
             reason,

@@ -15,7 +15,7 @@ use crate::pool::builder::PoolBuilder;
 use crate::protocol::bootstrap::ParentInfo;
 use crate::protocol::subjects;
 use crate::replies::Replies;
-use crate::streams::StreamHub;
+use crate::stream_hub::StreamHub;
 
 /// Sets up flame in `main`: [`serve_if_runner`], then
 /// [`FlameBuilder::connect`] with the default settings.

@@ -6,10 +6,12 @@ use std::sync::Arc;
 
 use flame_core::Error;
 
-/// What a pool hook is told.
+/// What a pool hook is told: the pool started growing (a boot), a boot
+/// ended, or a runner left. (Not the pool events published on NATS for
+/// operators: those are `flame::ops::PoolEventMessage`.)
 #[derive(Debug, Clone)]
 #[non_exhaustive]
-pub enum PoolEvent {
+pub enum PoolChange {
     /// The pool asked its backend for a new runner.
     GrowStart {
         /// The pool.
@@ -38,48 +40,48 @@ pub enum PoolEvent {
     },
 }
 
-impl PoolEvent {
+impl PoolChange {
     /// The pool the event is about.
     pub fn pool(&self) -> &str {
         match self {
-            PoolEvent::GrowStart { pool, .. }
-            | PoolEvent::GrowEnd { pool, .. }
-            | PoolEvent::Shrink { pool, .. } => pool,
+            PoolChange::GrowStart { pool, .. }
+            | PoolChange::GrowEnd { pool, .. }
+            | PoolChange::Shrink { pool, .. } => pool,
         }
     }
 
     /// Runners booted or booting after the event.
     pub fn runners(&self) -> usize {
         match self {
-            PoolEvent::GrowStart { runners, .. }
-            | PoolEvent::GrowEnd { runners, .. }
-            | PoolEvent::Shrink { runners, .. } => *runners,
+            PoolChange::GrowStart { runners, .. }
+            | PoolChange::GrowEnd { runners, .. }
+            | PoolChange::Shrink { runners, .. } => *runners,
         }
     }
 }
 
 /// A hook. It runs on the pool's own tasks, so it should return quickly
 /// (spawn a task for slow work).
-pub(crate) type Hook = Arc<dyn Fn(&PoolEvent) + Send + Sync>;
+pub(crate) type Hook = Arc<dyn Fn(&PoolChange) + Send + Sync>;
 
 /// The hooks of one pool.
 #[derive(Clone, Default)]
 pub(crate) struct Hooks {
-    /// Runs on [`PoolEvent::GrowStart`].
+    /// Runs on [`PoolChange::GrowStart`].
     pub(crate) on_grow_start: Option<Hook>,
-    /// Runs on [`PoolEvent::GrowEnd`].
+    /// Runs on [`PoolChange::GrowEnd`].
     pub(crate) on_grow_end: Option<Hook>,
-    /// Runs on [`PoolEvent::Shrink`].
+    /// Runs on [`PoolChange::Shrink`].
     pub(crate) on_shrink: Option<Hook>,
 }
 
 impl Hooks {
     /// Runs the hook for this event, if one is set.
-    pub(crate) fn fire(&self, event: PoolEvent) {
+    pub(crate) fn fire(&self, event: PoolChange) {
         let hook = match &event {
-            PoolEvent::GrowStart { .. } => &self.on_grow_start,
-            PoolEvent::GrowEnd { .. } => &self.on_grow_end,
-            PoolEvent::Shrink { .. } => &self.on_shrink,
+            PoolChange::GrowStart { .. } => &self.on_grow_start,
+            PoolChange::GrowEnd { .. } => &self.on_grow_end,
+            PoolChange::Shrink { .. } => &self.on_shrink,
         };
         if let Some(hook) = hook {
             hook(&event);

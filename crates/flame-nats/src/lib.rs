@@ -4,17 +4,23 @@
 //!
 //! Modules, by concept:
 //! - [`flame`](crate::Flame): connecting as a parent, or serving as a runner;
-//! - `config`, `hooks`: a pool's settings and its grow/shrink callbacks;
-//! - `pool`: the parent side of a pool (builder, calls, runners, events,
-//!   placement model);
+//!   `connect`: reaching NATS (URLs, credentials, reconnects, outages,
+//!   permissions); `replies`: the one reply inbox of all calls;
+//! - `config`, `hooks`: a pool's settings and its grow/shrink callbacks
+//!   (the in-process pool hooks, told a [`PoolChange`]);
+//! - `pool`: the parent side of a pool (builder, calls, slots, runners,
+//!   runner reports, placement model);
 //! - `boot`: booting runners through a backend, for private and shared
 //!   pools alike;
 //! - `fleet`: shared pools over a JetStream KV bucket (mirror, election,
-//!   scaler), and `kv`: reading and compare-and-set of that bucket;
-//! - `runner`: the runner side (dispatch, lifecycle, lease);
-//! - `streams`: streams as arguments and results, with flow control;
+//!   scaler, and `fleet::kv`: reading and compare-and-set of that bucket);
+//! - `runner`: the runner side (dispatch, checks, execution, lifecycle,
+//!   lease);
+//! - `stream_hub`: the transport of streams and channels, with flow control;
+//! - `announce`: publishing pool events (for operators: [`ops`]);
 //! - `trace`: the W3C trace context a call carries to its runner;
 //! - `protocol`: subjects, headers, bodies and KV records;
+//! - [`env`](mod@env): the environment variables flame reads;
 //! - [`embedded`]: a private nats-server.
 
 #[cfg(not(target_os = "linux"))]
@@ -33,7 +39,6 @@ pub mod env;
 mod flame;
 mod fleet;
 mod hooks;
-mod kv;
 #[cfg(feature = "otel")]
 pub mod otel;
 mod parent;
@@ -41,7 +46,7 @@ mod pool;
 mod protocol;
 mod replies;
 mod runner;
-mod streams;
+mod stream_hub;
 mod trace;
 
 /// Following pools from an app or a tool: the pool events parents publish
@@ -69,7 +74,7 @@ pub use build_id::build_id;
 pub use config::PoolConfig;
 pub use connect::ConnectHook;
 pub use flame::{init, serve_if_runner, Flame, FlameBuilder};
-pub use hooks::PoolEvent;
+pub use hooks::PoolChange;
 pub use pool::builder::PoolBuilder;
 pub use pool::call::CallOptions;
 pub use pool::child::{Child, ChildExit, ChildOptions};

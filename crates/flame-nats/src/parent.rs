@@ -22,7 +22,7 @@ pub(crate) struct ParentContext {
     /// Where replies to this parent's calls arrive.
     pub(crate) replies: Arc<Replies>,
     /// Streams this parent sends and receives.
-    pub(crate) streams: Arc<crate::streams::StreamHub>,
+    pub(crate) streams: Arc<crate::stream_hub::StreamHub>,
     /// The private nats-server this parent started, if any; stopped with it.
     pub(crate) embedded: std::sync::Mutex<Option<NatsServer>>,
     /// Publishes its pools' events.

@@ -80,8 +80,8 @@ pub use flame_fly as fly;
 pub use flame_nats::otel;
 pub use flame_nats::{
     build_id, embedded, env, init, ops, parent, runner_log_layer, serve_if_runner, CallOptions,
-    Child, ChildExit, ChildOptions, Flame, FlameBuilder, ParentInfo, Pool, PoolBuilder, PoolConfig,
-    PoolEvent, PoolStatus, RunnerInfo, RunnerLogLayer, RunnerState,
+    Child, ChildExit, ChildOptions, Flame, FlameBuilder, ParentInfo, Pool, PoolBuilder, PoolChange,
+    PoolConfig, PoolStatus, RunnerInfo, RunnerLogLayer, RunnerState,
 };
 
 /// Runs a function or an inline block on a pool and waits for the result.

@@ -24,7 +24,7 @@ pub(crate) use credentials::UrlCredentials;
 pub(crate) use options::options_from_env_and;
 pub(crate) use outages::Outages;
 pub(crate) use permissions::Mark;
-// Named in the docs of other modules (`kv.rs`, `pool/builder.rs`) only.
+// Named in the docs of other modules (`fleet/kv.rs`, `pool/builder.rs`) only.
 #[allow(unused_imports)]
 pub(crate) use permissions::Permissions;
 pub(crate) use urls::only_loopback;

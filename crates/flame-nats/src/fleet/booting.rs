@@ -12,7 +12,7 @@ use super::{Fleet, PoolPort};
 use crate::announce::Outgoing;
 use crate::boot::boot_failure_reason;
 use crate::boot::BootFailure;
-use crate::kv;
+use crate::fleet::kv;
 use crate::protocol::lease::{LeaseState, RunnerLease};
 use crate::protocol::pool_events::EventKind;
 use crate::protocol::subjects;

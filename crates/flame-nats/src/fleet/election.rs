@@ -9,7 +9,7 @@ use tracing::{debug, info, warn};
 
 use super::{Fleet, PoolPort};
 use crate::announce::Outgoing;
-use crate::kv::{self, Cas};
+use crate::fleet::kv::{self, Cas};
 use crate::protocol::lease::{ParentLease, ScalerLease};
 use crate::protocol::pool_events::EventKind;
 use crate::protocol::subjects;

@@ -34,6 +34,7 @@
 
 mod booting;
 mod election;
+pub(crate) mod kv;
 mod leave;
 mod mirror;
 mod scaler;
@@ -55,7 +56,6 @@ use tracing::debug;
 use crate::announce::{Counts, Outgoing, PoolAnnouncer};
 use crate::boot::Booter;
 use crate::config::PoolConfig;
-use crate::kv;
 use crate::parent::ParentContext;
 use crate::protocol::call as wire;
 use crate::protocol::lease::{RunnerLease, Slots};

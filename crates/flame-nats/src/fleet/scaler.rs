@@ -13,10 +13,10 @@ use tracing::{debug, info, warn};
 use super::scaling::{self, ScalingRules};
 use super::{Fleet, PoolPort};
 use crate::announce::Outgoing;
-use crate::kv;
-use crate::protocol::events::ParentEvent;
+use crate::fleet::kv;
 use crate::protocol::lease::{LeaseState, RunnerLease};
 use crate::protocol::pool_events::{gone_reason, EventKind, Reason};
+use crate::protocol::reports::ReportKind;
 use crate::protocol::subjects;
 
 /// How often a scaler asks the backend for the pool's runners that have no
@@ -59,7 +59,7 @@ impl Fleet {
                 _ => continue,
             }
             let theirs = &runner.parent_id;
-            let events = subjects::parent_event(pool, theirs, ParentEvent::Ping);
+            let events = subjects::parent_event(pool, theirs, ReportKind::Ping);
             if !theirs.is_empty()
                 && self
                     .parent

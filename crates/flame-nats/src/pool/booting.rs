@@ -17,8 +17,8 @@ use super::runners::{RunnerEntry, Stopper};
 use super::{PoolInner, State};
 use crate::announce::Outgoing;
 use crate::boot::{boot_failure_reason, BootFailure, BOOT_RETRY_DEBOUNCE};
-use crate::protocol::events::EventKey;
 use crate::protocol::pool_events::{EventKind, Reason};
+use crate::protocol::reports::ReportKey;
 use crate::protocol::sign::CallKey;
 
 impl PoolInner {
@@ -44,7 +44,7 @@ impl PoolInner {
         for _ in 0..n {
             let id: RunnerId = Arc::from(uuid::Uuid::new_v4().simple().to_string());
             let (ready_tx, ready_rx) = oneshot::channel();
-            let key = EventKey::random();
+            let key = ReportKey::random();
             st.model.add_booting(id.clone());
             st.runners.insert(
                 id.clone(),
@@ -70,7 +70,7 @@ impl PoolInner {
     async fn boot(
         self: Arc<Self>,
         id: RunnerId,
-        key: EventKey,
+        key: ReportKey,
         ready: oneshot::Receiver<()>,
         runners: usize,
     ) {

@@ -15,10 +15,10 @@ use super::{Owner, Pool, PoolInner, State};
 use crate::boot::{Booter, RetryGate};
 use crate::config::PoolConfig;
 use crate::fleet::Fleet;
-use crate::hooks::{Hooks, PoolEvent};
+use crate::hooks::{Hooks, PoolChange};
 use crate::parent::ParentContext;
-use crate::protocol::events::{EventKey, ParentEvent};
 use crate::protocol::pool_events::{format_time, POOLS_INFO_SUBJECT};
+use crate::protocol::reports::{ReportKey, ReportKind};
 use crate::protocol::sign::CallKey;
 use crate::protocol::subjects;
 
@@ -134,19 +134,19 @@ impl PoolBuilder {
     }
 
     /// Runs `hook` each time the pool starts booting a runner.
-    pub fn on_grow_start(mut self, hook: impl Fn(&PoolEvent) + Send + Sync + 'static) -> Self {
+    pub fn on_grow_start(mut self, hook: impl Fn(&PoolChange) + Send + Sync + 'static) -> Self {
         self.hooks.on_grow_start = Some(Arc::new(hook));
         self
     }
 
     /// Runs `hook` each time a boot ends, with its outcome.
-    pub fn on_grow_end(mut self, hook: impl Fn(&PoolEvent) + Send + Sync + 'static) -> Self {
+    pub fn on_grow_end(mut self, hook: impl Fn(&PoolChange) + Send + Sync + 'static) -> Self {
         self.hooks.on_grow_end = Some(Arc::new(hook));
         self
     }
 
     /// Runs `hook` each time a ready runner leaves the pool.
-    pub fn on_shrink(mut self, hook: impl Fn(&PoolEvent) + Send + Sync + 'static) -> Self {
+    pub fn on_shrink(mut self, hook: impl Fn(&PoolChange) + Send + Sync + 'static) -> Self {
         self.hooks.on_shrink = Some(Arc::new(hook));
         self
     }
@@ -313,7 +313,7 @@ impl PoolBuilder {
             let subject = subjects::parent_event(
                 &inner.config.name,
                 &inner.parent.parent_id,
-                ParentEvent::Ping,
+                ReportKind::Ping,
             );
             // No refusal reported for anything sent so far, and this
             // parent answers on its events subject.
@@ -374,7 +374,11 @@ impl PoolBuilder {
 /// the embedded nats-server (no other parent can join the pool) a secret of
 /// this process's own; elsewhere none, and the pool's calls go unsigned,
 /// which a warning says once.
-fn shared_pool_key(pool: &str, secret: Option<String>, parent: &ParentContext) -> Option<EventKey> {
+fn shared_pool_key(
+    pool: &str,
+    secret: Option<String>,
+    parent: &ParentContext,
+) -> Option<ReportKey> {
     let embedded = parent.embedded.lock().unwrap().is_some();
     choose_shared_key(
         pool,
@@ -391,13 +395,13 @@ fn choose_shared_key(
     secret: Option<String>,
     env: Option<String>,
     embedded: bool,
-) -> Option<EventKey> {
+) -> Option<ReportKey> {
     static PROCESS_SECRET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     if let Some(secret) = secret.or(env).filter(|s| !s.is_empty()) {
         return Some(CallKey::shared_event_key(secret.as_bytes(), pool));
     }
     if embedded {
-        let own = PROCESS_SECRET.get_or_init(|| EventKey::random().to_hex());
+        let own = PROCESS_SECRET.get_or_init(|| ReportKey::random().to_hex());
         return Some(CallKey::shared_event_key(own.as_bytes(), pool));
     }
     tracing::warn!(

@@ -16,7 +16,7 @@ use super::slot::Slot;
 use super::{Pool, PoolInner};
 use crate::protocol::call::{self as wire, Reply};
 use crate::replies::Replies;
-use crate::streams::{holding, scoped, CallStreams, StreamHub};
+use crate::stream_hub::{holding, scoped, CallStreams, StreamHub};
 use crate::trace::{self, TraceContext};
 
 /// Options of one call.

@@ -32,7 +32,7 @@ use crate::protocol::pool_events::{classify_gone, Reason};
 use crate::protocol::sign::CallKey;
 use crate::protocol::subjects;
 use crate::replies::Replies;
-use crate::streams::RunnerStreams;
+use crate::stream_hub::RunnerStreams;
 use crate::trace::TraceContext;
 
 /// How long a call on a runner that stopped on purpose still waits for its

@@ -14,7 +14,7 @@
 //! - [`runners`]: the runners as the parent sees them (ready, gone,
 //!   heartbeats);
 //! - [`fleet_port`]: what a shared pool's fleet tells the pool;
-//! - [`events`]: answering the events runners of a private pool send;
+//! - [`reports`]: answering the reports runners of a private pool send;
 //! - [`orphans`]: terminating runners that dead parents left behind;
 //! - [`info`]: pool events for operators, and `flame.pools.info`.
 //!
@@ -26,7 +26,6 @@ mod booting;
 pub(crate) mod builder;
 pub(crate) mod call;
 pub(crate) mod child;
-mod events;
 mod fleet_port;
 pub(crate) mod info;
 mod link;
@@ -34,6 +33,7 @@ mod logs;
 mod map;
 pub(crate) mod model;
 mod orphans;
+mod reports;
 mod runners;
 mod slot;
 

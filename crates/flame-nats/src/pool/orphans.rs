@@ -9,7 +9,7 @@ use std::time::Duration;
 use tracing::{debug, warn};
 
 use super::PoolInner;
-use crate::protocol::events::ParentEvent;
+use crate::protocol::reports::ReportKind;
 use crate::protocol::subjects;
 
 /// How long a parent of a left-over runner has to answer.
@@ -53,7 +53,7 @@ impl PoolInner {
             }
             for runner in others {
                 let theirs = &runner.parent_id;
-                let events = subjects::parent_event(&self.config.name, theirs, ParentEvent::Ping);
+                let events = subjects::parent_event(&self.config.name, theirs, ReportKind::Ping);
                 if self.parent.anyone_answers(events, ASK_TIMEOUT).await {
                     continue;
                 }

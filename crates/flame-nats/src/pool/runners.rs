@@ -14,8 +14,8 @@ use super::link::RunnerLink;
 use super::model::{RunnerId, RunnerState};
 use super::{PoolInner, State};
 use crate::announce::Outgoing;
-use crate::protocol::events::{EventKey, ReplayWindow};
 use crate::protocol::pool_events::{gone_reason, EventKind, Reason};
+use crate::protocol::reports::{ReplayWindow, ReportKey};
 use crate::protocol::sign::CallKey;
 
 pub(super) type Stopper = Box<dyn StopRunner>;
@@ -32,7 +32,7 @@ pub(super) struct RunnerEntry {
     /// while it is given time to reconnect.
     last_heard: Instant,
     /// The key the runner signs its events with (private pools).
-    pub(super) key: Option<EventKey>,
+    pub(super) key: Option<ReportKey>,
     /// Sequence numbers of its events accepted so far.
     pub(super) replays: ReplayWindow,
     /// Sequence number of its last batch of log lines.
@@ -56,7 +56,7 @@ impl RunnerEntry {
         pool: &str,
         id: &RunnerId,
         ready: Option<oneshot::Sender<()>>,
-        key: Option<EventKey>,
+        key: Option<ReportKey>,
         call_key: Option<CallKey>,
     ) -> RunnerEntry {
         RunnerEntry {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use flame_core::Error;
 
-use super::events::EventKey;
+use super::reports::ReportKey;
 
 /// Everything a runner needs to know about the parent that booted it.
 ///
@@ -101,8 +101,8 @@ impl ParentInfo {
     }
 
     /// The key the runner signs its events with.
-    pub(crate) fn event_key(&self) -> Option<EventKey> {
-        EventKey::from_hex(&self.event_key)
+    pub(crate) fn event_key(&self) -> Option<ReportKey> {
+        ReportKey::from_hex(&self.event_key)
     }
 }
 
@@ -127,7 +127,7 @@ mod tests {
 
     #[test]
     fn parent_info_round_trips_redacts_its_key_and_rejects_garbage() {
-        let key = EventKey::random();
+        let key = ReportKey::random();
         let info = ParentInfo {
             parent_id: "p".into(),
             pool: "thumbs".into(),

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::events::EventKey;
+use super::reports::ReportKey;
 
 /// Last token of the subject.
 pub(crate) const LOGS_TOKEN: &str = "logs";
@@ -39,7 +39,7 @@ pub(crate) struct LogLine {
     pub(crate) message: String,
 }
 
-impl EventKey {
+impl ReportKey {
     /// The proof of a batch's body.
     pub(crate) fn prove_logs(&self, body: &[u8]) -> String {
         self.keyed(body).to_hex().to_string()
@@ -57,7 +57,7 @@ mod tests {
 
     #[test]
     fn batches_are_signed_and_checked() {
-        let key = EventKey::random();
+        let key = ReportKey::random();
         let batch = LogBatch {
             runner: "r".into(),
             seq: 1,
@@ -71,7 +71,7 @@ mod tests {
         let body = serde_json::to_vec(&batch).unwrap();
         let proof = key.prove_logs(&body);
         assert!(key.verify_logs(&body, &proof));
-        assert!(!EventKey::random().verify_logs(&body, &proof));
+        assert!(!ReportKey::random().verify_logs(&body, &proof));
         let mut forged = body.clone();
         forged[10] ^= 1;
         assert!(!key.verify_logs(&forged, &proof));

@@ -27,7 +27,7 @@ use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::events::EventKey;
+use super::reports::ReportKey;
 
 /// First byte of a signed call's body.
 pub(crate) const SIGNED_V1: u8 = 0xF4;
@@ -105,19 +105,19 @@ impl fmt::Display for Refused {
 
 impl CallKey {
     /// The call key of a runner whose `event_key` is `key`.
-    pub(crate) fn of_runner(key: &EventKey) -> CallKey {
+    pub(crate) fn of_runner(key: &ReportKey) -> CallKey {
         CallKey(blake3::derive_key(CALL_KEY_CONTEXT, key.as_bytes()))
     }
 
     /// The `event_key` every runner of the shared pool `pool` gets from a
     /// parent whose secret is `secret`: the same for every parent with that
     /// secret, and nothing that tells the secret.
-    pub(crate) fn shared_event_key(secret: &[u8], pool: &str) -> EventKey {
+    pub(crate) fn shared_event_key(secret: &[u8], pool: &str) -> ReportKey {
         let mut material = Vec::with_capacity(4 + secret.len() + pool.len());
         material.extend_from_slice(&(secret.len() as u32).to_be_bytes());
         material.extend_from_slice(secret);
         material.extend_from_slice(pool.as_bytes());
-        EventKey::from_bytes(blake3::derive_key(SHARED_KEY_CONTEXT, &material))
+        ReportKey::from_bytes(blake3::derive_key(SHARED_KEY_CONTEXT, &material))
     }
 
     fn hasher(&self, domain: u8, subject: &str, reply: &str) -> blake3::Hasher {
@@ -357,13 +357,13 @@ mod tests {
 
     #[test]
     fn only_the_key_signs_a_call_for_its_runner_and_reply() {
-        let key = CallKey::of_runner(&EventKey::random());
+        let key = CallKey::of_runner(&ReportKey::random());
         let body = signed_body(&key, "flame.p.runner.r", "_INBOX.x.1", 1000, b"\xf1plain");
         let s = Signed::read(&body).unwrap();
         assert_eq!(s.sent_at_ms, 1000);
         assert_eq!(&s.covered[8..], b"\xf1plain");
         assert!(s.verify(&key, "flame.p.runner.r", "_INBOX.x.1").is_ok());
-        let other = CallKey::of_runner(&EventKey::random());
+        let other = CallKey::of_runner(&ReportKey::random());
         assert_eq!(
             s.verify(&other, "flame.p.runner.r", "_INBOX.x.1"),
             Err(Refused::BadTag)
@@ -385,7 +385,7 @@ mod tests {
 
     #[test]
     fn replays_and_calls_out_of_the_window_are_refused() {
-        let key = CallKey::of_runner(&EventKey::random());
+        let key = CallKey::of_runner(&ReportKey::random());
         let window = REPLAY_WINDOW.as_millis() as u64;
         let now = 1_000_000_000;
         let mut guard = ReplayGuard::default();
@@ -413,7 +413,7 @@ mod tests {
 
     #[test]
     fn cancellations_are_signed_and_checked() {
-        let key = CallKey::of_runner(&EventKey::random());
+        let key = CallKey::of_runner(&ReportKey::random());
         let body = key.cancel_body("flame.p.runner.r.cancel", "_INBOX.x.1");
         assert_eq!(
             read_cancel(Some(&key), "flame.p.runner.r.cancel", body.as_bytes()),
@@ -434,7 +434,7 @@ mod tests {
 
     #[test]
     fn retires_are_signed_and_checked() {
-        let key = CallKey::of_runner(&EventKey::random());
+        let key = CallKey::of_runner(&ReportKey::random());
         let body = key.retire_body("flame.p.runner.r.control");
         let subject = "flame.p.runner.r.control";
         assert_eq!(read_retire(Some(&key), subject, body.as_bytes()), Ok(true));
@@ -473,7 +473,7 @@ mod tests {
 
     #[test]
     fn signatures_match_the_test_vector_of_protocol_md() {
-        let event_key = EventKey::from_bytes(std::array::from_fn(|i| i as u8));
+        let event_key = ReportKey::from_bytes(std::array::from_fn(|i| i as u8));
         let key = CallKey::of_runner(&event_key);
         // The call of PROTOCOL.md 4.1, signed at 2026-12-07T12:00:00Z.
         let mut plain = b"\xf1\x00\xa3\xea\x01\x28".to_vec();

@@ -27,7 +27,7 @@
 
 use flame_core::Error;
 
-use super::events::ParentEvent;
+use super::reports::ReportKind;
 
 /// Root token of every flame subject.
 pub(crate) const ROOT: &str = "flame";
@@ -145,7 +145,7 @@ pub(crate) fn parent_logs(pool: &str, parent_id: &str) -> String {
 }
 
 /// Subject of one parent event.
-pub(crate) fn parent_event(pool: &str, parent_id: &str, event: ParentEvent) -> String {
+pub(crate) fn parent_event(pool: &str, parent_id: &str, event: ReportKind) -> String {
     format!("{ROOT}.{pool}.parent.{parent_id}.{}", event.as_str())
 }
 
@@ -185,9 +185,9 @@ mod tests {
         let hashed = scaler_key("v1.2 (x)");
         assert!(hashed.starts_with("scalers.h") && hashed.len() == "scalers.h".len() + 16);
         assert_ne!(build_token("a.b"), build_token("a-b"));
-        let s = parent_event("thumbs", "p1", ParentEvent::Leave);
+        let s = parent_event("thumbs", "p1", ReportKind::Leave);
         assert_eq!(s, "flame.thumbs.parent.p1.leave");
-        assert_eq!(ParentEvent::from_subject(&s), Some(ParentEvent::Leave));
+        assert_eq!(ReportKind::from_subject(&s), Some(ReportKind::Leave));
         assert_eq!(parent_events("thumbs", "p1"), "flame.thumbs.parent.p1.*");
     }
 }

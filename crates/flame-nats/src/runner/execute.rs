@@ -18,7 +18,7 @@ use super::request::WireError;
 use super::work::InFlight;
 use super::Runner;
 use crate::protocol::call::WireErrorKind;
-use crate::streams::holding;
+use crate::stream_hub::holding;
 use crate::trace::{self, TraceContext};
 
 impl Runner {

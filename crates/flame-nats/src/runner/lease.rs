@@ -9,7 +9,7 @@ use flame_core::Error;
 use tracing::debug;
 
 use super::Runner;
-use crate::kv::{self, Cas};
+use crate::fleet::kv::{self, Cas};
 use crate::protocol::bootstrap::ParentInfo;
 use crate::protocol::lease::{LeaseState, RunnerLease};
 use crate::protocol::subjects;

@@ -20,7 +20,7 @@ use tracing::{debug, warn, Instrument};
 
 use super::{Runner, Stop};
 use crate::protocol::call as wire;
-use crate::protocol::events::{ParentAnswer, ParentEvent, RunnerEvent};
+use crate::protocol::reports::{ParentAnswer, ReportKind, RunnerReport};
 use crate::protocol::subjects;
 
 /// Ends each outage of the runner's connection once the server has its
@@ -92,7 +92,7 @@ pub(super) async fn heartbeat(runner: Arc<Runner>) {
                 let answer = if r.info.shared {
                     r.ask_any_parent(heartbeat).await
                 } else {
-                    r.ask_parent(ParentEvent::Ping, 0, heartbeat).await
+                    r.ask_parent(ReportKind::Ping, 0, heartbeat).await
                 };
                 match answer {
                     Some(true) => r.heard_parent(),
@@ -205,7 +205,7 @@ impl Runner {
             return None;
         }
         let idle_ms = idle_for.as_millis() as u64;
-        (self.ask_parent(ParentEvent::Leave, idle_ms, timeout).await == Some(true))
+        (self.ask_parent(ReportKind::Leave, idle_ms, timeout).await == Some(true))
             .then_some(idle_for)
     }
 
@@ -302,7 +302,7 @@ impl Runner {
                 )));
             }
             match self
-                .request_parent(ParentEvent::Ready, 0, left.min(Duration::from_secs(2)))
+                .request_parent(ReportKind::Ready, 0, left.min(Duration::from_secs(2)))
                 .await
             {
                 Ok(true) => return Ok(()),
@@ -322,7 +322,7 @@ impl Runner {
     /// Sends a signed event to the parent. `None` when there was no answer.
     pub(super) async fn ask_parent(
         &self,
-        event: ParentEvent,
+        event: ReportKind,
         idle_ms: u64,
         timeout: Duration,
     ) -> Option<bool> {
@@ -332,7 +332,7 @@ impl Runner {
     /// [`Runner::ask_parent`], saying why there was no answer.
     async fn request_parent(
         &self,
-        event: ParentEvent,
+        event: ReportKind,
         idle_ms: u64,
         timeout: Duration,
     ) -> Result<bool, String> {
@@ -342,7 +342,7 @@ impl Runner {
             .ok_or_else(|| "no event key".to_string())?;
         let subject = subjects::parent_event(&self.info.pool, &self.info.parent_id, event);
         let seq = self.event_seq.fetch_add(1, Ordering::SeqCst) + 1;
-        let body = RunnerEvent::signed(key, event, &self.info.runner_id, self.build, idle_ms, seq);
+        let body = RunnerReport::signed(key, event, &self.info.runner_id, self.build, idle_ms, seq);
         let body = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
         let request = async_nats::Request::new()
             .payload(body.into())

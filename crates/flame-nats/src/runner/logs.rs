@@ -14,8 +14,8 @@ use tracing::field::{Field, Visit};
 use tracing::{debug, Event, Subscriber};
 use tracing_subscriber::layer::{Context, Layer};
 
-use crate::protocol::events::EventKey;
 use crate::protocol::logs::{LogBatch, LogLine, HEADER_PROOF};
+use crate::protocol::reports::ReportKey;
 
 /// Lines waiting to be sent; more are dropped (and counted) rather than
 /// make the app wait for NATS.
@@ -123,7 +123,7 @@ impl Forwarder {
         client: async_nats::Client,
         subject: String,
         runner: String,
-        key: EventKey,
+        key: ReportKey,
     ) -> Option<Forwarder> {
         let (tx, rx) = mpsc::channel(QUEUE);
         SINK.set(Sink {
@@ -152,7 +152,7 @@ async fn send_batches(
     client: async_nats::Client,
     subject: String,
     runner: String,
-    key: EventKey,
+    key: ReportKey,
     mut rx: mpsc::Receiver<LogLine>,
     mut finished: oneshot::Receiver<()>,
 ) {

@@ -51,11 +51,11 @@ use crate::build_id::build_id;
 use crate::connect::{connect_watched, Mark, Outages, UrlCredentials};
 use crate::protocol::bootstrap::ParentInfo;
 use crate::protocol::call::WireErrorKind;
-use crate::protocol::events::{EventKey, ParentEvent};
 use crate::protocol::lease::LeaseState;
+use crate::protocol::reports::{ReportKey, ReportKind};
 use crate::protocol::sign::{read_cancel, read_retire, CallKey, ReplayGuard};
 use crate::protocol::subjects;
-use crate::streams::StreamHub;
+use crate::stream_hub::StreamHub;
 use counters::Counters;
 use lease::LeaseKeeper;
 use work::Cancellable;
@@ -130,7 +130,7 @@ struct Runner {
     /// The same, as the transport that arguments and results use.
     transport: Arc<dyn StreamTransport>,
     /// Signs events to the parent (private pools).
-    event_key: Option<EventKey>,
+    event_key: Option<ReportKey>,
     /// Checks the signatures of calls and cancellations: derived from the
     /// event key (a shared pool's runners get theirs from the pool's
     /// secret). Without one (a shared pool without a secret) calls are
@@ -407,7 +407,7 @@ async fn run(
                 })
                 .await;
             } else {
-                runner.ask_parent(ParentEvent::Stopping, 0, heartbeat).await;
+                runner.ask_parent(ReportKind::Stopping, 0, heartbeat).await;
             }
             runner.drain(&mut cancels, &mut cancellable).await;
             reason

@@ -1,4 +1,4 @@
-//! Answering the events runners of a private pool send their parent:
+//! Answering the reports runners of a private pool send their parent:
 //! ready, leave, ping and stopping, each signed with the runner's key (and
 //! taking the log lines they forward, see `pool/logs.rs`).
 
@@ -13,9 +13,9 @@ use super::model::RunnerId;
 use super::slot::{deliver, Handoff};
 use super::PoolInner;
 use crate::announce::Outgoing;
-use crate::protocol::events::{ParentAnswer, ParentEvent, RunnerEvent};
 use crate::protocol::logs::LOGS_TOKEN;
 use crate::protocol::pool_events::{EventKind, Reason};
+use crate::protocol::reports::{ParentAnswer, ReportKind, RunnerReport};
 
 impl PoolInner {
     /// Answers runner events until the pool's runners are stopped (not
@@ -31,8 +31,8 @@ impl PoolInner {
                 continue;
             };
             let answer = match (
-                ParentEvent::from_subject(&msg.subject),
-                serde_json::from_slice::<RunnerEvent>(&msg.payload),
+                ReportKind::from_subject(&msg.subject),
+                serde_json::from_slice::<RunnerReport>(&msg.payload),
             ) {
                 (Some(event), Ok(ev)) => self.on_event(event, ev),
                 _ => ParentAnswer::refuse("not a flame runner event"),
@@ -45,12 +45,12 @@ impl PoolInner {
         let _ = events.unsubscribe().await;
     }
 
-    fn on_event(self: &Arc<Self>, event: ParentEvent, ev: RunnerEvent) -> ParentAnswer {
+    fn on_event(self: &Arc<Self>, event: ReportKind, ev: RunnerReport) -> ParentAnswer {
         let id: RunnerId = Arc::from(ev.runner.as_str());
         let mut st = self.state.lock().unwrap();
         if st.closed {
             // Runners are being stopped: let them drain and go.
-            return ParentAnswer::answer(event != ParentEvent::Ready);
+            return ParentAnswer::answer(event != ReportKind::Ready);
         }
         // Only the runner itself can sign its events; anyone else on the
         // NATS account could publish here.
@@ -63,7 +63,7 @@ impl PoolInner {
             return ParentAnswer::refuse("event not signed by the runner");
         }
         match event {
-            ParentEvent::Ready => {
+            ReportKind::Ready => {
                 if *ev.build != *self.parent.build_id {
                     let e = Error::BuildMismatch {
                         parent: self.parent.build_id.to_string(),
@@ -99,7 +99,7 @@ impl PoolInner {
                 self.changed.notify_waiters();
                 ParentAnswer::answer(true)
             }
-            ParentEvent::Leave => {
+            ReportKind::Leave => {
                 let ok = st.model.may_leave(
                     &id,
                     Duration::from_millis(ev.idle_ms),
@@ -119,7 +119,7 @@ impl PoolInner {
                 }
                 ParentAnswer::answer(ok)
             }
-            ParentEvent::Stopping => {
+            ReportKind::Stopping => {
                 // Stopping on its own (SIGTERM, single use): announced now;
                 // stopping because this parent said so: announced then.
                 let own = entry.drain_cause.is_none().then(|| self.own_stop_reason());
@@ -138,7 +138,7 @@ impl PoolInner {
                 debug!(pool = %self.config.name, runner = %id, "runner is stopping");
                 ParentAnswer::answer(true)
             }
-            ParentEvent::Ping => {
+            ReportKind::Ping => {
                 entry.heard();
                 ParentAnswer::answer(true)
             }

@@ -1,10 +1,13 @@
-//! What a runner of a private pool tells its parent, and the parent's
-//! answers: request/reply on `flame.<pool>.parent.<parent_id>.<event>`
-//! with JSON bodies.
+//! Runner reports: what a runner of a private pool tells its parent
+//! (ready, leave, ping, stopping), and the parent's answers: request/reply
+//! on `flame.<pool>.parent.<parent_id>.<report>` with JSON bodies. (Not
+//! pool events, which parents publish for operators: `pool_events.rs`;
+//! nor the in-process pool hooks: `hooks.rs`.)
 //!
-//! Every event is signed: the parent gives each runner a secret
-//! [`EventKey`] in `FLAME_PARENT`, and the runner sends, with each event, a
-//! sequence number and a keyed BLAKE3 hash of the event under that key.
+//! Every report is signed: the parent gives each runner a secret
+//! [`ReportKey`] in `FLAME_PARENT` (the field `event_key`, its name on the
+//! wire), and the runner sends, with each report, a sequence number and a
+//! keyed BLAKE3 hash of the report under that key.
 //! Any client on the NATS account can publish to the parent's subjects;
 //! without the key it cannot make an event the parent accepts, and it
 //! cannot replay one (the sequence must grow).
@@ -15,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 /// What a runner tells its parent; the last token of the subject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ParentEvent {
+pub(crate) enum ReportKind {
     /// Subscribed and flushed: route calls here.
     Ready,
     /// Idle past the idle timeout: asks leave to stop.
@@ -27,24 +30,24 @@ pub(crate) enum ParentEvent {
     Stopping,
 }
 
-impl ParentEvent {
+impl ReportKind {
     /// Last subject token.
     pub(crate) fn as_str(self) -> &'static str {
         match self {
-            ParentEvent::Ready => "ready",
-            ParentEvent::Leave => "leave",
-            ParentEvent::Ping => "ping",
-            ParentEvent::Stopping => "stopping",
+            ReportKind::Ready => "ready",
+            ReportKind::Leave => "leave",
+            ReportKind::Ping => "ping",
+            ReportKind::Stopping => "stopping",
         }
     }
 
     /// Parses the last token of a parent-event subject.
-    pub(crate) fn from_subject(subject: &str) -> Option<ParentEvent> {
+    pub(crate) fn from_subject(subject: &str) -> Option<ReportKind> {
         match subject.rsplit('.').next()? {
-            "ready" => Some(ParentEvent::Ready),
-            "leave" => Some(ParentEvent::Leave),
-            "ping" => Some(ParentEvent::Ping),
-            "stopping" => Some(ParentEvent::Stopping),
+            "ready" => Some(ReportKind::Ready),
+            "leave" => Some(ReportKind::Leave),
+            "ping" => Some(ReportKind::Ping),
+            "stopping" => Some(ReportKind::Stopping),
             _ => None,
         }
     }
@@ -53,27 +56,27 @@ impl ParentEvent {
 /// The secret a runner signs its events with: 32 random bytes, written as
 /// 64 hex digits in `FLAME_PARENT`. Never printed.
 #[derive(Clone, PartialEq, Eq)]
-pub(crate) struct EventKey([u8; 32]);
+pub(crate) struct ReportKey([u8; 32]);
 
-impl EventKey {
+impl ReportKey {
     /// A new random key.
-    pub(crate) fn random() -> EventKey {
+    pub(crate) fn random() -> ReportKey {
         let mut key = [0u8; 32];
         key[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
         key[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-        EventKey(key)
+        ReportKey(key)
     }
 
     /// Parses 64 hex digits.
-    pub(crate) fn from_hex(hex: &str) -> Option<EventKey> {
+    pub(crate) fn from_hex(hex: &str) -> Option<ReportKey> {
         blake3::Hash::from_hex(hex)
             .ok()
-            .map(|h| EventKey(*h.as_bytes()))
+            .map(|h| ReportKey(*h.as_bytes()))
     }
 
     /// A key of these bytes.
-    pub(crate) fn from_bytes(bytes: [u8; 32]) -> EventKey {
-        EventKey(bytes)
+    pub(crate) fn from_bytes(bytes: [u8; 32]) -> ReportKey {
+        ReportKey(bytes)
     }
 
     /// The key's bytes (secret: to derive other keys from).
@@ -86,7 +89,7 @@ impl EventKey {
         blake3::Hash::from_bytes(self.0).to_hex().to_string()
     }
 
-    fn proof(&self, event: ParentEvent, body: &RunnerEvent) -> blake3::Hash {
+    fn proof(&self, event: ReportKind, body: &RunnerReport) -> blake3::Hash {
         let text = format!(
             "{}|{}|{}|{}|{}",
             event.as_str(),
@@ -104,15 +107,15 @@ impl EventKey {
     }
 }
 
-impl fmt::Debug for EventKey {
+impl fmt::Debug for ReportKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("EventKey(<redacted>)")
+        f.write_str("ReportKey(<redacted>)")
     }
 }
 
 /// JSON body of a runner event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct RunnerEvent {
+pub(crate) struct RunnerReport {
     /// The runner's id.
     pub(crate) runner: String,
     /// Its build id.
@@ -130,17 +133,17 @@ pub(crate) struct RunnerEvent {
     pub(crate) proof: String,
 }
 
-impl RunnerEvent {
+impl RunnerReport {
     /// A signed event.
     pub(crate) fn signed(
-        key: &EventKey,
-        event: ParentEvent,
+        key: &ReportKey,
+        event: ReportKind,
         runner: &str,
         build: &str,
         idle_ms: u64,
         seq: u64,
-    ) -> RunnerEvent {
-        let mut body = RunnerEvent {
+    ) -> RunnerReport {
+        let mut body = RunnerReport {
             runner: runner.to_string(),
             build: build.to_string(),
             idle_ms,
@@ -152,7 +155,7 @@ impl RunnerEvent {
     }
 
     /// True when the proof is the key's (compared in constant time).
-    pub(crate) fn verify(&self, key: &EventKey, event: ParentEvent) -> bool {
+    pub(crate) fn verify(&self, key: &ReportKey, event: ReportKind) -> bool {
         match blake3::Hash::from_hex(&self.proof) {
             Ok(proof) => proof == key.proof(event, self),
             Err(_) => false,
@@ -224,31 +227,31 @@ mod tests {
 
     #[test]
     fn events_round_trip_and_only_the_key_signs_them() {
-        let key = EventKey::random();
-        let ev = RunnerEvent::signed(&key, ParentEvent::Stopping, "r1", "b1", 0, 7);
+        let key = ReportKey::random();
+        let ev = RunnerReport::signed(&key, ReportKind::Stopping, "r1", "b1", 0, 7);
         let json = serde_json::to_string(&ev).unwrap();
-        let back: RunnerEvent = serde_json::from_str(&json).unwrap();
+        let back: RunnerReport = serde_json::from_str(&json).unwrap();
         assert_eq!(back, ev);
-        assert!(back.verify(&key, ParentEvent::Stopping));
+        assert!(back.verify(&key, ReportKind::Stopping));
         // Another event, key, runner or sequence does not verify.
-        assert!(!back.verify(&key, ParentEvent::Leave));
-        assert!(!back.verify(&EventKey::random(), ParentEvent::Stopping));
+        assert!(!back.verify(&key, ReportKind::Leave));
+        assert!(!back.verify(&ReportKey::random(), ReportKind::Stopping));
         let mut forged = back.clone();
         forged.seq = 8;
-        assert!(!forged.verify(&key, ParentEvent::Stopping));
+        assert!(!forged.verify(&key, ReportKind::Stopping));
         // An unsigned event (what a foreign client would send) fails.
-        let unsigned: RunnerEvent =
+        let unsigned: RunnerReport =
             serde_json::from_str(r#"{"runner":"r1","build":"b1","idle_ms":0}"#).unwrap();
-        assert!(!unsigned.verify(&key, ParentEvent::Stopping));
+        assert!(!unsigned.verify(&key, ReportKind::Stopping));
     }
 
     #[test]
     fn proofs_match_the_test_vector_of_protocol_md() {
         let key: Vec<u8> = (0u8..32).collect();
-        let key = EventKey(key.try_into().unwrap());
-        let ev = RunnerEvent::signed(
+        let key = ReportKey(key.try_into().unwrap());
+        let ev = RunnerReport::signed(
             &key,
-            ParentEvent::Ready,
+            ReportKind::Ready,
             "3f2a9c1e8b7d4f60a1c2d3e4f5061728",
             "9c1b0e7d5a3f2e4d6c8b0a1f3e5d7c9b1a2f4e6d",
             0,
@@ -277,27 +280,27 @@ mod tests {
 
     #[test]
     fn keys_round_trip_as_hex_and_never_print() {
-        let key = EventKey::random();
-        assert_eq!(EventKey::from_hex(&key.to_hex()), Some(key.clone()));
+        let key = ReportKey::random();
+        assert_eq!(ReportKey::from_hex(&key.to_hex()), Some(key.clone()));
         assert_eq!(key.to_hex().len(), 64);
-        assert!(EventKey::from_hex("zz").is_none());
+        assert!(ReportKey::from_hex("zz").is_none());
         assert!(!format!("{key:?}").contains(&key.to_hex()));
     }
 
     #[test]
     fn event_names_round_trip() {
         for e in [
-            ParentEvent::Ready,
-            ParentEvent::Leave,
-            ParentEvent::Ping,
-            ParentEvent::Stopping,
+            ReportKind::Ready,
+            ReportKind::Leave,
+            ReportKind::Ping,
+            ReportKind::Stopping,
         ] {
             assert_eq!(
-                ParentEvent::from_subject(&format!("a.b.{}", e.as_str())),
+                ReportKind::from_subject(&format!("a.b.{}", e.as_str())),
                 Some(e)
             );
         }
-        assert_eq!(ParentEvent::from_subject("a.b.nope"), None);
+        assert_eq!(ReportKind::from_subject("a.b.nope"), None);
         let answer = ParentAnswer::refuse("gone");
         let json = serde_json::to_string(&answer).unwrap();
         assert_eq!(serde_json::from_str::<ParentAnswer>(&json).unwrap(), answer);
