@@ -1,0 +1,572 @@
+//! Runners as Kubernetes Pods, made from the parent's own Pod.
+//!
+//! [`K8sBackend`] boots each runner as a new Pod in the parent's namespace.
+//! Inside a cluster it reads the parent's Pod (named by `POD_NAME` and
+//! `POD_NAMESPACE`, which the Deployment sets through the downward API) and
+//! makes the runner from it: the app container's image, command, args,
+//! env, `envFrom` and volume mounts, the Pod's service account, volumes,
+//! pull secrets, security context, node selector and tolerations; not its
+//! labels, ports, probes, init containers or sidecars. Each pool can
+//! override the image, service account, resources, node selector and
+//! tolerations, ask for GPUs, and edit the Pod with a function of its own
+//! ([`K8sBackendBuilder`]).
+//!
+//! ```no_run
+//! # async fn app(flame: flame_nats::Flame) -> Result<(), flame_core::Error> {
+//! // Inside a cluster: the parent's Pod and the API come from the Pod's
+//! // environment and service account.
+//! let backend = flame_k8s::K8sBackend::builder().cpu("2").memory("4Gi").build()?;
+//! let pool = flame.pool("thumbs").max(8).backend(backend).start().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! What a runner Pod is:
+//! - `generateName: flame-<pool>-`, `restartPolicy: Never`, one container
+//!   named [`RUNNER_CONTAINER`];
+//! - labels `app.kubernetes.io/managed-by=flame`, [`POOL_LABEL`],
+//!   [`PARENT_LABEL`] and [`RUNNER_LABEL`] (annotations of the same keys
+//!   hold the exact values) and none of the parent's own labels: labels
+//!   that match the parent Deployment's selector would make its ReplicaSet
+//!   count the runners as its own Pods and delete them;
+//! - an `ownerReference` to the parent's Pod, so that Kubernetes' garbage
+//!   collector deletes the runners of a parent Pod that is gone, even when
+//!   flame cannot;
+//! - env: the parent container's entries as they are written (a
+//!   `secretKeyRef` stays a reference, never a copied value), plus
+//!   `FLAME_PARENT` (which holds no secret) and the pool's forwarded
+//!   variables, but those the parent has from a reference or, with
+//!   `envFrom`, does not name (the runner gets them the same way).
+//!
+//! Boot: the Pod is created, then watched (resumed when the server closes
+//! the watch, read afresh on `410 Gone`) until its container runs; the
+//! runner then reports ready over NATS. The boot fails at once, as
+//! permanent, with Kubernetes' reason when the container waits on
+//! `ErrImagePull`, `ImagePullBackOff`, `InvalidImageName`,
+//! `CreateContainerConfigError` (a missing Secret, say),
+//! `CreateContainerError` or `CrashLoopBackOff`, when it terminated, or
+//! when the Pod stays `Unschedulable` past
+//! [`K8sBackendBuilder::unschedulable_timeout`]. API answers 400, 401, 403
+//! (naming the RBAC verb the service account lacks), 404, 409 and 422 are
+//! permanent; 429 (after its `Retry-After`), 5xx and an unreachable API
+//! are retried with backoff within the boot timeout, then transient.
+//!
+//! Exit: the same watch reports the runner's end: `OOMKilled` as "ran out
+//! of memory", else the exit code and reason; the Pod is then deleted.
+//! Retire: a delete with `gracePeriodSeconds` of the drain time rounded up
+//! (the kubelet sends SIGTERM, then SIGKILL after it), waited for, then a
+//! delete with no grace. Reaping: [`Backend::list`] lists the pool's Pods
+//! by label, whatever their phase.
+//!
+//! The RBAC the backend needs is on `pods` only: `create`, `get`, `list`,
+//! `watch`, `delete`. The README's "Deploying on Kubernetes" has the
+//! Deployment, Role, NATS and NetworkPolicy to go with it.
+
+#![warn(missing_docs)]
+
+mod api;
+mod builder;
+mod pod;
+mod watch;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flame_core::backend::{Backend, BootError, BootSpec, Booted, Listed, StopRunner};
+use flame_core::BoxError;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use k8s_openapi::api::core::v1::Pod;
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+pub use api::K8sError;
+pub use builder::{K8sBackendBuilder, DEFAULT_UNSCHEDULABLE_TIMEOUT};
+pub use pod::{
+    label_value, GPU_RESOURCE, MANAGED_BY_LABEL, PARENT_LABEL, POOL_LABEL, RUNNER_CONTAINER,
+    RUNNER_LABEL,
+};
+
+use api::{Pods, REQUEST_TIMEOUT};
+use builder::Connection;
+use pod::{ParentPod, Settings};
+use watch::{Change, PodWatch, Progress};
+
+/// Environment variable with the parent's Pod name (set it through the
+/// downward API: `fieldRef: {fieldPath: metadata.name}`).
+pub const POD_NAME_ENV: &str = "POD_NAME";
+/// Environment variable with the parent's namespace (downward API:
+/// `fieldRef: {fieldPath: metadata.namespace}`).
+pub const POD_NAMESPACE_ENV: &str = "POD_NAMESPACE";
+
+/// Time past the drain before a stopping Pod is deleted with no grace: the
+/// kubelet's SIGKILL comes at the grace period's end, and the API removes
+/// the Pod once the kubelet reports it gone.
+const STOP_MARGIN: Duration = Duration::from_secs(3);
+
+/// Longest wait for a Pod deleted with no grace to leave the API.
+const GONE_WAIT: Duration = Duration::from_secs(10);
+
+/// Boots runners as Pods. Make one with [`K8sBackend::builder`].
+#[derive(Clone)]
+pub struct K8sBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    connection: Connection,
+    namespace: String,
+    parent_pod: Option<String>,
+    container: Option<String>,
+    settings: Settings,
+    unschedulable_timeout: Duration,
+    /// Made at first use, inside the runtime.
+    pods: OnceCell<Pods>,
+    /// Read at the first boot that succeeds in reading it.
+    parent: OnceCell<Option<ParentPod>>,
+}
+
+impl std::fmt::Debug for K8sBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("K8sBackend")
+            .field("namespace", &self.inner.namespace)
+            .field("parent_pod", &self.inner.parent_pod)
+            .field("container", &self.inner.container)
+            .field("settings", &self.inner.settings)
+            .field("unschedulable_timeout", &self.inner.unschedulable_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl K8sBackend {
+    /// Starts building; see [`K8sBackendBuilder`].
+    pub fn builder() -> K8sBackendBuilder {
+        K8sBackendBuilder::default()
+    }
+
+    fn new(
+        connection: Connection,
+        namespace: String,
+        parent_pod: Option<String>,
+        container: Option<String>,
+        settings: Settings,
+        unschedulable_timeout: Duration,
+    ) -> K8sBackend {
+        K8sBackend {
+            inner: Arc::new(Inner {
+                connection,
+                namespace,
+                parent_pod,
+                container,
+                settings,
+                unschedulable_timeout,
+                pods: OnceCell::new(),
+                parent: OnceCell::new(),
+            }),
+        }
+    }
+
+    /// The namespace the runner Pods go to.
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+}
+
+impl Inner {
+    /// The Pods API of the namespace, its client made on first use.
+    async fn pods(&self) -> Result<Pods, K8sError> {
+        self.pods
+            .get_or_try_init(|| async {
+                let client = match &self.connection {
+                    Connection::Client(c) => c.clone(),
+                    Connection::Config(config) => {
+                        kube::Client::try_from((**config).clone()).map_err(K8sError::Transport)?
+                    }
+                    Connection::InCluster => {
+                        return Err(K8sError::Unexpected("no configuration".into()))
+                    }
+                };
+                Ok(Pods::new(client, &self.namespace))
+            })
+            .await
+            .cloned()
+    }
+
+    /// The parent's Pod, read once (a failed read is tried again at the
+    /// next boot).
+    async fn parent(
+        &self,
+        pods: &Pods,
+        until: Option<Instant>,
+    ) -> Result<Option<ParentPod>, K8sError> {
+        let Some(name) = &self.parent_pod else {
+            return Ok(None);
+        };
+        self.parent
+            .get_or_try_init(|| async {
+                let pod = pods.get(name, until).await?;
+                ParentPod::from_pod(pod, self.container.as_deref())
+                    .map(Some)
+                    .map_err(K8sError::Unexpected)
+            })
+            .await
+            .cloned()
+    }
+}
+
+/// Runs cleanup that must happen even when whoever started it is gone: on
+/// the current runtime, or on a thread of its own when there is none (a
+/// pool dropped after its runtime). Returns a future that resolves when it
+/// is done; dropping that future does not stop the work.
+fn run_detached(
+    work: impl std::future::Future<Output = ()> + Send + 'static,
+) -> BoxFuture<'static, ()> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let work = async move {
+        work.await;
+        let _ = done_tx.send(());
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => {
+            rt.spawn(work);
+        }
+        Err(_) => {
+            std::thread::spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(work),
+                    Err(e) => warn!("cannot clean up a runner Pod: no runtime ({e})"),
+                }
+            });
+        }
+    }
+    async move {
+        let _ = done_rx.await;
+    }
+    .boxed()
+}
+
+/// Deletes the Pod of a boot that did not finish, when dropped armed: a
+/// boot future dropped mid-way (the pool's boot timeout, a closed pool)
+/// still leaves nothing behind.
+struct DeleteOnDrop {
+    pods: Pods,
+    name: String,
+    armed: bool,
+}
+
+impl DeleteOnDrop {
+    /// Deletes the Pod now (no grace: it never served) and waits until it
+    /// is gone.
+    async fn delete_now(mut self) {
+        self.armed = false;
+        delete_and_wait(&self.pods, &self.name).await;
+    }
+
+    /// The boot succeeded: the Pod is the runner's now.
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for DeleteOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            let (pods, name) = (self.pods.clone(), std::mem::take(&mut self.name));
+            debug!(pod = %name, "boot abandoned; deleting its Pod");
+            drop(run_detached(async move {
+                delete_and_wait(&pods, &name).await;
+            }));
+        }
+    }
+}
+
+/// Deletes a Pod with no grace and waits (a while) until the API has
+/// let it go.
+async fn delete_and_wait(pods: &Pods, name: &str) {
+    match pods
+        .delete(name, 0, Some(Instant::now() + REQUEST_TIMEOUT))
+        .await
+    {
+        Ok(None) => {}
+        Ok(Some(_)) => {
+            wait_gone(pods, name, Instant::now() + GONE_WAIT).await;
+        }
+        Err(e) => warn!(pod = %name, "cannot delete runner Pod: {e}"),
+    }
+}
+
+/// Waits until Pod `name` is gone from the API, at most until `until`;
+/// true when it is.
+async fn wait_gone(pods: &Pods, name: &str, until: Instant) -> bool {
+    // A read first, to watch from its version: the Pod may be gone
+    // already.
+    let version = match pods.get(name, Some(until)).await {
+        Err(K8sError::Api { status: 404, .. }) => return true,
+        Err(e) => {
+            debug!(pod = %name, "cannot read the Pod: {e}");
+            return false;
+        }
+        Ok(pod) => pod.metadata.resource_version.unwrap_or_default(),
+    };
+    let mut watch = PodWatch::new(pods.clone(), name, &version);
+    loop {
+        match tokio::time::timeout_at(until, watch.next()).await {
+            Ok(Ok(Change::Deleted)) => return true,
+            Ok(Ok(Change::Updated(_))) => {}
+            Ok(Err(e)) => {
+                debug!(pod = %name, "cannot watch the Pod's end: {e}");
+                return false;
+            }
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Waits until the created Pod's container runs: an error when it will
+/// not (Kubernetes' reason), is unschedulable past `unschedulable`, or is
+/// still pending at `deadline`.
+async fn wait_started(
+    watch: &mut PodWatch,
+    created: &Pod,
+    deadline: Option<Instant>,
+    unschedulable: Duration,
+) -> Result<(), K8sError> {
+    let name = created.metadata.name.clone().unwrap_or_default();
+    let since = Instant::now();
+    let mut now = watch::progress(created, RUNNER_CONTAINER);
+    loop {
+        let mut wake = deadline;
+        match now {
+            Progress::Started => return Ok(()),
+            Progress::Failed { reason, message } => {
+                return Err(K8sError::NotStarted {
+                    pod: name,
+                    reason,
+                    message,
+                })
+            }
+            Progress::Unschedulable(ref message) => {
+                if since.elapsed() >= unschedulable {
+                    return Err(K8sError::NotStarted {
+                        pod: name,
+                        reason: "Unschedulable".into(),
+                        message: format!(
+                            "{message} (unschedulable for {unschedulable:?}: \
+                             K8sBackendBuilder::unschedulable_timeout)"
+                        ),
+                    });
+                }
+                let at = since + unschedulable;
+                wake = Some(deadline.map_or(at, |d| d.min(at)));
+            }
+            Progress::Pending(_) => {}
+        }
+        let next = match wake {
+            Some(at) => tokio::time::timeout_at(at, watch.next()).await.ok(),
+            None => Some(watch.next().await),
+        };
+        match next {
+            Some(Ok(Change::Updated(pod))) => now = watch::progress(&pod, RUNNER_CONTAINER),
+            Some(Ok(Change::Deleted)) => {
+                return Err(K8sError::NotYet {
+                    pod: name,
+                    what: "it was deleted before it started".into(),
+                })
+            }
+            Some(Err(e)) => return Err(e),
+            None if deadline.is_some_and(|d| Instant::now() >= d) => {
+                let what = match now {
+                    Progress::Pending(what) => what,
+                    Progress::Unschedulable(message) => format!("unschedulable: {message}"),
+                    _ => "on its way".into(),
+                };
+                return Err(K8sError::NotYet {
+                    pod: name,
+                    what: format!("still {what} when the boot timeout ran out"),
+                });
+            }
+            // The unschedulable bound came: judged at the loop's top.
+            None => {}
+        }
+    }
+}
+
+/// Resolves when the runner's Pod ends, with a reason for the pool, and
+/// deletes the Pod (an ended Pod stays in the API until deleted).
+async fn watch_exit(mut watch: PodWatch, pods: Pods, name: String) -> String {
+    loop {
+        match watch.next().await {
+            Ok(Change::Updated(pod)) => {
+                if let Some(reason) = watch::exit_reason(&pod, RUNNER_CONTAINER) {
+                    delete_and_wait(&pods, &name).await;
+                    return reason;
+                }
+            }
+            Ok(Change::Deleted) => return format!("Pod {name} was deleted"),
+            Err(e) => {
+                // Heartbeats still tell the pool when the runner is gone.
+                warn!(pod = %name, "cannot watch the runner's Pod any more: {e}");
+                return futures::future::pending().await;
+            }
+        }
+    }
+}
+
+impl Backend for K8sBackend {
+    fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Booted, BoxError>> {
+        let inner = self.inner.clone();
+        let deadline = spec.boot_timeout.map(|t| Instant::now() + t);
+        async move {
+            let pods = inner.pods().await.map_err(K8sError::into_boot_error)?;
+            let parent = inner
+                .parent(&pods, deadline)
+                .await
+                .map_err(K8sError::into_boot_error)?;
+            let pod = pod::runner_pod(parent.as_ref(), pods.namespace(), &inner.settings, &spec)
+                .map_err(|e| Box::new(BootError::permanent(e)) as BoxError)?;
+            let created = pods
+                .create(&pod, deadline)
+                .await
+                .map_err(K8sError::into_boot_error)?;
+            let name = created.metadata.name.clone().ok_or_else(|| {
+                K8sError::Unexpected("the created Pod has no name".into()).into_boot_error()
+            })?;
+            let guard = DeleteOnDrop {
+                pods: pods.clone(),
+                name: name.clone(),
+                armed: true,
+            };
+            debug!(pool = %spec.pool, runner = %spec.runner_id, pod = %name, "runner Pod created");
+            let version = created
+                .metadata
+                .resource_version
+                .clone()
+                .unwrap_or_default();
+            let mut watch = PodWatch::new(pods.clone(), &name, &version);
+            // A Pod that cannot start fails the boot now, with
+            // Kubernetes' reason, and is deleted before that is reported.
+            let started =
+                wait_started(&mut watch, &created, deadline, inner.unschedulable_timeout).await;
+            if let Err(e) = started {
+                guard.delete_now().await;
+                return Err(e.into_boot_error());
+            }
+            guard.disarm();
+            Ok(Booted {
+                handle: name.clone(),
+                // The same watch goes on: the pool learns of the runner's
+                // end from the API at once, not only by missed heartbeats.
+                exited: Some(watch_exit(watch, pods.clone(), name.clone()).boxed()),
+                stopper: Box::new(PodStopper { pods, name }),
+            })
+        }
+        .boxed()
+    }
+
+    /// Lists the pool's Pods by label, whatever their phase, but those
+    /// being deleted already.
+    fn list(&self, pool: &str) -> BoxFuture<'static, Result<Vec<Listed>, BoxError>> {
+        let inner = self.inner.clone();
+        let pool = pool.to_string();
+        async move {
+            let pods = inner.pods().await?;
+            let listed = pods.list(&pod::pool_selector(&pool)).await?;
+            Ok(listed
+                .into_iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .filter_map(|p| {
+                    let notes = p.metadata.annotations.as_ref()?;
+                    // (The label is the pool's name made fit for a label:
+                    // another pool's may look the same.)
+                    (notes.get(POOL_LABEL)? == &pool).then(|| {
+                        Some(Listed::new(
+                            p.metadata.name.clone()?,
+                            notes.get(RUNNER_LABEL)?.clone(),
+                            notes.get(PARENT_LABEL).cloned().unwrap_or_default(),
+                        ))
+                    })?
+                })
+                .collect())
+        }
+        .boxed()
+    }
+
+    /// Deletes the Pod with no grace and waits until it is gone.
+    fn terminate(
+        &self,
+        handle: &str,
+        _runner_id: &str,
+    ) -> BoxFuture<'static, Result<(), BoxError>> {
+        let inner = self.inner.clone();
+        let name = handle.to_string();
+        async move {
+            let pods = inner.pods().await?;
+            if pods
+                .delete(&name, 0, Some(Instant::now() + REQUEST_TIMEOUT))
+                .await?
+                .is_some()
+            {
+                wait_gone(&pods, &name, Instant::now() + GONE_WAIT).await;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+struct PodStopper {
+    pods: Pods,
+    name: String,
+}
+
+/// `grace` in whole seconds, rounded up: a grace period never ends before
+/// the drain it stands for.
+fn grace_secs(grace: Duration) -> u32 {
+    let secs = grace.as_secs() + u64::from(grace.subsec_nanos() > 0);
+    u32::try_from(secs).unwrap_or(u32::MAX)
+}
+
+impl StopRunner for PodStopper {
+    /// Deletes the Pod with `gracePeriodSeconds` of `grace` rounded up
+    /// (the kubelet sends SIGTERM, the runner drains and exits, SIGKILL
+    /// comes at the period's end), waits until it is gone, and deletes it
+    /// with no grace if it is still there a margin later. The work starts
+    /// at once on a task of its own (a thread when there is no runtime),
+    /// so it is done even when the returned future is dropped.
+    fn stop(&self, grace: Duration) -> BoxFuture<'static, ()> {
+        let (pods, name) = (self.pods.clone(), self.name.clone());
+        run_detached(async move {
+            let secs = grace_secs(grace);
+            let asked = Instant::now();
+            match pods
+                .delete(&name, secs, Some(asked + REQUEST_TIMEOUT))
+                .await
+            {
+                Ok(None) => return,
+                Ok(Some(_)) => {
+                    let until = Instant::now() + Duration::from_secs(secs.into()) + STOP_MARGIN;
+                    if wait_gone(&pods, &name, until).await {
+                        return;
+                    }
+                }
+                Err(e) => warn!(pod = %name, "cannot delete runner Pod: {e}"),
+            }
+            delete_and_wait(&pods, &name).await;
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grace_is_rounded_up() {
+        assert_eq!(grace_secs(Duration::ZERO), 0);
+        assert_eq!(grace_secs(Duration::from_millis(1900)), 2);
+        assert_eq!(grace_secs(Duration::from_secs(30)), 30);
+    }
+}
