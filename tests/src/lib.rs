@@ -6,6 +6,7 @@
 //! executables differ, so hashes would not match).
 
 pub mod fake_fly;
+pub mod fake_k8s;
 pub mod funcs;
 pub mod harness;
 pub mod jwt;
