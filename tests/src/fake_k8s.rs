@@ -56,7 +56,9 @@
 //!   process, leaves at once. The default period is the Pod's
 //!   `terminationGracePeriodSeconds` (30). Deleting a Pod deletes the Pods
 //!   whose `ownerReferences` name it (the garbage collector, background
-//!   propagation).
+//!   propagation; here at once, with no grace).
+//! - Every request is recorded ([`FakeK8s::requests`]) with its RBAC verb,
+//!   requests for anything but Pods too (a test checks there are none).
 //!
 //! What it does not model: authentication other than bearer tokens,
 //! admission (quotas, LimitRanges, Pod Security), other resources (Secrets
@@ -96,7 +98,8 @@ pub const BAD_TOKEN: &str = "bad-token";
 pub struct Recorded {
     /// Its RBAC verb: `create`, `get`, `list`, `watch`, `delete`.
     pub verb: &'static str,
-    /// Its resource (always `pods`: the stand-in serves nothing else).
+    /// Its resource: `pods`, or `unserved` for a request the stand-in
+    /// does not serve (its method and path are then in `name`).
     pub resource: &'static str,
     /// Namespace.
     pub namespace: String,
@@ -214,6 +217,7 @@ impl FakeK8s {
                 "/api/v1/namespaces/{ns}/pods/{name}",
                 get(show).delete(delete),
             )
+            .fallback(unserved)
             .with_state(shared.clone());
         let url = format!("http://{}", listener.local_addr().unwrap());
         let server = tokio::spawn(async move {
@@ -292,6 +296,9 @@ impl FakeK8s {
     /// `410 Gone`.
     pub fn compact(&self) {
         let mut inner = self.shared.inner.lock().unwrap();
+        // (As etcd's compaction: the current version stays valid, and a
+        // list answers it.)
+        inner.version += 1;
         inner.compacted = inner.version;
         inner.history.clear();
     }
@@ -551,6 +558,26 @@ async fn create(
     };
     tokio::spawn(kubelet::run(s.clone(), key));
     (StatusCode::CREATED, Json(created)).into_response()
+}
+
+/// Any other request: recorded (a test checks the backend makes none),
+/// and answered 404 as the API answers an unknown path.
+async fn unserved(State(s): St, request: axum::extract::Request) -> Response {
+    s.inner.lock().unwrap().requests.push(Recorded {
+        verb: "unknown",
+        resource: "unserved",
+        namespace: String::new(),
+        name: Some(format!("{} {}", request.method(), request.uri())),
+        query: HashMap::new(),
+        body: Value::Null,
+        at: tokio::time::Instant::now(),
+    });
+    status(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        "the server could not find the requested resource",
+        None,
+    )
 }
 
 async fn show(

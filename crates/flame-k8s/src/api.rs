@@ -205,6 +205,21 @@ impl Pods {
         Ok(list.items)
     }
 
+    /// Pod `name` as a list of it (by `fieldSelector`), and the list's
+    /// resource version: the version a watch can start from after
+    /// `410 Gone` (an object's own may be older than the server keeps).
+    pub(crate) async fn list_one(
+        &self,
+        name: &str,
+        until: Option<Instant>,
+    ) -> Result<(Option<Pod>, String), K8sError> {
+        let params = ListParams::default().fields(&format!("metadata.name={name}"));
+        let make = || self.request.list(&params);
+        let list: ObjectList<Pod> = self.json(self.retried("list", make, until).await?)?;
+        let version = list.metadata.resource_version.unwrap_or_default();
+        Ok((list.items.into_iter().next(), version))
+    }
+
     /// Deletes a Pod with a grace period (in whole seconds; 0 deletes it
     /// at once). `Ok(None)` when it is gone already; else the Pod as the
     /// API left it (being deleted, or deleted).

@@ -303,13 +303,13 @@ async fn delete_and_wait(pods: &Pods, name: &str) {
 async fn wait_gone(pods: &Pods, name: &str, until: Instant) -> bool {
     // A read first, to watch from its version: the Pod may be gone
     // already.
-    let version = match pods.get(name, Some(until)).await {
-        Err(K8sError::Api { status: 404, .. }) => return true,
+    let version = match pods.list_one(name, Some(until)).await {
+        Ok((None, _)) => return true,
+        Ok((Some(_), version)) => version,
         Err(e) => {
             debug!(pod = %name, "cannot read the Pod: {e}");
             return false;
         }
-        Ok(pod) => pod.metadata.resource_version.unwrap_or_default(),
     };
     let mut watch = PodWatch::new(pods.clone(), name, &version);
     loop {

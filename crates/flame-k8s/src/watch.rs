@@ -134,21 +134,17 @@ impl PodWatch {
         }
     }
 
-    /// After a `410 Gone`: the Pod as it is now, and its version to watch
-    /// from.
+    /// After a `410 Gone`: the Pod as it is now, read by a list (whose
+    /// version a watch can start from), as the API concepts ask.
     async fn relist(&mut self) -> Result<Change, K8sError> {
-        debug!(pod = %self.name, version = %self.version, "watch expired (410); reading the Pod again");
+        debug!(pod = %self.name, version = %self.version, "watch expired (410); listing the Pod again");
         let until = Some(Instant::now() + REQUEST_TIMEOUT * 2);
-        match self.pods.get(&self.name, until).await {
-            Ok(pod) => {
-                if let Some(v) = &pod.metadata.resource_version {
-                    self.version = v.clone();
-                }
-                Ok(Change::Updated(Box::new(pod)))
-            }
-            Err(K8sError::Api { status: 404, .. }) => Ok(Change::Deleted),
-            Err(e) => Err(e),
-        }
+        let (pod, version) = self.pods.list_one(&self.name, until).await?;
+        self.version = version;
+        Ok(match pod {
+            Some(pod) => Change::Updated(Box::new(pod)),
+            None => Change::Deleted,
+        })
     }
 }
 
