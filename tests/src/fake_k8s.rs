@@ -381,7 +381,7 @@ fn admit(
     name: Option<&str>,
     query: &HashMap<String, String>,
     body: Value,
-) -> Result<(), Response> {
+) -> Result<(), Box<Response>> {
     s.inner.lock().unwrap().requests.push(Recorded {
         verb,
         resource: "pods",
@@ -403,12 +403,12 @@ fn admit(
         ),
         READ_ONLY_TOKEN => ("flame-readonly", &["get", "list", "watch"]),
         _ => {
-            return Err(status(
+            return Err(Box::new(status(
                 StatusCode::UNAUTHORIZED,
                 "Unauthorized",
                 "Unauthorized",
                 None,
-            ))
+            )))
         }
     };
     if verbs.contains(&verb) {
@@ -419,7 +419,12 @@ fn admit(
          resource \"pods\" in API group \"\" in the namespace \"{ns}\"",
         name.map(|n| format!(" \"{n}\"")).unwrap_or_default()
     );
-    Err(status(StatusCode::FORBIDDEN, "Forbidden", &message, name))
+    Err(Box::new(status(
+        StatusCode::FORBIDDEN,
+        "Forbidden",
+        &message,
+        name,
+    )))
 }
 
 /// A label value as the API accepts it.
@@ -449,7 +454,7 @@ async fn create(
     Json(mut pod): Json<Value>,
 ) -> Response {
     if let Err(refused) = admit(&s, &headers, "create", &ns, None, &q, pod.clone()) {
-        return refused;
+        return *refused;
     }
     {
         let mut inner = s.inner.lock().unwrap();
@@ -587,7 +592,7 @@ async fn show(
     headers: HeaderMap,
 ) -> Response {
     if let Err(refused) = admit(&s, &headers, "get", &ns, Some(&name), &q, Value::Null) {
-        return refused;
+        return *refused;
     }
     let inner = s.inner.lock().unwrap();
     match inner.pods.get(&(ns, name.clone())) {
@@ -680,7 +685,7 @@ async fn list(
     let watch = q.get("watch").is_some_and(|w| w == "1" || w == "true");
     let verb = if watch { "watch" } else { "list" };
     if let Err(refused) = admit(&s, &headers, verb, &ns, None, &q, Value::Null) {
-        return refused;
+        return *refused;
     }
     let selector = match Selector::parse(&q) {
         Ok(selector) => selector,
@@ -814,7 +819,7 @@ async fn delete(
 ) -> Response {
     let body = body.map(|b| b.0).unwrap_or(Value::Null);
     if let Err(refused) = admit(&s, &headers, "delete", &ns, Some(&name), &q, body.clone()) {
-        return refused;
+        return *refused;
     }
     let key = (ns, name.clone());
     let grace = body["gracePeriodSeconds"]
