@@ -13,6 +13,7 @@ pub mod jwt;
 pub mod nats_config;
 pub mod nats_proxy;
 pub mod platform;
+pub mod real_k8s;
 pub mod spans;
 
 /// A private PostgreSQL per test (shared with the examples).

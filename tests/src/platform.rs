@@ -65,7 +65,7 @@ impl Platform {
             _ => None,
         };
         let k8s = match kind {
-            Kind::K8s => Some(FakeK8s::start().await),
+            Kind::K8s if !crate::real_k8s::enabled() => Some(FakeK8s::start().await),
             _ => None,
         };
         Platform { kind, fly, k8s }
@@ -76,6 +76,9 @@ impl Platform {
     pub fn from_env() -> (Kind, Option<String>) {
         if let Ok(url) = std::env::var("FLAME_TEST_K8S_URL") {
             return (Kind::K8s, Some(url));
+        }
+        if crate::real_k8s::enabled() {
+            return (Kind::K8s, None);
         }
         match std::env::var("FLAME_TEST_FLY_URL") {
             Ok(url) => (Kind::Fly, Some(url)),
@@ -116,6 +119,9 @@ impl Platform {
         if let Some(k8s) = &self.k8s {
             return k8s.leftovers();
         }
+        if self.kind == Kind::K8s {
+            return crate::real_k8s::leftovers();
+        }
         match &self.fly {
             None => runner_pids(pool)
                 .iter()
@@ -137,8 +143,12 @@ impl Platform {
         self.fly.is_some() || self.k8s.is_some()
     }
 
-    /// When the platform's API was asked to create a runner, in order.
-    pub fn creates(&self) -> Vec<tokio::time::Instant> {
+    /// When the platform's API was asked to create a runner, in order;
+    /// `None` without a stand-in that records it.
+    pub fn creates(&self) -> Option<Vec<tokio::time::Instant>> {
+        if self.fly.is_none() && self.k8s.is_none() {
+            return None;
+        }
         let fly = self.fly.iter().flat_map(|fly| {
             fly.requests()
                 .into_iter()
@@ -151,7 +161,7 @@ impl Platform {
                 .filter(|r| r.verb == "create")
                 .map(|r| r.at)
         });
-        fly.chain(k8s).collect()
+        Some(fly.chain(k8s).collect())
     }
 }
 
@@ -193,6 +203,9 @@ pub fn backend_for(kind: Kind, fly_url: Option<&str>, runners: Runners) -> Optio
         }
         Kind::K8s => {
             use crate::fake_k8s::{BAD_TOKEN, TOKEN};
+            if crate::real_k8s::enabled() {
+                return Some(PlatformBackend::K8s(crate::real_k8s::backend(runners)));
+            }
             let url = fly_url.expect("the Kubernetes stand-in's URL");
             let (token, image) = match runners {
                 Runners::Working => (TOKEN, "registry.example/flame-test:1"),
