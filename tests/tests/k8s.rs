@@ -419,6 +419,29 @@ async fn the_backend_uses_only_the_pod_verbs_of_its_role() {
         .unwrap();
     boot.abort();
     assert_eq!(k8s.leftovers(), Vec::<String>::new());
+    // The calls, for the README and the closing note.
+    for r in k8s.requests() {
+        let mut query: Vec<String> = r
+            .query
+            .iter()
+            .filter(|(k, _)| k.ends_with("Selector") || *k == "resourceVersion")
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        query.sort();
+        let grace = &r.body["gracePeriodSeconds"];
+        println!(
+            "{} {} {} {}{}",
+            r.verb,
+            r.resource,
+            r.name.as_deref().unwrap_or(""),
+            query.join("&"),
+            if grace.is_null() {
+                String::new()
+            } else {
+                format!(" gracePeriodSeconds={grace}")
+            }
+        );
+    }
     let mut used: Vec<(&str, &str)> = k8s
         .requests()
         .iter()

@@ -401,7 +401,11 @@ async fn watch_exit(mut watch: PodWatch, pods: Pods, name: String) -> String {
         match watch.next().await {
             Ok(Change::Updated(pod)) => {
                 if let Some(reason) = watch::exit_reason(&pod, RUNNER_CONTAINER) {
-                    delete_and_wait(&pods, &name).await;
+                    // (A Pod being deleted already, by a stop say, leaves
+                    // by itself now that its container has ended.)
+                    if pod.metadata.deletion_timestamp.is_none() {
+                        delete_and_wait(&pods, &name).await;
+                    }
                     return reason;
                 }
             }
