@@ -69,13 +69,15 @@
 //! `restartPolicy: Never`), nodes and real scheduling, memory limits of
 //! other images, and network policies.
 
+mod create;
+mod delete;
 mod kubelet;
+mod list_watch;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -116,10 +118,10 @@ pub struct Recorded {
 /// A change of a Pod, as watches stream it.
 #[derive(Debug, Clone)]
 pub(crate) struct Event {
-    version: u64,
-    kind: &'static str,
-    namespace: String,
-    object: Value,
+    pub(crate) version: u64,
+    pub(crate) kind: &'static str,
+    pub(crate) namespace: String,
+    pub(crate) object: Value,
 }
 
 pub(crate) struct PodRec {
@@ -134,18 +136,18 @@ pub(crate) struct Inner {
     /// The last resource version given.
     pub(crate) version: u64,
     pub(crate) pods: BTreeMap<(String, String), PodRec>,
-    history: Vec<Event>,
-    /// Events at or below this version are forgotten.
-    compacted: u64,
+    pub(crate) history: Vec<Event>,
+    /// Events before this version are forgotten.
+    pub(crate) compacted: u64,
     pub(crate) secrets: HashMap<(String, String), BTreeMap<String, String>>,
-    limited_creates: usize,
-    close_watches_after: Duration,
+    pub(crate) limited_creates: usize,
+    pub(crate) close_watches_after: Duration,
 }
 
 /// The stand-in's state, shared by its handlers and its kubelet.
 pub(crate) struct Shared {
     pub(crate) inner: Mutex<Inner>,
-    events: broadcast::Sender<Event>,
+    pub(crate) events: broadcast::Sender<Event>,
 }
 
 impl Shared {
@@ -212,10 +214,13 @@ impl FakeK8s {
             events,
         });
         let router = Router::new()
-            .route("/api/v1/namespaces/{ns}/pods", get(list).post(create))
+            .route(
+                "/api/v1/namespaces/{ns}/pods",
+                get(list_watch::list).post(create::create),
+            )
             .route(
                 "/api/v1/namespaces/{ns}/pods/{name}",
-                get(show).delete(delete),
+                get(show).delete(delete::delete),
             )
             .fallback(unserved)
             .with_state(shared.clone());
@@ -267,7 +272,7 @@ impl FakeK8s {
     /// no grace, and its dependents with it.
     pub fn delete_pod(&self, namespace: &str, name: &str) {
         let key = (namespace.to_string(), name.to_string());
-        delete_now(&self.shared, &key);
+        delete::delete_now(&self.shared, &key);
     }
 
     /// Adds a Secret the kubelet resolves `secretKeyRef`s from.
@@ -352,7 +357,7 @@ impl Drop for FakeK8s {
     }
 }
 
-type St = State<Arc<Shared>>;
+pub(crate) type St = State<Arc<Shared>>;
 
 /// A `Status` object, as the API answers errors.
 pub(crate) fn status(
@@ -373,7 +378,7 @@ pub(crate) fn status(
 
 /// Records the request and checks its bearer token: `Err` with the
 /// answer when the token is unknown (401) or may not do `verb` (403).
-fn admit(
+pub(crate) fn admit(
     s: &Shared,
     headers: &HeaderMap,
     verb: &'static str,
@@ -427,144 +432,6 @@ fn admit(
     )))
 }
 
-/// A label value as the API accepts it.
-fn valid_label_value(v: &str) -> bool {
-    v.len() <= 63
-        && (v.is_empty()
-            || (v.starts_with(|c: char| c.is_ascii_alphanumeric())
-                && v.ends_with(|c: char| c.is_ascii_alphanumeric())
-                && v.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))))
-}
-
-/// 5 characters of the alphabet the API server's name generator uses.
-fn random_suffix() -> String {
-    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    uuid::Uuid::new_v4().as_bytes()[..5]
-        .iter()
-        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
-        .collect()
-}
-
-async fn create(
-    State(s): St,
-    Path(ns): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    Json(mut pod): Json<Value>,
-) -> Response {
-    if let Err(refused) = admit(&s, &headers, "create", &ns, None, &q, pod.clone()) {
-        return *refused;
-    }
-    {
-        let mut inner = s.inner.lock().unwrap();
-        if inner.limited_creates > 0 {
-            inner.limited_creates -= 1;
-            return (
-                StatusCode::TOO_MANY_REQUESTS,
-                [("retry-after", "1"), ("content-type", "text/plain")],
-                "Too many requests, please try again later.\n",
-            )
-                .into_response();
-        }
-    }
-    let invalid = |field: &str, what: &str| {
-        status(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "Invalid",
-            &format!("Pod is invalid: {field}: {what}"),
-            None,
-        )
-    };
-    let meta = &pod["metadata"];
-    if meta["namespace"].as_str().is_some_and(|n| n != ns) {
-        return status(
-            StatusCode::BAD_REQUEST,
-            "BadRequest",
-            "the namespace of the provided object does not match the namespace sent on the request",
-            None,
-        );
-    }
-    let name = match (meta["name"].as_str(), meta["generateName"].as_str()) {
-        (Some(name), _) if !name.is_empty() => name.to_string(),
-        (_, Some(prefix)) if !prefix.is_empty() => format!("{prefix}{}", random_suffix()),
-        _ => {
-            return invalid(
-                "metadata.name",
-                "Required value: name or generateName is required",
-            )
-        }
-    };
-    if let Some(labels) = meta["labels"].as_object() {
-        for (k, v) in labels {
-            if !v.as_str().is_some_and(valid_label_value) {
-                return invalid(&format!("metadata.labels[{k}]"), "Invalid value");
-            }
-        }
-    }
-    let containers = pod["spec"]["containers"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    if containers.is_empty() {
-        return invalid("spec.containers", "Required value");
-    }
-    for (i, c) in containers.iter().enumerate() {
-        if c["image"].as_str().is_none_or(str::is_empty) {
-            return invalid(&format!("spec.containers[{i}].image"), "Required value");
-        }
-    }
-    let spec = &mut pod["spec"];
-    match spec["restartPolicy"].as_str() {
-        None => spec["restartPolicy"] = json!("Always"),
-        Some("Always" | "OnFailure" | "Never") => {}
-        Some(other) => {
-            return invalid(
-                "spec.restartPolicy",
-                &format!("Unsupported value: \"{other}\""),
-            )
-        }
-    }
-    if spec["terminationGracePeriodSeconds"].is_null() {
-        spec["terminationGracePeriodSeconds"] = json!(30);
-    }
-    if spec["serviceAccountName"].is_null() {
-        spec["serviceAccountName"] = json!("default");
-    }
-    pod["apiVersion"] = json!("v1");
-    pod["kind"] = json!("Pod");
-    let meta = &mut pod["metadata"];
-    meta["name"] = json!(name);
-    meta["namespace"] = json!(ns);
-    meta["uid"] = json!(uuid::Uuid::new_v4().to_string());
-    meta["creationTimestamp"] = json!(kubelet::now());
-    pod["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
-    let key = (ns.clone(), name.clone());
-    let created = {
-        let mut inner = s.inner.lock().unwrap();
-        if inner.pods.contains_key(&key) {
-            return status(
-                StatusCode::CONFLICT,
-                "AlreadyExists",
-                &format!("pods \"{name}\" already exists"),
-                Some(&name),
-            );
-        }
-        inner.pods.insert(
-            key.clone(),
-            PodRec {
-                pod,
-                pid: None,
-                limited: false,
-            },
-        );
-        s.changed(&mut inner, &key, "ADDED");
-        inner.pods[&key].pod.clone()
-    };
-    tokio::spawn(kubelet::run(s.clone(), key));
-    (StatusCode::CREATED, Json(created)).into_response()
-}
-
 /// Any other request: recorded (a test checks the backend makes none),
 /// and answered 404 as the API answers an unknown path.
 async fn unserved(State(s): St, request: axum::extract::Request) -> Response {
@@ -601,294 +468,11 @@ async fn show(
     }
 }
 
-fn not_found(name: &str) -> Response {
+pub(crate) fn not_found(name: &str) -> Response {
     status(
         StatusCode::NOT_FOUND,
         "NotFound",
         &format!("pods \"{name}\" not found"),
         Some(name),
     )
-}
-
-/// A label or field selector, as a list of terms that must all hold.
-struct Selector {
-    labels: Vec<(String, Option<String>, bool)>,
-    fields: Vec<(String, String)>,
-}
-
-impl Selector {
-    fn parse(q: &HashMap<String, String>) -> Result<Selector, String> {
-        let mut labels = Vec::new();
-        for term in q
-            .get("labelSelector")
-            .map(String::as_str)
-            .unwrap_or("")
-            .split(',')
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-        {
-            if term.contains(" in ") || term.contains(" notin ") || term.contains('(') {
-                return Err(format!("set-based selector not supported here: {term}"));
-            }
-            let term_parsed = if let Some((k, v)) = term.split_once("!=") {
-                (k.to_string(), Some(v.to_string()), false)
-            } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
-                (k.to_string(), Some(v.to_string()), true)
-            } else if let Some(k) = term.strip_prefix('!') {
-                (k.to_string(), None, false)
-            } else {
-                (term.to_string(), None, true)
-            };
-            labels.push(term_parsed);
-        }
-        let mut fields = Vec::new();
-        for term in q
-            .get("fieldSelector")
-            .map(String::as_str)
-            .unwrap_or("")
-            .split(',')
-            .filter(|t| !t.is_empty())
-        {
-            let (k, v) = term
-                .split_once("==")
-                .or_else(|| term.split_once('='))
-                .ok_or_else(|| format!("invalid field selector: {term}"))?;
-            if !matches!(k, "metadata.name" | "metadata.namespace") {
-                return Err(format!("field label not supported: {k}"));
-            }
-            fields.push((k.to_string(), v.to_string()));
-        }
-        Ok(Selector { labels, fields })
-    }
-
-    fn matches(&self, pod: &Value) -> bool {
-        let labels = &pod["metadata"]["labels"];
-        self.labels.iter().all(|(k, v, equal)| {
-            let have = labels[k.as_str()].as_str();
-            match v {
-                Some(v) => (have == Some(v.as_str())) == *equal,
-                None => have.is_some() == *equal,
-            }
-        }) && self.fields.iter().all(|(k, v)| {
-            let field = k.strip_prefix("metadata.").unwrap_or(k);
-            pod["metadata"][field].as_str() == Some(v.as_str())
-        })
-    }
-}
-
-async fn list(
-    State(s): St,
-    Path(ns): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-) -> Response {
-    let watch = q.get("watch").is_some_and(|w| w == "1" || w == "true");
-    let verb = if watch { "watch" } else { "list" };
-    if let Err(refused) = admit(&s, &headers, verb, &ns, None, &q, Value::Null) {
-        return *refused;
-    }
-    let selector = match Selector::parse(&q) {
-        Ok(selector) => selector,
-        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e, None),
-    };
-    if watch {
-        return watch_pods(s, ns, selector, q);
-    }
-    let inner = s.inner.lock().unwrap();
-    let items: Vec<Value> = inner
-        .pods
-        .iter()
-        .filter(|((n, _), rec)| *n == ns && selector.matches(&rec.pod))
-        .map(|(_, rec)| rec.pod.clone())
-        .collect();
-    Json(json!({
-        "kind": "PodList", "apiVersion": "v1",
-        "metadata": {"resourceVersion": inner.version.to_string()},
-        "items": items,
-    }))
-    .into_response()
-}
-
-/// A watch: past events after the asked version (or the Pods as they are),
-/// then live ones, until the watch's time is up.
-fn watch_pods(
-    s: Arc<Shared>,
-    ns: String,
-    selector: Selector,
-    q: HashMap<String, String>,
-) -> Response {
-    let asked: u64 = q
-        .get("resourceVersion")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let bookmarks = q.get("allowWatchBookmarks").is_some_and(|b| b == "true");
-    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<String, std::convert::Infallible>>();
-    let line =
-        |kind: &str, object: &Value| Ok(format!("{}\n", json!({"type": kind, "object": object})));
-    let (backlog, mut live, mut seen, limit) = {
-        let inner = s.inner.lock().unwrap();
-        let limit = q
-            .get("timeoutSeconds")
-            .and_then(|t| t.parse().ok())
-            .map(Duration::from_secs)
-            .unwrap_or(Duration::from_secs(1800))
-            .min(inner.close_watches_after);
-        if asked != 0 && asked < inner.compacted {
-            let expired = json!({
-                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "message": format!("too old resource version: {asked} ({})", inner.compacted + 1),
-                "reason": "Expired", "code": 410,
-            });
-            let _ = tx.unbounded_send(line("ERROR", &expired));
-            drop(tx);
-            return Response::builder()
-                .header("content-type", "application/json")
-                .body(Body::from_stream(rx))
-                .unwrap();
-        }
-        let backlog: Vec<String> = if asked == 0 {
-            inner
-                .pods
-                .iter()
-                .filter(|((n, _), rec)| *n == ns && selector.matches(&rec.pod))
-                .map(|(_, rec)| line("ADDED", &rec.pod).unwrap())
-                .collect()
-        } else {
-            inner
-                .history
-                .iter()
-                .filter(|e| e.version > asked && e.namespace == ns && selector.matches(&e.object))
-                .map(|e| line(e.kind, &e.object).unwrap())
-                .collect()
-        };
-        (backlog, s.events.subscribe(), inner.version, limit)
-    };
-    tokio::spawn(async move {
-        for l in backlog {
-            if tx.unbounded_send(Ok(l)).is_err() {
-                return;
-            }
-        }
-        let end = tokio::time::sleep(limit);
-        tokio::pin!(end);
-        loop {
-            tokio::select! {
-                _ = &mut end => break,
-                event = live.recv() => match event {
-                    Ok(e) => {
-                        seen = seen.max(e.version);
-                        if e.namespace == ns && selector.matches(&e.object)
-                            && tx.unbounded_send(line(e.kind, &e.object)).is_err()
-                        {
-                            return;
-                        }
-                    }
-                    // Fallen behind, or shut down: the client resumes.
-                    Err(_) => return,
-                },
-                _ = tx_closed(&tx) => return,
-            }
-        }
-        if bookmarks {
-            let mark = json!({"kind": "Pod", "apiVersion": "v1",
-                              "metadata": {"resourceVersion": seen.to_string()}});
-            let _ = tx.unbounded_send(line("BOOKMARK", &mark));
-        }
-    });
-    Response::builder()
-        .header("content-type", "application/json")
-        .body(Body::from_stream(rx))
-        .unwrap()
-}
-
-/// Resolves when the watch's client has gone.
-async fn tx_closed(
-    tx: &futures::channel::mpsc::UnboundedSender<Result<String, std::convert::Infallible>>,
-) {
-    while !tx.is_closed() {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn delete(
-    State(s): St,
-    Path((ns, name)): Path<(String, String)>,
-    Query(q): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    body: Option<Json<Value>>,
-) -> Response {
-    let body = body.map(|b| b.0).unwrap_or(Value::Null);
-    if let Err(refused) = admit(&s, &headers, "delete", &ns, Some(&name), &q, body.clone()) {
-        return *refused;
-    }
-    let key = (ns, name.clone());
-    let grace = body["gracePeriodSeconds"]
-        .as_u64()
-        .or_else(|| q.get("gracePeriodSeconds").and_then(|g| g.parse().ok()));
-    let mut inner = s.inner.lock().unwrap();
-    let Some(rec) = inner.pods.get_mut(&key) else {
-        return not_found(&name);
-    };
-    let grace = grace.unwrap_or_else(|| {
-        rec.pod["spec"]["terminationGracePeriodSeconds"]
-            .as_u64()
-            .unwrap_or(30)
-    });
-    let running = rec.pid.filter(|p| process_alive(*p));
-    match running {
-        Some(pid) if grace > 0 => {
-            if rec.pod["metadata"]["deletionTimestamp"].is_null() {
-                rec.pod["metadata"]["deletionTimestamp"] =
-                    json!(kubelet::at(Duration::from_secs(grace)));
-                rec.pod["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
-                crate::harness::sigterm(pid);
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(grace)).await;
-                    kill9(pid);
-                });
-                s.changed(&mut inner, &key, "MODIFIED");
-            }
-            Json(inner.pods[&key].pod.clone()).into_response()
-        }
-        _ => {
-            drop(inner);
-            let last = delete_now(&s, &key);
-            Json(last.unwrap_or(Value::Null)).into_response()
-        }
-    }
-}
-
-/// Removes a Pod from the API at once (its process SIGKILLed), and the
-/// Pods it owns; its last state.
-pub(crate) fn delete_now(s: &Shared, key: &(String, String)) -> Option<Value> {
-    let (last, uid) = {
-        let mut inner = s.inner.lock().unwrap();
-        let rec = inner.pods.get(key)?;
-        if let Some(pid) = rec.pid {
-            kill9(pid);
-        }
-        let uid = rec.pod["metadata"]["uid"].clone();
-        s.changed(&mut inner, key, "DELETED");
-        let last = inner.history.last().map(|e| e.object.clone());
-        (last, uid)
-    };
-    // The garbage collector: dependents go too.
-    let owned: Vec<(String, String)> = {
-        let inner = s.inner.lock().unwrap();
-        inner
-            .pods
-            .iter()
-            .filter(|(k, rec)| {
-                k.0 == key.0
-                    && rec.pod["metadata"]["ownerReferences"]
-                        .as_array()
-                        .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid))
-            })
-            .map(|(k, _)| k.clone())
-            .collect()
-    };
-    for k in owned {
-        delete_now(s, &k);
-    }
-    last
 }

@@ -65,20 +65,21 @@
 
 mod api;
 mod builder;
+mod cleanup;
 mod pod;
+mod runner;
 mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use flame_core::backend::{Backend, BootError, BootSpec, Booted, Listed, StopRunner};
+use flame_core::backend::{Backend, BootError, BootSpec, Booted, Listed};
 use flame_core::BoxError;
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::debug;
 
 pub use api::K8sError;
 pub use builder::{K8sBackendBuilder, DEFAULT_UNSCHEDULABLE_TIMEOUT};
@@ -89,8 +90,10 @@ pub use pod::{
 
 use api::{Pods, REQUEST_TIMEOUT};
 use builder::Connection;
+use cleanup::{wait_gone, DeleteOnDrop, GONE_WAIT};
 use pod::{ParentPod, Settings};
-use watch::{Change, PodWatch, Progress};
+use runner::{wait_started, watch_exit, PodStopper};
+use watch::PodWatch;
 
 /// Environment variable with the parent's Pod name (set it through the
 /// downward API: `fieldRef: {fieldPath: metadata.name}`).
@@ -98,14 +101,6 @@ pub const POD_NAME_ENV: &str = "POD_NAME";
 /// Environment variable with the parent's namespace (downward API:
 /// `fieldRef: {fieldPath: metadata.namespace}`).
 pub const POD_NAMESPACE_ENV: &str = "POD_NAMESPACE";
-
-/// Time past the drain before a stopping Pod is deleted with no grace: the
-/// kubelet's SIGKILL comes at the grace period's end, and the API removes
-/// the Pod once the kubelet reports it gone.
-const STOP_MARGIN: Duration = Duration::from_secs(3);
-
-/// Longest wait for a Pod deleted with no grace to leave the API.
-const GONE_WAIT: Duration = Duration::from_secs(10);
 
 /// Boots runners as Pods. Make one with [`K8sBackend::builder`].
 #[derive(Clone)]
@@ -214,211 +209,6 @@ impl Inner {
     }
 }
 
-/// Runs cleanup that must happen even when whoever started it is gone: on
-/// the current runtime, or on a thread of its own when there is none (a
-/// pool dropped after its runtime). Returns a future that resolves when it
-/// is done; dropping that future does not stop the work.
-fn run_detached(
-    work: impl std::future::Future<Output = ()> + Send + 'static,
-) -> BoxFuture<'static, ()> {
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-    let work = async move {
-        work.await;
-        let _ = done_tx.send(());
-    };
-    match tokio::runtime::Handle::try_current() {
-        Ok(rt) => {
-            rt.spawn(work);
-        }
-        Err(_) => {
-            std::thread::spawn(move || {
-                match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt.block_on(work),
-                    Err(e) => warn!("cannot clean up a runner Pod: no runtime ({e})"),
-                }
-            });
-        }
-    }
-    async move {
-        let _ = done_rx.await;
-    }
-    .boxed()
-}
-
-/// Deletes the Pod of a boot that did not finish, when dropped armed: a
-/// boot future dropped mid-way (the pool's boot timeout, a closed pool)
-/// still leaves nothing behind.
-struct DeleteOnDrop {
-    pods: Pods,
-    name: String,
-    armed: bool,
-}
-
-impl DeleteOnDrop {
-    /// Deletes the Pod now (no grace: it never served) and waits until it
-    /// is gone.
-    async fn delete_now(mut self) {
-        self.armed = false;
-        delete_and_wait(&self.pods, &self.name).await;
-    }
-
-    /// The boot succeeded: the Pod is the runner's now.
-    fn disarm(mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for DeleteOnDrop {
-    fn drop(&mut self) {
-        if self.armed {
-            let (pods, name) = (self.pods.clone(), std::mem::take(&mut self.name));
-            debug!(pod = %name, "boot abandoned; deleting its Pod");
-            drop(run_detached(async move {
-                delete_and_wait(&pods, &name).await;
-            }));
-        }
-    }
-}
-
-/// Deletes a Pod with no grace and waits (a while) until the API has
-/// let it go.
-async fn delete_and_wait(pods: &Pods, name: &str) {
-    match pods
-        .delete(name, 0, Some(Instant::now() + REQUEST_TIMEOUT))
-        .await
-    {
-        Ok(None) => {}
-        Ok(Some(_)) => {
-            wait_gone(pods, name, Instant::now() + GONE_WAIT).await;
-        }
-        Err(e) => warn!(pod = %name, "cannot delete runner Pod: {e}"),
-    }
-}
-
-/// Waits until Pod `name` is gone from the API, at most until `until`;
-/// true when it is.
-async fn wait_gone(pods: &Pods, name: &str, until: Instant) -> bool {
-    // A read first, to watch from its version: the Pod may be gone
-    // already.
-    let version = match pods.list_one(name, Some(until)).await {
-        Ok((None, _)) => return true,
-        Ok((Some(_), version)) => version,
-        Err(e) => {
-            debug!(pod = %name, "cannot read the Pod: {e}");
-            return false;
-        }
-    };
-    let mut watch = PodWatch::new(pods.clone(), name, &version);
-    loop {
-        match tokio::time::timeout_at(until, watch.next()).await {
-            Ok(Ok(Change::Deleted)) => return true,
-            Ok(Ok(Change::Updated(_))) => {}
-            Ok(Err(e)) => {
-                debug!(pod = %name, "cannot watch the Pod's end: {e}");
-                return false;
-            }
-            Err(_) => return false,
-        }
-    }
-}
-
-/// Waits until the created Pod's container runs: an error when it will
-/// not (Kubernetes' reason), is unschedulable past `unschedulable`, or is
-/// still pending at `deadline`.
-async fn wait_started(
-    watch: &mut PodWatch,
-    created: &Pod,
-    deadline: Option<Instant>,
-    unschedulable: Duration,
-) -> Result<(), K8sError> {
-    let name = created.metadata.name.clone().unwrap_or_default();
-    let since = Instant::now();
-    let mut now = watch::progress(created, RUNNER_CONTAINER);
-    loop {
-        let mut wake = deadline;
-        match now {
-            Progress::Started => return Ok(()),
-            Progress::Failed { reason, message } => {
-                return Err(K8sError::NotStarted {
-                    pod: name,
-                    reason,
-                    message,
-                })
-            }
-            Progress::Unschedulable(ref message) => {
-                if since.elapsed() >= unschedulable {
-                    return Err(K8sError::NotStarted {
-                        pod: name,
-                        reason: "Unschedulable".into(),
-                        message: format!(
-                            "{message} (unschedulable for {unschedulable:?}: \
-                             K8sBackendBuilder::unschedulable_timeout)"
-                        ),
-                    });
-                }
-                let at = since + unschedulable;
-                wake = Some(deadline.map_or(at, |d| d.min(at)));
-            }
-            Progress::Pending(_) => {}
-        }
-        let next = match wake {
-            Some(at) => tokio::time::timeout_at(at, watch.next()).await.ok(),
-            None => Some(watch.next().await),
-        };
-        match next {
-            Some(Ok(Change::Updated(pod))) => now = watch::progress(&pod, RUNNER_CONTAINER),
-            Some(Ok(Change::Deleted)) => {
-                return Err(K8sError::NotYet {
-                    pod: name,
-                    what: "it was deleted before it started".into(),
-                })
-            }
-            Some(Err(e)) => return Err(e),
-            None if deadline.is_some_and(|d| Instant::now() >= d) => {
-                let what = match now {
-                    Progress::Pending(what) => what,
-                    Progress::Unschedulable(message) => format!("unschedulable: {message}"),
-                    _ => "on its way".into(),
-                };
-                return Err(K8sError::NotYet {
-                    pod: name,
-                    what: format!("still {what} when the boot timeout ran out"),
-                });
-            }
-            // The unschedulable bound came: judged at the loop's top.
-            None => {}
-        }
-    }
-}
-
-/// Resolves when the runner's Pod ends, with a reason for the pool, and
-/// deletes the Pod (an ended Pod stays in the API until deleted).
-async fn watch_exit(mut watch: PodWatch, pods: Pods, name: String) -> String {
-    loop {
-        match watch.next().await {
-            Ok(Change::Updated(pod)) => {
-                if let Some(reason) = watch::exit_reason(&pod, RUNNER_CONTAINER) {
-                    // (A Pod being deleted already, by a stop say, leaves
-                    // by itself now that its container has ended.)
-                    if pod.metadata.deletion_timestamp.is_none() {
-                        delete_and_wait(&pods, &name).await;
-                    }
-                    return reason;
-                }
-            }
-            Ok(Change::Deleted) => return format!("Pod {name} was deleted"),
-            Err(e) => {
-                // Heartbeats still tell the pool when the runner is gone.
-                warn!(pod = %name, "cannot watch the runner's Pod any more: {e}");
-                return futures::future::pending().await;
-            }
-        }
-    }
-}
-
 impl Backend for K8sBackend {
     fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Booted, BoxError>> {
         let inner = self.inner.clone();
@@ -518,59 +308,5 @@ impl Backend for K8sBackend {
             Ok(())
         }
         .boxed()
-    }
-}
-
-struct PodStopper {
-    pods: Pods,
-    name: String,
-}
-
-/// `grace` in whole seconds, rounded up: a grace period never ends before
-/// the drain it stands for.
-fn grace_secs(grace: Duration) -> u32 {
-    let secs = grace.as_secs() + u64::from(grace.subsec_nanos() > 0);
-    u32::try_from(secs).unwrap_or(u32::MAX)
-}
-
-impl StopRunner for PodStopper {
-    /// Deletes the Pod with `gracePeriodSeconds` of `grace` rounded up
-    /// (the kubelet sends SIGTERM, the runner drains and exits, SIGKILL
-    /// comes at the period's end), waits until it is gone, and deletes it
-    /// with no grace if it is still there a margin later. The work starts
-    /// at once on a task of its own (a thread when there is no runtime),
-    /// so it is done even when the returned future is dropped.
-    fn stop(&self, grace: Duration) -> BoxFuture<'static, ()> {
-        let (pods, name) = (self.pods.clone(), self.name.clone());
-        run_detached(async move {
-            let secs = grace_secs(grace);
-            let asked = Instant::now();
-            match pods
-                .delete(&name, secs, Some(asked + REQUEST_TIMEOUT))
-                .await
-            {
-                Ok(None) => return,
-                Ok(Some(_)) => {
-                    let until = Instant::now() + Duration::from_secs(secs.into()) + STOP_MARGIN;
-                    if wait_gone(&pods, &name, until).await {
-                        return;
-                    }
-                }
-                Err(e) => warn!(pod = %name, "cannot delete runner Pod: {e}"),
-            }
-            delete_and_wait(&pods, &name).await;
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grace_is_rounded_up() {
-        assert_eq!(grace_secs(Duration::ZERO), 0);
-        assert_eq!(grace_secs(Duration::from_millis(1900)), 2);
-        assert_eq!(grace_secs(Duration::from_secs(30)), 30);
     }
 }
