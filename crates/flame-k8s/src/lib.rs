@@ -38,7 +38,7 @@
 //!   `envFrom`, does not name (the runner gets them the same way).
 //!
 //! Boot: the Pod is created, then watched (resumed when the server closes
-//! the watch, read afresh on `410 Gone`) until its container runs; the
+//! the watch, listed afresh on `410 Gone`) until its container runs; the
 //! runner then reports ready over NATS. The boot fails at once, as
 //! permanent, with Kubernetes' reason when the container waits on
 //! `ErrImagePull`, `ImagePullBackOff`, `InvalidImageName`,
@@ -53,13 +53,28 @@
 //! Exit: the same watch reports the runner's end: `OOMKilled` as "ran out
 //! of memory", else the exit code and reason; the Pod is then deleted.
 //! Retire: a delete with `gracePeriodSeconds` of the drain time rounded up
-//! (the kubelet sends SIGTERM, then SIGKILL after it), waited for, then a
-//! delete with no grace. Reaping: [`Backend::list`] lists the pool's Pods
+//! (the kubelet sends SIGTERM, then SIGKILL after it), waited for, and a
+//! delete with no grace if the Pod is still there 3 s after. Reaping: [`Backend::list`] lists the pool's Pods
 //! by label, whatever their phase.
 //!
 //! The RBAC the backend needs is on `pods` only: `create`, `get`, `list`,
 //! `watch`, `delete`. The README's "Deploying on Kubernetes" has the
 //! Deployment, Role, NATS and NetworkPolicy to go with it.
+//!
+//! Outside a cluster (or with no parent Pod), give the backend a
+//! `kube::Config` or `kube::Client`, a namespace and an image:
+//!
+//! ```no_run
+//! # fn f(config: kube::Config) -> Result<(), flame_core::Error> {
+//! let backend = flame_k8s::K8sBackend::builder()
+//!     .config(config)
+//!     .namespace("batch")
+//!     .image("registry.example/app:42")
+//!     .gpus(1)
+//!     .node_selector("nvidia.com/gpu.present", "true")
+//!     .build()?;
+//! # Ok(()) }
+//! ```
 
 #![warn(missing_docs)]
 
@@ -199,7 +214,14 @@ impl Inner {
         };
         self.parent
             .get_or_try_init(|| async {
-                let pod = pods.get(name, until).await?;
+                let pod = pods.get(name, until).await.map_err(|e| match e {
+                    K8sError::Api { status: 404, .. } => K8sError::Unexpected(format!(
+                        "the parent Pod `{name}` ({POD_NAME_ENV}, or \
+                         K8sBackendBuilder::parent_pod) is not in namespace `{}`: {e}",
+                        pods.namespace()
+                    )),
+                    e => e,
+                })?;
                 ParentPod::from_pod(pod, self.container.as_deref())
                     .map(Some)
                     .map_err(K8sError::Unexpected)
