@@ -293,5 +293,5 @@ pub fn k8s_builder(url: &str, token: &str) -> flame_k8s::K8sBackendBuilder {
     K8sBackend::builder()
         .config(config)
         .namespace(K8S_NAMESPACE)
-        .env(flame::BUILD_ID_ENV, TEST_BUILD)
+        .env(flame::env::BUILD_ID, TEST_BUILD)
 }

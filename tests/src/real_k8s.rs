@@ -61,7 +61,7 @@ pub fn backend(runners: Runners) -> K8sBackend {
     let builder: K8sBackendBuilder = K8sBackend::builder()
         .config(config)
         .namespace(namespace())
-        .env(flame::BUILD_ID_ENV, TEST_BUILD);
+        .env(flame::env::BUILD_ID, TEST_BUILD);
     let builder = match runners {
         Runners::Working | Runners::Unauthorized => builder.image(image),
         Runners::ExitBeforeReady => builder.image(image).edit_pod(|pod: &mut Pod| {
@@ -107,13 +107,16 @@ pub fn leftovers() -> Vec<String> {
 
 /// A test's nats-server, and the URL its runners are told: on a real
 /// cluster one they reach from their Pods.
-pub fn nats_server() -> (flame::NatsServer, Option<String>) {
+pub fn nats_server() -> (flame::embedded::NatsServer, Option<String>) {
     if !enabled() {
-        return (flame::NatsServer::start().expect("start nats-server"), None);
+        return (
+            flame::embedded::NatsServer::start().expect("start nats-server"),
+            None,
+        );
     }
     let host = std::env::var("FLAME_TEST_K8S_NATS_HOST")
         .expect("FLAME_TEST_K8S_NATS_HOST: this machine's address as the cluster's Pods reach it");
-    let server = flame::NatsServer::builder()
+    let server = flame::embedded::NatsServer::builder()
         .arg("-a")
         .arg("0.0.0.0")
         .start()

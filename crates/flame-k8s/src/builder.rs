@@ -8,7 +8,23 @@ use flame_core::Error;
 use k8s_openapi::api::core::v1::{Pod, ResourceRequirements, Toleration};
 
 use crate::pod::{Settings, GPU_RESOURCE};
-use crate::{K8sBackend, POD_NAMESPACE_ENV, POD_NAME_ENV};
+
+/// Environment variable with the parent's Pod name (set it through the
+/// downward API: `fieldRef: {fieldPath: metadata.name}`).
+pub const POD_NAME_ENV: &str = "POD_NAME";
+/// Environment variable with the parent's namespace (downward API:
+/// `fieldRef: {fieldPath: metadata.namespace}`).
+pub const POD_NAMESPACE_ENV: &str = "POD_NAMESPACE";
+
+/// What a checked [`K8sBackendBuilder`] gives the backend.
+pub(crate) struct Parts {
+    pub(crate) connection: Connection,
+    pub(crate) namespace: String,
+    pub(crate) parent_pod: Option<String>,
+    pub(crate) container: Option<String>,
+    pub(crate) settings: Settings,
+    pub(crate) unschedulable_timeout: Duration,
+}
 
 /// Default of [`K8sBackendBuilder::unschedulable_timeout`]: shorter than a
 /// pool's default boot timeout (30 s), so that callers learn the
@@ -210,14 +226,8 @@ impl K8sBackendBuilder {
         self
     }
 
-    /// Checks the settings (no request is made yet: the client is made,
-    /// and the parent's Pod read, at the first boot). Outside a cluster
-    /// without [`config`] or [`client`], or with neither a parent Pod nor
-    /// an image, an [`Error::Config`] says what to set.
-    ///
-    /// [`config`]: K8sBackendBuilder::config
-    /// [`client`]: K8sBackendBuilder::client
-    pub fn build(self) -> Result<K8sBackend, Error> {
+    /// The checked settings ([`crate::K8sBackend`]'s `build`).
+    pub(crate) fn into_parts(self) -> Result<Parts, Error> {
         let from_env = |v: Option<String>, var: &str| {
             v.or_else(|| std::env::var(var).ok())
                 .filter(|s| !s.trim().is_empty())
@@ -253,14 +263,14 @@ impl K8sBackendBuilder {
                 Connection::Client(c) => c.default_namespace().to_string(),
                 Connection::InCluster => "default".into(),
             });
-        Ok(K8sBackend::new(
+        Ok(Parts {
             connection,
             namespace,
             parent_pod,
-            self.container,
-            self.settings,
-            self.unschedulable_timeout,
-        ))
+            container: self.container,
+            settings: self.settings,
+            unschedulable_timeout: self.unschedulable_timeout,
+        })
     }
 }
 
@@ -284,9 +294,9 @@ mod tests {
         let err = K8sBackendBuilder::default()
             .parent_pod("")
             .config(config.clone())
-            .build();
+            .into_parts();
         if std::env::var(POD_NAME_ENV).is_err() {
-            let err = err.unwrap_err().to_string();
+            let err = err.err().unwrap().to_string();
             assert!(err.contains(POD_NAME_ENV) && err.contains("image"), "{err}");
         }
         let b = K8sBackendBuilder::default()
@@ -297,6 +307,6 @@ mod tests {
             .config(config);
         assert_eq!(quantities(&b)["memory"], (Some("1Gi".into()), "1Gi".into()));
         assert_eq!(quantities(&b)[GPU_RESOURCE], (None, "2".into()));
-        assert!(b.build().is_ok());
+        assert!(b.into_parts().is_ok());
     }
 }

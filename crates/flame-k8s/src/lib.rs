@@ -89,7 +89,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flame_core::backend::{Backend, BootError, BootSpec, Booted, Listed};
-use flame_core::BoxError;
+use flame_core::{BoxError, Error};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use tokio::sync::OnceCell;
@@ -97,25 +97,20 @@ use tokio::time::Instant;
 use tracing::debug;
 
 pub use api::K8sError;
-pub use builder::{K8sBackendBuilder, DEFAULT_UNSCHEDULABLE_TIMEOUT};
+pub use builder::{
+    K8sBackendBuilder, DEFAULT_UNSCHEDULABLE_TIMEOUT, POD_NAMESPACE_ENV, POD_NAME_ENV,
+};
 pub use pod::{
     label_value, GPU_RESOURCE, MANAGED_BY_LABEL, PARENT_LABEL, POOL_LABEL, RUNNER_CONTAINER,
     RUNNER_LABEL,
 };
 
 use api::{Pods, REQUEST_TIMEOUT};
-use builder::Connection;
+use builder::{Connection, Parts};
 use cleanup::{wait_gone, DeleteOnDrop, GONE_WAIT};
 use pod::{ParentPod, Settings};
 use runner::{wait_started, watch_exit, PodStopper};
 use watch::PodWatch;
-
-/// Environment variable with the parent's Pod name (set it through the
-/// downward API: `fieldRef: {fieldPath: metadata.name}`).
-pub const POD_NAME_ENV: &str = "POD_NAME";
-/// Environment variable with the parent's namespace (downward API:
-/// `fieldRef: {fieldPath: metadata.namespace}`).
-pub const POD_NAMESPACE_ENV: &str = "POD_NAMESPACE";
 
 /// Boots runners as Pods. Make one with [`K8sBackend::builder`].
 #[derive(Clone)]
@@ -154,22 +149,15 @@ impl K8sBackend {
         K8sBackendBuilder::default()
     }
 
-    fn new(
-        connection: Connection,
-        namespace: String,
-        parent_pod: Option<String>,
-        container: Option<String>,
-        settings: Settings,
-        unschedulable_timeout: Duration,
-    ) -> K8sBackend {
+    fn new(parts: Parts) -> K8sBackend {
         K8sBackend {
             inner: Arc::new(Inner {
-                connection,
-                namespace,
-                parent_pod,
-                container,
-                settings,
-                unschedulable_timeout,
+                connection: parts.connection,
+                namespace: parts.namespace,
+                parent_pod: parts.parent_pod,
+                container: parts.container,
+                settings: parts.settings,
+                unschedulable_timeout: parts.unschedulable_timeout,
                 pods: OnceCell::new(),
                 parent: OnceCell::new(),
             }),
@@ -179,6 +167,19 @@ impl K8sBackend {
     /// The namespace the runner Pods go to.
     pub fn namespace(&self) -> &str {
         &self.inner.namespace
+    }
+}
+
+impl K8sBackendBuilder {
+    /// Checks the settings (no request is made yet: the client is made,
+    /// and the parent's Pod read, at the first boot). Outside a cluster
+    /// without [`config`] or [`client`], or with neither a parent Pod nor
+    /// an image, an [`Error::Config`] says what to set.
+    ///
+    /// [`config`]: K8sBackendBuilder::config
+    /// [`client`]: K8sBackendBuilder::client
+    pub fn build(self) -> Result<K8sBackend, Error> {
+        Ok(K8sBackend::new(self.into_parts()?))
     }
 }
 

@@ -11,8 +11,8 @@ use tracing::warn;
 
 use crate::api::{K8sError, Pods, REQUEST_TIMEOUT};
 use crate::cleanup::{delete_and_wait, run_detached, wait_gone};
+use crate::pod::RUNNER_CONTAINER;
 use crate::watch::{self, Change, PodWatch, Progress};
-use crate::RUNNER_CONTAINER;
 
 /// Time past the drain before a stopping Pod is deleted with no grace: the
 /// kubelet's SIGKILL comes at the grace period's end, and the API removes
