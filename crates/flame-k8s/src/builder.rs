@@ -42,8 +42,8 @@ pub(crate) enum Connection {
     InCluster,
 }
 
-/// Builds a [`K8sBackend`]. Unset settings come from the Pod the parent
-/// runs in.
+/// Builds a [`K8sBackend`](crate::K8sBackend) (its `build` checks the
+/// settings). Unset settings come from the Pod the parent runs in.
 #[derive(Clone)]
 #[must_use]
 pub struct K8sBackendBuilder {
