@@ -137,21 +137,35 @@ pub struct TestEnv {
     pub server: NatsServer,
     /// The parent.
     pub flame: Flame,
+    /// The URL runners are told (see [`TestEnv::runner_nats_url`]).
+    runner_url: String,
 }
 
 impl TestEnv {
     /// Starts a server and connects a parent with the test build id.
     pub async fn start() -> TestEnv {
         init_tracing();
-        let server = NatsServer::start().expect("start nats-server");
+        let (server, runner_url) = crate::real_k8s::nats_server();
+        // Said on purpose: the stand-ins' runners run on this machine (on
+        // a real cluster, the address its Pods reach).
+        let runner_url = runner_url.unwrap_or_else(|| server.url());
         let flame = builder()
             .nats_url(server.url())
-            // Said on purpose: the fake Fly Machines run on this machine.
-            .runner_nats_url(server.url())
+            .runner_nats_url(&runner_url)
             .init()
             .await
             .expect("connect to test nats-server");
-        TestEnv { server, flame }
+        TestEnv {
+            server,
+            flame,
+            runner_url,
+        }
+    }
+
+    /// The NATS URL the parent tells its runners: the server's, but for
+    /// the conformance suite on a real cluster (`tests/src/real_k8s.rs`).
+    pub fn runner_nats_url(&self) -> String {
+        self.runner_url.clone()
     }
 
     /// A pool whose runners are `flame-testapp` processes of the test build.

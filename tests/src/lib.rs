@@ -6,12 +6,14 @@
 //! executables differ, so hashes would not match).
 
 pub mod fake_fly;
+pub mod fake_k8s;
 pub mod funcs;
 pub mod harness;
 pub mod jwt;
 pub mod nats_config;
 pub mod nats_proxy;
 pub mod platform;
+pub mod real_k8s;
 pub mod spans;
 
 /// A private PostgreSQL per test (shared with the examples).

@@ -1,15 +1,18 @@
 //! The platforms the backend conformance suite runs on: the local backend
-//! (child processes) and the Fly backend against its stand-in
-//! ([`crate::fake_fly`]). Each gives runners that work and runners that
+//! (child processes), the Fly backend against its stand-in
+//! ([`crate::fake_fly`]) and the Kubernetes backend against its stand-in
+//! ([`crate::fake_k8s`]). Each gives runners that work and runners that
 //! fail in the ways the suite checks, and tells what it still runs of a
 //! pool, so that a test can check that nothing is left.
 
 use flame::backend::Listed;
 use flame::{Backend, BootSpec, Booted, BoxError, LocalBackend};
 use flame_fly::FlyBackend;
+use flame_k8s::K8sBackend;
 use futures::future::BoxFuture;
 
 use crate::fake_fly::FakeFly;
+use crate::fake_k8s::FakeK8s;
 use crate::harness::{runner_backend, runner_pids};
 use crate::TEST_BUILD;
 
@@ -20,6 +23,8 @@ pub enum Kind {
     Local,
     /// Runners as Fly Machines of the stand-in.
     Fly,
+    /// Runners as Pods of the Kubernetes stand-in.
+    K8s,
 }
 
 /// What the runners of a backend do.
@@ -48,21 +53,33 @@ pub struct Platform {
     pub kind: Kind,
     /// The Fly stand-in, for [`Kind::Fly`].
     pub fly: Option<FakeFly>,
+    /// The Kubernetes stand-in, for [`Kind::K8s`].
+    pub k8s: Option<FakeK8s>,
 }
 
 impl Platform {
     /// Starts the platform.
     pub async fn start(kind: Kind) -> Platform {
         let fly = match kind {
-            Kind::Local => None,
             Kind::Fly => Some(FakeFly::start("flame-test").await),
+            _ => None,
         };
-        Platform { kind, fly }
+        let k8s = match kind {
+            Kind::K8s if !crate::real_k8s::enabled() => Some(FakeK8s::start().await),
+            _ => None,
+        };
+        Platform { kind, fly, k8s }
     }
 
     /// The platform of a parent process the suite starts: from
     /// [`Platform::env`] (the Fly stand-in's URL).
     pub fn from_env() -> (Kind, Option<String>) {
+        if let Ok(url) = std::env::var("FLAME_TEST_K8S_URL") {
+            return (Kind::K8s, Some(url));
+        }
+        if crate::real_k8s::enabled() {
+            return (Kind::K8s, None);
+        }
         match std::env::var("FLAME_TEST_FLY_URL") {
             Ok(url) => (Kind::Fly, Some(url)),
             Err(_) => (Kind::Local, None),
@@ -74,6 +91,11 @@ impl Platform {
         self.fly
             .iter()
             .map(|fly| ("FLAME_TEST_FLY_URL".to_string(), fly.url.clone()))
+            .chain(
+                self.k8s
+                    .iter()
+                    .map(|k8s| ("FLAME_TEST_K8S_URL".to_string(), k8s.url.clone())),
+            )
             .collect()
     }
 
@@ -82,14 +104,24 @@ impl Platform {
     pub fn backend(&self, runners: Runners) -> Option<PlatformBackend> {
         backend_for(
             self.kind,
-            self.fly.as_ref().map(|f| f.url.as_str()),
+            self.fly
+                .as_ref()
+                .map(|f| f.url.as_str())
+                .or(self.k8s.as_ref().map(|k| k.url.as_str())),
             runners,
         )
     }
 
     /// What the platform still runs (or keeps) of `pool`: live runner
-    /// processes (local), Machines not destroyed (Fly).
+    /// processes (local), Machines not destroyed (Fly), Pods not deleted
+    /// (Kubernetes).
     pub fn leftovers(&self, pool: &str) -> Vec<String> {
+        if let Some(k8s) = &self.k8s {
+            return k8s.leftovers();
+        }
+        if self.kind == Kind::K8s {
+            return crate::real_k8s::leftovers();
+        }
         match &self.fly {
             None => runner_pids(pool)
                 .iter()
@@ -97,6 +129,39 @@ impl Platform {
                 .collect(),
             Some(fly) => fly.leftovers(),
         }
+    }
+
+    /// Makes the platform's API answer the next `n` creates with 429 and
+    /// `Retry-After: 1`; false when it has no API.
+    pub fn rate_limit_creates(&self, n: usize) -> bool {
+        if let Some(fly) = &self.fly {
+            fly.rate_limit_creates(n);
+        }
+        if let Some(k8s) = &self.k8s {
+            k8s.rate_limit_creates(n);
+        }
+        self.fly.is_some() || self.k8s.is_some()
+    }
+
+    /// When the platform's API was asked to create a runner, in order;
+    /// `None` without a stand-in that records it.
+    pub fn creates(&self) -> Option<Vec<tokio::time::Instant>> {
+        if self.fly.is_none() && self.k8s.is_none() {
+            return None;
+        }
+        let fly = self.fly.iter().flat_map(|fly| {
+            fly.requests()
+                .into_iter()
+                .filter(|r| r.method == "POST" && r.path.is_empty())
+                .map(|r| r.at)
+        });
+        let k8s = self.k8s.iter().flat_map(|k8s| {
+            k8s.requests()
+                .into_iter()
+                .filter(|r| r.verb == "create")
+                .map(|r| r.at)
+        });
+        Some(fly.chain(k8s).collect())
     }
 }
 
@@ -136,6 +201,28 @@ pub fn backend_for(kind: Kind, fly_url: Option<&str>, runners: Runners) -> Optio
             let fly = fly_backend(url, token, image, memory_mb);
             Some(PlatformBackend::Fly(fly))
         }
+        Kind::K8s => {
+            use crate::fake_k8s::{BAD_TOKEN, TOKEN};
+            if crate::real_k8s::enabled() {
+                return Some(PlatformBackend::K8s(crate::real_k8s::backend(runners)));
+            }
+            let url = fly_url.expect("the Kubernetes stand-in's URL");
+            let (token, image) = match runners {
+                Runners::Working => (TOKEN, "registry.example/flame-test:1"),
+                Runners::ExitBeforeReady => (TOKEN, "registry.example/flame-test:exits-early"),
+                Runners::CannotStart => (TOKEN, "registry.example/no-such-image:1"),
+                Runners::Stuck => (TOKEN, "registry.example/stuck:1"),
+                Runners::MemoryLimited(_) => (TOKEN, "registry.example/flame-test:memory-limited"),
+                Runners::Unauthorized => (BAD_TOKEN, "registry.example/flame-test:1"),
+            };
+            let mut builder = k8s_builder(url, token).image(image);
+            if let Runners::MemoryLimited(mb) = runners {
+                builder = builder.memory(format!("{mb}Mi"));
+            }
+            Some(PlatformBackend::K8s(
+                builder.build().expect("a valid Kubernetes backend"),
+            ))
+        }
     }
 }
 
@@ -146,6 +233,8 @@ pub enum PlatformBackend {
     Local(LocalBackend),
     /// Fly Machines.
     Fly(FlyBackend),
+    /// Kubernetes Pods.
+    K8s(K8sBackend),
 }
 
 impl PlatformBackend {
@@ -153,6 +242,7 @@ impl PlatformBackend {
         match self {
             PlatformBackend::Local(b) => b,
             PlatformBackend::Fly(b) => b,
+            PlatformBackend::K8s(b) => b,
         }
     }
 }
@@ -190,4 +280,18 @@ pub fn fly_backend(url: &str, token: &str, image: &str, memory_mb: u32) -> FlyBa
         .env(flame::env::BUILD_ID, TEST_BUILD)
         .build()
         .expect("a valid Fly backend")
+}
+
+/// Namespace of the Kubernetes stand-in's runner Pods in the suite.
+pub const K8S_NAMESPACE: &str = "flame-test";
+
+/// A Kubernetes backend builder on the stand-in at `url` with bearer
+/// `token`, in [`K8S_NAMESPACE`], with the test build id.
+pub fn k8s_builder(url: &str, token: &str) -> flame_k8s::K8sBackendBuilder {
+    let mut config = kube::Config::new(url.parse().expect("the stand-in's URL"));
+    config.auth_info.token = Some(token.to_string().into());
+    K8sBackend::builder()
+        .config(config)
+        .namespace(K8S_NAMESPACE)
+        .env(flame::env::BUILD_ID, TEST_BUILD)
 }

@@ -1,6 +1,8 @@
 //! The contract every backend keeps, written once and run against each
-//! platform: the local backend (child processes) and the Fly backend on its
-//! stand-in (`tests/src/fake_fly.rs`, whose header says what it models).
+//! platform: the local backend (child processes), the Fly backend on its
+//! stand-in (`tests/src/fake_fly.rs`, whose header says what it models)
+//! and the Kubernetes backend on its stand-in (`tests/src/fake_k8s.rs`; on
+//! a real cluster with `scripts/test-k8s`).
 //! A new backend adds a [`Kind`] to `tests/src/platform.rs` and one line to
 //! the `conformance!` list at the end of this file.
 //!
@@ -315,9 +317,8 @@ async fn permanent_api_error_fails_fast(kind: Kind) {
         text.contains("401") && text.contains("unauthorized"),
         "{text}"
     );
-    if let Some(fly) = &platform.fly {
-        let creates = fly.requests().iter().filter(|r| r.method == "POST").count();
-        assert_eq!(creates, 1, "a 401 is not retried");
+    if let Some(creates) = platform.creates() {
+        assert_eq!(creates.len(), 1, "a 401 is not retried");
     }
     nothing_left(&platform, "conf-401", Duration::from_secs(10)).await;
 }
@@ -362,10 +363,9 @@ async fn transient_boot_failures_back_off(kind: Kind) {
         .filter(|e| matches!(e, PoolChange::GrowEnd { result: Err(_), .. }))
         .count();
     assert_eq!(failed, 2);
-    if let Some(fly) = &platform.fly {
-        // The API's own rate limit: the create is asked again after its
-        // Retry-After, not given up.
-        fly.rate_limit_creates(2);
+    // The API's own rate limit: the create is asked again after its
+    // Retry-After, not given up.
+    if platform.rate_limit_creates(2) {
         let more = env
             .flame
             .pool("conf-429")
@@ -375,12 +375,7 @@ async fn transient_boot_failures_back_off(kind: Kind) {
             .await
             .unwrap();
         assert_eq!(flame::call!(more, add(1, 1)).await.unwrap(), 2);
-        let posts: Vec<Instant> = fly
-            .requests()
-            .iter()
-            .filter(|r| r.method == "POST" && r.path.is_empty())
-            .map(|r| r.at)
-            .collect();
+        let posts = platform.creates().expect("a stand-in's requests");
         let last = &posts[posts.len() - 3..];
         assert!(
             last[1] - last[0] >= Duration::from_secs(1)
@@ -428,14 +423,14 @@ async fn parent_killed_mid_boot_leaves_nothing(kind: Kind) {
     // On Fly a Machine that never starts stays until it is deleted; a
     // local runner process ends by itself once its parent is gone.
     let runners = match kind {
-        Kind::Fly => "stuck",
+        Kind::Fly | Kind::K8s => "stuck",
         Kind::Local => "working",
     };
     let mut parent = tokio::process::Command::new(testapp())
         .args(["platform-parent", "conf-orphan", runners, "hang"])
         .env(flame::env::NATS_URL, env.server.url())
         // Said on purpose: the stand-in's Machines run on this machine.
-        .env("FLAME_RUNNER_NATS_URL", env.server.url())
+        .env("FLAME_RUNNER_NATS_URL", env.runner_nats_url())
         .env(flame::env::BUILD_ID, TEST_BUILD)
         .envs(platform.env())
         .stdout(std::process::Stdio::null())
@@ -448,7 +443,7 @@ async fn parent_killed_mid_boot_leaves_nothing(kind: Kind) {
     .await;
     kill9(parent.id().unwrap());
     let _ = parent.wait().await;
-    if kind == Kind::Fly {
+    if kind != Kind::Local {
         // The next parent of the pool reaps what the dead one left.
         let pool = env
             .flame
@@ -471,7 +466,7 @@ async fn start_error_then_exit_leaves_nothing(kind: Kind) {
         .args(["platform-parent", "conf-exit", "stuck", "start-fails"])
         .env(flame::env::NATS_URL, env.server.url())
         // Said on purpose: the stand-in's Machines run on this machine.
-        .env("FLAME_RUNNER_NATS_URL", env.server.url())
+        .env("FLAME_RUNNER_NATS_URL", env.runner_nats_url())
         .env(flame::env::BUILD_ID, TEST_BUILD)
         .envs(platform.env())
         .stderr(std::process::Stdio::null())
@@ -520,4 +515,5 @@ macro_rules! conformance {
 conformance! {
     local => Kind::Local,
     fly => Kind::Fly,
+    k8s => Kind::K8s,
 }

@@ -54,10 +54,11 @@
 //! runners, with limits that hold for the whole fleet (coordinated through a
 //! JetStream KV bucket; see the README). Runners are local processes by
 //! default ([`LocalBackend`]); the `flame-fly` crate boots them as Fly
-//! Machines.
+//! Machines, the `flame-k8s` crate as Kubernetes Pods.
 //!
-//! Cargo features: `fly` (the Fly Machines backend as `flame::fly`) and
-//! `otel` (spans exported over OpenTelemetry's OTLP, `flame::otel::layer`).
+//! Cargo features: `fly` (the Fly Machines backend as `flame::fly`), `k8s`
+//! (the Kubernetes backend as `flame::k8s`) and `otel` (spans exported
+//! over OpenTelemetry's OTLP, `flame::otel::layer`).
 //! [`runner_log_layer`] sends a private pool's runner log lines to the
 //! parent (with `PoolBuilder::forward_runner_logs`). Set up the tracing
 //! subscriber, with either layer, before [`init`]: in a runner `init`
@@ -75,6 +76,10 @@ pub use flame_macros::remote;
 /// your app. See `flame_fly::FlyBackend`.
 #[cfg(feature = "fly")]
 pub use flame_fly as fly;
+/// The Kubernetes backend (cargo feature `k8s`): runners as Pods made from
+/// the parent's own Pod. See `flame_k8s::K8sBackend`.
+#[cfg(feature = "k8s")]
+pub use flame_k8s as k8s;
 /// OpenTelemetry export (cargo feature `otel`); see the README's "Traces".
 #[cfg(feature = "otel")]
 pub use flame_nats::otel;
