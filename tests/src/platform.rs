@@ -1,14 +1,17 @@
 //! The platforms the backend conformance suite runs on: the local backend
-//! (child processes) and the Fly backend against its stand-in
-//! ([`crate::fake_fly`]). Each gives runners that work and runners that
+//! (child processes), the Fly backend against its stand-in
+//! ([`crate::fake_fly`]) and the Docker backend on a real, private
+//! `dockerd` ([`crate::docker`]). Each gives runners that work and runners that
 //! fail in the ways the suite checks, and tells what it still runs of a
 //! pool, so that a test can check that nothing is left.
 
 use flame::backend::Listed;
 use flame::{Backend, BootSpec, Booted, BoxError, LocalBackend};
+use flame_docker::DockerBackend;
 use flame_fly::FlyBackend;
 use futures::future::BoxFuture;
 
+use crate::docker::{dockerd, Dockerd};
 use crate::fake_fly::FakeFly;
 use crate::harness::{runner_backend, runner_pids};
 use crate::TEST_BUILD;
@@ -20,6 +23,8 @@ pub enum Kind {
     Local,
     /// Runners as Fly Machines of the stand-in.
     Fly,
+    /// Runners as containers of a private `dockerd`.
+    Docker,
 }
 
 /// What the runners of a backend do.
@@ -48,48 +53,66 @@ pub struct Platform {
     pub kind: Kind,
     /// The Fly stand-in, for [`Kind::Fly`].
     pub fly: Option<FakeFly>,
+    /// The test binary's Docker Engine, for [`Kind::Docker`].
+    pub docker: Option<&'static Dockerd>,
 }
 
 impl Platform {
     /// Starts the platform.
     pub async fn start(kind: Kind) -> Platform {
         let fly = match kind {
-            Kind::Local => None,
             Kind::Fly => Some(FakeFly::start("flame-test").await),
+            _ => None,
         };
-        Platform { kind, fly }
+        let docker = match kind {
+            Kind::Docker => Some(tokio::task::spawn_blocking(dockerd).await.unwrap()),
+            _ => None,
+        };
+        Platform { kind, fly, docker }
     }
 
     /// The platform of a parent process the suite starts: from
-    /// [`Platform::env`] (the Fly stand-in's URL).
+    /// [`Platform::env`] (the Fly stand-in's URL, the Docker Engine's).
     pub fn from_env() -> (Kind, Option<String>) {
-        match std::env::var("FLAME_TEST_FLY_URL") {
-            Ok(url) => (Kind::Fly, Some(url)),
+        if let Ok(url) = std::env::var("FLAME_TEST_FLY_URL") {
+            return (Kind::Fly, Some(url));
+        }
+        match std::env::var("FLAME_TEST_DOCKER_HOST") {
+            Ok(host) => (Kind::Docker, Some(host)),
             Err(_) => (Kind::Local, None),
         }
     }
 
     /// What a parent process needs to use this platform.
     pub fn env(&self) -> Vec<(String, String)> {
-        self.fly
+        let fly = self
+            .fly
             .iter()
-            .map(|fly| ("FLAME_TEST_FLY_URL".to_string(), fly.url.clone()))
-            .collect()
+            .map(|fly| ("FLAME_TEST_FLY_URL".to_string(), fly.url.clone()));
+        let docker = self
+            .docker
+            .iter()
+            .map(|d| ("FLAME_TEST_DOCKER_HOST".to_string(), d.host.clone()));
+        fly.chain(docker).collect()
     }
 
     /// A backend whose runners do as `runners` says; `None` when the
     /// platform has no such failure (a local backend has no credentials).
     pub fn backend(&self, runners: Runners) -> Option<PlatformBackend> {
-        backend_for(
-            self.kind,
-            self.fly.as_ref().map(|f| f.url.as_str()),
-            runners,
-        )
+        let url = match self.kind {
+            Kind::Docker => self.docker.map(|d| d.host.as_str()),
+            _ => self.fly.as_ref().map(|f| f.url.as_str()),
+        };
+        backend_for(self.kind, url, runners)
     }
 
     /// What the platform still runs (or keeps) of `pool`: live runner
-    /// processes (local), Machines not destroyed (Fly).
+    /// processes (local), Machines not destroyed (Fly), containers in any
+    /// state (Docker).
     pub fn leftovers(&self, pool: &str) -> Vec<String> {
+        if let Some(docker) = self.docker {
+            return docker.containers_labelled(&format!("flame.pool={pool}"));
+        }
         match &self.fly {
             None => runner_pids(pool)
                 .iter()
@@ -100,9 +123,9 @@ impl Platform {
     }
 }
 
-/// The backend of `kind` (with the Fly stand-in at `fly_url`) whose
-/// runners do as `runners` says.
-pub fn backend_for(kind: Kind, fly_url: Option<&str>, runners: Runners) -> Option<PlatformBackend> {
+/// The backend of `kind` (with the Fly stand-in or the Docker Engine at
+/// `url`) whose runners do as `runners` says.
+pub fn backend_for(kind: Kind, url: Option<&str>, runners: Runners) -> Option<PlatformBackend> {
     match kind {
         Kind::Local => {
             let local = match runners {
@@ -116,7 +139,7 @@ pub fn backend_for(kind: Kind, fly_url: Option<&str>, runners: Runners) -> Optio
             Some(PlatformBackend::Local(local))
         }
         Kind::Fly => {
-            let url = fly_url.expect("the Fly stand-in's URL");
+            let url = url.expect("the Fly stand-in's URL");
             let (token, image) = match runners {
                 Runners::Working => ("test-token", "registry.example/flame-test:1"),
                 Runners::ExitBeforeReady => {
@@ -136,7 +159,39 @@ pub fn backend_for(kind: Kind, fly_url: Option<&str>, runners: Runners) -> Optio
             let fly = fly_backend(url, token, image, memory_mb);
             Some(PlatformBackend::Fly(fly))
         }
+        Kind::Docker => {
+            use crate::docker::{IMAGE, IMAGE_EXITS_EARLY, IMAGE_MISSING, IMAGE_STUCK};
+            let host = url.expect("the Docker Engine's address");
+            let (image, memory_mb) = match runners {
+                Runners::Working => (IMAGE, None),
+                Runners::ExitBeforeReady => (IMAGE_EXITS_EARLY, None),
+                Runners::CannotStart => (IMAGE_MISSING, None),
+                Runners::Stuck => (IMAGE_STUCK, None),
+                Runners::MemoryLimited(mb) => (IMAGE, Some(mb)),
+                Runners::Unauthorized => return None,
+            };
+            let mut docker = docker_backend_builder(host).image(image);
+            if let Some(mb) = memory_mb {
+                docker = docker.memory_mb(mb);
+            }
+            Some(PlatformBackend::Docker(
+                docker.build().expect("a valid Docker backend"),
+            ))
+        }
     }
+}
+
+/// A Docker backend on the engine at `host` for the test images: runners
+/// on the host's network (they reach the test's nats-server on
+/// 127.0.0.1) with the host's `/tmp`, the test build id, scope
+/// `flame-test`.
+pub fn docker_backend_builder(host: &str) -> flame_docker::DockerBackendBuilder {
+    DockerBackend::builder()
+        .docker_host(host)
+        .network("host")
+        .bind("/tmp:/tmp")
+        .env(flame::BUILD_ID_ENV, TEST_BUILD)
+        .scope("flame-test")
 }
 
 /// A backend of either platform.
@@ -146,6 +201,8 @@ pub enum PlatformBackend {
     Local(LocalBackend),
     /// Fly Machines.
     Fly(FlyBackend),
+    /// Docker containers.
+    Docker(DockerBackend),
 }
 
 impl PlatformBackend {
@@ -153,6 +210,7 @@ impl PlatformBackend {
         match self {
             PlatformBackend::Local(b) => b,
             PlatformBackend::Fly(b) => b,
+            PlatformBackend::Docker(b) => b,
         }
     }
 }

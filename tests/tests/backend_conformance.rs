@@ -1,6 +1,7 @@
 //! The contract every backend keeps, written once and run against each
-//! platform: the local backend (child processes) and the Fly backend on its
-//! stand-in (`tests/src/fake_fly.rs`, whose header says what it models).
+//! platform: the local backend (child processes), the Fly backend on its
+//! stand-in (`tests/src/fake_fly.rs`, whose header says what it models) and
+//! the Docker backend on a real, private `dockerd` (`tests/src/docker.rs`).
 //! A new backend adds a [`Kind`] to `tests/src/platform.rs` and one line to
 //! the `conformance!` list at the end of this file.
 //!
@@ -425,10 +426,11 @@ async fn boot_cancelled_by_boot_timeout_leaves_nothing(kind: Kind) {
 async fn parent_killed_mid_boot_leaves_nothing(kind: Kind) {
     let env = TestEnv::start().await;
     let platform = Platform::start(kind).await;
-    // On Fly a Machine that never starts stays until it is deleted; a
-    // local runner process ends by itself once its parent is gone.
+    // On Fly a Machine that never starts stays until it is deleted (a
+    // Docker container that never becomes a runner, too); a local runner
+    // process ends by itself once its parent is gone.
     let runners = match kind {
-        Kind::Fly => "stuck",
+        Kind::Fly | Kind::Docker => "stuck",
         Kind::Local => "working",
     };
     let mut parent = tokio::process::Command::new(testapp())
@@ -448,7 +450,7 @@ async fn parent_killed_mid_boot_leaves_nothing(kind: Kind) {
     .await;
     kill9(parent.id().unwrap());
     let _ = parent.wait().await;
-    if kind == Kind::Fly {
+    if kind != Kind::Local {
         // The next parent of the pool reaps what the dead one left.
         let pool = env
             .flame
@@ -520,4 +522,5 @@ macro_rules! conformance {
 conformance! {
     local => Kind::Local,
     fly => Kind::Fly,
+    docker => Kind::Docker,
 }

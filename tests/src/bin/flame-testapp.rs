@@ -40,8 +40,8 @@
 //!
 //! - `platform-parent <pool> <working|stuck> <hang|start-fails>`: a parent
 //!   on `NATS_URL` of a private pool `<pool>` with `min(1)` on the platform
-//!   of the conformance suite (the Fly stand-in at `FLAME_TEST_FLY_URL`, else
-//!   the local backend), whose runners work or never become ready. `hang`:
+//!   of the conformance suite (the Fly stand-in at `FLAME_TEST_FLY_URL`, the
+//!   Docker Engine at `FLAME_TEST_DOCKER_HOST`, else the local backend), whose runners work or never become ready. `hang`:
 //!   starts the pool in the background (boot timeout 120 s, failsafe 3 s,
 //!   parent grace 2 s), prints `booting` and waits to be killed.
 //!   `start-fails`: starts it with a boot timeout of 2 s, prints `error:
