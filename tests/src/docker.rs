@@ -107,6 +107,28 @@ impl Dockerd {
         .collect()
     }
 
+    /// The API calls the engine has logged (`POST /containers/create?...`,
+    /// without the version prefix) whose line holds one of `needles`
+    /// (a container id, a pool's name), in order.
+    pub fn api_calls(&self, needles: &[&str]) -> Vec<String> {
+        let log = std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default();
+        log.lines()
+            .filter_map(|line| {
+                let call = line.split("Calling ").nth(1)?;
+                let call = call.trim_end_matches('"');
+                let (method, path) = call.split_once(' ')?;
+                let path = match path.strip_prefix("/v1.") {
+                    Some(rest) => &rest[rest.find('/')?..],
+                    None => path,
+                };
+                needles
+                    .iter()
+                    .any(|n| line.contains(n))
+                    .then(|| format!("{method} {path}"))
+            })
+            .collect()
+    }
+
     /// The engine's cgroup directory of `controller` (`memory`, ...).
     pub fn cgroup_dir(&self, controller: &str) -> PathBuf {
         Path::new("/sys/fs/cgroup")
@@ -142,7 +164,8 @@ fn start() -> Dockerd {
         .args(["-H", &host])
         .args(["--bridge=none", "--iptables=false", "--ip6tables=false"])
         .args(["--cgroup-parent", &format!("{PREFIX}{pid}")])
-        .args(["--log-level", "warn"])
+        // Debug: the log names every API call ([`Dockerd::api_calls`]).
+        .args(["--log-level", "debug"])
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("dockerd.log"))
         .stderr(log);

@@ -53,8 +53,8 @@ struct Template {
     env: Vec<String>,
     entrypoint: Option<Vec<String>>,
     cmd: Option<Vec<String>>,
-    user: Option<String>,
     working_dir: Option<String>,
+    init: Option<bool>,
     network_mode: Option<String>,
     /// Networks to attach beside the network mode's.
     more_networks: Vec<String>,
@@ -119,8 +119,8 @@ impl DockerBackend {
             env: own.env,
             entrypoint,
             cmd,
-            user: own.user,
             working_dir: own.working_dir,
+            init: own.init,
             network_mode,
             more_networks,
         })
@@ -151,12 +151,12 @@ impl DockerBackend {
             env: Some(env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()),
             entrypoint: template.entrypoint.clone(),
             cmd: template.cmd.clone(),
-            user: template.user.clone(),
             working_dir: template.working_dir.clone(),
             labels: Some(labels),
             host_config: Some(HostConfig {
                 // The Engine removes a runner's container once it exits.
                 auto_remove: Some(true),
+                init: template.init,
                 network_mode: template.network_mode.clone(),
                 memory,
                 // No swap beyond the memory limit.

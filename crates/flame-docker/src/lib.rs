@@ -6,12 +6,13 @@
 //!
 //! - **Parent in a container** (no image configured): the backend finds
 //!   its own container (see below) and inspects it once. Runners get its
-//!   image (by id: the very same build), its entrypoint and command, user,
-//!   working directory, network mode and every network it is attached to
-//!   (a Compose stack's network, say), and its environment as configured:
-//!   what the parent got as variables (secrets included) the runner gets
-//!   too, as variables, never in labels or logs. Its mounts are not
-//!   copied (they may hold the Docker socket); add some with
+//!   image (by id: the very same build), its entrypoint and command,
+//!   working directory, `init`, network mode and every network it is
+//!   attached to (a Compose stack's network, say), and its environment as
+//!   configured: what the parent got as variables (secrets included) the
+//!   runner gets too, as variables, never in labels or logs. Runners run
+//!   as the image's user, not the parent's, and get none of its mounts
+//!   (they may hold the Docker socket); add some with
 //!   [`DockerBackendBuilder::bind`].
 //! - **Parent on the host**: set [`DockerBackendBuilder::image`] (and
 //!   [`DockerBackendBuilder::network`]; `host` lets runners reach a NATS

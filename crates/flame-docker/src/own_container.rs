@@ -1,5 +1,7 @@
 //! The parent's own container, when it runs in one: runners are made from
-//! it (its image, networks, environment, command).
+//! it (its image, networks, environment, command). Not its user (runners
+//! run as the image's: a parent given root to reach the Docker socket does
+//! not make its runners root) nor its mounts (the socket among them).
 //!
 //! How the container is found, first match wins:
 //! 1. `/proc/self/mountinfo`: Docker bind-mounts `/etc/hostname`,
@@ -38,8 +40,10 @@ pub(crate) struct OwnContainer {
     pub(crate) env: Vec<String>,
     pub(crate) entrypoint: Option<Vec<String>>,
     pub(crate) cmd: Option<Vec<String>>,
-    pub(crate) user: Option<String>,
     pub(crate) working_dir: Option<String>,
+    /// `HostConfig.Init`: an init process (`docker run --init`, Compose's
+    /// `init: true`) runs the command.
+    pub(crate) init: Option<bool>,
     /// `HostConfig.NetworkMode`: `host`, `bridge`, a network's name...
     pub(crate) network_mode: Option<String>,
     /// The networks it is attached to, by name.
@@ -117,8 +121,8 @@ fn from_inspect(found: ContainerInspectResponse) -> Result<OwnContainer, DockerE
         env: config.env.unwrap_or_default(),
         entrypoint: config.entrypoint,
         cmd: config.cmd,
-        user: config.user.filter(|u| !u.is_empty()),
         working_dir: config.working_dir.filter(|w| !w.is_empty()),
+        init: found.host_config.as_ref().and_then(|h| h.init),
         network_mode: found.host_config.and_then(|h| h.network_mode),
         networks,
         compose_project: labels.get(COMPOSE_PROJECT_LABEL).cloned(),
