@@ -241,6 +241,46 @@ async fn a_configuration_docker_refuses_fails_the_boot_at_once() {
     nothing_left(engine, "dk-refused").await;
 }
 
+/// A shared pool's runner that idles out removes its own lease, then
+/// exits; Docker tells the exit later than the bucket tells the removal.
+/// That exit is no failed boot: no cooldown holds the next call back.
+#[tokio::test]
+async fn a_shared_pools_runner_that_idles_out_is_no_failed_boot() {
+    let env = TestEnv::start().await;
+    let engine = engine().await;
+    let hooks = HookLog::default();
+    let backend = docker_backend_builder(&engine.host)
+        .image(IMAGE)
+        .build()
+        .unwrap();
+    let pool = hooks
+        .attach(
+            env.flame
+                .pool("dk-shared")
+                .shared(true)
+                .max(1)
+                .idle_shutdown_after(Duration::from_millis(500))
+                .boot_cooldown(Duration::from_secs(30))
+                .backend(backend),
+        )
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(flame::call!(pool, add(1, 2)).await.unwrap(), 3);
+    nothing_left(engine, "dk-shared").await;
+    // (The exit's event comes after the container is gone.)
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let failed: Vec<_> = hooks
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e, flame::PoolEvent::GrowEnd { result: Err(_), .. }))
+        .collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(flame::call!(pool, add(2, 2)).await.unwrap(), 4);
+    pool.shutdown().await;
+    nothing_left(engine, "dk-shared").await;
+}
+
 fn p50(mut times: Vec<Duration>) -> Duration {
     times.sort();
     times[times.len() / 2]
