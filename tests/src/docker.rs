@@ -316,7 +316,10 @@ extern "C" fn stop_at_exit() {
 /// Removes what engines of test processes no longer alive left.
 fn sweep_stale() {
     let mut pids = Vec::new();
-    for dir in ["/tmp".to_string(), "/sys/fs/cgroup/memory".to_string()] {
+    let controllers = std::fs::read_dir("/sys/fs/cgroup")
+        .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    for dir in std::iter::once(PathBuf::from("/tmp")).chain(controllers) {
         if let Ok(entries) = std::fs::read_dir(dir) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
