@@ -3,7 +3,8 @@
 //! built locally (no image registry is reachable here).
 //!
 //! The engine runs inside `unshare --pid --mount --mount-proc --fork
-//! --kill-child`, with its own data root, exec root and socket under
+//! --kill-child`, with its own containerd (a host's, in `/run/containerd`,
+//! is hidden under a tmpfs), data root, exec root and socket under
 //! `/tmp/flame-dockerd-<pid>/` and its containers' cgroups under
 //! `flame-dockerd-<pid>`:
 //! - the test process's death kills `unshare` (`PR_SET_PDEATHSIG`, set on
@@ -153,6 +154,13 @@ fn start() -> Dockerd {
             "--fork",
             "--kill-child",
             "--",
+            "sh",
+            "-c",
+            // A containerd of the host's (its socket in /run/containerd)
+            // would be used by dockerd, and its containers would not be in
+            // our namespaces: hide it, so dockerd starts its own.
+            "[ ! -d /run/containerd ] || mount -t tmpfs none /run/containerd; exec \"$@\"",
+            "dockerd",
         ])
         .arg("dockerd")
         .arg("--data-root")
