@@ -3,8 +3,9 @@
 //! built locally (no image registry is reachable here).
 //!
 //! The engine runs inside `unshare --pid --mount --mount-proc --fork
-//! --kill-child`, with its own containerd (a host's, in `/run/containerd`,
-//! is hidden under a tmpfs), data root, exec root and socket under
+//! --kill-child`, with its own containerd (`/run/containerd` is a tmpfs of
+//! its mount namespace: a host's containerd is not used, and the shims'
+//! sockets go with the namespace), data root, exec root and socket under
 //! `/tmp/flame-dockerd-<pid>/` and its containers' cgroups under
 //! `flame-dockerd-<pid>`:
 //! - the test process's death kills `unshare` (`PR_SET_PDEATHSIG`, set on
@@ -158,8 +159,10 @@ fn start() -> Dockerd {
             "-c",
             // A containerd of the host's (its socket in /run/containerd)
             // would be used by dockerd, and its containers would not be in
-            // our namespaces: hide it, so dockerd starts its own.
-            "[ ! -d /run/containerd ] || mount -t tmpfs none /run/containerd; exec \"$@\"",
+            // our namespaces: hide it under a tmpfs, so dockerd starts its
+            // own, whose shims' sockets (in /run/containerd/s) then go
+            // with the namespace too.
+            "mkdir -p /run/containerd && mount -t tmpfs none /run/containerd && exec \"$@\"",
             "dockerd",
         ])
         .arg("dockerd")
