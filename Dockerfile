@@ -1,6 +1,7 @@
 # The web demo (examples/src/web) as an image: built with the Rust image,
-# run on Debian slim with ffmpeg. The runners are this same binary, started
-# by flame as child processes in the container of the pool's scaler.
+# run on Debian slim with ffmpeg. The runners are this same image: containers
+# started by flame through the Docker socket (docker-compose.yml sets
+# FLAME_BACKEND=docker), else child processes in the parent's container.
 #
 #   docker build -t flame-demo-app .      (docker compose up --build does this)
 FROM rust:1-bookworm AS build

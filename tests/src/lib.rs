@@ -5,6 +5,7 @@
 //! same names. Both sides use the build id [`TEST_BUILD`] (the two
 //! executables differ, so hashes would not match).
 
+pub mod docker;
 pub mod fake_fly;
 pub mod fake_k8s;
 pub mod funcs;

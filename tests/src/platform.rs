@@ -1,16 +1,19 @@
 //! The platforms the backend conformance suite runs on: the local backend
 //! (child processes), the Fly backend against its stand-in
-//! ([`crate::fake_fly`]) and the Kubernetes backend against its stand-in
-//! ([`crate::fake_k8s`]). Each gives runners that work and runners that
+//! ([`crate::fake_fly`]), the Kubernetes backend against its stand-in
+//! ([`crate::fake_k8s`]) and the Docker backend on a real, private
+//! `dockerd` ([`crate::docker`]). Each gives runners that work and runners that
 //! fail in the ways the suite checks, and tells what it still runs of a
 //! pool, so that a test can check that nothing is left.
 
 use flame::backend::Listed;
 use flame::{Backend, BootSpec, Booted, BoxError, LocalBackend};
+use flame_docker::DockerBackend;
 use flame_fly::FlyBackend;
 use flame_k8s::K8sBackend;
 use futures::future::BoxFuture;
 
+use crate::docker::{dockerd, Dockerd};
 use crate::fake_fly::FakeFly;
 use crate::fake_k8s::FakeK8s;
 use crate::harness::{runner_backend, runner_pids};
@@ -25,6 +28,8 @@ pub enum Kind {
     Fly,
     /// Runners as Pods of the Kubernetes stand-in.
     K8s,
+    /// Runners as containers of a private `dockerd`.
+    Docker,
 }
 
 /// What the runners of a backend do.
@@ -55,6 +60,8 @@ pub struct Platform {
     pub fly: Option<FakeFly>,
     /// The Kubernetes stand-in, for [`Kind::K8s`].
     pub k8s: Option<FakeK8s>,
+    /// The test binary's Docker Engine, for [`Kind::Docker`].
+    pub docker: Option<&'static Dockerd>,
 }
 
 impl Platform {
@@ -68,11 +75,20 @@ impl Platform {
             Kind::K8s if !crate::real_k8s::enabled() => Some(FakeK8s::start().await),
             _ => None,
         };
-        Platform { kind, fly, k8s }
+        let docker = match kind {
+            Kind::Docker => Some(tokio::task::spawn_blocking(dockerd).await.unwrap()),
+            _ => None,
+        };
+        Platform {
+            kind,
+            fly,
+            k8s,
+            docker,
+        }
     }
 
     /// The platform of a parent process the suite starts: from
-    /// [`Platform::env`] (the Fly stand-in's URL).
+    /// [`Platform::env`] (the Fly stand-in's URL, the Docker Engine's).
     pub fn from_env() -> (Kind, Option<String>) {
         if let Ok(url) = std::env::var("FLAME_TEST_K8S_URL") {
             return (Kind::K8s, Some(url));
@@ -80,42 +96,50 @@ impl Platform {
         if crate::real_k8s::enabled() {
             return (Kind::K8s, None);
         }
-        match std::env::var("FLAME_TEST_FLY_URL") {
-            Ok(url) => (Kind::Fly, Some(url)),
+        if let Ok(url) = std::env::var("FLAME_TEST_FLY_URL") {
+            return (Kind::Fly, Some(url));
+        }
+        match std::env::var("FLAME_TEST_DOCKER_HOST") {
+            Ok(host) => (Kind::Docker, Some(host)),
             Err(_) => (Kind::Local, None),
         }
     }
 
     /// What a parent process needs to use this platform.
     pub fn env(&self) -> Vec<(String, String)> {
-        self.fly
+        let fly = self
+            .fly
             .iter()
-            .map(|fly| ("FLAME_TEST_FLY_URL".to_string(), fly.url.clone()))
-            .chain(
-                self.k8s
-                    .iter()
-                    .map(|k8s| ("FLAME_TEST_K8S_URL".to_string(), k8s.url.clone())),
-            )
-            .collect()
+            .map(|fly| ("FLAME_TEST_FLY_URL".to_string(), fly.url.clone()));
+        let k8s = self
+            .k8s
+            .iter()
+            .map(|k8s| ("FLAME_TEST_K8S_URL".to_string(), k8s.url.clone()));
+        let docker = self
+            .docker
+            .iter()
+            .map(|d| ("FLAME_TEST_DOCKER_HOST".to_string(), d.host.clone()));
+        fly.chain(k8s).chain(docker).collect()
     }
 
     /// A backend whose runners do as `runners` says; `None` when the
     /// platform has no such failure (a local backend has no credentials).
     pub fn backend(&self, runners: Runners) -> Option<PlatformBackend> {
-        backend_for(
-            self.kind,
-            self.fly
-                .as_ref()
-                .map(|f| f.url.as_str())
-                .or(self.k8s.as_ref().map(|k| k.url.as_str())),
-            runners,
-        )
+        let url = match self.kind {
+            Kind::Docker => self.docker.map(|d| d.host.as_str()),
+            Kind::K8s => self.k8s.as_ref().map(|k| k.url.as_str()),
+            _ => self.fly.as_ref().map(|f| f.url.as_str()),
+        };
+        backend_for(self.kind, url, runners)
     }
 
     /// What the platform still runs (or keeps) of `pool`: live runner
     /// processes (local), Machines not destroyed (Fly), Pods not deleted
-    /// (Kubernetes).
+    /// (Kubernetes), containers in any state (Docker).
     pub fn leftovers(&self, pool: &str) -> Vec<String> {
+        if let Some(docker) = self.docker {
+            return docker.containers_labelled(&format!("flame.pool={pool}"));
+        }
         if let Some(k8s) = &self.k8s {
             return k8s.leftovers();
         }
@@ -165,9 +189,9 @@ impl Platform {
     }
 }
 
-/// The backend of `kind` (with the Fly stand-in at `fly_url`) whose
-/// runners do as `runners` says.
-pub fn backend_for(kind: Kind, fly_url: Option<&str>, runners: Runners) -> Option<PlatformBackend> {
+/// The backend of `kind` (with the Fly stand-in or the Docker Engine at
+/// `url`) whose runners do as `runners` says.
+pub fn backend_for(kind: Kind, url: Option<&str>, runners: Runners) -> Option<PlatformBackend> {
     match kind {
         Kind::Local => {
             let local = match runners {
@@ -181,7 +205,7 @@ pub fn backend_for(kind: Kind, fly_url: Option<&str>, runners: Runners) -> Optio
             Some(PlatformBackend::Local(local))
         }
         Kind::Fly => {
-            let url = fly_url.expect("the Fly stand-in's URL");
+            let url = url.expect("the Fly stand-in's URL");
             let (token, image) = match runners {
                 Runners::Working => ("test-token", "registry.example/flame-test:1"),
                 Runners::ExitBeforeReady => {
@@ -206,7 +230,7 @@ pub fn backend_for(kind: Kind, fly_url: Option<&str>, runners: Runners) -> Optio
             if crate::real_k8s::enabled() {
                 return Some(PlatformBackend::K8s(crate::real_k8s::backend(runners)));
             }
-            let url = fly_url.expect("the Kubernetes stand-in's URL");
+            let url = url.expect("the Kubernetes stand-in's URL");
             let (token, image) = match runners {
                 Runners::Working => (TOKEN, "registry.example/flame-test:1"),
                 Runners::ExitBeforeReady => (TOKEN, "registry.example/flame-test:exits-early"),
@@ -223,7 +247,39 @@ pub fn backend_for(kind: Kind, fly_url: Option<&str>, runners: Runners) -> Optio
                 builder.build().expect("a valid Kubernetes backend"),
             ))
         }
+        Kind::Docker => {
+            use crate::docker::{IMAGE, IMAGE_EXITS_EARLY, IMAGE_MISSING, IMAGE_STUCK};
+            let host = url.expect("the Docker Engine's address");
+            let (image, memory_mb) = match runners {
+                Runners::Working => (IMAGE, None),
+                Runners::ExitBeforeReady => (IMAGE_EXITS_EARLY, None),
+                Runners::CannotStart => (IMAGE_MISSING, None),
+                Runners::Stuck => (IMAGE_STUCK, None),
+                Runners::MemoryLimited(mb) => (IMAGE, Some(mb)),
+                Runners::Unauthorized => return None,
+            };
+            let mut docker = docker_backend_builder(host).image(image);
+            if let Some(mb) = memory_mb {
+                docker = docker.memory_mb(mb);
+            }
+            Some(PlatformBackend::Docker(
+                docker.build().expect("a valid Docker backend"),
+            ))
+        }
     }
+}
+
+/// A Docker backend on the engine at `host` for the test images: runners
+/// on the host's network (they reach the test's nats-server on
+/// 127.0.0.1) with the host's `/tmp`, the test build id, scope
+/// `flame-test`.
+pub fn docker_backend_builder(host: &str) -> flame_docker::DockerBackendBuilder {
+    DockerBackend::builder()
+        .docker_host(host)
+        .network("host")
+        .bind("/tmp:/tmp")
+        .env(flame::env::BUILD_ID, TEST_BUILD)
+        .scope("flame-test")
 }
 
 /// A backend of either platform.
@@ -235,6 +291,8 @@ pub enum PlatformBackend {
     Fly(FlyBackend),
     /// Kubernetes Pods.
     K8s(K8sBackend),
+    /// Docker containers.
+    Docker(DockerBackend),
 }
 
 impl PlatformBackend {
@@ -243,6 +301,7 @@ impl PlatformBackend {
             PlatformBackend::Local(b) => b,
             PlatformBackend::Fly(b) => b,
             PlatformBackend::K8s(b) => b,
+            PlatformBackend::Docker(b) => b,
         }
     }
 }

@@ -1,8 +1,9 @@
 //! The contract every backend keeps, written once and run against each
 //! platform: the local backend (child processes), the Fly backend on its
-//! stand-in (`tests/src/fake_fly.rs`, whose header says what it models)
-//! and the Kubernetes backend on its stand-in (`tests/src/fake_k8s.rs`; on
-//! a real cluster with `scripts/test-k8s`).
+//! stand-in (`tests/src/fake_fly.rs`, whose header says what it models),
+//! the Kubernetes backend on its stand-in (`tests/src/fake_k8s.rs`; on a
+//! real cluster with `scripts/test-k8s`) and the Docker backend on a real,
+//! private `dockerd` (`tests/src/docker.rs`).
 //! A new backend adds a [`Kind`] to `tests/src/platform.rs` and one line to
 //! the `conformance!` list at the end of this file.
 //!
@@ -420,10 +421,11 @@ async fn boot_cancelled_by_boot_timeout_leaves_nothing(kind: Kind) {
 async fn parent_killed_mid_boot_leaves_nothing(kind: Kind) {
     let env = TestEnv::start().await;
     let platform = Platform::start(kind).await;
-    // On Fly a Machine that never starts stays until it is deleted; a
-    // local runner process ends by itself once its parent is gone.
+    // On Fly a Machine that never starts stays until it is deleted (a
+    // Docker container that never becomes a runner, too); a local runner
+    // process ends by itself once its parent is gone.
     let runners = match kind {
-        Kind::Fly | Kind::K8s => "stuck",
+        Kind::Fly | Kind::K8s | Kind::Docker => "stuck",
         Kind::Local => "working",
     };
     let mut parent = tokio::process::Command::new(testapp())
@@ -516,4 +518,5 @@ conformance! {
     local => Kind::Local,
     fly => Kind::Fly,
     k8s => Kind::K8s,
+    docker => Kind::Docker,
 }

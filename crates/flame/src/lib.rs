@@ -54,11 +54,13 @@
 //! runners, with limits that hold for the whole fleet (coordinated through a
 //! JetStream KV bucket; see the README). Runners are local processes by
 //! default ([`LocalBackend`]); the `flame-fly` crate boots them as Fly
-//! Machines, the `flame-k8s` crate as Kubernetes Pods.
+//! Machines, the `flame-k8s` crate as Kubernetes Pods, the `flame-docker`
+//! crate as Docker containers.
 //!
 //! Cargo features: `fly` (the Fly Machines backend as `flame::fly`), `k8s`
-//! (the Kubernetes backend as `flame::k8s`) and `otel` (spans exported
-//! over OpenTelemetry's OTLP, `flame::otel::layer`).
+//! (the Kubernetes backend as `flame::k8s`), `docker` (the Docker backend
+//! as `flame::docker`) and `otel` (spans exported over OpenTelemetry's
+//! OTLP, `flame::otel::layer`).
 //! [`runner_log_layer`] sends a private pool's runner log lines to the
 //! parent (with `PoolBuilder::forward_runner_logs`). Set up the tracing
 //! subscriber, with either layer, before [`init`]: in a runner `init`
@@ -72,6 +74,10 @@ pub use flame_core::{
 };
 pub use flame_macros::remote;
 
+/// The Docker backend (cargo feature `docker`): runners as containers of
+/// the parent's image. See `flame_docker::DockerBackend`.
+#[cfg(feature = "docker")]
+pub use flame_docker as docker;
 /// The Fly Machines backend (cargo feature `fly`): runners as Machines of
 /// your app. See `flame_fly::FlyBackend`.
 #[cfg(feature = "fly")]

@@ -32,6 +32,7 @@
 //! | `THUMBS_IDLE_SECS` | 10 (3 with `--once`): a runner idle this long leaves |
 //! | `THUMBS_EVERY` | a thumbnail every 2 seconds of video |
 //! | `THUMBS_SHARED` | `1`: one pool shared by every parent on the NATS server |
+//! | `FLAME_BACKEND` | `local`: runners are child processes; `docker`: containers of this app's image, made from the parent's own container (its networks and variables; see the README's "Running on Docker") |
 
 mod once;
 mod panel;
@@ -530,8 +531,8 @@ async fn run() -> anyhow::Result<()> {
         // A video of any length: a call lasts as long as its upload.
         .timeout(Duration::from_secs(3600))
         .idle_shutdown_after(Duration::from_secs(settings.idle_secs))
-        .shutdown_timeout(Duration::from_secs(10))
-        .backend(flame::LocalBackend::new().env("DATABASE_URL", &database_url));
+        .shutdown_timeout(Duration::from_secs(10));
+    let builder = with_backend(builder, &database_url)?;
     // Subscribed before the pool starts: the panel misses no runner.
     let pool_events = panel::pool_events(flame.client(), POOL).await?;
     let pool = builder.start().await?;
@@ -614,6 +615,26 @@ async fn run() -> anyhow::Result<()> {
     relay.abort();
     flame.close().await;
     outcome
+}
+
+/// The pool's backend, as `FLAME_BACKEND` says: child processes (`local`,
+/// the default) or containers of this app's image (`docker`). Either way
+/// runners get the database's URL.
+fn with_backend(
+    pool: flame::PoolBuilder,
+    database_url: &str,
+) -> anyhow::Result<flame::PoolBuilder> {
+    Ok(match std::env::var("FLAME_BACKEND").as_deref() {
+        Ok("" | "local") | Err(_) => {
+            pool.backend(flame::LocalBackend::new().env("DATABASE_URL", database_url))
+        }
+        Ok("docker") => pool.backend(
+            flame::docker::DockerBackend::builder()
+                .env("DATABASE_URL", database_url)
+                .build()?,
+        ),
+        Ok(other) => anyhow::bail!("FLAME_BACKEND={other}: expected `local` or `docker`"),
+    })
 }
 
 /// `LISTEN`, else 127.0.0.1:8080, else (taken) any free port; `--once`

@@ -40,12 +40,18 @@
 //!
 //! - `platform-parent <pool> <working|stuck> <hang|start-fails>`: a parent
 //!   on `NATS_URL` of a private pool `<pool>` with `min(1)` on the platform
-//!   of the conformance suite (the Fly stand-in at `FLAME_TEST_FLY_URL`, else
-//!   the local backend), whose runners work or never become ready. `hang`:
+//!   of the conformance suite (the Fly stand-in at `FLAME_TEST_FLY_URL`, the
+//!   Docker Engine at `FLAME_TEST_DOCKER_HOST`, else the local backend), whose runners work or never become ready. `hang`:
 //!   starts the pool in the background (boot timeout 120 s, failsafe 3 s,
 //!   parent grace 2 s), prints `booting` and waits to be killed.
 //!   `start-fails`: starts it with a boot timeout of 2 s, prints `error:
 //!   <message>` (or `started`) and exits at once with `process::exit(0)`.
+//!
+//! - `docker-parent <pool>`: a parent on `NATS_URL`, in a container, of a
+//!   private pool `<pool>` on the Docker backend with nothing configured but
+//!   `/tmp` (runners are made from this container); calls `add(2, 3)`,
+//!   prints `sum <n>`, then waits for a line on stdin (or its end), shuts
+//!   the pool down, prints `shut down` and exits 0.
 //!
 //! Every other mode, and every runner, gives flame the test state first
 //! (`harness::with_test_state`).
@@ -113,6 +119,7 @@ async fn main() {
         }
         "shared-parent" => shared_parent(result.expect("init")).await,
         "platform-parent" => platform_parent(result.expect("init")).await,
+        "docker-parent" => docker_parent(result.expect("init")).await,
         "close-check" | "drop-check" => {
             let flame = result.expect("init");
             let pool = flame
@@ -389,4 +396,29 @@ async fn platform_parent(flame: flame::Flame) {
         }
         other => panic!("unknown step `{other}`"),
     }
+}
+
+async fn docker_parent(flame: flame::Flame) {
+    let backend = flame_docker::DockerBackend::builder()
+        .bind("/tmp:/tmp")
+        .build()
+        .expect("a Docker backend");
+    let pool = flame
+        .pool(arg::<String>(2))
+        .max(1)
+        .backend(backend)
+        .start()
+        .await
+        .expect("start the pool");
+    match flame::call!(pool, add(2, 3)).await {
+        Ok(sum) => println!("sum {sum}"),
+        Err(e) => println!("error: {e}"),
+    }
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+    })
+    .await;
+    pool.shutdown().await;
+    println!("shut down");
 }

@@ -138,10 +138,14 @@ impl Fleet {
     /// Returns whether it was still booting.
     fn exited_booting(&self, id: &str, reason: &str) -> bool {
         let mut st = self.state.lock().unwrap();
-        let booting = st
-            .runners
-            .get(id)
-            .is_none_or(|s| s.value.state == LeaseState::Booting);
+        let booting = match st.runners.get(id) {
+            Some(s) => s.value.state == LeaseState::Booting,
+            // Not in the bucket: still booting if its lease was never
+            // seen; else it is gone already (a runner that drained
+            // removes its own lease before it exits, and a backend may
+            // tell the exit later than the bucket tells the removal).
+            None => st.pending.contains(id),
+        };
         if !booting {
             return false;
         }

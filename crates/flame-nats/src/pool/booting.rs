@@ -155,6 +155,18 @@ impl PoolInner {
                 error: e,
                 permanent,
             }) => {
+                // A runner that started but never became ready is stopped
+                // before the failure is told: once `start()` fails, nothing
+                // of it may be left (the app may exit at once, and a
+                // container or machine takes an API call to stop, which an
+                // exiting process never makes).
+                let started = {
+                    let mut st = self.state.lock().unwrap();
+                    st.runners.get_mut(&id).and_then(|e| e.stopper.take())
+                };
+                if let Some(stopper) = started {
+                    stopper.stop(Duration::ZERO).await;
+                }
                 let (stopper, runners, pause, failed) = {
                     let mut st = self.state.lock().unwrap();
                     st.last_boot_error = Some(e.clone());
