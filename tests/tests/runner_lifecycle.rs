@@ -179,6 +179,65 @@ async fn no_orphans_when_the_parent_is_killed() {
     .await;
 }
 
+/// The portable tie alone, as on macOS: with `PR_SET_PDEATHSIG` left out
+/// (`FLAME_TEST_NO_PDEATHSIG`), a parent killed outright still takes its
+/// private nats-server with it (its watchdog sees the pipe from the parent
+/// close), and the runners, who lose the server and hear nothing from the
+/// parent, exit within the pool's parent_grace.
+#[tokio::test]
+async fn no_orphans_when_the_parent_is_killed_without_pdeathsig() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut parent = tokio::process::Command::new(testapp())
+        .arg("parent")
+        .arg(dir.path())
+        // No NATS URL: the parent starts a private nats-server.
+        .env_remove(flame::env::NATS_URL)
+        .env(flame::embedded::NO_PDEATHSIG_ENV, "1")
+        .env(flame::env::BUILD_ID, TEST_BUILD)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn parent");
+    let parent_pid = parent.id().unwrap();
+    for i in 0..2 {
+        let busy = path_in(&dir, &format!("busy-{i}"));
+        wait_for("two busy runners", LONG, || file_exists(&busy)).await;
+    }
+    let children = children_of(parent_pid);
+    let cmdline = |pid: u32| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .unwrap_or_default()
+    };
+    let (servers, rest): (Vec<u32>, Vec<u32>) = children
+        .iter()
+        .partition(|p| cmdline(**p).contains("nats-server"));
+    let (watchdogs, runners): (Vec<u32>, Vec<u32>) = rest
+        .iter()
+        .partition(|p| cmdline(**p).contains("flame-watchdog"));
+    assert_eq!(servers.len(), 1, "one private nats-server: {children:?}");
+    assert_eq!(watchdogs.len(), 1, "its watchdog: {children:?}");
+    assert_eq!(runners.len(), 3, "two busy and one idle: {children:?}");
+    kill9(parent_pid);
+    parent.wait().await.unwrap();
+    // At once, give or take a loaded machine.
+    wait_for(
+        "the private nats-server to exit",
+        Duration::from_secs(10),
+        || async { (!process_alive(servers[0]) && !process_alive(watchdogs[0])).then_some(()) },
+    )
+    .await;
+    // The pool's parent_grace is 2 s: every runner is gone 2 s after that.
+    let grace = Duration::from_secs(2);
+    wait_for(
+        "every runner to exit",
+        grace + Duration::from_secs(2),
+        || async { runners.iter().all(|p| !process_alive(*p)).then_some(()) },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn runner_env_holds_parent_info_and_forwarded_vars_only() {
     let env = TestEnv::start().await;

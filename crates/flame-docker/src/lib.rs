@@ -85,6 +85,7 @@
 //! developer's machine or a single-tenant host, not where the app must be
 //! contained.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs)]
 
 mod api;

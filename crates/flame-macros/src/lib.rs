@@ -1,5 +1,7 @@
-//! Procedural macros of flame. Use them through the `flame` crate:
-//! `#[flame::remote]`.
+//! Procedural macros of flame. Use them through the facade crate
+//! (package `flame-pattern`, library `flame`): `#[flame::remote]`. The
+//! generated code names the facade as the app's manifest does, so an app
+//! that renames the dependency writes `#[its_name::remote]`.
 
 use proc_macro::TokenStream;
 use proc_macro2::Span;
@@ -47,6 +49,7 @@ pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
 }
 
 fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
+    let krate = facade_path();
     let sig = &func.sig;
     let name = &sig.ident;
     let vis = &func.vis;
@@ -85,7 +88,7 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
                 reject_borrowed(&pt.ty)?;
                 if let Some(inner) = state_type(&pt.ty) {
                     let binding = format_ident!("__flame_state{}", i);
-                    call_args.push(quote! { ::flame::State(#binding) });
+                    call_args.push(quote! { #krate::State(#binding) });
                     state_types.push(inner.clone());
                     state_bindings.push(binding);
                 } else {
@@ -95,8 +98,8 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
                     let index = syn::Index::from(types.len());
                     if is_byte_vec(&pt.ty) {
                         call_args.push(quote! { #binding.into_vec() });
-                        wire_types.push(syn::parse_quote!(::flame::__private::ByteBuf));
-                        encoded.push(quote! { ::flame::__private::ByteSlice::new(&args.#index) });
+                        wire_types.push(syn::parse_quote!(#krate::__private::ByteBuf));
+                        encoded.push(quote! { #krate::__private::ByteSlice::new(&args.#index) });
                     } else {
                         call_args.push(quote! { #binding });
                         wire_types.push((*pt.ty).clone());
@@ -126,15 +129,15 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     let byte_result = byte_vec_result(&output);
     let to_wire = match byte_result {
         ByteVecResult::No => quote! {},
-        ByteVecResult::Plain => quote! { let out = ::flame::__private::ByteBuf::from(out); },
-        ByteVecResult::Ok(_) => quote! { let out = out.map(::flame::__private::ByteBuf::from); },
+        ByteVecResult::Plain => quote! { let out = #krate::__private::ByteBuf::from(out); },
+        ByteVecResult::Ok(_) => quote! { let out = out.map(#krate::__private::ByteBuf::from); },
     };
     // Async functions run on the runner's runtime; plain functions on its
     // blocking pool, where CPU-heavy code belongs (or inline once they
     // proved short, which the runner decides).
     let invoke = if sig.asyncness.is_some() {
         quote! {
-            ::flame::__private::invoke_async(args, move |(#(#bindings,)*): (#(#wire_types,)*)| async move {
+            #krate::__private::invoke_async(args, move |(#(#bindings,)*): (#(#wire_types,)*)| async move {
                 let out: #output = #name(#(#call_args),*).await;
                 #to_wire
                 out
@@ -142,7 +145,7 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
         }
     } else {
         quote! {
-            ::flame::__private::invoke_blocking(args, move |(#(#bindings,)*): (#(#wire_types,)*)| {
+            #krate::__private::invoke_blocking(args, move |(#(#bindings,)*): (#(#wire_types,)*)| {
                 let out: #output = #name(#(#call_args),*);
                 #to_wire
                 out
@@ -171,8 +174,8 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     let any_byte_vec = types.iter().any(is_byte_vec);
     let encode_args = if any_byte_vec {
         quote! {
-            fn encode_args(args: &Self::Args, out: &mut ::std::vec::Vec<u8>) -> ::core::result::Result<(), ::flame::__private::EncodeError> {
-                ::flame::__private::encode_into(&(#(#encoded,)*), out)
+            fn encode_args(args: &Self::Args, out: &mut ::std::vec::Vec<u8>) -> ::core::result::Result<(), #krate::__private::EncodeError> {
+                #krate::__private::encode_into(&(#(#encoded,)*), out)
             }
         }
     } else {
@@ -181,15 +184,15 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     let decode_output = match byte_result {
         ByteVecResult::No => quote! {},
         ByteVecResult::Plain => quote! {
-            fn decode_output(bytes: &[u8]) -> ::core::result::Result<Self::Output, ::flame::__private::DecodeError> {
-                ::flame::__private::decode::<::flame::__private::ByteBuf>(bytes)
-                    .map(::flame::__private::ByteBuf::into_vec)
+            fn decode_output(bytes: &[u8]) -> ::core::result::Result<Self::Output, #krate::__private::DecodeError> {
+                #krate::__private::decode::<#krate::__private::ByteBuf>(bytes)
+                    .map(#krate::__private::ByteBuf::into_vec)
             }
         },
         ByteVecResult::Ok(err) => quote! {
-            fn decode_output(bytes: &[u8]) -> ::core::result::Result<Self::Output, ::flame::__private::DecodeError> {
-                ::flame::__private::decode::<::core::result::Result<::flame::__private::ByteBuf, #err>>(bytes)
-                    .map(|r| r.map(::flame::__private::ByteBuf::into_vec))
+            fn decode_output(bytes: &[u8]) -> ::core::result::Result<Self::Output, #krate::__private::DecodeError> {
+                #krate::__private::decode::<::core::result::Result<#krate::__private::ByteBuf, #err>>(bytes)
+                    .map(|r| r.map(#krate::__private::ByteBuf::into_vec))
             }
         },
     };
@@ -202,7 +205,7 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
             _not_constructible: (),
         }
 
-        impl ::flame::RemoteFn for #name {
+        impl #krate::RemoteFn for #name {
             const NAME: &'static str = ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#name));
             type Args = #args_ty;
             type Output = #out_ty;
@@ -212,24 +215,24 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
 
         const _: () = {
             fn __flame_handler(
-                args: ::flame::__private::Bytes,
-                states: &::flame::__private::States,
-            ) -> ::flame::__private::Invocation {
+                args: #krate::__private::Bytes,
+                states: &#krate::__private::States,
+            ) -> #krate::__private::Invocation {
                 let _ = states;
                 #(
-                    let #state_bindings: #state_types = match ::flame::__private::state::<#state_types>(states) {
+                    let #state_bindings: #state_types = match #krate::__private::state::<#state_types>(states) {
                         ::core::result::Result::Ok(value) => value,
-                        ::core::result::Result::Err(e) => return ::flame::__private::Invocation::Refused(e),
+                        ::core::result::Result::Err(e) => return #krate::__private::Invocation::Refused(e),
                     };
                 )*
                 #invoke
             }
-            fn __flame_states() -> ::std::vec::Vec<::flame::__private::StateKey> {
-                ::std::vec![#(::flame::__private::StateKey::of::<#state_types>()),*]
+            fn __flame_states() -> ::std::vec::Vec<#krate::__private::StateKey> {
+                ::std::vec![#(#krate::__private::StateKey::of::<#state_types>()),*]
             }
-            ::flame::__private::inventory::submit! {
-                ::flame::__private::Registration::new(
-                    <#name as ::flame::RemoteFn>::NAME,
+            #krate::__private::inventory::submit! {
+                #krate::__private::Registration::new(
+                    <#name as #krate::RemoteFn>::NAME,
                     __flame_handler,
                     ::core::file!(),
                     ::core::line!(),
@@ -238,6 +241,27 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
             }
         };
     })
+}
+
+/// The package of the facade crate, whose library is `flame`.
+const FACADE_PACKAGE: &str = "flame-pattern";
+
+/// The path of the facade crate as the calling crate's manifest names it:
+/// `::fire` for `fire = { package = "flame-pattern", .. }`, else `::flame`.
+///
+/// Without a rename the dependency's name is the package's, which
+/// proc-macro-crate spells `flame_pattern`; the library is `flame`, though,
+/// so that answer means `::flame` (as does a manifest that cannot be read,
+/// and the facade's own doc tests, which proc-macro-crate calls `Itself`).
+fn facade_path() -> proc_macro2::TokenStream {
+    use proc_macro_crate::{crate_name, FoundCrate};
+    match crate_name(FACADE_PACKAGE) {
+        Ok(FoundCrate::Name(name)) if name != FACADE_PACKAGE.replace('-', "_") => {
+            let name = syn::Ident::new(&name, Span::call_site());
+            quote!(::#name)
+        }
+        _ => quote!(::flame),
+    }
 }
 
 /// `T` when `ty` is `State<T>` (or a path ending in `State<T>`, such as

@@ -1,12 +1,19 @@
 //! Build identity: parent and runners must run the same build.
+//!
+//! In order: `FLAME_BUILD_ID`; on Linux the GNU build-id note as the loader
+//! mapped it (no I/O); the id the linker stamped into the executable file,
+//! read with the `object` crate (ELF `NT_GNU_BUILD_ID`, Mach-O `LC_UUID`:
+//! what macOS uses, and what Linux tests read too); a hash of the
+//! executable file; the package version.
 
 use std::sync::OnceLock;
 
 /// This process's build id.
 ///
-/// `FLAME_BUILD_ID` when set; otherwise the GNU build-id the linker stamped
-/// into the executable (read from memory, no I/O), or failing that a hash of
-/// the running executable. Two processes agree exactly when they run the same
+/// `FLAME_BUILD_ID` when set; otherwise the id the linker stamped into the
+/// executable: the GNU build-id on Linux (read from memory), the Mach-O
+/// `LC_UUID` on macOS (read from the file); failing that, a hash of the
+/// running executable. Two processes agree exactly when they run the same
 /// binary. Computed once.
 pub fn build_id() -> &'static str {
     static ID: OnceLock<String> = OnceLock::new();
@@ -16,7 +23,11 @@ pub fn build_id() -> &'static str {
                 return id;
             }
         }
+        #[cfg(target_os = "linux")]
         if let Some(id) = gnu_build_id() {
+            return id;
+        }
+        if let Some(id) = linker_id_of_executable() {
             return id;
         }
         executable_hash().unwrap_or_else(|e| {
@@ -26,17 +37,54 @@ pub fn build_id() -> &'static str {
     })
 }
 
-/// Hash of the image actually running (`/proc/self/exe` stays the original
-/// file even if the path was overwritten by a newer build).
+/// The running executable: `/proc/self/exe` on Linux stays the original
+/// file even if its path was overwritten by a newer build; elsewhere the
+/// path the system reports, read at once (the build id is computed at
+/// start-up, before a rebuild is likely to replace it).
+fn open_executable() -> std::io::Result<std::fs::File> {
+    #[cfg(target_os = "linux")]
+    if let Ok(file) = std::fs::File::open("/proc/self/exe") {
+        return Ok(file);
+    }
+    std::fs::File::open(std::env::current_exe()?)
+}
+
+/// Hash of the image actually running.
 fn executable_hash() -> std::io::Result<String> {
-    let bytes = std::fs::read("/proc/self/exe").or_else(|_| {
-        let path = std::env::current_exe()?;
-        std::fs::read(path)
-    })?;
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    open_executable()?.read_to_end(&mut bytes)?;
     Ok(format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes)))
 }
 
+/// The linker's id in the executable file, reading only its headers.
+fn linker_id_of_executable() -> Option<String> {
+    let file = open_executable().ok()?;
+    let cache = object::ReadCache::new(file);
+    linker_id(&cache)
+}
+
+/// The linker's id in an object file: ELF's `NT_GNU_BUILD_ID` note or
+/// Mach-O's `LC_UUID`, as hex.
+fn linker_id<'data, R: object::ReadRef<'data>>(data: R) -> Option<String> {
+    use object::Object;
+    let file = object::File::parse(data).ok()?;
+    let id: Vec<u8> = match file.build_id() {
+        Ok(Some(id)) => id.to_vec(),
+        _ => file.mach_uuid().ok()??.to_vec(),
+    };
+    if id.is_empty() || id.iter().all(|b| *b == 0) {
+        return None;
+    }
+    Some(hex(&id))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The `NT_GNU_BUILD_ID` note of the main executable, as hex.
+#[cfg(target_os = "linux")]
 fn gnu_build_id() -> Option<String> {
     use std::os::raw::{c_int, c_void};
 
@@ -72,10 +120,11 @@ fn gnu_build_id() -> Option<String> {
         libc::dl_iterate_phdr(Some(visit), &mut out as *mut _ as *mut c_void);
     }
     let id = out.filter(|id| !id.is_empty())?;
-    Some(id.iter().map(|b| format!("{b:02x}")).collect())
+    Some(hex(&id))
 }
 
 /// Walks ELF notes: (namesz, descsz, type, name, desc), each padded.
+#[cfg(target_os = "linux")]
 fn find_build_id(mut notes: &[u8], align: usize) -> Option<&[u8]> {
     const NT_GNU_BUILD_ID: u32 = 3;
     let pad = |n: usize| n.div_ceil(align) * align;
@@ -103,6 +152,7 @@ fn find_build_id(mut notes: &[u8], align: usize) -> Option<&[u8]> {
 mod tests {
     use super::*;
 
+    #[cfg(target_os = "linux")]
     #[test]
     fn finds_the_build_id_note_among_others() {
         let mut notes = Vec::new();
@@ -122,9 +172,48 @@ mod tests {
         assert_eq!(find_build_id(&notes[..20], 4), None, "truncated");
     }
 
+    /// The file reader (what macOS uses) finds the same id in this test's
+    /// executable as the loader's note (what Linux uses first).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_file_reader_agrees_with_the_loaded_note() {
+        let from_memory = gnu_build_id().expect("the linker stamps a GNU build-id");
+        assert_eq!(linker_id_of_executable(), Some(from_memory));
+    }
+
+    /// A minimal 64-bit Mach-O executable: its header and one `LC_UUID`.
+    fn mach_o_with_uuid(uuid: [u8; 16]) -> Vec<u8> {
+        const MH_MAGIC_64: u32 = 0xfeed_facf;
+        const CPU_TYPE_ARM64: u32 = 0x0100_000c;
+        const MH_EXECUTE: u32 = 2;
+        const LC_UUID: u32 = 0x1b;
+        let mut file = Vec::new();
+        for word in [MH_MAGIC_64, CPU_TYPE_ARM64, 0, MH_EXECUTE, 1, 24, 0, 0] {
+            file.extend_from_slice(&word.to_le_bytes());
+        }
+        file.extend_from_slice(&LC_UUID.to_le_bytes());
+        file.extend_from_slice(&24u32.to_le_bytes());
+        file.extend_from_slice(&uuid);
+        file
+    }
+
+    #[test]
+    fn reads_the_uuid_of_a_mach_o_executable() {
+        let uuid = *b"\x01\x23\x45\x67\x89\xab\xcd\xef\xfe\xdc\xba\x98\x76\x54\x32\x10";
+        let file = mach_o_with_uuid(uuid);
+        assert_eq!(
+            linker_id(&file[..]).as_deref(),
+            Some("0123456789abcdeffedcba9876543210")
+        );
+        assert_eq!(linker_id(&mach_o_with_uuid([0; 16])[..]), None, "no id");
+        assert_eq!(linker_id(&b"not an object file"[..]), None);
+    }
+
     #[test]
     fn this_binary_has_a_stable_build_id() {
-        let a = gnu_build_id().or_else(|| executable_hash().ok()).unwrap();
+        let a = linker_id_of_executable()
+            .or_else(|| executable_hash().ok())
+            .unwrap();
         assert!(!a.is_empty());
         assert_eq!(build_id(), build_id());
     }

@@ -3,13 +3,13 @@
 //! Used when an app gives no NATS URL (the embedded default), and by tests,
 //! which start one per test on a free port with its own store directory. The
 //! server is stopped when the handle drops, and also when this process dies
-//! (even by SIGKILL), through Linux's parent-death signal.
+//! (even by SIGKILL): see [`TiedChild`].
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flame_core::Error;
@@ -225,19 +225,43 @@ impl Drop for NatsServer {
     }
 }
 
+/// Environment variable that, set to `1`, leaves out Linux's
+/// `PR_SET_PDEATHSIG` when starting a [`TiedChild`], so that only the
+/// portable watchdog ties it to this process, as on macOS. For tests of
+/// that watchdog; it makes no difference elsewhere.
+pub const NO_PDEATHSIG_ENV: &str = "FLAME_TEST_NO_PDEATHSIG";
+
+/// The watchdog of a [`TiedChild`]: `/bin/sh` reading its standard input,
+/// the read end of a pipe whose only write end this process holds. `read`
+/// returns at end of file, which comes when this process closes the pipe or
+/// dies, however it dies: then the child gets SIGKILL.
+const WATCHDOG_SCRIPT: &str = r#"read -r _; kill -KILL "$1" 2>/dev/null"#;
+
 /// A child process tied to the life of this process: it is killed when
 /// this process dies, even by SIGKILL, and when [`TiedChild::kill`] is
 /// called or the handle is dropped. The private nats-server runs as one;
 /// demos and tests use it for servers of their own (a private PostgreSQL).
 ///
-/// PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so
-/// the child is spawned from a thread that lives exactly as long as the
+/// On every Unix a watchdog does it: a small `/bin/sh` process (in its own
+/// process group, so that a terminal's Ctrl-C does not stop it) that holds
+/// the read end of a pipe and kills the child once the pipe's write end,
+/// which only this process holds, is closed (see `WATCHDOG_SCRIPT`). The
+/// child is never reaped before the watchdog is stopped, so the watchdog
+/// cannot kill a process that reused the child's pid.
+///
+/// On Linux the child also gets `PR_SET_PDEATHSIG` (SIGKILL), unless
+/// [`NO_PDEATHSIG_ENV`] is set, which tests use to check the watchdog
+/// alone. That signal fires when the *thread* that forked the child exits,
+/// so the child is spawned from a thread that lives exactly as long as the
 /// child: it waits for it, and is only gone when the child is. (Spawning
 /// from a short-lived thread, such as tokio's blocking pool, would kill the
 /// child when that thread retires.)
 #[derive(Debug)]
 pub struct TiedChild {
     pid: u32,
+    /// Set under its lock when the child is reaped: after that its pid may
+    /// name another process, so it is never signalled again.
+    reaped: Arc<Mutex<bool>>,
     done: Mutex<mpsc::Receiver<String>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -246,28 +270,42 @@ impl TiedChild {
     /// Starts `cmd`. A piped stderr is read to its end; its tail is what
     /// [`TiedChild::exited`] returns.
     pub fn spawn(mut cmd: Command) -> std::io::Result<TiedChild> {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: only async-signal-safe calls (prctl, getppid, kill) run
-        // between fork and exec.
-        let parent = std::process::id() as libc::pid_t;
-        unsafe {
-            cmd.pre_exec(move || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                // The parent may have died before prctl took effect.
-                if libc::getppid() != parent {
-                    libc::kill(libc::getpid(), libc::SIGKILL);
-                }
-                Ok(())
-            });
+        #[cfg(target_os = "linux")]
+        if std::env::var_os(NO_PDEATHSIG_ENV).is_none_or(|v| v != "1") {
+            use std::os::unix::process::CommandExt;
+            let parent = std::process::id() as libc::pid_t;
+            // SAFETY: only async-signal-safe calls (prctl, getppid, kill)
+            // run between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    // The parent may have died before prctl took effect.
+                    if libc::getppid() != parent {
+                        libc::kill(libc::getpid(), libc::SIGKILL);
+                    }
+                    Ok(())
+                });
+            }
         }
         let (spawned_tx, spawned_rx) = mpsc::channel::<std::io::Result<u32>>();
         let (done_tx, done_rx) = mpsc::channel::<String>();
+        let reaped = Arc::new(Mutex::new(false));
+        let reaped_by_thread = reaped.clone();
         let thread = std::thread::Builder::new()
             .name("flame-child-watch".into())
             .spawn(move || {
                 let mut child: Child = match cmd.spawn() {
                     Ok(c) => c,
                     Err(e) => {
+                        let _ = spawned_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let watchdog = match Watchdog::start(child.id()) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        let _ = child.kill();
+                        let _ = child.wait();
                         let _ = spawned_tx.send(Err(e));
                         return;
                     }
@@ -281,7 +319,15 @@ impl TiedChild {
                     let tail = &buf[buf.len().saturating_sub(2000)..];
                     stderr = String::from_utf8_lossy(tail).into_owned();
                 }
-                let _ = child.wait();
+                // The watchdog goes before the child is reaped, while its
+                // pid still names it.
+                wait_unreaped(child.id());
+                watchdog.stop();
+                {
+                    let mut reaped = reaped_by_thread.lock().unwrap();
+                    let _ = child.wait();
+                    *reaped = true;
+                }
                 let _ = done_tx.send(stderr);
             })?;
         let pid = spawned_rx
@@ -289,6 +335,7 @@ impl TiedChild {
             .map_err(|_| std::io::Error::other("watch thread died"))??;
         Ok(TiedChild {
             pid,
+            reaped,
             done: Mutex::new(done_rx),
             thread: Some(thread),
         })
@@ -311,13 +358,73 @@ impl TiedChild {
 
     fn kill_now(&mut self) {
         if let Some(t) = self.thread.take() {
-            // SAFETY: kill(2) has no memory-safety preconditions. (The
-            // watch thread may have just reaped the child; a pid is not
-            // reused in the instant before the join below.)
-            unsafe {
-                libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
+            {
+                let reaped = self.reaped.lock().unwrap();
+                if !*reaped {
+                    // SAFETY: kill(2) has no memory-safety preconditions;
+                    // the child is not reaped (the lock keeps it so), so
+                    // the pid is still its own.
+                    unsafe {
+                        libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
+                    }
+                }
             }
             let _ = t.join();
+        }
+    }
+}
+
+/// The watchdog process of one [`TiedChild`] and the write end of its pipe.
+struct Watchdog {
+    process: Child,
+    _pipe: std::io::PipeWriter,
+}
+
+impl Watchdog {
+    fn start(child: u32) -> std::io::Result<Watchdog> {
+        use std::os::unix::process::CommandExt;
+        // Both ends are close-on-exec: no other child inherits the write
+        // end, which would keep the pipe open after this process died.
+        let (read, write) = std::io::pipe()?;
+        let process = Command::new("/bin/sh")
+            .args(["-c", WATCHDOG_SCRIPT, "flame-watchdog", &child.to_string()])
+            .env_clear()
+            .stdin(read)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()?;
+        Ok(Watchdog {
+            process,
+            _pipe: write,
+        })
+    }
+
+    /// Stops the watchdog without letting it kill anything: SIGKILL while
+    /// the pipe is still open, then reaps it.
+    fn stop(mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// Blocks until the child `pid` has exited, leaving it unreaped (its pid
+/// stays taken until `wait`).
+fn wait_unreaped(pid: u32) {
+    loop {
+        // SAFETY: waitid writes only into `info`; WNOWAIT leaves the child
+        // to be reaped by `Child::wait`.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let got = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        if got == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return;
         }
     }
 }

@@ -22,12 +22,14 @@
 //! - `protocol`: subjects, headers, bodies and KV records;
 //! - [`env`](mod@env): the environment variables flame reads;
 //! - [`embedded`]: a private nats-server.
+//!
+//! Runs on Linux and macOS: the build id and tying child processes to
+//! their parent use mechanisms both have (see [`build_id`] and
+//! [`embedded::TiedChild`]); on Linux the parent-death signal backs up the
+//! latter.
 
-#[cfg(not(target_os = "linux"))]
-compile_error!(
-    "flame runs on Linux only: it reads the GNU build id through dl_iterate_phdr, \
-     stops orphaned runners with PR_SET_PDEATHSIG and inspects /proc"
-);
+// On docs.rs: mark the items that need a feature or a system.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod announce;
 mod boot;

@@ -67,6 +67,8 @@
 //! serves and does not return.
 
 #![warn(missing_docs)]
+// On docs.rs: mark the items that need a feature (`fly`, `otel`).
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use flame_core::{
     backend, channel, Backend, BootSpec, Booted, BoxError, Error, ErrorKind, LocalBackend, Reader,

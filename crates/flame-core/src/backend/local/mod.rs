@@ -15,6 +15,8 @@ use tokio::sync::{oneshot, watch};
 use super::{Backend, BootError, BootSpec, Booted, StopRunner, RUNNER_FAILURE_PREFIX};
 use crate::BoxError;
 
+mod process;
+
 /// Set in every runner process this backend starts, to the runner id, so
 /// that [`LocalBackend::terminate`] kills only that process, never one
 /// that reused its pid.
@@ -98,6 +100,9 @@ impl LocalBackend {
     /// malloc arenas so that threads do not reserve the limit away). A
     /// runner that allocates past it aborts, and the pool reports it as out
     /// of memory to the calls it was running and in its events.
+    ///
+    /// Linux only: macOS accepts `RLIMIT_AS` but does not enforce it.
+    #[cfg(target_os = "linux")]
     pub fn memory_limit_mb(mut self, mb: u64) -> Self {
         self.memory_limit_mb = Some(mb);
         self
@@ -120,6 +125,7 @@ impl LocalBackend {
             }
         }
         cmd.envs(self.extra_env.iter().map(|(k, v)| (k, v)));
+        #[cfg(target_os = "linux")]
         if let Some(mb) = self.memory_limit_mb {
             let bytes = mb.saturating_mul(1 << 20);
             cmd.env("MALLOC_ARENA_MAX", "2");
@@ -258,8 +264,11 @@ impl Backend for LocalBackend {
                 .strip_prefix("pid ")
                 .and_then(|p| p.parse().ok())
                 .ok_or_else(|| format!("`{handle}` is not a local runner handle"))?;
-            let environ = match std::fs::read(format!("/proc/{pid}/environ")) {
+            let environ = match process::environment(pid) {
                 Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                    return Err(e.into());
+                }
                 // Already gone.
                 Err(_) => return Ok(()),
             };
@@ -273,17 +282,10 @@ impl Backend for LocalBackend {
                 // Resolve once it is gone (or a zombie), so the caller can
                 // count it out.
                 for _ in 0..500 {
-                    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-                        Ok(stat)
-                            if !stat
-                                .rsplit(')')
-                                .next()
-                                .is_some_and(|s| s.trim_start().starts_with('Z')) =>
-                        {
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                        }
-                        _ => return Ok(()),
+                    if !process::running(pid) {
+                        return Ok(());
                     }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 return Err(format!("runner process {pid} did not die after SIGKILL").into());
             }
@@ -432,7 +434,18 @@ fn describe_exit(
 
 /// How many times the OOM killer struck in the memory cgroup of `pid`
 /// (cgroup v2 `memory.events`, or v1 `memory.oom_control`); `None` where
+/// that cannot be read, and on systems other than Linux (no cgroups: a
+/// runner the system killed for memory is reported as killed by its
+/// signal).
+#[cfg(not(target_os = "linux"))]
+fn oom_kills(_pid: u32) -> Option<u64> {
+    None
+}
+
+/// How many times the OOM killer struck in the memory cgroup of `pid`
+/// (cgroup v2 `memory.events`, or v1 `memory.oom_control`); `None` where
 /// that cannot be read.
+#[cfg(target_os = "linux")]
 fn oom_kills(pid: u32) -> Option<u64> {
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     let mut files = Vec::new();
