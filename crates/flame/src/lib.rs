@@ -1,71 +1,6 @@
-//! # flame
-//!
-//! The FLAME pattern for Rust: wrap a block of your app's code in a call, and
-//! it runs on a short-lived copy of the same app, booted on demand, with the
-//! result coming back to the caller. Pools of runners grow from zero to a
-//! maximum under load and idle back down. No queues, no glue services, no
-//! rewrite.
-//!
-//! ```no_run
-//! use serde::{Deserialize, Serialize};
-//!
-//! #[derive(Serialize, Deserialize)]
-//! struct Video { url: String }
-//!
-//! // A named function, callable on any pool.
-//! #[flame::remote]
-//! async fn thumbnail_count(video: Video, interval: u32) -> usize {
-//!     video.url.len() / interval as usize
-//! }
-//!
-//! #[tokio::main]
-//! async fn main() -> Result<(), flame::Error> {
-//!     // In a runner this serves calls and exits; in the parent it connects.
-//!     let flame = flame::init().await?;
-//!     let pool = flame.pool("thumbs").max(4).start().await?;
-//!
-//!     let video = Video { url: "https://example.invalid/v.mp4".into() };
-//!     let n = flame::call!(pool, thumbnail_count(video, 5)).await?;
-//!
-//!     // Or an inline block: the listed variables are shipped as arguments;
-//!     // using any other local variable in the block is a compile error.
-//!     // (Plain blocks run on the runner's blocking pool; write
-//!     // `async |..| { .. }` for a block that awaits.)
-//!     let interval = 5u32;
-//!     let frames = flame::call!(pool, |interval: u32| -> Vec<u32> {
-//!         (0..60).step_by(interval as usize).collect()
-//!     })
-//!     .await?;
-//!     println!("{n} thumbnails, frames at {frames:?}");
-//!     Ok(())
-//! }
-//! ```
-//!
-//! The same binary is the runner: a pool boots runners by starting this
-//! executable with `FLAME_PARENT` in its environment, and [`init`] turns such
-//! a process into a runner. A parent that must do setup of its own before
-//! connecting (start its own nats-server, say) calls [`serve_if_runner`]
-//! first and [`FlameBuilder::connect`] after that setup. [`Flame::close`]
-//! closes the connection; [`Pool::runners`] lists a pool's runners. Code is found by registered name, and parent and
-//! runner must be the same build, checked on every call.
-//!
-//! Pools are this parent's own by default. With [`PoolBuilder::shared`], every
-//! parent on the NATS server that uses the pool's name shares one set of
-//! runners, with limits that hold for the whole fleet (coordinated through a
-//! JetStream KV bucket; see the README). Runners are local processes by
-//! default ([`LocalBackend`]); the `flame-fly` crate boots them as Fly
-//! Machines, the `flame-k8s` crate as Kubernetes Pods, the `flame-docker`
-//! crate as Docker containers.
-//!
-//! Cargo features: `fly` (the Fly Machines backend as `flame::fly`), `k8s`
-//! (the Kubernetes backend as `flame::k8s`), `docker` (the Docker backend
-//! as `flame::docker`) and `otel` (spans exported over OpenTelemetry's
-//! OTLP, `flame::otel::layer`).
-//! [`runner_log_layer`] sends a private pool's runner log lines to the
-//! parent (with `PoolBuilder::forward_runner_logs`). Set up the tracing
-//! subscriber, with either layer, before [`init`]: in a runner `init`
-//! serves and does not return.
-
+// The crate's documentation is a markdown file, so that it reads as a
+// document; its examples still run as doctests.
+#![doc = include_str!("../docs/crate.md")]
 #![warn(missing_docs)]
 // On docs.rs: mark the items that need a feature (`fly`, `otel`).
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -97,33 +32,7 @@ pub use flame_nats::{
     PoolConfig, PoolStatus, RunnerInfo, RunnerLogLayer, RunnerState,
 };
 
-/// Runs a function or an inline block on a pool and waits for the result.
-///
-/// Three forms:
-///
-/// - `flame::call!(pool, name(arg1, arg2))` calls a `#[flame::remote]`
-///   function (leave out its `State<T>` parameters: the runner fills them);
-/// - `flame::call!(pool, |a: A, b: B| -> R { ... })` lifts a plain block into
-///   a registered function that runs on the runner's blocking thread pool:
-///   the place for CPU-heavy or blocking code;
-/// - `flame::call!(pool, async |a: A| -> R { ... })` does the same for a block
-///   that awaits; it runs on the runner's async runtime.
-///
-/// The listed variables are taken from the enclosing scope (moved) and
-/// shipped as the block's arguments; the block may use nothing else from its
-/// scope, which the compiler enforces. The return type defaults to `()`.
-///
-/// An inline block gets app state (see [`FlameBuilder::state`]) through a
-/// `state(..)` clause before it: the runner's own value of each listed type,
-/// cloned, under the given name. Nothing of it is shipped.
-///
-/// ```ignore
-/// flame::call!(pool, state(db: Db), async |id: u64| -> Result<(), String> {
-///     db.insert(id).await
-/// })
-/// ```
-///
-/// Evaluates to a future of `Result<R, flame::Error>`.
+#[doc = include_str!("../docs/call.md")]
 #[macro_export]
 macro_rules! call {
     ($pool:expr, state($($s:ident : $st:ty),+ $(,)?), async $(move)? || $(-> $ret:ty)? $body:block) => {
