@@ -142,7 +142,6 @@ pub(super) async fn watch(
                 return Stop::Drain("SIGTERM".to_string());
             }
             _ = check.tick() => {
-                runner.release_memory_when_idle();
                 if runner.lease_lost.load(Ordering::SeqCst) {
                     return Stop::Abandoned("the scaler removed this runner's lease".to_string());
                 }

@@ -117,9 +117,6 @@ struct Runner {
     /// When the runner last started or finished work, in milliseconds since
     /// `started` (an atomic: this is touched twice per call).
     last_active_ms: AtomicU64,
-    /// The `last_active_ms` after which the allocator last gave memory
-    /// back (see [`Runner::release_memory_when_idle`]).
-    released_after_ms: AtomicU64,
     /// Per function, how its first polls went (see [`Runner::dispatch`]).
     slow_polls: HashMap<&'static str, inline::PollWatch>,
     /// Set while stopping; only then do finished calls wake the drain.
@@ -305,7 +302,6 @@ async fn run(
         replays: Default::default(),
         event_seq: AtomicU64::new(0),
         last_active_ms: AtomicU64::new(0),
-        released_after_ms: AtomicU64::new(u64::MAX),
         draining: AtomicBool::new(false),
         work_done: Notify::new(),
         parent_heard_ms: AtomicU64::new(0),

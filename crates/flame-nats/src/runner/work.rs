@@ -66,30 +66,7 @@ impl Cancellable {
     }
 }
 
-/// How long a runner is idle before its allocator gives free memory back.
-const IDLE_BEFORE_RELEASE: Duration = Duration::from_secs(1);
-
 impl Runner {
-    /// Gives the allocator's free memory back to the system, once per idle
-    /// period, when the runner has been idle for a second. glibc keeps what
-    /// is freed in per-thread arenas: after a burst of calls on many threads
-    /// (plain functions run on the blocking pool), an idle runner would hold
-    /// megabytes it no longer uses. Nothing to do elsewhere.
-    pub(super) fn release_memory_when_idle(&self) {
-        if self.idle_for() < IDLE_BEFORE_RELEASE {
-            return;
-        }
-        let active = self.last_active_ms.load(Ordering::Relaxed);
-        if self.released_after_ms.swap(active, Ordering::Relaxed) == active {
-            return;
-        }
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: malloc_trim only walks the allocator's own free lists.
-        unsafe {
-            libc::malloc_trim(0);
-        }
-    }
-
     pub(super) fn touch(&self) {
         let ms = self.started.elapsed().as_millis() as u64;
         self.last_active_ms.store(ms, Ordering::Relaxed);
