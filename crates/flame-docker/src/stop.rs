@@ -3,9 +3,8 @@
 
 use std::time::Duration;
 
-use flame_core::backend::StopRunner;
+use flame_core::backend::{run_detached, StopRunner};
 use futures::future::BoxFuture;
-use futures::FutureExt;
 use tracing::{debug, warn};
 
 use crate::api::Api;
@@ -20,40 +19,6 @@ const STOP_MARGIN: Duration = Duration::from_secs(1);
 pub(crate) fn stop_secs(grace: Duration) -> u64 {
     let grace = grace + STOP_MARGIN;
     grace.as_secs() + u64::from(grace.subsec_nanos() > 0)
-}
-
-/// Runs cleanup that must happen even when whoever started it is gone: on
-/// the current runtime, or on a thread of its own when there is none (a
-/// pool dropped after its runtime). Returns a future that resolves when it
-/// is done; dropping that future does not stop the work.
-pub(crate) fn run_detached(
-    work: impl std::future::Future<Output = ()> + Send + 'static,
-) -> BoxFuture<'static, ()> {
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-    let work = async move {
-        work.await;
-        let _ = done_tx.send(());
-    };
-    match tokio::runtime::Handle::try_current() {
-        Ok(rt) => {
-            rt.spawn(work);
-        }
-        Err(_) => {
-            std::thread::spawn(move || {
-                match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt.block_on(work),
-                    Err(e) => warn!("cannot clean up a runner container: no runtime ({e})"),
-                }
-            });
-        }
-    }
-    async move {
-        let _ = done_rx.await;
-    }
-    .boxed()
 }
 
 /// Removes the container of a boot that did not finish, when dropped
@@ -85,7 +50,7 @@ impl Drop for RemoveOnDrop {
         if self.armed {
             let (api, id) = (self.api.clone(), std::mem::take(&mut self.id));
             debug!(container = %id, "boot abandoned; removing its container");
-            drop(run_detached(async move {
+            drop(run_detached("a runner container", async move {
                 if let Err(e) = api.remove(&id).await {
                     warn!(container = %id, "cannot remove the container of an abandoned boot: {e}");
                 }
@@ -109,7 +74,7 @@ impl StopRunner for DockerStopper {
     /// dropped.
     fn stop(&self, grace: Duration) -> BoxFuture<'static, ()> {
         let (api, id) = (self.api.clone(), self.id.clone());
-        run_detached(async move {
+        run_detached("a runner container", async move {
             let secs = (!grace.is_zero()).then(|| stop_secs(grace));
             api.stop_and_remove(&id, secs).await;
         })

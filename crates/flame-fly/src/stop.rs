@@ -4,9 +4,8 @@
 
 use std::time::Duration;
 
-use flame_core::backend::StopRunner;
+use flame_core::backend::{run_detached, StopRunner};
 use futures::future::BoxFuture;
-use futures::FutureExt;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -17,40 +16,6 @@ use crate::error::FlyError;
 /// force: the runner's own drain takes all of `shutdown_timeout`, and its
 /// exit and the platform's bookkeeping come after it.
 const STOP_MARGIN: Duration = Duration::from_secs(2);
-
-/// Runs cleanup that must happen even when whoever started it is gone: on
-/// the current runtime, or on a thread of its own when there is none (a
-/// pool dropped after its runtime). Returns a future that resolves when it
-/// is done; dropping that future does not stop the work.
-fn run_detached(
-    work: impl std::future::Future<Output = ()> + Send + 'static,
-) -> BoxFuture<'static, ()> {
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-    let work = async move {
-        work.await;
-        let _ = done_tx.send(());
-    };
-    match tokio::runtime::Handle::try_current() {
-        Ok(rt) => {
-            rt.spawn(work);
-        }
-        Err(_) => {
-            std::thread::spawn(move || {
-                match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt.block_on(work),
-                    Err(e) => warn!("cannot clean up a Fly Machine: no runtime ({e})"),
-                }
-            });
-        }
-    }
-    async move {
-        let _ = done_rx.await;
-    }
-    .boxed()
-}
 
 /// Destroys a Machine whose boot did not finish, when dropped armed: a
 /// boot future dropped mid-way (the pool's boot timeout, a closed pool)
@@ -91,7 +56,7 @@ impl Drop for DestroyOnDrop {
         if self.armed {
             let (api, id) = (self.api.clone(), std::mem::take(&mut self.id));
             debug!(machine = %id, "boot abandoned; destroying its Machine");
-            drop(run_detached(async move {
+            drop(run_detached("a Fly Machine", async move {
                 if let Err(e) = api.destroy(&id).await {
                     warn!(machine = %id, "cannot destroy the Machine of an abandoned boot: {e}");
                 }
@@ -121,7 +86,7 @@ impl StopRunner for FlyStopper {
     /// is done even when the returned future is dropped.
     fn stop(&self, grace: Duration) -> BoxFuture<'static, ()> {
         let (api, id) = (self.api.clone(), self.id.clone());
-        run_detached(async move {
+        run_detached("a Fly Machine", async move {
             if !grace.is_zero() {
                 let body = serde_json::json!({
                     "signal": "SIGTERM",

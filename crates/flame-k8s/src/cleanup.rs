@@ -4,8 +4,7 @@
 
 use std::time::Duration;
 
-use futures::future::BoxFuture;
-use futures::FutureExt;
+use flame_core::backend::run_detached;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -14,40 +13,6 @@ use crate::watch::{Change, PodWatch};
 
 /// Longest wait for a Pod deleted with no grace to leave the API.
 pub(crate) const GONE_WAIT: Duration = Duration::from_secs(10);
-
-/// Runs cleanup that must happen even when whoever started it is gone: on
-/// the current runtime, or on a thread of its own when there is none (a
-/// pool dropped after its runtime). Returns a future that resolves when it
-/// is done; dropping that future does not stop the work.
-pub(crate) fn run_detached(
-    work: impl std::future::Future<Output = ()> + Send + 'static,
-) -> BoxFuture<'static, ()> {
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-    let work = async move {
-        work.await;
-        let _ = done_tx.send(());
-    };
-    match tokio::runtime::Handle::try_current() {
-        Ok(rt) => {
-            rt.spawn(work);
-        }
-        Err(_) => {
-            std::thread::spawn(move || {
-                match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt.block_on(work),
-                    Err(e) => warn!("cannot clean up a runner Pod: no runtime ({e})"),
-                }
-            });
-        }
-    }
-    async move {
-        let _ = done_rx.await;
-    }
-    .boxed()
-}
 
 /// Deletes the Pod of a boot that did not finish, when dropped armed: a
 /// boot future dropped mid-way (the pool's boot timeout, a closed pool)
@@ -77,7 +42,7 @@ impl Drop for DeleteOnDrop {
         if self.armed {
             let (pods, name) = (self.pods.clone(), std::mem::take(&mut self.name));
             debug!(pod = %name, "boot abandoned; deleting its Pod");
-            drop(run_detached(async move {
+            drop(run_detached("a runner Pod", async move {
                 delete_and_wait(&pods, &name).await;
             }));
         }

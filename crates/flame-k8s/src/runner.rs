@@ -10,9 +10,10 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use crate::api::{K8sError, Pods, REQUEST_TIMEOUT};
-use crate::cleanup::{delete_and_wait, run_detached, wait_gone};
+use crate::cleanup::{delete_and_wait, wait_gone};
 use crate::pod::RUNNER_CONTAINER;
 use crate::watch::{self, Change, PodWatch, Progress};
+use flame_core::backend::run_detached;
 
 /// Time past the drain before a stopping Pod is deleted with no grace: the
 /// kubelet's SIGKILL comes at the grace period's end, and the API removes
@@ -134,7 +135,7 @@ impl StopRunner for PodStopper {
     /// so it is done even when the returned future is dropped.
     fn stop(&self, grace: Duration) -> BoxFuture<'static, ()> {
         let (pods, name) = (self.pods.clone(), self.name.clone());
-        run_detached(async move {
+        run_detached("a runner Pod", async move {
             let secs = grace_secs(grace);
             let asked = Instant::now();
             match pods

@@ -4,6 +4,7 @@
 //! NATS and reports ready on its own.
 
 mod boot_error;
+mod detached;
 mod local;
 
 use std::fmt;
@@ -14,6 +15,7 @@ use futures::future::BoxFuture;
 use crate::BoxError;
 
 pub use boot_error::BootError;
+pub use detached::run_detached;
 pub use local::{LocalBackend, RUNNER_ID_ENV};
 
 /// Start of the line a runner writes on its stderr when it cannot start
