@@ -65,13 +65,32 @@ impl std::fmt::Debug for Settings {
 }
 
 /// The parent's Pod, as read from the API.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct ParentPod {
     pub(crate) name: String,
     pub(crate) uid: String,
     /// Its app container.
     pub(crate) container: Container,
     pub(crate) spec: PodSpec,
+}
+
+impl std::fmt::Debug for ParentPod {
+    /// Names only: its container's literal env values may be secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let env: Vec<&str> = self
+            .container
+            .env
+            .iter()
+            .flatten()
+            .map(|e| e.name.as_str())
+            .collect();
+        f.debug_struct("ParentPod")
+            .field("name", &self.name)
+            .field("uid", &self.uid)
+            .field("container", &self.container.name)
+            .field("env", &env)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ParentPod {
