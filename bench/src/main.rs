@@ -5,6 +5,7 @@
 //! ```text
 //! cargo run --release -p flame-bench            # full run
 //! cargo run --release -p flame-bench -- --quick # smoke run
+//! cargo run --release -p flame-bench -- --single --runs 3 # one caller's view
 //! ```
 //!
 //! The baseline echo responders are separate processes, like runners, so
@@ -22,6 +23,7 @@ use serde_bytes::ByteBuf;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 mod cpu;
+mod single;
 
 /// Echoes its argument. `ByteBuf` makes serde encode the bytes as one blob
 /// (a plain `Vec<u8>` is encoded element by element).
@@ -142,6 +144,45 @@ async fn main() -> anyhow::Result<()> {
     }
     START_TICKS.get_or_init(cpu::machine_ticks);
     let quick = args.iter().any(|a| a == "--quick");
+    // `--profile-call <bytes>`: sequential `echo_bytes` calls of that size
+    // for 10 s on one runner (to attach a profiler to).
+    if let Some(at) = args.iter().position(|a| a == "--profile-call") {
+        let size: usize = args.get(at + 1).and_then(|n| n.parse().ok()).unwrap_or(100);
+        let pool = flame.pool("bench").min(1).max(1).start().await?;
+        let data = Bytes::from(vec![0xABu8; size]);
+        let started = Instant::now();
+        let mut n = 0u64;
+        while started.elapsed() < Duration::from_secs(10) {
+            flame::call!(pool, echo_bytes(data.clone())).await?;
+            n += 1;
+        }
+        println!("{:.0} µs a call", 10e6 / n as f64);
+        return Ok(());
+    }
+    // `--profile-cold <n>`: n cold starts in a row (to attach a profiler).
+    if let Some(at) = args.iter().position(|a| a == "--profile-cold") {
+        let n: usize = args.get(at + 1).and_then(|n| n.parse().ok()).unwrap_or(20);
+        let mut cold = Vec::new();
+        for i in 0..n {
+            let pool = flame.pool(format!("cold-{i}")).max(1).start().await?;
+            let t = Instant::now();
+            flame::call!(pool, echo(ByteBuf::from(vec![1u8; 100]))).await?;
+            cold.push(t.elapsed());
+            pool.shutdown().await;
+        }
+        cold.sort();
+        println!("cold start p50 {:?}", cold[n / 2]);
+        return Ok(());
+    }
+    // `--single [--runs N]`: one caller's measures, N rounds (3 by default).
+    if args.iter().any(|a| a == "--single") {
+        let runs = args
+            .iter()
+            .position(|a| a == "--runs")
+            .and_then(|at| args.get(at + 1)?.parse().ok())
+            .unwrap_or(3);
+        return single::run(&flame, runs).await;
+    }
     // `--profile-flame-throughput [callers]`: only the flame throughput
     // phase (64 callers unless given), for 10 s (to attach a profiler to).
     if let Some(at) = args.iter().position(|a| a == "--profile-flame-throughput") {

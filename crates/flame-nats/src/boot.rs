@@ -121,6 +121,10 @@ impl Booter {
             idle_shutdown_check: config.idle_shutdown_check.map(str::to_string),
             shared: config.shared,
             forward_logs: config.forward_runner_logs,
+            // The private server has no permissions to refuse anything, and
+            // runners use it unless told to use another URL.
+            open_server: parent.embedded.lock().unwrap().is_some()
+                && !parent.runner_nats_url.explicit,
             event_key: String::new(),
         };
         let mut forwarded = forwarded;

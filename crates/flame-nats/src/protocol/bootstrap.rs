@@ -55,6 +55,12 @@ pub struct ParentInfo {
     /// `runner_log_layer`), as `PoolBuilder::forward_runner_logs` asks.
     #[serde(default)]
     pub forward_logs: bool,
+    /// The NATS server is the parent's private one, which flame started
+    /// without users or permissions: no subscription can be refused, so the
+    /// runner announces itself without first making sure of that (which
+    /// costs a reconnection).
+    #[serde(default)]
+    pub open_server: bool,
     /// Signs the runner's events to its parent (64 hex digits); see
     /// `PROTOCOL.md`. Secret.
     #[serde(default)]
@@ -78,6 +84,7 @@ impl fmt::Debug for ParentInfo {
             .field("idle_shutdown_check", &self.idle_shutdown_check)
             .field("shared", &self.shared)
             .field("forward_logs", &self.forward_logs)
+            .field("open_server", &self.open_server)
             .field("event_key", &"<redacted>")
             .finish()
     }
@@ -143,6 +150,7 @@ mod tests {
             idle_shutdown_check: Some("app::may_stop".into()),
             shared: false,
             forward_logs: false,
+            open_server: false,
             event_key: key.to_hex(),
         };
         let back = ParentInfo::from_env_value(&info.to_env_value()).unwrap();
@@ -153,5 +161,22 @@ mod tests {
             ParentInfo::from_env_value("{"),
             Err(Error::Config(_))
         ));
+    }
+
+    #[test]
+    fn a_runner_makes_sure_of_its_subscriptions_unless_told_the_server_is_open() {
+        // Written without the optional fields, as the example of PROTOCOL.md
+        // is: the runner settles its subscriptions.
+        let minimal = r#"{"parent_id":"p","pool":"thumbs","runner_id":"r",
+            "nats_url":"nats://127.0.0.1:4222","max_concurrency":1,
+            "idle_shutdown_after_ms":1,"shutdown_timeout_ms":1,
+            "failsafe_timeout_ms":1,"parent_grace_ms":2,"heartbeat_ms":1}"#;
+        let info = ParentInfo::from_env_value(minimal).unwrap();
+        assert!(!info.open_server);
+        let open = minimal.replace(
+            "\"heartbeat_ms\":1",
+            "\"heartbeat_ms\":1,\"open_server\":true",
+        );
+        assert!(ParentInfo::from_env_value(&open).unwrap().open_server);
     }
 }

@@ -260,11 +260,15 @@ async fn run(
         };
         // Subscribed, and the server took every subscription (no call can
         // miss us), before announcing. Settling drops the connection on
-        // purpose: not worth a warning.
-        connection.closing.store(true, Ordering::SeqCst);
-        let settled = permissions.settle(&client, failsafe_deadline).await;
-        connection.closing.store(false, Ordering::SeqCst);
-        settled?;
+        // purpose: not worth a warning. The parent's private server refuses
+        // nothing, and takes the subscriptions before the `ready` sent after
+        // them on the same connection: no need to make sure.
+        if !info.open_server {
+            connection.closing.store(true, Ordering::SeqCst);
+            let settled = permissions.settle(&client, failsafe_deadline).await;
+            connection.closing.store(false, Ordering::SeqCst);
+            settled?;
+        }
         Ok::<_, Error>((streams, service, endpoint, cancels, control, lease))
     };
     let (streams, service, mut endpoint, mut cancels, mut control, lease) =
