@@ -37,6 +37,7 @@ pub(super) struct Boots {
 }
 
 impl Boots {
+    /// Booting through `booter`, nothing under way yet.
     pub(super) fn new(booter: Arc<Booter>) -> Boots {
         Boots {
             booter,

@@ -447,6 +447,7 @@ async fn run_placed(
     }
 }
 
+/// The runner turned the call away: place nothing more on it.
 fn set_draining(pool: &PoolInner, runner: &RunnerId) {
     pool.state.lock().unwrap().model.drain(runner);
 }

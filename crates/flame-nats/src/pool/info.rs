@@ -40,6 +40,7 @@ fn load_on(model: &PoolModel, id: &RunnerId) -> usize {
 }
 
 impl Announcer {
+    /// Publishing through `events`; `runner_events` for a private pool.
     pub(super) fn new(events: PoolAnnouncer, runner_events: bool) -> Announcer {
         Announcer {
             events,
