@@ -1,23 +1,20 @@
 //! Describing a pool and starting it.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::client::RequestErrorKind;
 use flame_core::{Backend, Error, LocalBackend, RemoteFn};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::model::PoolModel;
-use super::{Owner, Pool, PoolInner, State};
-use crate::boot::{Booter, RetryGate};
+use super::{booting, orphans, reports, runners, Pool, PoolInner};
+use crate::boot::Booter;
 use crate::config::PoolConfig;
 use crate::fleet::Fleet;
 use crate::hooks::{Hooks, PoolChange};
 use crate::parent::ParentContext;
-use crate::protocol::pool_events::{format_time, POOLS_INFO_SUBJECT};
+use crate::protocol::pool_events::POOLS_INFO_SUBJECT;
 use crate::protocol::reports::{ReportKey, ReportKind};
 use crate::protocol::sign::CallKey;
 use crate::protocol::subjects;
@@ -280,36 +277,17 @@ impl PoolBuilder {
         } else {
             None
         };
-        let mut model = PoolModel::new(config.min, config.max, config.max_concurrency)
-            .hot_start(config.hot_start_percent);
-        if config.single_use {
-            model = model.single_use();
-        }
-        let inner = Arc::new(PoolInner {
-            state: Mutex::new(State {
-                model,
-                runners: HashMap::new(),
-                waiters: HashMap::new(),
-                next_waiter: 0,
-                last_boot_error: None,
-                retry: RetryGate::default(),
-                closed: false,
-            }),
-            booter,
-            fleet: fleet.clone(),
-            closed,
-            listening: CancellationToken::new(),
-            changed: Notify::new(),
-            events: self.parent.announcer.for_pool(&config.name),
-            started: format_time(std::time::SystemTime::now()),
-            boots: tokio_util::task::TaskTracker::new(),
-            parent: self.parent,
+        let inner = Arc::new(PoolInner::new(
             config,
-        });
+            self.parent,
+            booter,
+            fleet.clone(),
+            closed,
+        ));
         if let Some(events) = events {
-            tokio::spawn(inner.clone().listen(events));
-            tokio::spawn(inner.clone().watch_heartbeats());
-            tokio::spawn(inner.clone().reap_orphans());
+            tokio::spawn(reports::listen(inner.clone(), events));
+            tokio::spawn(runners::watch_heartbeats(inner.clone()));
+            tokio::spawn(orphans::reap(inner.clone()));
             let subject = subjects::parent_event(
                 &inner.config.name,
                 &inner.parent.parent_id,
@@ -325,7 +303,7 @@ impl PoolBuilder {
             });
             if let Err(e) = listening.await {
                 inner.closed.cancel();
-                inner.listening.cancel();
+                inner.listener.stop();
                 return Err(e);
             }
         }
@@ -343,20 +321,17 @@ impl PoolBuilder {
         }
         // Every started pool answers operators' discovery requests (no
         // queue group: each parent answers for its own view).
-        let info = inner
+        let requests = inner
             .parent
             .client
             .subscribe(POOLS_INFO_SUBJECT)
             .await
             .map_err(|e| Error::nats("cannot subscribe to the pools info subject", e))?;
-        tokio::spawn(inner.clone().answer_info(info));
-        let pool = Pool {
-            inner: inner.clone(),
-            _owner: Arc::new(Owner(inner.clone())),
-        };
-        inner.boot_needed();
+        tokio::spawn(super::info::answer(inner.clone(), requests));
+        let pool = Pool::new(inner.clone());
+        booting::grow(&inner);
         if inner.config.min > 0 {
-            if let Err(e) = inner.wait_min_ready().await {
+            if let Err(e) = booting::wait_min_ready(&inner).await {
                 // Nothing of a pool that did not start may run on, even if
                 // the app exits right after this error.
                 inner.shut_down(Duration::ZERO).await;

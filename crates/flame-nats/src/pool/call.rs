@@ -12,8 +12,8 @@ use tracing::{debug, warn, Instrument, Span};
 
 use super::link::{self, RunnerLink};
 use super::model::RunnerId;
-use super::slot::Slot;
-use super::{Pool, PoolInner};
+use super::slot::{self, Slot};
+use super::PoolInner;
 use crate::protocol::call::{self as wire, Reply};
 use crate::replies::Replies;
 use crate::stream_hub::{holding, scoped, CallStreams, StreamHub};
@@ -65,74 +65,55 @@ impl CallOptions {
     }
 }
 
-impl Pool {
-    /// Calls a remote function and waits for its result.
-    ///
-    /// Usually written `flame::call!(pool, function(args..))`.
-    pub async fn call<F: RemoteFn>(&self, args: F::Args) -> Result<F::Output, Error> {
-        self.call_with::<F>(args, CallOptions::default()).await
-    }
+/// A call of `F` through `pool`: see [`super::Pool::call_with`].
+pub(super) async fn call<F: RemoteFn>(
+    pool: &Arc<PoolInner>,
+    args: F::Args,
+    options: CallOptions,
+) -> Result<F::Output, Error> {
+    let timeout = options.timeout.unwrap_or(pool.config.timeout);
+    let payload = encode::<F>(pool, &args)?;
+    let (span, trace) = call_span(&pool.config.name, F::NAME, "call");
+    let ran = run(
+        pool.clone(),
+        F::NAME,
+        payload,
+        timeout,
+        Kind::Call { link: options.link },
+        trace,
+    )
+    .instrument(span.clone())
+    .await;
+    let result =
+        ran.and_then(|(bytes, slot)| decode_result::<F>(&pool.parent.streams, &bytes, slot));
+    record_outcome(&span, result.as_ref().err());
+    result
+}
 
-    /// [`Pool::call`] with options.
-    pub async fn call_with<F: RemoteFn>(
-        &self,
-        args: F::Args,
-        options: CallOptions,
-    ) -> Result<F::Output, Error> {
-        let timeout = options.timeout.unwrap_or(self.inner.config.timeout);
-        let payload = self.encode_args::<F>(&args)?;
-        let (span, trace) = call_span(&self.inner.config.name, F::NAME, "call");
-        let ran = self
-            .inner
-            .clone()
-            .run(
-                F::NAME,
-                payload,
-                timeout,
-                Kind::Call { link: options.link },
-                trace,
-            )
-            .instrument(span.clone())
-            .await;
-        let result = ran
-            .and_then(|(bytes, slot)| decode_result::<F>(&self.inner.parent.streams, &bytes, slot));
-        record_outcome(&span, result.as_ref().err());
-        result
+/// A cast of `F` through `pool`: see [`super::Pool::cast_with`].
+pub(super) fn cast<F: RemoteFn>(
+    pool: &Arc<PoolInner>,
+    args: F::Args,
+    options: CallOptions,
+) -> Result<(), Error> {
+    if pool.closed.is_cancelled() {
+        return Err(Error::PoolClosed(pool.config.name.clone()));
     }
-
-    /// Runs a remote function without waiting for it. Returns once the work
-    /// is handed to the pool; it then finds or boots a runner on its own.
-    /// Failures are logged and counted on the runner (`nats micro stats`).
-    ///
-    /// Usually written `flame::cast!(pool, function(args..))`.
-    pub fn cast<F: RemoteFn>(&self, args: F::Args) -> Result<(), Error> {
-        self.cast_with::<F>(args, CallOptions::default())
-    }
-
-    /// [`Pool::cast`] with options.
-    pub fn cast_with<F: RemoteFn>(&self, args: F::Args, options: CallOptions) -> Result<(), Error> {
-        if self.inner.closed.is_cancelled() {
-            return Err(Error::PoolClosed(self.inner.config.name.clone()));
-        }
-        let timeout = options.timeout.unwrap_or(self.inner.config.timeout);
-        let payload = self.encode_args::<F>(&args)?;
-        let inner = self.inner.clone();
-        let (span, trace) = call_span(&self.inner.config.name, F::NAME, "cast");
-        tokio::spawn(
-            async move {
-                let ran = inner
-                    .clone()
-                    .run(F::NAME, payload, timeout, Kind::Cast, trace)
-                    .await;
-                record_outcome(&Span::current(), ran.as_ref().err());
-                if let Err(e) = ran {
-                    warn!(pool = %inner.config.name, function = F::NAME, "cast failed: {e}");
-                }
+    let timeout = options.timeout.unwrap_or(pool.config.timeout);
+    let payload = encode::<F>(pool, &args)?;
+    let inner = pool.clone();
+    let (span, trace) = call_span(&pool.config.name, F::NAME, "cast");
+    tokio::spawn(
+        async move {
+            let ran = run(inner.clone(), F::NAME, payload, timeout, Kind::Cast, trace).await;
+            record_outcome(&Span::current(), ran.as_ref().err());
+            if let Err(e) = ran {
+                warn!(pool = %inner.config.name, function = F::NAME, "cast failed: {e}");
             }
-            .instrument(span),
-        );
-        Ok(())
-    }
+        }
+        .instrument(span),
+    );
+    Ok(())
 }
 
 /// The span of one call or cast, and the trace context it sends along:
@@ -241,13 +222,11 @@ pub(super) fn decode_result<F: RemoteFn>(
     })
 }
 
-impl Pool {
-    /// Encodes a call's arguments; streams among them are offered through
-    /// this parent's hub.
-    fn encode_args<F: RemoteFn>(&self, args: &F::Args) -> Result<Payload, Error> {
-        let streams: Arc<dyn StreamTransport> = self.inner.parent.streams.clone();
-        encode_args::<F>(&streams, args, &self.inner.parent.build_id)
-    }
+/// Encodes a call's arguments; streams among them are offered through
+/// this parent's hub.
+fn encode<F: RemoteFn>(pool: &PoolInner, args: &F::Args) -> Result<Payload, Error> {
+    let streams: Arc<dyn StreamTransport> = pool.parent.streams.clone();
+    encode_args::<F>(&streams, args, &pool.parent.build_id)
 }
 
 /// A call's encoded arguments, after room for its envelope (written once
@@ -289,183 +268,186 @@ pub(super) fn encode_args<F: RemoteFn>(
     Ok(Payload { buf, head, streams })
 }
 
-impl PoolInner {
-    /// Places and runs one call, retrying elsewhere if the runner turns out
-    /// to be gone before it received the call. When it fails, the streams
-    /// and channels among its arguments end with its error at once.
-    pub(super) async fn run(
-        self: Arc<Self>,
-        function: &'static str,
-        mut payload: Payload,
-        timeout: Duration,
-        kind: Kind,
-        trace: Option<TraceContext>,
-    ) -> Result<(Bytes, Slot), Error> {
-        let streams = payload.streams.take();
-        let ran = self
-            .run_placed(function, payload, timeout, kind, trace, streams.as_ref())
-            .await;
-        if let (Err(e), Some(streams)) = (&ran, &streams) {
-            streams.end(e.clone());
-        }
-        ran
+/// Places and runs one call, retrying elsewhere if the runner turns out
+/// to be gone before it received the call. When it fails, the streams
+/// and channels among its arguments end with its error at once.
+pub(super) async fn run(
+    pool: Arc<PoolInner>,
+    function: &'static str,
+    mut payload: Payload,
+    timeout: Duration,
+    kind: Kind,
+    trace: Option<TraceContext>,
+) -> Result<(Bytes, Slot), Error> {
+    let streams = payload.streams.take();
+    let ran = run_placed(
+        pool,
+        function,
+        payload,
+        timeout,
+        kind,
+        trace,
+        streams.as_ref(),
+    )
+    .await;
+    if let (Err(e), Some(streams)) = (&ran, &streams) {
+        streams.end(e.clone());
     }
+    ran
+}
 
-    async fn run_placed(
-        self: Arc<Self>,
-        function: &'static str,
-        payload: Payload,
-        timeout: Duration,
-        kind: Kind,
-        trace: Option<TraceContext>,
-        streams: Option<&CallStreams>,
-    ) -> Result<(Bytes, Slot), Error> {
-        let started = Instant::now();
-        let deadline = started + timeout;
-        let cast = kind == Kind::Cast;
-        let linked = kind == Kind::Call { link: true };
-        let args_len = payload.buf.len() - payload.head;
-        let size = args_len
-            + wire::envelope_max_len(function, &self.parent.build_id)
-            + if trace.is_some() {
-                wire::request_headers_max_len()
-            } else {
-                0
-            };
-        let max = self.parent.client.max_payload();
-        if size > max {
-            return Err(Error::PayloadTooLarge {
+async fn run_placed(
+    pool: Arc<PoolInner>,
+    function: &'static str,
+    payload: Payload,
+    timeout: Duration,
+    kind: Kind,
+    trace: Option<TraceContext>,
+    streams: Option<&CallStreams>,
+) -> Result<(Bytes, Slot), Error> {
+    let started = Instant::now();
+    let deadline = started + timeout;
+    let cast = kind == Kind::Cast;
+    let linked = kind == Kind::Call { link: true };
+    let args_len = payload.buf.len() - payload.head;
+    let size = args_len
+        + wire::envelope_max_len(function, &pool.parent.build_id)
+        + if trace.is_some() {
+            wire::request_headers_max_len()
+        } else {
+            0
+        };
+    let max = pool.parent.client.max_payload();
+    if size > max {
+        return Err(Error::PayloadTooLarge {
+            function: function.to_string(),
+            what: "arguments",
+            size,
+            max,
+        });
+    }
+    // The arguments: in `fresh` until the first send, then kept (shared
+    // with that send's body) in case the call must be placed again.
+    let mut fresh = Some(payload);
+    let mut args = Bytes::new();
+    loop {
+        let slot = slot::checkout(&pool, deadline, function, timeout).await?;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(Error::Timeout {
                 function: function.to_string(),
-                what: "arguments",
-                size,
-                max,
+                timeout,
             });
         }
-        // The arguments: in `fresh` until the first send, then kept (shared
-        // with that send's body) in case the call must be placed again.
-        let mut fresh = Some(payload);
-        let mut args = Bytes::new();
-        loop {
-            let slot = self.checkout(deadline, function, timeout).await?;
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
+        let runner = slot.runner.clone();
+        if let Some(streams) = streams {
+            // Its argument streams end when this runner goes down.
+            runner.streams.follow(streams);
+        }
+        let span = Span::current();
+        // (Read only for the span: a clock read less per untraced call.)
+        let sent = (!span.is_disabled()).then(Instant::now);
+        if let Some(sent) = sent {
+            span.record("runner", &*runner.id);
+            span.record("wait_ms", (sent - started).as_millis() as u64);
+        }
+        let replies = &pool.parent.replies;
+        let (token, reply, answer) = replies.register(function, runner.id.clone());
+        // The signature covers the runner and the reply subject.
+        let sign = runner
+            .key
+            .as_ref()
+            .map(|key| (key, runner.subject.as_str(), reply.as_str()));
+        let build = &pool.parent.build_id;
+        // The first send writes the envelope (and signature) in front
+        // of the arguments; a call placed again (rare) copies them.
+        let body = match fresh.take() {
+            Some(Payload { buf, head, .. }) => {
+                let body =
+                    wire::request_body_in_place(buf, head, function, build, remaining, cast, sign);
+                args = body.slice(body.len() - args_len..);
+                body
+            }
+            None => wire::request_body(function, build, remaining, cast, &args, sign),
+        };
+        runner.outbox.call_started();
+        let mut call = InFlightCall {
+            client: &pool.parent.client,
+            replies,
+            runner: &runner,
+            token,
+            reply,
+            cancel: false,
+        };
+        let client = &pool.parent.client;
+        // Sent at once, with the calls to the same runner that are
+        // ready meanwhile (coalescing, see `link.rs`).
+        link::send_call(
+            &runner,
+            client,
+            replies,
+            token,
+            call.reply.clone(),
+            trace.as_ref(),
+            body,
+        )
+        .await?;
+        call.cancel = linked;
+        let outcome = tokio::time::timeout_at(deadline, answer).await;
+        call.cancel = false;
+        drop(call);
+        if let Some(sent) = sent {
+            span.record("run_ms", sent.elapsed().as_millis() as u64);
+        }
+        let msg = match outcome {
+            Err(_) => {
+                debug!(pool = %pool.config.name, runner = %runner.id, token, sent_before = ?remaining, "no reply before the deadline");
                 return Err(Error::Timeout {
                     function: function.to_string(),
                     timeout,
                 });
             }
-            let runner = slot.runner.clone();
-            if let Some(streams) = streams {
-                // Its argument streams end when this runner goes down.
-                runner.streams.follow(streams);
+            Ok(Err(_)) => {
+                return Err(Error::NatsUnreachable {
+                    url: pool.parent.nats_url.clone(),
+                    reason: "the connection is closed".into(),
+                    source: None,
+                });
             }
-            let span = Span::current();
-            // (Read only for the span: a clock read less per untraced call.)
-            let sent = (!span.is_disabled()).then(Instant::now);
-            if let Some(sent) = sent {
-                span.record("runner", &*runner.id);
-                span.record("wait_ms", (sent - started).as_millis() as u64);
+            Ok(Ok(Err(e))) => return Err(e),
+            Ok(Ok(Ok(msg))) => msg,
+        };
+        if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+            // Nobody got the call: the runner left, or it is still
+            // resubscribing after a reconnect of NATS.
+            debug!(runner = %runner.id, "no responders; placing the call again");
+            if pool.fleet.is_some() || pool.parent.reconnected_within(pool.config.heartbeat * 2) {
+                // (A shared pool's leases say what each runner is.)
+                if let Some(streams) = streams {
+                    runner.streams.unfollow(streams);
+                }
+                drop(slot);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
             }
-            let replies = &self.parent.replies;
-            let (token, reply, answer) = replies.register(function, runner.id.clone());
-            // The signature covers the runner and the reply subject.
-            let sign = runner
-                .key
-                .as_ref()
-                .map(|key| (key, runner.subject.as_str(), reply.as_str()));
-            let build = &self.parent.build_id;
-            // The first send writes the envelope (and signature) in front
-            // of the arguments; a call placed again (rare) copies them.
-            let body = match fresh.take() {
-                Some(Payload { buf, head, .. }) => {
-                    let body = wire::request_body_in_place(
-                        buf, head, function, build, remaining, cast, sign,
-                    );
-                    args = body.slice(body.len() - args_len..);
-                    body
-                }
-                None => wire::request_body(function, build, remaining, cast, &args, sign),
-            };
-            runner.outbox.call_started();
-            let mut call = InFlightCall {
-                client: &self.parent.client,
-                replies,
-                runner: &runner,
-                token,
-                reply,
-                cancel: false,
-            };
-            let client = &self.parent.client;
-            // Sent at once, with the calls to the same runner that are
-            // ready meanwhile (coalescing, see `link.rs`).
-            link::send_call(
-                &runner,
-                client,
-                replies,
-                token,
-                call.reply.clone(),
-                trace.as_ref(),
-                body,
-            )
-            .await?;
-            call.cancel = linked;
-            let outcome = tokio::time::timeout_at(deadline, answer).await;
-            call.cancel = false;
-            drop(call);
-            if let Some(sent) = sent {
-                span.record("run_ms", sent.elapsed().as_millis() as u64);
+            set_draining(&pool, &runner.id);
+        } else {
+            let reply = wire::read_reply(msg, function, &runner.id, &pool.parent.build_id, timeout);
+            match reply {
+                Reply::Value(bytes) => return Ok((bytes, slot)),
+                Reply::Failed(e) => return Err(e),
+                Reply::Draining => set_draining(&pool, &runner.id),
             }
-            let msg = match outcome {
-                Err(_) => {
-                    debug!(pool = %self.config.name, runner = %runner.id, token, sent_before = ?remaining, "no reply before the deadline");
-                    return Err(Error::Timeout {
-                        function: function.to_string(),
-                        timeout,
-                    });
-                }
-                Ok(Err(_)) => {
-                    return Err(Error::NatsUnreachable {
-                        url: self.parent.nats_url.clone(),
-                        reason: "the connection is closed".into(),
-                        source: None,
-                    });
-                }
-                Ok(Ok(Err(e))) => return Err(e),
-                Ok(Ok(Ok(msg))) => msg,
-            };
-            if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
-                // Nobody got the call: the runner left, or it is still
-                // resubscribing after a reconnect of NATS.
-                debug!(runner = %runner.id, "no responders; placing the call again");
-                if self.fleet.is_some() || self.parent.reconnected_within(self.config.heartbeat * 2)
-                {
-                    // (A shared pool's leases say what each runner is.)
-                    if let Some(streams) = streams {
-                        runner.streams.unfollow(streams);
-                    }
-                    drop(slot);
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-                self.set_draining(&runner.id);
-            } else {
-                let reply =
-                    wire::read_reply(msg, function, &runner.id, &self.parent.build_id, timeout);
-                match reply {
-                    Reply::Value(bytes) => return Ok((bytes, slot)),
-                    Reply::Failed(e) => return Err(e),
-                    Reply::Draining => self.set_draining(&runner.id),
-                }
-            }
-            // Placed again: nothing ran there.
-            if let Some(streams) = streams {
-                runner.streams.unfollow(streams);
-            }
-            drop(slot);
         }
+        // Placed again: nothing ran there.
+        if let Some(streams) = streams {
+            runner.streams.unfollow(streams);
+        }
+        drop(slot);
     }
+}
 
-    fn set_draining(&self, runner: &RunnerId) {
-        self.state.lock().unwrap().model.drain(runner);
-    }
+/// The runner turned the call away: place nothing more on it.
+fn set_draining(pool: &PoolInner, runner: &RunnerId) {
+    pool.state.lock().unwrap().model.drain(runner);
 }

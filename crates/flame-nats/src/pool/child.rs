@@ -12,7 +12,7 @@ use flame_core::{Error, RemoteFn};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, Span};
 
-use super::call::{call_span, decode_result, encode_args, record_outcome, Kind};
+use super::call::{call_span, decode_result, encode_args, record_outcome, run, Kind};
 use super::Pool;
 
 /// A child's time limit when none is given: about ten years.
@@ -132,50 +132,41 @@ impl<R> Drop for Child<R> {
     }
 }
 
-impl Pool {
-    /// Starts `F` as a child on a runner of this pool and returns at once.
-    /// Pass it the ends of [`flame_core::channel`]s to talk with it: a
-    /// `Stream` to read your messages, a `Sender` to send its own.
-    ///
-    /// Usually written `flame::place_child!(pool, function(args..))`.
-    pub fn place_child<F: RemoteFn>(&self, args: F::Args) -> Result<Child<F::Output>, Error> {
-        self.place_child_with::<F>(args, ChildOptions::default())
+/// Starts `F` as a child through `pool`: see
+/// [`Pool::place_child_with`].
+pub(super) fn place<F: RemoteFn>(
+    pool: &Pool,
+    args: F::Args,
+    options: ChildOptions,
+) -> Result<Child<F::Output>, Error> {
+    let inner = &pool.inner;
+    if inner.closed.is_cancelled() {
+        return Err(Error::PoolClosed(inner.config.name.clone()));
     }
-
-    /// [`Pool::place_child`] with options.
-    pub fn place_child_with<F: RemoteFn>(
-        &self,
-        args: F::Args,
-        options: ChildOptions,
-    ) -> Result<Child<F::Output>, Error> {
-        if self.inner.closed.is_cancelled() {
-            return Err(Error::PoolClosed(self.inner.config.name.clone()));
+    let streams: Arc<dyn StreamTransport> = inner.parent.streams.clone();
+    // Encoded now, so that its channels are set up before this returns.
+    let payload = encode_args::<F>(&streams, &args, &inner.parent.build_id)?;
+    drop(streams);
+    let timeout = options.timeout.unwrap_or(NO_LIMIT);
+    let (span, trace) = call_span(&inner.config.name, F::NAME, "child");
+    let inner = inner.clone();
+    // The pool handle lives as long as the child: a child keeps its
+    // pool (and runner) up.
+    let pool = pool.clone();
+    let task = tokio::spawn(
+        async move {
+            let _pool = pool;
+            let kind = Kind::Call { link: true };
+            let hub = inner.parent.streams.clone();
+            let ran = run(inner, F::NAME, payload, timeout, kind, trace).await;
+            let result = ran.and_then(|(bytes, slot)| decode_result::<F>(&hub, &bytes, slot));
+            record_outcome(&Span::current(), result.as_ref().err());
+            result
         }
-        let streams: Arc<dyn StreamTransport> = self.inner.parent.streams.clone();
-        // Encoded now, so that its channels are set up before this returns.
-        let payload = encode_args::<F>(&streams, &args, &self.inner.parent.build_id)?;
-        drop(streams);
-        let timeout = options.timeout.unwrap_or(NO_LIMIT);
-        let inner = self.inner.clone();
-        // The pool handle lives as long as the child: a child keeps its
-        // pool (and runner) up.
-        let pool = self.clone();
-        let (span, trace) = call_span(&self.inner.config.name, F::NAME, "child");
-        let task = tokio::spawn(
-            async move {
-                let _pool = pool;
-                let kind = Kind::Call { link: true };
-                let hub = inner.parent.streams.clone();
-                let ran = inner.run(F::NAME, payload, timeout, kind, trace).await;
-                let result = ran.and_then(|(bytes, slot)| decode_result::<F>(&hub, &bytes, slot));
-                record_outcome(&Span::current(), result.as_ref().err());
-                result
-            }
-            .instrument(span),
-        );
-        Ok(Child {
-            task: Some(task),
-            link: options.link,
-        })
-    }
+        .instrument(span),
+    );
+    Ok(Child {
+        task: Some(task),
+        link: options.link,
+    })
 }

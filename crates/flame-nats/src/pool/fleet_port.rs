@@ -67,13 +67,15 @@ impl PoolPort for PoolInner {
                 // their deadline comes.
                 let mut failed = Vec::new();
                 if st.model.count(RunnerState::Ready) == 0 {
-                    st.last_boot_error = Some(Error::BootFailed {
+                    let e = Error::BootFailed {
                         pool: self.config.name.clone(),
                         reason: words.clone(),
                         source: None,
-                    });
-                    if lease.boot_failure_permanent {
-                        st.retry.failed(true, self.config.boot_cooldown);
+                    };
+                    let permanent = lease.boot_failure_permanent;
+                    st.boot
+                        .failed_in_fleet(e, permanent, self.config.boot_cooldown);
+                    if permanent {
                         // (Its own entry, still booting, goes with the lease.)
                         let others_coming = st.model.count(RunnerState::Booting)
                             > usize::from(st.runners.contains_key(&id));
@@ -98,7 +100,7 @@ impl PoolPort for PoolInner {
                         &id,
                         None,
                         None,
-                        self.booter.shared_call_key().cloned(),
+                        self.boots.booter.shared_call_key().cloned(),
                     ),
                 );
             }
@@ -120,7 +122,7 @@ impl PoolPort for PoolInner {
             match lease.state {
                 LeaseState::Booting => Vec::new(),
                 LeaseState::Ready => {
-                    st.last_boot_error = None;
+                    st.boot.last_error = None;
                     st.model
                         .runner_ready(&id)
                         .unwrap_or_default()

@@ -1,6 +1,8 @@
 //! What a pool tells operators: the events of its runners (private pools;
 //! a shared pool's runner events come from its scaler, see
 //! `fleet::mirror`), its limits, and its answer to `flame.pools.info`.
+//! The pool's part for this is [`Announcer`]; the answer, which needs the
+//! whole pool, is [`answer`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,28 +11,60 @@ use futures::StreamExt;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::model::{PoolModel, RunnerId, RunnerState};
+use super::model::{PoolModel, RunnerId};
 use super::runners::RunnerEntry;
 use super::{PoolInner, State};
-use crate::announce::{Counts, Outgoing};
-use crate::protocol::pool_events::{EventKind, PoolInfo, Reason};
+use crate::announce::{Counts, Outgoing, PoolAnnouncer};
+use crate::protocol::pool_events::{format_time, EventKind, PoolInfo};
 
 /// How long a runner stays idle before `runner_idle` says so: a runner
 /// between two calls of a steady caller is not announced idle and busy
 /// again for every call (that would cost a published event per call).
 pub(super) const IDLE_QUIET: Duration = Duration::from_millis(200);
 
+/// The part of a pool that tells operators about it: publishes its events
+/// and says, in `flame.pools.info`, since when it runs.
+#[derive(Debug)]
+pub(super) struct Announcer {
+    events: PoolAnnouncer,
+    /// Whether this parent publishes its runners' events: a private
+    /// pool's does; a shared pool's scaler publishes them from the bucket.
+    runner_events: bool,
+    /// When the pool started (RFC 3339), for `flame.pools.info`.
+    started: String,
+}
+
 /// This parent's calls on `id` now.
 fn load_on(model: &PoolModel, id: &RunnerId) -> usize {
     model.runner(id).map_or(0, |(_, load)| load)
 }
 
-impl PoolInner {
+impl Announcer {
+    /// Publishing through `events`; `runner_events` for a private pool.
+    pub(super) fn new(events: PoolAnnouncer, runner_events: bool) -> Announcer {
+        Announcer {
+            events,
+            runner_events,
+            started: format_time(std::time::SystemTime::now()),
+        }
+    }
+
+    /// Publishes an event of the pool (not of one of its runners).
+    pub(super) fn send(&self, event: Outgoing) {
+        self.events.send(event);
+    }
+
+    /// Where this parent publishes its runners' events: a private pool's;
+    /// `None` for a shared pool's (see [`Announcer::announce`]).
+    pub(super) fn runner_events(&self) -> Option<PoolAnnouncer> {
+        self.runner_events.then(|| self.events.clone())
+    }
+
     /// Publishes a runner event of a private pool, with the pool's numbers
     /// after the change. Shared pools publish nothing here: their scaler
     /// does, from the bucket, so that parents do not each publish the same.
     pub(super) fn announce(&self, st: &State, event: impl FnOnce(Counts) -> Outgoing) {
-        if self.fleet.is_none() {
+        if self.runner_events {
             self.events.send(event(st.model.counts()));
         }
     }
@@ -38,9 +72,9 @@ impl PoolInner {
     /// A call was placed on `id`: `runner_busy`, unless the runner is
     /// busy as far as the last events said (it was idle for less than
     /// [`IDLE_QUIET`]: events follow the pool's state, not every call; a
-    /// changed load is told by [`PoolInner::announce_idle`]).
+    /// changed load is told by [`Announcer::announce_idle`]).
     pub(super) fn busy_if_first(&self, st: &mut State, id: &RunnerId) {
-        if self.fleet.is_some() {
+        if !self.runner_events {
             return;
         }
         let Some(entry) = st.runners.get_mut(id) else {
@@ -56,9 +90,9 @@ impl PoolInner {
 
     /// A call on `id` ended: if it was the last, the runner's idleness
     /// starts, which `runner_idle` announces once it lasted [`IDLE_QUIET`]
-    /// (see [`PoolInner::announce_idle`]).
+    /// (see [`Announcer::announce_idle`]).
     pub(super) fn idle_if_last(&self, st: &mut State, id: &RunnerId) {
-        if self.fleet.is_some() || st.model.runner(id).is_none_or(|(_, load)| load != 0) {
+        if !self.runner_events || st.model.runner(id).is_none_or(|(_, load)| load != 0) {
             return;
         }
         if let Some(entry) = st
@@ -122,85 +156,55 @@ impl PoolInner {
                 .runner_load(0),
         );
     }
+}
 
-    /// Why a runner that stops on its own stops, when the parent did not
-    /// decide it.
-    pub(super) fn own_stop_reason(&self) -> Reason {
-        if self.config.single_use {
-            Reason::SingleUse
-        } else {
-            Reason::Stopped
+/// The pool as this parent sees it, for `flame.pools.info`.
+fn info(pool: &PoolInner) -> PoolInfo {
+    let (counts, (min, max)) = {
+        let st = pool.state.lock().unwrap();
+        (st.model.counts(), st.model.limits())
+    };
+    // (The fleet's lock is never taken under the pool's.)
+    let (counts, scaler) = match &pool.fleet {
+        Some(fleet) => {
+            let fleet_counts = fleet.counts();
+            (
+                Counts {
+                    waiting: counts.waiting,
+                    ..fleet_counts
+                },
+                fleet.is_scaler(),
+            )
         }
-    }
-
-    /// The pool as this parent sees it, for `flame.pools.info`.
-    pub(super) fn info(&self) -> PoolInfo {
-        let (counts, (min, max)) = {
-            let st = self.state.lock().unwrap();
-            (st.model.counts(), st.model.limits())
-        };
-        // (The fleet's lock is never taken under the pool's.)
-        let (counts, scaler) = match &self.fleet {
-            Some(fleet) => {
-                let fleet_counts = fleet.counts();
-                (
-                    Counts {
-                        waiting: counts.waiting,
-                        ..fleet_counts
-                    },
-                    fleet.is_scaler(),
-                )
-            }
-            None => (counts, false),
-        };
-        PoolInfo {
-            pool: self.config.name.clone(),
-            parent: self.parent.parent_id.clone(),
-            build: self.parent.build_id.to_string(),
-            shared: self.config.shared,
-            min,
-            max,
-            max_concurrency: self.config.max_concurrency,
-            runners: counts.runners,
-            ready: counts.ready,
-            load: counts.load,
-            waiting: counts.waiting,
-            scaler,
-            started: self.started.clone(),
-        }
-    }
-
-    /// Answers `flame.pools.info` until the pool closes.
-    pub(super) async fn answer_info(self: Arc<Self>, mut requests: async_nats::Subscriber) {
-        while let Some(Some(msg)) = self.closed.run_until_cancelled(requests.next()).await {
-            let Some(reply) = msg.reply else {
-                continue;
-            };
-            let body = serde_json::to_vec(&self.info()).unwrap_or_default();
-            if let Err(e) = self.parent.client.publish(reply, body.into()).await {
-                debug!("cannot answer a pools info request: {e}");
-            }
-        }
-        let _ = requests.unsubscribe().await;
-    }
-
-    /// The numbers of the pool after a change, for events published
-    /// outside the pool's lock (a shared pool's come from its bucket).
-    pub(super) fn counts_now(&self) -> Counts {
-        match &self.fleet {
-            Some(fleet) => fleet.counts(),
-            None => self.state.lock().unwrap().model.counts(),
-        }
+        None => (counts, false),
+    };
+    PoolInfo {
+        pool: pool.config.name.clone(),
+        parent: pool.parent.parent_id.clone(),
+        build: pool.parent.build_id.to_string(),
+        shared: pool.config.shared,
+        min,
+        max,
+        max_concurrency: pool.config.max_concurrency,
+        runners: counts.runners,
+        ready: counts.ready,
+        load: counts.load,
+        waiting: counts.waiting,
+        scaler,
+        started: pool.announcer.started.clone(),
     }
 }
 
-impl State {
-    /// True for runners that served (ready or draining): their end is a
-    /// `runner_gone`; a booting runner's is a failed boot.
-    pub(super) fn served(&self, id: &RunnerId) -> bool {
-        matches!(
-            self.model.runner(id),
-            Some((RunnerState::Ready | RunnerState::Draining, _))
-        )
+/// Answers `flame.pools.info` until the pool closes.
+pub(super) async fn answer(pool: Arc<PoolInner>, mut requests: async_nats::Subscriber) {
+    while let Some(Some(msg)) = pool.closed.run_until_cancelled(requests.next()).await {
+        let Some(reply) = msg.reply else {
+            continue;
+        };
+        let body = serde_json::to_vec(&info(&pool)).unwrap_or_default();
+        if let Err(e) = pool.parent.client.publish(reply, body.into()).await {
+            debug!("cannot answer a pools info request: {e}");
+        }
     }
+    let _ = requests.unsubscribe().await;
 }

@@ -10,43 +10,41 @@ use super::model::RunnerId;
 use super::PoolInner;
 use crate::protocol::logs::{LogBatch, LogLine, HEADER_PROOF};
 
-impl PoolInner {
-    /// Logs the lines of a batch, if its runner signed it and it is new.
-    pub(super) fn runner_logs(&self, msg: &async_nats::Message) {
-        let Ok(batch) = serde_json::from_slice::<LogBatch>(&msg.payload) else {
-            debug!(pool = %self.config.name, "ignoring log lines that are not a flame batch");
+/// Logs the lines of a batch, if its runner signed it and it is new.
+pub(super) fn forward(pool: &PoolInner, msg: &async_nats::Message) {
+    let Ok(batch) = serde_json::from_slice::<LogBatch>(&msg.payload) else {
+        debug!(pool = %pool.config.name, "ignoring log lines that are not a flame batch");
+        return;
+    };
+    let proof = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(HEADER_PROOF))
+        .map(|v| v.as_str().to_string())
+        .unwrap_or_default();
+    let id: RunnerId = Arc::from(batch.runner.as_str());
+    {
+        let mut st = pool.state.lock().unwrap();
+        let Some(entry) = st.runners.get_mut(&id) else {
+            debug!(pool = %pool.config.name, runner = %id, "ignoring log lines of an unknown runner");
             return;
         };
-        let proof = msg
-            .headers
+        let signed = entry
+            .key
             .as_ref()
-            .and_then(|h| h.get(HEADER_PROOF))
-            .map(|v| v.as_str().to_string())
-            .unwrap_or_default();
-        let id: RunnerId = Arc::from(batch.runner.as_str());
-        {
-            let mut st = self.state.lock().unwrap();
-            let Some(entry) = st.runners.get_mut(&id) else {
-                debug!(pool = %self.config.name, runner = %id, "ignoring log lines of an unknown runner");
-                return;
-            };
-            let signed = entry
-                .key
-                .as_ref()
-                .is_some_and(|key| key.verify_logs(&msg.payload, &proof));
-            if !signed || batch.seq <= entry.log_seq {
-                debug!(pool = %self.config.name, runner = %id, "ignoring log lines not signed by the runner, or replayed");
-                return;
-            }
-            entry.log_seq = batch.seq;
+            .is_some_and(|key| key.verify_logs(&msg.payload, &proof));
+        if !signed || batch.seq <= entry.log_seq {
+            debug!(pool = %pool.config.name, runner = %id, "ignoring log lines not signed by the runner, or replayed");
+            return;
         }
-        let pool = self.config.name.as_str();
-        if batch.dropped > 0 {
-            tracing::warn!(target: "flame::runner", pool, runner = %id, "runner dropped {} log lines (too many to send)", batch.dropped);
-        }
-        for line in &batch.lines {
-            emit(pool, &id, line);
-        }
+        entry.log_seq = batch.seq;
+    }
+    let pool = pool.config.name.as_str();
+    if batch.dropped > 0 {
+        tracing::warn!(target: "flame::runner", pool, runner = %id, "runner dropped {} log lines (too many to send)", batch.dropped);
+    }
+    for line in &batch.lines {
+        emit(pool, &id, line);
     }
 }
 

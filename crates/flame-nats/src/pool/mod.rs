@@ -1,6 +1,19 @@
 //! The parent side of a pool: places calls on runners, boots runners
 //! through the backend, and listens to what runners report.
 //!
+//! [`Pool`] is the handle apps hold; its methods are all in [`handle`],
+//! each handing the work to the module that does it. [`PoolInner`] is the
+//! state of one pool, shared by its handles and tasks: its settings, what
+//! is under its lock ([`State`]: the placement model, the runners, the
+//! queued callers, the boot gate), and parts that own their state and
+//! methods: `booting::Boots`, `info::Announcer` and `reports::Listener`.
+//! What needs the whole pool is a function of the module that does it,
+//! taking the pool (`booting::grow(&pool)`, `slot::checkout(&pool, ..)`);
+//! the few transitions every module needs (closing, a runner gone) are
+//! here.
+//!
+//! - [`handle`]: `Pool`'s methods, the public API, and what `status` and
+//!   `runners` return;
 //! - [`builder`]: `PoolBuilder`, the settings and `start`;
 //! - [`model`]: the placement rules, pure state without I/O;
 //! - [`call`]: one call or cast, from encoding to reply;
@@ -9,14 +22,18 @@
 //! - [`link`]: the parent's line to one runner (subjects, keys, streams)
 //!   and its outbox, which coalesces calls;
 //! - [`child`]: long-lived children placed on runners;
-//! - `map`: many calls of one function, with bounded work in flight;
-//! - [`booting`]: booting a private pool's runners, and its limits;
-//! - [`runners`]: the runners as the parent sees them (ready, gone,
+//! - [`map`]: many calls of one function, with bounded work in flight;
+//! - [`booting`]: booting a private pool's runners (`Boots`, the
+//!   `BootGate`), and its limits;
+//! - [`runners`]: the runners as the parent sees them (`RunnerEntry`,
 //!   heartbeats);
 //! - [`fleet_port`]: what a shared pool's fleet tells the pool;
-//! - [`reports`]: answering the reports runners of a private pool send;
+//! - [`reports`]: answering the reports runners of a private pool send
+//!   (`Listener`);
+//! - [`logs`]: logging the lines runners forward;
 //! - [`orphans`]: terminating runners that dead parents left behind;
-//! - [`info`]: pool events for operators, and `flame.pools.info`.
+//! - [`info`]: pool events for operators (`Announcer`), and
+//!   `flame.pools.info`.
 //!
 //! The lock is never held across an await, and slots handed to waiting
 //! callers are delivered after it is released (a dropped slot checks itself
@@ -27,6 +44,7 @@ pub(crate) mod builder;
 pub(crate) mod call;
 pub(crate) mod child;
 mod fleet_port;
+mod handle;
 pub(crate) mod info;
 mod link;
 mod logs;
@@ -41,19 +59,19 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flame_core::Error;
 use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{info, warn};
 
 use futures::future::BoxFuture;
 
 use crate::announce::{Counts, Outgoing};
-use crate::boot::{Booter, RetryGate};
-use crate::config::{validate_limits, PoolConfig};
+use crate::boot::Booter;
+use crate::config::PoolConfig;
 use crate::fleet::Fleet;
 use crate::parent::ParentContext;
-use crate::protocol::pool_events::{EventKind, Reason};
+use crate::protocol::pool_events::{gone_reason, EventKind, Reason};
+pub use handle::{PoolStatus, RunnerInfo};
 use model::{PoolModel, RunnerId, RunnerState, WaiterId};
 use runners::RunnerEntry;
 
@@ -80,10 +98,10 @@ impl Drop for Owner {
             Ok(rt) => {
                 rt.spawn(async move {
                     futures::future::join_all(stopping).await;
-                    inner.listening.cancel();
+                    inner.listener.stop();
                 });
             }
-            Err(_) => inner.listening.cancel(),
+            Err(_) => inner.listener.stop(),
         }
     }
 }
@@ -93,40 +111,71 @@ impl Drop for Owner {
 pub(crate) struct PoolInner {
     config: PoolConfig,
     parent: Arc<ParentContext>,
-    booter: Arc<Booter>,
     /// Set for shared pools: the KV-coordinated part.
     fleet: Option<Arc<Fleet>>,
     state: Mutex<State>,
     /// Cancelled when the pool closes: no new calls or boots.
     closed: CancellationToken,
-    /// Cancelled once the runners are stopped: the event listener keeps
-    /// answering until then, so that no runner waits on an unanswered
-    /// `stopping`.
-    listening: CancellationToken,
     /// Woken when a runner becomes ready or fails to boot.
     changed: Notify,
-    /// Publishes the pool's events.
-    events: crate::announce::PoolAnnouncer,
-    /// When the pool started (RFC 3339), for `flame.pools.info`.
-    started: String,
-    /// Boots under way (private pools): closing waits for them, since a
-    /// boot the pool no longer wants still has a runner to stop when the
-    /// backend's part returns.
-    boots: tokio_util::task::TaskTracker,
+    /// Boots runners through the backend, and keeps the boots under way.
+    boots: booting::Boots,
+    /// Publishes the pool's events, and says when it started.
+    announcer: info::Announcer,
+    /// Answers the runners' reports until they are stopped.
+    listener: reports::Listener,
 }
 
+/// What the pool's lock guards.
 #[derive(Debug)]
 struct State {
     model: PoolModel,
     runners: HashMap<RunnerId, RunnerEntry>,
     waiters: HashMap<WaiterId, oneshot::Sender<slot::Slot>>,
     next_waiter: WaiterId,
-    last_boot_error: Option<Error>,
-    retry: RetryGate,
+    /// Whether a boot may start now, and why the last one failed.
+    boot: booting::BootGate,
     closed: bool,
 }
 
 impl PoolInner {
+    /// A pool not yet started: no runner, nobody waiting.
+    fn new(
+        config: PoolConfig,
+        parent: Arc<ParentContext>,
+        booter: Arc<Booter>,
+        fleet: Option<Arc<Fleet>>,
+        closed: CancellationToken,
+    ) -> PoolInner {
+        let mut model = PoolModel::new(config.min, config.max, config.max_concurrency)
+            .hot_start(config.hot_start_percent);
+        if config.single_use {
+            model = model.single_use();
+        }
+        PoolInner {
+            state: Mutex::new(State {
+                model,
+                runners: HashMap::new(),
+                waiters: HashMap::new(),
+                next_waiter: 0,
+                boot: booting::BootGate::default(),
+                closed: false,
+            }),
+            boots: booting::Boots::new(booter),
+            // A shared pool's runner events come from its scaler.
+            announcer: info::Announcer::new(
+                parent.announcer.for_pool(&config.name),
+                fleet.is_none(),
+            ),
+            listener: reports::Listener::default(),
+            fleet,
+            closed,
+            changed: Notify::new(),
+            parent,
+            config,
+        }
+    }
+
     /// Closes the pool, stops every runner (each drains up to `grace`) and
     /// waits for boots under way, whose runners are stopped as their boot
     /// returns.
@@ -136,15 +185,11 @@ impl PoolInner {
             fleet.left().await;
         }
         futures::future::join_all(stopping).await;
-        self.boots.close();
         let bound = self.config.boot_timeout + crate::boot::BOOT_CLEANUP_MARGIN;
-        if tokio::time::timeout(bound, self.boots.wait())
-            .await
-            .is_err()
-        {
+        if !self.boots.finish(bound).await {
             warn!(pool = %self.config.name, "boots still under way after {bound:?}; not waiting any longer");
         }
-        self.listening.cancel();
+        self.listener.stop();
     }
 
     /// Closes the pool: fails queued callers and asks every runner to stop.
@@ -165,7 +210,7 @@ impl PoolInner {
         drop(waiters);
         // Private pools announce their runners' end; a shared pool's last
         // parent out does (see `Fleet::leave`).
-        let events = self.fleet.is_none().then(|| self.events.clone());
+        let events = self.announcer.runner_events();
         entries
             .into_iter()
             .map(|(id, entry)| {
@@ -197,102 +242,121 @@ impl PoolInner {
             })
             .collect()
     }
-}
 
-/// How many runners a pool has, by state, and how many callers wait.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct PoolStatus {
-    /// Being booted.
-    pub booting: usize,
-    /// Taking calls.
-    pub ready: usize,
-    /// Stopping.
-    pub draining: usize,
-    /// Callers waiting for a slot.
-    pub waiting: usize,
-}
-
-/// One runner of a pool, as [`Pool::runners`] reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct RunnerInfo {
-    /// The runner's id (the last token of its subject).
-    pub id: String,
-    /// Booting, ready or draining.
-    pub state: RunnerState,
-    /// This parent's calls running there now.
-    pub load: usize,
-    /// How the backend knows it (`pid 4242`, a Fly Machine id); `None`
-    /// until the backend has started it, and for runners another parent of
-    /// a shared pool booted.
-    pub handle: Option<String>,
-}
-
-impl Pool {
-    /// The pool's settings.
-    pub fn config(&self) -> &PoolConfig {
-        &self.inner.config
-    }
-
-    /// Changes `min` and `max` of the live pool. Raising `min` boots runners
-    /// now; lowering `max` below the runners up retires the surplus, idle
-    /// ones first (each finishes its in-flight work first). In a shared pool
-    /// the scaler's limits count, and it retires idle runners only.
-    pub fn set_limits(&self, min: usize, max: usize) -> Result<(), Error> {
-        validate_limits(&self.inner.config.name, min, max)?;
-        self.inner.clone().set_limits(min, max);
-        Ok(())
-    }
-
-    /// The current `min` and `max`.
-    pub fn limits(&self) -> (usize, usize) {
-        self.inner.limits()
-    }
-
-    /// A snapshot of the pool as this parent sees it.
-    pub fn status(&self) -> PoolStatus {
-        let st = self.inner.state.lock().unwrap();
-        PoolStatus {
-            booting: st.model.count(RunnerState::Booting),
-            ready: st.model.count(RunnerState::Ready),
-            draining: st.model.count(RunnerState::Draining),
-            waiting: st.model.waiting(),
+    /// A runner is gone (its process exited): calls on it fail now, and the
+    /// model may boot a replacement.
+    pub(super) fn runner_gone(self: &Arc<Self>, id: &RunnerId, reason: String) {
+        let (entry, state, runners) = {
+            let mut st = self.state.lock().unwrap();
+            let served = st.served(id);
+            if served {
+                self.announcer.settle_idle(&mut st, id);
+            }
+            let state = st.model.remove(id);
+            let entry = st.runners.remove(id);
+            if state == Some(RunnerState::Ready) {
+                info!(pool = %self.config.name, runner = %id, "runner gone: {reason}");
+            }
+            if served {
+                let cause = entry.as_ref().and_then(|e| e.drain_cause);
+                let why = gone_reason(&reason, cause.or(Some(self.own_stop_reason())));
+                self.announcer.announce(&st, |c| {
+                    Outgoing::new(EventKind::RunnerGone, c)
+                        .runner(id.clone())
+                        .reason(why)
+                        .detail(reason.clone())
+                });
+            }
+            let runners = st.model.len();
+            // A private pool's runner that ends while booting is a failed
+            // boot, which its boot task reports and paces (booting again
+            // here would boot twice for one slot).
+            if state != Some(RunnerState::Booting) || self.fleet.is_some() {
+                booting::grow_locked(self, &mut st);
+            }
+            (entry, state, runners)
+        };
+        if let Some(entry) = entry {
+            entry.link.fail(&self.parent.replies, reason.clone());
+        }
+        if matches!(state, Some(RunnerState::Ready | RunnerState::Draining)) {
+            self.boots.booter.shrink(runners, reason);
         }
     }
 
-    /// The pool's runners as this parent sees them, sorted by id.
-    pub fn runners(&self) -> Vec<RunnerInfo> {
-        let st = self.inner.state.lock().unwrap();
-        let mut runners: Vec<RunnerInfo> = st
-            .runners
-            .iter()
-            .filter_map(|(id, entry)| {
-                let (state, load) = st.model.runner(id)?;
-                Some(RunnerInfo {
-                    id: id.to_string(),
-                    state,
-                    load,
-                    handle: entry.handle.clone(),
-                })
-            })
-            .collect();
-        runners.sort_by(|a, b| a.id.cmp(&b.id));
-        runners
+    /// Current `min` and `max`.
+    pub(super) fn limits(&self) -> (usize, usize) {
+        self.state.lock().unwrap().model.limits()
     }
 
-    /// Stops every runner (each drains up to the shutdown timeout) and fails
-    /// queued callers. Later calls fail with [`Error::PoolClosed`].
-    ///
-    /// In a shared pool this parent leaves it: the runners it booted go on
-    /// serving the other parents, or are retired if it was the last.
-    ///
-    /// Boots still under way are waited for (each is bounded by the boot
-    /// timeout), and what they started is stopped too: nothing this parent
-    /// booted runs on after `shutdown` returns.
-    pub async fn shutdown(&self) {
-        self.inner
-            .shut_down(self.inner.config.shutdown_timeout)
-            .await;
+    /// The numbers of the pool after a change, for events published
+    /// outside the pool's lock (a shared pool's come from its bucket).
+    pub(super) fn counts_now(&self) -> Counts {
+        match &self.fleet {
+            Some(fleet) => fleet.counts(),
+            None => self.state.lock().unwrap().model.counts(),
+        }
+    }
+
+    /// Why a runner that stops on its own stops, when the parent did not
+    /// decide it.
+    pub(super) fn own_stop_reason(&self) -> Reason {
+        if self.config.single_use {
+            Reason::SingleUse
+        } else {
+            Reason::Stopped
+        }
+    }
+}
+
+impl State {
+    /// True for runners that served (ready or draining): their end is a
+    /// `runner_gone`; a booting runner's is a failed boot.
+    fn served(&self, id: &RunnerId) -> bool {
+        matches!(
+            self.model.runner(id),
+            Some((RunnerState::Ready | RunnerState::Draining, _))
+        )
+    }
+
+    /// True when no runner is ready or booting: nobody could serve a
+    /// caller waiting for a runner.
+    fn no_runner_coming(&self) -> bool {
+        self.model.count(RunnerState::Ready) == 0 && self.model.count(RunnerState::Booting) == 0
+    }
+
+    /// Takes every caller waiting for a runner off the queue. Dropping what
+    /// this returns (after the lock is released) wakes them; they find the
+    /// reason in the boot gate's `last_error`.
+    fn fail_waiters(&mut self) -> Vec<oneshot::Sender<slot::Slot>> {
+        let ids: Vec<_> = self.waiters.keys().copied().collect();
+        for id in ids {
+            self.model.cancel(id);
+        }
+        self.waiters.drain().map(|(_, tx)| tx).collect()
+    }
+
+    /// The runner said it is stopping: place nothing new on it, and give
+    /// its last replies a moment when its exit is seen.
+    fn stopping(&mut self, id: &RunnerId) {
+        self.model.drain(id);
+        if let Some(entry) = self.runners.get(id) {
+            entry
+                .link
+                .stopping
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// The slot a queued caller was handed, with where to send it.
+    fn slot_for(
+        &mut self,
+        pool: &Arc<PoolInner>,
+        waiter: WaiterId,
+        runner: &RunnerId,
+    ) -> Option<slot::Handoff> {
+        let tx = self.waiters.remove(&waiter)?;
+        let link = self.runners.get(runner)?.link.clone();
+        Some((tx, slot::Slot::new(pool.clone(), link)))
     }
 }

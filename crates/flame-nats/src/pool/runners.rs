@@ -1,20 +1,19 @@
-//! The runners of a pool as the parent sees them: booting, ready, gone,
-//! heartbeats, limits, and closing the pool.
+//! The runners of a pool as the parent sees them: what it keeps about
+//! each ([`RunnerEntry`]), and their heartbeats, which tell it when one is
+//! gone without a word.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use flame_core::backend::StopRunner;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::link::RunnerLink;
 use super::model::{RunnerId, RunnerState};
-use super::{PoolInner, State};
-use crate::announce::Outgoing;
-use crate::protocol::pool_events::{gone_reason, EventKind, Reason};
+use super::PoolInner;
+use crate::protocol::pool_events::Reason;
 use crate::protocol::reports::{ReplayWindow, ReportKey};
 use crate::protocol::sign::CallKey;
 
@@ -103,138 +102,68 @@ impl std::fmt::Debug for RunnerEntry {
     }
 }
 
-impl State {
-    /// True when no runner is ready or booting: nobody could serve a
-    /// caller waiting for a runner.
-    pub(super) fn no_runner_coming(&self) -> bool {
-        self.model.count(RunnerState::Ready) == 0 && self.model.count(RunnerState::Booting) == 0
-    }
-
-    /// Takes every caller waiting for a runner off the queue. Dropping what
-    /// this returns (after the lock is released) wakes them; they find the
-    /// reason in `last_boot_error`.
-    pub(super) fn fail_waiters(&mut self) -> Vec<oneshot::Sender<super::slot::Slot>> {
-        let ids: Vec<_> = self.waiters.keys().copied().collect();
-        for id in ids {
-            self.model.cancel(id);
+/// Counts a runner as down when it has not pinged for two heartbeat
+/// intervals: the fallback for backends that cannot see a runner exit
+/// (a remote machine). Such a runner is also stopped, in case it is only
+/// cut off. Silence counts only while this parent is connected: pings
+/// cannot reach a parent that is not, and after a reconnect every
+/// runner's clock starts again.
+pub(super) async fn watch_heartbeats(pool: Arc<PoolInner>) {
+    let heartbeat = pool.config.heartbeat;
+    let limit = heartbeat * 2;
+    let mut tick = tokio::time::interval(heartbeat / 4);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut disconnects = pool.parent.events.disconnects.clone();
+    loop {
+        tokio::select! {
+            _ = pool.closed.cancelled() => return,
+            _ = tick.tick() => {}
         }
-        self.waiters.drain().map(|(_, tx)| tx).collect()
-    }
-
-    /// The runner said it is stopping: place nothing new on it, and give
-    /// its last replies a moment when its exit is seen.
-    pub(super) fn stopping(&mut self, id: &RunnerId) {
-        self.model.drain(id);
-        if let Some(entry) = self.runners.get(id) {
-            entry.link.stopping.store(true, Ordering::SeqCst);
+        let reconnected = disconnects.has_changed().unwrap_or(false);
+        pool.announcer
+            .announce_idle(&mut pool.state.lock().unwrap());
+        if !pool.parent.connected() {
+            continue;
         }
-    }
-}
-
-impl PoolInner {
-    /// A runner is gone (its process exited): calls on it fail now, and the
-    /// model may boot a replacement.
-    pub(super) fn runner_gone(self: &Arc<Self>, id: &RunnerId, reason: String) {
-        let (entry, state, runners) = {
-            let mut st = self.state.lock().unwrap();
-            let served = st.served(id);
-            if served {
-                self.settle_idle(&mut st, id);
+        if reconnected {
+            disconnects.borrow_and_update();
+            // Runners reconnect on their own schedule: give each as long
+            // as it gives us (parent_grace) before counting it down.
+            let allowance = pool.config.parent_grace.saturating_sub(limit);
+            let mut st = pool.state.lock().unwrap();
+            for entry in st.runners.values_mut() {
+                entry.last_heard = Instant::now() + allowance;
             }
-            let state = st.model.remove(id);
-            let entry = st.runners.remove(id);
-            if state == Some(RunnerState::Ready) {
-                info!(pool = %self.config.name, runner = %id, "runner gone: {reason}");
-            }
-            if served {
-                let cause = entry.as_ref().and_then(|e| e.drain_cause);
-                let why = gone_reason(&reason, cause.or(Some(self.own_stop_reason())));
-                self.announce(&st, |c| {
-                    Outgoing::new(EventKind::RunnerGone, c)
-                        .runner(id.clone())
-                        .reason(why)
-                        .detail(reason.clone())
-                });
-            }
-            let runners = st.model.len();
-            // A private pool's runner that ends while booting is a failed
-            // boot, which its boot task reports and paces (booting again
-            // here would boot twice for one slot).
-            if state != Some(RunnerState::Booting) || self.fleet.is_some() {
-                self.boot_locked(&mut st);
-            }
-            (entry, state, runners)
+            debug!(pool = %pool.config.name, "reconnected to NATS; heartbeat clocks restarted");
+            continue;
+        }
+        let silent: Vec<(RunnerId, Duration, Option<Stopper>)> = {
+            let mut st = pool.state.lock().unwrap();
+            let ids: Vec<_> = st
+                .runners
+                .iter()
+                .filter(|(id, e)| {
+                    e.ready.is_none()
+                        && e.last_heard.elapsed() > limit
+                        && st
+                            .model
+                            .runner(id)
+                            .is_some_and(|(s, _)| s != RunnerState::Booting)
+                })
+                .map(|(id, e)| (id.clone(), e.last_heard.elapsed()))
+                .collect();
+            ids.into_iter()
+                .map(|(id, silent_for)| {
+                    let stopper = st.runners.get_mut(&id).and_then(|e| e.stopper.take());
+                    (id, silent_for, stopper)
+                })
+                .collect()
         };
-        if let Some(entry) = entry {
-            entry.link.fail(&self.parent.replies, reason.clone());
-        }
-        if matches!(state, Some(RunnerState::Ready | RunnerState::Draining)) {
-            self.booter.shrink(runners, reason);
-        }
-    }
-
-    /// Counts a runner as down when it has not pinged for two heartbeat
-    /// intervals: the fallback for backends that cannot see a runner exit
-    /// (a remote machine). Such a runner is also stopped, in case it is only
-    /// cut off. Silence counts only while this parent is connected: pings
-    /// cannot reach a parent that is not, and after a reconnect every
-    /// runner's clock starts again.
-    pub(super) async fn watch_heartbeats(self: Arc<Self>) {
-        let heartbeat = self.config.heartbeat;
-        let limit = heartbeat * 2;
-        let mut tick = tokio::time::interval(heartbeat / 4);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut disconnects = self.parent.events.disconnects.clone();
-        loop {
-            tokio::select! {
-                _ = self.closed.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let reconnected = disconnects.has_changed().unwrap_or(false);
-            self.announce_idle(&mut self.state.lock().unwrap());
-            if !self.parent.connected() {
-                continue;
-            }
-            if reconnected {
-                disconnects.borrow_and_update();
-                // Runners reconnect on their own schedule: give each as long
-                // as it gives us (parent_grace) before counting it down.
-                let allowance = self.config.parent_grace.saturating_sub(limit);
-                let mut st = self.state.lock().unwrap();
-                for entry in st.runners.values_mut() {
-                    entry.last_heard = Instant::now() + allowance;
-                }
-                debug!(pool = %self.config.name, "reconnected to NATS; heartbeat clocks restarted");
-                continue;
-            }
-            let silent: Vec<(RunnerId, Duration, Option<Stopper>)> = {
-                let mut st = self.state.lock().unwrap();
-                let ids: Vec<_> = st
-                    .runners
-                    .iter()
-                    .filter(|(id, e)| {
-                        e.ready.is_none()
-                            && e.last_heard.elapsed() > limit
-                            && st
-                                .model
-                                .runner(id)
-                                .is_some_and(|(s, _)| s != RunnerState::Booting)
-                    })
-                    .map(|(id, e)| (id.clone(), e.last_heard.elapsed()))
-                    .collect();
-                ids.into_iter()
-                    .map(|(id, silent_for)| {
-                        let stopper = st.runners.get_mut(&id).and_then(|e| e.stopper.take());
-                        (id, silent_for, stopper)
-                    })
-                    .collect()
-            };
-            for (id, silent_for, stopper) in silent {
-                warn!(pool = %self.config.name, runner = %id, "no heartbeat for {silent_for:?}; counting the runner as down");
-                self.runner_gone(&id, format!("no heartbeat for {silent_for:?}"));
-                if let Some(stopper) = stopper {
-                    tokio::spawn(stopper.stop(Duration::ZERO));
-                }
+        for (id, silent_for, stopper) in silent {
+            warn!(pool = %pool.config.name, runner = %id, "no heartbeat for {silent_for:?}; counting the runner as down");
+            pool.runner_gone(&id, format!("no heartbeat for {silent_for:?}"));
+            if let Some(stopper) = stopper {
+                tokio::spawn(stopper.stop(Duration::ZERO));
             }
         }
     }

@@ -12,8 +12,8 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::link::RunnerLink;
-use super::model::{Checkout, RunnerId, RunnerState, WaiterId};
-use super::{PoolInner, State};
+use super::model::{Checkout, RunnerState, WaiterId};
+use super::{booting, PoolInner};
 
 /// A slot on a runner. Dropping it gives the slot back.
 #[derive(Debug)]
@@ -30,10 +30,17 @@ impl Drop for Slot {
                 .model
                 .checkin(&self.runner.id)
                 .and_then(|(w, r)| st.slot_for(&self.pool, w, &r));
-            self.pool.idle_if_last(&mut st, &self.runner.id);
+            self.pool.announcer.idle_if_last(&mut st, &self.runner.id);
             handoff
         };
         deliver(handoff);
+    }
+}
+
+impl Slot {
+    /// A slot on `runner`, checked out of `pool`.
+    pub(super) fn new(pool: Arc<PoolInner>, runner: Arc<RunnerLink>) -> Slot {
+        Slot { pool, runner }
     }
 }
 
@@ -44,26 +51,6 @@ pub(super) type Handoff = (oneshot::Sender<Slot>, Slot);
 pub(super) fn deliver(handoffs: impl IntoIterator<Item = Handoff>) {
     for (tx, slot) in handoffs {
         let _ = tx.send(slot);
-    }
-}
-
-impl State {
-    /// The slot a queued caller was handed, with where to send it.
-    pub(super) fn slot_for(
-        &mut self,
-        pool: &Arc<PoolInner>,
-        waiter: WaiterId,
-        runner: &RunnerId,
-    ) -> Option<Handoff> {
-        let tx = self.waiters.remove(&waiter)?;
-        let link = self.runners.get(runner)?.link.clone();
-        Some((
-            tx,
-            Slot {
-                pool: pool.clone(),
-                runner: link,
-            },
-        ))
     }
 }
 
@@ -85,107 +72,105 @@ impl Drop for WaitGuard<'_> {
     }
 }
 
-impl PoolInner {
-    /// Waits for a slot until the deadline.
-    pub(super) async fn checkout(
-        self: &Arc<Self>,
-        deadline: Instant,
-        function: &str,
-        timeout: Duration,
-    ) -> Result<Slot, Error> {
-        let (mut rx, waiter) = {
-            let mut st = self.state.lock().unwrap();
-            if st.closed {
-                return Err(Error::PoolClosed(self.config.name.clone()));
-            }
-            let waiter = st.next_waiter;
-            st.next_waiter += 1;
-            match st.model.checkout(waiter) {
-                Checkout::Placed(id) => {
-                    if self.fleet.is_none() && st.model.boots_ahead() {
-                        // Hot start: this call may have made the pool
-                        // busy enough to boot ahead of demand.
-                        self.boot_locked(&mut st);
-                    }
-                    let link = st.runners[&id].link.clone();
-                    self.busy_if_first(&mut st, &id);
-                    return Ok(Slot {
-                        pool: self.clone(),
-                        runner: link,
-                    });
+/// Waits for a slot until the deadline.
+pub(super) async fn checkout(
+    pool: &Arc<PoolInner>,
+    deadline: Instant,
+    function: &str,
+    timeout: Duration,
+) -> Result<Slot, Error> {
+    let (mut rx, waiter) = {
+        let mut st = pool.state.lock().unwrap();
+        if st.closed {
+            return Err(Error::PoolClosed(pool.config.name.clone()));
+        }
+        let waiter = st.next_waiter;
+        st.next_waiter += 1;
+        match st.model.checkout(waiter) {
+            Checkout::Placed(id) => {
+                if pool.fleet.is_none() && st.model.boots_ahead() {
+                    // Hot start: this call may have made the pool
+                    // busy enough to boot ahead of demand.
+                    booting::grow_locked(pool, &mut st);
                 }
-                Checkout::Queued => {
-                    if st.retry.cooling_down() && st.no_runner_coming() {
-                        // A boot failed for good moments ago: booting again
-                        // now would fail the same way.
-                        if let Some(e) = st.last_boot_error.clone() {
-                            st.model.cancel(waiter);
-                            return Err(e);
-                        }
+                let link = st.runners[&id].link.clone();
+                pool.announcer.busy_if_first(&mut st, &id);
+                return Ok(Slot {
+                    pool: pool.clone(),
+                    runner: link,
+                });
+            }
+            Checkout::Queued => {
+                if st.boot.cooling_down() && st.no_runner_coming() {
+                    // A boot failed for good moments ago: booting again
+                    // now would fail the same way.
+                    if let Some(e) = st.boot.last_error.clone() {
+                        st.model.cancel(waiter);
+                        return Err(e);
                     }
-                    let (tx, rx) = oneshot::channel();
-                    st.waiters.insert(waiter, tx);
-                    self.boot_locked(&mut st);
-                    (rx, waiter)
                 }
+                let (tx, rx) = oneshot::channel();
+                st.waiters.insert(waiter, tx);
+                booting::grow_locked(pool, &mut st);
+                (rx, waiter)
             }
-        };
-        let mut guard = WaitGuard {
-            pool: self,
-            waiter,
-            armed: true,
-        };
-        // A shared pool whose bucket cannot be used (a refused permission,
-        // a JetStream not ready past the bound) boots no runner: its
-        // callers fail with the reason at once.
-        let troubled = async {
-            match &self.fleet {
-                Some(fleet) => fleet.troubled().await,
-                None => std::future::pending().await,
+        }
+    };
+    let mut guard = WaitGuard {
+        pool,
+        waiter,
+        armed: true,
+    };
+    // A shared pool whose bucket cannot be used (a refused permission,
+    // a JetStream not ready past the bound) boots no runner: its
+    // callers fail with the reason at once.
+    let troubled = async {
+        match &pool.fleet {
+            Some(fleet) => fleet.troubled().await,
+            None => std::future::pending().await,
+        }
+    };
+    let waited = tokio::select! {
+        biased;
+        waited = tokio::time::timeout_at(deadline, &mut rx) => waited,
+        e = troubled => {
+            drop(guard);
+            // A slot handed over just now goes back.
+            drop(rx.try_recv());
+            debug!(pool = %pool.config.name, "a waiting caller fails: {e}");
+            return Err(e);
+        }
+    };
+    match waited {
+        Ok(Ok(slot)) => {
+            guard.armed = false;
+            Ok(slot)
+        }
+        Ok(Err(_)) => {
+            guard.armed = false;
+            // Taken off the queue: the pool closed, or a boot failed for
+            // good with nobody left to serve this caller.
+            let st = pool.state.lock().unwrap();
+            match &st.boot.last_error {
+                Some(e) if !st.closed => Err(e.clone()),
+                _ => Err(Error::PoolClosed(pool.config.name.clone())),
             }
-        };
-        let waited = tokio::select! {
-            biased;
-            waited = tokio::time::timeout_at(deadline, &mut rx) => waited,
-            e = troubled => {
-                drop(guard);
-                // A slot handed over just now goes back.
-                drop(rx.try_recv());
-                debug!(pool = %self.config.name, "a waiting caller fails: {e}");
-                return Err(e);
-            }
-        };
-        match waited {
-            Ok(Ok(slot)) => {
-                guard.armed = false;
-                Ok(slot)
-            }
-            Ok(Err(_)) => {
-                guard.armed = false;
-                // Taken off the queue: the pool closed, or a boot failed for
-                // good with nobody left to serve this caller.
-                let st = self.state.lock().unwrap();
-                match &st.last_boot_error {
-                    Some(e) if !st.closed => Err(e.clone()),
-                    _ => Err(Error::PoolClosed(self.config.name.clone())),
-                }
-            }
-            Err(_) => {
-                drop(guard);
-                // A slot may have been handed over just as time ran out.
-                drop(rx.try_recv());
-                let st = self.state.lock().unwrap();
-                let no_runner = st.model.count(RunnerState::Ready) == 0;
-                let trouble = self.fleet.as_ref().and_then(|f| f.trouble());
-                match (trouble.as_ref().or(st.last_boot_error.as_ref()), no_runner) {
-                    (Some(e), true) => Err(e.clone()),
-                    _ => {
-                        debug!(pool = %self.config.name, "no runner had room before the deadline");
-                        Err(Error::Timeout {
-                            function: function.to_string(),
-                            timeout,
-                        })
-                    }
+        }
+        Err(_) => {
+            drop(guard);
+            // A slot may have been handed over just as time ran out.
+            drop(rx.try_recv());
+            let st = pool.state.lock().unwrap();
+            let no_runner = st.model.count(RunnerState::Ready) == 0;
+            let trouble = pool.fleet.as_ref().and_then(|f| f.trouble());
+            match (trouble.as_ref().or(st.boot.last_error.as_ref()), no_runner) {
+                (Some(e), true) => Err(e.clone()),
+                _ => {
+                    debug!(pool = %pool.config.name, "no runner had room before the deadline");
+                    Err(Error::Timeout {
+                        function: function.to_string(),
+                        timeout,
+                    })
                 }
             }
         }
