@@ -1,5 +1,11 @@
 //! This parent's mirror of the pool's bucket: a watch that applies every
 //! change, resumed from the last revision after a reconnect.
+//!
+//! [`FleetState`] is the mirror itself (the bucket as last seen, and this
+//! parent's part in it), behind the fleet's one lock so that the scaler's
+//! round judges one consistent view; it owns its queries. Following the
+//! watch needs the whole [`Fleet`] (its bucket, its pool, its events): the
+//! functions [`first_read`] and [`watch`] take it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -169,303 +175,301 @@ impl<T> Seen<T> {
 /// How long a pool's start waits for its watch of the bucket.
 const WATCH_START_LIMIT: Duration = Duration::from_secs(10);
 
-impl Fleet {
-    /// Reads the bucket once, so the first calls see the runners that are
-    /// already up; returns the watch to follow it with.
-    pub(super) async fn first_read(&self, port: &Arc<dyn PoolPort>) -> Result<Watch, Error> {
-        // (Bounded: creating the watch's consumer can hang while the
-        // bucket's stream has no leader.)
-        let mut watch = tokio::time::timeout(WATCH_START_LIMIT, self.store.watch_with_history(">"))
-            .await
-            .map_err(|_| {
-                Error::nats(
-                    "cannot watch the pool's bucket",
-                    format!("no answer within {WATCH_START_LIMIT:?}"),
-                )
-            })?
-            .map_err(|e| Error::nats("cannot watch the pool's bucket", e))?;
-        let initial = tokio::time::timeout(Duration::from_secs(5), async {
-            while let Some(Ok(entry)) = watch.next().await {
-                let current = entry.delta == 0;
-                self.apply(port, entry);
-                if current {
-                    break;
-                }
+/// Reads the bucket once, so the first calls see the runners that are
+/// already up; returns the watch to follow it with.
+pub(super) async fn first_read(fleet: &Fleet, port: &Arc<dyn PoolPort>) -> Result<Watch, Error> {
+    // (Bounded: creating the watch's consumer can hang while the
+    // bucket's stream has no leader.)
+    let mut watch = tokio::time::timeout(WATCH_START_LIMIT, fleet.store.watch_with_history(">"))
+        .await
+        .map_err(|_| {
+            Error::nats(
+                "cannot watch the pool's bucket",
+                format!("no answer within {WATCH_START_LIMIT:?}"),
+            )
+        })?
+        .map_err(|e| Error::nats("cannot watch the pool's bucket", e))?;
+    let initial = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(entry)) = watch.next().await {
+            let current = entry.delta == 0;
+            apply(fleet, port, entry);
+            if current {
+                break;
             }
-        });
-        // An empty bucket delivers nothing: do not wait for it.
-        let empty = self
-            .store
-            .status()
-            .await
-            .map(|s| s.values() == 0)
-            .unwrap_or(false);
-        if !empty {
-            let _ = initial.await;
-        } else {
-            drop(initial);
         }
-        Ok(watch)
+    });
+    // An empty bucket delivers nothing: do not wait for it.
+    let empty = fleet
+        .store
+        .status()
+        .await
+        .map(|s| s.values() == 0)
+        .unwrap_or(false);
+    if !empty {
+        let _ = initial.await;
+    } else {
+        drop(initial);
     }
+    Ok(watch)
+}
 
-    /// Applies bucket changes until the pool closes, recreating the watch
-    /// from the last revision whenever it ends or the connection comes back
-    /// (a watch may stop delivering after a server restart).
-    pub(super) async fn watch(self: Arc<Self>, port: Arc<dyn PoolPort>, mut watch: Watch) {
-        let connected = self.parent.events.connected.clone();
+/// Applies bucket changes until the pool closes, recreating the watch
+/// from the last revision whenever it ends or the connection comes back
+/// (a watch may stop delivering after a server restart).
+pub(super) async fn watch(fleet: Arc<Fleet>, port: Arc<dyn PoolPort>, mut watch: Watch) {
+    let connected = fleet.parent.events.connected.clone();
+    loop {
+        let reconnected = connected.notified();
+        tokio::pin!(reconnected);
+        let mut check = tokio::time::interval(fleet.config.heartbeat);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        check.tick().await;
         loop {
-            let reconnected = connected.notified();
-            tokio::pin!(reconnected);
-            let mut check = tokio::time::interval(self.config.heartbeat);
-            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            check.tick().await;
-            loop {
-                tokio::select! {
-                    _ = self.closed.cancelled() => return,
-                    _ = &mut reconnected => break,
-                    _ = check.tick() => {
-                        let heartbeat = self.config.heartbeat;
-                        if self.state.lock().unwrap().mirror_stalled(heartbeat * 2) {
-                            debug!("the bucket's watch stalled; recreating it");
-                            break;
-                        }
-                    }
-                    entry = watch.next() => match entry {
-                        Some(Ok(entry)) => self.apply(&port, entry),
-                        Some(Err(e)) => {
-                            debug!("KV watch error: {e}");
-                            break;
-                        }
-                        None => break,
-                    },
-                }
-            }
-            self.state.lock().unwrap().watch_down = true;
-            // Recreate from where we were. Creating the consumer can hang
-            // while the bucket's stream has no leader (a node of the cluster
-            // died): give each attempt a bound and try again.
-            loop {
-                if self.closed.is_cancelled() {
-                    return;
-                }
-                let from = self.state.lock().unwrap().last_revision + 1;
-                let attempt = tokio::time::timeout(
-                    self.config.heartbeat * 2,
-                    self.store.watch_all_from_revision(from),
-                );
-                match attempt.await {
-                    Ok(Ok(w)) => {
-                        debug!(from, "KV watch resumed");
-                        watch = w;
+            tokio::select! {
+                _ = fleet.closed.cancelled() => return,
+                _ = &mut reconnected => break,
+                _ = check.tick() => {
+                    let heartbeat = fleet.config.heartbeat;
+                    if fleet.state.lock().unwrap().mirror_stalled(heartbeat * 2) {
+                        debug!("the bucket's watch stalled; recreating it");
                         break;
                     }
-                    Ok(Err(e)) => {
-                        debug!("cannot resume KV watch yet: {e}");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                entry = watch.next() => match entry {
+                    Some(Ok(entry)) => apply(&fleet, &port, entry),
+                    Some(Err(e)) => {
+                        debug!("KV watch error: {e}");
+                        break;
                     }
-                    Err(_) => debug!("cannot resume KV watch yet: no answer in time"),
-                }
+                    None => break,
+                },
             }
-            // Nothing was seen (or judged) while we were away: restart the
-            // clocks so that no lease or scaler looks dead just for that.
-            let mut st = self.state.lock().unwrap();
-            st.watch_down = false;
-            st.forget_silence();
         }
-    }
-
-    /// Publishes what a runner's new lease says changed: booted, ready,
-    /// busy, idle, or draining on its own.
-    fn announce_change(
-        &self,
-        st: &FleetState,
-        before: Option<(LeaseState, usize)>,
-        lease: &RunnerLease,
-    ) {
-        let id = lease.runner.as_str();
-        let load = lease.load + lease.queued;
-        let runner_event = |kind: EventKind| move |c: Counts| Outgoing::new(kind, c).runner(id);
-        let with_load =
-            |kind: EventKind| move |c: Counts| Outgoing::new(kind, c).runner(id).runner_load(load);
-        match (before, lease.state) {
-            (None, LeaseState::Booting) => {
-                self.announce(st, runner_event(EventKind::RunnerBooting));
+        fleet.state.lock().unwrap().watch_down = true;
+        // Recreate from where we were. Creating the consumer can hang
+        // while the bucket's stream has no leader (a node of the cluster
+        // died): give each attempt a bound and try again.
+        loop {
+            if fleet.closed.is_cancelled() {
+                return;
             }
-            (None | Some((LeaseState::Booting, _)), LeaseState::Ready) => {
-                self.announce(st, runner_event(EventKind::RunnerReady));
-                if load > 0 {
-                    self.announce(st, with_load(EventKind::RunnerBusy));
+            let from = fleet.state.lock().unwrap().last_revision + 1;
+            let attempt = tokio::time::timeout(
+                fleet.config.heartbeat * 2,
+                fleet.store.watch_all_from_revision(from),
+            );
+            match attempt.await {
+                Ok(Ok(w)) => {
+                    debug!(from, "KV watch resumed");
+                    watch = w;
+                    break;
                 }
+                Ok(Err(e)) => {
+                    debug!("cannot resume KV watch yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(_) => debug!("cannot resume KV watch yet: no answer in time"),
             }
-            // Busy again when the load changes: leases are renewed once a
-            // heartbeat, so at most that often.
-            (Some((LeaseState::Ready, was)), LeaseState::Ready) if was != load => {
-                let kind = if load > 0 {
-                    EventKind::RunnerBusy
-                } else {
-                    EventKind::RunnerIdle
-                };
-                self.announce(st, with_load(kind));
-            }
-            // Retired by this scaler: announced when it sent `retire`.
-            (Some((state, _)), LeaseState::Draining)
-                if state != LeaseState::Draining && !st.retiring.contains_key(id) =>
-            {
-                let reason = self.own_stop_reason();
-                self.announce(st, |c| {
-                    Outgoing::new(EventKind::RunnerRetiring, c)
-                        .runner(id)
-                        .reason(reason)
-                });
-            }
-            _ => {}
         }
+        // Nothing was seen (or judged) while we were away: restart the
+        // clocks so that no lease or scaler looks dead just for that.
+        let mut st = fleet.state.lock().unwrap();
+        st.watch_down = false;
+        st.forget_silence();
     }
+}
 
-    /// Publishes a runner's end, when its lease is removed: `runner_gone`,
-    /// or `runner_boot_failed` for a runner that never became ready.
-    /// `retired`: why this scaler told it to stop; `cause`: why this
-    /// scaler removed the lease. Otherwise the runner removed it itself.
-    fn announce_end(
-        &self,
-        st: &FleetState,
-        id: &str,
-        last: &RunnerLease,
-        retired: Option<Reason>,
-        cause: Option<(Reason, String)>,
-    ) {
-        let (reason, detail) = cause.unwrap_or_else(|| {
-            let reason = match (retired, last.state) {
-                (Some(why), _) => why,
-                (None, LeaseState::Draining) => self.own_stop_reason(),
-                (None, _) => Reason::LeaseLost,
+/// Publishes what a runner's new lease says changed: booted, ready,
+/// busy, idle, or draining on its own.
+fn announce_change(
+    fleet: &Fleet,
+    st: &FleetState,
+    before: Option<(LeaseState, usize)>,
+    lease: &RunnerLease,
+) {
+    let id = lease.runner.as_str();
+    let load = lease.load + lease.queued;
+    let runner_event = |kind: EventKind| move |c: Counts| Outgoing::new(kind, c).runner(id);
+    let with_load =
+        |kind: EventKind| move |c: Counts| Outgoing::new(kind, c).runner(id).runner_load(load);
+    match (before, lease.state) {
+        (None, LeaseState::Booting) => {
+            fleet.announce(st, runner_event(EventKind::RunnerBooting));
+        }
+        (None | Some((LeaseState::Booting, _)), LeaseState::Ready) => {
+            fleet.announce(st, runner_event(EventKind::RunnerReady));
+            if load > 0 {
+                fleet.announce(st, with_load(EventKind::RunnerBusy));
+            }
+        }
+        // Busy again when the load changes: leases are renewed once a
+        // heartbeat, so at most that often.
+        (Some((LeaseState::Ready, was)), LeaseState::Ready) if was != load => {
+            let kind = if load > 0 {
+                EventKind::RunnerBusy
+            } else {
+                EventKind::RunnerIdle
             };
-            (reason, "its lease was removed".to_string())
-        });
-        let kind = if last.state == LeaseState::Booting {
-            EventKind::RunnerBootFailed
-        } else {
-            EventKind::RunnerGone
+            fleet.announce(st, with_load(kind));
+        }
+        // Retired by this scaler: announced when it sent `retire`.
+        (Some((state, _)), LeaseState::Draining)
+            if state != LeaseState::Draining && !st.retiring.contains_key(id) =>
+        {
+            let reason = own_stop_reason(fleet);
+            fleet.announce(st, |c| {
+                Outgoing::new(EventKind::RunnerRetiring, c)
+                    .runner(id)
+                    .reason(reason)
+            });
+        }
+        _ => {}
+    }
+}
+
+/// Publishes a runner's end, when its lease is removed: `runner_gone`,
+/// or `runner_boot_failed` for a runner that never became ready.
+/// `retired`: why this scaler told it to stop; `cause`: why this
+/// scaler removed the lease. Otherwise the runner removed it itself.
+fn announce_end(
+    fleet: &Fleet,
+    st: &FleetState,
+    id: &str,
+    last: &RunnerLease,
+    retired: Option<Reason>,
+    cause: Option<(Reason, String)>,
+) {
+    let (reason, detail) = cause.unwrap_or_else(|| {
+        let reason = match (retired, last.state) {
+            (Some(why), _) => why,
+            (None, LeaseState::Draining) => own_stop_reason(fleet),
+            (None, _) => Reason::LeaseLost,
         };
-        self.announce(st, |c| {
-            Outgoing::new(kind, c)
-                .runner(id)
-                .reason(reason)
-                .detail(detail)
-        });
-    }
+        (reason, "its lease was removed".to_string())
+    });
+    let kind = if last.state == LeaseState::Booting {
+        EventKind::RunnerBootFailed
+    } else {
+        EventKind::RunnerGone
+    };
+    fleet.announce(st, |c| {
+        Outgoing::new(kind, c)
+            .runner(id)
+            .reason(reason)
+            .detail(detail)
+    });
+}
 
-    /// Why a runner that stops on its own stops.
-    pub(super) fn own_stop_reason(&self) -> Reason {
-        if self.config.single_use {
-            Reason::SingleUse
-        } else {
-            Reason::Stopped
+/// Why a runner that stops on its own stops.
+pub(super) fn own_stop_reason(fleet: &Fleet) -> Reason {
+    if fleet.config.single_use {
+        Reason::SingleUse
+    } else {
+        Reason::Stopped
+    }
+}
+
+fn apply(fleet: &Fleet, port: &Arc<dyn PoolPort>, entry: Entry) {
+    let deleted = entry.operation != Operation::Put;
+    let age = write_age(entry.created.unix_timestamp_nanos());
+    let mut st = fleet.state.lock().unwrap();
+    st.last_revision = st.last_revision.max(entry.revision);
+    if let Some((written, _)) = st.echo {
+        // Revisions come in order: this parent's write has come back.
+        if entry.revision >= written {
+            if st.mirror_stalled(fleet.config.heartbeat) {
+                debug!("the bucket's watch caught up");
+                st.forget_silence();
+            }
+            st.echo = None;
         }
     }
-
-    fn apply(&self, port: &Arc<dyn PoolPort>, entry: Entry) {
-        let deleted = entry.operation != Operation::Put;
-        let age = write_age(entry.created.unix_timestamp_nanos());
-        let mut st = self.state.lock().unwrap();
-        st.last_revision = st.last_revision.max(entry.revision);
-        if let Some((written, _)) = st.echo {
-            // Revisions come in order: this parent's write has come back.
-            if entry.revision >= written {
-                if st.mirror_stalled(self.config.heartbeat) {
-                    debug!("the bucket's watch caught up");
-                    st.forget_silence();
-                }
-                st.echo = None;
-            }
-        }
-        if let Some(id) = entry.key.strip_prefix("runners.") {
-            // Only the scaler of a build announces its runners, so that
-            // each change is published once, not by every parent.
-            let announce = st.leading.is_some();
-            let build = &*self.parent.build_id;
-            if deleted {
-                let last = st.runners.remove(id);
-                st.runners_gone.remove(id);
-                st.pending.remove(id);
-                let retired = st.retiring.remove(id).map(|(_, why)| why);
-                let cause = st.gone_causes.remove(id);
-                // Removed by the runner itself as it finished draining (the
-                // scaler's own removals, reaps and failed boots, have a
-                // cause and free the slot once the runner is stopped).
-                let finished = announce
-                    && cause.is_none()
-                    && last
-                        .as_ref()
-                        .is_some_and(|l| l.value.state == LeaseState::Draining);
-                // (Runners of a build nobody uses any more are announced by
-                // the scaler that retired them.)
-                let ours = |l: &Seen<RunnerLease>| {
-                    l.value.build == build || retired == Some(Reason::BuildGone)
-                };
-                if let Some(last) = last.filter(|l| announce && ours(l)) {
-                    self.announce_end(&st, id, &last.value, retired, cause);
-                }
-                let owned = st.owned.remove(id);
-                if finished {
-                    st.exited_clean.insert(id.to_string());
-                }
-                drop(st);
-                port.clone().lease_gone(id, "its lease was removed");
-                drop(owned);
-                if finished {
-                    // Its slot may be what waiting callers need.
-                    self.demand_changed.notify_one();
-                }
-                return;
-            }
-            let Ok(lease) = serde_json::from_slice::<RunnerLease>(&entry.value) else {
-                return;
-            };
+    if let Some(id) = entry.key.strip_prefix("runners.") {
+        // Only the scaler of a build announces its runners, so that
+        // each change is published once, not by every parent.
+        let announce = st.leading.is_some();
+        let build = &*fleet.parent.build_id;
+        if deleted {
+            let last = st.runners.remove(id);
+            st.runners_gone.remove(id);
             st.pending.remove(id);
-            let before = st
+            let retired = st.retiring.remove(id).map(|(_, why)| why);
+            let cause = st.gone_causes.remove(id);
+            // Removed by the runner itself as it finished draining (the
+            // scaler's own removals, reaps and failed boots, have a
+            // cause and free the slot once the runner is stopped).
+            let finished = announce
+                && cause.is_none()
+                && last
+                    .as_ref()
+                    .is_some_and(|l| l.value.state == LeaseState::Draining);
+            // (Runners of a build nobody uses any more are announced by
+            // the scaler that retired them.)
+            let ours = |l: &Seen<RunnerLease>| {
+                l.value.build == build || retired == Some(Reason::BuildGone)
+            };
+            if let Some(last) = last.filter(|l| announce && ours(l)) {
+                announce_end(fleet, &st, id, &last.value, retired, cause);
+            }
+            let owned = st.owned.remove(id);
+            if finished {
+                st.exited_clean.insert(id.to_string());
+            }
+            drop(st);
+            port.clone().lease_gone(id, "its lease was removed");
+            drop(owned);
+            if finished {
+                // Its slot may be what waiting callers need.
+                fleet.demand_changed.notify_one();
+            }
+            return;
+        }
+        let Ok(lease) = serde_json::from_slice::<RunnerLease>(&entry.value) else {
+            return;
+        };
+        st.pending.remove(id);
+        let before = st
+            .runners
+            .get(id)
+            .map(|s| (s.value.state, s.value.load + s.value.queued));
+        let became_ready = lease.state == LeaseState::Ready
+            && st
                 .runners
                 .get(id)
-                .map(|s| (s.value.state, s.value.load + s.value.queued));
-            let became_ready = lease.state == LeaseState::Ready
-                && st
-                    .runners
-                    .get(id)
-                    .is_none_or(|s| s.value.state != LeaseState::Ready);
-            let mine = lease.booted_by == self.parent.parent_id;
-            st.runners
-                .insert(id.to_string(), Seen::new(lease.clone(), entry.revision));
-            if announce && lease.build == build {
-                self.announce_change(&st, before, &lease);
-            }
-            let count = st.runners.len();
-            drop(st);
-            port.clone().lease_seen(&lease, age);
-            if became_ready && mine && self.is_leading() {
-                self.booter.grow_end(count, Ok(()));
-            }
-        } else if let Some(id) = entry.key.strip_prefix("parents.") {
-            if deleted {
-                st.parents.remove(id);
-            } else if let Ok(lease) = serde_json::from_slice::<ParentLease>(&entry.value) {
-                st.parents
-                    .insert(id.to_string(), Seen::new(lease, entry.revision));
-            }
-        } else if entry.key == self.scaler_key {
-            st.scaler = if deleted {
-                None
-            } else {
-                serde_json::from_slice::<ScalerLease>(&entry.value)
-                    .ok()
-                    .map(|l| Seen::new(l, entry.revision))
-            };
-        } else if entry.key == subjects::SLOTS_KEY {
-            st.slots = if deleted {
-                None
-            } else {
-                serde_json::from_slice::<Slots>(&entry.value).ok()
-            };
+                .is_none_or(|s| s.value.state != LeaseState::Ready);
+        let mine = lease.booted_by == fleet.parent.parent_id;
+        st.runners
+            .insert(id.to_string(), Seen::new(lease.clone(), entry.revision));
+        if announce && lease.build == build {
+            announce_change(fleet, &st, before, &lease);
         }
+        let count = st.runners.len();
+        drop(st);
+        port.clone().lease_seen(&lease, age);
+        if became_ready && mine && fleet.is_leading() {
+            fleet.booter.grow_end(count, Ok(()));
+        }
+    } else if let Some(id) = entry.key.strip_prefix("parents.") {
+        if deleted {
+            st.parents.remove(id);
+        } else if let Ok(lease) = serde_json::from_slice::<ParentLease>(&entry.value) {
+            st.parents
+                .insert(id.to_string(), Seen::new(lease, entry.revision));
+        }
+    } else if entry.key == fleet.scaler_key {
+        st.scaler = if deleted {
+            None
+        } else {
+            serde_json::from_slice::<ScalerLease>(&entry.value)
+                .ok()
+                .map(|l| Seen::new(l, entry.revision))
+        };
+    } else if entry.key == subjects::SLOTS_KEY {
+        st.slots = if deleted {
+            None
+        } else {
+            serde_json::from_slice::<Slots>(&entry.value).ok()
+        };
     }
 }
 

@@ -19,8 +19,8 @@
 //!   the pool from the old build to the new one;
 //! - the scaler boots and retires runners; a boot first takes a slot in
 //!   `slots` by compare-and-set, so racing scalers can never boot past
-//!   `max` ([`scaler`], one boot in [`booting`], with the pure rules in
-//!   [`scaling`]);
+//!   `max` ([`scaler`], one boot in [`booting`], a runner removed for good
+//!   in [`reap`], with the pure rules in [`scaling`]);
 //! - a parent leaving removes its lease and hands the scaler role on; the
 //!   last parent of a build retires the build's runners ([`leave`]);
 //! - runners renew their own leases and cap their own concurrency, and ask
@@ -31,12 +31,19 @@
 //! machines).
 //!
 //! The fleet talks to its pool only through [`PoolPort`].
+//!
+//! `impl Fleet` is in this file only: the other files hold functions that
+//! take the fleet (`election::parent_loop(fleet, ..)`, `scaler::scale`,
+//! `mirror::watch`, ...), so a call names the file it is in. The state
+//! they share is the mirror ([`mirror::FleetState`], one lock); the KV
+//! bucket's operations are [`kv`].
 
 mod booting;
 mod election;
 pub(crate) mod kv;
 mod leave;
 mod mirror;
+mod reap;
 mod scaler;
 mod scaling;
 
@@ -206,7 +213,7 @@ impl Fleet {
             pool,
             &format!("write this parent's lease in the KV bucket {bucket}"),
             left(),
-            || self.write_parent_lease(0),
+            || election::write_parent_lease(self, 0),
         )
         .await?;
         kv::when_ready(
@@ -218,10 +225,10 @@ impl Fleet {
         .await?;
         // Read the bucket before answering: the answer depends on the
         // parents seen in it.
-        let watch = self.first_read(&port).await?;
+        let watch = mirror::first_read(self, &port).await?;
         tokio::spawn(self.clone().answer_alive(alive));
-        tokio::spawn(self.clone().watch(port.clone(), watch));
-        tokio::spawn(self.clone().parent_loop(port));
+        tokio::spawn(mirror::watch(self.clone(), port.clone(), watch));
+        tokio::spawn(election::parent_loop(self.clone(), port));
         Ok(())
     }
 

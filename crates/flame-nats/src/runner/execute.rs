@@ -1,12 +1,15 @@
 //! Running one checked call: within its deadline, panics caught, inline or
 //! handed off as `inline.rs` decides, in the span its trace context gives.
+//! [`Executor`] is the runner's part that runs them.
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use flame_core::registry::{Handler, Invocation, InvokeError};
+use flame_core::registry::{Handler, Invocation, InvokeError, Registry};
+use flame_core::state::States;
 use flame_core::stream::{with_transport, StreamTransport};
 use futures::FutureExt;
 use tokio::time::Instant;
@@ -16,12 +19,42 @@ use tracing::{debug, Span};
 use super::inline::PollWatch;
 use super::request::WireError;
 use super::work::InFlight;
-use super::Runner;
+use crate::protocol::bootstrap::ParentInfo;
 use crate::protocol::call::WireErrorKind;
 use crate::stream_hub::holding;
 use crate::trace::{self, TraceContext};
 
-impl Runner {
+/// What running the app's functions needs: the app's state, the stream
+/// transport their arguments and results use, and how each function's
+/// calls went so far.
+pub(super) struct Executor {
+    /// The app's state, for functions that take `State<T>`.
+    states: States,
+    /// The runner's streams, as the transport that arguments and results
+    /// use.
+    transport: Arc<dyn StreamTransport>,
+    /// Per function, how its first polls went (see `dispatch::dispatch`).
+    pub(super) slow_polls: HashMap<&'static str, PollWatch>,
+}
+
+impl Executor {
+    /// Runs the functions of `registry` with `states` and `transport`.
+    pub(super) fn new(
+        registry: &Registry,
+        states: States,
+        transport: Arc<dyn StreamTransport>,
+    ) -> Executor {
+        Executor {
+            slow_polls: registry
+                .names()
+                .into_iter()
+                .map(|name| (name, PollWatch::default()))
+                .collect(),
+            transport,
+            states,
+        }
+    }
+
     /// Runs a call, enforcing its deadline. Async functions are polled
     /// right here (no thread hop); plain functions go to the blocking pool so
     /// CPU-heavy code cannot stall the runner's NATS connection.
@@ -36,7 +69,7 @@ impl Runner {
             .await
     }
 
-    /// [`Runner::execute`], keeping `hold` alive as long as the work runs: a
+    /// [`Executor::execute`], keeping `hold` alive as long as the work runs: a
     /// plain function keeps its thread (and its in-flight count) even when
     /// the caller is gone, since a thread cannot be stopped from outside.
     ///
@@ -158,28 +191,28 @@ impl Runner {
             }
         })
     }
+}
 
-    /// The span a call runs in, and the trace context of its work: a child
-    /// of the caller's span when the call carried one, else a new trace if
-    /// anyone listens to the span.
-    pub(super) fn run_span(
-        &self,
-        function: &'static str,
-        caller: Option<TraceContext>,
-    ) -> (Span, Option<TraceContext>) {
-        let span = tracing::info_span!(
-            "flame.run",
-            pool = %self.info.pool,
-            runner = %self.info.runner_id,
-            function,
-            outcome = Empty,
-            trace_id = Empty,
-            span_id = Empty,
-            parent_span_id = Empty,
-        );
-        let ctx = trace::start(&span, caller, true);
-        (span, ctx)
-    }
+/// The span a call runs in, and the trace context of its work: a child
+/// of the caller's span when the call carried one, else a new trace if
+/// anyone listens to the span.
+pub(super) fn run_span(
+    info: &ParentInfo,
+    function: &'static str,
+    caller: Option<TraceContext>,
+) -> (Span, Option<TraceContext>) {
+    let span = tracing::info_span!(
+        "flame.run",
+        pool = %info.pool,
+        runner = %info.runner_id,
+        function,
+        outcome = Empty,
+        trace_id = Empty,
+        span_id = Empty,
+        parent_span_id = Empty,
+    );
+    let ctx = trace::start(&span, caller, true);
+    (span, ctx)
 }
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {

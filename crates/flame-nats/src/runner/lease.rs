@@ -1,14 +1,17 @@
 //! A shared pool runner's lease in the pool's KV bucket: state, load,
-//! queue and idle time, renewed every heartbeat.
+//! queue and idle time, renewed every heartbeat. [`Lease`] is the
+//! runner's part that holds it; what goes into a renewal is the
+//! heartbeat's business (`lifecycle::renew_lease`).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use async_nats::jetstream::kv::Store;
 use flame_core::Error;
+use tokio::sync::Notify;
 use tracing::debug;
 
-use super::Runner;
+use crate::connect::Outages;
 use crate::fleet::kv::{self, Cas};
 use crate::protocol::bootstrap::ParentInfo;
 use crate::protocol::lease::{LeaseState, RunnerLease};
@@ -86,12 +89,31 @@ impl LeaseKeeper {
     }
 }
 
-impl Runner {
-    /// Shared pools: marks the lease ready, which every parent's KV watch
-    /// sees.
-    pub(super) async fn announce_ready_in_lease(&self) -> Result<(), Error> {
-        let build = self.build.to_string();
-        let mut lease = self.lease.lock().await;
+/// A runner's lease, in a shared pool (nothing in a private one): the
+/// keeper, and what the runner's other tasks learn or ask of it.
+pub(super) struct Lease {
+    keeper: tokio::sync::Mutex<Option<LeaseKeeper>>,
+    /// The scaler removed this runner's lease (shared pools).
+    pub(super) lost: AtomicBool,
+    /// Woken when calls start queueing, so the lease shows it soon.
+    pub(super) dirty: Notify,
+}
+
+impl Lease {
+    /// The lease `keeper` keeps (`None` in a private pool).
+    pub(super) fn new(keeper: Option<LeaseKeeper>) -> Lease {
+        Lease {
+            keeper: tokio::sync::Mutex::new(keeper),
+            lost: AtomicBool::new(false),
+            dirty: Notify::new(),
+        }
+    }
+
+    /// Shared pools: marks the lease ready (of `build`), which every
+    /// parent's KV watch sees.
+    pub(super) async fn mark_ready(&self, build: &str) -> Result<(), Error> {
+        let build = build.to_string();
+        let mut lease = self.keeper.lock().await;
         let keeper = lease.as_mut().expect("shared runners have a lease");
         let ok = keeper
             .write(|l| {
@@ -108,33 +130,27 @@ impl Runner {
         }
     }
 
-    /// Shared pools: writes load, queue and idle time into the lease. False
-    /// once the lease is gone.
-    pub(super) async fn renew_lease(&self) -> bool {
-        let idle_for = if self.counters.in_flight.load(Ordering::SeqCst) == 0
-            && self.queued.load(Ordering::SeqCst) == 0
-        {
-            let idle_for = self.idle_for();
-            if idle_for >= self.info.idle_shutdown_after() && !self.idle_check_allows().await {
-                Duration::ZERO
-            } else {
-                idle_for
-            }
-        } else {
-            Duration::ZERO
-        };
-        let load = self.counters.in_flight.load(Ordering::SeqCst);
-        let queued = self.queued.load(Ordering::SeqCst);
+    /// Shared pools: writes load, queue and idle time (and the connection's
+    /// `outages`) into the lease, within two heartbeats. False once the
+    /// lease is gone.
+    pub(super) async fn renew(
+        &self,
+        load: usize,
+        queued: usize,
+        idle_for: Duration,
+        outages: &std::sync::Mutex<Outages>,
+        heartbeat: Duration,
+        runner: &str,
+    ) -> bool {
         // One renewal at a time; a renewal still under way (NATS slow or
         // away) makes this one moot.
-        let Ok(mut lease) = self.lease.try_lock() else {
+        let Ok(mut lease) = self.keeper.try_lock() else {
             return true;
         };
         let Some(keeper) = lease.as_mut() else {
             return true;
         };
-        let heartbeat = Duration::from_millis(self.info.heartbeat_ms);
-        let outages = *self.outages.lock().unwrap();
+        let outages = *outages.lock().unwrap();
         let write = keeper.write(|l| {
             l.load = load;
             l.queued = queued;
@@ -150,13 +166,28 @@ impl Runner {
         match tokio::time::timeout(heartbeat * 2, write).await {
             Ok(Ok(alive)) => alive,
             Ok(Err(e)) => {
-                debug!(runner = %self.info.runner_id, "lease not renewed: {e}");
+                debug!(runner = %runner, "lease not renewed: {e}");
                 true
             }
             Err(_) => {
-                debug!(runner = %self.info.runner_id, "lease not renewed in time");
+                debug!(runner = %runner, "lease not renewed in time");
                 true
             }
+        }
+    }
+
+    /// Marks the lease draining, so the parents place nothing new here.
+    pub(super) async fn mark_draining(&self) {
+        let mut lease = self.keeper.lock().await;
+        if let Some(keeper) = lease.as_mut() {
+            let _ = keeper.write(|l| l.state = LeaseState::Draining).await;
+        }
+    }
+
+    /// Removes the lease (see [`LeaseKeeper::remove`]).
+    pub(super) async fn remove(&self) {
+        if let Some(keeper) = self.keeper.lock().await.as_ref() {
+            keeper.remove().await;
         }
     }
 }

@@ -6,6 +6,10 @@
 //! rhythm whatever the watch waits on (a slow idle check, a slow parent),
 //! and it keeps going while the runner drains, so that a draining runner
 //! is not mistaken for a dead one.
+//!
+//! Functions of the whole runner (its parent, its work, its lease), called
+//! with it: `lifecycle::heartbeat(runner)`, `lifecycle::ask_parent(&runner,
+//! ..)`.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -71,7 +75,7 @@ pub(super) async fn confirm_replies(runner: Arc<Runner>) {
             _ = tokio::time::sleep(heartbeat) => {}
             _ = runner.unconfirmed.filled() => {}
         }
-        runner.confirm_replies(heartbeat).await;
+        confirm_sent(&runner, heartbeat).await;
     }
 }
 
@@ -90,12 +94,12 @@ pub(super) async fn heartbeat(runner: Arc<Runner>) {
         tokio::spawn(
             async move {
                 let answer = if r.info.shared {
-                    r.ask_any_parent(heartbeat).await
+                    ask_any_parent(&r, heartbeat).await
                 } else {
-                    r.ask_parent(ReportKind::Ping, 0, heartbeat).await
+                    ask_parent(&r, ReportKind::Ping, 0, heartbeat).await
                 };
                 match answer {
-                    Some(true) => r.heard_parent(),
+                    Some(true) => heard_parent(&r),
                     Some(false) => r.parent_refused.store(true, Ordering::SeqCst),
                     None => {}
                 }
@@ -106,8 +110,8 @@ pub(super) async fn heartbeat(runner: Arc<Runner>) {
             let r = runner.clone();
             tokio::spawn(
                 async move {
-                    if !r.renew_lease().await {
-                        r.lease_lost.store(true, Ordering::SeqCst);
+                    if !renew_lease(&r).await {
+                        r.lease.lost.store(true, Ordering::SeqCst);
                     }
                 }
                 .in_current_span(),
@@ -134,7 +138,7 @@ pub(super) async fn watch(
     // The answer of an idle runner's request to leave, from its own task.
     let (left_tx, mut left_rx) = mpsc::channel::<Duration>(1);
     let mut asking = None::<tokio::task::JoinHandle<()>>;
-    runner.heard_parent();
+    heard_parent(&runner);
 
     loop {
         tokio::select! {
@@ -142,19 +146,19 @@ pub(super) async fn watch(
                 return Stop::Drain("SIGTERM".to_string());
             }
             _ = check.tick() => {
-                if runner.lease_lost.load(Ordering::SeqCst) {
+                if runner.lease.lost.load(Ordering::SeqCst) {
                     return Stop::Abandoned("the scaler removed this runner's lease".to_string());
                 }
                 if runner.parent_refused.load(Ordering::SeqCst) {
                     return Stop::Abandoned("the parent no longer knows this runner".to_string());
                 }
                 let heard = runner.parent_heard_ms.load(Ordering::SeqCst);
-                let silent = runner.started.elapsed().saturating_sub(Duration::from_millis(heard));
+                let silent = runner.work.started.elapsed().saturating_sub(Duration::from_millis(heard));
                 if silent >= grace {
                     return Stop::Abandoned(format!("no word from the parent for {silent:?}"));
                 }
             }
-            _ = runner.lease_dirty.notified(), if runner.info.shared => {
+            _ = runner.lease.dirty.notified(), if runner.info.shared => {
                 // Callers started queueing here: show the scaler soon. The
                 // short wait gathers a burst of them into one write; at most
                 // four such writes a heartbeat (calls queue all the time
@@ -165,7 +169,7 @@ pub(super) async fn watch(
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 last_dirty_write = Instant::now();
                 let r = runner.clone();
-                tokio::spawn(async move { r.renew_lease().await }.in_current_span());
+                tokio::spawn(async move { renew_lease(&r).await }.in_current_span());
             }
             Some(idle_for) = left_rx.recv() => {
                 return Stop::Drain(format!("idle for {idle_for:?}"));
@@ -175,7 +179,7 @@ pub(super) async fn watch(
                     continue;
                 }
                 if runner.counters.in_flight.load(Ordering::SeqCst) > 0
-                    || runner.idle_for() < idle_after
+                    || runner.work.idle_for() < idle_after
                 {
                     continue;
                 }
@@ -183,7 +187,7 @@ pub(super) async fn watch(
                 // ask on a task of their own.
                 let (r, tx) = (runner.clone(), left_tx.clone());
                 asking = Some(tokio::spawn(async move {
-                    if let Some(idle_for) = r.may_leave(idle_after, heartbeat).await {
+                    if let Some(idle_for) = may_leave(&r, idle_after, heartbeat).await {
                         let _ = tx.send(idle_for).await;
                     }
                 }.in_current_span()));
@@ -192,175 +196,216 @@ pub(super) async fn watch(
     }
 }
 
-impl Runner {
-    /// An idle runner of a private pool asks to leave: the pool's idle check
-    /// first, then the parent. The idle time when both say yes.
-    async fn may_leave(&self, idle_after: Duration, timeout: Duration) -> Option<Duration> {
-        if !self.idle_check_allows().await {
-            return None;
+/// Shared pools: writes load, queue and idle time into the lease (see
+/// [`Lease::renew`](super::lease::Lease::renew)). False once the lease is
+/// gone.
+async fn renew_lease(runner: &Runner) -> bool {
+    let idle_for = if runner.counters.in_flight.load(Ordering::SeqCst) == 0
+        && runner.work.queued.load(Ordering::SeqCst) == 0
+    {
+        let idle_for = runner.work.idle_for();
+        if idle_for >= runner.info.idle_shutdown_after() && !idle_check_allows(runner).await {
+            Duration::ZERO
+        } else {
+            idle_for
         }
-        // Work may have come in while the check ran.
-        let idle_for = self.idle_for();
-        if self.counters.in_flight.load(Ordering::SeqCst) > 0 || idle_for < idle_after {
-            return None;
-        }
-        let idle_ms = idle_for.as_millis() as u64;
-        (self.ask_parent(ReportKind::Leave, idle_ms, timeout).await == Some(true))
-            .then_some(idle_for)
-    }
+    } else {
+        Duration::ZERO
+    };
+    let load = runner.counters.in_flight.load(Ordering::SeqCst);
+    let queued = runner.work.queued.load(Ordering::SeqCst);
+    let heartbeat = Duration::from_millis(runner.info.heartbeat_ms);
+    runner
+        .lease
+        .renew(
+            load,
+            queued,
+            idle_for,
+            &runner.outages,
+            heartbeat,
+            &runner.info.runner_id,
+        )
+        .await
+}
 
-    /// Shared pools: asks whether a parent of the pool and of this runner's
-    /// build is alive. `None` when no parent answered or none of this build
-    /// is left: the runner then stops after `parent_grace` (unless the
-    /// scaler retires it first).
-    async fn ask_any_parent(&self, timeout: Duration) -> Option<bool> {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(wire::HEADER_BUILD, self.build);
-        let request = async_nats::Request::new()
-            .payload(Bytes::from(self.info.runner_id.clone()))
-            .headers(headers)
-            .timeout(Some(timeout));
-        match self
-            .client
-            .send_request(subjects::alive(&self.info.pool), request)
-            .await
-        {
-            Ok(msg) if &msg.payload[..] == subjects::ALIVE_NO.as_bytes() => {
-                debug!(runner = %self.info.runner_id, "no parent of this build is left");
-                None
+/// An idle runner of a private pool asks to leave: the pool's idle check
+/// first, then the parent. The idle time when both say yes.
+async fn may_leave(runner: &Runner, idle_after: Duration, timeout: Duration) -> Option<Duration> {
+    if !idle_check_allows(runner).await {
+        return None;
+    }
+    // Work may have come in while the check ran.
+    let idle_for = runner.work.idle_for();
+    if runner.counters.in_flight.load(Ordering::SeqCst) > 0 || idle_for < idle_after {
+        return None;
+    }
+    let idle_ms = idle_for.as_millis() as u64;
+    (ask_parent(runner, ReportKind::Leave, idle_ms, timeout).await == Some(true))
+        .then_some(idle_for)
+}
+
+/// Shared pools: asks whether a parent of the pool and of this runner's
+/// build is alive. `None` when no parent answered or none of this build
+/// is left: the runner then stops after `parent_grace` (unless the
+/// scaler retires it first).
+async fn ask_any_parent(runner: &Runner, timeout: Duration) -> Option<bool> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(wire::HEADER_BUILD, runner.build);
+    let request = async_nats::Request::new()
+        .payload(Bytes::from(runner.info.runner_id.clone()))
+        .headers(headers)
+        .timeout(Some(timeout));
+    match runner
+        .client
+        .send_request(subjects::alive(&runner.info.pool), request)
+        .await
+    {
+        Ok(msg) if &msg.payload[..] == subjects::ALIVE_NO.as_bytes() => {
+            debug!(runner = %runner.info.runner_id, "no parent of this build is left");
+            None
+        }
+        Ok(_) => Some(true),
+        Err(e) => {
+            debug!("no parent answered: {e}");
+            None
+        }
+    }
+}
+
+/// Forgets the replies the server has for sure: those published before
+/// a round trip (a flush) that came back on the same connection.
+async fn confirm_sent(runner: &Runner, timeout: Duration) {
+    let mark = runner.unconfirmed.mark();
+    let Some(before) = runner.outages.lock().unwrap().stretch() else {
+        return;
+    };
+    if let Ok(Ok(())) = tokio::time::timeout(timeout, runner.client.flush()).await {
+        if runner.outages.lock().unwrap().stretch() == Some(before) {
+            runner.unconfirmed.confirm(mark);
+        }
+    }
+}
+
+pub(super) fn heard_parent(runner: &Runner) {
+    let ms = runner.work.started.elapsed().as_millis() as u64;
+    runner.parent_heard_ms.fetch_max(ms, Ordering::SeqCst);
+}
+
+/// Runs the pool's idle check, if any, within max(heartbeat, 1 s). A
+/// check that fails to run counts as yes (logged): a runner with no work
+/// must not stay up forever.
+pub(super) async fn idle_check_allows(runner: &Runner) -> bool {
+    let Some(name) = runner.info.idle_shutdown_check.as_deref() else {
+        return true;
+    };
+    let Some((name, handler)) = runner.registry.lookup(name) else {
+        warn!(runner = %runner.info.runner_id, "idle check `{name}` is not registered in this build; stopping anyway");
+        return true;
+    };
+    let args = Bytes::from(codec::encode(&()).expect("() encodes"));
+    let timeout = Duration::from_millis(runner.info.heartbeat_ms.max(1_000));
+    match runner.executor.execute(handler, args, timeout).await {
+        Ok(bytes) => match codec::decode::<bool>(&bytes) {
+            Ok(allowed) => {
+                if !allowed {
+                    debug!(runner = %runner.info.runner_id, "idle check `{name}` says stay up");
+                }
+                allowed
             }
-            Ok(_) => Some(true),
             Err(e) => {
-                debug!("no parent answered: {e}");
-                None
-            }
-        }
-    }
-
-    /// Forgets the replies the server has for sure: those published before
-    /// a round trip (a flush) that came back on the same connection.
-    async fn confirm_replies(&self, timeout: Duration) {
-        let mark = self.unconfirmed.mark();
-        let Some(before) = self.outages.lock().unwrap().stretch() else {
-            return;
-        };
-        if let Ok(Ok(())) = tokio::time::timeout(timeout, self.client.flush()).await {
-            if self.outages.lock().unwrap().stretch() == Some(before) {
-                self.unconfirmed.confirm(mark);
-            }
-        }
-    }
-
-    pub(super) fn heard_parent(&self) {
-        let ms = self.started.elapsed().as_millis() as u64;
-        self.parent_heard_ms.fetch_max(ms, Ordering::SeqCst);
-    }
-
-    /// Runs the pool's idle check, if any, within max(heartbeat, 1 s). A
-    /// check that fails to run counts as yes (logged): a runner with no work
-    /// must not stay up forever.
-    pub(super) async fn idle_check_allows(&self) -> bool {
-        let Some(name) = self.info.idle_shutdown_check.as_deref() else {
-            return true;
-        };
-        let Some((name, handler)) = self.registry.lookup(name) else {
-            warn!(runner = %self.info.runner_id, "idle check `{name}` is not registered in this build; stopping anyway");
-            return true;
-        };
-        let args = Bytes::from(codec::encode(&()).expect("() encodes"));
-        let timeout = Duration::from_millis(self.info.heartbeat_ms.max(1_000));
-        match self.execute(handler, args, timeout).await {
-            Ok(bytes) => match codec::decode::<bool>(&bytes) {
-                Ok(allowed) => {
-                    if !allowed {
-                        debug!(runner = %self.info.runner_id, "idle check `{name}` says stay up");
-                    }
-                    allowed
-                }
-                Err(e) => {
-                    warn!(runner = %self.info.runner_id, "idle check `{name}` returned no bool ({e}); stopping anyway");
-                    true
-                }
-            },
-            Err(error) => {
-                let message = error.message;
-                warn!(runner = %self.info.runner_id, "idle check `{name}` failed ({message}); stopping anyway");
+                warn!(runner = %runner.info.runner_id, "idle check `{name}` returned no bool ({e}); stopping anyway");
                 true
             }
+        },
+        Err(error) => {
+            let message = error.message;
+            warn!(runner = %runner.info.runner_id, "idle check `{name}` failed ({message}); stopping anyway");
+            true
         }
     }
+}
 
-    /// Tells the parent we are ready; retried until the failsafe deadline.
-    pub(super) async fn announce_ready(&self, deadline: Instant) -> Result<(), Error> {
-        let mut last_failure = String::from("no attempt finished");
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Error::RunnerStart(format!(
-                    "failsafe: parent {} did not acknowledge this runner within {} ms ({last_failure})",
-                    self.info.parent_id, self.info.failsafe_timeout_ms
-                )));
+/// Tells the parent we are ready; retried until the failsafe deadline.
+pub(super) async fn announce_ready(runner: &Runner, deadline: Instant) -> Result<(), Error> {
+    let mut last_failure = String::from("no attempt finished");
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::RunnerStart(format!(
+                "failsafe: parent {} did not acknowledge this runner within {} ms ({last_failure})",
+                runner.info.parent_id, runner.info.failsafe_timeout_ms
+            )));
+        }
+        match request_parent(
+            runner,
+            ReportKind::Ready,
+            0,
+            left.min(Duration::from_secs(2)),
+        )
+        .await
+        {
+            Ok(true) => return Ok(()),
+            Ok(false) => {
+                return Err(Error::RunnerStart(
+                    "the parent refused this runner (it gave up on it)".into(),
+                ))
             }
-            match self
-                .request_parent(ReportKind::Ready, 0, left.min(Duration::from_secs(2)))
-                .await
-            {
-                Ok(true) => return Ok(()),
-                Ok(false) => {
-                    return Err(Error::RunnerStart(
-                        "the parent refused this runner (it gave up on it)".into(),
-                    ))
-                }
-                Err(why) => {
-                    last_failure = why;
-                    tokio::time::sleep(Duration::from_millis(50).min(left)).await
-                }
+            Err(why) => {
+                last_failure = why;
+                tokio::time::sleep(Duration::from_millis(50).min(left)).await
             }
         }
     }
+}
 
-    /// Sends a signed event to the parent. `None` when there was no answer.
-    pub(super) async fn ask_parent(
-        &self,
-        event: ReportKind,
-        idle_ms: u64,
-        timeout: Duration,
-    ) -> Option<bool> {
-        self.request_parent(event, idle_ms, timeout).await.ok()
-    }
+/// Sends a signed event to the parent. `None` when there was no answer.
+pub(super) async fn ask_parent(
+    runner: &Runner,
+    event: ReportKind,
+    idle_ms: u64,
+    timeout: Duration,
+) -> Option<bool> {
+    request_parent(runner, event, idle_ms, timeout).await.ok()
+}
 
-    /// [`Runner::ask_parent`], saying why there was no answer.
-    async fn request_parent(
-        &self,
-        event: ReportKind,
-        idle_ms: u64,
-        timeout: Duration,
-    ) -> Result<bool, String> {
-        let key = self
-            .event_key
-            .as_ref()
-            .ok_or_else(|| "no event key".to_string())?;
-        let subject = subjects::parent_event(&self.info.pool, &self.info.parent_id, event);
-        let seq = self.event_seq.fetch_add(1, Ordering::SeqCst) + 1;
-        let body = RunnerReport::signed(key, event, &self.info.runner_id, self.build, idle_ms, seq);
-        let body = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
-        let request = async_nats::Request::new()
-            .payload(body.into())
-            .timeout(Some(timeout));
-        match self.client.send_request(subject.clone(), request).await {
-            Ok(msg) => serde_json::from_slice::<ParentAnswer>(&msg.payload)
-                .map(|a| a.ok)
-                .map_err(|e| format!("unreadable answer on {subject}: {e}")),
-            Err(e) => {
-                debug!(event = event.as_str(), "parent did not answer: {e}");
-                Err(match e.kind() {
-                    RequestErrorKind::NoResponders => format!(
-                        "nobody listens on {subject}: the parent is gone, or this runner's \
-                         NATS user is not in the parent's account"
-                    ),
-                    _ => format!("no answer on {subject}: {e}"),
-                })
-            }
+/// [`ask_parent`], saying why there was no answer.
+async fn request_parent(
+    runner: &Runner,
+    event: ReportKind,
+    idle_ms: u64,
+    timeout: Duration,
+) -> Result<bool, String> {
+    let key = runner
+        .event_key
+        .as_ref()
+        .ok_or_else(|| "no event key".to_string())?;
+    let subject = subjects::parent_event(&runner.info.pool, &runner.info.parent_id, event);
+    let seq = runner.event_seq.fetch_add(1, Ordering::SeqCst) + 1;
+    let body = RunnerReport::signed(
+        key,
+        event,
+        &runner.info.runner_id,
+        runner.build,
+        idle_ms,
+        seq,
+    );
+    let body = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
+    let request = async_nats::Request::new()
+        .payload(body.into())
+        .timeout(Some(timeout));
+    match runner.client.send_request(subject.clone(), request).await {
+        Ok(msg) => serde_json::from_slice::<ParentAnswer>(&msg.payload)
+            .map(|a| a.ok)
+            .map_err(|e| format!("unreadable answer on {subject}: {e}")),
+        Err(e) => {
+            debug!(event = event.as_str(), "parent did not answer: {e}");
+            Err(match e.kind() {
+                RequestErrorKind::NoResponders => format!(
+                    "nobody listens on {subject}: the parent is gone, or this runner's \
+                     NATS user is not in the parent's account"
+                ),
+                _ => format!("no answer on {subject}: {e}"),
+            })
         }
     }
 }

@@ -13,11 +13,26 @@
 //! its parent (or NATS) for the grace period it exits at once: nobody is
 //! left to receive the results.
 //!
+//! `impl Runner` is in this file only (cancelling a call, draining). The
+//! runner's parts each own their state and methods in their own file; the
+//! work done with the whole runner is functions of the file it is in,
+//! taking the runner (`dispatch::dispatch(runner, ..)`,
+//! `lifecycle::heartbeat(runner)`), so a call names its file:
+//!
 //! - [`dispatch`]: one request, from checks to reply;
-//! - [`counters`]: the runner's counters, as `nats micro stats` shows them;
+//! - [`check`]: checking a request (signature, envelope, build, function);
+//! - [`execute`]: running one call, the [`Executor`] part (the app's state,
+//!   its stream transport, how each function's polls went);
+//! - [`inline`]: when a call may run on the serve loop rather than a task
+//!   or a thread of its own;
+//! - [`work`]: the [`Work`] part (calls in flight, their permits, calls
+//!   waiting, the idle clock), and the calls a caller may cancel;
+//! - [`counters`]: the [`Counters`] part, as `nats micro stats` shows them;
 //! - [`request`]: a call alone or in a batch, and how it is answered;
+//! - [`unconfirmed`]: replies kept until the server has them for sure;
 //! - [`lifecycle`]: the heartbeat, and the watch that decides to stop;
-//! - [`lease`]: a shared pool runner's lease in the KV bucket;
+//! - [`lease`]: the [`Lease`] part, a shared pool runner's lease in the KV
+//!   bucket;
 //! - [`logs`]: forwarding its log lines to the parent, when asked.
 
 mod check;
@@ -33,17 +48,15 @@ mod unconfirmed;
 mod work;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::service::ServiceExt;
 use flame_core::registry::Registry;
 use flame_core::state::States;
-use flame_core::stream::StreamTransport;
 use flame_core::{Error, RUNNER_FAILURE_PREFIX};
 use futures::StreamExt;
-use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
@@ -51,14 +64,14 @@ use crate::build_id::build_id;
 use crate::connect::{connect_watched, Mark, Outages, UrlCredentials};
 use crate::protocol::bootstrap::ParentInfo;
 use crate::protocol::call::WireErrorKind;
-use crate::protocol::lease::LeaseState;
 use crate::protocol::reports::{ReportKey, ReportKind};
 use crate::protocol::sign::{read_cancel, read_retire, CallKey, ReplayGuard};
 use crate::protocol::subjects;
 use crate::stream_hub::StreamHub;
 use counters::Counters;
-use lease::LeaseKeeper;
-use work::Cancellable;
+use execute::Executor;
+use lease::{Lease, LeaseKeeper};
+use work::{Cancellable, Work};
 
 /// Why a runner stops; decides whether in-flight work may finish.
 #[derive(Debug)]
@@ -112,23 +125,12 @@ struct Runner {
     client: async_nats::Client,
     registry: &'static Registry,
     build: &'static str,
+    /// The runner's counters, as `nats micro stats` shows them.
     counters: Arc<Counters>,
-    started: Instant,
-    /// When the runner last started or finished work, in milliseconds since
-    /// `started` (an atomic: this is touched twice per call).
-    last_active_ms: AtomicU64,
-    /// Per function, how its first polls went (see [`Runner::dispatch`]).
-    slow_polls: HashMap<&'static str, inline::PollWatch>,
-    /// Set while stopping; only then do finished calls wake the drain.
-    draining: AtomicBool,
-    /// Woken when in-flight work finishes during the drain.
-    work_done: Notify,
-    /// The app's state, for functions that take `State<T>`.
-    states: States,
-    /// Streams this runner sends and receives.
-    streams: Arc<StreamHub>,
-    /// The same, as the transport that arguments and results use.
-    transport: Arc<dyn StreamTransport>,
+    /// Its work under way, and its idle clock.
+    work: Arc<Work>,
+    /// Runs the app's functions.
+    executor: Executor,
     /// Signs events to the parent (private pools).
     event_key: Option<ReportKey>,
     /// Checks the signatures of calls and cancellations: derived from the
@@ -148,23 +150,13 @@ struct Runner {
     parent_heard_ms: AtomicU64,
     /// The parent answered that it no longer knows this runner.
     parent_refused: AtomicBool,
-    /// The scaler removed this runner's lease (shared pools).
-    lease_lost: AtomicBool,
-    /// One permit per concurrent call: the runner itself never runs more
-    /// than `max_concurrency` calls, whatever its parents believe (in a
-    /// shared pool, parents place calls without seeing each other's).
-    permits: Arc<Semaphore>,
-    /// Calls waiting for a permit.
-    queued: AtomicUsize,
     /// The outages of this runner's NATS connection, which its lease
     /// reports: calls sent to it during one are lost.
     outages: Arc<std::sync::Mutex<Outages>>,
     /// Replies the server may not have yet, sent again after an outage.
     unconfirmed: unconfirmed::Unconfirmed,
-    /// Woken when calls start queueing, so the lease shows it soon.
-    lease_dirty: Notify,
     /// The runner's lease, in a shared pool.
-    lease: tokio::sync::Mutex<Option<LeaseKeeper>>,
+    lease: Lease,
 }
 
 async fn run(
@@ -291,38 +283,28 @@ async fn run(
         client,
         registry,
         build,
+        work: Arc::new(Work::new(
+            counters.clone(),
+            streams.clone(),
+            max_concurrency,
+        )),
         counters,
-        slow_polls: registry
-            .names()
-            .into_iter()
-            .map(|name| (name, inline::PollWatch::default()))
-            .collect(),
-        started: Instant::now(),
-        transport: streams.clone(),
-        streams,
-        states,
+        executor: Executor::new(registry, states, streams),
         event_key,
         call_key,
         replays: Default::default(),
         event_seq: AtomicU64::new(0),
-        last_active_ms: AtomicU64::new(0),
-        draining: AtomicBool::new(false),
-        work_done: Notify::new(),
         parent_heard_ms: AtomicU64::new(0),
         parent_refused: AtomicBool::new(false),
-        lease_lost: AtomicBool::new(false),
-        permits: Arc::new(Semaphore::new(max_concurrency.max(1))),
-        queued: AtomicUsize::new(0),
-        lease_dirty: Notify::new(),
-        lease: tokio::sync::Mutex::new(lease),
+        lease: Lease::new(lease),
         outages: connection.outages.clone(),
         unconfirmed: Default::default(),
     });
     let announce = async {
         if runner.info.shared {
-            runner.announce_ready_in_lease().await
+            runner.lease.mark_ready(runner.build).await
         } else {
-            runner.announce_ready(failsafe_deadline).await
+            lifecycle::announce_ready(&runner, failsafe_deadline).await
         }
     };
     permissions.guard(&Mark::default(), announce).await?;
@@ -365,7 +347,7 @@ async fn run(
             }
             request = endpoint.next() => match request {
                 Some(request) => {
-                    let done = runner.clone().dispatch(request);
+                    let done = dispatch::dispatch(runner.clone(), request);
                     for (reply, task) in done.cancellable {
                         cancellable.insert(reply, task);
                     }
@@ -393,9 +375,13 @@ async fn run(
     while let Ok(Some(request)) =
         tokio::time::timeout(Duration::from_millis(100), endpoint.next()).await
     {
-        runner
-            .refuse(request, WireErrorKind::Draining, dispatch::NOTHING_RAN)
-            .await;
+        dispatch::refuse(
+            &runner,
+            request,
+            WireErrorKind::Draining,
+            dispatch::NOTHING_RAN,
+        )
+        .await;
     }
     let _ = service.stop().await;
     let reason = match stop {
@@ -403,15 +389,9 @@ async fn run(
             // Tell the parents first, so they place nothing new here.
             let heartbeat = Duration::from_millis(runner.info.heartbeat_ms);
             if runner.info.shared {
-                let _ = tokio::time::timeout(heartbeat, async {
-                    let mut lease = runner.lease.lock().await;
-                    if let Some(keeper) = lease.as_mut() {
-                        let _ = keeper.write(|l| l.state = LeaseState::Draining).await;
-                    }
-                })
-                .await;
+                let _ = tokio::time::timeout(heartbeat, runner.lease.mark_draining()).await;
             } else {
-                runner.ask_parent(ReportKind::Stopping, 0, heartbeat).await;
+                lifecycle::ask_parent(&runner, ReportKind::Stopping, 0, heartbeat).await;
             }
             runner.drain(&mut cancels, &mut cancellable).await;
             reason
@@ -425,12 +405,7 @@ async fn run(
         }
     };
     if runner.info.shared {
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            if let Some(keeper) = runner.lease.lock().await.as_ref() {
-                keeper.remove().await;
-            }
-        })
-        .await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), runner.lease.remove()).await;
     }
     heartbeat.abort();
     confirming.abort();
@@ -461,10 +436,10 @@ impl Runner {
     /// Waits for in-flight work, up to the shutdown timeout, still taking
     /// cancellations from callers that stop waiting.
     async fn drain(&self, cancels: &mut async_nats::Subscriber, cancellable: &mut Cancellable) {
-        self.draining.store(true, Ordering::SeqCst);
+        self.work.start_draining();
         let deadline = Instant::now() + Duration::from_millis(self.info.shutdown_timeout_ms);
         loop {
-            let done = self.work_done.notified();
+            let done = self.work.done();
             let left = self.counters.in_flight.load(Ordering::SeqCst);
             if left == 0 {
                 return;
