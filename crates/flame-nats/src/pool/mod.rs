@@ -209,7 +209,7 @@ impl PoolInner {
         };
         drop(waiters);
         // Private pools announce their runners' end; a shared pool's last
-        // parent out does (see `Fleet::leave`).
+        // parent out does (see `fleet::leave::leave`).
         let events = self.announcer.runner_events();
         entries
             .into_iter()
