@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_bytes::ByteBuf;
 
+use anyhow::Context;
+
 use crate::{
     echo, echo_bytes, echo_vec, pid, print_rows, rss_kib, sequential, spawn_raw_echo, streams,
     throughput, Row,
@@ -78,6 +80,11 @@ const ROWS: &[RowSpec] = &[
         name: "idle resident memory after load (raw: echo responder)",
         unit: "MB",
         target: "≤ 10 MB",
+    },
+    RowSpec {
+        name: "of which anonymous (heap, stacks; the rest is the binary's pages)",
+        unit: "MB",
+        target: "",
     },
     RowSpec {
         name: "stream parent → runner, 128 KiB chunks (raw: publish)",
@@ -235,16 +242,11 @@ async fn round(flame: &flame::Flame, url: &str, i: usize) -> anyhow::Result<Roun
     // Both responders have served the same calls: rest, then read memory.
     let runner_pid = flame::call!(pool, pid()).await?;
     tokio::time::sleep(IDLE_REST).await;
+    let echo_pid = echo_proc.id().unwrap_or(0);
     let runner_mb = rss_kib(runner_pid)? as f64 / 1024.0;
-    for (who, pid) in [("runner", runner_pid), ("raw echo", echo_proc.id().unwrap_or(0))] {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let parts: Vec<&str> = status
-            .lines()
-            .filter(|l| l.starts_with("Rss") || l.starts_with("Threads"))
-            .collect();
-        eprintln!("{who}: {}", parts.join(", "));
-    }
-    let echo_mb = rss_kib(echo_proc.id().unwrap_or(0))? as f64 / 1024.0;
+    let echo_mb = rss_kib(echo_pid)? as f64 / 1024.0;
+    let runner_anon_mb = status_kib(runner_pid, "RssAnon:")? as f64 / 1024.0;
+    let echo_anon_mb = status_kib(echo_pid, "RssAnon:")? as f64 / 1024.0;
     pool.shutdown().await;
     drop(echo_proc);
 
@@ -264,9 +266,20 @@ async fn round(flame: &flame::Flame, url: &str, i: usize) -> anyhow::Result<Roun
     cold.sort();
     values.push((f64::NAN, cold[cold.len() / 2].as_secs_f64() * 1e3));
     values.push((echo_mb, runner_mb));
+    values.push((echo_anon_mb, runner_anon_mb));
 
     let st = streams(flame, url, STREAM_MIB).await?;
     values.push((st.raw, st.to_runner));
     values.push((st.raw, st.to_parent));
     Ok(Round { values })
+}
+
+/// A field of `/proc/<pid>/status` in KiB (`RssAnon:`, say).
+fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
