@@ -341,8 +341,8 @@ impl PoolModel {
     }
 
     /// The numbers pool events report: runners, ready, load, waiting.
-    pub(crate) fn counts(&self) -> crate::announce::Counts {
-        crate::announce::Counts {
+    pub(crate) fn counts(&self) -> crate::ops::Counts {
+        crate::ops::Counts {
             runners: self.runners.len(),
             ready: self.count(RunnerState::Ready),
             load: self.runners.values().map(|r| r.load).sum(),
