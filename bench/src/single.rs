@@ -236,7 +236,10 @@ async fn round(flame: &flame::Flame, url: &str, i: usize) -> anyhow::Result<Roun
     let runner_pid = flame::call!(pool, pid()).await?;
     tokio::time::sleep(IDLE_REST).await;
     let runner_mb = rss_kib(runner_pid)? as f64 / 1024.0;
-    for (who, pid) in [("runner", runner_pid), ("raw echo", echo_proc.id().unwrap_or(0))] {
+    for (who, pid) in [
+        ("runner", runner_pid),
+        ("raw echo", echo_proc.id().unwrap_or(0)),
+    ] {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let parts: Vec<&str> = status
             .lines()
