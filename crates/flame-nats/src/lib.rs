@@ -2,26 +2,28 @@
 //! between them. Apps normally use the `flame` crate, which re-exports this
 //! one; `PROTOCOL.md` at the repository root describes every message.
 //!
-//! Modules, by concept:
-//! - [`flame`](crate::Flame): connecting as a parent, or serving as a runner;
-//!   `connect`: reaching NATS (URLs, credentials, reconnects, outages,
-//!   permissions); `replies`: the one reply inbox of all calls;
-//! - `config`, `hooks`: a pool's settings and its grow/shrink callbacks
-//!   (the in-process pool hooks, told a [`PoolChange`]);
+//! Modules, by what they serve:
+//! - `parent`: the parent process's side: the entry point
+//!   ([`Flame`], [`init`], [`serve_if_runner`]), what every pool of one
+//!   parent shares, the one reply inbox of all calls, and the build
+//!   identity ([`build_id`]);
+//! - `connect`: reaching NATS (URLs, credentials, reconnects, outages,
+//!   permissions), and [`embedded`], a private nats-server;
+//! - `config`: a pool's settings ([`PoolConfig`]);
 //! - `pool`: the parent side of a pool (builder, calls, slots, runners,
 //!   runner reports, placement model);
 //! - `boot`: booting runners through a backend, for private and shared
-//!   pools alike;
+//!   pools alike, and the grow/shrink callbacks (told a [`PoolChange`]);
 //! - `fleet`: shared pools over a JetStream KV bucket (mirror, election,
 //!   scaler, and `fleet::kv`: reading and compare-and-set of that bucket);
 //! - `runner`: the runner side (dispatch, checks, execution, lifecycle,
 //!   lease);
 //! - `stream_hub`: the transport of streams and channels, with flow control;
-//! - `announce`: publishing pool events (for operators: [`ops`]);
+//! - [`ops`]: pool events for operators, and their publishing;
 //! - `trace`: the W3C trace context a call carries to its runner;
 //! - `protocol`: subjects, headers, bodies and KV records;
 //! - [`env`](mod@env): the environment variables flame reads;
-//! - [`embedded`]: a private nats-server.
+//! - `otel`: OpenTelemetry export (feature `otel`).
 //!
 //! Runs on Linux and macOS: the build id and tying child processes to
 //! their parent use mechanisms both have (see [`build_id`] and
@@ -31,35 +33,20 @@
 // On docs.rs: mark the items that need a feature or a system.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-mod announce;
 mod boot;
-mod build_id;
 mod config;
 mod connect;
-pub mod embedded;
 pub mod env;
-mod flame;
 mod fleet;
-mod hooks;
+pub mod ops;
 #[cfg(feature = "otel")]
 pub mod otel;
 mod parent;
 mod pool;
 mod protocol;
-mod replies;
 mod runner;
 mod stream_hub;
 mod trace;
-
-/// Following pools from an app or a tool: the pool events parents publish
-/// on `flame.<pool>.events.<kind>` and the answers to `flame.pools.info`
-/// (section 11 of `PROTOCOL.md`). The `flame` command is built on it.
-pub mod ops {
-    pub use crate::protocol::pool_events::{
-        event_subject, events_wildcard, EventKind, PoolEventMessage, PoolInfo, Reason,
-        EVENT_TYPE_PREFIX, POOLS_INFO_SUBJECT,
-    };
-}
 
 /// Plumbing for operators' tools such as the `flame` command: connecting
 /// to NATS the way parents and runners do (the same environment
@@ -72,11 +59,10 @@ pub mod tool {
     };
 }
 
-pub use build_id::build_id;
+pub use boot::PoolChange;
 pub use config::PoolConfig;
-pub use connect::ConnectHook;
-pub use flame::{init, serve_if_runner, Flame, FlameBuilder};
-pub use hooks::PoolChange;
+pub use connect::{embedded, ConnectHook};
+pub use parent::{build_id, init, serve_if_runner, Flame, FlameBuilder};
 pub use pool::builder::PoolBuilder;
 pub use pool::call::CallOptions;
 pub use pool::child::{Child, ChildExit, ChildOptions};

@@ -1,13 +1,21 @@
-//! Connecting to NATS: server lists, timeouts, and the connection events a
-//! parent reacts to. One concept a file: `urls.rs` (server lists, URLs
-//! without credentials), `credentials.rs` (credentials in a URL),
-//! `options.rs` (options from the environment), `dial.rs` (connecting),
-//! `pacing.rs` (reconnect pacing), `expiry.rs` (expired user JWTs),
-//! `watched.rs` (a parent's or runner's connection and its events),
-//! `outages.rs`, `permissions.rs` (what the server refused).
+//! Connecting to NATS: server lists, timeouts, the connection events a
+//! parent reacts to, and the private server used when there is no URL.
+//! One concept a file:
+//! - `urls.rs`: server lists, URLs without credentials;
+//! - `credentials.rs`: credentials in a URL;
+//! - `options.rs`: options from the environment;
+//! - `dial.rs`: connecting;
+//! - `pacing.rs`: reconnect pacing;
+//! - `expiry.rs`: expired user JWTs;
+//! - `watched.rs`: a parent's or runner's connection and its events;
+//! - `outages.rs`: outages of that connection;
+//! - `permissions.rs`: what the server refused;
+//! - `embedded.rs`: a private nats-server child process (public as
+//!   `flame_nats::embedded`).
 
 mod credentials;
 mod dial;
+pub mod embedded;
 mod expiry;
 mod options;
 mod outages;

@@ -11,10 +11,10 @@ use flame_core::Error;
 use tracing::{debug, warn};
 
 use super::{reap, Fleet, PoolPort};
-use crate::announce::Outgoing;
 use crate::boot::boot_failure_reason;
 use crate::boot::BootFailure;
 use crate::fleet::kv;
+use crate::ops::Outgoing;
 use crate::protocol::lease::{LeaseState, RunnerLease};
 use crate::protocol::pool_events::EventKind;
 use crate::protocol::subjects;

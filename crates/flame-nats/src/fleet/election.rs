@@ -13,8 +13,8 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::{leave, scaler, Fleet, PoolPort};
-use crate::announce::Outgoing;
 use crate::fleet::kv::{self, Cas};
+use crate::ops::Outgoing;
 use crate::protocol::lease::{ParentLease, ScalerLease};
 use crate::protocol::pool_events::EventKind;
 use crate::protocol::subjects;

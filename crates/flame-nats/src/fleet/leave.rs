@@ -12,7 +12,7 @@ use futures::StreamExt;
 use tracing::{debug, warn};
 
 use super::{bucket_subjects, Fleet};
-use crate::announce::{Counts, Outgoing};
+use crate::ops::{Counts, Outgoing};
 use crate::protocol::pool_events::{EventKind, Reason};
 use crate::protocol::subjects;
 

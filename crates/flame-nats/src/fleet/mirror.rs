@@ -18,8 +18,8 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::{Fleet, Owned, PoolPort};
-use crate::announce::{Counts, Outgoing};
 use crate::boot::RetryGate;
+use crate::ops::{Counts, Outgoing};
 use crate::protocol::lease::{LeaseState, ParentLease, RunnerLease, ScalerLease, Slots};
 use crate::protocol::pool_events::{EventKind, Reason};
 use crate::protocol::subjects;

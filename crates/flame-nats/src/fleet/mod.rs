@@ -60,9 +60,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::announce::{Counts, Outgoing, PoolAnnouncer};
 use crate::boot::Booter;
 use crate::config::PoolConfig;
+use crate::ops::{Counts, Outgoing, PoolAnnouncer};
 use crate::parent::ParentContext;
 use crate::protocol::call as wire;
 use crate::protocol::lease::{RunnerLease, Slots};

@@ -10,9 +10,9 @@ use tracing::info;
 
 use super::{booting, orphans, reports, runners, Pool, PoolInner};
 use crate::boot::Booter;
+use crate::boot::{Hooks, PoolChange};
 use crate::config::PoolConfig;
 use crate::fleet::Fleet;
-use crate::hooks::{Hooks, PoolChange};
 use crate::parent::ParentContext;
 use crate::protocol::pool_events::POOLS_INFO_SUBJECT;
 use crate::protocol::reports::{ReportKey, ReportKind};

@@ -14,8 +14,8 @@ use super::link::{self, RunnerLink};
 use super::model::RunnerId;
 use super::slot::{self, Slot};
 use super::PoolInner;
+use crate::parent::Replies;
 use crate::protocol::call::{self as wire, Reply};
-use crate::replies::Replies;
 use crate::stream_hub::{holding, scoped, CallStreams, StreamHub};
 use crate::trace::{self, TraceContext};
 

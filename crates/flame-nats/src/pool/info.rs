@@ -14,7 +14,7 @@ use tracing::debug;
 use super::model::{PoolModel, RunnerId};
 use super::runners::RunnerEntry;
 use super::{PoolInner, State};
-use crate::announce::{Counts, Outgoing, PoolAnnouncer};
+use crate::ops::{Counts, Outgoing, PoolAnnouncer};
 use crate::protocol::pool_events::{format_time, EventKind, PoolInfo};
 
 /// How long a runner stays idle before `runner_idle` says so: a runner

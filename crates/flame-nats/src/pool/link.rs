@@ -26,12 +26,12 @@ use flame_core::Error;
 use tracing::debug;
 
 use super::model::RunnerId;
+use crate::parent::Replies;
 use crate::protocol::batch::{batch_body, split_reply, BatchedCall, PER_CALL_OVERHEAD};
 use crate::protocol::call as wire;
 use crate::protocol::pool_events::{classify_gone, Reason};
 use crate::protocol::sign::CallKey;
 use crate::protocol::subjects;
-use crate::replies::Replies;
 use crate::stream_hub::RunnerStreams;
 use crate::trace::TraceContext;
 

@@ -65,10 +65,10 @@ use tracing::{info, warn};
 
 use futures::future::BoxFuture;
 
-use crate::announce::{Counts, Outgoing};
 use crate::boot::Booter;
 use crate::config::PoolConfig;
 use crate::fleet::Fleet;
+use crate::ops::{Counts, Outgoing};
 use crate::parent::ParentContext;
 use crate::protocol::pool_events::{gone_reason, EventKind, Reason};
 pub use handle::{PoolStatus, RunnerInfo};

@@ -15,7 +15,7 @@ use tracing::debug;
 use super::model::RunnerId;
 use super::slot::{deliver, Handoff};
 use super::{booting, logs, PoolInner};
-use crate::announce::Outgoing;
+use crate::ops::Outgoing;
 use crate::protocol::logs::LOGS_TOKEN;
 use crate::protocol::pool_events::{EventKind, Reason};
 use crate::protocol::reports::{ParentAnswer, ReportKind, RunnerReport};

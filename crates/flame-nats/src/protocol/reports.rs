@@ -2,7 +2,7 @@
 //! (ready, leave, ping, stopping), and the parent's answers: request/reply
 //! on `flame.<pool>.parent.<parent_id>.<report>` with JSON bodies. (Not
 //! pool events, which parents publish for operators: `pool_events.rs`;
-//! nor the in-process pool hooks: `hooks.rs`.)
+//! nor the in-process pool hooks: `boot/hooks.rs`.)
 //!
 //! Every report is signed: the parent gives each runner a secret
 //! [`ReportKey`] in `FLAME_PARENT` (the field `event_key`, its name on the

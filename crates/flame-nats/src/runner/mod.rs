@@ -60,8 +60,8 @@ use futures::StreamExt;
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::build_id::build_id;
 use crate::connect::{connect_watched, Mark, Outages, UrlCredentials};
+use crate::parent::build_id;
 use crate::protocol::bootstrap::ParentInfo;
 use crate::protocol::call::WireErrorKind;
 use crate::protocol::reports::{ReportKey, ReportKind};

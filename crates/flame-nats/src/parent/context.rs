@@ -5,9 +5,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::replies::Replies;
+use crate::connect::embedded::NatsServer;
 use crate::connect::ConnectionEvents;
-use crate::embedded::NatsServer;
-use crate::replies::Replies;
 
 /// One connected parent, shared by its pools.
 pub(crate) struct ParentContext {
@@ -26,7 +26,7 @@ pub(crate) struct ParentContext {
     /// The private nats-server this parent started, if any; stopped with it.
     pub(crate) embedded: std::sync::Mutex<Option<NatsServer>>,
     /// Publishes its pools' events.
-    pub(crate) announcer: crate::announce::Announcer,
+    pub(crate) announcer: crate::ops::Announcer,
 }
 
 /// The NATS URL runners connect to (never with credentials), and the

@@ -5,16 +5,16 @@ use std::time::Duration;
 
 use flame_core::{Error, Registry, States};
 
-use crate::build_id::build_id;
+use super::build_id::build_id;
+use super::context::{ParentContext, RunnerUrl};
+use super::replies::Replies;
+use crate::connect::embedded::NatsServer;
 use crate::connect::{
     connect_watched, options_from_env_and, without_credentials, ConnectHook, Mark, UrlCredentials,
 };
-use crate::embedded::NatsServer;
-use crate::parent::{ParentContext, RunnerUrl};
 use crate::pool::builder::PoolBuilder;
 use crate::protocol::bootstrap::ParentInfo;
 use crate::protocol::subjects;
-use crate::replies::Replies;
 use crate::stream_hub::StreamHub;
 
 /// Sets up flame in `main`: [`serve_if_runner`], then
@@ -349,7 +349,7 @@ impl FlameBuilder {
             url: without_credentials(given.as_deref().unwrap_or(&nats_url)),
             credentials: runner_credentials,
         };
-        let announcer = crate::announce::Announcer::start(
+        let announcer = crate::ops::Announcer::start(
             client.clone(),
             parent_id.as_str().into(),
             build_id.clone(),
