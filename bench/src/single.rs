@@ -16,8 +16,7 @@ use serde_bytes::ByteBuf;
 use anyhow::Context;
 
 use crate::{
-    echo, echo_bytes, echo_vec, pid, print_rows, rss_kib, sequential, spawn_raw_echo, streams,
-    throughput, Row,
+    echo, echo_bytes, echo_vec, pid, print_rows, rss_kib, spawn_raw_echo, streams, throughput, Row,
 };
 
 /// Sequential calls per round for the small payloads (the 512 KiB row
@@ -162,25 +161,29 @@ async fn round(flame: &flame::Flame, url: &str, i: usize) -> anyhow::Result<Roun
         .start()
         .await?;
 
+    eprintln!("  sequential 100 B, throughput...");
     // Sequential 100 B, then one caller's throughput.
     let small = Bytes::from(vec![0xABu8; 100]);
-    let raw_seq = sequential(SEQUENTIAL, || {
-        let (raw, p, s) = (raw.clone(), small.clone(), subject.clone());
+    let raw_req = |p: Bytes| {
+        let (raw, s) = (raw.clone(), subject.clone());
         async move {
             raw.request(s, p).await?;
-            Ok(())
+            anyhow::Ok(())
         }
-    })
+    };
+    let [raw_seq, fl_seq] = interleaved(
+        SEQUENTIAL,
+        || raw_req(small.clone()),
+        || {
+            let (pool, p) = (pool.clone(), ByteBuf::from(small.to_vec()));
+            async move {
+                flame::call!(pool, echo(p)).await?;
+                Ok(())
+            }
+        },
+    )
     .await?;
-    let fl_seq = sequential(SEQUENTIAL, || {
-        let (pool, p) = (pool.clone(), ByteBuf::from(small.to_vec()));
-        async move {
-            flame::call!(pool, echo(p)).await?;
-            Ok(())
-        }
-    })
-    .await?;
-    values.push((us(raw_seq.p50), us(fl_seq.p50)));
+    values.push((us(raw_seq), us(fl_seq)));
     let (raw2, p2, s2) = (raw.clone(), small.clone(), subject.clone());
     let raw_rate = throughput(1, THROUGHPUT_FOR, move |_| {
         let (raw, p, s) = (raw2.clone(), p2.clone(), s2.clone());
@@ -201,7 +204,9 @@ async fn round(flame: &flame::Flame, url: &str, i: usize) -> anyhow::Result<Roun
     .await?;
     values.push((raw_rate, fl_rate));
 
-    // Larger payloads: Bytes both sides, then a plain Vec<u8> for flame.
+    eprintln!("  payloads...");
+    // Larger payloads: Bytes both sides, then a plain Vec<u8> for flame
+    // (made for each call, as a caller would).
     for size in [10usize << 10, 512 << 10] {
         let data = Bytes::from(vec![0xABu8; size]);
         let n = if size > 100_000 {
@@ -209,36 +214,37 @@ async fn round(flame: &flame::Flame, url: &str, i: usize) -> anyhow::Result<Roun
         } else {
             SEQUENTIAL
         };
-        let raw_l = sequential(n, || {
-            let (raw, p, s) = (raw.clone(), data.clone(), subject.clone());
-            async move {
-                raw.request(s, p).await?;
-                Ok(())
-            }
-        })
-        .await?;
-        let bytes_l = sequential(n, || {
-            let (pool, d) = (pool.clone(), data.clone());
-            async move {
-                flame::call!(pool, echo_bytes(d)).await?;
-                Ok(())
-            }
-        })
-        .await?;
-        values.push((us(raw_l.p50), us(bytes_l.p50)));
-        if size > 100_000 {
-            let vec_l = sequential(n, || {
-                let (pool, d) = (pool.clone(), data.to_vec());
+        let [raw_l, bytes_l] = interleaved(
+            n,
+            || raw_req(data.clone()),
+            || {
+                let (pool, d) = (pool.clone(), data.clone());
                 async move {
-                    flame::call!(pool, echo_vec(d)).await?;
+                    flame::call!(pool, echo_bytes(d)).await?;
                     Ok(())
                 }
-            })
+            },
+        )
+        .await?;
+        values.push((us(raw_l), us(bytes_l)));
+        if size > 100_000 {
+            let [raw_l, vec_l] = interleaved(
+                n,
+                || raw_req(data.clone()),
+                || {
+                    let (pool, d) = (pool.clone(), data.to_vec());
+                    async move {
+                        flame::call!(pool, echo_vec(d)).await?;
+                        Ok(())
+                    }
+                },
+            )
             .await?;
-            values.push((us(raw_l.p50), us(vec_l.p50)));
+            values.push((us(raw_l), us(vec_l)));
         }
     }
 
+    eprintln!("  idle memory...");
     // Both responders have served the same calls: rest, then read memory.
     let runner_pid = flame::call!(pool, pid()).await?;
     tokio::time::sleep(IDLE_REST).await;
@@ -250,6 +256,7 @@ async fn round(flame: &flame::Flame, url: &str, i: usize) -> anyhow::Result<Roun
     pool.shutdown().await;
     drop(echo_proc);
 
+    eprintln!("  cold starts...");
     // Cold start: a fresh pool, its first call (process spawn included).
     let mut cold = Vec::new();
     for k in 0..COLD_RUNS {
@@ -268,6 +275,7 @@ async fn round(flame: &flame::Flame, url: &str, i: usize) -> anyhow::Result<Roun
     values.push((echo_mb, runner_mb));
     values.push((echo_anon_mb, runner_anon_mb));
 
+    eprintln!("  streams...");
     let st = streams(flame, url, STREAM_MIB).await?;
     values.push((st.raw, st.to_runner));
     values.push((st.raw, st.to_parent));
@@ -282,4 +290,32 @@ fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+/// p50 latencies of `n` calls of `a` and `n` of `b`, taken in turns (after
+/// a fifth as many of each to warm up), so that both see the same moments
+/// of a noisy machine.
+async fn interleaved<A, FA, B, FB>(n: usize, mut a: A, mut b: B) -> anyhow::Result<[Duration; 2]>
+where
+    A: FnMut() -> FA,
+    FA: std::future::Future<Output = anyhow::Result<()>>,
+    B: FnMut() -> FB,
+    FB: std::future::Future<Output = anyhow::Result<()>>,
+{
+    for _ in 0..n / 5 {
+        a().await?;
+        b().await?;
+    }
+    let (mut ta, mut tb) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n {
+        let t = Instant::now();
+        a().await?;
+        ta.push(t.elapsed());
+        let t = Instant::now();
+        b().await?;
+        tb.push(t.elapsed());
+    }
+    ta.sort();
+    tb.sort();
+    Ok([ta[n / 2], tb[n / 2]])
 }
