@@ -92,15 +92,9 @@ fn own_rss_kib() -> u64 {
     proc_status_kib("VmRSS:")
 }
 
+/// A field of this process's `/proc/self/status` in KiB (0 if unreadable).
 fn proc_status_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+    status_kib(std::process::id(), field).unwrap_or(0)
 }
 
 /// A child that sends back every message it gets.
@@ -1114,12 +1108,17 @@ async fn raw_echo(url: &str, subject: &str) -> anyhow::Result<()> {
 }
 
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A field of `/proc/<pid>/status` in KiB (`VmRSS:`, `RssAnon:`, ...).
+fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS")
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
 /// Stream measures.

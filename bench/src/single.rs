@@ -13,10 +13,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_bytes::ByteBuf;
 
-use anyhow::Context;
-
 use crate::{
-    echo, echo_bytes, echo_vec, pid, print_rows, rss_kib, spawn_raw_echo, streams, throughput, Row,
+    echo, echo_bytes, echo_vec, pid, print_rows, rss_kib, spawn_raw_echo, status_kib, streams,
+    throughput, Row,
 };
 
 /// Sequential calls per round for the small payloads (the 512 KiB row
@@ -280,16 +279,6 @@ async fn round(flame: &flame::Flame, url: &str, i: usize) -> anyhow::Result<Roun
     values.push((st.raw, st.to_runner));
     values.push((st.raw, st.to_parent));
     Ok(Round { values })
-}
-
-/// A field of `/proc/<pid>/status` in KiB (`RssAnon:`, say).
-fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
 /// p50 latencies of `n` calls of `a` and `n` of `b`, taken in turns (after
