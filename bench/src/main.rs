@@ -138,16 +138,39 @@ async fn main() -> anyhow::Result<()> {
     }
     START_TICKS.get_or_init(cpu::machine_ticks);
     let quick = args.iter().any(|a| a == "--quick");
-    // `--profile-call <bytes>`: sequential `echo_bytes` calls of that size
-    // for 10 s on one runner (to attach a profiler to).
+    // `--profile-call <bytes> [--vec]`: sequential `echo_bytes` calls of
+    // that size (`echo_vec` with `--vec`) for 10 s on one runner (to attach
+    // a profiler to).
     if let Some(at) = args.iter().position(|a| a == "--profile-call") {
         let size: usize = args.get(at + 1).and_then(|n| n.parse().ok()).unwrap_or(100);
         let pool = flame.pool("bench").min(1).max(1).start().await?;
         let data = Bytes::from(vec![0xABu8; size]);
         let started = Instant::now();
         let mut n = 0u64;
+        let vec = args.iter().any(|a| a == "--vec");
         while started.elapsed() < Duration::from_secs(10) {
-            flame::call!(pool, echo_bytes(data.clone())).await?;
+            if vec {
+                flame::call!(pool, echo_vec(data.to_vec())).await?;
+            } else {
+                flame::call!(pool, echo_bytes(data.clone())).await?;
+            }
+            n += 1;
+        }
+        println!("{:.0} µs a call", 10e6 / n as f64);
+        return Ok(());
+    }
+    // `--profile-raw <bytes>`: the same loop against a raw async-nats echo
+    // process (the baseline, for the same profiler).
+    if let Some(at) = args.iter().position(|a| a == "--profile-raw") {
+        let size: usize = args.get(at + 1).and_then(|n| n.parse().ok()).unwrap_or(100);
+        let url = flame.nats_url().to_string();
+        let _echo = spawn_raw_echo(&url, "bench.profile").await?;
+        let raw = async_nats::connect(url.as_str()).await?;
+        let data = Bytes::from(vec![0xABu8; size]);
+        let started = Instant::now();
+        let mut n = 0u64;
+        while started.elapsed() < Duration::from_secs(10) {
+            raw.request("bench.profile", data.clone()).await?;
             n += 1;
         }
         println!("{:.0} µs a call", 10e6 / n as f64);
@@ -167,6 +190,16 @@ async fn main() -> anyhow::Result<()> {
         cold.sort();
         println!("cold start p50 {:?}", cold[n / 2]);
         return Ok(());
+    }
+    // `--compare <bytes> [--calls N]`: one size's sequential row, quickly.
+    if let Some(at) = args.iter().position(|a| a == "--compare") {
+        let size: usize = args.get(at + 1).and_then(|n| n.parse().ok()).unwrap_or(100);
+        let calls = args
+            .iter()
+            .position(|a| a == "--calls")
+            .and_then(|at| args.get(at + 1)?.parse().ok())
+            .unwrap_or(2000);
+        return single::compare(&flame, size, calls).await;
     }
     // `--single [--runs N]`: one caller's measures, N rounds (3 by default).
     if args.iter().any(|a| a == "--single") {

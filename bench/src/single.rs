@@ -4,9 +4,10 @@
 //!
 //! Rows: sequential p50 at 100 B, 10 KiB and 512 KiB; throughput with one
 //! caller; cold start from a fresh pool (min 0, max 1, call to result,
-//! local backend); an idle runner's resident memory after load against a
-//! raw echo responder's after the same load; stream throughput both ways
-//! against raw publish.
+//! local backend) against a raw echo process's spawn to its first reply;
+//! an idle runner's resident memory after load against a raw echo
+//! responder's after the same load; stream throughput both ways against
+//! raw publish.
 
 use std::time::{Duration, Instant};
 
@@ -70,7 +71,7 @@ const ROWS: &[RowSpec] = &[
         target: "",
     },
     RowSpec {
-        name: "cold start p50: fresh pool (min 0, max 1), call to result",
+        name: "cold start p50: fresh pool (min 0, max 1), call to result (raw: spawn an echo process, first reply)",
         unit: "ms",
         target: "≤ 5 ms",
     },
@@ -119,8 +120,10 @@ pub(crate) async fn run(flame: &flame::Flame, runs: usize) -> anyhow::Result<()>
                 format!("{} {}", spread(v, 1), spec.unit)
             }
         };
-        let vs = if raw.iter().all(|x| x.is_nan()) || spec.unit == "ms" {
+        let vs = if raw.iter().all(|x| x.is_nan()) {
             format!("target {}", spec.target)
+        } else if spec.unit == "ms" {
+            format!("{}x (target {} for flame)", spread(&ratios, 2), spec.target)
         } else if spec.target.is_empty() {
             format!("{}x", spread(&ratios, 2))
         } else {
@@ -132,6 +135,49 @@ pub(crate) async fn run(flame: &flame::Flame, runs: usize) -> anyhow::Result<()>
         "{runs} rounds; each cell: median [min–max] over the rounds, ratios taken within each round\n"
     );
     print_rows(rows);
+    Ok(())
+}
+
+/// `--compare <bytes> [--calls N]`: only the sequential row of one size,
+/// raw and flame in turns, N calls each (2000 unless given) in each of 3
+/// rounds: a quick check of one change to the call path.
+pub(crate) async fn compare(flame: &flame::Flame, size: usize, calls: usize) -> anyhow::Result<()> {
+    let url = flame.nats_url().to_string();
+    let subject = "bench.compare";
+    let _echo = spawn_raw_echo(&url, subject).await?;
+    let raw = async_nats::connect(url.as_str()).await?;
+    let pool = flame.pool("bench-compare").min(1).max(1).start().await?;
+    let data = Bytes::from(vec![0xABu8; size]);
+    let mut ratios = Vec::new();
+    for _ in 0..3 {
+        let [r, f] = interleaved(
+            calls,
+            || {
+                let (raw, d) = (raw.clone(), data.clone());
+                async move {
+                    raw.request(subject, d).await?;
+                    anyhow::Ok(())
+                }
+            },
+            || {
+                let (pool, d) = (pool.clone(), data.clone());
+                async move {
+                    flame::call!(pool, echo_bytes(d)).await?;
+                    Ok(())
+                }
+            },
+        )
+        .await?;
+        println!(
+            "{size} B: raw p50 {:.1} µs, flame p50 {:.1} µs, {:.3}x",
+            r.as_secs_f64() * 1e6,
+            f.as_secs_f64() * 1e6,
+            f.as_secs_f64() / r.as_secs_f64()
+        );
+        ratios.push(f.as_secs_f64() / r.as_secs_f64());
+    }
+    println!("flame vs raw: {}x", spread(&ratios, 3));
+    pool.shutdown().await;
     Ok(())
 }
 
@@ -256,9 +302,18 @@ async fn round(flame: &flame::Flame, url: &str, i: usize) -> anyhow::Result<Roun
     drop(echo_proc);
 
     eprintln!("  cold starts...");
-    // Cold start: a fresh pool, its first call (process spawn included).
+    // Cold start: a fresh pool, its first call (process spawn included);
+    // raw: a fresh echo process (this binary, with nothing but an
+    // async-nats client), from its spawn to its first reply.
     let mut cold = Vec::new();
+    let mut raw_cold = Vec::new();
     for k in 0..COLD_RUNS {
+        let subject = format!("bench.cold.{i}.{k}");
+        let t = Instant::now();
+        let echo = spawn_raw_echo(url, &subject).await?;
+        raw.request(subject, Bytes::from(vec![0xABu8; 100])).await?;
+        raw_cold.push(t.elapsed());
+        drop(echo);
         let pool = flame
             .pool(format!("bench-cold-{i}-{k}"))
             .max(1)
@@ -270,7 +325,9 @@ async fn round(flame: &flame::Flame, url: &str, i: usize) -> anyhow::Result<Roun
         pool.shutdown().await;
     }
     cold.sort();
-    values.push((f64::NAN, cold[cold.len() / 2].as_secs_f64() * 1e3));
+    raw_cold.sort();
+    let ms = |v: &[Duration]| v[v.len() / 2].as_secs_f64() * 1e3;
+    values.push((ms(&raw_cold), ms(&cold)));
     values.push((echo_mb, runner_mb));
     values.push((echo_anon_mb, runner_anon_mb));
 
