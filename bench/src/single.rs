@@ -150,24 +150,7 @@ pub(crate) async fn compare(flame: &flame::Flame, size: usize, calls: usize) -> 
     let data = Bytes::from(vec![0xABu8; size]);
     let mut ratios = Vec::new();
     for _ in 0..3 {
-        let [r, f] = interleaved(
-            calls,
-            || {
-                let (raw, d) = (raw.clone(), data.clone());
-                async move {
-                    raw.request(subject, d).await?;
-                    anyhow::Ok(())
-                }
-            },
-            || {
-                let (pool, d) = (pool.clone(), data.clone());
-                async move {
-                    flame::call!(pool, echo_bytes(d)).await?;
-                    Ok(())
-                }
-            },
-        )
-        .await?;
+        let [r, f] = raw_and_bytes(calls, &raw, subject, &pool, &data).await?;
         println!(
             "{size} B: raw p50 {:.1} µs, flame p50 {:.1} µs, {:.3}x",
             r.as_secs_f64() * 1e6,
@@ -259,18 +242,7 @@ async fn round(flame: &flame::Flame, url: &str, i: usize) -> anyhow::Result<Roun
         } else {
             SEQUENTIAL
         };
-        let [raw_l, bytes_l] = interleaved(
-            n,
-            || raw_req(data.clone()),
-            || {
-                let (pool, d) = (pool.clone(), data.clone());
-                async move {
-                    flame::call!(pool, echo_bytes(d)).await?;
-                    Ok(())
-                }
-            },
-        )
-        .await?;
+        let [raw_l, bytes_l] = raw_and_bytes(n, &raw, &subject, &pool, &data).await?;
         values.push((us(raw_l), us(bytes_l)));
         if size > 100_000 {
             let [raw_l, vec_l] = interleaved(
@@ -336,6 +308,35 @@ async fn round(flame: &flame::Flame, url: &str, i: usize) -> anyhow::Result<Roun
     values.push((st.raw, st.to_runner));
     values.push((st.raw, st.to_parent));
     Ok(Round { values })
+}
+
+/// p50 latencies of `n` raw requests of `data` to the echo on `subject`
+/// and `n` flame calls of `echo_bytes` with it, taken in turns.
+async fn raw_and_bytes(
+    n: usize,
+    raw: &async_nats::Client,
+    subject: &str,
+    pool: &flame::Pool,
+    data: &Bytes,
+) -> anyhow::Result<[Duration; 2]> {
+    interleaved(
+        n,
+        || {
+            let (raw, s, d) = (raw.clone(), subject.to_string(), data.clone());
+            async move {
+                raw.request(s, d).await?;
+                anyhow::Ok(())
+            }
+        },
+        || {
+            let (pool, d) = (pool.clone(), data.clone());
+            async move {
+                flame::call!(pool, echo_bytes(d)).await?;
+                Ok(())
+            }
+        },
+    )
+    .await
 }
 
 /// p50 latencies of `n` calls of `a` and `n` of `b`, taken in turns (after
