@@ -198,7 +198,8 @@ async fn main() -> anyhow::Result<()> {
             .iter()
             .position(|a| a == "--calls")
             .and_then(|at| args.get(at + 1)?.parse().ok())
-            .unwrap_or(2000);
+            .unwrap_or(2000)
+            .max(1);
         return single::compare(&flame, size, calls).await;
     }
     // `--single [--runs N]`: one caller's measures, N rounds (3 by default).
