@@ -24,6 +24,17 @@ pub fn reversed(data: Vec<u8>, tag: u8) -> Result<Vec<u8>, String> {
     Ok(data)
 }
 
+/// The part of `data` from `from` on, or an error past its end: a `Bytes`
+/// argument and a `Result<Bytes, _>` result, which decode as slices of
+/// the message they came in.
+#[flame::remote]
+pub async fn tail(data: bytes::Bytes, from: usize) -> Result<bytes::Bytes, String> {
+    if from > data.len() {
+        return Err(format!("{from} is past the end ({})", data.len()));
+    }
+    Ok(data.slice(from..))
+}
+
 /// Blocks its thread for `ms` (a plain function that may block).
 #[flame::remote]
 pub fn nap(ms: u64) -> u64 {

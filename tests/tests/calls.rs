@@ -97,6 +97,26 @@ async fn byte_vectors_travel_whole_in_arguments_and_results() {
     assert_eq!(echoed, data);
 }
 
+/// `Bytes` arguments and results (alone or in a `Result`) arrive whole,
+/// at any size (each a slice of its message, see `crates/flame/tests`).
+#[tokio::test]
+async fn bytes_travel_whole_in_arguments_and_results() {
+    let env = TestEnv::start().await;
+    let pool = env.pool("bytes").max(1).start().await.unwrap();
+    let data: Vec<u8> = (0..(512usize << 10)).map(|i| (i * 7 % 251) as u8).collect();
+    let data = bytes::Bytes::from(data);
+    let back = flame::call!(pool, tail(data.clone(), 3)).await.unwrap();
+    assert_eq!(back, Ok(data.slice(3..)));
+    let empty = flame::call!(pool, tail(data.clone(), data.len()))
+        .await
+        .unwrap();
+    assert_eq!(empty, Ok(bytes::Bytes::new()));
+    let past = flame::call!(pool, tail(bytes::Bytes::new(), 1))
+        .await
+        .unwrap();
+    assert_eq!(past, Err("1 is past the end (0)".to_string()));
+}
+
 /// A plain function that proved short runs inline on the runner; once it
 /// blocks for long, it goes back to the blocking pool, so a long run does
 /// not hold up other calls.

@@ -151,7 +151,7 @@ where
     Fut: Future<Output = R> + Send + 'static,
     F: FnOnce(A) -> Fut,
 {
-    match codec::decode::<A>(&args) {
+    match codec::decode_shared::<A>(&args) {
         Ok(args) => {
             let fut = f(args);
             Invocation::Async(Box::pin(async move { encode_result(&fut.await) }))
@@ -167,7 +167,7 @@ where
     R: Serialize,
     F: FnOnce(A) -> R + Send + 'static,
 {
-    match codec::decode::<A>(&args) {
+    match codec::decode_shared::<A>(&args) {
         Ok(args) => Invocation::Blocking(Box::new(move || encode_result(&f(args)))),
         Err(e) => Invocation::Refused(InvokeError::DecodeArgs(e.to_string())),
     }

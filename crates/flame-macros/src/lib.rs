@@ -31,7 +31,10 @@ use syn::{parse_macro_input, FnArg, ItemFn, ReturnType, Type};
 /// `Vec<u8>`, and a result written `Vec<u8>` or `Result<Vec<u8>, E>`, travel
 /// as one block of bytes rather than byte by byte (the types are read as
 /// written: an alias such as `io::Result<Vec<u8>>` is not recognised; use
-/// `bytes::Bytes` there). The function may be `async` or not;
+/// `bytes::Bytes` there). A parameter written `Bytes` (a path ending in
+/// `Bytes`, which must be `bytes::Bytes`), and a result written `Bytes` or
+/// `Result<Bytes, E>`, arrive as slices of the message they came in, not
+/// as copies. The function may be `async` or not;
 /// generics and `self` are not allowed, since a runner finds the code by name.
 #[proc_macro_attribute]
 pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
@@ -100,6 +103,12 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
                         call_args.push(quote! { #binding.into_vec() });
                         wire_types.push(syn::parse_quote!(#krate::__private::ByteBuf));
                         encoded.push(quote! { #krate::__private::ByteSlice::new(&args.#index) });
+                    } else if is_bytes(&pt.ty) {
+                        // A `Bytes` is a slice of the received call, not a
+                        // copy.
+                        call_args.push(quote! { #binding.into_bytes() });
+                        wire_types.push(syn::parse_quote!(#krate::__private::SharedBytes));
+                        encoded.push(quote! { &args.#index });
                     } else {
                         call_args.push(quote! { #binding });
                         wire_types.push((*pt.ty).clone());
@@ -126,8 +135,8 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     };
     // A byte-vector result is handed back as a `ByteBuf` (no copy), which
     // encodes as one block of bytes.
-    let byte_result = byte_vec_result(&output);
-    let to_wire = match byte_result {
+    let vec_result = byte_result(&output, is_byte_vec);
+    let to_wire = match vec_result {
         ByteVecResult::No => quote! {},
         ByteVecResult::Plain => quote! { let out = #krate::__private::ByteBuf::from(out); },
         ByteVecResult::Ok(_) => quote! { let out = out.map(#krate::__private::ByteBuf::from); },
@@ -181,15 +190,29 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     } else {
         quote! {}
     };
-    let decode_output = match byte_result {
-        ByteVecResult::No => quote! {},
-        ByteVecResult::Plain => quote! {
+    // A `Bytes` result, alone or as the `Ok` of a `Result`, is a slice of
+    // the reply on the caller's side, not a copy.
+    let decode_output = match (&vec_result, byte_result(&output, is_bytes)) {
+        (ByteVecResult::No, ByteVecResult::Plain) => quote! {
+            fn decode_output(bytes: &[u8]) -> ::core::result::Result<Self::Output, #krate::__private::DecodeError> {
+                #krate::__private::decode::<#krate::__private::SharedBytes>(bytes)
+                    .map(#krate::__private::SharedBytes::into_bytes)
+            }
+        },
+        (ByteVecResult::No, ByteVecResult::Ok(err)) => quote! {
+            fn decode_output(bytes: &[u8]) -> ::core::result::Result<Self::Output, #krate::__private::DecodeError> {
+                #krate::__private::decode::<::core::result::Result<#krate::__private::SharedBytes, #err>>(bytes)
+                    .map(|r| r.map(#krate::__private::SharedBytes::into_bytes))
+            }
+        },
+        (ByteVecResult::No, ByteVecResult::No) => quote! {},
+        (ByteVecResult::Plain, _) => quote! {
             fn decode_output(bytes: &[u8]) -> ::core::result::Result<Self::Output, #krate::__private::DecodeError> {
                 #krate::__private::decode::<#krate::__private::ByteBuf>(bytes)
                     .map(#krate::__private::ByteBuf::into_vec)
             }
         },
-        ByteVecResult::Ok(err) => quote! {
+        (ByteVecResult::Ok(err), _) => quote! {
             fn decode_output(bytes: &[u8]) -> ::core::result::Result<Self::Output, #krate::__private::DecodeError> {
                 #krate::__private::decode::<::core::result::Result<#krate::__private::ByteBuf, #err>>(bytes)
                     .map(|r| r.map(#krate::__private::ByteBuf::into_vec))
@@ -327,24 +350,38 @@ fn generics_of<'a>(
     }
 }
 
-/// How a result type holds a byte vector.
+/// How a result type holds a byte vector (or a `Bytes`).
 enum ByteVecResult<'a> {
     No,
-    /// `Vec<u8>`.
+    /// `Vec<u8>` (or `Bytes`).
     Plain,
-    /// `Result<Vec<u8>, E>`, with `E`.
+    /// `Result<Vec<u8>, E>` (or `Result<Bytes, E>`), with `E`.
     Ok(&'a Type),
 }
 
-fn byte_vec_result(ty: &Type) -> ByteVecResult<'_> {
-    if is_byte_vec(ty) {
+/// Whether `ty` is written `Bytes` (or a path ending in `Bytes`, such as
+/// `bytes::Bytes`).
+fn is_bytes(ty: &Type) -> bool {
+    let Type::Path(path) = ty else {
+        return false;
+    };
+    path.qself.is_none()
+        && path
+            .path
+            .segments
+            .last()
+            .is_some_and(|last| last.ident == "Bytes" && last.arguments.is_empty())
+}
+
+/// Whether a result type is `T`, or `Result<T, E>`, for a `T` that `is`
+/// picks.
+fn byte_result(ty: &Type, is: fn(&Type) -> bool) -> ByteVecResult<'_> {
+    if is(ty) {
         return ByteVecResult::Plain;
     }
     match generics_of(ty, "Result").map(|a| a.iter().collect::<Vec<_>>()) {
         Some(args) => match args[..] {
-            [syn::GenericArgument::Type(ok), syn::GenericArgument::Type(err)]
-                if is_byte_vec(ok) =>
-            {
+            [syn::GenericArgument::Type(ok), syn::GenericArgument::Type(err)] if is(ok) => {
                 ByteVecResult::Ok(err)
             }
             _ => ByteVecResult::No,

@@ -176,7 +176,7 @@ macro_rules! __flame_inline {
 #[doc(hidden)]
 pub mod __private {
     pub use bytes::Bytes;
-    pub use flame_core::codec::{decode, encode_into, DecodeError, EncodeError};
+    pub use flame_core::codec::{decode, encode_into, DecodeError, EncodeError, SharedBytes};
     pub use flame_core::inventory;
     pub use flame_core::registry::{
         invoke_async, invoke_blocking, state, Invocation, Registration,

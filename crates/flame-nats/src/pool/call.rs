@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use flame_core::codec::with_source;
 use flame_core::stream::{with_transport, StreamTransport};
 use flame_core::{Error, RemoteFn};
 use tokio::time::Instant;
@@ -196,10 +197,11 @@ impl Drop for InFlightCall<'_> {
 
 /// Decodes a call's result. Streams in it are opened through this
 /// parent's hub, and each holds the call's slot until it ends: the runner
-/// is still busy with it.
+/// is still busy with it. A `Bytes` result is a slice of the reply (see
+/// [`flame_core::codec::SharedBytes`]).
 pub(super) fn decode_result<F: RemoteFn>(
     streams: &Arc<StreamHub>,
-    bytes: &[u8],
+    bytes: &Bytes,
     slot: Slot,
 ) -> Result<F::Output, Error> {
     let transport: Arc<dyn StreamTransport> = streams.clone();
@@ -209,7 +211,7 @@ pub(super) fn decode_result<F: RemoteFn>(
     let scope = CallStreams::new(F::NAME);
     let decoded = with_transport(&transport, || {
         scoped(Some(scope.clone()), || {
-            holding(hold, || F::decode_output(bytes))
+            holding(hold, || with_source(bytes, || F::decode_output(bytes)))
         })
     });
     if scope.used() {
