@@ -36,8 +36,8 @@ use syn::{parse_macro_input, FnArg, ItemFn, ReturnType, Type};
 /// `Result<Bytes, E>`, arrive as slices of the message they came in, not
 /// as copies (a type of your own named `Bytes` must be written under
 /// another name there, such as an alias). The function may be `async` or
-/// not;
-/// generics and `self` are not allowed, since a runner finds the code by name.
+/// not; generics and `self` are not allowed, since a runner finds the code
+/// by name.
 #[proc_macro_attribute]
 pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
     if !attr.is_empty() {
