@@ -139,9 +139,9 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     // encodes as one block of bytes.
     let vec_result = byte_result(&output, is_byte_vec);
     let to_wire = match vec_result {
-        ByteVecResult::No => quote! {},
-        ByteVecResult::Plain => quote! { let out = #krate::__private::ByteBuf::from(out); },
-        ByteVecResult::Ok(_) => quote! { let out = out.map(#krate::__private::ByteBuf::from); },
+        ByteResult::No => quote! {},
+        ByteResult::Plain => quote! { let out = #krate::__private::ByteBuf::from(out); },
+        ByteResult::Ok(_) => quote! { let out = out.map(#krate::__private::ByteBuf::from); },
     };
     // Async functions run on the runner's runtime; plain functions on its
     // blocking pool, where CPU-heavy code belongs (or inline once they
@@ -192,32 +192,26 @@ fn expand(func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     } else {
         quote! {}
     };
-    // A `Bytes` result, alone or as the `Ok` of a `Result`, is a slice of
-    // the reply on the caller's side, not a copy.
-    let decode_output = match (&vec_result, byte_result(&output, is_bytes)) {
-        (ByteVecResult::No, ByteVecResult::Plain) => quote! {
+    // On the caller's side, a `Vec<u8>` result decodes as one block of
+    // bytes (`ByteBuf`), and a `Bytes` result as a slice of the reply
+    // (`SharedBytes`), alone or as the `Ok` of a `Result`.
+    let bytes_result = byte_result(&output, is_bytes);
+    let (shape, wire, into) = match &vec_result {
+        ByteResult::No => (&bytes_result, quote!(SharedBytes), quote!(into_bytes)),
+        _ => (&vec_result, quote!(ByteBuf), quote!(into_vec)),
+    };
+    let decode_output = match shape {
+        ByteResult::No => quote! {},
+        ByteResult::Plain => quote! {
             fn decode_output(bytes: &[u8]) -> ::core::result::Result<Self::Output, #krate::__private::DecodeError> {
-                #krate::__private::decode::<#krate::__private::SharedBytes>(bytes)
-                    .map(#krate::__private::SharedBytes::into_bytes)
+                #krate::__private::decode::<#krate::__private::#wire>(bytes)
+                    .map(#krate::__private::#wire::#into)
             }
         },
-        (ByteVecResult::No, ByteVecResult::Ok(err)) => quote! {
+        ByteResult::Ok(err) => quote! {
             fn decode_output(bytes: &[u8]) -> ::core::result::Result<Self::Output, #krate::__private::DecodeError> {
-                #krate::__private::decode::<::core::result::Result<#krate::__private::SharedBytes, #err>>(bytes)
-                    .map(|r| r.map(#krate::__private::SharedBytes::into_bytes))
-            }
-        },
-        (ByteVecResult::No, ByteVecResult::No) => quote! {},
-        (ByteVecResult::Plain, _) => quote! {
-            fn decode_output(bytes: &[u8]) -> ::core::result::Result<Self::Output, #krate::__private::DecodeError> {
-                #krate::__private::decode::<#krate::__private::ByteBuf>(bytes)
-                    .map(#krate::__private::ByteBuf::into_vec)
-            }
-        },
-        (ByteVecResult::Ok(err), _) => quote! {
-            fn decode_output(bytes: &[u8]) -> ::core::result::Result<Self::Output, #krate::__private::DecodeError> {
-                #krate::__private::decode::<::core::result::Result<#krate::__private::ByteBuf, #err>>(bytes)
-                    .map(|r| r.map(#krate::__private::ByteBuf::into_vec))
+                #krate::__private::decode::<::core::result::Result<#krate::__private::#wire, #err>>(bytes)
+                    .map(|r| r.map(#krate::__private::#wire::#into))
             }
         },
     };
@@ -353,7 +347,7 @@ fn generics_of<'a>(
 }
 
 /// How a result type holds a byte vector (or a `Bytes`).
-enum ByteVecResult<'a> {
+enum ByteResult<'a> {
     No,
     /// `Vec<u8>` (or `Bytes`).
     Plain,
@@ -377,17 +371,17 @@ fn is_bytes(ty: &Type) -> bool {
 
 /// Whether a result type is `T`, or `Result<T, E>`, for a `T` that `is`
 /// picks.
-fn byte_result(ty: &Type, is: fn(&Type) -> bool) -> ByteVecResult<'_> {
+fn byte_result(ty: &Type, is: fn(&Type) -> bool) -> ByteResult<'_> {
     if is(ty) {
-        return ByteVecResult::Plain;
+        return ByteResult::Plain;
     }
     match generics_of(ty, "Result").map(|a| a.iter().collect::<Vec<_>>()) {
         Some(args) => match args[..] {
             [syn::GenericArgument::Type(ok), syn::GenericArgument::Type(err)] if is(ok) => {
-                ByteVecResult::Ok(err)
+                ByteResult::Ok(err)
             }
-            _ => ByteVecResult::No,
+            _ => ByteResult::No,
         },
-        None => ByteVecResult::No,
+        None => ByteResult::No,
     }
 }
