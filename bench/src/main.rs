@@ -145,19 +145,16 @@ async fn main() -> anyhow::Result<()> {
         let size: usize = args.get(at + 1).and_then(|n| n.parse().ok()).unwrap_or(100);
         let pool = flame.pool("bench").min(1).max(1).start().await?;
         let data = Bytes::from(vec![0xABu8; size]);
-        let started = Instant::now();
-        let mut n = 0u64;
         let vec = args.iter().any(|a| a == "--vec");
-        while started.elapsed() < Duration::from_secs(10) {
+        return ten_seconds_of(|| async {
             if vec {
                 flame::call!(pool, echo_vec(data.to_vec())).await?;
             } else {
                 flame::call!(pool, echo_bytes(data.clone())).await?;
             }
-            n += 1;
-        }
-        println!("{:.0} µs a call", 10e6 / n as f64);
-        return Ok(());
+            Ok(())
+        })
+        .await;
     }
     // `--profile-raw <bytes>`: the same loop against a raw async-nats echo
     // process (the baseline, for the same profiler).
@@ -167,14 +164,11 @@ async fn main() -> anyhow::Result<()> {
         let _echo = spawn_raw_echo(&url, "bench.profile").await?;
         let raw = async_nats::connect(url.as_str()).await?;
         let data = Bytes::from(vec![0xABu8; size]);
-        let started = Instant::now();
-        let mut n = 0u64;
-        while started.elapsed() < Duration::from_secs(10) {
+        return ten_seconds_of(|| async {
             raw.request("bench.profile", data.clone()).await?;
-            n += 1;
-        }
-        println!("{:.0} µs a call", 10e6 / n as f64);
-        return Ok(());
+            Ok(())
+        })
+        .await;
     }
     // `--profile-cold <n>`: n cold starts in a row (to attach a profiler).
     if let Some(at) = args.iter().position(|a| a == "--profile-cold") {
@@ -1141,6 +1135,23 @@ async fn raw_echo(url: &str, subject: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `call` one after another for 10 s (for a profiler to attach to)
+/// and prints the time a call took.
+async fn ten_seconds_of<F, Fut>(mut call: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let started = Instant::now();
+    let mut n = 0u64;
+    while started.elapsed() < Duration::from_secs(10) {
+        call().await?;
+        n += 1;
+    }
+    println!("{:.0} µs a call", 10e6 / n as f64);
+    Ok(())
+}
+
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     status_kib(pid, "VmRSS:")
 }
@@ -1259,7 +1270,9 @@ async fn raw_publish_secs(url: &str, count: u64, chunk: Bytes) -> anyhow::Result
     for _ in 0..count {
         publisher.publish("bench.raw.stream", chunk.clone()).await?;
     }
-    publisher.flush().await?;
+    tokio::time::timeout(Duration::from_secs(10), publisher.flush())
+        .await
+        .context("the raw publisher's flush took over 10 s")??;
     let got = counting.await?;
     Ok((got == count).then(|| started.elapsed().as_secs_f64()))
 }
